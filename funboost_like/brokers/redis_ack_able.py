@@ -1,0 +1,664 @@
+"""REDIS_ACK_ABLE: Redis lists with per-consumer in-flight records and heartbeats.
+
+Guarantee: at-least-once. A fetched message is moved, in one Lua script, from the ready list into
+the in-flight hash of the fetching consumer, and leaves that hash only through :meth:`ack`,
+:meth:`nack`, :meth:`release` or :meth:`dead_letter`. Every broker instance (one per process; a
+forked child gets a new identity) is a consumer with a unique id and a daemon thread, started at its
+first fetch, that refreshes its heartbeat every ``heartbeat_interval`` seconds (default 5) and sweeps:
+the in-flight messages of a consumer whose heartbeat is older than ``dead_after`` seconds (default 15)
+go back to the front of their ready list, in their original order, atomically. So the messages of
+a consumer killed with SIGKILL are fetchable again at most ``dead_after + heartbeat_interval``
+seconds (20 s with the defaults) after its last heartbeat, provided some consumer of the queue runs
+(a consumer that starts later sweeps at once). All times are the Redis server's clock (``TIME``),
+so hosts with skewed clocks do not reclaim each other's messages early. ``dead_after`` is the
+sweeper's value: give every consumer of a queue the same settings. A consumer that stalls longer
+than ``dead_after`` (SIGSTOP, a debugger) loses its messages to others; its later acks then raise
+:class:`~funboost_like.core.errors.DoubleAckError` and its nacks do nothing, so nothing is duplicated
+twice. Durability across a Redis restart is Redis's own persistence setting (AOF/RDB).
+
+Settings: ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``, environment variable
+``FUNBOOST_LIKE_REDIS_URL``), read at first use, never at import; passwords never reach a log.
+Tuning: ``RedisAckAbleBroker(heartbeat_interval=5.0, dead_after=15.0)`` or the class attributes of
+the same names.
+
+Capabilities: ack, persistent (as far as Redis persists), delay, priority 0..9 (higher first),
+cross-process, cross-host, dead letters. Attempts are counted per message: a nack or a crash
+recovery counts one, a release does not.
+
+Cross-language contract: the ready list of priority 0 is the Redis LIST whose key is exactly the
+queue name. Another program publishes by ``LPUSH <queue> <json text>``; consumers pop from the other
+end, so the queue is FIFO. Bodies are stored as the raw bytes given. Other keys, all sharing the
+queue name as a Redis Cluster hash tag (so one queue lives in one slot):
+
+* ``fl:{<queue>}:p<n>``, n in 1..9: ready lists of priority n (fetched before lower ones);
+* ``fl:{<queue>}:delayed``: ZSET of messages not yet due, scored by due time; member
+  ``<unique id>:<priority>:<attempts>:<body>``;
+* ``fl:{<queue>}:inflight:<consumer id>``: HASH delivery token -> body. A token is ``<n>`` for a first
+  delivery at priority 0, ``<n>:<priority>:<attempts>`` otherwise; the field ``_last`` makes a fetch
+  whose reply was lost replayable;
+* ``fl:{<queue>}:consumers``: ZSET consumer id -> last heartbeat (server time);
+* ``fl:{<queue>}:attempts``: HASH sha1(body) -> deliveries so far, for messages waiting again after
+  a nack or a crash;
+* ``fl:{<queue>}:dead``: LIST of JSON envelopes ``{"body", "reason", "failed_at", "attempts"}``,
+  newest first, trimmed to the newest 10,000.
+
+Fetching never blocks Redis: an idle fetch polls with sleeps backing off from 2 ms to 50 ms, and
+never waits longer than its timeout. Connection errors are raised as
+:class:`~funboost_like.core.errors.BrokerConnectionError`; the client reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError
+
+from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
+from funboost_like.brokers.redis_common import LuaScript, describe_url, redis_client, translate_error
+from funboost_like.core import codec
+from funboost_like.core.enums import BrokerEnum
+from funboost_like.core.errors import ConfigurationError, DoubleAckError
+
+logger = logging.getLogger("funboost_like.redis")
+
+MAX_PRIORITY = 9
+MAX_BATCH = 1000  # messages per fetch; also the stride of delivery numbers between fetches
+DEAD_LETTER_LIMIT = 10_000
+_IDLE_SLEEP_FIRST = 0.002
+_IDLE_SLEEP_MAX = 0.05
+
+# Shared by the scripts: the server's clock as a float.
+_NOW = "local _t = redis.call('TIME') local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000\n"
+
+# KEYS: ready0, delayed, inflight, consumers, attempts
+# ARGV: max_n, base, consumer id, priority-list prefix ("fl:{q}:p")
+_FETCH = LuaScript(_NOW + """
+local inflight = KEYS[3]
+local want = tonumber(ARGV[1])
+local base = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[4], now, ARGV[3])
+if redis.call('HGET', inflight, '_last') == ARGV[2] then
+  -- This very call already ran and its reply was lost: answer with what it took.
+  local all = redis.call('HGETALL', inflight)
+  local found = {}
+  for i = 1, #all, 2 do
+    local m = string.match(all[i], '^(%d+)')
+    if m then
+      local num = tonumber(m)
+      if num > base and num <= base + want then found[#found + 1] = {num, all[i], all[i + 1]} end
+    end
+  end
+  table.sort(found, function(x, y) return x[1] < y[1] end)
+  local names = {}
+  local out = {''}
+  for i = 1, #found do
+    names[i] = found[i][2]
+    out[i + 1] = found[i][3]
+  end
+  out[1] = '!' .. table.concat(names, ',')
+  return out
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
+if #due > 0 then
+  for i = 1, #due do
+    local m = due[i]
+    local _, e, p, a = string.find(m, '^[^:]*:(%d):(%d+):')
+    local body = m
+    if e then body = string.sub(m, e + 1) else p = '0' a = '0' end
+    local key = KEYS[1]
+    if p ~= '0' then key = ARGV[4] .. p end
+    redis.call('LPUSH', key, body)
+    if a ~= '0' then redis.call('HSET', KEYS[5], redis.sha1hex(body), a) end
+  end
+  redis.call('ZREM', KEYS[2], unpack(due))
+end
+local track = redis.call('HLEN', KEYS[5]) > 0
+local hset = {}
+local out = {''}
+local special = {}
+local n = 0
+for p = 9, 0, -1 do
+  local key = KEYS[1]
+  if p > 0 then key = ARGV[4] .. p end
+  local got = redis.call('RPOP', key, want - n)
+  if got then
+    for i = 1, #got do
+      local body = got[i]
+      n = n + 1
+      local a = 1
+      if track then
+        local h = redis.sha1hex(body)
+        local prev = redis.call('HGET', KEYS[5], h)
+        if prev then
+          a = tonumber(prev) + 1
+          redis.call('HDEL', KEYS[5], h)
+        end
+      end
+      if p == 0 and a == 1 then
+        hset[#hset + 1] = tostring(base + n)
+      else
+        hset[#hset + 1] = (base + n) .. ':' .. p .. ':' .. a
+        special[#special + 1] = n .. ':' .. p .. ':' .. a
+      end
+      hset[#hset + 1] = body
+      out[n + 1] = body
+    end
+    if n >= want then break end
+  end
+end
+if n == 0 then return {} end
+hset[#hset + 1] = '_last'
+hset[#hset + 1] = ARGV[2]
+redis.call('HSET', inflight, unpack(hset))
+if #special > 0 then out[1] = table.concat(special, ',') end
+return out
+""")
+
+# KEYS: inflight, ready0, delayed, attempts, dead
+# ARGV: mode (tail|head|delay|drop|dead), priority-list prefix, delay seconds or envelope, unique id, tokens...
+_GIVE_BACK = LuaScript(_NOW + """
+local mode = ARGV[1]
+local done = 0
+for i = 5, #ARGV do
+  local f = ARGV[i]
+  local body = redis.call('HGET', KEYS[1], f)
+  if body then
+    redis.call('HDEL', KEYS[1], f)
+    done = done + 1
+    local _, _, p, a = string.find(f, ':(%d):(%d+)$')
+    p = p or '0'
+    a = tonumber(a or '1')
+    if mode == 'head' then a = a - 1 end
+    local key = KEYS[2]
+    if p ~= '0' then key = ARGV[2] .. p end
+    if mode == 'tail' or mode == 'head' then
+      if mode == 'tail' then redis.call('LPUSH', key, body) else redis.call('RPUSH', key, body) end
+      if a > 0 then redis.call('HSET', KEYS[4], redis.sha1hex(body), a) end
+    elseif mode == 'delay' then
+      redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[4] .. i .. ':' .. p .. ':' .. a .. ':' .. body)
+    elseif mode == 'dead' then
+      redis.call('LPUSH', KEYS[5], ARGV[3])
+      redis.call('LTRIM', KEYS[5], 0, DEAD_LETTER_LAST)
+    end
+  end
+end
+return done
+""".replace("DEAD_LETTER_LAST", str(DEAD_LETTER_LIMIT - 1)))
+
+# KEYS: consumers, ready0, attempts
+# ARGV: own consumer id ('' to only sweep), dead_after, key prefix ("fl:{q}:")
+_HEARTBEAT = LuaScript(_NOW + """
+if ARGV[1] ~= '' then redis.call('ZADD', KEYS[1], now, ARGV[1]) end
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0, 100)
+local moved = 0
+for _, cid in ipairs(dead) do
+  local ikey = ARGV[3] .. 'inflight:' .. cid
+  local all = redis.call('HGETALL', ikey)
+  local items = {}
+  for i = 1, #all, 2 do
+    local m = string.match(all[i], '^(%d+)')
+    if m then
+      local _, _, p, a = string.find(all[i], ':(%d):(%d+)$')
+      items[#items + 1] = {tonumber(m), p or '0', a or '1', all[i + 1]}
+    end
+  end
+  -- Newest first, so the oldest ends up nearest the popping end and runs first.
+  table.sort(items, function(x, y) return x[1] > y[1] end)
+  for _, it in ipairs(items) do
+    local key = KEYS[2]
+    if it[2] ~= '0' then key = ARGV[3] .. 'p' .. it[2] end
+    redis.call('RPUSH', key, it[4])
+    redis.call('HSET', KEYS[3], redis.sha1hex(it[4]), it[3])
+  end
+  moved = moved + #items
+  redis.call('DEL', ikey)
+  redis.call('ZREM', KEYS[1], cid)
+end
+return moved
+""")
+
+# KEYS: delayed; ARGV: delay seconds, member
+_PUBLISH_DELAYED = LuaScript(_NOW + """
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
+return 1
+""")
+
+# KEYS: ready0, delayed, attempts; ARGV: priority-list prefix, '1' to delete
+_COUNT_OR_PURGE = LuaScript("""
+local n = redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+for p = 1, 9 do n = n + redis.call('LLEN', ARGV[1] .. p) end
+if ARGV[2] == '1' then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+  for p = 1, 9 do redis.call('DEL', ARGV[1] .. p) end
+end
+return n
+""")
+
+# KEYS: consumers; ARGV: key prefix
+_IN_FLIGHT = LuaScript("""
+local n = 0
+for _, cid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local ikey = ARGV[1] .. 'inflight:' .. cid
+  n = n + redis.call('HLEN', ikey) - redis.call('HEXISTS', ikey, '_last')
+end
+return n
+""")
+
+# KEYS: consumers, inflight; ARGV: consumer id
+_RETIRE = LuaScript("""
+if redis.call('HLEN', KEYS[2]) - redis.call('HEXISTS', KEYS[2], '_last') == 0 then
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+""")
+
+
+class _QueueKeys:
+    __slots__ = ("ready", "prefix", "prio_prefix", "prio_lists", "delayed", "attempts", "dead", "consumers")
+
+    def __init__(self, queue: str) -> None:
+        prefix = f"fl:{{{queue}}}:"
+        self.ready = queue
+        self.prefix = prefix
+        self.prio_prefix = prefix + "p"
+        self.prio_lists = [queue] + [f"{prefix}p{n}" for n in range(1, MAX_PRIORITY + 1)]
+        self.delayed = prefix + "delayed"
+        self.attempts = prefix + "attempts"
+        self.dead = prefix + "dead"
+        self.consumers = prefix + "consumers"
+
+
+def _new_consumer_id() -> str:
+    host = socket.gethostname().replace(":", "_").replace("{", "_").replace("}", "_") or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _level(priority: int) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
+        raise ConfigurationError(f"REDIS_ACK_ABLE priorities are integers 0..{MAX_PRIORITY}, not {priority!r}")
+    return priority
+
+
+def _as_bytes(body: bytes | str) -> bytes:
+    return body.encode("utf-8") if isinstance(body, str) else bytes(body)
+
+
+class RedisAckAbleBroker(Broker):
+    """At-least-once Redis broker; see the module docstring for keys, timing and the wire contract."""
+
+    kind = BrokerEnum.REDIS_ACK_ABLE
+    capabilities = Capabilities(ack=True, persistent=True, delay=True, priority=True, cross_process=True,
+                                cross_host=True, dead_letters=True, max_priority=MAX_PRIORITY)
+    heartbeat_interval: float = 5.0
+    dead_after: float = 15.0
+
+    def __init__(self, *, heartbeat_interval: float | None = None, dead_after: float | None = None) -> None:
+        if heartbeat_interval is not None:
+            self.heartbeat_interval = float(heartbeat_interval)
+        if dead_after is not None:
+            self.dead_after = float(dead_after)
+        if not 0 < self.heartbeat_interval < self.dead_after:
+            raise ConfigurationError(
+                f"need 0 < heartbeat_interval < dead_after, got {self.heartbeat_interval} and {self.dead_after}")
+        self._keys: dict[str, _QueueKeys] = {}
+        self._seq = itertools.count(1)
+        self._reset_process_state()
+
+    def _reset_process_state(self) -> None:
+        """Identity, connection and heartbeat of this process (called again in a forked child)."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._cid = _new_consumer_id()
+        self._client: redis.Redis | None = None
+        self._inflight: dict[str, str] = {}  # queue -> this consumer's in-flight hash
+        self._pending: dict[str, tuple[str, int]] = {}  # queue -> (base, max_n) of a fetch whose reply was lost
+        self._hb_thread: threading.Thread | None = None
+        self._hb_stop = threading.Event()
+
+    @property
+    def consumer_id(self) -> str:
+        if self._pid != os.getpid():
+            self._reset_process_state()
+        return self._cid
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    def _conn(self) -> redis.Redis:
+        if self._pid != os.getpid():
+            self._reset_process_state()
+        client = self._client
+        if client is None:
+            client = self._client = redis_client()
+        return client
+
+    def _queue_keys(self, queue: str) -> _QueueKeys:
+        keys = self._keys.get(queue)
+        if keys is None:
+            keys = self._keys[queue] = _QueueKeys(queue)
+        return keys
+
+    def _register(self, queue: str) -> str:
+        with self._lock:
+            ikey = self._inflight.get(queue)
+            if ikey is None:
+                ikey = self._inflight[queue] = f"{self._queue_keys(queue).prefix}inflight:{self._cid}"
+                logger.debug("consumer %s fetches queue %r from Redis at %s", self._cid, queue, describe_url())
+            thread = self._hb_thread
+            if thread is None or not thread.is_alive():
+                self._hb_stop = stop = threading.Event()
+                thread = self._hb_thread = threading.Thread(
+                    target=self._heartbeat_loop, args=(stop,), name="funboost_like-redis-heartbeat", daemon=True)
+                thread.start()
+        return ikey
+
+    # -- publishing --------------------------------------------------------------------------------
+    def publish(self, queue: str, body: bytes, *, priority: int = 0, not_before: float | None = None) -> None:
+        client = self._conn()
+        try:
+            if not_before is not None:
+                delay = not_before - time.time()
+                if delay > 0:
+                    keys = self._queue_keys(queue)
+                    member = b"%s:%d:0:" % (uuid.uuid4().hex.encode(), _level(priority)) + _as_bytes(body)
+                    _PUBLISH_DELAYED(client, [keys.delayed], [repr(delay), member])
+                    return
+            if priority:
+                client.lpush(self._queue_keys(queue).prio_lists[_level(priority)], body)
+            else:
+                client.lpush(queue, body)
+        except RedisError as exc:
+            raise translate_error(exc, f"publishing to queue {queue!r}") from exc
+
+    def publish_many(self, queue: str, bodies: Sequence[bytes], *, priority: int = 0) -> None:
+        if not bodies:
+            return
+        key = self._queue_keys(queue).prio_lists[_level(priority)] if priority else queue
+        client = self._conn()
+        try:
+            if len(bodies) <= MAX_BATCH:
+                client.lpush(key, *bodies)
+                return
+            pipe = client.pipeline(transaction=False)
+            for start in range(0, len(bodies), MAX_BATCH):
+                pipe.lpush(key, *bodies[start:start + MAX_BATCH])
+            pipe.execute()
+        except RedisError as exc:
+            raise translate_error(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
+
+    # -- consuming ---------------------------------------------------------------------------------
+    def fetch(self, queue: str, max_n: int, timeout: float) -> list[Delivery]:
+        client = self._conn()
+        if max_n <= 0:
+            return []
+        if max_n > MAX_BATCH:
+            max_n = MAX_BATCH
+        ikey = self._inflight.get(queue) or self._register(queue)
+        keys = self._keys[queue]
+        key_args = [keys.ready, keys.delayed, ikey, keys.consumers, keys.attempts]
+        cid = self._cid
+        deadline = 0.0
+        pause = _IDLE_SLEEP_FIRST
+        while True:
+            pending = self._pending.pop(queue, None) if self._pending else None
+            if pending is None:
+                base, n = str(next(self._seq) * MAX_BATCH), max_n
+            else:
+                base, n = pending
+            try:
+                out = _FETCH(client, key_args, [n, base, cid, keys.prio_prefix])
+            except RedisError as exc:
+                # The script may have run: the next fetch replays it with the same base, so whatever
+                # it moved into our in-flight hash is handed out instead of being stranded there.
+                self._pending[queue] = (base, n)
+                raise translate_error(exc, f"fetching from queue {queue!r}") from exc
+            if out:
+                deliveries = self._deliveries(queue, ikey, int(base), out)
+                if len(deliveries) > max_n:  # only when replaying a bigger lost fetch
+                    self.release(deliveries[max_n:])
+                    del deliveries[max_n:]
+                return deliveries
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + timeout
+            remaining = deadline - now
+            if remaining <= 0:
+                return []
+            time.sleep(pause if pause < remaining else remaining)
+            pause = min(pause * 2, _IDLE_SLEEP_MAX)
+
+    @staticmethod
+    def _deliveries(queue: str, ikey: str, base: int, out: list[bytes]) -> list[Delivery]:
+        """Deliveries from the fetch script's reply: ``[meta, body1, body2, ...]``.
+
+        The token of body i is ``base + i`` (first delivery, priority 0) unless ``meta`` lists it as
+        ``i:priority:attempts``; a replayed fetch sends ``!`` and every token instead.
+        """
+        meta = out[0]
+        if not meta:
+            return [Delivery(queue, body, (ikey, str(number)))
+                    for number, body in enumerate(itertools.islice(out, 1, None), base + 1)]
+        result: list[Delivery] = []
+        if meta[:1] == b"!":
+            for field, body in zip(meta[1:].decode().split(","), itertools.islice(out, 1, None)):
+                _, _, rest = field.partition(":")
+                priority, _, attempts = rest.partition(":")
+                result.append(Delivery(queue, body, (ikey, field), int(attempts or 1), int(priority or 0)))
+            return result
+        special = {}
+        for item in meta.decode().split(","):
+            index, priority, attempts = item.split(":")
+            special[int(index)] = (int(priority), int(attempts))
+        for index, body in enumerate(itertools.islice(out, 1, None), 1):
+            number = base + index
+            extra = special.get(index)
+            if extra is None:
+                result.append(Delivery(queue, body, (ikey, str(number))))
+            else:
+                priority, attempts = extra
+                result.append(Delivery(queue, body, (ikey, f"{number}:{priority}:{attempts}"), attempts, priority))
+        return result
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
+            return
+        groups: dict[str, list[str]] = {}
+        for delivery in deliveries:
+            key, field = delivery.token
+            fields = groups.get(key)
+            if fields is None:
+                fields = groups[key] = []
+            fields.append(field)
+        client = self._conn()
+        try:
+            if len(groups) == 1:
+                ((key, fields),) = groups.items()
+                removed = client.hdel(key, *fields)
+            else:
+                pipe = client.pipeline(transaction=False)
+                for key, fields in groups.items():
+                    pipe.hdel(key, *fields)
+                removed = sum(pipe.execute())
+        except RedisError as exc:
+            raise translate_error(exc, f"acknowledging {len(deliveries)} message(s)") from exc
+        if removed != len(deliveries):
+            raise DoubleAckError(
+                f"{len(deliveries) - removed} of {len(deliveries)} deliveries were already acknowledged or rejected, "
+                "or were recovered by another consumer after this one missed its heartbeats")
+
+    def nack(self, delivery: Delivery, *, requeue: bool = True, delay: float = 0.0) -> None:
+        if not requeue:
+            self._give_back([delivery], "drop", "")
+        elif delay > 0:
+            self._give_back([delivery], "delay", repr(float(delay)))
+        else:
+            self._give_back([delivery], "tail", "")
+
+    def release(self, deliveries: Iterable[Delivery]) -> None:
+        """Put fetched-but-unstarted messages back at the front of their queue; no attempt is counted."""
+        deliveries = list(deliveries)
+        if deliveries:
+            # Reversed: the first delivery is pushed last, so it is the next one popped.
+            self._give_back(deliveries[::-1], "head", "")
+
+    def dead_letter(self, delivery: Delivery, reason: str, exc: BaseException | None = None) -> None:
+        envelope = codec.dumps({"body": delivery.body.decode("utf-8", "replace"), "reason": reason,
+                                "failed_at": time.time(), "attempts": delivery.attempts})
+        self._give_back([delivery], "dead", envelope)
+
+    def _give_back(self, deliveries: Sequence[Delivery], mode: str, arg: Any) -> None:
+        groups: dict[tuple[str, str], list[str]] = {}
+        for delivery in deliveries:
+            key, field = delivery.token
+            groups.setdefault((delivery.queue, key), []).append(field)
+        client = self._conn()
+        done = 0
+        for (queue, ikey), fields in groups.items():
+            keys = self._queue_keys(queue)
+            try:
+                done += _GIVE_BACK(client, [ikey, keys.ready, keys.delayed, keys.attempts, keys.dead],
+                                   [mode, keys.prio_prefix, arg, uuid.uuid4().hex, *fields])
+            except RedisError as exc:
+                raise translate_error(exc, f"handing back {len(fields)} message(s) of queue {queue!r}") from exc
+        if done != len(deliveries):
+            raise DoubleAckError(
+                f"{len(deliveries) - done} of {len(deliveries)} deliveries were already acknowledged or rejected, "
+                "or were recovered by another consumer after this one missed its heartbeats")
+
+    # -- heartbeat and recovery --------------------------------------------------------------------
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        failing = False
+        while True:
+            try:
+                self.heartbeat()
+                if failing:
+                    logger.info("heartbeats to Redis at %s work again", describe_url())
+                    failing = False
+            except Exception as exc:  # keep beating: the next attempt may succeed
+                if not failing:
+                    logger.warning("heartbeat to Redis at %s failed: %s; retrying every %.1fs",
+                                   describe_url(), exc, self.heartbeat_interval)
+                    failing = True
+            if stop.wait(self.heartbeat_interval):
+                return
+
+    def heartbeat(self) -> int:
+        """Refresh this consumer's heartbeat on the queues it fetched from and sweep dead consumers there.
+
+        Runs by itself in the heartbeat thread; returns how many messages were recovered.
+        """
+        client = self._conn()
+        cid = self._cid
+        total = 0
+        for queue in list(self._inflight):
+            keys = self._keys[queue]
+            try:
+                moved = _HEARTBEAT(client, [keys.consumers, keys.ready, keys.attempts],
+                                   [cid, repr(self.dead_after), keys.prefix])
+            except RedisError as exc:
+                raise translate_error(exc, f"sending the heartbeat of queue {queue!r}") from exc
+            if moved:
+                logger.warning("queue %r: recovered %d in-flight message(s) of consumers silent for over %.1fs",
+                               queue, moved, self.dead_after)
+                total += moved
+        return total
+
+    def recover_dead_consumers(self, queue: str) -> int:
+        """Sweep ``queue`` once now (without registering as a consumer); return messages recovered."""
+        keys = self._queue_keys(queue)
+        try:
+            moved = int(_HEARTBEAT(self._conn(), [keys.consumers, keys.ready, keys.attempts],
+                                   ["", repr(self.dead_after), keys.prefix]))
+        except RedisError as exc:
+            raise translate_error(exc, f"sweeping queue {queue!r}") from exc
+        if moved:
+            logger.warning("queue %r: recovered %d in-flight message(s) of consumers silent for over %.1fs",
+                           queue, moved, self.dead_after)
+        return moved
+
+    def in_flight(self, queue: str) -> int:
+        """Messages of ``queue`` fetched by any consumer and not yet acked, nacked or dead-lettered."""
+        keys = self._queue_keys(queue)
+        try:
+            return int(_IN_FLIGHT(self._conn(), [keys.consumers], [keys.prefix]))
+        except RedisError as exc:
+            raise translate_error(exc, f"counting in-flight messages of queue {queue!r}") from exc
+
+    # -- dead letters ------------------------------------------------------------------------------
+    def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        if limit <= 0:
+            return []
+        try:
+            raw = self._conn().lrange(self._queue_keys(queue).dead, 0, limit - 1)
+        except RedisError as exc:
+            raise translate_error(exc, f"listing dead letters of queue {queue!r}") from exc
+        letters = []
+        for item in raw:
+            try:
+                envelope = codec.loads(item)
+                letters.append(DeadLetter(queue, str(envelope["body"]).encode("utf-8"), str(envelope.get("reason", "")),
+                                          float(envelope.get("failed_at", 0.0)), int(envelope.get("attempts", 0))))
+            except (KeyError, TypeError, AttributeError, *codec.DecodeFailure):
+                letters.append(DeadLetter(queue, item, "unreadable dead-letter envelope", 0.0, 0))
+        return letters
+
+    def purge_dead_letters(self, queue: str) -> int:
+        key = self._queue_keys(queue).dead
+        try:
+            pipe = self._conn().pipeline(transaction=True)
+            pipe.llen(key)
+            pipe.delete(key)
+            n, _ = pipe.execute()
+        except RedisError as exc:
+            raise translate_error(exc, f"purging dead letters of queue {queue!r}") from exc
+        return int(n)
+
+    # -- queue maintenance -------------------------------------------------------------------------
+    def purge(self, queue: str) -> int:
+        return self._count_or_purge(queue, purge=True)
+
+    def count(self, queue: str) -> int:
+        return self._count_or_purge(queue, purge=False)
+
+    def _count_or_purge(self, queue: str, *, purge: bool) -> int:
+        keys = self._queue_keys(queue)
+        try:
+            return int(_COUNT_OR_PURGE(self._conn(), [keys.ready, keys.delayed, keys.attempts],
+                                       [keys.prio_prefix, "1" if purge else "0"]))
+        except RedisError as exc:
+            raise translate_error(exc, f"{'purging' if purge else 'counting'} queue {queue!r}") from exc
+
+    def close(self) -> None:
+        """Stop the heartbeat and drop this consumer's records where nothing is in flight.
+
+        Messages still in flight stay with this consumer id and are recovered by the sweep of
+        another consumer ``dead_after`` seconds later. Fetching again restarts the heartbeat.
+        """
+        if self._pid != os.getpid():
+            self._reset_process_state()
+            return
+        with self._lock:
+            stop, thread = self._hb_stop, self._hb_thread
+            self._hb_thread = None
+            registered = dict(self._inflight)
+            self._inflight.clear()
+        stop.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        client = self._client
+        if client is not None:
+            for queue, ikey in registered.items():
+                try:
+                    _RETIRE(client, [self._keys[queue].consumers, ikey], [self._cid])
+                except RedisError as exc:
+                    logger.debug("could not retire consumer %s of queue %r: %s", self._cid, queue, exc)
+        self._client = None

@@ -1,0 +1,119 @@
+"""Broker kind -> implementing class, imported lazily.
+
+Adding a broker is one module and one line in ``BROKERS``. A kind whose module is not built yet
+maps to ``None``; choosing it raises :class:`BrokerNotAvailable` naming the missing piece.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import threading
+from typing import Union
+
+from funboost_like.brokers.base import Broker
+from funboost_like.core.enums import BrokerEnum
+from funboost_like.core.errors import BrokerNotAvailable
+
+# kind -> ("module:Class", pip extra that provides its client library) or None when not built yet.
+BROKERS: dict[BrokerEnum, tuple[str, str] | None] = {
+    BrokerEnum.RABBITMQ_AMQPSTORM: None,
+    BrokerEnum.RABBITMQ_RABBITPY: None,
+    BrokerEnum.REDIS: None,
+    BrokerEnum.LOCAL_PYTHON_QUEUE: ("funboost_like.brokers.memory:MemoryBroker", ""),
+    BrokerEnum.RABBITMQ_PIKA: None,
+    BrokerEnum.MONGOMQ: None,
+    BrokerEnum.PERSISTQUEUE: ("funboost_like.brokers.sqlite:SqliteBroker", ""),
+    BrokerEnum.NSQ: None,
+    BrokerEnum.KAFKA: None,
+    BrokerEnum.REDIS_ACK_ABLE: None,
+    BrokerEnum.SQLACHEMY: None,
+    BrokerEnum.ROCKETMQ: None,
+    BrokerEnum.REDIS_STREAM: None,
+    BrokerEnum.ZEROMQ: None,
+    BrokerEnum.RedisBrpopLpush: None,
+    BrokerEnum.KOMBU: None,
+    BrokerEnum.CONFLUENT_KAFKA: None,
+    BrokerEnum.MQTT: None,
+    BrokerEnum.HTTPSQS: None,
+    BrokerEnum.PULSAR: None,
+    BrokerEnum.NATS: None,
+    BrokerEnum.DJANGO_ORM: None,
+}
+
+BrokerKind = Union[BrokerEnum, int, str]
+
+_instances: dict[tuple[BrokerEnum, int], Broker] = {}
+_lock = threading.Lock()
+
+
+def resolve_kind(kind: BrokerKind) -> BrokerEnum:
+    """Accept a BrokerEnum, its number or its name; raise a helpful error otherwise."""
+    if isinstance(kind, BrokerEnum):
+        return kind
+    if isinstance(kind, bool):
+        raise BrokerNotAvailable(f"broker_kind must be a BrokerEnum, int or name, not {kind!r}")
+    if isinstance(kind, int):
+        try:
+            return BrokerEnum(kind)
+        except ValueError:
+            known = ", ".join(f"{k.name}={k.value}" for k in BROKERS)
+            raise BrokerNotAvailable(f"there is no broker kind number {kind}; known kinds: {known}") from None
+    if isinstance(kind, str):
+        members = BrokerEnum.__members__
+        if kind in members:
+            return members[kind]
+        upper = {name.upper(): member for name, member in members.items()}
+        if kind.upper() in upper:
+            return upper[kind.upper()]
+        guess = difflib.get_close_matches(kind.upper(), list(upper), n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        raise BrokerNotAvailable(f"unknown broker kind {kind!r}{hint}")
+    raise BrokerNotAvailable(f"broker_kind must be a BrokerEnum, int or name, not {type(kind).__name__}")
+
+
+def broker_class(kind: BrokerKind) -> type[Broker]:
+    member = resolve_kind(kind)
+    entry = BROKERS.get(member)
+    if entry is None:
+        built = ", ".join(k.name for k, v in BROKERS.items() if v is not None)
+        raise BrokerNotAvailable(
+            f"broker kind {member.name} ({member.value}) is not built yet in this version of funboost_like: "
+            f"its module funboost_like.brokers.{member.name.lower()} does not exist. Brokers available now: {built}"
+        )
+    path, extra = entry
+    module_name, _, class_name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        install = f"pip install 'funboost_like[{extra}]'" if extra else "reinstall funboost_like"
+        raise BrokerNotAvailable(
+            f"broker kind {member.name} needs a client library that is not installed ({exc}); run: {install}"
+        ) from exc
+    cls: type[Broker] = getattr(module, class_name)
+    return cls
+
+
+def get_broker(kind: BrokerKind) -> Broker:
+    """The process-wide broker instance for ``kind`` (one per process; a forked child gets its own)."""
+    member = resolve_kind(kind)
+    key = (member, os.getpid())
+    broker = _instances.get(key)
+    if broker is None:
+        cls = broker_class(member)
+        with _lock:
+            broker = _instances.get(key)
+            if broker is None:
+                broker = cls()
+                _instances[key] = broker
+    return broker
+
+
+def close_all() -> None:
+    """Close every broker this process opened (tests, shutdown)."""
+    with _lock:
+        brokers = [b for (_, pid), b in _instances.items() if pid == os.getpid()]
+        _instances.clear()
+    for broker in brokers:
+        broker.close()

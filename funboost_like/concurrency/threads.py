@@ -1,0 +1,136 @@
+"""A thread pool that grows only while calls block and shrinks after an idle keep-alive.
+
+``max_workers`` is a ceiling, not a number of threads to create: a new thread starts only when work
+is waiting, no worker is idle, and the waiting work has not been picked up for ``grow_after``
+seconds (calls are blocking). Trivial calls are served by one or two threads; calls that sleep
+make the pool grow up to the ceiling. A thread idle for ``keep_alive`` seconds exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from funboost_like.concurrency.base import Pool
+
+logger = logging.getLogger("funboost_like.pool")
+
+_STOP = object()
+
+
+class ThreadPool(Pool):
+    def __init__(self, max_workers: int, *, keep_alive: float = 10.0, grow_after: float = 0.02,
+                 name: str = "funboost_like") -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be >= 1")
+        self.max_workers = max_workers
+        self.keep_alive = keep_alive
+        self.grow_after = grow_after
+        self.name = name
+        self._work: queue.SimpleQueue[tuple[Callable[[Any], None], Any] | object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._idle = 0
+        self._last_pickup = time.monotonic()
+        self._closed = False
+        self._serial = 0
+
+    @property
+    def worker_count(self) -> int:
+        return len(self._threads)
+
+    @property
+    def idle_count(self) -> int:
+        return self._idle
+
+    def submit(self, fn: Callable[[Any], None], arg: Any) -> None:
+        if self._closed:
+            raise RuntimeError("pool is shut down")
+        self._work.put((fn, arg))
+        if self._idle < self._work.qsize() and len(self._threads) < self.max_workers:
+            if not self._threads or time.monotonic() - self._last_pickup >= self.grow_after:
+                self._start_worker()
+
+    def grow_if_stalled(self) -> bool:
+        """Start workers for submitted calls that no worker picked up within ``grow_after`` (all busy).
+
+        The owner calls this periodically while work may be waiting; return True if calls are waiting.
+        """
+        waiting = self._work.qsize() - self._idle
+        if waiting <= 0:
+            return False
+        if time.monotonic() - self._last_pickup >= self.grow_after:
+            for _ in range(min(waiting, self.max_workers - len(self._threads))):
+                self._start_worker()
+        return True
+
+    def _start_worker(self) -> None:
+        with self._lock:
+            if len(self._threads) >= self.max_workers or self._closed:
+                return
+            self._serial += 1
+            thread = threading.Thread(target=self._run, name=f"{self.name}-{self._serial}", daemon=True)
+            self._threads.add(thread)
+        thread.start()
+
+    def _run(self) -> None:
+        work = self._work
+        keep_alive = self.keep_alive
+        lock = self._lock
+        me = threading.current_thread()
+        try:
+            while True:
+                try:
+                    item = work.get_nowait()  # busy path: no bookkeeping while work keeps coming
+                except queue.Empty:
+                    with lock:
+                        self._idle += 1
+                    try:
+                        item = work.get(timeout=keep_alive)
+                    except queue.Empty:
+                        with lock:  # idle for keep_alive: shrink
+                            if self._closed or len(self._threads) > 1 or work.empty():
+                                self._threads.discard(me)
+                                return
+                        continue
+                    finally:
+                        with lock:
+                            self._idle -= 1
+                if item is _STOP:
+                    return
+                self._last_pickup = time.monotonic()
+                fn, arg = item  # type: ignore[misc]
+                try:
+                    fn(arg)
+                except BaseException:  # the submitted callable handles its own errors; never lose a worker
+                    logger.exception("unhandled error in pool worker %s", me.name)
+        finally:
+            with lock:
+                self._threads.discard(me)
+
+    def drain(self) -> list[Any]:
+        drained: list[Any] = []
+        while True:
+            try:
+                item = self._work.get_nowait()
+            except queue.Empty:
+                return drained
+            if item is _STOP:
+                continue
+            drained.append(item[1])  # type: ignore[index]
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._work.put(_STOP)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            thread.join(remaining)
+        return not any(t.is_alive() for t in threads)

@@ -1,0 +1,140 @@
+"""``task_deco`` / ``boost`` and ``get_consumer``: the user-facing entry points."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar
+
+from typing import ParamSpec
+
+from funboost_like.brokers.base import Broker
+from funboost_like.core.consumer import Consumer
+from funboost_like.core.message import FunctionSignature
+from funboost_like.core.params import ConsumerParams, FunctionResultStatusPersistanceConfig, PriorityConsumingControlConfig, build_params
+from funboost_like.core.publisher import Publisher
+from funboost_like.core.results import AsyncResult
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class ConsumerOptions(TypedDict, total=False):
+    """The keyword parameters of ``task_deco`` and ``get_consumer`` (seed names; see params.py)."""
+
+    function_timeout: float
+    concurrent_num: int
+    specify_concurrent_pool: Any
+    specify_async_loop: Any
+    concurrent_mode: int
+    max_retry_times: int
+    log_level: int | str
+    is_print_detail_exception: bool
+    msg_schedule_time_intercal: float
+    msg_schedule_time_interval: float
+    qps: float
+    is_using_distributed_frequency_control: bool
+    msg_expire_senconds: float
+    msg_expire_seconds: float
+    is_send_consumer_hearbeat_to_redis: bool
+    is_send_consumer_heartbeat_to_redis: bool
+    logger_prefix: str
+    create_logger_file: bool
+    do_task_filtering: bool
+    task_filtering_expire_seconds: float
+    is_consuming_function_use_multi_params: bool
+    is_do_not_run_by_specify_time_effect: bool
+    do_not_run_by_specify_time: tuple[str, str]
+    schedule_tasks_on_main_thread: bool
+    function_result_status_persistance_conf: FunctionResultStatusPersistanceConfig
+    function_result_status_persistence_conf: FunctionResultStatusPersistanceConfig
+    is_using_rpc_mode: bool
+    broker_kind: int
+
+
+class Booster(Generic[P, R]):
+    """A consuming function plus its queue. Calling it runs the function directly, here and now."""
+
+    def __init__(self, function: Callable[P, R], params: ConsumerParams) -> None:
+        functools.update_wrapper(self, function)
+        self.consuming_function = function
+        self.params = params
+        self.queue_name = params.queue_name
+        self.signature = FunctionSignature(function, params.is_consuming_function_use_multi_params)
+        self.publisher = Publisher(params, self.signature)
+        self._consumer: Consumer | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Booster {self.consuming_function.__qualname__} on queue {self.queue_name!r}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.consuming_function(*args, **kwargs)
+
+    @property
+    def consumer(self) -> Consumer:
+        if self._consumer is None:
+            with self._lock:
+                if self._consumer is None:
+                    self._consumer = Consumer(self.params, self.signature)
+        return self._consumer
+
+    @property
+    def broker(self) -> Broker:
+        return self.publisher.broker
+
+    def push(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
+        """Publish a call with the function's own arguments; a call that does not fit raises at once."""
+        return self.publisher.push(*args, **kwargs)
+
+    def publish(self, msg: Mapping[str, Any] | str,
+                priority_control_config: PriorityConsumingControlConfig | None = None) -> AsyncResult:
+        """Publish a call given as a dict of keyword arguments, with optional publish-time options."""
+        return self.publisher.publish(msg, priority_control_config)
+
+    pub = publish
+
+    def publish_many(self, msgs: Iterable[Mapping[str, Any] | str]) -> list[str]:
+        """Publish many calls (dicts of keyword arguments) in bulk; return their task ids."""
+        return self.publisher.publish_many(msgs)
+
+    def consume(self) -> None:
+        """Start consuming in the background and return at once."""
+        self.consumer.start_consuming_message()
+
+    start_consuming_message = consume
+
+    def stop(self) -> None:
+        if self._consumer is not None:
+            self._consumer.stop()
+
+    def clear(self) -> int:
+        return self.publisher.clear()
+
+    def get_message_count(self) -> int:
+        return self.publisher.get_message_count()
+
+
+def task_deco(queue_name: str, **params: Unpack[ConsumerOptions]) -> Callable[[Callable[P, R]], Booster[P, R]]:
+    """Turn a function into a :class:`Booster` bound to ``queue_name`` (parameters as in the seed)."""
+
+    validated = build_params(queue_name, None, dict(params))  # a bad parameter raises here, not later
+
+    def decorate(function: Callable[P, R]) -> Booster[P, R]:
+        return Booster(function, dataclasses.replace(validated, consuming_function=function))
+
+    return decorate
+
+
+boost = task_deco
+
+
+def get_consumer(queue_name: str, *, consuming_function: Callable[..., Any],
+                 **params: Unpack[ConsumerOptions]) -> Consumer:
+    """The seed's manual form: a consumer with ``start_consuming_message()`` and ``publisher_of_same_queue``."""
+    return Consumer(build_params(queue_name, consuming_function, dict(params)))

@@ -1,0 +1,43 @@
+"""JSON encoding of message bodies. orjson is used when installed; the stdlib otherwise.
+
+Nothing is ever unpickled: a body is JSON text or it is rejected.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+try:  # pragma: no cover - depends on the environment
+    import orjson as _orjson
+except ImportError:  # pragma: no cover
+    _orjson = None
+
+_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_json_decoder = json.JSONDecoder()
+
+
+def _stdlib_dumps(obj: Any) -> bytes:
+    return _json_encoder.encode(obj).encode("utf-8")
+
+
+if _orjson is not None:
+    _orjson_dumps = _orjson.dumps
+    _orjson_error = _orjson.JSONEncodeError
+
+    def dumps(obj: Any) -> bytes:
+        """Serialise to UTF-8 JSON bytes; raises TypeError/ValueError for what JSON cannot hold."""
+        try:
+            return _orjson_dumps(obj)
+        except _orjson_error:
+            return _stdlib_dumps(obj)  # e.g. ints beyond 64 bits; raises its own clear TypeError
+
+    loads = _orjson.loads
+    DecodeFailure: tuple[type[Exception], ...] = (ValueError, UnicodeDecodeError)
+else:
+    dumps = _stdlib_dumps
+
+    def loads(data: bytes | str) -> Any:
+        return json.loads(data)
+
+    DecodeFailure = (ValueError, UnicodeDecodeError)

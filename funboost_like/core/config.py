@@ -1,0 +1,171 @@
+"""Framework settings.
+
+Precedence, lowest first: the defaults below < a ``distributed_frame_config.py`` module found on
+``sys.path`` (the start script's folder comes first there) < environment variables named
+``FUNBOOST_LIKE_<SETTING>`` < :func:`patch_frame_config`.
+
+Nothing is read until a setting is first needed, and nothing is ever written: run
+``python -m funboost_like init-config`` to copy the commented template into a project.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from funboost_like.core.errors import ConfigurationError
+
+ENV_PREFIX = "FUNBOOST_LIKE_"
+USER_CONFIG_MODULE = "distributed_frame_config"
+
+
+def default_data_dir() -> Path:
+    """The per-user data directory (never the filesystem root, never the user's project)."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "funboost_like"
+
+
+# name -> default value. The type of the default is the type an environment variable is parsed to.
+DEFAULTS: dict[str, Any] = {
+    # Embedded SQLite broker (PERSISTQUEUE).
+    "SQLITE_QUEUES_PATH": "",  # "" means <per-user data dir>/sqlite_queues
+    "SQLITE_LEASE_SECONDS": 30.0,  # a killed consumer's messages come back after at most this long
+    "SQLITE_BUSY_TIMEOUT_SECONDS": 30.0,
+    "SQLITE_SYNCHRONOUS": "NORMAL",  # NORMAL survives a process crash; FULL also survives power loss
+    # Redis (used by the Redis brokers and Redis-backed services).
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    # Logging.
+    "LOG_CONSOLE": True,  # attach a console handler when the application configured no logging
+    "LOG_COLOR": True,
+    "LOG_DIR": "",  # "" means <per-user data dir>/logs (used only when create_logger_file=True)
+    # Consume loop.
+    "GRACEFUL_STOP_SECONDS": 30.0,  # how long running calls may finish after SIGINT/SIGTERM
+    "THREAD_KEEP_ALIVE_SECONDS": 10.0,  # an idle worker thread exits after this long
+    "STATS_LOG_INTERVAL_SECONDS": 60.0,
+}
+
+SECRET_SETTINGS = frozenset({"REDIS_URL"})
+
+
+class _Settings:
+    """Lazily loaded, thread-safe view of the settings."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, Any] | None = None
+        self._patched: dict[str, Any] = {}
+        self.source_file: str | None = None
+
+    def _load(self) -> dict[str, Any]:
+        values = dict(DEFAULTS)
+        values.update(self._read_user_module())
+        for name, default in DEFAULTS.items():
+            raw = os.environ.get(ENV_PREFIX + name)
+            if raw is not None:
+                values[name] = _parse_env(name, raw, default)
+        values.update(self._patched)
+        return values
+
+    def _read_user_module(self) -> dict[str, Any]:
+        spec = importlib.util.find_spec(USER_CONFIG_MODULE) if _may_look_for_user_module() else None
+        if spec is None or spec.origin is None:
+            return {}
+        module = sys.modules.get(USER_CONFIG_MODULE)
+        if module is None:
+            module = importlib.util.module_from_spec(spec)
+            assert spec.loader is not None
+            spec.loader.exec_module(module)
+        self.source_file = spec.origin
+        return {name: getattr(module, name) for name in DEFAULTS if hasattr(module, name)}
+
+    def get(self, name: str) -> Any:
+        values = self._values
+        if values is None:
+            with self._lock:
+                if self._values is None:
+                    self._values = self._load()
+                values = self._values
+        try:
+            return values[name]
+        except KeyError:
+            raise ConfigurationError(f"unknown setting {name!r}") from None
+
+    def patch(self, settings: dict[str, Any]) -> None:
+        unknown = sorted(set(settings) - set(DEFAULTS))
+        if unknown:
+            raise ConfigurationError(
+                f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(DEFAULTS))}"
+            )
+        with self._lock:
+            self._patched.update(settings)
+            self._values = None
+
+    def reset(self) -> None:
+        """Forget every patch and reload on next access (for tests)."""
+        with self._lock:
+            self._patched.clear()
+            self._values = None
+
+    def as_dict(self, redact: bool = True) -> dict[str, Any]:
+        values = {name: self.get(name) for name in DEFAULTS}
+        if redact:
+            for name in SECRET_SETTINGS:
+                values[name] = redact_url(str(values[name]))
+        return values
+
+
+def _may_look_for_user_module() -> bool:
+    return os.environ.get(ENV_PREFIX + "NO_USER_CONFIG", "") in ("", "0")
+
+
+def _parse_env(name: str, raw: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if isinstance(default, (int, float)):
+            return type(default)(raw)
+    except ValueError:
+        raise ConfigurationError(f"environment variable {ENV_PREFIX}{name}={raw!r} is not a valid {type(default).__name__}") from None
+    return raw
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host/0`` -> ``redis://user:***@host/0``; passwords never reach a log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+settings = _Settings()
+
+
+def patch_frame_config(**new_settings: Any) -> None:
+    """Override settings from code; this has the last word over files and environment variables."""
+    settings.patch(new_settings)
+
+
+def data_dir_setting(name: str, subfolder: str) -> Path:
+    """A folder setting whose empty default means ``<per-user data dir>/<subfolder>``."""
+    configured = str(settings.get(name) or "")
+    return Path(configured).expanduser() if configured else default_data_dir() / subfolder

@@ -1,0 +1,321 @@
+"""The consume loop.
+
+One fetcher thread per consumer takes batches of at most the free capacity from the broker (so the
+prefetch is bounded and memory does not grow with the backlog), waits on the rate limiter, and
+hands each message to the pool. A worker decodes the message, runs the before-hooks, calls the
+function with in-place retries, and reports the outcome through a deque; the fetcher acknowledges
+successes in batches. Everything that ends a message (ack, requeue, dead letter) is decided in
+:meth:`Consumer._process`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from funboost_like.brokers.base import Broker, Delivery
+from funboost_like.brokers.registry import get_broker
+from funboost_like.concurrency.threads import ThreadPool
+from funboost_like.core import runtime
+from funboost_like.core.config import settings
+from funboost_like.core.errors import DecodeError, ExceptionForRequeue, ExceptionForRetry
+from funboost_like.core.log import ensure_console_handler, get_logger
+from funboost_like.core.message import FunctionSignature, decode
+from funboost_like.core.middleware import Middleware, build_middlewares
+from funboost_like.core.params import ConsumerParams
+from funboost_like.core.publisher import Publisher
+from funboost_like.core.ratelimit import RateLimiter
+
+# Outcome codes a worker reports to the fetcher.
+SUCCEEDED, FAILED, REQUEUED, DEAD_LETTERED, SKIPPED, RELEASED = range(6)
+OUTCOME_NAMES = ("succeeded", "failed", "requeued", "dead_lettered", "skipped", "released")
+
+_IDLE_FETCH_TIMEOUT = 1.0
+_BUSY_FETCH_TIMEOUT = 0.02  # while calls run, come back soon to flush their acks
+
+
+class ConsumerStats:
+    """Counters kept by the fetcher thread only (so no locks)."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(OUTCOME_NAMES)
+        self.retries = 0
+        self.window_start = time.monotonic()
+        self.window_done = 0
+        self.last_rate = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        stats: dict[str, Any] = dict(zip(OUTCOME_NAMES, self.counts))
+        stats["rate_per_second_last_window"] = self.last_rate
+        return stats
+
+
+class Consumer:
+    def __init__(self, params: ConsumerParams, signature: FunctionSignature | None = None) -> None:
+        if params.consuming_function is None:
+            raise ValueError("a consumer needs a consuming_function")
+        self.params = params
+        self.queue_name = params.queue_name
+        self.function: Callable[..., Any] = params.consuming_function
+        self.signature = signature or FunctionSignature(self.function, params.is_consuming_function_use_multi_params)
+        self.logger = get_logger(params.queue_name, params.log_level, params.logger_prefix)
+        self.publisher_of_same_queue = Publisher(params, self.signature)
+        self.stats = ConsumerStats()
+        self._middlewares: list[Middleware] = build_middlewares(params)
+        self._completed: deque[tuple[int, Delivery | None]] = deque()
+        self._stop = threading.Event()
+        self._capacity_freed = threading.Event()
+        self._fetcher_waiting = False
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPool | None = None
+        self._broker: Broker | None = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    @property
+    def broker(self) -> Broker:
+        if self._broker is None:
+            self._broker = get_broker(self.params.broker_kind)
+        return self._broker
+
+    def start_consuming_message(self) -> None:
+        """Start consuming in the background and return at once (idempotent).
+
+        The fetcher thread is not a daemon: the process keeps consuming after the main thread ends,
+        until SIGINT/SIGTERM or :meth:`stop`.
+        """
+        with self._lock:
+            if self._thread is not None:
+                return
+            ensure_console_handler()
+            if self.params.create_logger_file:
+                from funboost_like.core.log import add_file_handler
+
+                add_file_handler(self.logger, f"{self.params.logger_prefix}{self.queue_name}.log")
+            self._pool = ThreadPool(
+                self.params.concurrent_num,
+                keep_alive=float(settings.get("THREAD_KEEP_ALIVE_SECONDS")),
+                name=f"funboost_like-{self.queue_name}",
+            )
+            self._thread = threading.Thread(target=self._fetch_loop, name=f"funboost_like-fetch-{self.queue_name}")
+            runtime.register(self)
+            self._thread.start()
+        self.logger.info("consuming queue %r on %s with up to %d concurrent calls%s", self.queue_name,
+                         self.params.broker.name, self.params.concurrent_num,
+                         f" at {self.params.qps:g} calls/s" if self.params.qps else "")
+
+    def stop(self) -> None:
+        """Ask the consumer to stop: no more fetching; unstarted messages go back to the broker."""
+        self._stop.set()
+        self._capacity_freed.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the fetcher (and, through it, the graceful shutdown) to end."""
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the fetcher -------------------------------------------------------------------------------
+    def _fetch_loop(self) -> None:
+        broker = self.broker
+        pool = self._pool
+        assert pool is not None
+        queue = self.queue_name
+        capacity = self.params.concurrent_num
+        limiter = RateLimiter(self.params.qps) if self.params.qps else None
+        # At a limited rate, prefetch only about 0.2 s of starts: messages wait in the broker, not here.
+        batch = capacity if limiter is None else max(1, min(capacity, int(self.params.qps * 0.2)))
+        stop = self._stop
+        process = self._process
+        started = finished = 0
+        next_stats = time.monotonic() + float(settings.get("STATS_LOG_INTERVAL_SECONDS"))
+        failures_in_a_row = 0
+        try:
+            while not stop.is_set():
+                finished += self._flush_completed(broker)
+                pool.grow_if_stalled()
+                free = capacity - (started - finished)
+                if free <= 0:
+                    self._wait_for_capacity(pool)
+                    continue
+                try:
+                    deliveries = broker.fetch(queue, min(free, batch),
+                                              _BUSY_FETCH_TIMEOUT if started != finished else _IDLE_FETCH_TIMEOUT)
+                    failures_in_a_row = 0
+                except Exception:
+                    failures_in_a_row += 1
+                    self.logger.exception("fetching from queue %r failed; retrying", queue)
+                    stop.wait(min(30.0, 0.5 * 2 ** min(failures_in_a_row, 6)))
+                    continue
+                for index, delivery in enumerate(deliveries):
+                    if limiter is not None and not limiter.wait(stop):
+                        broker.release(deliveries[index:])
+                        break
+                    started += 1
+                    pool.submit(process, delivery)
+                if time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + float(settings.get("STATS_LOG_INTERVAL_SECONDS"))
+                    self._log_rate()
+        except BaseException:
+            self.logger.exception("the fetcher of queue %r crashed; stopping this consumer", queue)
+            raise
+        finally:
+            self._shutdown(broker, pool, started - finished)
+
+    def _wait_for_capacity(self, pool: ThreadPool) -> None:
+        stalled = pool.grow_if_stalled()
+        self._fetcher_waiting = True
+        try:
+            if not self._completed:
+                self._capacity_freed.wait(0.005 if stalled else 0.05)
+            self._capacity_freed.clear()
+        finally:
+            self._fetcher_waiting = False
+
+    def _flush_completed(self, broker: Broker) -> int:
+        completed = self._completed
+        if not completed:
+            return 0
+        counts = self.stats.counts
+        to_ack: list[Delivery] = []
+        n = 0
+        while completed:
+            outcome, delivery = completed.popleft()
+            counts[outcome] += 1
+            n += 1
+            if delivery is not None:
+                to_ack.append(delivery)
+        if to_ack:
+            try:
+                broker.ack(to_ack)
+            except Exception:
+                self.logger.exception("acknowledging %d message(s) failed; the broker will deliver them again", len(to_ack))
+        self.stats.window_done += n
+        return n
+
+    def _shutdown(self, broker: Broker, pool: ThreadPool, in_flight: int) -> None:
+        unstarted: list[Delivery] = pool.drain()
+        if unstarted:
+            try:
+                broker.release(unstarted)
+                self.logger.info("handed %d unstarted message(s) back to queue %r", len(unstarted), self.queue_name)
+            except Exception:
+                self.logger.exception("handing unstarted messages back failed; the broker will redeliver them")
+            for _ in unstarted:
+                self._completed.append((RELEASED, None))
+        grace = float(settings.get("GRACEFUL_STOP_SECONDS"))
+        if not pool.shutdown(timeout=grace):
+            self.logger.warning("calls still running on queue %r after %.0fs; leaving them", self.queue_name, grace)
+        self._flush_completed(broker)
+        runtime.unregister(self)
+        self.logger.info("stopped consuming queue %r: %s", self.queue_name, self.stats.as_dict())
+
+    def _log_rate(self) -> None:
+        stats = self.stats
+        now = time.monotonic()
+        elapsed = now - stats.window_start
+        rate = stats.window_done / elapsed if elapsed > 0 else 0.0
+        stats.last_rate = rate
+        stats.window_start, stats.window_done = now, 0
+        try:
+            waiting = self.broker.count(self.queue_name)
+        except Exception:
+            waiting = -1
+        left = f"{waiting / rate:.0f}s" if rate > 0 and waiting >= 0 else "unknown"
+        self.logger.info("queue %r: %.1f calls/s over the last %.0fs; %d waiting; estimated time left %s",
+                         self.queue_name, rate, elapsed, waiting, left)
+
+    # -- a worker --------------------------------------------------------------------------------
+    def _process(self, delivery: Delivery) -> None:
+        outcome, ack = FAILED, None
+        try:
+            outcome, ack = self._run(delivery)
+        finally:
+            self._completed.append((outcome, ack))
+            if self._fetcher_waiting:
+                self._capacity_freed.set()
+
+    def _run(self, delivery: Delivery) -> tuple[int, Delivery | None]:
+        try:
+            message = decode(delivery.body, self.signature)
+        except DecodeError as exc:
+            self.logger.error("dead-lettering a message of queue %r: %s", self.queue_name, exc)
+            self._dead_letter(delivery, str(exc), None)
+            return DEAD_LETTERED, None
+        for middleware in self._middlewares:
+            try:
+                reason = middleware.before_call(message)
+            except Exception:
+                self.logger.exception("middleware %s failed before task %s", type(middleware).__name__, message.task_id)
+                continue
+            if reason:
+                self.logger.info("skipping task %s: %s", message.task_id, reason)
+                return SKIPPED, delivery
+        retries = message.extra.get("max_retry_times", self.params.max_retry_times)
+        function = self.function
+        kwargs = message.kwargs
+        multi = self.signature.multi_params
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                result = function(**kwargs) if multi else function(kwargs)
+            except ExceptionForRequeue:
+                self.logger.info("task %s asked to be requeued", message.task_id)
+                self._broker_call(self.broker.nack, delivery, requeue=True)
+                self._after(message, None, None)
+                return REQUEUED, None
+            except Exception as exc:
+                if attempt <= retries:
+                    self._log_failure(message.task_id, exc, attempt, final=False)
+                    continue
+                self._log_failure(message.task_id, exc, attempt, final=True)
+                reason = f"failed {attempt} time(s); last error: {type(exc).__name__}: {exc}"
+                self._dead_letter(delivery, reason, exc)
+                self._after(message, None, exc)
+                return FAILED, None
+            except BaseException:
+                self._broker_call(self.broker.nack, delivery, requeue=True)
+                raise
+            if self._middlewares:
+                self._after(message, result, None)
+            return SUCCEEDED, delivery
+
+    def _after(self, message: Any, result: Any, exc: BaseException | None) -> None:
+        for middleware in self._middlewares:
+            try:
+                middleware.after_call(message, result, exc)
+            except Exception:
+                self.logger.exception("middleware %s failed after task %s", type(middleware).__name__, message.task_id)
+
+    def _log_failure(self, task_id: str | None, exc: Exception, attempt: int, *, final: bool) -> None:
+        detail = self.params.is_print_detail_exception and not isinstance(exc, ExceptionForRetry)
+        if final:
+            self.logger.error("task %s of queue %r failed for good after %d attempt(s): %r; dead-lettered",
+                              task_id, self.queue_name, attempt, exc, exc_info=exc if detail else None)
+        else:
+            self.logger.warning("task %s of queue %r failed (attempt %d): %r; retrying",
+                                task_id, self.queue_name, attempt, exc, exc_info=exc if detail else None)
+
+    def _dead_letter(self, delivery: Delivery, reason: str, exc: BaseException | None) -> None:
+        if exc is not None and self.params.is_print_detail_exception:
+            reason = reason + "\n" + "".join(traceback.format_exception(exc))[-4000:]
+        self._broker_call(self.broker.dead_letter, delivery, reason, exc)
+
+    def _broker_call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        try:
+            method(*args, **kwargs)
+        except Exception:
+            self.logger.exception("broker call %s failed; the broker will deliver the message again",
+                                  getattr(method, "__name__", method))
+

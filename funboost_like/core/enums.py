@@ -1,0 +1,39 @@
+"""Broker kinds and concurrency modes, with the seed's numbers (plain ints are accepted too)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class BrokerEnum(IntEnum):
+    RABBITMQ_AMQPSTORM = 0
+    RABBITMQ_RABBITPY = 1
+    REDIS = 2
+    LOCAL_PYTHON_QUEUE = 3
+    RABBITMQ_PIKA = 4
+    MONGOMQ = 5
+    PERSISTQUEUE = 6
+    NSQ = 7
+    KAFKA = 8
+    REDIS_ACK_ABLE = 9
+    SQLACHEMY = 10
+    ROCKETMQ = 11
+    REDIS_STREAM = 12
+    ZEROMQ = 13
+    RedisBrpopLpush = 14
+    KOMBU = 15
+    CONFLUENT_KAFKA = 16
+    MQTT = 17
+    HTTPSQS = 18
+    PULSAR = 19
+    NATS = 20
+    DJANGO_ORM = 21
+    MEMORY = LOCAL_PYTHON_QUEUE
+    SQLITE = PERSISTQUEUE
+
+
+class ConcurrentModeEnum(IntEnum):
+    THREADING = 1
+    GEVENT = 2
+    EVENTLET = 3
+    ASYNC = 4

@@ -1,0 +1,52 @@
+"""The exception hierarchy.
+
+Every error the framework raises on its own account derives from :class:`FunboostLikeError`.
+The two control-flow exceptions a consuming function may raise (:class:`ExceptionForRetry`,
+:class:`ExceptionForRequeue`) keep the seed's names.
+"""
+
+from __future__ import annotations
+
+
+class FunboostLikeError(Exception):
+    """Root of every error raised by funboost_like itself."""
+
+
+class ConfigurationError(FunboostLikeError, ValueError):
+    """A decorator parameter or setting is unknown, malformed or not supported by the broker."""
+
+
+class BrokerError(FunboostLikeError):
+    """A broker operation failed."""
+
+
+class BrokerConnectionError(BrokerError):
+    """The broker cannot be reached."""
+
+
+class BrokerNotAvailable(FunboostLikeError, ValueError):
+    """The chosen broker kind is not built yet, or its client library is not installed."""
+
+
+class DecodeError(FunboostLikeError):
+    """A message body is not valid JSON, or its keys do not fit the consuming function."""
+
+
+class PublishError(FunboostLikeError, TypeError):
+    """A publish call does not fit the consuming function's signature or cannot be encoded."""
+
+
+class DoubleAckError(BrokerError):
+    """A delivery was acknowledged or rejected twice."""
+
+
+class ExceptionForRetry(Exception):
+    """Raise inside a consuming function to have the call retried at once (counts toward max_retry_times)."""
+
+
+class ExceptionForRequeue(Exception):
+    """Raise inside a consuming function to hand the message back to the broker queue."""
+
+
+class ResultNotAvailable(FunboostLikeError):
+    """The publish-side result of a call was asked for, but RPC mode is not enabled for it."""

@@ -1,0 +1,178 @@
+"""The message on the wire, and the function-signature checks on both sides of it.
+
+A body is a JSON object: the function's keyword arguments at top level plus one reserved key
+``extra`` with ``task_id``, ``publish_time``, ``publish_time_format`` and any publish-time options.
+A body without ``extra`` is valid. Publishing checks arguments against the signature and raises
+:class:`PublishError` at once; consuming checks them again and dead-letters what does not fit.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from funboost_like.core import codec
+from funboost_like.core.errors import ConfigurationError, DecodeError, PublishError
+
+EXTRA_KEY = "extra"
+
+def _reset_task_ids() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix = os.urandom(8).hex()  # a forked child never continues its parent's sequence
+    _id_counter = itertools.count()
+
+
+_id_prefix = ""
+_id_counter = itertools.count()
+_reset_task_ids()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_task_ids)
+
+
+def new_task_id() -> str:
+    """A unique id, cheap enough for the publish hot path: a random per-process prefix and a counter."""
+    return f"{_id_prefix}{next(_id_counter):08x}"
+
+
+_format_cache: tuple[int, str] = (-1, "")
+
+
+def format_publish_time(now: float) -> str:
+    """Local time as ``YYYY-mm-dd HH:MM:SS``, cached per second."""
+    global _format_cache
+    second = int(now)
+    cached_second, text = _format_cache
+    if cached_second != second:
+        text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        _format_cache = (second, text)
+    return text
+
+
+class FunctionSignature:
+    """What a consuming function accepts, precomputed so checks cost a few set operations."""
+
+    def __init__(self, function: Callable[..., Any], multi_params: bool = True) -> None:
+        self.function = function
+        self.multi_params = multi_params
+        sig = inspect.signature(function)
+        names: list[str] = []
+        required: set[str] = set()
+        self.accepts_any_keyword = False
+        for param in sig.parameters.values():
+            if param.kind is param.POSITIONAL_ONLY:
+                raise ConfigurationError(
+                    f"{_qualname(function)} has positional-only parameter {param.name!r}; messages carry "
+                    "keyword arguments, so every parameter must be passable by keyword"
+                )
+            if param.kind is param.VAR_POSITIONAL:
+                raise ConfigurationError(
+                    f"{_qualname(function)} takes *{param.name}; messages carry keyword arguments only"
+                )
+            if param.kind is param.VAR_KEYWORD:
+                self.accepts_any_keyword = True
+                continue
+            if param.name == EXTRA_KEY:
+                raise ConfigurationError(f"{_qualname(function)}: the parameter name {EXTRA_KEY!r} is reserved")
+            if param.kind is param.POSITIONAL_OR_KEYWORD:
+                names.append(param.name)
+            if param.default is param.empty:
+                required.add(param.name)
+        self.positional_names = tuple(names)
+        self.names = frozenset(p.name for p in sig.parameters.values() if p.kind not in (p.VAR_KEYWORD,))
+        self.required = frozenset(required)
+        self.signature = sig
+
+    # -- publish side -------------------------------------------------------------------------
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Turn ``push(*args, **kwargs)`` into the keyword dict, raising PublishError on a bad call."""
+        if not args:
+            self.check_keys(kwargs)
+            return kwargs
+        positional = self.positional_names
+        if len(args) == len(positional) and not kwargs:  # every argument given positionally
+            return dict(zip(positional, args))
+        if len(args) > len(positional):
+            raise PublishError(
+                f"{_qualname(self.function)}() takes {len(positional)} positional argument(s) but {len(args)} were given"
+            )
+        bound = dict(zip(positional, args))
+        for key in kwargs:
+            if key in bound:
+                raise PublishError(f"{_qualname(self.function)}() got multiple values for argument {key!r}")
+        bound.update(kwargs)
+        self.check_keys(bound)
+        return bound
+
+    def check_keys(self, kwargs: Mapping[str, Any]) -> None:
+        problem = self.mismatch(kwargs)
+        if problem:
+            raise PublishError(f"{_qualname(self.function)}(): {problem}")
+
+    def mismatch(self, kwargs: Mapping[str, Any]) -> str:
+        """Why ``kwargs`` cannot be passed to the function, or '' when they can."""
+        keys = kwargs.keys()
+        if not self.accepts_any_keyword and not keys <= self.names:
+            unexpected = sorted(set(keys) - self.names)
+            return f"unexpected keyword argument(s) {', '.join(map(repr, unexpected))}"
+        if not self.required <= keys:
+            missing = sorted(self.required - set(keys))
+            return f"missing required argument(s) {', '.join(map(repr, missing))}"
+        return ""
+
+
+def _qualname(function: Callable[..., Any]) -> str:
+    return getattr(function, "__qualname__", repr(function))
+
+
+def encode(kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> tuple[str, bytes]:
+    """Build the wire body for one call; return ``(task_id, body)``."""
+    now = time.time()
+    task_id = f"{_id_prefix}{next(_id_counter):08x}"
+    meta = {"task_id": task_id, "publish_time": now, "publish_time_format": format_publish_time(now)}
+    if extra:
+        meta.update(extra)
+    message = dict(kwargs)
+    message[EXTRA_KEY] = meta
+    try:
+        return task_id, codec.dumps(message)
+    except (TypeError, ValueError) as exc:
+        raise PublishError(f"the call's arguments cannot be encoded as JSON: {exc}") from exc
+
+
+class DecodedMessage:
+    """A message taken apart: the call's keyword arguments and the ``extra`` dict (maybe empty)."""
+
+    __slots__ = ("kwargs", "extra")
+
+    def __init__(self, kwargs: dict[str, Any], extra: dict[str, Any]) -> None:
+        self.kwargs = kwargs
+        self.extra = extra
+
+    @property
+    def task_id(self) -> str | None:
+        task_id = self.extra.get("task_id")
+        return str(task_id) if task_id is not None else None
+
+
+def decode(body: bytes, signature: FunctionSignature) -> DecodedMessage:
+    """Parse and check one body; raise DecodeError with a reason fit for the dead-letter record."""
+    try:
+        data = codec.loads(body)
+    except codec.DecodeFailure as exc:
+        raise DecodeError(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise DecodeError(f"body is JSON but not an object (got {type(data).__name__})")
+    extra = data.pop(EXTRA_KEY, None)
+    if extra is None:
+        extra = {}
+    elif not isinstance(extra, dict):
+        raise DecodeError(f"the reserved key {EXTRA_KEY!r} must hold an object, got {type(extra).__name__}")
+    if signature.multi_params:
+        problem = signature.mismatch(data)
+        if problem:
+            raise DecodeError(f"keys do not fit {_qualname(signature.function)}(): {problem}")
+    return DecodedMessage(data, extra)

@@ -1,0 +1,108 @@
+"""Publishing calls to a queue: argument checks, encoding, and the broker's publish."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from funboost_like.brokers.base import Broker
+from funboost_like.brokers.registry import get_broker
+from funboost_like.core import codec
+from funboost_like.core.errors import ConfigurationError, PublishError
+from funboost_like.core.message import EXTRA_KEY, FunctionSignature, encode
+from funboost_like.core.params import ConsumerParams, PriorityConsumingControlConfig
+from funboost_like.core.results import AsyncResult
+
+
+class Publisher:
+    """Publishes messages for one queue. Also reachable as ``consumer.publisher_of_same_queue``."""
+
+    def __init__(self, params: ConsumerParams, signature: FunctionSignature | None) -> None:
+        self.params = params
+        self.queue_name = params.queue_name
+        self.signature = signature
+        self._broker: Broker | None = None
+
+    @property
+    def broker(self) -> Broker:
+        broker = self._broker
+        if broker is None:
+            broker = self._broker = get_broker(self.params.broker_kind)
+        return broker
+
+    def push(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        """Publish ``fn(*args, **kwargs)``; a call that does not fit the signature raises at once."""
+        signature = self.signature
+        if signature is not None and signature.multi_params:
+            kwargs = signature.bind(args, kwargs)
+        elif args or kwargs:
+            if len(args) != 1 or kwargs or not isinstance(args[0], Mapping):
+                raise PublishError("with is_consuming_function_use_multi_params=False, push takes one dict")
+            kwargs = dict(args[0])
+        task_id, body = encode(kwargs)
+        self.broker.publish(self.queue_name, body)
+        return AsyncResult(task_id)
+
+    def publish(self, msg: Mapping[str, Any] | str,
+                priority_control_config: PriorityConsumingControlConfig | None = None) -> AsyncResult:
+        """Publish one call given as a dict (or JSON text) of keyword arguments, with optional options."""
+        kwargs, extra = self._split(msg)
+        priority = 0
+        not_before = None
+        if priority_control_config is not None:
+            now = time.time()
+            extra.update(priority_control_config.to_extra(now))
+            priority = priority_control_config.priority
+            not_before = priority_control_config.not_before(now)
+            self._check_capabilities(priority, not_before)
+        task_id, body = encode(kwargs, extra)
+        self.broker.publish(self.queue_name, body, priority=priority, not_before=not_before)
+        return AsyncResult(task_id)
+
+    pub = publish
+
+    def publish_many(self, msgs: Iterable[Mapping[str, Any] | str]) -> list[str]:
+        """Publish many calls in one broker round trip (or transaction); return their task ids."""
+        task_ids: list[str] = []
+        bodies: list[bytes] = []
+        for msg in msgs:
+            kwargs, extra = self._split(msg)
+            task_id, body = encode(kwargs, extra)
+            task_ids.append(task_id)
+            bodies.append(body)
+        if bodies:
+            self.broker.publish_many(self.queue_name, bodies)
+        return task_ids
+
+    def _split(self, msg: Mapping[str, Any] | str) -> tuple[dict[str, Any], dict[str, Any]]:
+        if isinstance(msg, (str, bytes)):
+            try:
+                msg = codec.loads(msg)
+            except codec.DecodeFailure as exc:
+                raise PublishError(f"message text is not valid JSON: {exc}") from exc
+        if not isinstance(msg, Mapping):
+            raise PublishError(f"a message must be a dict of keyword arguments, got {type(msg).__name__}")
+        kwargs = dict(msg)
+        extra = kwargs.pop(EXTRA_KEY, None) or {}
+        if not isinstance(extra, dict):
+            raise PublishError(f"the reserved key {EXTRA_KEY!r} must hold a dict")
+        if self.signature is not None and self.signature.multi_params:
+            self.signature.check_keys(kwargs)
+        return kwargs, dict(extra)
+
+    def _check_capabilities(self, priority: int, not_before: float | None) -> None:
+        caps = self.broker.capabilities
+        if priority and not caps.priority:
+            raise ConfigurationError(f"broker {self.params.broker.name} does not support message priority")
+        if priority and abs(priority) > caps.max_priority:
+            raise ConfigurationError(f"priority {priority} is beyond this broker's maximum {caps.max_priority}")
+        if not_before is not None and not caps.delay:
+            raise ConfigurationError(f"broker {self.params.broker.name} does not support delayed messages")
+
+    def clear(self) -> int:
+        """Delete every waiting message of the queue; return how many."""
+        return self.broker.purge(self.queue_name)
+
+    def get_message_count(self) -> int:
+        return self.broker.count(self.queue_name)

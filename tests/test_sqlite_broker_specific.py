@@ -1,0 +1,467 @@
+"""Behaviour of the SQLite broker (PERSISTQUEUE) beyond the shared broker contract.
+
+Covers leases (renewal while alive, expiry after a SIGKILL), several processes on one file,
+bounded file size, fork safety and the queue-name-to-file-name mapping.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import funboost_like
+from funboost_like.brokers.base import Delivery
+from funboost_like.brokers.registry import get_broker
+from funboost_like.brokers.sqlite import SqliteBroker, queue_file_name
+from funboost_like.core.config import patch_frame_config, settings
+from funboost_like.core.enums import BrokerEnum
+from funboost_like.core.errors import ConfigurationError, DoubleAckError
+
+PACKAGE_ROOT = Path(funboost_like.__file__).resolve().parent.parent
+Q = "jobs"
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "queues"
+    patch_frame_config(SQLITE_QUEUES_PATH=str(path), SQLITE_LEASE_SECONDS=30.0)
+    yield path
+    settings.reset()
+
+
+@pytest.fixture
+def broker(folder: Path) -> Iterator[SqliteBroker]:
+    b = SqliteBroker()
+    yield b
+    b.close()
+
+
+def fetch_n(broker: SqliteBroker, queue: str, n: int, timeout: float = 5.0) -> list[Delivery]:
+    got: list[Delivery] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        got.extend(broker.fetch(queue, n - len(got), 0.2))
+    return got
+
+
+def child_env(folder: Path, lease: float = 30.0) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(PACKAGE_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["FUNBOOST_LIKE_SQLITE_QUEUES_PATH"] = str(folder)
+    env["FUNBOOST_LIKE_SQLITE_LEASE_SECONDS"] = str(lease)
+    env["FUNBOOST_LIKE_NO_USER_CONFIG"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def rows_in(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+
+
+# -- basics -------------------------------------------------------------------------------------
+
+
+def test_is_the_registered_persistqueue_broker(folder: Path) -> None:
+    assert isinstance(get_broker(BrokerEnum.PERSISTQUEUE), SqliteBroker)
+    caps = SqliteBroker.capabilities
+    assert caps.ack and caps.persistent and caps.delay and caps.priority and caps.cross_process
+    assert caps.dead_letters and not caps.cross_host
+
+
+def test_folder_created_lazily(folder: Path) -> None:
+    b = SqliteBroker()
+    assert not folder.exists()
+    b.publish(Q, b"x")
+    assert (folder / "jobs.sqlite3").is_file()
+    b.close()
+
+
+def test_round_trip(broker: SqliteBroker) -> None:
+    broker.publish(Q, b'{"a":1}')
+    broker.publish_many(Q, [b'{"b":2}', b'{"c":3}'])
+    got = fetch_n(broker, Q, 3)
+    assert [d.body for d in got] == [b'{"a":1}', b'{"b":2}', b'{"c":3}']
+    assert all(type(d.body) is bytes and d.attempts == 1 and d.queue == Q for d in got)
+    assert broker.in_flight(Q) == 3
+    broker.ack(got)
+    assert broker.in_flight(Q) == 0
+    assert rows_in(broker.path(Q)) == 0
+    assert broker.fetch(Q, 10, 0.05) == []
+
+
+def test_priority_then_fifo(broker: SqliteBroker) -> None:
+    for body, priority in [(b"p0", 0), (b"p5a", 5), (b"p1", 1), (b"p5b", 5), (b"p-1", -1)]:
+        broker.publish(Q, body, priority=priority)
+    got = fetch_n(broker, Q, 5)
+    assert [d.body for d in got] == [b"p5a", b"p5b", b"p1", b"p0", b"p-1"]
+    assert [d.priority for d in got] == [5, 5, 1, 0, -1]
+    broker.ack(got)
+
+
+def test_delayed_visibility(broker: SqliteBroker) -> None:
+    broker.publish(Q, b"late", not_before=time.time() + 0.4)
+    assert broker.fetch(Q, 1, 0) == []
+    assert broker.count(Q) == 1
+    started = time.monotonic()
+    [d] = broker.fetch(Q, 1, 3.0)
+    assert d.body == b"late"
+    assert 0.25 < time.monotonic() - started < 1.5
+    broker.ack([d])
+
+
+def test_idle_fetch_honours_timeout(broker: SqliteBroker) -> None:
+    started = time.monotonic()
+    assert broker.fetch(Q, 5, 0.3) == []
+    assert 0.25 <= time.monotonic() - started < 1.0
+    assert broker.fetch(Q, 0, 1.0) == []
+
+
+def test_publish_wakes_a_waiting_fetch_at_once(broker: SqliteBroker) -> None:
+    result: list[float] = []
+
+    def consume() -> None:
+        ds = broker.fetch(Q, 1, 5.0)
+        result.append(time.monotonic())
+        broker.ack(ds)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    time.sleep(0.3)  # the fetch is now in its slow (50 ms) polling phase
+    published = time.monotonic()
+    broker.publish(Q, b"now")
+    t.join(5)
+    assert result and result[0] - published < 0.2
+
+
+def test_nack_requeue_with_delay_counts_an_attempt(broker: SqliteBroker) -> None:
+    broker.publish(Q, b"x")
+    [d] = fetch_n(broker, Q, 1)
+    broker.nack(d, requeue=True, delay=0.4)
+    assert broker.fetch(Q, 1, 0.1) == []
+    assert broker.count(Q) == 1
+    [again] = broker.fetch(Q, 1, 3.0)
+    assert again.attempts == 2 and again.body == b"x"
+    broker.nack(again, requeue=False)
+    assert broker.count(Q) == 0
+    assert rows_in(broker.path(Q)) == 0
+
+
+def test_release_does_not_count_an_attempt(broker: SqliteBroker) -> None:
+    broker.publish_many(Q, [b"a", b"b"])
+    got = fetch_n(broker, Q, 2)
+    broker.release(got)
+    assert broker.count(Q) == 2
+    again = fetch_n(broker, Q, 2)
+    assert [(d.body, d.attempts) for d in again] == [(b"a", 1), (b"b", 1)]
+    broker.ack(again)
+
+
+def test_dead_letters_newest_first_with_reason(broker: SqliteBroker) -> None:
+    broker.publish_many(Q, [b"first", b"second"])
+    first, second = fetch_n(broker, Q, 2)
+    broker.dead_letter(first, "not JSON")
+    broker.dead_letter(second, "failed 3 times", ValueError("boom"))
+    assert broker.count(Q) == 0 and rows_in(broker.path(Q)) == 0
+    letters = broker.list_dead_letters(Q)
+    assert [(x.body, x.reason, x.queue, x.attempts) for x in letters] == [
+        (b"second", "failed 3 times", Q, 1),
+        (b"first", "not JSON", Q, 1),
+    ]
+    assert letters[0].failed_at >= letters[1].failed_at > time.time() - 60
+    assert len(broker.list_dead_letters(Q, limit=1)) == 1
+    assert broker.purge_dead_letters(Q) == 2
+    assert broker.list_dead_letters(Q) == []
+
+
+def test_settling_twice_raises(broker: SqliteBroker) -> None:
+    broker.publish_many(Q, [b"a", b"b"])
+    a, b = fetch_n(broker, Q, 2)
+    broker.ack([a])
+    for settle in (
+        lambda: broker.ack([a]),
+        lambda: broker.nack(a),
+        lambda: broker.nack(a, requeue=False),
+        lambda: broker.release([a]),
+        lambda: broker.dead_letter(a, "x"),
+    ):
+        with pytest.raises(DoubleAckError):
+            settle()
+    with pytest.raises(DoubleAckError):  # the valid one of the batch is still acked
+        broker.ack([b, a])
+    assert broker.in_flight(Q) == 0
+    assert rows_in(broker.path(Q)) == 0
+
+
+def test_purge_and_count_leave_held_messages_alone(broker: SqliteBroker) -> None:
+    broker.publish_many(Q, [b"1", b"2", b"3"])
+    broker.publish(Q, b"later", not_before=time.time() + 60)
+    [held] = broker.fetch(Q, 1, 1.0)
+    assert broker.count(Q) == 3  # two ready + one delayed; the held one does not count
+    assert broker.purge(Q) == 3
+    assert broker.count(Q) == 0
+    broker.ack([held])
+    assert rows_in(broker.path(Q)) == 0
+
+
+def test_large_batches(broker: SqliteBroker) -> None:
+    broker.publish_many(Q, [str(i).encode() for i in range(1200)])
+    got = broker.fetch(Q, 1200, 1.0)
+    assert [int(d.body) for d in got] == list(range(1200))
+    broker.release(got[:700])  # more than one IN (...) chunk
+    broker.ack(got[700:])
+    again = broker.fetch(Q, 1000, 1.0)
+    assert len(again) == 700 and all(d.attempts == 1 for d in again)
+    broker.ack(again)
+    assert rows_in(broker.path(Q)) == 0
+
+
+def test_invalid_synchronous_setting(folder: Path) -> None:
+    patch_frame_config(SQLITE_SYNCHRONOUS="SOMETIMES")
+    with pytest.raises(ConfigurationError):
+        SqliteBroker().publish(Q, b"x")
+    patch_frame_config(SQLITE_SYNCHRONOUS="full")
+    b = SqliteBroker()
+    b.publish(Q, b"x")
+    assert b.count(Q) == 1
+    b.close()
+
+
+# -- leases -------------------------------------------------------------------------------------
+
+
+def test_leases_are_renewed_while_the_holder_lives(folder: Path) -> None:
+    patch_frame_config(SQLITE_LEASE_SECONDS=0.45)
+    holder, other = SqliteBroker(), SqliteBroker()
+    holder.publish(Q, b"long call")
+    [d] = holder.fetch(Q, 1, 1.0)
+    time.sleep(1.2)  # well past the lease
+    assert other.fetch(Q, 1, 0) == []
+    holder.ack([d])
+    holder.close()
+    other.close()
+
+
+def test_an_expired_lease_hands_the_message_to_another_consumer(folder: Path) -> None:
+    patch_frame_config(SQLITE_LEASE_SECONDS=0.4)
+    dead, alive = SqliteBroker(), SqliteBroker()
+    dead.publish(Q, b"x")
+    [d] = dead.fetch(Q, 1, 1.0)
+    dead.close()  # stops renewing, like a killed process
+    assert dead.in_flight(Q) == 1
+    [again] = alive.fetch(Q, 1, 3.0)
+    assert again.body == b"x" and again.attempts == 2 and again.token == d.token
+    dead.nack(d)  # a stale requeue must not take the message from its new holder
+    assert dead.in_flight(Q) == 0
+    assert alive.count(Q) == 0
+    assert alive.fetch(Q, 1, 0) == []
+    alive.ack([again])
+    alive.close()
+    dead.close()
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from funboost_like.brokers.sqlite import SqliteBroker
+    b = SqliteBroker()
+    [d] = b.fetch(sys.argv[1], 1, 10.0)
+    print(d.token, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_sigkilled_consumer_message_comes_back_after_the_lease(broker: SqliteBroker, folder: Path) -> None:
+    lease = 0.8
+    patch_frame_config(SQLITE_LEASE_SECONDS=lease)
+    broker.publish(Q, b"survivor")
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, Q], env=child_env(folder, lease), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        token = int(child.stdout.readline())
+        assert broker.fetch(Q, 1, 2.0) == []  # the live child keeps renewing across several leases
+        child.send_signal(signal.SIGKILL)
+        child.wait(5)
+        killed = time.monotonic()
+        [d] = broker.fetch(Q, 1, 5.0)
+        assert time.monotonic() - killed < lease + 0.5
+        assert (d.token, d.body, d.attempts) == (token, b"survivor", 2)
+        broker.ack([d])
+    finally:
+        child.kill()
+        child.wait(5)
+
+
+CONSUMER = textwrap.dedent(
+    """
+    import random, sys, time
+    from pathlib import Path
+    from funboost_like.brokers.sqlite import SqliteBroker
+    queue, index, sync = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    b = SqliteBroker()
+    b.count(queue)  # open the file before the start line
+    (sync / f"ready-{index}").touch()
+    while not (sync / "go").exists():
+        time.sleep(0.002)
+    seen = []
+    while True:
+        got = b.fetch(queue, random.randint(1, 20), 0.3)
+        if not got:
+            break
+        seen.extend(d.body.decode() for d in got)
+        b.ack(got)
+    b.close()
+    print(" ".join(seen))
+    """
+)
+
+
+def test_four_processes_consume_each_message_exactly_once(broker: SqliteBroker, folder: Path, tmp_path: Path) -> None:
+    total, workers = 4000, 4
+    broker.publish_many(Q, [str(i).encode() for i in range(total)])
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONSUMER, Q, str(i), str(sync)],
+            env=child_env(folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(workers)
+    ]
+    try:
+        deadline = time.monotonic() + 20
+        while len(list(sync.glob("ready-*"))) < workers and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (sync / "go").touch()
+        outputs = [child.communicate(timeout=30) for child in children]
+    finally:
+        for child in children:
+            child.kill()
+            child.wait(5)
+    assert [child.returncode for child in children] == [0] * workers, [err for _, err in outputs]
+    per_child = [out.split() for out, _ in outputs]
+    counts = collections.Counter(body for seen in per_child for body in seen)
+    assert set(counts) == {str(i) for i in range(total)}
+    assert set(counts.values()) == {1}
+    assert sum(1 for seen in per_child if seen) >= 2  # they really ran side by side
+    assert rows_in(broker.path(Q)) == 0
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def test_file_size_stays_bounded_over_many_cycles(broker: SqliteBroker) -> None:
+    path = broker.path(Q)
+    body = b"x" * 300
+    sizes = []
+    for _ in range(25):
+        broker.publish_many(Q, [body] * 1000)
+        for _ in range(20):
+            got = broker.fetch(Q, 100, 0)
+            if not got:
+                break
+            broker.ack(got)
+        assert broker.count(Q) == 0
+        wal = path.with_name(path.name + "-wal")
+        sizes.append(path.stat().st_size + (wal.stat().st_size if wal.exists() else 0))
+    assert max(sizes[5:]) <= max(sizes[:5]) * 1.25 + 64 * 1024, sizes
+
+
+def test_queue_file_names() -> None:
+    assert queue_file_name("orders") == "orders.sqlite3"
+    assert queue_file_name("a.b-c_D9") == "a.b-c_D9.sqlite3"
+    odd = ["a/b", "../etc/passwd", ".hidden", "..", "", "x" * 121, "x" * 500, "x" * 500 + "y", "a b", "a%20b",
+           "中文", "a~b", "a\\b", "a:b", "CON\x00"]
+    names = [queue_file_name(q) for q in odd]
+    assert len(set(names)) == len(odd)  # distinct queues never share a file
+    for name in names:
+        assert "/" not in name and "\\" not in name and "\x00" not in name and ":" not in name
+        assert not name.startswith(".")
+        assert name.endswith(".sqlite3") and "~" in name  # "~" never appears in a plain name
+        assert len(name) <= 120
+    assert queue_file_name("a/b") != queue_file_name("a%2Fb")
+
+
+def test_odd_queue_names_round_trip(broker: SqliteBroker, folder: Path) -> None:
+    for queue in ["a/b c", ".hidden", "x" * 300]:
+        broker.publish(queue, queue.encode())
+        [d] = broker.fetch(queue, 1, 1.0)
+        assert d.body == queue.encode()
+        broker.ack([d])
+        assert broker.path(queue).parent == folder
+    assert len(list(folder.glob("*.sqlite3"))) == 3
+
+
+# -- concurrency ----------------------------------------------------------------------------------
+
+
+def test_many_threads_publish_and_consume_each_message_once(broker: SqliteBroker) -> None:
+    publishers, per_publisher = 2, 500
+    total = publishers * per_publisher
+    seen: list[bytes] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def publish(p: int) -> None:
+        for i in range(per_publisher):
+            broker.publish(Q, f"{p}-{i}".encode())
+
+    def consume() -> None:
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                with lock:
+                    if len(seen) >= total:
+                        return
+                got = broker.fetch(Q, 7, 0.1)
+                broker.ack(got)
+                with lock:
+                    seen.extend(d.body for d in got)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consume) for _ in range(6)]
+    threads += [threading.Thread(target=publish, args=(p,)) for p in range(publishers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert sorted(seen) == sorted(f"{p}-{i}".encode() for p in range(publishers) for i in range(per_publisher))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_never_reuses_the_parents_connections(broker: SqliteBroker) -> None:
+    broker.publish(Q, b"parent")
+    [held] = broker.fetch(Q, 1, 1.0)
+    parent_owner = broker.owner
+    pid = os.fork()
+    if pid == 0:  # child: exit code tells the parent what went wrong
+        code = 1
+        try:
+            code = 2 if broker.owner == parent_owner else 3 if broker.in_flight(Q) != 0 else 0
+            if code == 0:
+                broker.publish(Q, b"child")
+                code = 0 if broker.count(Q) == 1 else 4
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    [d] = broker.fetch(Q, 1, 1.0)
+    assert d.body == b"child"
+    broker.ack([held, d])
