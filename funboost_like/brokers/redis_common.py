@@ -36,6 +36,18 @@ _clients: dict[str, redis.Redis] = {}
 _clients_pid = os.getpid()
 
 
+def _after_fork_in_child() -> None:
+    # Another thread may have held the lock at fork time; the parent's sockets belong to the parent.
+    global _lock, _clients_pid
+    _lock = threading.Lock()
+    _clients.clear()
+    _clients_pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def redis_url() -> str:
     """The configured Redis URL (may contain a password: never log it, use :func:`describe_url`)."""
     return str(settings.get("REDIS_URL"))
