@@ -125,7 +125,7 @@ class Broker(ABC):
     def count(self, queue: str) -> int:
         """How many messages wait in ``queue`` (ready or delayed; not those held by a consumer)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, brokers without connections keep it
         """Release connections. The broker may be used again afterwards (it reconnects lazily)."""
 
 

@@ -162,7 +162,8 @@ class MemoryBroker(Broker):
             if requeue:
                 attempts = delivery.attempts if count_attempt else delivery.attempts - 1
                 if delay > 0:
-                    heapq.heappush(q.delayed, (time.time() + delay, next(q.seq), delivery.priority, delivery.body, attempts))
+                    due = time.time() + delay
+                    heapq.heappush(q.delayed, (due, next(q.seq), delivery.priority, delivery.body, attempts))
                 else:
                     q.put(delivery.body, delivery.priority, attempts)
             q.cond.notify_all()

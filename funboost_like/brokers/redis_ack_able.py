@@ -449,15 +449,15 @@ class RedisAckAbleBroker(Broker):
                     for number, body in enumerate(itertools.islice(out, 1, None), base + 1)]
         result: list[Delivery] = []
         if meta[:1] == b"!":
-            for field, body in zip(meta[1:].decode().split(","), itertools.islice(out, 1, None)):
+            for field, body in zip(meta[1:].decode().split(","), itertools.islice(out, 1, None), strict=False):
                 _, _, rest = field.partition(":")
                 priority, _, attempts = rest.partition(":")
                 result.append(Delivery(queue, body, (ikey, field), int(attempts or 1), int(priority or 0)))
             return result
-        special = {}
+        special: dict[int, tuple[int, int]] = {}
         for item in meta.decode().split(","):
-            index, priority, attempts = item.split(":")
-            special[int(index)] = (int(priority), int(attempts))
+            position, priority, attempts = item.split(":")
+            special[int(position)] = (int(priority), int(attempts))
         for index, body in enumerate(itertools.islice(out, 1, None), 1):
             number = base + index
             extra = special.get(index)
@@ -607,8 +607,8 @@ class RedisAckAbleBroker(Broker):
                 envelope = codec.loads(item)
                 letters.append(DeadLetter(queue, str(envelope["body"]).encode("utf-8"), str(envelope.get("reason", "")),
                                           float(envelope.get("failed_at", 0.0)), int(envelope.get("attempts", 0))))
-            except (KeyError, TypeError, AttributeError, *codec.DecodeFailure):
-                letters.append(DeadLetter(queue, item, "unreadable dead-letter envelope", 0.0, 0))
+            except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError):
+                letters.append(DeadLetter(queue, bytes(item), "unreadable dead-letter envelope", 0.0, 0))
         return letters
 
     def purge_dead_letters(self, queue: str) -> int:

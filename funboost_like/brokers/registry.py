@@ -42,7 +42,7 @@ BROKERS: dict[BrokerEnum, tuple[str, str] | None] = {
     BrokerEnum.DJANGO_ORM: None,
 }
 
-BrokerKind = Union[BrokerEnum, int, str]
+BrokerKind = Union[BrokerEnum, int, str]  # noqa: UP007 - a runtime alias must work on 3.10 too
 
 _instances: dict[tuple[BrokerEnum, int], Broker] = {}
 _lock = threading.Lock()

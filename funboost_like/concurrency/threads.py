@@ -13,13 +13,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from funboost_like.concurrency.base import Pool
 
 logger = logging.getLogger("funboost_like.pool")
 
 _STOP = object()
+_Item = tuple[Callable[[Any], None], Any]
 
 
 class ThreadPool(Pool):
@@ -31,7 +32,7 @@ class ThreadPool(Pool):
         self.keep_alive = keep_alive
         self.grow_after = grow_after
         self.name = name
-        self._work: queue.SimpleQueue[tuple[Callable[[Any], None], Any] | object] = queue.SimpleQueue()
+        self._work: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
         self._idle = 0
@@ -103,7 +104,7 @@ class ThreadPool(Pool):
                 if item is _STOP:
                     return
                 self._last_pickup = time.monotonic()
-                fn, arg = item  # type: ignore[misc]
+                fn, arg = cast(_Item, item)
                 try:
                     fn(arg)
                 except BaseException:  # the submitted callable handles its own errors; never lose a worker
@@ -121,7 +122,7 @@ class ThreadPool(Pool):
                 return drained
             if item is _STOP:
                 continue
-            drained.append(item[1])  # type: ignore[index]
+            drained.append(cast(_Item, item)[1])
 
     def shutdown(self, timeout: float | None = None) -> bool:
         with self._lock:

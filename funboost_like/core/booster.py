@@ -6,14 +6,17 @@ import dataclasses
 import functools
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar
-
-from typing import ParamSpec
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypedDict, TypeVar
 
 from funboost_like.brokers.base import Broker
 from funboost_like.core.consumer import Consumer
 from funboost_like.core.message import FunctionSignature
-from funboost_like.core.params import ConsumerParams, FunctionResultStatusPersistanceConfig, PriorityConsumingControlConfig, build_params
+from funboost_like.core.params import (
+    ConsumerParams,
+    FunctionResultStatusPersistanceConfig,
+    PriorityConsumingControlConfig,
+    build_params,
+)
 from funboost_like.core.publisher import Publisher
 from funboost_like.core.results import AsyncResult
 

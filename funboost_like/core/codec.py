@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+_orjson: Any
 try:  # pragma: no cover - depends on the environment
     import orjson as _orjson
 except ImportError:  # pragma: no cover
@@ -28,7 +29,8 @@ if _orjson is not None:
     def dumps(obj: Any) -> bytes:
         """Serialise to UTF-8 JSON bytes; raises TypeError/ValueError for what JSON cannot hold."""
         try:
-            return _orjson_dumps(obj)
+            encoded: bytes = _orjson_dumps(obj)
+            return encoded
         except _orjson_error:
             return _stdlib_dumps(obj)  # e.g. ints beyond 64 bits; raises its own clear TypeError
 

@@ -140,7 +140,8 @@ def _parse_env(name: str, raw: str, default: Any) -> Any:
         if isinstance(default, (int, float)):
             return type(default)(raw)
     except ValueError:
-        raise ConfigurationError(f"environment variable {ENV_PREFIX}{name}={raw!r} is not a valid {type(default).__name__}") from None
+        expected = type(default).__name__
+        raise ConfigurationError(f"environment variable {ENV_PREFIX}{name}={raw!r} is not a valid {expected}") from None
     return raw
 
 

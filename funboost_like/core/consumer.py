@@ -49,7 +49,7 @@ class ConsumerStats:
         self.last_rate = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        stats: dict[str, Any] = dict(zip(OUTCOME_NAMES, self.counts))
+        stats: dict[str, Any] = dict(zip(OUTCOME_NAMES, self.counts, strict=True))
         stats["rate_per_second_last_window"] = self.last_rate
         return stats
 
@@ -199,7 +199,8 @@ class Consumer:
             try:
                 broker.ack(to_ack)
             except Exception:
-                self.logger.exception("acknowledging %d message(s) failed; the broker will deliver them again", len(to_ack))
+                self.logger.exception("acknowledging %d message(s) failed; the broker will deliver them again",
+                                      len(to_ack))
         self.stats.window_done += n
         return n
 

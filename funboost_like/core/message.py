@@ -94,12 +94,11 @@ class FunctionSignature:
             return kwargs
         positional = self.positional_names
         if len(args) == len(positional) and not kwargs:  # every argument given positionally
-            return dict(zip(positional, args))
+            return dict(zip(positional, args, strict=True))
         if len(args) > len(positional):
-            raise PublishError(
-                f"{_qualname(self.function)}() takes {len(positional)} positional argument(s) but {len(args)} were given"
-            )
-        bound = dict(zip(positional, args))
+            raise PublishError(f"{_qualname(self.function)}() takes {len(positional)} positional argument(s) "
+                               f"but {len(args)} were given")
+        bound = dict(zip(positional, args, strict=False))
         for key in kwargs:
             if key in bound:
                 raise PublishError(f"{_qualname(self.function)}() got multiple values for argument {key!r}")

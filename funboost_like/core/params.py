@@ -121,16 +121,21 @@ def _normalise(params: ConsumerParams) -> None:
     try:
         params.concurrent_mode = ConcurrentModeEnum(int(params.concurrent_mode))
     except ValueError:
-        raise ConfigurationError(f"concurrent_mode must be one of {list(ConcurrentModeEnum)}, got {params.concurrent_mode!r}") from None
+        raise ConfigurationError(
+            f"concurrent_mode must be one of {list(ConcurrentModeEnum)}, got {params.concurrent_mode!r}"
+        ) from None
     if params.concurrent_mode not in _BUILT_CONCURRENT_MODES:
         raise ConfigurationError(
-            f"concurrent_mode={ConcurrentModeEnum(params.concurrent_mode).name} is not built yet in this version; use THREADING"
+            f"concurrent_mode={ConcurrentModeEnum(params.concurrent_mode).name} is not built yet in this version; "
+            "use THREADING"
         )
-    if not isinstance(params.concurrent_num, int) or isinstance(params.concurrent_num, bool) or params.concurrent_num < 1:
+    concurrent_num = params.concurrent_num
+    if not isinstance(concurrent_num, int) or isinstance(concurrent_num, bool) or concurrent_num < 1:
         raise ConfigurationError(f"concurrent_num must be an int >= 1, got {params.concurrent_num!r}")
     if not isinstance(params.max_retry_times, int) or params.max_retry_times < 0:
         raise ConfigurationError(f"max_retry_times must be an int >= 0, got {params.max_retry_times!r}")
-    for name in ("qps", "msg_schedule_time_intercal", "msg_expire_senconds", "function_timeout", "task_filtering_expire_seconds"):
+    for name in ("qps", "msg_schedule_time_intercal", "msg_expire_senconds", "function_timeout",
+                 "task_filtering_expire_seconds"):
         value = getattr(params, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigurationError(f"{name} must be a number >= 0, got {value!r}")
