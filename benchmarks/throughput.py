@@ -8,7 +8,8 @@ For every broker and every repetition a fresh Python subprocess (with its own te
 folder and ``FUNBOOST_LIKE_NO_USER_CONFIG=1``) measures, in one process, with the trivial function
 ``def f(x, y): return x + y``, ``concurrent_num=50`` and log level WARNING:
 
-* ``publish one-by-one``: ``f.push(i, y=i)`` N times; rate = N / elapsed.
+* ``publish one-by-one``: ``f.push(i, y=i)`` N times; rate = N / elapsed. (Before either publish
+  clock starts, ``f.get_message_count()`` opens the queue, so file creation is not timed.)
 * ``publish bulk``: ``f.publish_many(chunk)`` over N messages in chunks of 10,000 dicts (the dicts
   are built before the clock starts); rate = N / elapsed.
 * ``consume (acked)``: N messages are published in bulk first (not timed); the clock runs from
@@ -67,6 +68,7 @@ def _chunks(n: int, size: int = BULK_CHUNK) -> list[list[dict[str, int]]]:
 
 def _measure_publish_one(fn, n: int) -> dict:
     push = fn.push
+    fn.get_message_count()  # warm-up: opens this thread's connection / creates the queue (not timed)
     gc.collect()
     t0 = time.perf_counter()
     for i in range(n):
@@ -78,6 +80,7 @@ def _measure_publish_one(fn, n: int) -> dict:
 
 def _measure_publish_bulk(fn, n: int) -> dict:
     chunks = _chunks(n)
+    fn.get_message_count()  # warm-up: opens this thread's connection / creates the queue (not timed)
     gc.collect()
     t0 = time.perf_counter()
     for chunk in chunks:
@@ -105,8 +108,12 @@ def _measure_consume(fn, n: int, counter_box: dict) -> dict:
 
     t0 = time.perf_counter()
     fn.consume()
-    finished = done.wait(CONSUME_TIMEOUT_SECONDS)
+    pool = getattr(fn.consumer, "_pool", None)  # informative only: how many worker threads the pool grew to
+    max_threads = 0
+    while not (finished := done.wait(0.05)) and time.perf_counter() - t0 < CONSUME_TIMEOUT_SECONDS:
+        max_threads = max(max_threads, getattr(pool, "worker_count", 0))
     t_ran = time.perf_counter()
+    max_threads = max(max_threads, getattr(pool, "worker_count", 0))
     # Every call has run; now wait until the fetcher has acked the last batch.
     if finished and in_flight is not None:
         while in_flight(fn.queue_name) and time.perf_counter() - t0 < CONSUME_TIMEOUT_SECONDS:
@@ -119,7 +126,7 @@ def _measure_consume(fn, n: int, counter_box: dict) -> dict:
     left = fn.get_message_count()
     result = {
         "n": n, "elapsed": elapsed, "rate": (n if finished else calls) / elapsed,
-        "ran_all_after": t_ran - t0, "queued_before": queued,
+        "ran_all_after": t_ran - t0, "queued_before": queued, "pool_threads_max": max_threads,
         "check": f"{calls} calls, {left} left in queue", "ok_check": finished and calls == n and left == 0,
     }
     if not finished:
@@ -211,8 +218,8 @@ def _fmt(rate: float | None) -> str:
     return "-" if rate is None else f"{rate:,.0f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--brokers", default="memory,sqlite", help="comma-separated: memory,sqlite")
     parser.add_argument("--n", type=int, default=None, help="messages per path (default: per broker and path)")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions; the median and best are reported")
@@ -220,24 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-dir", help=argparse.SUPPRESS)
     parser.add_argument("--child-ns", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    if args.child:
-        child_main(args.child, json.loads(args.child_ns), args.child_dir)
-        return 0
 
-    brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
-    unknown = [b for b in brokers if b not in BROKERS]
-    if unknown:
-        print(f"unknown broker(s) {', '.join(unknown)}; known: {', '.join(BROKERS)}", file=sys.stderr)
-        return 0
-    repeat = max(1, args.repeat)
-
-    from funboost_like.core import codec
-
-    started = time.monotonic()
+def _collect(brokers: list[str], ns_by_broker: dict[str, dict[str, int]], repeat: int) -> dict[str, list[dict]]:
+    """Run every repetition of every broker, each in a fresh subprocess (brokers interleaved)."""
     runs: dict[str, list[dict]] = {b: [] for b in brokers}
-    ns_by_broker = {b: {p: (args.n if args.n else DEFAULT_N[b][p]) for p in PATHS} for b in brokers}
     for rep in range(repeat):
         for broker in brokers:
             t = time.monotonic()
@@ -246,35 +241,46 @@ def main(argv: list[str] | None = None) -> int:
             runs[broker].append(data)
             print(f"{time.monotonic() - t:.1f}s" + (f" ERROR {data['error']}" if "error" in data else ""),
                   file=sys.stderr, flush=True)
+    return runs
 
-    rows = []
-    problems = []
+
+def _row(broker: str, path: str, n: int, runs: list[dict], problems: list[str]) -> dict:
+    rates = []
+    for rep, data in enumerate(runs, 1):
+        res = data.get("results", {}).get(path)
+        if res is None:
+            continue
+        if "error" in res:
+            problems.append(f"{broker} {path} run {rep}: {res['error']}")
+        elif "rate" in res:
+            rates.append(res["rate"])
+        if res.get("ok_check") is False:
+            problems.append(f"{broker} {path} run {rep}: check failed: {res.get('check')}")
+    target = TARGETS[broker][path]
+    median = statistics.median(rates) if rates else None
+    return {
+        "broker": broker, "path": path, "n": n, "runs": len(rates), "rates": rates, "median": median,
+        "best": max(rates) if rates else None, "target": target, "ok": median is not None and median >= target,
+    }
+
+
+def _summarize(brokers: list[str], ns_by_broker: dict[str, dict[str, int]],
+               runs: dict[str, list[dict]]) -> tuple[list[dict], list[str]]:
+    rows: list[dict] = []
+    problems: list[str] = []
     for broker in brokers:
         for path in PATHS:
-            rates = []
-            for rep, data in enumerate(runs[broker], 1):
-                res = data.get("results", {}).get(path)
-                if res is None:
-                    continue
-                if "error" in res:
-                    problems.append(f"{broker} {path} run {rep}: {res['error']}")
-                if "rate" in res and "error" not in res:
-                    rates.append(res["rate"])
-                if res.get("ok_check") is False:
-                    problems.append(f"{broker} {path} run {rep}: check failed: {res.get('check')}")
-            target = TARGETS[broker][path]
-            median = statistics.median(rates) if rates else None
-            best = max(rates) if rates else None
-            rows.append({
-                "broker": broker, "path": path, "n": ns_by_broker[broker][path], "runs": len(rates),
-                "rates": rates, "median": median, "best": best, "target": target,
-                "ok": median is not None and median >= target,
-            })
+            rows.append(_row(broker, path, ns_by_broker[broker][path], runs[broker], problems))
         for rep, data in enumerate(runs[broker], 1):
             if "error" in data:
                 problems.append(f"{broker} run {rep}: {data['error']}")
             elif data.get("stderr"):
                 problems.append(f"{broker} run {rep} wrote to stderr: {data['stderr'][:500]}")
+    return rows, problems
+
+
+def _environment(runs: dict[str, list[dict]], repeat: int, started: float) -> dict:
+    from funboost_like.core import codec
 
     try:
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -284,26 +290,32 @@ def main(argv: list[str] | None = None) -> int:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    info = {
+    child = next((d for datas in runs.values() for d in datas if "sqlite" in d), {})
+    return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
-        "orjson": codec._orjson is not None,
+        "orjson": child.get("orjson", codec._orjson is not None),
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable,
+        "sqlite": child.get("sqlite", "?"),
         "loadavg_at_end": load,
         "repeat": repeat,
         "bulk_chunk": BULK_CHUNK,
         "total_seconds": round(time.monotonic() - started, 1),
+        "consume_pool_threads": {
+            b: [d.get("results", {}).get("consume (acked)", {}).get("pool_threads_max") for d in datas]
+            for b, datas in runs.items()
+        },
     }
-    first = next((d for b in brokers for d in runs[b] if "sqlite" in d), {})
-    info["sqlite"] = first.get("sqlite", "?")
 
+
+def _print_report(info: dict, rows: list[dict], problems: list[str]) -> None:
     print(f"funboost_like throughput  date {info['date']}  Python {info['python']} ({info['implementation']})"
-          f"  orjson {'yes' if info['orjson'] else 'no'}  CPUs {info['cpu_count']} (usable {usable})"
+          f"  orjson {'yes' if info['orjson'] else 'no'}  CPUs {info['cpu_count']} (usable {info['cpus_usable']})"
           f"  SQLite {info['sqlite']}")
-    print(f"platform {info['platform']}  load average at end {load}  repeat {repeat}"
+    print(f"platform {info['platform']}  load average at end {info['loadavg_at_end']}  repeat {info['repeat']}"
           f"  total {info['total_seconds']}s")
     print()
     header = f"{'broker':<8} {'path':<20} {'N':>9} {'rate/s (median)':>16} {'best':>10} {'target':>9}  ok"
@@ -315,15 +327,39 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"publish bulk = publish_many in chunks of {BULK_CHUNK:,} dicts; consume = from consume() until all N "
           f"calls ran and were acked; 'ok' compares the median with the target.")
+    threads = {b: runs_threads for b, runs_threads in info.get("consume_pool_threads", {}).items()}
+    if threads:
+        print("consume: most worker threads seen per run (trivial calls need 1; more means the pool grew and "
+              "the threads contend for the GIL): " + "; ".join(f"{b} {t}" for b, t in threads.items()))
     if problems:
         print()
         print("problems:")
         for p in problems:
             print(f"  - {p}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.child:
+        child_main(args.child, json.loads(args.child_ns), args.child_dir)
+        return 0
+
+    brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
+    unknown = [b for b in brokers if b not in BROKERS]
+    if unknown:
+        print(f"unknown broker(s) {', '.join(unknown)}; known: {', '.join(BROKERS)}", file=sys.stderr)
+        return 0
+    repeat = max(1, args.repeat)
+    ns_by_broker = {b: {p: (args.n if args.n else DEFAULT_N[b][p]) for p in PATHS} for b in brokers}
+
+    started = time.monotonic()
+    runs = _collect(brokers, ns_by_broker, repeat)
+    rows, problems = _summarize(brokers, ns_by_broker, runs)
+    info = _environment(runs, repeat, started)
+    _print_report(info, rows, problems)
     if args.json:
         print()
-        print(json.dumps({"info": info, "rows": rows, "problems": problems,
-                          "runs": {b: runs[b] for b in brokers}}, indent=2))
+        print(json.dumps({"info": info, "rows": rows, "problems": problems, "runs": runs}, indent=2))
     return 0
 
 

@@ -7,8 +7,10 @@ An unreachable server skips these tests, or fails them when the ``CI`` environme
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +26,7 @@ from funboost_like.brokers import redis_ack_able
 from funboost_like.brokers.redis_ack_able import RedisAckAbleBroker
 from funboost_like.brokers.redis_common import describe_url
 from funboost_like.core.config import patch_frame_config, settings
-from funboost_like.core.errors import BrokerConnectionError, ConfigurationError, DoubleAckError
+from funboost_like.core.errors import BrokerConnectionError, BrokerError, ConfigurationError, DoubleAckError
 
 REDIS_URL = os.environ.get("FUNBOOST_LIKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -286,6 +288,19 @@ def test_lost_fetch_reply_is_replayed(broker, queue, client):
     assert broker.in_flight(queue) == 0 and broker.count(queue) == 0
 
 
+def test_a_failing_fetch_loses_nothing(broker, queue, client):
+    """A key of the wrong type makes the script fail half-way; what it took is handed out next time."""
+    broker.publish(queue, b"urgent", priority=5)
+    client.set(queue, "not a list")  # the priority-0 list, popped after priority 5
+    with pytest.raises(BrokerError):
+        broker.fetch(queue, 10, 0)
+    client.delete(queue)
+    got = broker.fetch(queue, 10, 0)
+    assert [(d.body, d.priority) for d in got] == [(b"urgent", 5)]
+    broker.ack(got)
+    assert broker.in_flight(queue) == 0
+
+
 def test_connection_errors_are_wrapped_and_redacted(make_broker, queue):
     broker = make_broker()
     patch_frame_config(REDIS_URL="redis://user:s3cret@127.0.0.1:1/0")
@@ -377,3 +392,64 @@ def test_settings_validation():
     with pytest.raises(ConfigurationError):
         RedisAckAbleBroker(heartbeat_interval=5, dead_after=5)
     assert RedisAckAbleBroker.capabilities.ack and RedisAckAbleBroker.capabilities.max_priority == 9
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_private_redis(port: int, tmp_path: Path) -> subprocess.Popen:
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--requirepass", "s3cret", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    probe = redis.Redis(host="127.0.0.1", port=port, password="s3cret")
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                probe.ping()
+                return server
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    server.kill()
+                    raise
+                time.sleep(0.02)
+    finally:
+        probe.close()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
+def test_server_restart_reconnects_and_never_logs_the_password(make_broker, queue, tmp_path, caplog):
+    port = _free_port()
+    server = _start_private_redis(port, tmp_path)
+    try:
+        broker = make_broker()
+        patch_frame_config(REDIS_URL=f"redis://:s3cret@127.0.0.1:{port}/0")
+        caplog.set_level(logging.DEBUG, logger="funboost_like")
+        broker.publish(queue, b"before")
+        got = broker.fetch(queue, 5, 1.0)
+        assert [d.body for d in got] == [b"before"]
+        broker.ack(got)
+        server.kill()
+        server.wait(10)
+        with pytest.raises(BrokerConnectionError) as info:
+            broker.publish(queue, b"lost")
+        with pytest.raises(BrokerConnectionError):
+            broker.fetch(queue, 5, 0.1)
+        assert "s3cret" not in str(info.value)
+        server = _start_private_redis(port, tmp_path)  # empty: scripts must be loaded again
+        broker.publish(queue, b"after")
+        got = broker.fetch(queue, 5, 1.0)
+        assert [d.body for d in got] == [b"after"]
+        broker.ack(got)
+        broker.close()
+    finally:
+        server.kill()
+        server.wait(10)
+    assert "s3cret" not in caplog.text
+    assert f"redis://:***@127.0.0.1:{port}/0" in caplog.text  # the URL was logged, redacted

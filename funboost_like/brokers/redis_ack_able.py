@@ -8,13 +8,14 @@ first fetch, that refreshes its heartbeat every ``heartbeat_interval`` seconds (
 the in-flight messages of a consumer whose heartbeat is older than ``dead_after`` seconds (default 15)
 go back to the front of their ready list, in their original order, atomically. So the messages of
 a consumer killed with SIGKILL are fetchable again at most ``dead_after + heartbeat_interval``
-seconds (20 s with the defaults) after its last heartbeat, provided some consumer of the queue runs
-(a consumer that starts later sweeps at once). All times are the Redis server's clock (``TIME``),
-so hosts with skewed clocks do not reclaim each other's messages early. ``dead_after`` is the
-sweeper's value: give every consumer of a queue the same settings. A consumer that stalls longer
-than ``dead_after`` (SIGSTOP, a debugger) loses its messages to others; its later acks then raise
-:class:`~funboost_like.core.errors.DoubleAckError` and its nacks do nothing, so nothing is duplicated
-twice. Durability across a Redis restart is Redis's own persistence setting (AOF/RDB).
+seconds after it died (20 s with the defaults), provided some consumer of the queue runs (a
+consumer that starts later sweeps at once). All times are the Redis server's clock (``TIME``), so
+hosts with skewed clocks do not reclaim each other's messages early. ``dead_after`` and the sweep
+interval are the sweeper's values: give every consumer of a queue the same settings. A consumer
+that stalls longer than ``dead_after`` (SIGSTOP, a debugger) loses its messages to the others (they
+run again: at-least-once); its later acks then raise :class:`~funboost_like.core.errors.DoubleAckError`
+and its nacks, releases and dead-letterings do nothing, so they add no further copies. Durability
+across a Redis restart is Redis's own persistence setting (AOF/RDB).
 
 Settings: ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``, environment variable
 ``FUNBOOST_LIKE_REDIS_URL``), read at first use, never at import; passwords never reach a log.
@@ -28,7 +29,7 @@ recovery counts one, a release does not.
 Cross-language contract: the ready list of priority 0 is the Redis LIST whose key is exactly the
 queue name. Another program publishes by ``LPUSH <queue> <json text>``; consumers pop from the other
 end, so the queue is FIFO. Bodies are stored as the raw bytes given. Other keys, all sharing the
-queue name as a Redis Cluster hash tag (so one queue lives in one slot):
+queue name as a Redis Cluster hash tag (the braces are literal, so one queue lives in one slot):
 
 * ``fl:{<queue>}:p<n>``, n in 1..9: ready lists of priority n (fetched before lower ones);
 * ``fl:{<queue>}:delayed``: ZSET of messages not yet due, scored by due time; member
@@ -42,9 +43,17 @@ queue name as a Redis Cluster hash tag (so one queue lives in one slot):
 * ``fl:{<queue>}:dead``: LIST of JSON envelopes ``{"body", "reason", "failed_at", "attempts"}``,
   newest first, trimmed to the newest 10,000.
 
-Fetching never blocks Redis: an idle fetch polls with sleeps backing off from 2 ms to 50 ms, and
-never waits longer than its timeout. Connection errors are raised as
-:class:`~funboost_like.core.errors.BrokerConnectionError`; the client reconnects by itself.
+Order: a nacked message goes to the back of its queue, a released or recovered one to the front;
+a delayed one joins the back when due (moved by the next fetch). Fetching never blocks Redis: an
+idle fetch polls with sleeps backing off from 2 ms to 50 ms, and never waits longer than its
+timeout. Connection errors are raised as :class:`~funboost_like.core.errors.BrokerConnectionError`;
+the client reconnects by itself, and a fetch whose reply was lost is replayed by the next fetch of
+that queue so its messages are not stranded.
+
+Limits: attempts of a message waiting again are keyed by its body's SHA1, so two byte-identical
+bodies waiting again at once may swap counts. A lost fetch reply is replayed only if no other
+thread of the process fetched the same queue in between; otherwise its messages wait in the
+in-flight hash until the process ends and are then recovered by the sweep.
 """
 
 from __future__ import annotations
@@ -59,11 +68,16 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
-from funboost_like.brokers.redis_common import LuaScript, describe_url, redis_client, translate_error
+from funboost_like.brokers.redis_common import (
+    DirectConnections,
+    LuaScript,
+    describe_url,
+    direct_connections,
+    translate_error,
+)
 from funboost_like.core import codec
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import ConfigurationError, DoubleAckError
@@ -122,7 +136,6 @@ if #due > 0 then
   redis.call('ZREM', KEYS[2], unpack(due))
 end
 local track = redis.call('HLEN', KEYS[5]) > 0
-local hset = {}
 local out = {''}
 local special = {}
 local n = 0
@@ -131,6 +144,9 @@ for p = 9, 0, -1 do
   if p > 0 then key = ARGV[4] .. p end
   local got = redis.call('RPOP', key, want - n)
   if got then
+    -- Recorded level by level: should a later level fail (a key of the wrong type), what was
+    -- already popped stays in flight, and the replayed call hands it out.
+    local hset = {}
     for i = 1, #got do
       local body = got[i]
       n = n + 1
@@ -152,13 +168,13 @@ for p = 9, 0, -1 do
       hset[#hset + 1] = body
       out[n + 1] = body
     end
+    hset[#hset + 1] = '_last'
+    hset[#hset + 1] = ARGV[2]
+    redis.call('HSET', inflight, unpack(hset))
     if n >= want then break end
   end
 end
 if n == 0 then return {} end
-hset[#hset + 1] = '_last'
-hset[#hset + 1] = ARGV[2]
-redis.call('HSET', inflight, unpack(hset))
 if #special > 0 then out[1] = table.concat(special, ',') end
 return out
 """)
@@ -172,8 +188,6 @@ for i = 5, #ARGV do
   local f = ARGV[i]
   local body = redis.call('HGET', KEYS[1], f)
   if body then
-    redis.call('HDEL', KEYS[1], f)
-    done = done + 1
     local _, _, p, a = string.find(f, ':(%d):(%d+)$')
     p = p or '0'
     a = tonumber(a or '1')
@@ -189,6 +203,9 @@ for i = 5, #ARGV do
       redis.call('LPUSH', KEYS[5], ARGV[3])
       redis.call('LTRIM', KEYS[5], 0, DEAD_LETTER_LAST)
     end
+    -- Removed last: should the move fail, the message is still in flight, not lost.
+    redis.call('HDEL', KEYS[1], f)
+    done = done + 1
   end
 end
 return done
@@ -243,6 +260,13 @@ end
 return n
 """)
 
+# KEYS: dead letters
+_PURGE_DEAD = LuaScript("""
+local n = redis.call('LLEN', KEYS[1])
+redis.call('DEL', KEYS[1])
+return n
+""")
+
 # KEYS: consumers; ARGV: key prefix
 _IN_FLIGHT = LuaScript("""
 local n = 0
@@ -262,6 +286,13 @@ if redis.call('HLEN', KEYS[2]) - redis.call('HEXISTS', KEYS[2], '_last') == 0 th
 end
 return 0
 """)
+
+
+def _raise_first_error(replies: list[Any]) -> list[Any]:
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
+    return replies
 
 
 class _QueueKeys:
@@ -320,7 +351,7 @@ class RedisAckAbleBroker(Broker):
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._cid = _new_consumer_id()
-        self._client: redis.Redis | None = None
+        self._redis: DirectConnections | None = None
         self._inflight: dict[str, str] = {}  # queue -> this consumer's in-flight hash
         self._pending: dict[str, tuple[str, int]] = {}  # queue -> (base, max_n) of a fetch whose reply was lost
         self._hb_thread: threading.Thread | None = None
@@ -333,13 +364,13 @@ class RedisAckAbleBroker(Broker):
         return self._cid
 
     # -- plumbing ----------------------------------------------------------------------------------
-    def _conn(self) -> redis.Redis:
+    def _conn(self) -> DirectConnections:
         if self._pid != os.getpid():
             self._reset_process_state()
-        client = self._client
-        if client is None:
-            client = self._client = redis_client()
-        return client
+        conn = self._redis
+        if conn is None:
+            conn = self._redis = direct_connections()
+        return conn
 
     def _queue_keys(self, queue: str) -> _QueueKeys:
         keys = self._keys.get(queue)
@@ -373,9 +404,9 @@ class RedisAckAbleBroker(Broker):
                     _PUBLISH_DELAYED(client, [keys.delayed], [repr(delay), member])
                     return
             if priority:
-                client.lpush(self._queue_keys(queue).prio_lists[_level(priority)], body)
+                client.execute_command("LPUSH", self._queue_keys(queue).prio_lists[_level(priority)], body)
             else:
-                client.lpush(queue, body)
+                client.execute_command("LPUSH", queue, body)
         except RedisError as exc:
             raise translate_error(exc, f"publishing to queue {queue!r}") from exc
 
@@ -386,12 +417,10 @@ class RedisAckAbleBroker(Broker):
         client = self._conn()
         try:
             if len(bodies) <= MAX_BATCH:
-                client.lpush(key, *bodies)
+                client.execute_command("LPUSH", key, *bodies)
                 return
-            pipe = client.pipeline(transaction=False)
-            for start in range(0, len(bodies), MAX_BATCH):
-                pipe.lpush(key, *bodies[start:start + MAX_BATCH])
-            pipe.execute()
+            _raise_first_error(client.pipeline(
+                [("LPUSH", key, *bodies[start:start + MAX_BATCH]) for start in range(0, len(bodies), MAX_BATCH)]))
         except RedisError as exc:
             raise translate_error(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
 
@@ -406,7 +435,7 @@ class RedisAckAbleBroker(Broker):
         keys = self._keys[queue]
         key_args = [keys.ready, keys.delayed, ikey, keys.consumers, keys.attempts]
         cid = self._cid
-        deadline = 0.0
+        deadline = time.monotonic() + timeout
         pause = _IDLE_SLEEP_FIRST
         while True:
             pending = self._pending.pop(queue, None) if self._pending else None
@@ -427,10 +456,7 @@ class RedisAckAbleBroker(Broker):
                     self.release(deliveries[max_n:])
                     del deliveries[max_n:]
                 return deliveries
-            now = time.monotonic()
-            if not deadline:
-                deadline = now + timeout
-            remaining = deadline - now
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
             time.sleep(pause if pause < remaining else remaining)
@@ -451,13 +477,13 @@ class RedisAckAbleBroker(Broker):
         if meta[:1] == b"!":
             for field, body in zip(meta[1:].decode().split(","), itertools.islice(out, 1, None), strict=False):
                 _, _, rest = field.partition(":")
-                priority, _, attempts = rest.partition(":")
-                result.append(Delivery(queue, body, (ikey, field), int(attempts or 1), int(priority or 0)))
+                level, _, count = rest.partition(":")
+                result.append(Delivery(queue, body, (ikey, field), int(count or 1), int(level or 0)))
             return result
         special: dict[int, tuple[int, int]] = {}
         for item in meta.decode().split(","):
-            position, priority, attempts = item.split(":")
-            special[int(position)] = (int(priority), int(attempts))
+            position, level, count = item.split(":")
+            special[int(position)] = (int(level), int(count))
         for index, body in enumerate(itertools.islice(out, 1, None), 1):
             number = base + index
             extra = special.get(index)
@@ -482,12 +508,10 @@ class RedisAckAbleBroker(Broker):
         try:
             if len(groups) == 1:
                 ((key, fields),) = groups.items()
-                removed = client.hdel(key, *fields)
+                removed = client.execute_command("HDEL", key, *fields)
             else:
-                pipe = client.pipeline(transaction=False)
-                for key, fields in groups.items():
-                    pipe.hdel(key, *fields)
-                removed = sum(pipe.execute())
+                removed = sum(_raise_first_error(client.pipeline(
+                    [("HDEL", key, *fields) for key, fields in groups.items()])))
         except RedisError as exc:
             raise translate_error(exc, f"acknowledging {len(deliveries)} message(s)") from exc
         if removed != len(deliveries):
@@ -598,7 +622,7 @@ class RedisAckAbleBroker(Broker):
         if limit <= 0:
             return []
         try:
-            raw = self._conn().lrange(self._queue_keys(queue).dead, 0, limit - 1)
+            raw = self._conn().execute_command("LRANGE", self._queue_keys(queue).dead, 0, limit - 1)
         except RedisError as exc:
             raise translate_error(exc, f"listing dead letters of queue {queue!r}") from exc
         letters = []
@@ -608,16 +632,13 @@ class RedisAckAbleBroker(Broker):
                 letters.append(DeadLetter(queue, str(envelope["body"]).encode("utf-8"), str(envelope.get("reason", "")),
                                           float(envelope.get("failed_at", 0.0)), int(envelope.get("attempts", 0))))
             except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError):
-                letters.append(DeadLetter(queue, bytes(item), "unreadable dead-letter envelope", 0.0, 0))
+                raw_body = item if isinstance(item, bytes) else str(item).encode("utf-8")
+                letters.append(DeadLetter(queue, raw_body, "unreadable dead-letter envelope", 0.0, 0))
         return letters
 
     def purge_dead_letters(self, queue: str) -> int:
-        key = self._queue_keys(queue).dead
         try:
-            pipe = self._conn().pipeline(transaction=True)
-            pipe.llen(key)
-            pipe.delete(key)
-            n, _ = pipe.execute()
+            n = _PURGE_DEAD(self._conn(), [self._queue_keys(queue).dead], [])
         except RedisError as exc:
             raise translate_error(exc, f"purging dead letters of queue {queue!r}") from exc
         return int(n)
@@ -654,11 +675,11 @@ class RedisAckAbleBroker(Broker):
         stop.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
-        client = self._client
+        client = self._redis
         if client is not None:
             for queue, ikey in registered.items():
                 try:
                     _RETIRE(client, [self._keys[queue].consumers, ikey], [self._cid])
                 except RedisError as exc:
                     logger.debug("could not retire consumer %s of queue %r: %s", self._cid, queue, exc)
-        self._client = None
+        self._redis = None

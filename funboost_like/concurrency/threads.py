@@ -1,9 +1,10 @@
 """A thread pool that grows only while calls block and shrinks after an idle keep-alive.
 
-``max_workers`` is a ceiling, not a number of threads to create: a new thread starts only when work
-is waiting, no worker is idle, and the waiting work has not been picked up for ``grow_after``
-seconds (calls are blocking). Trivial calls are served by one or two threads; calls that sleep
-make the pool grow up to the ceiling. A thread idle for ``keep_alive`` seconds exits.
+``max_workers`` is a ceiling, not a number of threads to create: workers are added only when work
+waits that no idle (or just starting) worker will take, and nothing was picked up for ``grow_after``
+seconds (the calls block). Each such stall at most doubles the pool, so blocking calls reach
+hundreds of threads in a few steps while trivial calls are served by one or two threads. The owner
+calls :meth:`ThreadPool.grow_if_stalled` periodically. A thread idle for ``keep_alive`` seconds exits.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class ThreadPool(Pool):
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
         self._idle = 0
+        self._starting = 0  # threads started whose loop has not begun: capacity already on its way
         self._last_pickup = time.monotonic()
         self._closed = False
         self._serial = 0
@@ -52,20 +54,23 @@ class ThreadPool(Pool):
         if self._closed:
             raise RuntimeError("pool is shut down")
         self._work.put((fn, arg))
-        if self._idle < self._work.qsize() and len(self._threads) < self.max_workers:
-            if not self._threads or time.monotonic() - self._last_pickup >= self.grow_after:
-                self._start_worker()
+        if not self._threads:
+            self._start_worker()
+        elif self._idle + self._starting < self._work.qsize():
+            self.grow_if_stalled()
 
     def grow_if_stalled(self) -> bool:
         """Start workers for submitted calls that no worker picked up within ``grow_after`` (all busy).
 
         The owner calls this periodically while work may be waiting; return True if calls are waiting.
         """
-        waiting = self._work.qsize() - self._idle
+        waiting = self._work.qsize() - self._idle - self._starting
         if waiting <= 0:
             return False
-        if time.monotonic() - self._last_pickup >= self.grow_after:
-            for _ in range(min(waiting, self.max_workers - len(self._threads))):
+        if self._starting == 0 and time.monotonic() - self._last_pickup >= self.grow_after:
+            # At most double per stall: blocking calls reach hundreds of threads in a few steps, while a
+            # worker that was merely starved of CPU for a moment adds little.
+            for _ in range(min(waiting, max(1, len(self._threads)), self.max_workers - len(self._threads))):
                 self._start_worker()
         return True
 
@@ -76,6 +81,7 @@ class ThreadPool(Pool):
             self._serial += 1
             thread = threading.Thread(target=self._run, name=f"{self.name}-{self._serial}", daemon=True)
             self._threads.add(thread)
+            self._starting += 1
         thread.start()
 
     def _run(self) -> None:
@@ -83,6 +89,8 @@ class ThreadPool(Pool):
         keep_alive = self.keep_alive
         lock = self._lock
         me = threading.current_thread()
+        with lock:
+            self._starting -= 1
         try:
             while True:
                 try:
