@@ -327,7 +327,7 @@ def _print_report(info: dict, rows: list[dict], problems: list[str]) -> None:
     print()
     print(f"publish bulk = publish_many in chunks of {BULK_CHUNK:,} dicts; consume = from consume() until all N "
           f"calls ran and were acked; 'ok' compares the median with the target.")
-    threads = {b: runs_threads for b, runs_threads in info.get("consume_pool_threads", {}).items()}
+    threads = info.get("consume_pool_threads", {})
     if threads:
         print("consume: most worker threads seen per run (trivial calls need 1; more means the pool grew and "
               "the threads contend for the GIL): " + "; ".join(f"{b} {t}" for b, t in threads.items()))

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +91,8 @@ def worker_logs(tmp_path: Path) -> str:
     return "\n".join(p.read_text("utf-8", "replace")[-3000:] for p in sorted(tmp_path.glob("worker-*.log")))
 
 
-def wait_until(condition, timeout: float, what: str, tmp_path: Path, interval: float = 0.005) -> float:  # type: ignore[no-untyped-def]
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, tmp_path: Path,
+               interval: float = 0.005) -> float:
     started = time.monotonic()
     deadline = started + timeout
     while not condition():
@@ -127,7 +129,7 @@ def waiting(queue: str) -> int:
 
 
 @pytest.fixture
-def children() -> list[subprocess.Popen[bytes]]:
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
     """Every child a test starts; those still alive at the end are killed (by their own pid)."""
     started: list[subprocess.Popen[bytes]] = []
     yield started
@@ -155,8 +157,11 @@ def test_sigkilled_consumers_lose_nothing(isolated_settings: Path, tmp_path: Pat
         child = start_worker(queue_name, record_file.path, isolated_settings, tmp_path,
                              "--concurrent-num", str(concurrent_num), "--sleep", "0.001", lease=lease)
         children.append(child)
-        wait_until(lambda: len(record_file.refresh().done) >= threshold or child.poll() is not None, 60,
-                   f"{threshold} calls done", tmp_path, interval=0.002)
+
+        def reached(n: int = threshold, c: subprocess.Popen[bytes] = child) -> bool:
+            return len(record_file.refresh().done) >= n or c.poll() is not None
+
+        wait_until(reached, 60, f"{threshold} calls done", tmp_path, interval=0.002)
         assert child.poll() is None, f"worker exited with {child.returncode}\n{worker_logs(tmp_path)}"
         child.send_signal(signal.SIGKILL)
         assert child.wait(5) == -signal.SIGKILL

@@ -31,6 +31,7 @@ from tests.conftest import REPO, require_server, subprocess_env
 
 EXAMPLES = REPO / "test_frame" / "seed_examples"
 GRACE = 5.0  # GRACEFUL_STOP_SECONDS given to the children
+Expected = dict[re.Pattern[str], collections.Counter[tuple[str, ...]]]  # pattern -> how often each match must appear
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32",
@@ -87,7 +88,7 @@ class Script:
             found.append((m.groups(), ends[i][1]))
         return found
 
-    def wait_for(self, expected: dict[re.Pattern[str], collections.Counter[tuple[str, ...]]], timeout: float) -> None:
+    def wait_for(self, expected: Expected, timeout: float) -> None:
         """Until every expected match appeared (at least as often as expected), or fail at the deadline."""
         deadline = time.monotonic() + timeout
         while True:
@@ -114,7 +115,8 @@ class Script:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
-            pytest.fail(f"{self.name} did not exit within {GRACE + 5:.0f}s of signal {sig}\nstderr:\n{self.stderr[-3000:]}")
+            pytest.fail(f"{self.name} did not exit within {GRACE + 5:.0f}s of signal {sig}\n"
+                        f"stderr:\n{self.stderr[-3000:]}")
         self._reader.join(5)
         return code, time.monotonic() - sent
 
@@ -129,7 +131,7 @@ def run(name: str, queues: Path, tmp_path: Path, **extra_env: str) -> Script:
     return Script(name, env, tmp_path)
 
 
-def check_exact_output(script: Script, expected: dict[re.Pattern[str], collections.Counter[tuple[str, ...]]]) -> None:
+def check_exact_output(script: Script, expected: Expected) -> None:
     """The printed calls are exactly the expected ones, and nothing else was printed."""
     text = script.text
     for pattern, counts in expected.items():
@@ -180,7 +182,7 @@ SUM = re.compile(r"(\d+) \+ (\d+) = (\d+)")
 @pytest.mark.timeout(60)
 def test_1_0_0_1_simple_example(isolated_settings: Path, tmp_path: Path) -> None:
     n, qps = 20, 20.0
-    expected = {SUM: collections.Counter((str(i), str(2 * i), str(3 * i)) for i in range(n))}
+    expected: Expected = {SUM: collections.Counter((str(i), str(2 * i), str(3 * i)) for i in range(n))}
     script = run("ex_1_0_0_1_simple.py", isolated_settings, tmp_path)
     try:
         script.wait_for(expected, timeout=20)
@@ -208,7 +210,7 @@ def test_2_1_get_consumer_example(isolated_settings: Path, tmp_path: Path) -> No
     broker = get_broker(BrokerEnum.PERSISTQUEUE)
     broker.publish("queue_test2", b'{"a": -1, "b": -1}')
     broker.close()
-    expected = {
+    expected: Expected = {
         CONSUMING: collections.Counter((str(i), str(2 * i)) for i in range(100)),
         RESULT: collections.Counter((str(i), str(2 * i), str(3 * i)) for i in range(100)),
     }
@@ -251,7 +253,7 @@ def test_2_2_and_2_3_redis_ack_able_examples(isolated_settings: Path, tmp_path: 
     broker = redis_ack_able_broker()
     qps = 10.0
     # 2.2 publishes every call twice (add.pub and add.push), 2.3 once.
-    expected = {NUMBER: collections.Counter({(str(3 * i),): copies for i in range(10, 20)})}
+    expected: Expected = {NUMBER: collections.Counter({(str(3 * i),): copies for i in range(10, 20)})}
     script = run(name, isolated_settings, tmp_path, FUNBOOST_LIKE_REDIS_URL=REDIS_URL)
     try:
         script.wait_for(expected, timeout=20)
@@ -275,7 +277,7 @@ STEP2 = re.compile(r"the value of y is (\d+)")
 def test_2_4_two_steps_example(isolated_settings: Path, tmp_path: Path) -> None:
     xs = [0, *range(1, 5)]  # step1(0) publishes step1(0 + i) for i in range(1, 5)
     ys = [x * 100 + j for x in xs for j in range(10)]  # every step1(x) pushes step2(x * 100 + j)
-    expected = {
+    expected: Expected = {
         STEP1: collections.Counter((str(x),) for x in xs),
         STEP2: collections.Counter((str(y),) for y in ys),
     }

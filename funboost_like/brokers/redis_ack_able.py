@@ -18,7 +18,8 @@ and its nacks, releases and dead-letterings do nothing, so they add no further c
 across a Redis restart is Redis's own persistence setting (AOF/RDB).
 
 Settings: ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``, environment variable
-``FUNBOOST_LIKE_REDIS_URL``), read at first use, never at import; passwords never reach a log.
+``FUNBOOST_LIKE_REDIS_URL``), read at first use, never at import (after :meth:`close`, read again);
+passwords never reach a log. Needs Redis server 6.2 or newer (``RPOP`` with a count).
 Tuning: ``RedisAckAbleBroker(heartbeat_interval=5.0, dead_after=15.0)`` or the class attributes of
 the same names.
 

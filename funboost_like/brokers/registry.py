@@ -27,7 +27,7 @@ BROKERS: dict[BrokerEnum, tuple[str, str] | None] = {
     BrokerEnum.PERSISTQUEUE: ("funboost_like.brokers.sqlite:SqliteBroker", ""),
     BrokerEnum.NSQ: None,
     BrokerEnum.KAFKA: None,
-    BrokerEnum.REDIS_ACK_ABLE: None,
+    BrokerEnum.REDIS_ACK_ABLE: ("funboost_like.brokers.redis_ack_able:RedisAckAbleBroker", "redis"),
     BrokerEnum.SQLACHEMY: None,
     BrokerEnum.ROCKETMQ: None,
     BrokerEnum.REDIS_STREAM: None,

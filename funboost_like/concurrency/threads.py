@@ -1,8 +1,8 @@
 """A thread pool that grows only while calls block and shrinks after an idle keep-alive.
 
 ``max_workers`` is a ceiling, not a number of threads to create: workers are added only when work
-waits that no idle (or just starting) worker will take, and nothing was picked up for ``grow_after``
-seconds (the calls block). Each such stall at most doubles the pool, so blocking calls reach
+waits that no idle (or just starting) worker will take, and the queue of submitted calls has not
+been empty for ``grow_after`` seconds (the workers do not keep up: calls block). Each such stall at most doubles the pool, so blocking calls reach
 hundreds of threads in a few steps while trivial calls are served by one or two threads. The owner
 calls :meth:`ThreadPool.grow_if_stalled` periodically. A thread idle for ``keep_alive`` seconds exits.
 """
@@ -38,7 +38,7 @@ class ThreadPool(Pool):
         self._threads: set[threading.Thread] = set()
         self._idle = 0
         self._starting = 0  # threads started whose loop has not begun: capacity already on its way
-        self._last_pickup = time.monotonic()
+        self._backlog_since = time.monotonic()  # when the work queue was last seen empty
         self._closed = False
         self._serial = 0
 
@@ -53,7 +53,10 @@ class ThreadPool(Pool):
     def submit(self, fn: Callable[[Any], None], arg: Any) -> None:
         if self._closed:
             raise RuntimeError("pool is shut down")
-        self._work.put((fn, arg))
+        work = self._work
+        work.put((fn, arg))
+        if work.qsize() == 1:  # the queue was empty: any backlog starts now
+            self._backlog_since = time.monotonic()
         if not self._threads:
             self._start_worker()
         elif self._idle + self._starting < self._work.qsize():
@@ -67,7 +70,7 @@ class ThreadPool(Pool):
         waiting = self._work.qsize() - self._idle - self._starting
         if waiting <= 0:
             return False
-        if self._starting == 0 and time.monotonic() - self._last_pickup >= self.grow_after:
+        if self._starting == 0 and time.monotonic() - self._backlog_since >= self.grow_after:
             # At most double per stall: blocking calls reach hundreds of threads in a few steps, while a
             # worker that was merely starved of CPU for a moment adds little.
             for _ in range(min(waiting, max(1, len(self._threads)), self.max_workers - len(self._threads))):
@@ -111,7 +114,8 @@ class ThreadPool(Pool):
                             self._idle -= 1
                 if item is _STOP:
                     return
-                self._last_pickup = time.monotonic()
+                if not work.qsize():  # drained: workers keep up, no reason to grow
+                    self._backlog_since = time.monotonic()
                 fn, arg = cast(_Item, item)
                 try:
                     fn(arg)

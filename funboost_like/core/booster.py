@@ -70,6 +70,7 @@ class Booster(Generic[P, R]):
         self.queue_name = params.queue_name
         self.signature = FunctionSignature(function, params.is_consuming_function_use_multi_params)
         self.publisher = Publisher(params, self.signature)
+        self.push = self.publisher.push  # type: ignore[method-assign]  # the hot path, without a hop
         self._consumer: Consumer | None = None
         self._lock = threading.Lock()
 

@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from funboost_like.core.errors import ConfigurationError
 
@@ -146,16 +146,22 @@ def _parse_env(name: str, raw: str, default: Any) -> Any:
 
 
 def redact_url(url: str) -> str:
-    """``redis://user:secret@host/0`` -> ``redis://user:***@host/0``; passwords never reach a log."""
+    """``redis://user:secret@host/0?password=x`` -> ``redis://user:***@host/0?password=***``.
+
+    Passwords never reach a log, whether in the user-info part or in a ``password`` query parameter.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
         return "***"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
+    if parts.query:
+        pairs = [(k, "***" if k.lower() in ("password", "pass", "pwd") else v)
+                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        parts = parts._replace(query=urlencode(pairs, safe="*"))
+    return urlunsplit(parts)
 
 
 settings = _Settings()

@@ -99,10 +99,11 @@ class FunctionSignature:
             raise PublishError(f"{_qualname(self.function)}() takes {len(positional)} positional argument(s) "
                                f"but {len(args)} were given")
         bound = dict(zip(positional, args, strict=False))
-        for key in kwargs:
-            if key in bound:
-                raise PublishError(f"{_qualname(self.function)}() got multiple values for argument {key!r}")
-        bound.update(kwargs)
+        if kwargs:
+            if not kwargs.keys().isdisjoint(bound):
+                twice = sorted(kwargs.keys() & bound.keys())
+                raise PublishError(f"{_qualname(self.function)}() got multiple values for argument(s) {twice}")
+            bound.update(kwargs)
         self.check_keys(bound)
         return bound
 
@@ -128,13 +129,13 @@ def _qualname(function: Callable[..., Any]) -> str:
 
 
 def encode(kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> tuple[str, bytes]:
-    """Build the wire body for one call; return ``(task_id, body)``."""
+    """Build the wire body for one call; return ``(task_id, body)``. Takes ownership of ``kwargs``."""
     now = time.time()
     task_id = f"{_id_prefix}{next(_id_counter):08x}"
     meta = {"task_id": task_id, "publish_time": now, "publish_time_format": format_publish_time(now)}
     if extra:
         meta.update(extra)
-    message = dict(kwargs)
+    message = kwargs
     message[EXTRA_KEY] = meta
     try:
         return task_id, codec.dumps(message)

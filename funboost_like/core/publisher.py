@@ -35,7 +35,7 @@ class Publisher:
         """Publish ``fn(*args, **kwargs)``; a call that does not fit the signature raises at once."""
         signature = self.signature
         if signature is not None and signature.multi_params:
-            kwargs = signature.bind(args, kwargs)
+            kwargs = signature.bind(args, kwargs)  # always a new dict: encode may own it
         elif args or kwargs:
             if len(args) != 1 or kwargs or not isinstance(args[0], Mapping):
                 raise PublishError("with is_consuming_function_use_multi_params=False, push takes one dict")
@@ -95,8 +95,8 @@ class Publisher:
         caps = self.broker.capabilities
         if priority and not caps.priority:
             raise ConfigurationError(f"broker {self.params.broker.name} does not support message priority")
-        if priority and abs(priority) > caps.max_priority:
-            raise ConfigurationError(f"priority {priority} is beyond this broker's maximum {caps.max_priority}")
+        if priority and not 0 <= priority <= caps.max_priority:
+            raise ConfigurationError(f"priority must be between 0 and {caps.max_priority} on this broker, got {priority}")
         if not_before is not None and not caps.delay:
             raise ConfigurationError(f"broker {self.params.broker.name} does not support delayed messages")
 

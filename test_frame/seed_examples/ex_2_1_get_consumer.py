@@ -3,6 +3,7 @@
 Copied from the seed with only the import changed and time scaled down 100x:
 time.sleep(10) -> time.sleep(0.1). The printed text is translated to English.
 """
+# ruff: noqa: I001  -- the seed's import line, kept as written
 import time
 
 from funboost_like import get_consumer
