@@ -101,6 +101,16 @@ def test_round_trip(broker: SqliteBroker) -> None:
     assert broker.fetch(Q, 10, 0.05) == []
 
 
+def test_ids_are_never_reused(broker: SqliteBroker) -> None:
+    broker.publish(Q, b"a")
+    [a] = broker.fetch(Q, 1, 1.0)
+    broker.ack([a])  # the table is empty again, and the deleted row had the highest id
+    broker.publish(Q, b"b")
+    [b] = broker.fetch(Q, 1, 1.0)
+    assert b.token > a.token
+    broker.ack([b])
+
+
 def test_priority_then_fifo(broker: SqliteBroker) -> None:
     for body, priority in [(b"p0", 0), (b"p5a", 5), (b"p1", 1), (b"p5b", 5), (b"p-1", -1)]:
         broker.publish(Q, body, priority=priority)
@@ -242,11 +252,11 @@ def test_invalid_synchronous_setting(folder: Path) -> None:
 
 
 def test_leases_are_renewed_while_the_holder_lives(folder: Path) -> None:
-    patch_frame_config(SQLITE_LEASE_SECONDS=0.45)
+    patch_frame_config(SQLITE_LEASE_SECONDS=0.6)
     holder, other = SqliteBroker(), SqliteBroker()
     holder.publish(Q, b"long call")
     [d] = holder.fetch(Q, 1, 1.0)
-    time.sleep(1.2)  # well past the lease
+    time.sleep(1.5)  # well past the lease
     assert other.fetch(Q, 1, 0) == []
     holder.ack([d])
     holder.close()
@@ -285,7 +295,7 @@ HOLDER = textwrap.dedent(
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_sigkilled_consumer_message_comes_back_after_the_lease(broker: SqliteBroker, folder: Path) -> None:
-    lease = 0.8
+    lease = 1.2
     patch_frame_config(SQLITE_LEASE_SECONDS=lease)
     broker.publish(Q, b"survivor")
     child = subprocess.Popen(
@@ -294,12 +304,12 @@ def test_sigkilled_consumer_message_comes_back_after_the_lease(broker: SqliteBro
     try:
         assert child.stdout is not None
         token = int(child.stdout.readline())
-        assert broker.fetch(Q, 1, 2.0) == []  # the live child keeps renewing across several leases
+        assert broker.fetch(Q, 1, 2.5) == []  # the live child keeps renewing across several leases
         child.send_signal(signal.SIGKILL)
         child.wait(5)
         killed = time.monotonic()
         [d] = broker.fetch(Q, 1, 5.0)
-        assert time.monotonic() - killed < lease + 0.5
+        assert time.monotonic() - killed < lease + 1.0
         assert (d.token, d.body, d.attempts) == (token, b"survivor", 2)
         broker.ack([d])
     finally:
@@ -443,6 +453,28 @@ def test_many_threads_publish_and_consume_each_message_once(broker: SqliteBroker
         t.join(30)
     assert not errors
     assert sorted(seen) == sorted(f"{p}-{i}".encode() for p in range(publishers) for i in range(per_publisher))
+
+
+def test_threads_opening_a_new_file_at_once_all_succeed(broker: SqliteBroker) -> None:
+    errors: list[BaseException] = []
+    for round_ in range(15):
+        queue = f"fresh{round_}"
+        barrier = threading.Barrier(8)
+
+        def first_use(q: str = queue, b: threading.Barrier = barrier) -> None:
+            try:
+                b.wait(5)
+                broker.publish(q, b"x")
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=first_use) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert not errors, errors
+        assert broker.count(queue) == 8
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

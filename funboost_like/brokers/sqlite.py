@@ -61,6 +61,7 @@ _CHUNK = 500  # ids per IN (...) list, well below SQLite's bound-parameter limit
 _POLL_MIN, _POLL_MAX = 0.005, 0.05  # how often an idle fetch looks for other processes' messages
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is truncated back to this after a checkpoint
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+_SQLITE_BUSY = 5  # primary result code (sqlite3.SQLITE_BUSY exists only from Python 3.11)
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS messages ("
@@ -171,10 +172,9 @@ class _Errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, tp: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, tp: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, (sqlite3.Error, OSError)):
             raise BrokerError(f"sqlite queue file {self.path}: {exc}") from exc
-        return False
 
 
 @contextmanager
@@ -227,6 +227,34 @@ def _synchronous() -> str:
     return value
 
 
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is None:
+        return "locked" in str(exc)
+    return int(code) & 0xFF == _SQLITE_BUSY
+
+
+def _enable_wal(conn: sqlite3.Connection, path: str, busy: float) -> None:
+    """Switch a new file to WAL (a lasting property of the file).
+
+    The switch needs an exclusive lock and SQLite reports "database is locked" at once, without
+    waiting, when another connection opens the brand-new file at the same moment; so retry.
+    """
+    deadline = time.monotonic() + busy
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode").fetchall()[0][0]
+            if str(mode).lower() != "wal":
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
+            break
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+    if str(mode).lower() != "wal":
+        logger.warning("%s: journal_mode is %s, not WAL; is it on a network file system?", path, mode)
+
+
 def _connect(path: str) -> sqlite3.Connection:
     """Open ``path`` in autocommit mode with WAL, the configured synchronous level and the schema."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -235,9 +263,7 @@ def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=busy, isolation_level=None)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy * 1000)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
-        if str(mode).lower() != "wal":
-            logger.warning("%s: journal_mode is %s, not WAL; is it on a network file system?", path, mode)
+        _enable_wal(conn, path, busy)
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
         for statement in _SCHEMA:

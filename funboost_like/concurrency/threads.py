@@ -2,9 +2,11 @@
 
 ``max_workers`` is a ceiling, not a number of threads to create: workers are added only when work
 waits that no idle (or just starting) worker will take, and the queue of submitted calls has not
-been empty for ``grow_after`` seconds (the workers do not keep up: calls block). Each such stall at most doubles the pool, so blocking calls reach
-hundreds of threads in a few steps while trivial calls are served by one or two threads. The owner
-calls :meth:`ThreadPool.grow_if_stalled` periodically. A thread idle for ``keep_alive`` seconds exits.
+been empty for ``grow_after`` seconds (the workers do not keep up: calls block). Each such stall at
+most doubles the pool, so blocking calls reach hundreds of threads in a few steps while trivial
+calls are served by one or two threads. With ``grow_after=0`` (a rate-limited owner that submits
+exactly when a call must start) any call that finds no idle worker gets one at once. The owner calls
+:meth:`ThreadPool.grow_if_stalled` periodically. A thread idle for ``keep_alive`` seconds exits.
 """
 
 from __future__ import annotations

@@ -99,6 +99,9 @@ class Consumer:
             self._pool = ThreadPool(
                 self.params.concurrent_num,
                 keep_alive=float(settings.get("THREAD_KEEP_ALIVE_SECONDS")),
+                # Under a rate limit the fetcher submits exactly when a call must start: a call that
+                # finds no idle worker gets a new one at once, or the start rate would slip.
+                grow_after=0.0 if self.params.qps else 0.02,
                 name=f"funboost_like-{self.queue_name}",
             )
             self._thread = threading.Thread(target=self._fetch_loop, name=f"funboost_like-fetch-{self.queue_name}")

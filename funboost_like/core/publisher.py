@@ -96,7 +96,9 @@ class Publisher:
         if priority and not caps.priority:
             raise ConfigurationError(f"broker {self.params.broker.name} does not support message priority")
         if priority and not 0 <= priority <= caps.max_priority:
-            raise ConfigurationError(f"priority must be between 0 and {caps.max_priority} on this broker, got {priority}")
+            raise ConfigurationError(
+                f"priority must be between 0 and {caps.max_priority} on this broker, got {priority}"
+            )
         if not_before is not None and not caps.delay:
             raise ConfigurationError(f"broker {self.params.broker.name} does not support delayed messages")
 
