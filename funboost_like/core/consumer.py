@@ -34,6 +34,9 @@ from funboost_like.core.ratelimit import RateLimiter
 SUCCEEDED, FAILED, REQUEUED, DEAD_LETTERED, SKIPPED, RELEASED = range(6)
 OUTCOME_NAMES = ("succeeded", "failed", "requeued", "dead_lettered", "skipped", "released")
 
+# What a worker reports: (outcome code, delivery, dead-letter reason, exception).
+Outcome = tuple[int, Delivery, str, "BaseException | None"]
+
 _IDLE_FETCH_TIMEOUT = 1.0
 _BUSY_FETCH_TIMEOUT = 0.02  # while calls run, come back soon to flush their acks
 
@@ -66,7 +69,7 @@ class Consumer:
         self.publisher_of_same_queue = Publisher(params, self.signature)
         self.stats = ConsumerStats()
         self._middlewares: list[Middleware] = build_middlewares(params)
-        self._completed: deque[tuple[int, Delivery | None]] = deque()
+        self._completed: deque[Outcome] = deque()
         self._stop = threading.Event()
         self._capacity_freed = threading.Event()
         self._fetcher_waiting = False
@@ -186,24 +189,37 @@ class Consumer:
             self._fetcher_waiting = False
 
     def _flush_completed(self, broker: Broker) -> int:
+        """Settle every finished message with the broker: the one place that acks, nacks and dead-letters."""
         completed = self._completed
         if not completed:
             return 0
         counts = self.stats.counts
         to_ack: list[Delivery] = []
+        others: list[Outcome] = []
         n = 0
         while completed:
-            outcome, delivery = completed.popleft()
-            counts[outcome] += 1
+            outcome = completed.popleft()
+            code = outcome[0]
+            counts[code] += 1
             n += 1
-            if delivery is not None:
-                to_ack.append(delivery)
+            if code == SUCCEEDED or code == SKIPPED:
+                to_ack.append(outcome[1])
+            else:
+                others.append(outcome)
         if to_ack:
             try:
                 broker.ack(to_ack)
             except Exception:
                 self.logger.exception("acknowledging %d message(s) failed; the broker will deliver them again",
                                       len(to_ack))
+        for code, delivery, reason, exc in others:
+            try:
+                if code == REQUEUED:
+                    broker.nack(delivery, requeue=True)
+                else:
+                    broker.dead_letter(delivery, reason, exc)
+            except Exception:
+                self.logger.exception("settling %r failed; the broker will deliver it again", delivery)
         self.stats.window_done += n
         return n
 
@@ -215,8 +231,7 @@ class Consumer:
                 self.logger.info("handed %d unstarted message(s) back to queue %r", len(unstarted), self.queue_name)
             except Exception:
                 self.logger.exception("handing unstarted messages back failed; the broker will redeliver them")
-            for _ in unstarted:
-                self._completed.append((RELEASED, None))
+            self.stats.counts[RELEASED] += len(unstarted)
         grace = float(settings.get("GRACEFUL_STOP_SECONDS"))
         if not pool.shutdown(timeout=grace):
             self.logger.warning("calls still running on queue %r after %.0fs; leaving them", self.queue_name, grace)
@@ -241,21 +256,21 @@ class Consumer:
 
     # -- a worker --------------------------------------------------------------------------------
     def _process(self, delivery: Delivery) -> None:
-        outcome, ack = FAILED, None
+        outcome: Outcome = (REQUEUED, delivery, "", None)  # if the call escapes with SystemExit & co.
         try:
-            outcome, ack = self._run(delivery)
+            outcome = self._run(delivery)
         finally:
-            self._completed.append((outcome, ack))
+            self._completed.append(outcome)
             if self._fetcher_waiting:
                 self._capacity_freed.set()
 
-    def _run(self, delivery: Delivery) -> tuple[int, Delivery | None]:
+    def _run(self, delivery: Delivery) -> Outcome:
+        """Decode, run the hooks and the call with in-place retries; say how the message must end."""
         try:
             message = decode(delivery.body, self.signature)
         except DecodeError as exc:
             self.logger.error("dead-lettering a message of queue %r: %s", self.queue_name, exc)
-            self._dead_letter(delivery, str(exc), None)
-            return DEAD_LETTERED, None
+            return DEAD_LETTERED, delivery, str(exc), None
         for middleware in self._middlewares:
             try:
                 reason = middleware.before_call(message)
@@ -264,7 +279,7 @@ class Consumer:
                 continue
             if reason:
                 self.logger.info("skipping task %s: %s", message.task_id, reason)
-                return SKIPPED, delivery
+                return SKIPPED, delivery, reason, None
         retries = message.extra.get("max_retry_times", self.params.max_retry_times)
         function = self.function
         kwargs = message.kwargs
@@ -276,24 +291,18 @@ class Consumer:
                 result = function(**kwargs) if multi else function(kwargs)
             except ExceptionForRequeue:
                 self.logger.info("task %s asked to be requeued", message.task_id)
-                self._broker_call(self.broker.nack, delivery, requeue=True)
                 self._after(message, None, None)
-                return REQUEUED, None
+                return REQUEUED, delivery, "", None
             except Exception as exc:
                 if attempt <= retries:
                     self._log_failure(message.task_id, exc, attempt, final=False)
                     continue
                 self._log_failure(message.task_id, exc, attempt, final=True)
-                reason = f"failed {attempt} time(s); last error: {type(exc).__name__}: {exc}"
-                self._dead_letter(delivery, reason, exc)
                 self._after(message, None, exc)
-                return FAILED, None
-            except BaseException:
-                self._broker_call(self.broker.nack, delivery, requeue=True)
-                raise
+                return FAILED, delivery, self._failure_reason(exc, attempt), exc
             if self._middlewares:
                 self._after(message, result, None)
-            return SUCCEEDED, delivery
+            return SUCCEEDED, delivery, "", None
 
     def _after(self, message: Any, result: Any, exc: BaseException | None) -> None:
         for middleware in self._middlewares:
@@ -311,15 +320,8 @@ class Consumer:
             self.logger.warning("task %s of queue %r failed (attempt %d): %r; retrying",
                                 task_id, self.queue_name, attempt, exc, exc_info=exc if detail else None)
 
-    def _dead_letter(self, delivery: Delivery, reason: str, exc: BaseException | None) -> None:
-        if exc is not None and self.params.is_print_detail_exception:
+    def _failure_reason(self, exc: BaseException, attempt: int) -> str:
+        reason = f"failed {attempt} time(s); last error: {type(exc).__name__}: {exc}"
+        if self.params.is_print_detail_exception:
             reason = reason + "\n" + "".join(traceback.format_exception(exc))[-4000:]
-        self._broker_call(self.broker.dead_letter, delivery, reason, exc)
-
-    def _broker_call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        try:
-            method(*args, **kwargs)
-        except Exception:
-            self.logger.exception("broker call %s failed; the broker will deliver the message again",
-                                  getattr(method, "__name__", method))
-
+        return reason

@@ -23,6 +23,8 @@ class Publisher:
         self.queue_name = params.queue_name
         self.signature = signature
         self._broker: Broker | None = None
+        multi = signature is not None and signature.multi_params
+        self._bind = signature.bind if signature is not None and multi else _bind_one_dict
 
     @property
     def broker(self) -> Broker:
@@ -33,14 +35,7 @@ class Publisher:
 
     def push(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """Publish ``fn(*args, **kwargs)``; a call that does not fit the signature raises at once."""
-        signature = self.signature
-        if signature is not None and signature.multi_params:
-            kwargs = signature.bind(args, kwargs)  # always a new dict: encode may own it
-        elif args or kwargs:
-            if len(args) != 1 or kwargs or not isinstance(args[0], Mapping):
-                raise PublishError("with is_consuming_function_use_multi_params=False, push takes one dict")
-            kwargs = dict(args[0])
-        task_id, body = encode(kwargs)
+        task_id, body = encode(self._bind(args, kwargs))  # bind returns a new dict, which encode owns
         self.broker.publish(self.queue_name, body)
         return AsyncResult(task_id)
 
@@ -108,3 +103,10 @@ class Publisher:
 
     def get_message_count(self) -> int:
         return self.broker.count(self.queue_name)
+
+
+def _bind_one_dict(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``push`` for a function that takes the whole message as one dict."""
+    if len(args) != 1 or kwargs or not isinstance(args[0], Mapping):
+        raise PublishError("with is_consuming_function_use_multi_params=False, push takes exactly one dict")
+    return dict(args[0])
