@@ -128,6 +128,11 @@ class Consumer:
         return True
 
     @property
+    def worker_count(self) -> int:
+        """Worker threads alive right now (the pool grows while calls block, shrinks when idle)."""
+        return self._pool.worker_count if self._pool is not None else 0
+
+    @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 

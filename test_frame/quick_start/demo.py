@@ -18,8 +18,8 @@ results: list[int] = []
 
 @task_deco("quick_start_demo", concurrent_num=50, log_level=logging.WARNING)
 def multiply(x: int, y: int) -> int:
-    """A stand-in for real work: a little CPU and a short wait."""
-    time.sleep(0.002)
+    """A stand-in for real work: a 20 ms wait, as for a network call."""
+    time.sleep(0.02)
     product = x * y
     results.append(product)
     return product
@@ -41,7 +41,8 @@ def main() -> int:
         done = len(results)
         elapsed = time.perf_counter() - consume_started
         sys.stdout.write(f"\rconsumed {done:5d}/{TOTAL}  {done / elapsed if elapsed else 0:8,.0f} calls/s  "
-                         f"waiting in queue: {multiply.get_message_count():5d}")
+                         f"waiting in queue: {multiply.get_message_count():5d}  "
+                         f"worker threads: {multiply.consumer.worker_count:3d}")
         sys.stdout.flush()
         time.sleep(0.2)
     elapsed = time.perf_counter() - consume_started
@@ -51,7 +52,7 @@ def main() -> int:
     stats = multiply.consumer.stats.as_dict()
     print(f"\rconsumed {len(results)}/{TOTAL} in {elapsed:.2f}s ({len(results) / elapsed:,.0f} calls/s); "
           f"succeeded {stats['succeeded']}, failed {stats['failed']}, dead-lettered {stats['dead_lettered']}; "
-          f"every result correct: {ok}" + " " * 20)
+          f"every result correct: {ok}" + " " * 30)
     return 0 if ok else 1
 
 
