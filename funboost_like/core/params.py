@@ -115,9 +115,10 @@ def build_params(queue_name: str, consuming_function: Callable[..., Any] | None,
 
 
 def _normalise(params: ConsumerParams) -> None:
-    from funboost_like.brokers.registry import resolve_kind
+    from funboost_like.brokers.registry import broker_class, resolve_kind
 
     params.broker_kind = resolve_kind(params.broker_kind)
+    broker_class(params.broker_kind)  # a kind not built yet, or a missing client library, fails here
     try:
         params.concurrent_mode = ConcurrentModeEnum(int(params.concurrent_mode))
     except ValueError:

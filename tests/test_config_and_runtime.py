@@ -1,0 +1,109 @@
+"""Settings precedence, decoration-time validation, pool shrinking and the consumer's rate log."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from funboost_like import BrokerEnum, ConfigurationError, patch_frame_config, task_deco
+from funboost_like.brokers.memory import MemoryBroker
+from funboost_like.brokers.registry import get_broker
+from funboost_like.core.config import settings
+
+from .conftest import REPO
+
+
+def test_precedence_defaults_file_env_patch(tmp_path: Path) -> None:
+    (tmp_path / "distributed_frame_config.py").write_text(
+        "SQLITE_LEASE_SECONDS = 7.0\nREDIS_URL = 'redis://from-file:1/0'\nGRACEFUL_STOP_SECONDS = 9.0\n"
+    )
+    script = (
+        "from funboost_like.core.config import settings, patch_frame_config\n"
+        "before = (settings.get('SQLITE_LEASE_SECONDS'), settings.get('REDIS_URL'), settings.get('GRACEFUL_STOP_SECONDS'),"
+        " settings.get('STATS_LOG_INTERVAL_SECONDS'))\n"
+        "patch_frame_config(GRACEFUL_STOP_SECONDS=1.5)\n"
+        "print(before, settings.get('GRACEFUL_STOP_SECONDS'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNBOOST_LIKE_")}
+    env["PYTHONPATH"] = str(REPO)
+    env["FUNBOOST_LIKE_REDIS_URL"] = "redis://from-env:2/0"
+    env["FUNBOOST_LIKE_GRACEFUL_STOP_SECONDS"] = "4"
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    # file beats default; env beats file; patch beats env; untouched settings keep their default
+    assert out.stdout.strip() == "(7.0, 'redis://from-env:2/0', 4.0, 60.0) 1.5"
+
+
+def test_bad_settings_raise() -> None:
+    with pytest.raises(ConfigurationError, match="unknown setting"):
+        patch_frame_config(SQLITE_LEASE_SECOND=3)
+    os.environ["FUNBOOST_LIKE_SQLITE_LEASE_SECONDS"] = "soon"
+    try:
+        settings.reset()
+        with pytest.raises(ConfigurationError, match="not a valid float"):
+            settings.get("SQLITE_LEASE_SECONDS")
+    finally:
+        del os.environ["FUNBOOST_LIKE_SQLITE_LEASE_SECONDS"]
+        settings.reset()
+
+
+def test_unbuilt_broker_fails_at_decoration(queue_name: str) -> None:
+    with pytest.raises(ValueError, match=r"KAFKA \(8\) is not built yet"):
+        task_deco(queue_name, broker_kind=BrokerEnum.KAFKA)
+    with pytest.raises(ValueError, match="did you mean 'REDIS_STREAM'"):
+        task_deco(queue_name, broker_kind="REDIS_STREEM")
+
+
+def test_features_not_built_yet_raise_instead_of_being_ignored(queue_name: str) -> None:
+    with pytest.raises(ValueError, match="not built yet"):
+        task_deco(queue_name, function_timeout=5)
+    with pytest.raises(ValueError, match="not built yet"):
+        task_deco(queue_name, concurrent_mode=4)
+
+
+def test_pool_shrinks_after_keep_alive(queue_name: str) -> None:
+    patch_frame_config(THREAD_KEEP_ALIVE_SECONDS=0.3)
+    gate = threading.Barrier(6, timeout=5)
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, concurrent_num=20)
+    def blocking(x: int) -> None:
+        gate.wait()  # five calls must run at the same time: the pool has to grow to at least five
+
+    for i in range(5):
+        blocking.push(i)
+    blocking.consume()
+    gate.wait()
+    broker = get_broker(BrokerEnum.LOCAL_PYTHON_QUEUE)
+    assert isinstance(broker, MemoryBroker)
+    broker.join(queue_name, timeout=5)
+    assert blocking.consumer.worker_count >= 5
+    deadline = time.monotonic() + 5
+    while blocking.consumer.worker_count > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert blocking.consumer.worker_count <= 1
+
+
+def test_consumer_logs_rate_and_time_left(queue_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    patch_frame_config(STATS_LOG_INTERVAL_SECONDS=0.3)
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, qps=50, log_level=logging.INFO)
+    def slow(x: int) -> None:
+        pass
+
+    slow.publish_many([{"x": i} for i in range(200)])
+    with caplog.at_level(logging.INFO, logger=f"funboost_like.{queue_name}"):
+        slow.consume()
+        time.sleep(1.2)
+    lines = [r.getMessage() for r in caplog.records if "calls/s over the last" in r.getMessage()]
+    assert lines, caplog.text
+    assert "waiting; estimated time left" in lines[-1]
+    rate = float(lines[-1].split(": ", 1)[1].split(" calls/s")[0])
+    assert 35 <= rate <= 60
