@@ -26,8 +26,8 @@ def test_precedence_defaults_file_env_patch(tmp_path: Path) -> None:
     )
     script = (
         "from funboost_like.core.config import settings, patch_frame_config\n"
-        "before = (settings.get('SQLITE_LEASE_SECONDS'), settings.get('REDIS_URL'), settings.get('GRACEFUL_STOP_SECONDS'),"
-        " settings.get('STATS_LOG_INTERVAL_SECONDS'))\n"
+        "names = ('SQLITE_LEASE_SECONDS', 'REDIS_URL', 'GRACEFUL_STOP_SECONDS', 'STATS_LOG_INTERVAL_SECONDS')\n"
+        "before = tuple(settings.get(name) for name in names)\n"
         "patch_frame_config(GRACEFUL_STOP_SECONDS=1.5)\n"
         "print(before, settings.get('GRACEFUL_STOP_SECONDS'))\n"
     )
