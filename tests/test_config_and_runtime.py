@@ -102,7 +102,7 @@ def test_consumer_logs_rate_and_time_left(queue_name: str, caplog: pytest.LogCap
     with caplog.at_level(logging.INFO, logger=f"funboost_like.{queue_name}"):
         slow.consume()
         time.sleep(1.2)
-    lines = [r.getMessage() for r in caplog.records if "calls/s over the last" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "calls/s over the last minute" in r.getMessage()]
     assert lines, caplog.text
     assert "waiting; estimated time left" in lines[-1]
     rate = float(lines[-1].split(": ", 1)[1].split(" calls/s")[0])

@@ -2,10 +2,9 @@
 
 One fetcher thread per consumer takes batches of at most the free capacity from the broker (so the
 prefetch is bounded and memory does not grow with the backlog), waits on the rate limiter, and
-hands each message to the pool. A worker decodes the message, runs the before-hooks, calls the
-function with in-place retries, and reports the outcome through a deque; the fetcher acknowledges
-successes in batches. Everything that ends a message (ack, requeue, dead letter) is decided in
-:meth:`Consumer._process`.
+hands each message to the pool. A worker decodes the message, runs the middleware hooks, calls the
+function with in-place retries, and reports the outcome through a deque. The fetcher settles every
+outcome with the broker (ack in batches, requeue, dead letter): workers never touch the broker.
 """
 
 from __future__ import annotations
@@ -25,35 +24,64 @@ from funboost_like.core.config import settings
 from funboost_like.core.errors import DecodeError, ExceptionForRequeue, ExceptionForRetry
 from funboost_like.core.log import ensure_console_handler, get_logger
 from funboost_like.core.message import FunctionSignature, decode
-from funboost_like.core.middleware import Middleware, build_middlewares
 from funboost_like.core.params import ConsumerParams
 from funboost_like.core.publisher import Publisher
 from funboost_like.core.ratelimit import RateLimiter
-
-# Outcome codes a worker reports to the fetcher.
-SUCCEEDED, FAILED, REQUEUED, DEAD_LETTERED, SKIPPED, RELEASED = range(6)
-OUTCOME_NAMES = ("succeeded", "failed", "requeued", "dead_lettered", "skipped", "released")
+from funboost_like.middleware.base import (
+    DEAD_LETTERED,
+    FAILED,
+    OUTCOME_NAMES,
+    RELEASED,
+    REQUEUED,
+    SKIPPED,
+    SUCCEEDED,
+    Call,
+    Middleware,
+    build_middlewares,
+    overriding,
+)
 
 # What a worker reports: (outcome code, delivery, dead-letter reason, exception).
 Outcome = tuple[int, Delivery, str, "BaseException | None"]
 
 _IDLE_FETCH_TIMEOUT = 1.0
 _BUSY_FETCH_TIMEOUT = 0.02  # while calls run, come back soon to flush their acks
+_WINDOW = 60  # seconds of history behind the rate and the time-left estimate
 
 
 class ConsumerStats:
-    """Counters kept by the fetcher thread only (so no locks)."""
+    """Outcome counters and the finished-per-second history of the last minute.
+
+    Written by the fetcher thread only (so no locks); read from anywhere.
+    """
 
     def __init__(self) -> None:
         self.counts = [0] * len(OUTCOME_NAMES)
-        self.retries = 0
-        self.window_start = time.monotonic()
-        self.window_done = 0
-        self.last_rate = 0.0
+        self.started_at = time.monotonic()
+        self._seconds: deque[list[float]] = deque()  # [second, finished in that second]
+
+    def record(self, finished: int) -> None:
+        second = float(int(time.monotonic()))
+        seconds = self._seconds
+        if seconds and seconds[-1][0] == second:
+            seconds[-1][1] += finished
+        else:
+            seconds.append([second, float(finished)])
+            while seconds and seconds[0][0] <= second - _WINDOW:
+                seconds.popleft()
+
+    def rate(self) -> float:
+        """Messages finished per second over the last minute (or since start, if shorter)."""
+        now = time.monotonic()
+        span = min(float(_WINDOW), now - self.started_at)
+        if span <= 0:
+            return 0.0
+        done = sum(n for second, n in list(self._seconds) if second > now - _WINDOW)
+        return done / max(span, 1.0)
 
     def as_dict(self) -> dict[str, Any]:
         stats: dict[str, Any] = dict(zip(OUTCOME_NAMES, self.counts, strict=True))
-        stats["rate_per_second_last_window"] = self.last_rate
+        stats["rate_per_second_last_minute"] = round(self.rate(), 3)
         return stats
 
 
@@ -68,7 +96,6 @@ class Consumer:
         self.logger = get_logger(params.queue_name, params.log_level, params.logger_prefix)
         self.publisher_of_same_queue = Publisher(params, self.signature)
         self.stats = ConsumerStats()
-        self._middlewares: list[Middleware] = build_middlewares(params)
         self._completed: deque[Outcome] = deque()
         self._stop = threading.Event()
         self._capacity_freed = threading.Event()
@@ -77,6 +104,11 @@ class Consumer:
         self._pool: ThreadPool | None = None
         self._broker: Broker | None = None
         self._lock = threading.Lock()
+        self.middlewares: list[Middleware] = build_middlewares(self)
+        self._gates = overriding(self.middlewares, "pause_for")
+        self._before = overriding(self.middlewares, "before_call")
+        self._on_start = overriding(self.middlewares, "on_start")
+        self._after = overriding(self.middlewares, "after_call")
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -136,6 +168,16 @@ class Consumer:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def estimate(self) -> dict[str, Any]:
+        """This consumer's rate over the last minute, the queue's backlog and the time left for it."""
+        rate = self.stats.rate()
+        try:
+            waiting = self.broker.count(self.queue_name)
+        except Exception:
+            waiting = -1
+        seconds_left = waiting / rate if rate > 0 and waiting >= 0 else None
+        return {"rate_per_second_last_minute": rate, "waiting": waiting, "seconds_left": seconds_left}
+
     # -- the fetcher -------------------------------------------------------------------------------
     def _fetch_loop(self) -> None:
         broker = self.broker
@@ -149,7 +191,8 @@ class Consumer:
         stop = self._stop
         process = self._process
         started = finished = 0
-        next_stats = time.monotonic() + float(settings.get("STATS_LOG_INTERVAL_SECONDS"))
+        interval = float(settings.get("STATS_LOG_INTERVAL_SECONDS"))
+        next_stats = time.monotonic() + interval
         failures_in_a_row = 0
         try:
             while not stop.is_set():
@@ -158,6 +201,8 @@ class Consumer:
                 free = capacity - (started - finished)
                 if free <= 0:
                     self._wait_for_capacity(pool)
+                    continue
+                if self._gates and self._paused(started != finished):
                     continue
                 try:
                     deliveries = broker.fetch(queue, min(free, batch),
@@ -175,13 +220,26 @@ class Consumer:
                     started += 1
                     pool.submit(process, delivery)
                 if time.monotonic() >= next_stats:
-                    next_stats = time.monotonic() + float(settings.get("STATS_LOG_INTERVAL_SECONDS"))
+                    next_stats = time.monotonic() + interval
                     self._log_rate()
         except BaseException:
             self.logger.exception("the fetcher of queue %r crashed; stopping this consumer", queue)
             raise
         finally:
-            self._shutdown(broker, pool, started - finished)
+            self._shutdown(broker, pool)
+
+    def _paused(self, busy: bool) -> bool:
+        """Ask the gates (time windows) whether to fetch now; wait a little if not."""
+        pause = 0.0
+        for gate in self._gates:
+            try:
+                pause = max(pause, gate.pause_for())
+            except Exception:
+                self.logger.exception("middleware %s failed in pause_for", type(gate).__name__)
+        if pause <= 0:
+            return False
+        self._stop.wait(min(pause, _BUSY_FETCH_TIMEOUT if busy else 1.0))
+        return True
 
     def _wait_for_capacity(self, pool: ThreadPool) -> None:
         stalled = pool.grow_if_stalled()
@@ -225,10 +283,10 @@ class Consumer:
                     broker.dead_letter(delivery, reason, exc)
             except Exception:
                 self.logger.exception("settling %r failed; the broker will deliver it again", delivery)
-        self.stats.window_done += n
+        self.stats.record(n)
         return n
 
-    def _shutdown(self, broker: Broker, pool: ThreadPool, in_flight: int) -> None:
+    def _shutdown(self, broker: Broker, pool: ThreadPool) -> None:
         unstarted: list[Delivery] = pool.drain()
         if unstarted:
             try:
@@ -241,23 +299,20 @@ class Consumer:
         if not pool.shutdown(timeout=grace):
             self.logger.warning("calls still running on queue %r after %.0fs; leaving them", self.queue_name, grace)
         self._flush_completed(broker)
+        for middleware in self.middlewares:
+            try:
+                middleware.close()
+            except Exception:
+                self.logger.exception("middleware %s failed to close", type(middleware).__name__)
         runtime.unregister(self)
         self.logger.info("stopped consuming queue %r: %s", self.queue_name, self.stats.as_dict())
 
     def _log_rate(self) -> None:
-        stats = self.stats
-        now = time.monotonic()
-        elapsed = now - stats.window_start
-        rate = stats.window_done / elapsed if elapsed > 0 else 0.0
-        stats.last_rate = rate
-        stats.window_start, stats.window_done = now, 0
-        try:
-            waiting = self.broker.count(self.queue_name)
-        except Exception:
-            waiting = -1
-        left = f"{waiting / rate:.0f}s" if rate > 0 and waiting >= 0 else "unknown"
-        self.logger.info("queue %r: %.1f calls/s over the last %.0fs; %d waiting; estimated time left %s",
-                         self.queue_name, rate, elapsed, waiting, left)
+        figures = self.estimate()
+        left = figures["seconds_left"]
+        self.logger.info("queue %r: %.1f calls/s over the last minute; %d waiting; estimated time left %s",
+                         self.queue_name, figures["rate_per_second_last_minute"], figures["waiting"],
+                         f"{left:.0f}s" if left is not None else "unknown")
 
     # -- a worker --------------------------------------------------------------------------------
     def _process(self, delivery: Delivery) -> None:
@@ -276,45 +331,58 @@ class Consumer:
         except DecodeError as exc:
             self.logger.error("dead-lettering a message of queue %r: %s", self.queue_name, exc)
             return DEAD_LETTERED, delivery, str(exc), None
-        for middleware in self._middlewares:
+        call = Call(self, delivery, message)
+        for middleware in self._before:
             try:
-                reason = middleware.before_call(message)
+                reason = middleware.before_call(call)
             except Exception:
-                self.logger.exception("middleware %s failed before task %s", type(middleware).__name__, message.task_id)
+                self.logger.exception("middleware %s failed before task %s", type(middleware).__name__, call.task_id)
                 continue
             if reason:
-                self.logger.info("skipping task %s: %s", message.task_id, reason)
+                self.logger.info("skipping task %s: %s", call.task_id, reason)
+                call.outcome, call.skip_reason = SKIPPED, reason
+                self._hook(self._after, "after_call", call)
                 return SKIPPED, delivery, reason, None
-        retries = message.extra.get("max_retry_times", self.params.max_retry_times)
+        if self._on_start:
+            call.started_at = time.time()
+            self._hook(self._on_start, "on_start", call)
+        outcome = self._call_with_retries(call)
+        if self._after:
+            self._hook(self._after, "after_call", call)
+        return outcome
+
+    def _call_with_retries(self, call: Call) -> Outcome:
+        delivery = call.delivery
+        retries = call.message.extra.get("max_retry_times", self.params.max_retry_times)
         function = self.function
-        kwargs = message.kwargs
+        kwargs = call.message.kwargs
         multi = self.signature.multi_params
-        attempt = 0
+        started = time.perf_counter()
         while True:
-            attempt += 1
+            call.attempts += 1
             try:
-                result = function(**kwargs) if multi else function(kwargs)
+                call.result = function(**kwargs) if multi else function(kwargs)
             except ExceptionForRequeue:
-                self.logger.info("task %s asked to be requeued", message.task_id)
-                self._after(message, None, None)
+                self.logger.info("task %s asked to be requeued", call.task_id)
+                call.outcome, call.duration = REQUEUED, time.perf_counter() - started
                 return REQUEUED, delivery, "", None
             except Exception as exc:
-                if attempt <= retries:
-                    self._log_failure(message.task_id, exc, attempt, final=False)
+                if call.attempts <= retries:
+                    self._log_failure(call.task_id, exc, call.attempts, final=False)
                     continue
-                self._log_failure(message.task_id, exc, attempt, final=True)
-                self._after(message, None, exc)
-                return FAILED, delivery, self._failure_reason(exc, attempt), exc
-            if self._middlewares:
-                self._after(message, result, None)
+                self._log_failure(call.task_id, exc, call.attempts, final=True)
+                call.exc, call.outcome, call.duration = exc, FAILED, time.perf_counter() - started
+                return FAILED, delivery, self._failure_reason(exc, call.attempts), exc
+            call.outcome, call.duration = SUCCEEDED, time.perf_counter() - started
             return SUCCEEDED, delivery, "", None
 
-    def _after(self, message: Any, result: Any, exc: BaseException | None) -> None:
-        for middleware in self._middlewares:
+    def _hook(self, middlewares: list[Middleware], hook: str, call: Call) -> None:
+        for middleware in middlewares:
             try:
-                middleware.after_call(message, result, exc)
+                getattr(middleware, hook)(call)
             except Exception:
-                self.logger.exception("middleware %s failed after task %s", type(middleware).__name__, message.task_id)
+                self.logger.exception("middleware %s failed in %s for task %s", type(middleware).__name__, hook,
+                                      call.task_id)
 
     def _log_failure(self, task_id: str | None, exc: Exception, attempt: int, *, final: bool) -> None:
         detail = self.params.is_print_detail_exception and not isinstance(exc, ExceptionForRetry)

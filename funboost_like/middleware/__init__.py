@@ -1,0 +1,1 @@
+"""Features around the consume path, one module each (see ``base.py`` for the hooks)."""

@@ -1,0 +1,43 @@
+"""Message expiry (``msg_expire_senconds``, seed 1.0.1) and misfire grace of delayed messages (seed 2.9).
+
+A message older than its expiry when its turn comes, or a delayed message whose due time passed
+more than ``misfire_grace_time`` seconds ago, is dropped: acknowledged without running, counted as
+skipped and logged. Both can also be given per message at publish time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from funboost_like.middleware.base import Call, Middleware
+
+if TYPE_CHECKING:
+    from funboost_like.core.consumer import Consumer
+
+
+class PublishTimeLimits(Middleware):
+    def __init__(self, expire_seconds: float) -> None:
+        self.expire_seconds = expire_seconds
+
+    def before_call(self, call: Call) -> str | None:
+        extra = call.message.extra
+        if not extra:
+            return None
+        limit = extra.get("msg_expire_senconds", self.expire_seconds)
+        published = extra.get("publish_time")
+        if limit and isinstance(published, (int, float)):
+            age = time.time() - published
+            if age > limit:
+                return f"expired: published {age:.1f}s ago, msg_expire_senconds={limit}"
+        grace = extra.get("misfire_grace_time")
+        run_at = extra.get("run_at")
+        if grace is not None and isinstance(run_at, (int, float)):
+            late = time.time() - run_at
+            if late > grace:
+                return f"misfired: due {late:.1f}s ago, misfire_grace_time={grace}"
+        return None
+
+
+def build(consumer: Consumer) -> Middleware:
+    return PublishTimeLimits(consumer.params.msg_expire_senconds)
