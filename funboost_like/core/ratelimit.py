@@ -1,8 +1,8 @@
 """Start-rate control: ``qps`` starts per second whatever each call's duration.
 
-Starts are scheduled on a fixed grid ``t0 + k / qps``. Falling behind (an empty queue, a full pool)
-does not build up credit: after a gap the grid restarts at the current time, so a backlog never
-produces a burst above the rate.
+Starts are scheduled on a fixed grid ``t0 + k / qps``, so sleeping a little too long never lowers
+the rate. Falling behind by more than one interval (at most 50 ms) (an empty queue, a full pool)
+builds up no credit: the grid restarts at the current time, so a backlog never produces a burst.
 """
 
 from __future__ import annotations
@@ -16,14 +16,17 @@ class RateLimiter:
         if qps <= 0:
             raise ValueError("qps must be > 0")
         self.interval = 1.0 / qps
+        # Lateness forgiven without moving the grid: waking up a little late (sleep granularity,
+        # a busy fetcher) must not lower the rate, but a real gap must not produce a burst.
+        self.tolerance = min(self.interval, 0.05)
         self._next = 0.0
 
     def wait(self, stop: threading.Event) -> bool:
         """Block until the next start slot; return False if ``stop`` was set while waiting."""
         now = time.monotonic()
         slot = self._next
-        if slot < now:
-            slot = now  # no credit for idle time
+        if now - slot > self.tolerance:
+            slot = now  # idle or stalled for longer than the tolerance: no credit, restart the grid
         self._next = slot + self.interval
         delay = slot - now
         if delay > 0:
