@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -13,6 +14,9 @@ from funboost_like.core.errors import ConfigurationError, PublishError
 from funboost_like.core.message import EXTRA_KEY, FunctionSignature, encode
 from funboost_like.core.params import ConsumerParams, PriorityConsumingControlConfig
 from funboost_like.core.results import AsyncResult
+from funboost_like.middleware.base import build_publish_hooks
+
+logger = logging.getLogger("funboost_like.publisher")
 
 
 class Publisher:
@@ -25,6 +29,7 @@ class Publisher:
         self._broker: Broker | None = None
         multi = signature is not None and signature.multi_params
         self._bind = signature.bind if signature is not None and multi else _bind_one_dict
+        self._hooks = build_publish_hooks(self)
 
     @property
     def broker(self) -> Broker:
@@ -35,9 +40,12 @@ class Publisher:
 
     def push(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """Publish ``fn(*args, **kwargs)``; a call that does not fit the signature raises at once."""
-        task_id, body = encode(self._bind(args, kwargs))  # bind returns a new dict, which encode owns
+        message = self._bind(args, kwargs)  # a new dict, which encode owns and completes with ``extra``
+        task_id, body = encode(message)
         self.broker.publish(self.queue_name, body)
-        return AsyncResult(task_id)
+        if self._hooks:
+            self._after_publish(task_id, message)
+        return AsyncResult(task_id, self)
 
     def publish(self, msg: Mapping[str, Any] | str,
                 priority_control_config: PriorityConsumingControlConfig | None = None) -> AsyncResult:
@@ -53,7 +61,9 @@ class Publisher:
             self._check_capabilities(priority, not_before)
         task_id, body = encode(kwargs, extra)
         self.broker.publish(self.queue_name, body, priority=priority, not_before=not_before)
-        return AsyncResult(task_id)
+        if self._hooks:
+            self._after_publish(task_id, kwargs)
+        return AsyncResult(task_id, self)
 
     pub = publish
 
@@ -61,14 +71,27 @@ class Publisher:
         """Publish many calls in one broker round trip (or transaction); return their task ids."""
         task_ids: list[str] = []
         bodies: list[bytes] = []
+        messages: list[dict[str, Any]] = []
         for msg in msgs:
             kwargs, extra = self._split(msg)
             task_id, body = encode(kwargs, extra)
             task_ids.append(task_id)
             bodies.append(body)
+            messages.append(kwargs)
         if bodies:
             self.broker.publish_many(self.queue_name, bodies)
+            if self._hooks:
+                for task_id, message in zip(task_ids, messages, strict=True):
+                    self._after_publish(task_id, message)
         return task_ids
+
+    def _after_publish(self, task_id: str, message: dict[str, Any]) -> None:
+        """Run the publish-side hooks (e.g. recording 'not started'); a failing hook is logged only."""
+        for hook in self._hooks:
+            try:
+                hook(task_id, message)
+            except Exception:
+                logger.exception("publish hook %r failed for task %s", hook, task_id)
 
     def _split(self, msg: Mapping[str, Any] | str) -> tuple[dict[str, Any], dict[str, Any]]:
         if isinstance(msg, (str, bytes)):

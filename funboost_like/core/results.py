@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from funboost_like.core.errors import ResultNotAvailable
+
+if TYPE_CHECKING:
+    from funboost_like.core.publisher import Publisher
 
 
 class AsyncResult:
@@ -12,10 +17,11 @@ class AsyncResult:
     it raises :class:`ResultNotAvailable` instead of blocking forever.
     """
 
-    __slots__ = ("task_id",)
+    __slots__ = ("task_id", "publisher")
 
-    def __init__(self, task_id: str) -> None:
+    def __init__(self, task_id: str, publisher: Publisher | None = None) -> None:
         self.task_id = task_id
+        self.publisher = publisher
 
     def __repr__(self) -> str:
         return f"AsyncResult(task_id={self.task_id!r})"

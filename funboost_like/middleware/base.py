@@ -18,12 +18,14 @@ returns a middleware, or None when the consumer's parameters do not need it.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from funboost_like.brokers.base import Delivery
     from funboost_like.core.consumer import Consumer
     from funboost_like.core.message import DecodedMessage
+    from funboost_like.core.publisher import Publisher
 
 # Outcome codes of a message.
 SUCCEEDED, FAILED, REQUEUED, DEAD_LETTERED, SKIPPED, RELEASED = range(6)
@@ -86,6 +88,10 @@ FEATURES = [
     "funboost_like.middleware.expiry:build",
 ]
 
+# Publish-side features: a factory takes the publisher and returns a hook
+# ``hook(task_id, message)`` (message: the keyword arguments plus ``extra``), or None.
+PUBLISH_FEATURES: list[str] = []
+
 
 def build_middlewares(consumer: Consumer) -> list[Middleware]:
     """The middlewares this consumer needs, in ``FEATURES`` order."""
@@ -103,3 +109,14 @@ def overriding(chain: list[Middleware], hook: str) -> list[Middleware]:
     """The middlewares of ``chain`` that override ``hook``."""
     base = getattr(Middleware, hook)
     return [m for m in chain if getattr(type(m), hook) is not base]
+
+
+def build_publish_hooks(publisher: Publisher) -> list[Callable[[str, dict[str, Any]], None]]:
+    """The publish-side hooks this publisher needs, in ``PUBLISH_FEATURES`` order."""
+    hooks: list[Callable[[str, dict[str, Any]], None]] = []
+    for path in PUBLISH_FEATURES:
+        module_name, _, factory_name = path.partition(":")
+        hook = getattr(importlib.import_module(module_name), factory_name)(publisher)
+        if hook is not None:
+            hooks.append(hook)
+    return hooks
