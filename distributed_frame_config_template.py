@@ -41,3 +41,10 @@ effective settings (passwords are masked).
 # GRACEFUL_STOP_SECONDS = 30.0  # after SIGINT/SIGTERM, how long running calls may take to finish
 # THREAD_KEEP_ALIVE_SECONDS = 10.0  # an idle worker thread exits after this long
 # STATS_LOG_INTERVAL_SECONDS = 60.0  # how often a consumer logs its rate and the estimated time left
+
+# ----- Results, status and time -----
+
+# RPC_TIMEOUT_SECONDS = 120.0  # how long AsyncResult.result waits for a result by default
+# RPC_RESULT_EXPIRE_SECONDS = 3600.0  # how long a call's result is kept for the publisher to fetch
+# STATUS_DB_PATH = ""  # folder of the call-status databases; "" means <per-user data dir>/status
+# TIMEZONE = ""  # IANA zone (e.g. "Asia/Shanghai") for naive eta datetimes and time windows; "" = local time

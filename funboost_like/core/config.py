@@ -52,6 +52,11 @@ DEFAULTS: dict[str, Any] = {
     "GRACEFUL_STOP_SECONDS": 30.0,  # how long running calls may finish after SIGINT/SIGTERM
     "THREAD_KEEP_ALIVE_SECONDS": 10.0,  # an idle worker thread exits after this long
     "STATS_LOG_INTERVAL_SECONDS": 60.0,
+    # Results, status and time.
+    "RPC_TIMEOUT_SECONDS": 120.0,  # how long AsyncResult.result waits by default
+    "RPC_RESULT_EXPIRE_SECONDS": 3600.0,  # how long a call's result is kept for the publisher
+    "STATUS_DB_PATH": "",  # "" means <per-user data dir>/status (function_result_status_persistance_conf)
+    "TIMEZONE": "",  # IANA name for naive eta datetimes and time windows; "" means the machine's local time
 }
 
 SECRET_SETTINGS = frozenset({"REDIS_URL"})
