@@ -79,6 +79,15 @@ class ThreadPool(Pool):
                 self._start_worker()
         return True
 
+    def forget(self, thread_id: int) -> None:
+        """Stop counting a worker stuck in an abandoned call: a new one may start in its place, and the
+        stuck one exits as soon as its call returns."""
+        with self._lock:
+            for thread in self._threads:
+                if thread.ident == thread_id:
+                    self._threads.discard(thread)
+                    return
+
     def _start_worker(self) -> None:
         with self._lock:
             if len(self._threads) >= self.max_workers or self._closed:
@@ -123,6 +132,8 @@ class ThreadPool(Pool):
                     fn(arg)
                 except BaseException:  # the submitted callable handles its own errors; never lose a worker
                     logger.exception("unhandled error in pool worker %s", me.name)
+                if me not in self._threads:  # forgotten while stuck in an abandoned call
+                    return
         finally:
             with lock:
                 self._threads.discard(me)

@@ -19,9 +19,10 @@ from typing import Any
 from funboost_like.brokers.base import Broker, Delivery
 from funboost_like.brokers.registry import get_broker
 from funboost_like.concurrency.threads import ThreadPool
+from funboost_like.concurrency.timeouts import TimedRun, watchdog
 from funboost_like.core import runtime
 from funboost_like.core.config import settings
-from funboost_like.core.errors import DecodeError, ExceptionForRequeue, ExceptionForRetry
+from funboost_like.core.errors import DecodeError, ExceptionForRequeue, ExceptionForRetry, FunctionTimeoutError
 from funboost_like.core.log import ensure_console_handler, get_logger
 from funboost_like.core.message import FunctionSignature, decode
 from funboost_like.core.params import ConsumerParams
@@ -47,6 +48,11 @@ Outcome = tuple[int, Delivery, str, "BaseException | None"]
 _IDLE_FETCH_TIMEOUT = 1.0
 _BUSY_FETCH_TIMEOUT = 0.02  # while calls run, come back soon to flush their acks
 _WINDOW = 60  # seconds of history behind the rate and the time-left estimate
+_ABANDON_GRACE = 0.2  # seconds a timed-out call gets to unwind before its thread is abandoned
+
+
+class _Abandoned(BaseException):
+    """Internal: this run was abandoned after a timeout; its continuation settles the message."""
 
 
 class ConsumerStats:
@@ -316,15 +322,19 @@ class Consumer:
 
     # -- a worker --------------------------------------------------------------------------------
     def _process(self, delivery: Delivery) -> None:
-        outcome: Outcome = (REQUEUED, delivery, "", None)  # if the call escapes with SystemExit & co.
+        outcome: Outcome | None = (REQUEUED, delivery, "", None)  # if the call escapes with SystemExit & co.
         try:
             outcome = self._run(delivery)
         finally:
-            self._completed.append(outcome)
-            if self._fetcher_waiting:
-                self._capacity_freed.set()
+            if outcome is not None:  # None: abandoned after a timeout, and settled by its continuation
+                self._settle(outcome)
 
-    def _run(self, delivery: Delivery) -> Outcome:
+    def _settle(self, outcome: Outcome) -> None:
+        self._completed.append(outcome)
+        if self._fetcher_waiting:
+            self._capacity_freed.set()
+
+    def _run(self, delivery: Delivery) -> Outcome | None:
         """Decode, run the hooks and the call with in-place retries; say how the message must end."""
         try:
             message = decode(delivery.body, self.signature)
@@ -346,14 +356,19 @@ class Consumer:
         if self._on_start:
             call.started_at = time.time()
             self._hook(self._on_start, "on_start", call)
-        outcome = self._call_with_retries(call)
-        if self._after:
+        return self._finish(call, self._call_with_retries(call))
+
+    def _finish(self, call: Call, outcome: Outcome | None) -> Outcome | None:
+        if outcome is not None and self._after:
             self._hook(self._after, "after_call", call)
         return outcome
 
-    def _call_with_retries(self, call: Call) -> Outcome:
+    def _call_with_retries(self, call: Call) -> Outcome | None:
+        """Run the function until it succeeds or the retries are spent; None if a run was abandoned."""
         delivery = call.delivery
-        retries = call.message.extra.get("max_retry_times", self.params.max_retry_times)
+        extra = call.message.extra
+        retries = extra.get("max_retry_times", self.params.max_retry_times)
+        timeout = extra.get("function_timeout", self.params.function_timeout)
         function = self.function
         kwargs = call.message.kwargs
         multi = self.signature.multi_params
@@ -361,20 +376,75 @@ class Consumer:
         while True:
             call.attempts += 1
             try:
-                call.result = function(**kwargs) if multi else function(kwargs)
+                if timeout:
+                    call.result = self._call_with_timeout(call, timeout)
+                else:
+                    call.result = function(**kwargs) if multi else function(kwargs)
+            except _Abandoned:
+                call.duration += time.perf_counter() - started
+                return None
             except ExceptionForRequeue:
                 self.logger.info("task %s asked to be requeued", call.task_id)
-                call.outcome, call.duration = REQUEUED, time.perf_counter() - started
+                call.outcome, call.duration = REQUEUED, call.duration + time.perf_counter() - started
                 return REQUEUED, delivery, "", None
             except Exception as exc:
                 if call.attempts <= retries:
                     self._log_failure(call.task_id, exc, call.attempts, final=False)
                     continue
-                self._log_failure(call.task_id, exc, call.attempts, final=True)
-                call.exc, call.outcome, call.duration = exc, FAILED, time.perf_counter() - started
-                return FAILED, delivery, self._failure_reason(exc, call.attempts), exc
-            call.outcome, call.duration = SUCCEEDED, time.perf_counter() - started
+                return self._failed(call, exc, call.duration + time.perf_counter() - started)
+            call.outcome, call.duration = SUCCEEDED, call.duration + time.perf_counter() - started
             return SUCCEEDED, delivery, "", None
+
+    def _failed(self, call: Call, exc: Exception, duration: float) -> Outcome:
+        self._log_failure(call.task_id, exc, call.attempts, final=True)
+        call.exc, call.outcome, call.duration = exc, FAILED, duration
+        return FAILED, call.delivery, self._failure_reason(exc, call.attempts), exc
+
+    def _call_with_timeout(self, call: Call, timeout: float) -> Any:
+        """One run under a deadline (see concurrency/timeouts.py for what stopping a thread means)."""
+        run = TimedRun(float(timeout), _ABANDON_GRACE, lambda: self._abandoned(call, run))
+        watchdog.watch(run)
+        kwargs = call.message.kwargs
+        try:
+            result = self.function(**kwargs) if self.signature.multi_params else self.function(kwargs)
+        except BaseException:
+            if run.finish():
+                raise _Abandoned() from None
+            raise
+        if run.finish():
+            raise _Abandoned()
+        if run.interrupted:  # the function swallowed the timeout exception and returned late
+            raise FunctionTimeoutError(f"the call took longer than function_timeout={timeout}s")
+        return result
+
+    def _abandoned(self, call: Call, run: TimedRun) -> None:
+        """Watchdog thread: a timed-out call is stuck in C code. Free its worker and carry on elsewhere."""
+        self.logger.warning("task %s of queue %r still running %.1fs after its function_timeout=%ss; "
+                            "abandoning the stuck thread", call.task_id, self.queue_name, run.grace, run.timeout)
+        if self._pool is not None:
+            self._pool.forget(run.thread_id)
+            try:
+                self._pool.submit(self._resume_after_timeout, call)
+                return
+            except RuntimeError:  # the pool is shut down: the broker gets the message back
+                pass
+        self._settle((REQUEUED, call.delivery, "", None))
+
+    def _resume_after_timeout(self, call: Call) -> None:
+        """A fresh worker goes on with a message whose previous run was abandoned."""
+        outcome: Outcome | None = (REQUEUED, call.delivery, "", None)
+        try:
+            exc = FunctionTimeoutError(f"the call took longer than function_timeout "
+                                       f"{call.message.extra.get('function_timeout', self.params.function_timeout)}s")
+            retries = call.message.extra.get("max_retry_times", self.params.max_retry_times)
+            if call.attempts <= retries:
+                self._log_failure(call.task_id, exc, call.attempts, final=False)
+                outcome = self._finish(call, self._call_with_retries(call))
+            else:
+                outcome = self._finish(call, self._failed(call, exc, call.duration))
+        finally:
+            if outcome is not None:
+                self._settle(outcome)
 
     def _hook(self, middlewares: list[Middleware], hook: str, call: Call) -> None:
         for middleware in middlewares:

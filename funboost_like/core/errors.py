@@ -40,6 +40,10 @@ class DoubleAckError(BrokerError):
     """A delivery was acknowledged or rejected twice."""
 
 
+class FunctionTimeoutError(FunboostLikeError):
+    """A call ran longer than its ``function_timeout``; it counts as a failed attempt."""
+
+
 class ExceptionForRetry(Exception):
     """Raise inside a consuming function to have the call retried at once (counts toward max_retry_times)."""
 
