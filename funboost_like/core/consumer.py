@@ -434,8 +434,8 @@ class Consumer:
         """A fresh worker goes on with a message whose previous run was abandoned."""
         outcome: Outcome | None = (REQUEUED, call.delivery, "", None)
         try:
-            exc = FunctionTimeoutError(f"the call took longer than function_timeout "
-                                       f"{call.message.extra.get('function_timeout', self.params.function_timeout)}s")
+            timeout = call.message.extra.get("function_timeout", self.params.function_timeout)
+            exc = FunctionTimeoutError(f"the call took longer than function_timeout={timeout}s")
             retries = call.message.extra.get("max_retry_times", self.params.max_retry_times)
             if call.attempts <= retries:
                 self._log_failure(call.task_id, exc, call.attempts, final=False)
