@@ -31,3 +31,11 @@ class Pool(ABC):
     @abstractmethod
     def worker_count(self) -> int:
         """How many workers exist right now."""
+
+    def grow_if_stalled(self) -> bool:
+        """Add workers for calls that wait because every worker is busy; True if calls are waiting."""
+        return False
+
+    def forget(self, thread_id: int) -> None:
+        """Stop counting a worker stuck in an abandoned call (thread pools only)."""
+        return None

@@ -16,12 +16,15 @@ from funboost_like.core.params import (
     FunctionResultStatusPersistanceConfig,
     PriorityConsumingControlConfig,
     build_params,
+    check_mode_fits_function,
 )
 from funboost_like.core.publisher import Publisher
 from funboost_like.core.results import AsyncResult
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from funboost_like.concurrency.multiprocess import ProcessSupervisor
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -77,6 +80,15 @@ class Booster(Generic[P, R]):
     def __repr__(self) -> str:
         return f"<Booster {self.consuming_function.__qualname__} on queue {self.queue_name!r}>"
 
+    def __reduce__(self) -> str:
+        """Pickle by reference: the module and qualname of the decorated function.
+
+        Unpickling (in a spawned child process, say) imports that module and finds the same booster
+        there; no broker connection, lock or thread is ever pickled. A booster that is not reachable
+        under its function's name at the top level of its module cannot be pickled.
+        """
+        return self.consuming_function.__qualname__
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.consuming_function(*args, **kwargs)
 
@@ -113,6 +125,17 @@ class Booster(Generic[P, R]):
 
     start_consuming_message = consume
 
+    def multi_process_consume(self, process_num: int = 1, *, start_method: str | None = None) -> ProcessSupervisor:
+        """Consume in ``process_num`` supervised child processes; return the supervisor at once.
+
+        Unlike :func:`funboost_like.run_consumer_with_multi_process` this does not block: the
+        supervising thread keeps the process up until SIGINT/SIGTERM or ``supervisor.stop()``
+        (see funboost_like/concurrency/multiprocess.py).
+        """
+        from funboost_like.concurrency.multiprocess import start_consumer_processes
+
+        return start_consumer_processes(self, process_num, start_method=start_method)
+
     def stop(self) -> None:
         if self._consumer is not None:
             self._consumer.stop()
@@ -130,7 +153,9 @@ def task_deco(queue_name: str, **params: Unpack[ConsumerOptions]) -> Callable[[C
     validated = build_params(queue_name, None, dict(params))  # a bad parameter raises here, not later
 
     def decorate(function: Callable[P, R]) -> Booster[P, R]:
-        return Booster(function, dataclasses.replace(validated, consuming_function=function))
+        params = dataclasses.replace(validated, consuming_function=function)
+        check_mode_fits_function(params)
+        return Booster(function, params)
 
     return decorate
 

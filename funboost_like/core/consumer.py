@@ -9,6 +9,7 @@ outcome with the broker (ack in batches, requeue, dead letter): workers never to
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import traceback
@@ -18,10 +19,14 @@ from typing import Any
 
 from funboost_like.brokers.base import Broker, Delivery
 from funboost_like.brokers.registry import get_broker
+from funboost_like.concurrency import greenlets
+from funboost_like.concurrency.asyncio_loop import AsyncLoopPool
+from funboost_like.concurrency.base import Pool
 from funboost_like.concurrency.threads import ThreadPool
 from funboost_like.concurrency.timeouts import TimedRun, watchdog
 from funboost_like.core import runtime
 from funboost_like.core.config import settings
+from funboost_like.core.enums import ConcurrentModeEnum
 from funboost_like.core.errors import DecodeError, ExceptionForRequeue, ExceptionForRetry, FunctionTimeoutError
 from funboost_like.core.log import ensure_console_handler, get_logger
 from funboost_like.core.message import FunctionSignature, decode
@@ -107,7 +112,7 @@ class Consumer:
         self._capacity_freed = threading.Event()
         self._fetcher_waiting = False
         self._thread: threading.Thread | None = None
-        self._pool: ThreadPool | None = None
+        self._pool: Pool | None = None
         self._broker: Broker | None = None
         self._lock = threading.Lock()
         self.middlewares: list[Middleware] = build_middlewares(self)
@@ -137,20 +142,39 @@ class Consumer:
                 from funboost_like.core.log import add_file_handler
 
                 add_file_handler(self.logger, f"{self.params.logger_prefix}{self.queue_name}.log")
-            self._pool = ThreadPool(
-                self.params.concurrent_num,
-                keep_alive=float(settings.get("THREAD_KEEP_ALIVE_SECONDS")),
-                # Under a rate limit the fetcher submits exactly when a call must start: a call that
-                # finds no idle worker gets a new one at once, or the start rate would slip.
-                grow_after=0.0 if self.params.qps else 0.02,
-                name=f"funboost_like-{self.queue_name}",
-            )
+            self._pool = self._make_pool()
             self._thread = threading.Thread(target=self._fetch_loop, name=f"funboost_like-fetch-{self.queue_name}")
             runtime.register(self)
             self._thread.start()
         self.logger.info("consuming queue %r on %s with up to %d concurrent calls%s", self.queue_name,
                          self.params.broker.name, self.params.concurrent_num,
                          f" at {self.params.qps:g} calls/s" if self.params.qps else "")
+
+    def _make_pool(self) -> Pool:
+        """The pool of the concurrency mode; also picks how a timed call is stopped in that mode."""
+        mode = self.params.concurrent_mode
+        size = self.params.concurrent_num
+        self._submit_target: Callable[[Any], Any] = self._process
+        if mode == ConcurrentModeEnum.GEVENT:
+            greenlets.check_gevent_patched()
+            self._timed_call, self._green_deadline = self._green_timed_call, greenlets.gevent_deadline
+            return greenlets.GeventPool(size)
+        if mode == ConcurrentModeEnum.EVENTLET:
+            greenlets.check_eventlet_patched()
+            self._timed_call, self._green_deadline = self._green_timed_call, greenlets.eventlet_deadline
+            return greenlets.EventletPool(size)
+        if mode == ConcurrentModeEnum.ASYNC:
+            self._submit_target = self._process_async
+            return AsyncLoopPool(size, self.params.specify_async_loop, name=f"asyncio-{self.queue_name}")
+        self._timed_call = self._thread_timed_call
+        return ThreadPool(
+            size,
+            keep_alive=float(settings.get("THREAD_KEEP_ALIVE_SECONDS")),
+            # Under a rate limit the fetcher submits exactly when a call must start: a call that
+            # finds no idle worker gets a new one at once, or the start rate would slip.
+            grow_after=0.0 if self.params.qps else 0.02,
+            name=f"funboost_like-{self.queue_name}",
+        )
 
     def stop(self) -> None:
         """Ask the consumer to stop: no more fetching; unstarted messages go back to the broker."""
@@ -195,7 +219,7 @@ class Consumer:
         # At a limited rate, prefetch only about 0.2 s of starts: messages wait in the broker, not here.
         batch = capacity if limiter is None else max(1, min(capacity, int(self.params.qps * 0.2)))
         stop = self._stop
-        process = self._process
+        process = self._submit_target
         started = finished = 0
         interval = float(settings.get("STATS_LOG_INTERVAL_SECONDS"))
         next_stats = time.monotonic() + interval
@@ -247,7 +271,7 @@ class Consumer:
         self._stop.wait(min(pause, _BUSY_FETCH_TIMEOUT if busy else 1.0))
         return True
 
-    def _wait_for_capacity(self, pool: ThreadPool) -> None:
+    def _wait_for_capacity(self, pool: Pool) -> None:
         stalled = pool.grow_if_stalled()
         self._fetcher_waiting = True
         try:
@@ -292,7 +316,7 @@ class Consumer:
         self.stats.record(n)
         return n
 
-    def _shutdown(self, broker: Broker, pool: ThreadPool) -> None:
+    def _shutdown(self, broker: Broker, pool: Pool) -> None:
         unstarted: list[Delivery] = pool.drain()
         if unstarted:
             try:
@@ -336,6 +360,13 @@ class Consumer:
 
     def _run(self, delivery: Delivery) -> Outcome | None:
         """Decode, run the hooks and the call with in-place retries; say how the message must end."""
+        call = self._prepare(delivery)
+        if not isinstance(call, Call):
+            return call
+        return self._finish(call, self._call_with_retries(call))
+
+    def _prepare(self, delivery: Delivery) -> Call | Outcome:
+        """Decode and run the before-hooks: a Call to run, or the outcome of a message that will not run."""
         try:
             message = decode(delivery.body, self.signature)
         except DecodeError as exc:
@@ -356,7 +387,7 @@ class Consumer:
         if self._on_start:
             call.started_at = time.time()
             self._hook(self._on_start, "on_start", call)
-        return self._finish(call, self._call_with_retries(call))
+        return call
 
     def _finish(self, call: Call, outcome: Outcome | None) -> Outcome | None:
         if outcome is not None and self._after:
@@ -365,10 +396,7 @@ class Consumer:
 
     def _call_with_retries(self, call: Call) -> Outcome | None:
         """Run the function until it succeeds or the retries are spent; None if a run was abandoned."""
-        delivery = call.delivery
-        extra = call.message.extra
-        retries = extra.get("max_retry_times", self.params.max_retry_times)
-        timeout = extra.get("function_timeout", self.params.function_timeout)
+        timeout = call.message.extra.get("function_timeout", self.params.function_timeout)
         function = self.function
         kwargs = call.message.kwargs
         multi = self.signature.multi_params
@@ -377,30 +405,78 @@ class Consumer:
             call.attempts += 1
             try:
                 if timeout:
-                    call.result = self._call_with_timeout(call, timeout)
+                    call.result = self._timed_call(call, timeout)
                 else:
                     call.result = function(**kwargs) if multi else function(kwargs)
             except _Abandoned:
                 call.duration += time.perf_counter() - started
                 return None
-            except ExceptionForRequeue:
-                self.logger.info("task %s asked to be requeued", call.task_id)
-                call.outcome, call.duration = REQUEUED, call.duration + time.perf_counter() - started
-                return REQUEUED, delivery, "", None
             except Exception as exc:
-                if call.attempts <= retries:
-                    self._log_failure(call.task_id, exc, call.attempts, final=False)
+                outcome = self._after_exception(call, exc, started)
+                if outcome is None:
                     continue
-                return self._failed(call, exc, call.duration + time.perf_counter() - started)
+                return outcome
             call.outcome, call.duration = SUCCEEDED, call.duration + time.perf_counter() - started
-            return SUCCEEDED, delivery, "", None
+            return SUCCEEDED, call.delivery, "", None
+
+    async def _process_async(self, delivery: Delivery) -> None:
+        """ASYNC mode: the same path as :meth:`_process`, awaiting the coroutine on the event loop."""
+        outcome: Outcome | None = (REQUEUED, delivery, "", None)
+        try:
+            call = self._prepare(delivery)
+            outcome = call if not isinstance(call, Call) else self._finish(call, await self._await_with_retries(call))
+        finally:
+            if outcome is not None:
+                self._settle(outcome)
+
+    async def _await_with_retries(self, call: Call) -> Outcome:
+        timeout = call.message.extra.get("function_timeout", self.params.function_timeout)
+        function = self.function
+        kwargs = call.message.kwargs
+        multi = self.signature.multi_params
+        started = time.perf_counter()
+        while True:
+            call.attempts += 1
+            try:
+                coroutine = function(**kwargs) if multi else function(kwargs)
+                if timeout:
+                    try:
+                        call.result = await asyncio.wait_for(coroutine, timeout)
+                    except asyncio.TimeoutError:
+                        raise FunctionTimeoutError(f"the call took longer than function_timeout={timeout}s") from None
+                else:
+                    call.result = await coroutine
+            except Exception as exc:
+                outcome = self._after_exception(call, exc, started)
+                if outcome is None:
+                    continue
+                return outcome
+            call.outcome, call.duration = SUCCEEDED, call.duration + time.perf_counter() - started
+            return SUCCEEDED, call.delivery, "", None
+
+    def _after_exception(self, call: Call, exc: Exception, started: float) -> Outcome | None:
+        """Classify a failed run: None to run again at once, or the message's outcome."""
+        if isinstance(exc, ExceptionForRequeue):
+            self.logger.info("task %s asked to be requeued", call.task_id)
+            call.outcome, call.duration = REQUEUED, call.duration + time.perf_counter() - started
+            return REQUEUED, call.delivery, "", None
+        if call.attempts <= call.message.extra.get("max_retry_times", self.params.max_retry_times):
+            self._log_failure(call.task_id, exc, call.attempts, final=False)
+            return None
+        return self._failed(call, exc, call.duration + time.perf_counter() - started)
+
+    def _green_timed_call(self, call: Call, timeout: float) -> Any:
+        """GEVENT/EVENTLET: the library's timeout stops the greenlet at its next cooperative switch."""
+        kwargs = call.message.kwargs
+        with self._green_deadline(float(timeout)):
+            return self.function(**kwargs) if self.signature.multi_params else self.function(kwargs)
 
     def _failed(self, call: Call, exc: Exception, duration: float) -> Outcome:
         self._log_failure(call.task_id, exc, call.attempts, final=True)
         call.exc, call.outcome, call.duration = exc, FAILED, duration
         return FAILED, call.delivery, self._failure_reason(exc, call.attempts), exc
 
-    def _call_with_timeout(self, call: Call, timeout: float) -> Any:
+    def _thread_timed_call(self, call: Call, timeout: float) -> Any:
         """One run under a deadline (see concurrency/timeouts.py for what stopping a thread means)."""
         run = TimedRun(float(timeout), _ABANDON_GRACE, lambda: self._abandoned(call, run))
         watchdog.watch(run)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from funboost_like.core import timezones
 from funboost_like.core.enums import BrokerEnum, ConcurrentModeEnum
 from funboost_like.core.errors import ConfigurationError
 
@@ -80,14 +82,10 @@ PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(ConsumerParams))
 NOT_BUILT_YET: dict[str, str] = {
     "is_using_distributed_frequency_control": "distributed QPS control (needs the Redis services)",
     "is_send_consumer_hearbeat_to_redis": "consumer heartbeats in Redis",
-    "do_task_filtering": "task filtering",
-    "is_do_not_run_by_specify_time_effect": "do-not-run time windows",
-    "is_using_rpc_mode": "RPC results",
-    "specify_async_loop": "the ASYNC concurrency mode",
     "specify_concurrent_pool": "shared concurrency pools",
 }
 
-_BUILT_CONCURRENT_MODES = {ConcurrentModeEnum.THREADING}
+_BUILT_CONCURRENT_MODES = set(ConcurrentModeEnum)
 
 
 def build_params(queue_name: str, consuming_function: Callable[..., Any] | None, raw: dict[str, Any]) -> ConsumerParams:
@@ -141,6 +139,9 @@ def _normalise(params: ConsumerParams) -> None:
             raise ConfigurationError(f"{name} must be a number >= 0, got {value!r}")
     if params.msg_schedule_time_intercal and not params.qps:
         params.qps = 1.0 / params.msg_schedule_time_intercal
+    from funboost_like.middleware.time_window import parse_window
+
+    parse_window(params.do_not_run_by_specify_time)  # a malformed window fails at decoration time
     if isinstance(params.log_level, str):
         level = logging.getLevelName(params.log_level.upper())
         if not isinstance(level, int):
@@ -148,6 +149,23 @@ def _normalise(params: ConsumerParams) -> None:
         params.log_level = level
     if params.consuming_function is not None and not callable(params.consuming_function):
         raise ConfigurationError(f"consuming_function must be callable, got {params.consuming_function!r}")
+    check_mode_fits_function(params)
+
+
+def check_mode_fits_function(params: ConsumerParams) -> None:
+    """An 'async def' function needs concurrent_mode=ASYNC, and ASYNC needs one."""
+    function = params.consuming_function
+    if function is None:
+        return
+    is_async = inspect.iscoroutinefunction(function)
+    if is_async and params.concurrent_mode != ConcurrentModeEnum.ASYNC:
+        raise ConfigurationError(f"{function.__qualname__} is an 'async def' function: use concurrent_mode=ASYNC")
+    if not is_async and params.concurrent_mode == ConcurrentModeEnum.ASYNC:
+        raise ConfigurationError(
+            f"concurrent_mode=ASYNC runs 'async def' functions; {function.__qualname__} is not one"
+        )
+    if params.specify_async_loop is not None and params.concurrent_mode != ConcurrentModeEnum.ASYNC:
+        raise ConfigurationError("specify_async_loop is only used with concurrent_mode=ASYNC")
 
 
 @dataclass
@@ -185,7 +203,7 @@ class PriorityConsumingControlConfig:
         if self.countdown is not None:
             return publish_time + float(self.countdown)
         if self.eta is not None:
-            return self.eta.timestamp()  # a naive datetime is the machine's local time
+            return timezones.timestamp(self.eta)  # naive: in the TIMEZONE setting ("" = the machine's local time)
         return None
 
     def to_extra(self, publish_time: float) -> dict[str, Any]:

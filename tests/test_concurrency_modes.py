@@ -1,0 +1,165 @@
+"""GEVENT, EVENTLET and ASYNC modes: the same decorated function, the same behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from funboost_like import BrokerEnum, ConcurrentModeEnum, ConfigurationError, task_deco
+from funboost_like.brokers.memory import MemoryBroker
+from funboost_like.brokers.registry import get_broker
+from funboost_like.core.errors import FunctionTimeoutError
+
+from .conftest import subprocess_env
+
+MEMORY = BrokerEnum.LOCAL_PYTHON_QUEUE
+
+
+def memory() -> MemoryBroker:
+    broker = get_broker(MEMORY)
+    assert isinstance(broker, MemoryBroker)
+    return broker
+
+
+def test_async_calls_share_one_loop_and_run_concurrently(queue_name: str) -> None:
+    loops: set[int] = set()
+    done: list[int] = []
+
+    @task_deco(queue_name, broker_kind=MEMORY, concurrent_mode=ConcurrentModeEnum.ASYNC, concurrent_num=200)
+    async def fetch(x: int) -> int:
+        loops.add(id(asyncio.get_running_loop()))
+        await asyncio.sleep(0.5)
+        done.append(x)
+        return x
+
+    fetch.publish_many([{"x": i} for i in range(400)])
+    started = time.monotonic()
+    fetch.consume()
+    memory().join(queue_name, timeout=10)
+    assert sorted(done) == list(range(400))
+    assert len(loops) == 1  # one loop for every call, never a temporary loop per call
+    assert time.monotonic() - started < 3.0  # 400 x 0.5 s with 200 in flight: about 1 s
+
+
+def test_async_retries_timeouts_and_qps(queue_name: str) -> None:
+    attempts: list[int] = []
+    starts: list[float] = []
+
+    @task_deco(queue_name, broker_kind=MEMORY, concurrent_mode=ConcurrentModeEnum.ASYNC, function_timeout=0.2,
+               max_retry_times=1, qps=20, is_print_detail_exception=False)
+    async def job(x: int) -> None:
+        starts.append(time.monotonic())
+        if x == 0:
+            attempts.append(x)
+            await asyncio.sleep(5)  # cancelled at the timeout
+
+    job.publish_many([{"x": i} for i in range(20)])
+    job.consume()
+    with pytest.raises(FunctionTimeoutError):
+        memory().join(queue_name, timeout=10)
+    memory().join(queue_name, timeout=10, fail_fast=False)
+    assert attempts == [0, 0]
+    assert len(starts) == 21
+    assert 19 / 20 * 0.85 <= max(starts) - min(starts) <= 19 / 20 * 1.5
+
+
+def test_async_on_a_loop_the_user_runs(queue_name: str) -> None:
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    seen: list[int] = []
+
+    @task_deco(queue_name, broker_kind=MEMORY, concurrent_mode=ConcurrentModeEnum.ASYNC, specify_async_loop=loop)
+    async def f(x: int) -> None:
+        assert asyncio.get_running_loop() is loop
+        seen.append(x)
+
+    for i in range(5):
+        f.push(i)
+    f.consume()
+    memory().join(queue_name, timeout=5)
+    assert sorted(seen) == list(range(5))
+    f.stop()
+    f.consumer.join(5)
+    assert loop.is_running()  # the user's loop is left running
+    loop.call_soon_threadsafe(loop.stop)
+
+
+def test_mode_must_fit_the_function(queue_name: str) -> None:
+    async def coroutine_function(x: int) -> None:
+        pass
+
+    def plain(x: int) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match="use concurrent_mode=ASYNC"):
+        task_deco(queue_name, broker_kind=MEMORY)(coroutine_function)
+    with pytest.raises(ConfigurationError, match="is not one"):
+        task_deco(queue_name, broker_kind=MEMORY, concurrent_mode=ConcurrentModeEnum.ASYNC)(plain)
+
+
+def test_gevent_without_the_monkey_patch_refuses_to_start(queue_name: str) -> None:
+    pytest.importorskip("gevent")
+
+    @task_deco(queue_name, broker_kind=MEMORY, concurrent_mode=ConcurrentModeEnum.GEVENT)
+    def f(x: int) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match="monkey.patch_all"):
+        f.consume()
+
+
+GREEN_SCRIPT = """
+{patch}
+import time
+from funboost_like import task_deco, BrokerEnum, ConcurrentModeEnum
+from funboost_like.brokers.registry import get_broker
+from funboost_like.core.errors import FunctionTimeoutError
+
+done = []
+
+@task_deco("green_q", broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, concurrent_mode=ConcurrentModeEnum.{mode},
+           concurrent_num=300, function_timeout=1, max_retry_times=0, is_print_detail_exception=False)
+def f(x):
+    time.sleep(5 if x < 0 else 0.5)  # patched sleep: cooperative; x < 0 is stopped by the timeout
+    done.append(x)
+
+f.publish_many([{{"x": i}} for i in range(300)])
+f.push(-1)
+started = time.monotonic()
+f.consume()
+broker = get_broker(BrokerEnum.LOCAL_PYTHON_QUEUE)
+try:
+    broker.join("green_q", timeout=20)
+except FunctionTimeoutError:
+    broker.join("green_q", timeout=20, fail_fast=False)
+    print("TIMEOUT_STOPPED")
+print("DONE", len(done), -1 in done, round(time.monotonic() - started, 2))
+f.stop()
+"""
+
+
+@pytest.mark.parametrize("mode, patch", [
+    ("GEVENT", "from gevent import monkey; monkey.patch_all()"),
+    ("EVENTLET", "import eventlet; eventlet.monkey_patch()"),
+])
+def test_green_modes_run_blocking_calls_concurrently(isolated_settings: Path, tmp_path: Path, mode: str,
+                                                     patch: str) -> None:
+    pytest.importorskip(mode.lower())
+    script = tmp_path / "green.py"
+    script.write_text(textwrap.dedent(GREEN_SCRIPT.format(patch=patch, mode=mode)))
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(script)], env=subprocess_env(isolated_settings),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "TIMEOUT_STOPPED" in proc.stdout, proc.stdout + proc.stderr
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("DONE")][0]
+    _, count, stuck_finished, seconds = line.split()
+    assert count == "300" and stuck_finished == "False"  # the timed-out greenlet really stopped
+    assert float(seconds) < 4.0  # 300 x 0.5 s sleeps at once, not one after another
