@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/throughput.py [--brokers memory,sqlite] [--n N] [--repeat R] [--json]
+    python benchmarks/throughput.py --brokers redis_list,redis_ack_able,redis_brpoplpush,redis_stream
 
 For every broker and every repetition a fresh Python subprocess (with its own temporary SQLite
 folder and ``FUNBOOST_LIKE_NO_USER_CONFIG=1``) measures, in one process, with the trivial function
@@ -16,6 +17,10 @@ folder and ``FUNBOOST_LIKE_NO_USER_CONFIG=1``) measures, in one process, with th
   ``f.consume()`` until the function has run N times *and* the broker holds no unacknowledged
   message of this process (every message acked); rate = N / elapsed. The consumer is then stopped,
   and the run is checked: exactly N calls, nothing left in the queue.
+
+The Redis brokers (``redis_list`` = REDIS, ``redis_ack_able``, ``redis_brpoplpush``,
+``redis_stream``) use ``FUNBOOST_LIKE_BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/14``);
+every key of each benchmark queue is deleted before and after each path.
 
 The parent prints the median and the best rate of the repetitions against the targets. This is a
 measurement, not a test: the exit code is always 0.
@@ -40,18 +45,24 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-BROKERS = {"memory": "LOCAL_PYTHON_QUEUE", "sqlite": "PERSISTQUEUE"}
+BROKERS = {"memory": "LOCAL_PYTHON_QUEUE", "sqlite": "PERSISTQUEUE", "redis_list": "REDIS",
+           "redis_ack_able": "REDIS_ACK_ABLE", "redis_brpoplpush": "RedisBrpopLpush", "redis_stream": "REDIS_STREAM"}
+REDIS_BROKERS = {"redis_list", "redis_ack_able", "redis_brpoplpush", "redis_stream"}
+BENCH_REDIS_URL = os.environ.get("FUNBOOST_LIKE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 PATHS = ("publish one-by-one", "publish bulk", "consume (acked)")
 
 # Default N per broker and path (``--n`` overrides all of them).
 DEFAULT_N = {
     "memory": {"publish one-by-one": 200_000, "publish bulk": 200_000, "consume (acked)": 200_000},
     "sqlite": {"publish one-by-one": 20_000, "publish bulk": 200_000, "consume (acked)": 50_000},
+    **{b: {"publish one-by-one": 50_000, "publish bulk": 200_000, "consume (acked)": 200_000} for b in REDIS_BROKERS},
 }
 # DESIGN.md section 9 (single process, trivial function, 2-core machine).
 TARGETS = {
     "memory": {"publish one-by-one": 200_000, "publish bulk": 200_000, "consume (acked)": 100_000},
     "sqlite": {"publish one-by-one": 5_000, "publish bulk": 50_000, "consume (acked)": 10_000},
+    # Stated for REDIS_STREAM and REDIS_ACK_ABLE; the other two Redis kinds are held to the same figures.
+    **{b: {"publish one-by-one": 9_000, "publish bulk": 150_000, "consume (acked)": 50_000} for b in REDIS_BROKERS},
 }
 BULK_CHUNK = 10_000
 CONSUME_TIMEOUT_SECONDS = 120.0
@@ -142,6 +153,8 @@ def child_main(broker: str, ns: dict[str, int], tmpdir: str) -> None:
     from funboost_like.core import codec
 
     patch_frame_config(SQLITE_QUEUES_PATH=tmpdir)
+    if broker in REDIS_BROKERS:
+        patch_frame_config(REDIS_URL=BENCH_REDIS_URL)
     kind = BrokerEnum[BROKERS[broker]]
     counter_box: dict = {}
 
@@ -163,6 +176,7 @@ def child_main(broker: str, ns: dict[str, int], tmpdir: str) -> None:
         ("consume (acked)", "bench_consume", True, None),
     ):
         fn = make(f"{queue}_{broker}", counting)
+        _delete_redis_keys(broker, fn.queue_name)
         try:
             if measure is None:
                 results[path] = _measure_consume(fn, ns[path], counter_box)
@@ -173,6 +187,7 @@ def child_main(broker: str, ns: dict[str, int], tmpdir: str) -> None:
         finally:
             try:
                 fn.clear()
+                _delete_redis_keys(broker, fn.queue_name)
             except Exception:
                 pass
 
@@ -187,6 +202,17 @@ def child_main(broker: str, ns: dict[str, int], tmpdir: str) -> None:
     }
     sys.stdout.write("BENCH-RESULT " + json.dumps(out) + "\n")
     sys.stdout.flush()
+
+
+def _delete_redis_keys(broker: str, queue: str) -> None:
+    """Every key of ``queue`` on the benchmark's Redis database (the queue's own and ``fl:{queue}:*``)."""
+    if broker not in REDIS_BROKERS:
+        return
+    from funboost_like.brokers.redis_common import redis_client
+
+    client = redis_client()
+    keys = [queue, *client.scan_iter(match=f"fl:{{{queue}}}:*", count=1000)]
+    client.delete(*keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +246,7 @@ def _fmt(rate: float | None) -> str:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--brokers", default="memory,sqlite", help="comma-separated: memory,sqlite")
+    parser.add_argument("--brokers", default="memory,sqlite", help=f"comma-separated: {','.join(BROKERS)}")
     parser.add_argument("--n", type=int, default=None, help="messages per path (default: per broker and path)")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions; the median and best are reported")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
@@ -318,11 +344,11 @@ def _print_report(info: dict, rows: list[dict], problems: list[str]) -> None:
     print(f"platform {info['platform']}  load average at end {info['loadavg_at_end']}  repeat {info['repeat']}"
           f"  total {info['total_seconds']}s")
     print()
-    header = f"{'broker':<8} {'path':<20} {'N':>9} {'rate/s (median)':>16} {'best':>10} {'target':>9}  ok"
+    header = f"{'broker':<16} {'path':<20} {'N':>9} {'rate/s (median)':>16} {'best':>10} {'target':>9}  ok"
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['broker']:<8} {row['path']:<20} {row['n']:>9,} {_fmt(row['median']):>16} {_fmt(row['best']):>10}"
+        print(f"{row['broker']:<16} {row['path']:<20} {row['n']:>9,} {_fmt(row['median']):>16} {_fmt(row['best']):>10}"
               f" {row['target']:>9,}  {'yes' if row['ok'] else 'NO'}")
     print()
     print(f"publish bulk = publish_many in chunks of {BULK_CHUNK:,} dicts; consume = from consume() until all N "

@@ -1,8 +1,14 @@
 """funboost_like: put ``@task_deco("queue")`` on a function, ``push`` calls, ``consume`` them anywhere.
 
-Importing this package performs no I/O, writes no file and patches nothing.
+Importing this package performs no I/O, writes no file and patches nothing. The timing-job names
+(``fsdf_background_scheduler``, ``timing_publish_deco``, ``FsdfBackgroundScheduler``) are loaded on
+first use, so APScheduler is imported only by programs that schedule.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from funboost_like.concurrency.multiprocess import run_consumer_with_multi_process
 from funboost_like.core.booster import Booster, boost, get_consumer, task_deco
 from funboost_like.core.config import patch_frame_config
 from funboost_like.core.enums import BrokerEnum, ConcurrentModeEnum
@@ -12,10 +18,18 @@ from funboost_like.core.errors import (
     ExceptionForRequeue,
     ExceptionForRetry,
     FunboostLikeError,
+    FunctionFailedError,
     PublishError,
+    ResultNotAvailable,
+    TaskSkippedError,
 )
 from funboost_like.core.params import FunctionResultStatusPersistanceConfig, PriorityConsumingControlConfig
 from funboost_like.core.results import AsyncResult
+
+if TYPE_CHECKING:
+    from funboost_like.scheduling.timing import FsdfBackgroundScheduler as FsdfBackgroundScheduler
+    from funboost_like.scheduling.timing import fsdf_background_scheduler as fsdf_background_scheduler
+    from funboost_like.scheduling.timing import timing_publish_deco as timing_publish_deco
 
 __version__ = "0.1.0"
 
@@ -29,11 +43,29 @@ __all__ = [
     "ExceptionForRequeue",
     "ExceptionForRetry",
     "FunboostLikeError",
+    "FunctionFailedError",
     "FunctionResultStatusPersistanceConfig",
     "PriorityConsumingControlConfig",
     "PublishError",
+    "ResultNotAvailable",
+    "TaskSkippedError",
     "boost",
     "get_consumer",
     "patch_frame_config",
+    "run_consumer_with_multi_process",
     "task_deco",
 ]
+
+# Loaded on first use: importing funboost_like must not import APScheduler.
+_LAZY = {
+    "fsdf_background_scheduler": "funboost_like.scheduling.timing",
+    "timing_publish_deco": "funboost_like.scheduling.timing",
+    "FsdfBackgroundScheduler": "funboost_like.scheduling.timing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -29,6 +29,9 @@ effective settings (passwords are masked).
 # ----- Redis (the Redis brokers and Redis-backed services: RPC results, filtering, status) -----
 
 # REDIS_URL = "redis://127.0.0.1:6379/0"  # redis://[user:password@]host:port/db; the password is never logged
+# REDIS_HEARTBEAT_SECONDS = 5.0  # REDIS_ACK_ABLE and RedisBrpopLpush consumers send a heartbeat this often
+# REDIS_DEAD_AFTER_SECONDS = 15.0  # a consumer without heartbeat this long is dead: its messages run again
+# REDIS_STREAM_MIN_IDLE_SECONDS = 60.0  # REDIS_STREAM: a dead consumer's entries are reclaimed after this long
 
 # ----- Logging -----
 
@@ -41,6 +44,18 @@ effective settings (passwords are masked).
 # GRACEFUL_STOP_SECONDS = 30.0  # after SIGINT/SIGTERM, how long running calls may take to finish
 # THREAD_KEEP_ALIVE_SECONDS = 10.0  # an idle worker thread exits after this long
 # STATS_LOG_INTERVAL_SECONDS = 60.0  # how often a consumer logs its rate and the estimated time left
+
+# ----- Processes (run_consumer_with_multi_process, multi_process_consume) -----
+
+# MULTI_PROCESS_START_METHOD = ""  # "fork", "spawn" or "forkserver"; "" means the platform's default
+
+# ----- Timing jobs (fsdf_background_scheduler) -----
+
+# SCHEDULER_JOB_STORE = "memory"  # where jobs live: "memory", "sqlite", "redis" (at REDIS_URL) or a SQLAlchemy URL
+# SCHEDULER_SQLITE_DIR = ""  # folder of jobs.sqlite3 and fire_locks.sqlite3; "" means <per-user data dir>/scheduler
+# SCHEDULER_FIRE_LOCK = "auto"  # "auto" (redis with a redis job store, else sqlite), "sqlite", "redis" or "none"
+# SCHEDULER_FIRE_LOCK_RETENTION_SECONDS = 86400.0  # how long a published fire time is remembered
+# SCHEDULER_POLL_SECONDS = 1.0  # how often a scheduler on a shared job store looks for jobs changed elsewhere
 
 # ----- Results, status and time -----
 

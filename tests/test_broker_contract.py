@@ -14,7 +14,10 @@ from funboost_like.core.errors import DoubleAckError
 
 from .conftest import require_server
 
-SERVERS = {BrokerEnum.REDIS_ACK_ABLE: ("Redis", "127.0.0.1", 6379)}
+REDIS = ("Redis", "127.0.0.1", 6379)
+REDIS_KINDS = {BrokerEnum.REDIS, BrokerEnum.REDIS_ACK_ABLE, BrokerEnum.RedisBrpopLpush, BrokerEnum.REDIS_STREAM}
+REDIS_URL = "redis://127.0.0.1:6379/15"  # every Redis kind runs the suite on this database
+SERVERS = {kind: REDIS for kind in REDIS_KINDS}
 BUILT = [kind for kind, entry in BROKERS.items() if entry is not None]
 
 
@@ -23,10 +26,10 @@ def broker(request: pytest.FixtureRequest, queue_name: str) -> Iterator[Broker]:
     kind = request.param
     if kind in SERVERS:
         require_server(*SERVERS[kind])
-        if kind == BrokerEnum.REDIS_ACK_ABLE:
+        if kind in REDIS_KINDS:
             from funboost_like.core.config import patch_frame_config
 
-            patch_frame_config(REDIS_URL="redis://127.0.0.1:6379/15")
+            patch_frame_config(REDIS_URL=REDIS_URL)
     b = get_broker(kind)
     b.purge(queue_name)
     yield b

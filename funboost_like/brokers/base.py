@@ -19,7 +19,10 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from funboost_like.core.stores import KeyValueStore
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,15 @@ class Broker(ABC):
     @abstractmethod
     def count(self, queue: str) -> int:
         """How many messages wait in ``queue`` (ready or delayed; not those held by a consumer)."""
+
+    def key_value_store(self, queue: str, namespace: str) -> KeyValueStore:
+        """The store of small expiring records kept beside ``queue`` (RPC results, task filters, ...).
+
+        ``namespace`` (``[A-Za-z0-9_-]{1,64}``) separates features. The same (queue, namespace)
+        returns the same store; see :mod:`funboost_like.core.stores` for the contract.
+        """
+        raise NotImplementedError(f"broker {type(self).__name__} keeps no key-value records (needed by RPC "
+                                  "results and task filtering)")
 
     def close(self) -> None:  # noqa: B027 - optional hook, brokers without connections keep it
         """Release connections. The broker may be used again afterwards (it reconnects lazily)."""

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import DoubleAckError
+from funboost_like.core.stores import MemoryKeyValueStore, check_namespace
 
 
 class _MemoryQueue:
@@ -56,6 +57,7 @@ class MemoryBroker(Broker):
         self._queues: dict[str, _MemoryQueue] = {}
         self._lock = threading.Lock()
         self._tokens = itertools.count(1)
+        self._stores: dict[tuple[str, str], MemoryKeyValueStore] = {}
 
     def _queue(self, name: str) -> _MemoryQueue:
         q = self._queues.get(name)
@@ -204,6 +206,15 @@ class MemoryBroker(Broker):
         q = self._queue(queue)
         with q.cond:
             return q.waiting()
+
+    def key_value_store(self, queue: str, namespace: str) -> MemoryKeyValueStore:
+        """A process-local store per (queue, namespace), living as long as this broker."""
+        key = (queue, check_namespace(namespace))
+        store = self._stores.get(key)
+        if store is None:
+            with self._lock:
+                store = self._stores.setdefault(key, MemoryKeyValueStore())
+        return store
 
     def in_flight(self, queue: str) -> int:
         """Messages fetched and not yet acked, nacked or dead-lettered."""

@@ -20,8 +20,8 @@ across a Redis restart is Redis's own persistence setting (AOF/RDB).
 Settings: ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``, environment variable
 ``FUNBOOST_LIKE_REDIS_URL``), read at first use, never at import (after :meth:`close`, read again);
 passwords never reach a log. Needs Redis server 6.2 or newer (``RPOP`` with a count).
-Tuning: ``RedisAckAbleBroker(heartbeat_interval=5.0, dead_after=15.0)`` or the class attributes of
-the same names.
+Tuning: the settings ``REDIS_HEARTBEAT_SECONDS`` (5) and ``REDIS_DEAD_AFTER_SECONDS`` (15), shared
+with RedisBrpopLpush, or ``RedisAckAbleBroker(heartbeat_interval=..., dead_after=...)``.
 
 Capabilities: ack, persistent (as far as Redis persists), delay, priority 0..9 (higher first),
 cross-process, cross-host, dead letters. Attempts are counted per message: a nack or a crash
@@ -43,6 +43,8 @@ queue name as a Redis Cluster hash tag (the braces are literal, so one queue liv
   a nack or a crash;
 * ``fl:{<queue>}:dead``: LIST of JSON envelopes ``{"body", "reason", "failed_at", "attempts"}``,
   newest first, trimmed to the newest 10,000.
+* ``fl:{<queue>}:<namespace>:<key>``: records of :meth:`RedisAckAbleBroker.key_value_store` (RPC
+  results in namespace ``results``, task filters in ``filter``), Redis strings with PX expiry.
 
 Order: a nacked message goes to the back of its queue, a released or recovered one to the front;
 a delayed one joins the back when due (moved by the next fetch). Fetching never blocks Redis: an
@@ -62,23 +64,32 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.redis_common import (
+    DEAD_LETTER_LIMIT,
+    LUA_NOW,
+    PURGE_LIST,
     DirectConnections,
+    HeartbeatThread,
     LuaScript,
+    as_bytes,
+    consumer_timing,
     describe_url,
     direct_connections,
+    new_consumer_id,
+    raise_first_error,
+    read_dead_letters,
     translate_error,
 )
+from funboost_like.brokers.redis_store import RedisKeyValueStore
 from funboost_like.core import codec
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import ConfigurationError, DoubleAckError
@@ -87,16 +98,12 @@ logger = logging.getLogger("funboost_like.redis")
 
 MAX_PRIORITY = 9
 MAX_BATCH = 1000  # messages per fetch; also the stride of delivery numbers between fetches
-DEAD_LETTER_LIMIT = 10_000
 _IDLE_SLEEP_FIRST = 0.002
 _IDLE_SLEEP_MAX = 0.05
 
-# Shared by the scripts: the server's clock as a float.
-_NOW = "local _t = redis.call('TIME') local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000\n"
-
 # KEYS: ready0, delayed, inflight, consumers, attempts
 # ARGV: max_n, base, consumer id, priority-list prefix ("fl:{q}:p")
-_FETCH = LuaScript(_NOW + """
+_FETCH = LuaScript(LUA_NOW + """
 local inflight = KEYS[3]
 local want = tonumber(ARGV[1])
 local base = tonumber(ARGV[2])
@@ -182,7 +189,7 @@ return out
 
 # KEYS: inflight, ready0, delayed, attempts, dead
 # ARGV: mode (tail|head|delay|drop|dead), priority-list prefix, delay seconds or envelope, unique id, tokens...
-_GIVE_BACK = LuaScript(_NOW + """
+_GIVE_BACK = LuaScript(LUA_NOW + """
 local mode = ARGV[1]
 local done = 0
 for i = 5, #ARGV do
@@ -214,7 +221,7 @@ return done
 
 # KEYS: consumers, ready0, attempts
 # ARGV: own consumer id ('' to only sweep), dead_after, key prefix ("fl:{q}:")
-_HEARTBEAT = LuaScript(_NOW + """
+_HEARTBEAT = LuaScript(LUA_NOW + """
 if ARGV[1] ~= '' then redis.call('ZADD', KEYS[1], now, ARGV[1]) end
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0, 100)
 local moved = 0
@@ -245,7 +252,7 @@ return moved
 """)
 
 # KEYS: delayed; ARGV: delay seconds, member
-_PUBLISH_DELAYED = LuaScript(_NOW + """
+_PUBLISH_DELAYED = LuaScript(LUA_NOW + """
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
 return 1
 """)
@@ -258,13 +265,6 @@ if ARGV[2] == '1' then
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
   for p = 1, 9 do redis.call('DEL', ARGV[1] .. p) end
 end
-return n
-""")
-
-# KEYS: dead letters
-_PURGE_DEAD = LuaScript("""
-local n = redis.call('LLEN', KEYS[1])
-redis.call('DEL', KEYS[1])
 return n
 """)
 
@@ -289,13 +289,6 @@ return 0
 """)
 
 
-def _raise_first_error(replies: list[Any]) -> list[Any]:
-    for reply in replies:
-        if isinstance(reply, ResponseError):
-            raise reply
-    return replies
-
-
 class _QueueKeys:
     __slots__ = ("ready", "prefix", "prio_prefix", "prio_lists", "delayed", "attempts", "dead", "consumers")
 
@@ -311,19 +304,10 @@ class _QueueKeys:
         self.consumers = prefix + "consumers"
 
 
-def _new_consumer_id() -> str:
-    host = socket.gethostname().replace(":", "_").replace("{", "_").replace("}", "_") or "host"
-    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-
-
 def _level(priority: int) -> int:
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
         raise ConfigurationError(f"REDIS_ACK_ABLE priorities are integers 0..{MAX_PRIORITY}, not {priority!r}")
     return priority
-
-
-def _as_bytes(body: bytes | str) -> bytes:
-    return body.encode("utf-8") if isinstance(body, str) else bytes(body)
 
 
 class RedisAckAbleBroker(Broker):
@@ -332,18 +316,11 @@ class RedisAckAbleBroker(Broker):
     kind = BrokerEnum.REDIS_ACK_ABLE
     capabilities = Capabilities(ack=True, persistent=True, delay=True, priority=True, cross_process=True,
                                 cross_host=True, dead_letters=True, max_priority=MAX_PRIORITY)
-    heartbeat_interval: float = 5.0
-    dead_after: float = 15.0
 
     def __init__(self, *, heartbeat_interval: float | None = None, dead_after: float | None = None) -> None:
-        if heartbeat_interval is not None:
-            self.heartbeat_interval = float(heartbeat_interval)
-        if dead_after is not None:
-            self.dead_after = float(dead_after)
-        if not 0 < self.heartbeat_interval < self.dead_after:
-            raise ConfigurationError(
-                f"need 0 < heartbeat_interval < dead_after, got {self.heartbeat_interval} and {self.dead_after}")
+        self.heartbeat_interval, self.dead_after = consumer_timing(heartbeat_interval, dead_after)
         self._keys: dict[str, _QueueKeys] = {}
+        self._kv_stores: dict[tuple[str, str], RedisKeyValueStore] = {}
         self._seq = itertools.count(1)
         self._reset_process_state()
 
@@ -351,12 +328,11 @@ class RedisAckAbleBroker(Broker):
         """Identity, connection and heartbeat of this process (called again in a forked child)."""
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._cid = _new_consumer_id()
+        self._cid = new_consumer_id()
         self._redis: DirectConnections | None = None
         self._inflight: dict[str, str] = {}  # queue -> this consumer's in-flight hash
         self._pending: dict[str, tuple[str, int]] = {}  # queue -> (base, max_n) of a fetch whose reply was lost
-        self._hb_thread: threading.Thread | None = None
-        self._hb_stop = threading.Event()
+        self._heartbeat = HeartbeatThread(self.heartbeat, self.heartbeat_interval, "funboost_like-redis-heartbeat")
 
     @property
     def consumer_id(self) -> str:
@@ -385,12 +361,7 @@ class RedisAckAbleBroker(Broker):
             if ikey is None:
                 ikey = self._inflight[queue] = f"{self._queue_keys(queue).prefix}inflight:{self._cid}"
                 logger.debug("consumer %s fetches queue %r from Redis at %s", self._cid, queue, describe_url())
-            thread = self._hb_thread
-            if thread is None or not thread.is_alive():
-                self._hb_stop = stop = threading.Event()
-                thread = self._hb_thread = threading.Thread(
-                    target=self._heartbeat_loop, args=(stop,), name="funboost_like-redis-heartbeat", daemon=True)
-                thread.start()
+        self._heartbeat.ensure_running()
         return ikey
 
     # -- publishing --------------------------------------------------------------------------------
@@ -401,7 +372,7 @@ class RedisAckAbleBroker(Broker):
                 delay = not_before - time.time()
                 if delay > 0:
                     keys = self._queue_keys(queue)
-                    member = b"%s:%d:0:" % (uuid.uuid4().hex.encode(), _level(priority)) + _as_bytes(body)
+                    member = b"%s:%d:0:" % (uuid.uuid4().hex.encode(), _level(priority)) + as_bytes(body)
                     _PUBLISH_DELAYED(client, [keys.delayed], [repr(delay), member])
                     return
             if priority:
@@ -420,7 +391,7 @@ class RedisAckAbleBroker(Broker):
             if len(bodies) <= MAX_BATCH:
                 client.execute_command("LPUSH", key, *bodies)
                 return
-            _raise_first_error(client.pipeline(
+            raise_first_error(client.pipeline(
                 [("LPUSH", key, *bodies[start:start + MAX_BATCH]) for start in range(0, len(bodies), MAX_BATCH)]))
         except RedisError as exc:
             raise translate_error(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
@@ -511,7 +482,7 @@ class RedisAckAbleBroker(Broker):
                 ((key, fields),) = groups.items()
                 removed = client.execute_command("HDEL", key, *fields)
             else:
-                removed = sum(_raise_first_error(client.pipeline(
+                removed = sum(raise_first_error(client.pipeline(
                     [("HDEL", key, *fields) for key, fields in groups.items()])))
         except RedisError as exc:
             raise translate_error(exc, f"acknowledging {len(deliveries)} message(s)") from exc
@@ -560,22 +531,6 @@ class RedisAckAbleBroker(Broker):
                 "or were recovered by another consumer after this one missed its heartbeats")
 
     # -- heartbeat and recovery --------------------------------------------------------------------
-    def _heartbeat_loop(self, stop: threading.Event) -> None:
-        failing = False
-        while True:
-            try:
-                self.heartbeat()
-                if failing:
-                    logger.info("heartbeats to Redis at %s work again", describe_url())
-                    failing = False
-            except Exception as exc:  # keep beating: the next attempt may succeed
-                if not failing:
-                    logger.warning("heartbeat to Redis at %s failed: %s; retrying every %.1fs",
-                                   describe_url(), exc, self.heartbeat_interval)
-                    failing = True
-            if stop.wait(self.heartbeat_interval):
-                return
-
     def heartbeat(self) -> int:
         """Refresh this consumer's heartbeat on the queues it fetched from and sweep dead consumers there.
 
@@ -620,26 +575,14 @@ class RedisAckAbleBroker(Broker):
 
     # -- dead letters ------------------------------------------------------------------------------
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        if limit <= 0:
-            return []
         try:
-            raw = self._conn().execute_command("LRANGE", self._queue_keys(queue).dead, 0, limit - 1)
+            return read_dead_letters(self._conn(), queue, limit)
         except RedisError as exc:
             raise translate_error(exc, f"listing dead letters of queue {queue!r}") from exc
-        letters = []
-        for item in raw:
-            try:
-                envelope = codec.loads(item)
-                letters.append(DeadLetter(queue, str(envelope["body"]).encode("utf-8"), str(envelope.get("reason", "")),
-                                          float(envelope.get("failed_at", 0.0)), int(envelope.get("attempts", 0))))
-            except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError):
-                raw_body = item if isinstance(item, bytes) else str(item).encode("utf-8")
-                letters.append(DeadLetter(queue, raw_body, "unreadable dead-letter envelope", 0.0, 0))
-        return letters
 
     def purge_dead_letters(self, queue: str) -> int:
         try:
-            n = _PURGE_DEAD(self._conn(), [self._queue_keys(queue).dead], [])
+            n = PURGE_LIST(self._conn(), [self._queue_keys(queue).dead], [])
         except RedisError as exc:
             raise translate_error(exc, f"purging dead letters of queue {queue!r}") from exc
         return int(n)
@@ -650,6 +593,13 @@ class RedisAckAbleBroker(Broker):
 
     def count(self, queue: str) -> int:
         return self._count_or_purge(queue, purge=False)
+
+    def key_value_store(self, queue: str, namespace: str) -> RedisKeyValueStore:
+        """Records as Redis strings ``fl:{<queue>}:<namespace>:<key>`` with PX expiry (see redis_store)."""
+        store = self._kv_stores.get((queue, namespace))
+        if store is None:
+            store = self._kv_stores.setdefault((queue, namespace), RedisKeyValueStore(queue, namespace))
+        return store
 
     def _count_or_purge(self, queue: str, *, purge: bool) -> int:
         keys = self._queue_keys(queue)
@@ -668,14 +618,10 @@ class RedisAckAbleBroker(Broker):
         if self._pid != os.getpid():
             self._reset_process_state()
             return
+        self._heartbeat.stop()
         with self._lock:
-            stop, thread = self._hb_stop, self._hb_thread
-            self._hb_thread = None
             registered = dict(self._inflight)
             self._inflight.clear()
-        stop.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5)
         client = self._redis
         if client is not None:
             for queue, ikey in registered.items():

@@ -23,20 +23,28 @@ publish or ack survives a crash of any process; with ``FULL`` it also survives p
 crash, at the cost of an fsync per commit.
 
 Layout: one database file per queue, ``<folder>/<safe name>.sqlite3`` (see :func:`queue_file_name`),
-with the tables ``messages`` (waiting and leased messages) and ``dead_letters``. Row ids come from
-AUTOINCREMENT and are never reused, so a stale token can never touch a newer message.
+with the tables ``messages`` (ready and leased messages), ``delayed`` (messages not due yet, published
+with ``not_before`` or nacked with a delay, indexed by due time) and ``dead_letters``. Row ids come
+from AUTOINCREMENT and are never reused, so a stale token can never touch a newer message.
 
-Contract notes: times are wall-clock UNIX times shared by all processes (a clock jump moves leases);
-changing ``SQLITE_QUEUES_PATH`` while messages are in flight is not supported; a waiting fetch picks
-up a delayed message within about 50 ms of it being due. Delayed or leased rows that sort before the
-ready ones are scanned by every fetch (about 4 ms per 100,000), so huge numbers of far-future
-messages slow consumption down.
+Delayed messages: a fetch moves the due rows of ``delayed`` into ``messages`` (at the back of their
+priority, as a new row) in one transaction, but only when the earliest due time says something is
+due. Each process caches that earliest due time per queue (lowered at once by its own delayed
+publishes and nacks) and re-reads ``SELECT min(due)`` at most every 50 ms to see other processes'
+ones; so any number of far-future messages costs a fetch nothing, and a waiting fetch picks up a
+delayed message within about 50 ms of it being due (at once when it was published in the same
+process). Files written by earlier versions may hold delayed rows in ``messages`` (``visible_at`` in
+the future); they are still delivered when due.
+
+Contract notes: times are wall-clock UNIX times shared by all processes (a clock jump moves leases
+and due times); changing ``SQLITE_QUEUES_PATH`` while messages are in flight is not supported.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -55,6 +63,7 @@ from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Deliver
 from funboost_like.core.config import data_dir_setting, settings
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import BrokerError, BrokerNotAvailable, ConfigurationError, DoubleAckError
+from funboost_like.core.stores import SqliteKeyValueStore, check_namespace
 
 logger = logging.getLogger("funboost_like.sqlite")
 
@@ -70,11 +79,32 @@ _SCHEMA = (
     " id INTEGER PRIMARY KEY AUTOINCREMENT, priority INTEGER NOT NULL DEFAULT 0, visible_at REAL NOT NULL,"
     " attempts INTEGER NOT NULL DEFAULT 0, owner TEXT, body BLOB NOT NULL)",
     "CREATE INDEX IF NOT EXISTS messages_next ON messages (priority DESC, id, visible_at)",
+    "CREATE TABLE IF NOT EXISTS delayed ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT, priority INTEGER NOT NULL DEFAULT 0, due REAL NOT NULL,"
+    " attempts INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS delayed_due ON delayed (due)",
     "CREATE TABLE IF NOT EXISTS dead_letters ("
     " id INTEGER PRIMARY KEY AUTOINCREMENT, message_id INTEGER, body BLOB, reason TEXT, failed_at REAL,"
     " attempts INTEGER)",
 )
 _INSERT = "INSERT INTO messages (priority, visible_at, body) VALUES (?, ?, ?)"
+_INSERT_DELAYED = "INSERT INTO delayed (priority, due, body) VALUES (?, ?, ?)"
+_NEXT_DUE = "SELECT min(due) FROM delayed"
+# Due rows move to ``messages`` in due order; the two statements select the same rows because they
+# run in one write transaction.
+_DUE_IDS = "SELECT id FROM delayed WHERE due <= :now ORDER BY due, id LIMIT :n"
+_PROMOTE = (
+    "INSERT INTO messages (priority, visible_at, attempts, body)"
+    f" SELECT priority, due, attempts, body FROM delayed WHERE id IN ({_DUE_IDS}) ORDER BY due, id"
+)
+_UNDELAY = f"DELETE FROM delayed WHERE id IN ({_DUE_IDS})"
+_PROMOTE_BATCH = 5000  # rows moved per transaction, so the write lock is held briefly
+_DUE_RECHECK = 0.05  # seconds between reads of the earliest due time (other processes' delayed rows)
+_DELAY = (
+    "INSERT INTO delayed (priority, due, attempts, body)"
+    " SELECT priority, ?, attempts, body FROM messages WHERE owner = ? AND id IN ({ids}) ORDER BY id"
+)
+_DELETE_OWNED = "DELETE FROM messages WHERE owner = ? AND id IN ({ids})"
 # One statement claims the batch under SQLite's write lock, so two processes never claim one row.
 _CLAIM = (
     "UPDATE messages SET visible_at = :lease_until, owner = :owner, attempts = attempts + 1"
@@ -113,9 +143,10 @@ def queue_file_name(queue: str) -> str:
 
 
 class _Queue:
-    """Process-local state of one queue file: its wake-up condition and the tokens this process holds."""
+    """Process-local state of one queue file: its wake-up condition, the tokens this process holds and
+    the earliest due time of its delayed messages, as last seen."""
 
-    __slots__ = ("path", "cond", "generation", "waiters", "held", "lock")
+    __slots__ = ("path", "cond", "generation", "waiters", "held", "lock", "next_due", "due_checked")
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -124,6 +155,15 @@ class _Queue:
         self.waiters = 0
         self.held: set[int] = set()
         self.lock = threading.Lock()
+        # Earliest due time in ``delayed`` (inf: none), and when it was last read from the file. Only
+        # a cache: a stale value delays a due message by at most _DUE_RECHECK, never loses it.
+        self.next_due = math.inf
+        self.due_checked = -math.inf
+
+    def expect_due(self, due: float) -> None:
+        """A delayed message due at ``due`` was written by this process."""
+        if due < self.next_due:
+            self.next_due = due
 
     def wake(self, everyone: bool) -> None:
         with self.cond:
@@ -296,6 +336,7 @@ class SqliteBroker(Broker):
                 "the PERSISTQUEUE broker needs SQLite 3.35 or newer (for RETURNING); "
                 f"this Python has {sqlite3.sqlite_version}"
             )
+        self._kv_stores: dict[str, SqliteKeyValueStore] = {}
         self._reset()
         _LIVE_BROKERS.add(self)
 
@@ -344,16 +385,33 @@ class SqliteBroker(Broker):
         """The database file of ``queue`` (it may not exist yet)."""
         return Path(self._queue(queue).path)
 
+    def key_value_store(self, queue: str, namespace: str) -> SqliteKeyValueStore:
+        """The store file beside the queue's: ``<folder>/<queue file stem>@<namespace>.sqlite3``.
+
+        ``@`` never occurs in a queue file name, so a store file can never be some queue's file.
+        """
+        queue_path = self.path(queue)
+        path = str(queue_path.with_name(f"{queue_path.name[:-len('.sqlite3')]}@{check_namespace(namespace)}.sqlite3"))
+        store = self._kv_stores.get(path)
+        if store is None:
+            with self._lock:
+                store = self._kv_stores.setdefault(path, SqliteKeyValueStore(path))
+        return store
+
     # -- publishing -----------------------------------------------------------------------------
 
     def publish(self, queue: str, body: bytes, *, priority: int = 0, not_before: float | None = None) -> None:
         q = self._queue(queue)
-        now = time.time()
-        visible_at = now if not_before is None else float(not_before)
+        body = body if type(body) is bytes else bytes(body)
+        if not_before is not None and float(not_before) > time.time():
+            due = float(not_before)
+            with _Errors(q.path):
+                self._conn(q).execute(_INSERT_DELAYED, (int(priority), due, body))
+            q.expect_due(due)
+            return
         with _Errors(q.path):
-            self._conn(q).execute(_INSERT, (int(priority), visible_at, body if type(body) is bytes else bytes(body)))
-        if visible_at <= now:
-            q.wake(everyone=False)
+            self._conn(q).execute(_INSERT, (int(priority), time.time(), body))
+        q.wake(everyone=False)
 
     def publish_many(self, queue: str, bodies: Sequence[bytes], *, priority: int = 0) -> None:
         if not bodies:
@@ -380,6 +438,9 @@ class SqliteBroker(Broker):
         poll, probe = _POLL_MIN, False
         while True:
             generation = q.generation
+            now = time.time()
+            if (now >= q.next_due or now - q.due_checked >= _DUE_RECHECK) and self._promote_due(q, now):
+                probe = False
             if not probe or self._any_ready(q):
                 deliveries = self._claim(q, queue, max_n)
                 if deliveries:
@@ -387,13 +448,39 @@ class SqliteBroker(Broker):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            woken = q.wait(generation, min(poll, remaining))
+            until_due = max(0.001, q.next_due - time.time())  # wake up when a known delayed message is due
+            woken = q.wait(generation, min(poll, remaining, until_due))
             poll = _POLL_MIN if woken else min(poll * 2, _POLL_MAX)
             probe = not woken
 
     def _any_ready(self, q: _Queue) -> bool:
         with _Errors(q.path):
             return bool(self._conn(q).execute(_ANY_READY, (time.time(),)).fetchall())
+
+    def _promote_due(self, q: _Queue, now: float) -> int:
+        """Move the delayed messages due by ``now`` into ``messages``; return how many moved.
+
+        Reads the earliest due time first (an index lookup) and takes the write lock only when
+        something is due.
+        """
+        with _Errors(q.path):
+            conn = self._conn(q)
+            if now < q.next_due:  # a periodic re-read, for delayed messages of other processes
+                q.due_checked = now
+                first = conn.execute(_NEXT_DUE).fetchall()[0][0]
+                q.next_due = math.inf if first is None else float(first)
+                if q.next_due > now:
+                    return 0
+            params = {"now": now, "n": _PROMOTE_BATCH}
+            with _transaction(conn):
+                moved = int(conn.execute(_PROMOTE, params).rowcount)
+                conn.execute(_UNDELAY, params)
+                first = conn.execute(_NEXT_DUE).fetchall()[0][0]
+        q.due_checked = now
+        q.next_due = math.inf if first is None else float(first)
+        if moved > 1:
+            q.wake(everyone=True)  # other threads of this process fetching the same queue
+        return moved
 
     def _claim(self, q: _Queue, queue: str, max_n: int) -> list[Delivery]:
         now = time.time()
@@ -419,10 +506,28 @@ class SqliteBroker(Broker):
 
         A requeue is skipped when the lease had already run out and another consumer took the message.
         """
-        if requeue:
-            self._settle([delivery], _REQUEUE, lambda: (time.time() + max(0.0, delay), self._owner), wake=delay <= 0)
-        else:
+        if not requeue:
             self._settle([delivery], _DELETE, lambda: (), wake=False)
+        elif delay <= 0:
+            self._settle([delivery], _REQUEUE, lambda: (time.time(), self._owner), wake=True)
+        else:
+            self._delay(delivery, time.time() + delay)
+
+    def _delay(self, delivery: Delivery, due: float) -> None:
+        """Move a held message to ``delayed`` (attempts kept), unless another consumer took it meanwhile."""
+        q = self._queue(delivery.queue)
+        rejected: list[Delivery] = []
+        ids = q.take([delivery], rejected)
+        if rejected:
+            raise DoubleAckError(f"{delivery!r} was already acknowledged or rejected")
+        try:
+            with _Errors(q.path), _transaction(self._conn(q)) as conn:
+                _by_ids(conn, _DELAY, (due, self._owner), ids)
+                _by_ids(conn, _DELETE_OWNED, (self._owner,), ids)
+        except BaseException:
+            q.restore(ids)
+            raise
+        q.expect_due(due)
 
     def release(self, deliveries: Iterable[Delivery]) -> None:
         """Hand back messages that were never started: visible at once, the attempt not counted."""
@@ -482,14 +587,20 @@ class SqliteBroker(Broker):
     def purge(self, queue: str) -> int:
         """Delete the waiting messages (ready, delayed, or with an expired lease); leased ones stay."""
         q = self._queue(queue)
-        with _Errors(q.path):
-            return int(self._conn(q).execute(f"DELETE FROM messages WHERE {_WAITING}", (time.time(),)).rowcount)
+        with _Errors(q.path), _transaction(self._conn(q)) as conn:
+            deleted = conn.execute(f"DELETE FROM messages WHERE {_WAITING}", (time.time(),)).rowcount
+            deleted += conn.execute("DELETE FROM delayed").rowcount
+        q.next_due = math.inf
+        return int(deleted)
 
     def count(self, queue: str) -> int:
         """Messages not held by a live consumer: ready, delayed, or left behind by a dead one."""
         q = self._queue(queue)
         with _Errors(q.path):
-            rows = self._conn(q).execute(f"SELECT count(*) FROM messages WHERE {_WAITING}", (time.time(),)).fetchall()
+            rows = self._conn(q).execute(
+                f"SELECT (SELECT count(*) FROM messages WHERE {_WAITING}) + (SELECT count(*) FROM delayed)",
+                (time.time(),),
+            ).fetchall()
         return int(rows[0][0])
 
     def in_flight(self, queue: str) -> int:

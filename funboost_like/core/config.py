@@ -44,6 +44,9 @@ DEFAULTS: dict[str, Any] = {
     "SQLITE_SYNCHRONOUS": "NORMAL",  # NORMAL survives a process crash; FULL also survives power loss
     # Redis (used by the Redis brokers and Redis-backed services).
     "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "REDIS_HEARTBEAT_SECONDS": 5.0,  # REDIS_ACK_ABLE / RedisBrpopLpush consumers heartbeat this often
+    "REDIS_DEAD_AFTER_SECONDS": 15.0,  # ... and a consumer silent this long is dead: its messages return
+    "REDIS_STREAM_MIN_IDLE_SECONDS": 60.0,  # REDIS_STREAM: entries unrenewed this long are reclaimed
     # Logging.
     "LOG_CONSOLE": True,  # attach a console handler when the application configured no logging
     "LOG_COLOR": True,
@@ -52,6 +55,14 @@ DEFAULTS: dict[str, Any] = {
     "GRACEFUL_STOP_SECONDS": 30.0,  # how long running calls may finish after SIGINT/SIGTERM
     "THREAD_KEEP_ALIVE_SECONDS": 10.0,  # an idle worker thread exits after this long
     "STATS_LOG_INTERVAL_SECONDS": 60.0,
+    # Processes (run_consumer_with_multi_process, multi_process_consume).
+    "MULTI_PROCESS_START_METHOD": "",  # "fork", "spawn" or "forkserver"; "" means the platform default
+    # Timing jobs (fsdf_background_scheduler).
+    "SCHEDULER_JOB_STORE": "memory",  # "memory", "sqlite", "redis" (at REDIS_URL) or a SQLAlchemy URL
+    "SCHEDULER_SQLITE_DIR": "",  # "" means <per-user data dir>/scheduler (jobs.sqlite3, fire_locks.sqlite3)
+    "SCHEDULER_FIRE_LOCK": "auto",  # "auto", "sqlite", "redis" or "none" (see scheduling/fire_lock.py)
+    "SCHEDULER_FIRE_LOCK_RETENTION_SECONDS": 86400.0,  # how long a published fire time is remembered
+    "SCHEDULER_POLL_SECONDS": 1.0,  # how often a scheduler on a shared store looks for others' changes
     # Results, status and time.
     "RPC_TIMEOUT_SECONDS": 120.0,  # how long AsyncResult.result waits by default
     "RPC_RESULT_EXPIRE_SECONDS": 3600.0,  # how long a call's result is kept for the publisher

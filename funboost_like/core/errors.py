@@ -54,3 +54,29 @@ class ExceptionForRequeue(Exception):
 
 class ResultNotAvailable(FunboostLikeError):
     """The publish-side result of a call was asked for, but RPC mode is not enabled for it."""
+
+
+class FunctionFailedError(FunboostLikeError):
+    """The remote call of an RPC-mode task failed for good; raised by ``AsyncResult.get``.
+
+    ``exception_type`` and ``exception_message`` are those of the exception raised in the consumer;
+    ``record`` is the whole result record (see ``AsyncResult.status_and_result``).
+    """
+
+    def __init__(self, task_id: str, exception_type: str, exception_message: str,
+                 record: dict[str, object] | None = None) -> None:
+        super().__init__(f"task {task_id} failed: {exception_type}: {exception_message}")
+        self.task_id = task_id
+        self.exception_type = exception_type
+        self.exception_message = exception_message
+        self.record = record or {}
+
+
+class TaskSkippedError(FunboostLikeError):
+    """An RPC-mode task was skipped without running (expired, filtered, ...); ``reason`` says why."""
+
+    def __init__(self, task_id: str, reason: str, record: dict[str, object] | None = None) -> None:
+        super().__init__(f"task {task_id} was skipped without running: {reason}")
+        self.task_id = task_id
+        self.reason = reason
+        self.record = record or {}

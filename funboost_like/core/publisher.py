@@ -63,7 +63,8 @@ class Publisher:
         self.broker.publish(self.queue_name, body, priority=priority, not_before=not_before)
         if self._hooks:
             self._after_publish(task_id, kwargs)
-        return AsyncResult(task_id, self)
+        rpc = extra.get("is_using_rpc_mode")  # a per-message choice; None: the decorator's
+        return AsyncResult(task_id, self, None if rpc is None else bool(rpc))
 
     pub = publish
 

@@ -86,6 +86,9 @@ class Middleware:
 
 FEATURES = [
     "funboost_like.middleware.expiry:build",
+    "funboost_like.middleware.filtering:build",
+    "funboost_like.middleware.rpc:build",
+    "funboost_like.middleware.time_window:build",
 ]
 
 # Publish-side features: a factory takes the publisher and returns a hook
