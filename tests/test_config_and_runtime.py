@@ -64,7 +64,7 @@ def test_unbuilt_broker_fails_at_decoration(queue_name: str) -> None:
 
 def test_features_not_built_yet_raise_instead_of_being_ignored(queue_name: str) -> None:
     with pytest.raises(ValueError, match="not built yet"):
-        task_deco(queue_name, is_using_distributed_frequency_control=True)
+        task_deco(queue_name, is_send_consumer_hearbeat_to_redis=True)
 
 
 def test_pool_shrinks_after_keep_alive(queue_name: str) -> None:

@@ -26,6 +26,7 @@ from funboost_like.concurrency.threads import ThreadPool
 from funboost_like.concurrency.timeouts import TimedRun, watchdog
 from funboost_like.core import runtime
 from funboost_like.core.config import settings
+from funboost_like.core.distributed_ratelimit import DistributedRateLimiter
 from funboost_like.core.enums import ConcurrentModeEnum
 from funboost_like.core.errors import DecodeError, ExceptionForRequeue, ExceptionForRetry, FunctionTimeoutError
 from funboost_like.core.log import ensure_console_handler, get_logger
@@ -215,7 +216,7 @@ class Consumer:
         assert pool is not None
         queue = self.queue_name
         capacity = self.params.concurrent_num
-        limiter = RateLimiter(self.params.qps) if self.params.qps else None
+        limiter = self._make_limiter()
         # At a limited rate, prefetch only about 0.2 s of starts: messages wait in the broker, not here.
         batch = capacity if limiter is None else max(1, min(capacity, int(self.params.qps * 0.2)))
         stop = self._stop
@@ -257,6 +258,14 @@ class Consumer:
             raise
         finally:
             self._shutdown(broker, pool)
+
+    def _make_limiter(self) -> RateLimiter | DistributedRateLimiter | None:
+        qps = self.params.qps
+        if not qps:
+            return None
+        if self.params.is_using_distributed_frequency_control:
+            return DistributedRateLimiter(self.queue_name, qps)
+        return RateLimiter(qps)
 
     def _paused(self, busy: bool) -> bool:
         """Ask the gates (time windows) whether to fetch now; wait a little if not."""

@@ -80,7 +80,6 @@ PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(ConsumerParams))
 # Parameters this version accepts by name but whose feature is not built yet: a non-default value
 # raises instead of being silently ignored. Each later feature removes its line.
 NOT_BUILT_YET: dict[str, str] = {
-    "is_using_distributed_frequency_control": "distributed QPS control (needs the Redis services)",
     "is_send_consumer_hearbeat_to_redis": "consumer heartbeats in Redis",
     "specify_concurrent_pool": "shared concurrency pools",
 }
