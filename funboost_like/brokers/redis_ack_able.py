@@ -89,7 +89,7 @@ from funboost_like.brokers.redis_common import (
     read_dead_letters,
     translate_error,
 )
-from funboost_like.brokers.redis_store import RedisKeyValueStore
+from funboost_like.brokers.redis_store import RedisStoresMixin
 from funboost_like.core import codec
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import ConfigurationError, DoubleAckError
@@ -310,7 +310,7 @@ def _level(priority: int) -> int:
     return priority
 
 
-class RedisAckAbleBroker(Broker):
+class RedisAckAbleBroker(RedisStoresMixin, Broker):
     """At-least-once Redis broker; see the module docstring for keys, timing and the wire contract."""
 
     kind = BrokerEnum.REDIS_ACK_ABLE
@@ -320,7 +320,6 @@ class RedisAckAbleBroker(Broker):
     def __init__(self, *, heartbeat_interval: float | None = None, dead_after: float | None = None) -> None:
         self.heartbeat_interval, self.dead_after = consumer_timing(heartbeat_interval, dead_after)
         self._keys: dict[str, _QueueKeys] = {}
-        self._kv_stores: dict[tuple[str, str], RedisKeyValueStore] = {}
         self._seq = itertools.count(1)
         self._reset_process_state()
 
@@ -593,13 +592,6 @@ class RedisAckAbleBroker(Broker):
 
     def count(self, queue: str) -> int:
         return self._count_or_purge(queue, purge=False)
-
-    def key_value_store(self, queue: str, namespace: str) -> RedisKeyValueStore:
-        """Records as Redis strings ``fl:{<queue>}:<namespace>:<key>`` with PX expiry (see redis_store)."""
-        store = self._kv_stores.get((queue, namespace))
-        if store is None:
-            store = self._kv_stores.setdefault((queue, namespace), RedisKeyValueStore(queue, namespace))
-        return store
 
     def _count_or_purge(self, queue: str, *, purge: bool) -> int:
         keys = self._queue_keys(queue)

@@ -98,6 +98,7 @@ from funboost_like.brokers.redis_common import (
     read_dead_letters,
     translate_error,
 )
+from funboost_like.brokers.redis_store import RedisStoresMixin
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import ConfigurationError, DoubleAckError
 
@@ -212,7 +213,7 @@ def _sha1(body: bytes) -> str:
     return hashlib.sha1(body).hexdigest()
 
 
-class RedisBrpopLpushBroker(Broker):
+class RedisBrpopLpushBroker(RedisStoresMixin, Broker):
     """At-least-once Redis broker on LMOVE; see the module docstring for keys, timing and the wire contract."""
 
     kind = BrokerEnum.RedisBrpopLpush

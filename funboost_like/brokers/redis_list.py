@@ -79,6 +79,7 @@ from funboost_like.brokers.redis_common import (
     read_dead_letters,
     translate_error,
 )
+from funboost_like.brokers.redis_store import RedisStoresMixin
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import ConfigurationError, DoubleAckError
 
@@ -166,7 +167,7 @@ def _sha1(body: bytes) -> str:
     return hashlib.sha1(body).hexdigest()
 
 
-class RedisListBroker(Broker):
+class RedisListBroker(RedisStoresMixin, Broker):
     """At-most-once Redis list broker; see the module docstring for keys, timing and the wire contract."""
 
     kind = BrokerEnum.REDIS

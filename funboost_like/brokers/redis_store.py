@@ -21,8 +21,8 @@ from funboost_like.core.stores import KeyValueStore, check_namespace, check_ttl
 
 _MGET_CHUNK = 1000
 # Names the Redis brokers use under ``fl:{<queue>}:`` themselves.
-RESERVED_NAMESPACES = frozenset({"delayed", "inflight", "consumers", "attempts", "dead",
-                                 *(f"p{n}" for n in range(10))})
+RESERVED_NAMESPACES = frozenset({"delayed", "inflight", "consumers", "attempts", "dead", "unack",
+                                 "unack-consumers", "qps_next_slot", *(f"p{n}" for n in range(10))})
 
 
 def _ms(ttl: float) -> int:
@@ -79,3 +79,17 @@ class RedisKeyValueStore(KeyValueStore):
 
     def exists(self, key: str) -> bool:
         return bool(self._run("checking a record", "EXISTS", self.prefix + key))
+
+
+class RedisStoresMixin:
+    """``key_value_store()`` for every Redis broker: records beside the queue's own keys."""
+
+    _kv_stores: dict[tuple[str, str], RedisKeyValueStore]
+
+    def key_value_store(self, queue: str, namespace: str) -> RedisKeyValueStore:
+        """Records as Redis strings ``fl:{<queue>}:<namespace>:<key>`` with PX expiry."""
+        stores = self.__dict__.setdefault("_kv_stores", {})
+        store = stores.get((queue, namespace))
+        if store is None:
+            store = stores.setdefault((queue, namespace), RedisKeyValueStore(queue, namespace))
+        return store

@@ -90,6 +90,7 @@ from funboost_like.brokers.redis_common import (
     read_dead_letters,
     translate_error,
 )
+from funboost_like.brokers.redis_store import RedisStoresMixin
 from funboost_like.core import codec
 from funboost_like.core.config import settings
 from funboost_like.core.enums import BrokerEnum
@@ -302,7 +303,7 @@ def _is_nogroup(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
 
 
-class RedisStreamBroker(Broker):
+class RedisStreamBroker(RedisStoresMixin, Broker):
     """At-least-once Redis stream broker; see the module docstring for keys, timing and the wire contract."""
 
     kind = BrokerEnum.REDIS_STREAM

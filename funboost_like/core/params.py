@@ -115,6 +115,11 @@ def _normalise(params: ConsumerParams) -> None:
 
     params.broker_kind = resolve_kind(params.broker_kind)
     broker_class(params.broker_kind)  # a kind not built yet, or a missing client library, fails here
+    from funboost_like.core.stores import require_key_value_store
+
+    for name in ("is_using_rpc_mode", "do_task_filtering"):
+        if getattr(params, name):  # results and filters live in the broker's key-value records
+            require_key_value_store(params.broker_kind, name)
     try:
         params.concurrent_mode = ConcurrentModeEnum(int(params.concurrent_mode))
     except ValueError:

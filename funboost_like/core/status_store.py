@@ -67,6 +67,7 @@ FLUSH_EVERY_RECORDS = 2000  # ... and at once when this many wait
 MAX_PENDING_RECORDS = 200_000  # above this, record() waits (up to BACKPRESSURE_SECONDS) for the writer
 BACKPRESSURE_SECONDS = 2.0
 EXPIRY_INTERVAL_SECONDS = 60.0
+IDLE_WRITER_EXIT_SECONDS = 30.0  # a writer with nothing to write for this long exits (the next record restarts one)
 _BATCH = 5000  # records per transaction
 _WAL_SIZE_LIMIT = 16 * 1024 * 1024
 _SQLITE_BUSY = 5
@@ -250,10 +251,10 @@ class StatusStore:
         Waits (at most ``BACKPRESSURE_SECONDS``) only when ``MAX_PENDING_RECORDS`` records are
         already waiting, so memory stays bounded when records come faster than the disk takes them.
         """
-        if self._writer is None:
-            self._start_writer()
         pending = self._pending
         pending.append(event)
+        if self._writer is None:  # checked after appending: an idle writer exits only with nothing pending
+            self._start_writer()
         size = len(pending)
         if size >= FLUSH_EVERY_RECORDS:
             if not self._wake.is_set():
@@ -277,10 +278,12 @@ class StatusStore:
         """Wait until every record queued before this call is committed; False on timeout or error."""
         if self._pid != os.getpid():
             self._reset()
-        if self._writer is None:
+        if not self._pending and self._writer is None:
             return True
         marker = _Flushed()
         self._pending.append(marker)
+        if self._writer is None:
+            self._start_writer()
         self._wake.set()
         return marker.event.wait(timeout) and marker.ok
 
@@ -294,19 +297,23 @@ class StatusStore:
             self._stop = threading.Event()
             writer = threading.Thread(target=self._write_loop, args=(self._stop,), daemon=True,
                                       name=f"funboost_like-status-{self.queue_name}")
-            writer.start()
             self._writer = writer
+            writer.start()
 
     def _write_loop(self, stop: threading.Event) -> None:
+        """The writer thread: commit what is pending, delete expired rows; exit when stopped or idle."""
         conn: sqlite3.Connection | None = None
         next_expiry = 0.0
         failures = 0
+        idle_since = time.monotonic()
         try:
             while True:
                 if not stop.is_set():
                     self._wake.wait(min(5.0, FLUSH_INTERVAL_SECONDS * 2 ** failures))
                 self._wake.clear()
                 stopping = stop.is_set()
+                if self._pending:
+                    idle_since = time.monotonic()
                 try:
                     if self._pending:
                         if conn is None:
@@ -323,13 +330,27 @@ class StatusStore:
                                    "the next try", self.path, failures, len(self._pending), exc_info=True)
                     if stopping or failures >= 10:
                         self._drop_pending()
-                with self._drained:
-                    self._drained.notify_all()
+                        with self._drained:
+                            self._drained.notify_all()
                 if stopping and not self._pending:
+                    return
+                if time.monotonic() - idle_since >= IDLE_WRITER_EXIT_SECONDS and self._retire():
                     return
         finally:
             if conn is not None:
                 conn.close()
+
+    def _retire(self) -> bool:
+        """Let an idle writer exit, unless a record arrived meanwhile (see :meth:`record`)."""
+        with self._lock:
+            me = threading.current_thread()
+            if self._writer is not me:
+                return False
+            self._writer = None
+            if self._pending:
+                self._writer = me
+                return False
+            return True
 
     def _write_pending(self, conn: sqlite3.Connection) -> None:
         """Commit everything pending, ``_BATCH`` records per transaction, then release flush markers."""
@@ -355,6 +376,8 @@ class StatusStore:
                     raise
             for marker in markers:
                 marker.event.set()
+            with self._drained:
+                self._drained.notify_all()
 
     def _drop_pending(self) -> None:
         dropped = 0

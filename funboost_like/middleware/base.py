@@ -89,11 +89,14 @@ FEATURES = [
     "funboost_like.middleware.filtering:build",
     "funboost_like.middleware.rpc:build",
     "funboost_like.middleware.time_window:build",
+    "funboost_like.middleware.status:build",
 ]
 
 # Publish-side features: a factory takes the publisher and returns a hook
 # ``hook(task_id, message)`` (message: the keyword arguments plus ``extra``), or None.
-PUBLISH_FEATURES: list[str] = []
+PUBLISH_FEATURES: list[str] = [
+    "funboost_like.middleware.status:build_publish_hook",
+]
 
 
 def build_middlewares(consumer: Consumer) -> list[Middleware]:
