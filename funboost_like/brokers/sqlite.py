@@ -63,6 +63,7 @@ from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Deliver
 from funboost_like.core.config import data_dir_setting, settings
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import BrokerError, BrokerNotAvailable, ConfigurationError, DoubleAckError
+from funboost_like.core.sqlite_files import open_sqlite
 from funboost_like.core.stores import SqliteKeyValueStore, check_namespace
 
 logger = logging.getLogger("funboost_like.sqlite")
@@ -72,7 +73,6 @@ _CHUNK = 500  # ids per IN (...) list, well below SQLite's bound-parameter limit
 _POLL_MIN, _POLL_MAX = 0.005, 0.05  # how often an idle fetch looks for other processes' messages
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is truncated back to this after a checkpoint
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-_SQLITE_BUSY = 5  # primary result code (sqlite3.SQLITE_BUSY exists only from Python 3.11)
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS messages ("
@@ -269,50 +269,11 @@ def _synchronous() -> str:
     return value
 
 
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    if code is None:
-        return "locked" in str(exc)
-    return int(code) & 0xFF == _SQLITE_BUSY
-
-
-def _enable_wal(conn: sqlite3.Connection, path: str, busy: float) -> None:
-    """Switch a new file to WAL (a lasting property of the file).
-
-    The switch needs an exclusive lock and SQLite reports "database is locked" at once, without
-    waiting, when another connection opens the brand-new file at the same moment; so retry.
-    """
-    deadline = time.monotonic() + busy
-    while True:
-        try:
-            mode = conn.execute("PRAGMA journal_mode").fetchall()[0][0]
-            if str(mode).lower() != "wal":
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
-            break
-        except sqlite3.OperationalError as exc:
-            if not _is_busy(exc) or time.monotonic() >= deadline:
-                raise
-            time.sleep(0.005)
-    if str(mode).lower() != "wal":
-        logger.warning("%s: journal_mode is %s, not WAL; is it on a network file system?", path, mode)
-
-
 def _connect(path: str) -> sqlite3.Connection:
     """Open ``path`` in autocommit mode with WAL, the configured synchronous level and the schema."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    busy = float(settings.get("SQLITE_BUSY_TIMEOUT_SECONDS"))
-    synchronous = _synchronous()
-    conn = sqlite3.connect(path, timeout=busy, isolation_level=None)
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {int(busy * 1000)}")
-        _enable_wal(conn, path, busy)
-        conn.execute(f"PRAGMA synchronous = {synchronous}")
-        conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
-        for statement in _SCHEMA:
-            conn.execute(statement)
-    except BaseException:
-        conn.close()
-        raise
+    conn = open_sqlite(path, busy_timeout=float(settings.get("SQLITE_BUSY_TIMEOUT_SECONDS")),
+                       synchronous=_synchronous(), schema=_SCHEMA,
+                       pragmas=[f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}"])
     logger.debug("opened %s in thread %s", path, threading.current_thread().name)
     return conn
 

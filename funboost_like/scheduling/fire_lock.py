@@ -28,6 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from funboost_like.core.sqlite_files import open_sqlite
+
 logger = logging.getLogger("funboost_like.scheduling")
 
 DEFAULT_RETENTION_SECONDS = 86400.0
@@ -78,12 +80,11 @@ class SqliteFireTimeLock(FireTimeLock):
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("CREATE TABLE IF NOT EXISTS fire_locks (job_id TEXT NOT NULL, fire_time TEXT NOT NULL,"
-                     " claimed_at REAL NOT NULL, owner TEXT NOT NULL, PRIMARY KEY (job_id, fire_time))")
-        conn.execute("CREATE INDEX IF NOT EXISTS fire_locks_age ON fire_locks (claimed_at)")
+        conn = open_sqlite(self.path, busy_timeout=self.busy_timeout, check_same_thread=False, schema=(
+            "CREATE TABLE IF NOT EXISTS fire_locks (job_id TEXT NOT NULL, fire_time TEXT NOT NULL,"
+            " claimed_at REAL NOT NULL, owner TEXT NOT NULL, PRIMARY KEY (job_id, fire_time))",
+            "CREATE INDEX IF NOT EXISTS fire_locks_age ON fire_locks (claimed_at)",
+        ))
         self._conn, self._pid = conn, os.getpid()
         return conn
 

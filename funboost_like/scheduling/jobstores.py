@@ -31,6 +31,7 @@ from apscheduler.jobstores.memory import MemoryJobStore
 
 from funboost_like.core.config import data_dir_setting, settings
 from funboost_like.core.errors import ConfigurationError
+from funboost_like.core.sqlite_files import open_sqlite
 
 logger = logging.getLogger("funboost_like.scheduling")
 
@@ -119,12 +120,11 @@ class SQLiteJobStore(BaseJobStore):
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {self.tablename} (id TEXT PRIMARY KEY, next_run_time REAL,"
-                     " job_state BLOB NOT NULL)")
-        conn.execute(f"CREATE INDEX IF NOT EXISTS {self.tablename}_next ON {self.tablename} (next_run_time)")
+        conn = open_sqlite(self.path, busy_timeout=self.busy_timeout, check_same_thread=False, schema=(
+            f"CREATE TABLE IF NOT EXISTS {self.tablename} (id TEXT PRIMARY KEY, next_run_time REAL,"
+            " job_state BLOB NOT NULL)",
+            f"CREATE INDEX IF NOT EXISTS {self.tablename}_next ON {self.tablename} (next_run_time)",
+        ))
         self._conn, self._pid = conn, os.getpid()
         return conn
 
