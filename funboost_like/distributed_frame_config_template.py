@@ -51,7 +51,7 @@ effective settings (passwords are masked).
 
 # ----- Timing jobs (fsdf_background_scheduler) -----
 
-# SCHEDULER_JOB_STORE = "memory"  # where jobs live: "memory", "sqlite", "redis" (at REDIS_URL) or a SQLAlchemy URL
+# SCHEDULER_JOB_STORE = "memory"  # where jobs live: "memory", "sqlite" or "redis" (at REDIS_URL), as JSON
 # SCHEDULER_SQLITE_DIR = ""  # folder of jobs.sqlite3 and fire_locks.sqlite3; "" means <per-user data dir>/scheduler
 # SCHEDULER_FIRE_LOCK = "auto"  # "auto" (redis with a redis job store, else sqlite), "sqlite", "redis" or "none"
 # SCHEDULER_FIRE_LOCK_RETENTION_SECONDS = 86400.0  # how long a published fire time is remembered

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import collections
 import datetime
-import pickle
+import json
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -13,14 +14,30 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
 pytest.importorskip("apscheduler")
 
+from apscheduler.job import Job  # noqa: E402
+from apscheduler.jobstores.base import ConflictingIdError, JobLookupError  # noqa: E402
+from apscheduler.triggers.combining import OrTrigger  # noqa: E402
+from apscheduler.triggers.cron import CronTrigger  # noqa: E402
+from apscheduler.triggers.date import DateTrigger  # noqa: E402
+from apscheduler.triggers.interval import IntervalTrigger  # noqa: E402
+
 from funboost_like import BrokerEnum, patch_frame_config, task_deco  # noqa: E402
+from funboost_like.core.errors import ConfigurationError  # noqa: E402
 from funboost_like.scheduling.fire_lock import RedisFireTimeLock, SqliteFireTimeLock  # noqa: E402
-from funboost_like.scheduling.jobstores import SQLiteJobStore  # noqa: E402
+from funboost_like.scheduling.job_codec import (  # noqa: E402
+    PUBLISH_BY_REFERENCE,
+    JobStateError,
+    decode_job,
+    encode_job,
+)
+from funboost_like.scheduling.jobstores import RedisJobStore, SQLiteJobStore, make_job_store  # noqa: E402
 from funboost_like.scheduling.timing import (  # noqa: E402
     FsdfBackgroundScheduler,
     TimingJobExecutor,
@@ -138,7 +155,7 @@ def test_a_booster_without_a_reference_runs_from_memory_but_not_from_a_persisten
     assert wait_for(lambda: local.get_message_count() == 1, 5)
 
     patch_frame_config(SCHEDULER_JOB_STORE="sqlite")
-    with pytest.raises(ValueError, match="top level"):
+    with pytest.raises(ConfigurationError, match="top level"):
         new_scheduler(schedulers).add_timing_publish_job(local, "interval", seconds=1, args=(1,))
 
 
@@ -170,14 +187,20 @@ def test_sqlite_job_store_survives_a_scheduler_restart(schedulers: list[FsdfBack
     first.start(paused=True)
     first.shutdown()
 
-    # What is stored is a reference and the call's arguments, never a booster.
+    # What is stored is JSON text: a reference and the call's arguments, never a booster.
     with sqlite3.connect(scheduler_dir / "jobs.sqlite3") as conn:
         stored = conn.execute("SELECT id, job_state FROM apscheduler_jobs").fetchall()
-    states = {job_id: pickle.loads(blob) for job_id, blob in stored}
+        column_types = {name: kind for _, name, kind, *_ in conn.execute("PRAGMA table_info(apscheduler_jobs)")}
+    assert column_types["job_state"] == "TEXT"
+    assert all(isinstance(text, str) for _, text in stored)
+    states = {job_id: json.loads(text) for job_id, text in stored}
     assert set(states) == {"persisted_interval", "persisted_date"}
     state = states["persisted_interval"]
-    assert state["func"] == "funboost_like.scheduling.timing:publish_by_reference"
-    assert state["args"] == (f"{__name__}:persisted_func", (), {"n": 1}) and state["kwargs"] == {}
+    assert state["codec"] == 1 and state["func"] == "funboost_like.scheduling.timing:publish_by_reference"
+    assert state["args"] == [f"{__name__}:persisted_func", [], {"n": 1}] and state["kwargs"] == {}
+    assert state["trigger"]["type"] == "interval" and state["trigger"]["seconds"] == 1.0
+    assert datetime.datetime.fromisoformat(state["next_run_time"]).tzinfo is not None
+    assert datetime.datetime.fromisoformat(states["persisted_date"]["trigger"]["run_date"]) == later.astimezone()
 
     second = new_scheduler(schedulers)  # adds nothing: the jobs come from the file
     second.start()
@@ -290,7 +313,10 @@ def test_redis_job_store_and_lock_from_the_settings(schedulers: list[FsdfBackgro
     try:
         executor = scheduler._executors["default"]
         assert isinstance(executor, TimingJobExecutor) and isinstance(executor.fire_lock, RedisFireTimeLock)
-        assert type(scheduler._jobstores["default"]).__name__ == "RedisJobStore"
+        store = scheduler._jobstores["default"]
+        assert isinstance(store, RedisJobStore) and store.jobs_key == "fl:scheduler:jobs"
+        state = json.loads(store._redis().hget("fl:scheduler:jobs", job_id))
+        assert state["codec"] == 1 and state["args"] == [f"{__name__}:persisted_func", [], {"n": 3}]
         assert wait_for(lambda: persisted_func.get_message_count() >= 2, 5)
     finally:
         scheduler.remove_job(job_id)
@@ -300,3 +326,251 @@ def test_redis_job_store_and_lock_from_the_settings(schedulers: list[FsdfBackgro
         if keys:
             client.delete(*keys)
         client.close()
+
+
+# -- JSON job state (job_codec.py) ----------------------------------------------------------------------
+
+PARIS = ZoneInfo("Europe/Paris")
+MINUS_0330 = datetime.timezone(datetime.timedelta(hours=-3, minutes=-30))
+CODEC_NOW = datetime.datetime(2030, 3, 30, 12, 0, tzinfo=PARIS)  # summer time starts the next night
+CODEC_TRIGGERS = {
+    "date": lambda: DateTrigger(run_date=CODEC_NOW + datetime.timedelta(hours=5, microseconds=123456)),
+    "interval": lambda: IntervalTrigger(hours=7, seconds=0.25, start_date=CODEC_NOW,
+                                        end_date=CODEC_NOW + datetime.timedelta(days=20), timezone=PARIS),
+    "interval_fixed_offset": lambda: IntervalTrigger(minutes=90, timezone=MINUS_0330,
+                                                     start_date=CODEC_NOW.astimezone(MINUS_0330)),
+    "cron": lambda: CronTrigger(day_of_week="mon-fri", hour="2-3", minute="*/20", second=5, timezone=PARIS,
+                                end_date=CODEC_NOW + datetime.timedelta(days=60)),
+    "cron_expressions": lambda: CronTrigger(month="jan-mar,nov", day="1st mon,last", hour=2, timezone="UTC"),
+    "crontab": lambda: CronTrigger.from_crontab("30 2 * * sun", timezone="America/New_York"),
+}
+
+
+def codec_job(trigger: Any, **options: Any) -> Job:
+    values: dict[str, Any] = dict(
+        func=PUBLISH_BY_REFERENCE, args=(f"{__name__}:persisted_func", (), {"n": 1}), kwargs={}, id="codec_job",
+        name="publish to test_timing_persisted_queue", trigger=trigger, executor="default",
+        misfire_grace_time=30, coalesce=False, max_instances=2,
+        next_run_time=trigger.get_next_fire_time(None, CODEC_NOW))
+    values.update(options)
+    return Job(FsdfBackgroundScheduler(timezone=PARIS), **values)
+
+
+def fire_times(trigger: Any, count: int = 40) -> list[datetime.datetime]:
+    times: list[datetime.datetime] = []
+    previous, now = None, CODEC_NOW
+    while len(times) < count:
+        fire = trigger.get_next_fire_time(previous, now)
+        if fire is None:
+            break
+        times.append(fire)
+        previous = now = fire
+    return times
+
+
+@pytest.mark.parametrize("kind", sorted(CODEC_TRIGGERS))
+def test_each_trigger_kind_round_trips_through_json(kind: str) -> None:
+    job = codec_job(CODEC_TRIGGERS[kind]())
+    text = encode_job(job)
+    state = json.loads(text)
+    assert state["codec"] == 1 and state["trigger"]["type"] == kind.partition("_")[0].replace("crontab", "cron")
+    assert state["func"] == PUBLISH_BY_REFERENCE and state["args"] == [f"{__name__}:persisted_func", [], {"n": 1}]
+    assert datetime.datetime.fromisoformat(state["next_run_time"]) == job.next_run_time
+
+    restored = decode_job(text, "codec_job")
+    assert fire_times(restored.trigger) == fire_times(job.trigger) and len(fire_times(job.trigger)) >= 1
+    assert str(restored.trigger) == str(job.trigger) and repr(restored.trigger) == repr(job.trigger)
+    original, again = job.__getstate__(), restored.__getstate__()
+    original.pop("trigger"), again.pop("trigger")
+    assert again == original  # id, func, args (the inner tuple too), kwargs, options, next run time
+    assert restored.func is publish_by_reference
+    assert encode_job(restored) == text
+
+
+def test_the_json_state_names_time_zones_and_cron_fields() -> None:
+    state = json.loads(encode_job(codec_job(CODEC_TRIGGERS["cron"]())))
+    trigger = state["trigger"]
+    assert trigger["timezone"] == "Europe/Paris" and trigger["start_date"] is None
+    assert trigger["end_date"] == "2030-05-29T12:00:00+02:00"
+    assert trigger["fields"] == {"year": "*", "month": "*", "day": "*", "week": "*", "day_of_week": "mon-fri",
+                                 "hour": "2-3", "minute": "*/20", "second": "5"}
+    assert state["misfire_grace_time"] == 30 and state["max_instances"] == 2 and state["coalesce"] is False
+    offset = json.loads(encode_job(codec_job(CODEC_TRIGGERS["interval_fixed_offset"]())))["trigger"]
+    assert offset["timezone"] == "-03:30" and offset["seconds"] == 5400.0
+
+
+def not_a_publish_function() -> None:
+    return None
+
+
+class UnnamedZone(datetime.tzinfo):
+    def utcoffset(self, dt: datetime.datetime | None) -> datetime.timedelta:
+        return datetime.timedelta(hours=1)
+
+    def dst(self, dt: datetime.datetime | None) -> datetime.timedelta:
+        return datetime.timedelta(0)
+
+    def tzname(self, dt: datetime.datetime | None) -> str:
+        return "somewhere"
+
+
+@pytest.mark.parametrize(("options", "reason"), [
+    ({"func": f"{__name__}:not_a_publish_function", "args": ()}, "not a timing publish job"),
+    ({"func": "os:system", "args": ("echo hi",)}, "not a timing publish job"),
+    ({"trigger": OrTrigger([IntervalTrigger(seconds=5), IntervalTrigger(seconds=7)])}, "built-in triggers"),
+    ({"args": (f"{__name__}:persisted_func", (), {"n": datetime.date(2030, 1, 1)})}, "not JSON"),
+    ({"args": (f"{__name__}:persisted_func", (), {"n": {1: 2}})}, "keys are text"),
+    ({"args": (f"{__name__}:persisted_func", (float("nan"),), {})}, "JSON cannot hold"),
+    ({"trigger": IntervalTrigger(seconds=5, timezone=UnnamedZone())}, "no IANA name"),
+])
+def test_a_job_json_cannot_hold_is_refused_with_a_configuration_error(options: dict[str, Any], reason: str) -> None:
+    with pytest.raises(ConfigurationError, match=reason):
+        encode_job(codec_job(options.pop("trigger", CODEC_TRIGGERS["interval"]()), **options))
+
+
+def test_a_job_that_cannot_be_stored_is_refused_when_it_is_added(schedulers: list[FsdfBackgroundScheduler],
+                                                                  scheduler_dir: Path) -> None:
+    patch_frame_config(SCHEDULER_JOB_STORE="sqlite")
+    stopped = new_scheduler(schedulers)
+    with pytest.raises(ConfigurationError, match="not a timing publish job"):
+        stopped.add_job(not_a_publish_function, "interval", seconds=1, id="plain")
+    with pytest.raises(ConfigurationError, match="not JSON"):
+        stopped.add_timing_publish_job(persisted_func, "interval", seconds=1, id="set", args=({1, 2},))
+    assert stopped._pending_jobs == []  # nothing left to fail at start()
+    stopped.add_job(not_a_publish_function, "interval", seconds=1, id="in_memory", jobstore="memory")
+    stopped.add_jobstore("memory", "memory")
+
+    stopped.start(paused=True)  # now running: the store itself refuses
+    with pytest.raises(ConfigurationError, match="built-in triggers"):
+        stopped.add_timing_publish_job(persisted_func, OrTrigger([IntervalTrigger(seconds=5)]), id="or",
+                                       args=(1,))
+    assert [job.id for job in stopped.get_jobs()] == ["in_memory"]
+
+
+GOOD_JOB_ID = "good"
+
+
+def tampered_rows(good_state: dict[str, Any], marker: Path) -> dict[str, str | bytes]:
+    """Job rows a scheduler must skip: each a different way of not being a job this codec wrote."""
+    return {
+        "garbage": "{this is not json",
+        "binary": b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x02id\x94\x8c\x01x\x94s.",
+        "other_function": json.dumps(dict(good_state, id="other_function", func="os:system",
+                                          args=[f"echo executed > {marker}"])),
+        "bad_trigger": json.dumps(dict(good_state, id="bad_trigger", trigger={"type": "calendarinterval"})),
+        "wrong_id": json.dumps(dict(good_state, id="someone_else")),
+        "old_codec": json.dumps(dict(good_state, id="old_codec", codec=0)),
+        "too_deep": json.dumps(dict(good_state, id="too_deep", args=[])).replace("[]", "[" * 50000 + "]" * 50000),
+        "not_a_date": json.dumps(dict(good_state, id="not_a_date", next_run_time="tomorrow")),
+    }
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ("garbage", "not valid JSON"), ("binary", "binary format, which is never loaded"),
+    ("other_function", "'os:system' is not one a stored job may call"), ("bad_trigger", "calendarinterval"),
+    ("wrong_id", "stored as job 'wrong_id'"), ("old_codec", "codec version 0"), ("too_deep", "not valid JSON"),
+    ("not_a_date", "'tomorrow' is not an ISO 8601"),
+])
+def test_a_tampered_job_state_raises_a_clear_error(row: str, message: str, tmp_path: Path) -> None:
+    good = json.loads(encode_job(codec_job(CODEC_TRIGGERS["interval"](), id=GOOD_JOB_ID)))
+    with pytest.raises(JobStateError, match=message):
+        decode_job(tampered_rows(good, tmp_path / "marker")[row], row)
+
+
+@pytest.mark.timeout(30)
+def test_a_stored_job_that_does_not_decode_is_logged_and_skipped(
+        schedulers: list[FsdfBackgroundScheduler], scheduler_dir: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    patch_frame_config(SCHEDULER_JOB_STORE="sqlite")
+    persisted_func.clear()
+    first = new_scheduler(schedulers)
+    first.add_timing_publish_job(persisted_func, "interval", seconds=0.3, id=GOOD_JOB_ID, kwargs={"n": 1})
+    first.start(paused=True)
+    first.shutdown()
+    marker = tmp_path / "marker"
+    path = scheduler_dir / "jobs.sqlite3"
+    with sqlite3.connect(path) as conn:
+        good_state = json.loads(conn.execute("SELECT job_state FROM apscheduler_jobs").fetchone()[0])
+        rows = tampered_rows(good_state, marker)
+        conn.executemany("INSERT INTO apscheduler_jobs (id, next_run_time, job_state) VALUES (?, ?, ?)",
+                         [(job_id, time.time() - 1, state) for job_id, state in rows.items()])
+
+    with caplog.at_level(logging.DEBUG, logger="funboost_like.scheduling"):
+        second = new_scheduler(schedulers)
+        second.start()
+        assert wait_for(lambda: persisted_func.get_message_count() >= 2, 10)  # the good job keeps running
+        assert second.running and second._thread is not None and second._thread.is_alive()
+        assert [job.id for job in second.get_jobs()] == [GOOD_JOB_ID]
+        assert second.get_job("garbage") is None
+    assert not marker.exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    for job_id in rows:
+        assert sum(f"job {job_id!r} in " in message for message in errors) == 1, errors  # logged once
+    with sqlite3.connect(path) as conn:  # parked: the scheduler does not wake up for them again and again
+        parked = dict(conn.execute("SELECT id, next_run_time FROM apscheduler_jobs WHERE id != ?", (GOOD_JOB_ID,)))
+    assert parked == dict.fromkeys(rows)
+
+    # Adding the job again repairs it; removing works on an unreadable one too.
+    second.add_timing_publish_job(persisted_func, "interval", seconds=60, id="garbage", args=(2,),
+                                  replace_existing=True)
+    assert second.get_job("garbage") is not None
+    second.remove_job("binary")
+    assert "binary" not in {job_id for job_id, in sqlite3.connect(path).execute("SELECT id FROM apscheduler_jobs")}
+
+
+def test_sqlalchemy_urls_are_refused_with_the_supported_stores() -> None:
+    with pytest.raises(ConfigurationError, match="'memory', 'sqlite'.*'redis'") as caught:
+        make_job_store("postgresql+psycopg://user:secret@db/jobs")
+    assert "secret" not in str(caught.value)
+    with pytest.raises(ConfigurationError, match="is not one of"):
+        make_job_store("mongodb")
+
+
+@pytest.mark.timeout(30)
+def test_redis_job_store_keeps_json_and_survives_a_restart(schedulers: list[FsdfBackgroundScheduler]) -> None:
+    require_server("Redis", "127.0.0.1", 6379)
+    jobs_key = f"test_{uuid.uuid4().hex[:8]}"
+    store = RedisJobStore(REDIS_TEST_URL, jobs_key=jobs_key)
+    client = store._redis()
+    try:
+        scheduler = new_scheduler(schedulers, fire_lock="none")
+        scheduler.add_jobstore(store, "default")
+        scheduler.start(paused=True)
+        scheduler.add_timing_publish_job(persisted_func, "cron", hour=3, minute=30, id="cron", args=(1,))
+        scheduler.add_timing_publish_job(persisted_func, "interval", seconds=5, id="interval", args=(2,))
+        scheduler.add_timing_publish_job(persisted_func, "date", run_date=CODEC_NOW, id="date", args=(3,))
+        scheduler.pause_job("interval")
+        with pytest.raises(ConflictingIdError):
+            store.add_job(scheduler.get_job("cron"))
+        hash_key, zset_key = f"fl:scheduler:{jobs_key}", f"fl:scheduler:{jobs_key}:run_times"
+        assert {k.decode() for k in client.hkeys(hash_key)} == {"cron", "interval", "date"}
+        assert {m.decode() for m in client.zrange(zset_key, 0, -1)} == {"cron", "date"}  # paused: no run time
+        assert json.loads(client.hget(hash_key, "cron"))["trigger"]["fields"]["hour"] == "3"
+        before = {job.id: (job.next_run_time, str(job.trigger)) for job in scheduler.get_jobs()}
+        assert [job.id for job in scheduler.get_jobs()] == ["cron", "date", "interval"]  # paused last
+        scheduler.shutdown()
+
+        # A tampered entry is skipped, and its run time removed so that it is not due forever.
+        client.hset(hash_key, "tampered", "{}")
+        client.zadd(zset_key, {"tampered": 1.0, "dangling": 2.0})
+        again = RedisJobStore(REDIS_TEST_URL, jobs_key=jobs_key)
+        later = new_scheduler(schedulers, fire_lock="none")
+        later.add_jobstore(again, "default")
+        later.start(paused=True)
+        assert {job.id: (job.next_run_time, str(job.trigger)) for job in later.get_jobs()} == before
+        assert again.get_due_jobs(datetime.datetime.now(datetime.timezone.utc)) == []
+        assert {m.decode() for m in client.zrange(zset_key, 0, -1)} == {"cron", "date"}
+        with pytest.raises(JobLookupError):
+            again.remove_job("missing")
+        again.remove_job("tampered")
+        later.remove_all_jobs()
+        assert not client.exists(hash_key) and not client.exists(zset_key)
+    finally:
+        client.delete(f"fl:scheduler:{jobs_key}", f"fl:scheduler:{jobs_key}:run_times")
+        store.shutdown()
+
+
+def test_the_scheduling_package_never_unpickles() -> None:
+    for path in (REPO / "funboost_like" / "scheduling").glob("*.py"):
+        text = path.read_text()
+        assert "import pickle" not in text and "pickle.load" not in text, path

@@ -58,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
     # Processes (run_consumer_with_multi_process, multi_process_consume).
     "MULTI_PROCESS_START_METHOD": "",  # "fork", "spawn" or "forkserver"; "" means the platform default
     # Timing jobs (fsdf_background_scheduler).
-    "SCHEDULER_JOB_STORE": "memory",  # "memory", "sqlite", "redis" (at REDIS_URL) or a SQLAlchemy URL
+    "SCHEDULER_JOB_STORE": "memory",  # "memory", "sqlite" or "redis" (at REDIS_URL); jobs are stored as JSON
     "SCHEDULER_SQLITE_DIR": "",  # "" means <per-user data dir>/scheduler (jobs.sqlite3, fire_locks.sqlite3)
     "SCHEDULER_FIRE_LOCK": "auto",  # "auto", "sqlite", "redis" or "none" (see scheduling/fire_lock.py)
     "SCHEDULER_FIRE_LOCK_RETENTION_SECONDS": 86400.0,  # how long a published fire time is remembered

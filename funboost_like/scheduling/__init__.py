@@ -1,8 +1,9 @@
 """Timing jobs: publish calls on a schedule (APScheduler 3.x, the ``scheduler`` extra).
 
 Nothing here imports APScheduler until one of its names is used: ``fsdf_background_scheduler``,
-``timing_publish_deco``, ``FsdfBackgroundScheduler``, ``publish_by_reference`` (timing.py) and
-``SQLiteJobStore`` (jobstores.py). The fire-time locks (fire_lock.py) need no APScheduler.
+``timing_publish_deco``, ``FsdfBackgroundScheduler``, ``publish_by_reference`` (timing.py),
+``SQLiteJobStore`` and ``RedisJobStore`` (jobstores.py, which keep jobs as JSON: job_codec.py). The
+fire-time locks (fire_lock.py) need no APScheduler.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ _LAZY = {
     "TimingJobExecutor": "funboost_like.scheduling.timing",
     "publish_by_reference": "funboost_like.scheduling.timing",
     "SQLiteJobStore": "funboost_like.scheduling.jobstores",
+    "RedisJobStore": "funboost_like.scheduling.jobstores",
 }
 
 __all__ = sorted(_LAZY)

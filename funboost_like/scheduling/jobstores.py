@@ -2,22 +2,22 @@
 
 * ``"memory"`` (default): APScheduler's ``MemoryJobStore``; jobs live as long as the process.
 * ``"sqlite"``: :class:`SQLiteJobStore`, a file ``jobs.sqlite3`` in ``SCHEDULER_SQLITE_DIR``, written
-  with the standard library's ``sqlite3`` only (no SQLAlchemy). Several scheduler processes of one
-  host may share it.
-* ``"redis"``: APScheduler's ``RedisJobStore`` at ``REDIS_URL`` (the ``redis`` extra).
-* any URL with ``://`` (``postgresql+psycopg://...``, ``mysql+pymysql://...``, ``sqlite:////abs/path``):
-  APScheduler's ``SQLAlchemyJobStore`` (the ``sql`` extra).
+  with the standard library's ``sqlite3`` only. Several scheduler processes of one host may share it.
+* ``"redis"``: :class:`RedisJobStore` at ``REDIS_URL`` (the ``redis`` extra), for schedulers on
+  several hosts.
 
-Persistent stores keep each job's state pickled, as every APScheduler 3.x store does; a timing
-publish job's state holds only a textual booster reference and the call's arguments (see
-:func:`~funboost_like.scheduling.timing.publish_by_reference`), never a booster.
+The persistent stores keep each job's state as JSON text (job_codec.py), never in APScheduler's
+binary object format, whose loading can run any code: whoever can write to the SQLite file or the
+Redis keys can change when jobs fire and what they publish, but cannot make a scheduler run code of
+their choosing. For the same reason APScheduler's own persistent stores (its ``RedisJobStore``,
+``SQLAlchemyJobStore``, ...) are not offered. A stored job that does not decode is logged, skipped
+and parked (its next run time cleared), never loaded by other means.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 import sqlite3
 import threading
@@ -29,14 +29,18 @@ from apscheduler.job import Job
 from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
 from apscheduler.jobstores.memory import MemoryJobStore
 
-from funboost_like.core.config import data_dir_setting, settings
+from funboost_like.core.config import data_dir_setting, redact_url, settings
 from funboost_like.core.errors import ConfigurationError
 from funboost_like.core.sqlite_files import open_sqlite
+from funboost_like.scheduling.job_codec import JobStateError, decode_job, encode_job
 
 logger = logging.getLogger("funboost_like.scheduling")
 
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 MEMORY, SQLITE, REDIS = "memory", "sqlite", "redis"
+JOB_STORE_KINDS = (MEMORY, SQLITE, REDIS)
+REDIS_KEY_PREFIX = "fl:scheduler:"
+_LEGACY_REDIS_JOBS_KEY = "funboost_like:apscheduler.jobs"  # binary jobs of earlier versions: never read
 
 
 def scheduler_sqlite_dir() -> Path:
@@ -44,7 +48,7 @@ def scheduler_sqlite_dir() -> Path:
 
 
 def job_store_kind(value: str | None = None) -> str:
-    """Normalise a ``SCHEDULER_JOB_STORE`` value: ``memory``, ``sqlite``, ``redis`` or a URL."""
+    """Normalise a ``SCHEDULER_JOB_STORE`` value: ``memory``, ``sqlite`` or ``redis``."""
     raw = str(settings.get("SCHEDULER_JOB_STORE") if value is None else value).strip()
     lowered = raw.lower()
     if lowered in ("", MEMORY):
@@ -52,8 +56,11 @@ def job_store_kind(value: str | None = None) -> str:
     if lowered in (SQLITE, REDIS):
         return lowered
     if "://" in raw:
-        return raw
-    raise ConfigurationError(f"SCHEDULER_JOB_STORE={raw!r} is not 'memory', 'sqlite', 'redis' or a SQLAlchemy URL")
+        raise ConfigurationError(
+            f"SCHEDULER_JOB_STORE={redact_url(raw)!r}: SQLAlchemy URLs are not supported, because APScheduler's "
+            "SQLAlchemyJobStore keeps jobs in a binary format whose loading can run any code; use 'memory', 'sqlite' "
+            "(schedulers on one host) or 'redis' (several hosts, at REDIS_URL)")
+    raise ConfigurationError(f"SCHEDULER_JOB_STORE={raw!r} is not one of {', '.join(map(repr, JOB_STORE_KINDS))}")
 
 
 def make_job_store(value: str | None = None) -> BaseJobStore:
@@ -64,46 +71,97 @@ def make_job_store(value: str | None = None) -> BaseJobStore:
     if kind == SQLITE:
         return SQLiteJobStore(scheduler_sqlite_dir() / "jobs.sqlite3",
                               busy_timeout=float(settings.get("SQLITE_BUSY_TIMEOUT_SECONDS")))
-    if kind == REDIS:
-        try:
-            from apscheduler.jobstores.redis import RedisJobStore
-            from redis.connection import parse_url
-        except ImportError as exc:
-            raise ConfigurationError(f"a redis job store needs redis-py ({exc}); run: "
-                                     "pip install 'funboost_like[redis]'") from exc
-        return RedisJobStore(jobs_key="funboost_like:apscheduler.jobs",
-                             run_times_key="funboost_like:apscheduler.run_times",
-                             **parse_url(str(settings.get("REDIS_URL"))))
     try:
-        from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+        import redis  # noqa: F401
     except ImportError as exc:
-        raise ConfigurationError(f"a SQL job store needs SQLAlchemy ({exc}); run: pip install 'funboost_like[sql]'") \
-            from exc
-    return SQLAlchemyJobStore(url=kind)
+        raise ConfigurationError(f"a redis job store needs redis-py ({exc}); run: "
+                                 "pip install 'funboost_like[redis]'") from exc
+    return RedisJobStore(str(settings.get("REDIS_URL")))
 
 
 def is_persistent(store: BaseJobStore) -> bool:
     return not isinstance(store, MemoryJobStore)
 
 
-class SQLiteJobStore(BaseJobStore):
-    """An APScheduler 3.x job store in one SQLite file, using only the standard library.
+def _job_id_text(stored_id: object) -> tuple[str, str]:
+    """The job id as text, and why it is not a valid one ('' when it is)."""
+    if isinstance(stored_id, str):
+        return stored_id, ""
+    if not isinstance(stored_id, bytes):
+        return repr(stored_id), "the job id is not text"
+    try:
+        return stored_id.decode("utf-8"), ""
+    except UnicodeDecodeError:
+        return stored_id.decode("utf-8", "backslashreplace"), "the job id is not UTF-8 text"
 
-    Table ``<tablename>(id TEXT PRIMARY KEY, next_run_time REAL, job_state BLOB)``: ``next_run_time`` is a
-    UNIX time (NULL for a paused job) used to find due jobs; ``job_state`` is the pickled
-    ``Job.__getstate__()``, which keeps the exact run time. The file is in WAL mode, so several
-    processes of one host can share it; it must be on a local disk.
-    A job whose state can no longer be restored (its function was renamed, say) is logged and removed.
+
+class JsonJobStore(BaseJobStore):
+    """What the persistent stores share: JSON job state, and skipping a stored job that does not decode.
+
+    A job whose state :func:`~funboost_like.scheduling.job_codec.decode_job` refuses (damaged,
+    tampered with, binary from an earlier version) is logged once per process and state, left out of
+    every answer, and parked: its next run time is cleared (only if the state is still the same), so
+    the scheduler does not wake up for it again and again. Adding the job again with
+    ``replace_existing=True``, or removing it, clears it up.
     """
 
-    def __init__(self, path: str | Path, tablename: str = "apscheduler_jobs",
-                 pickle_protocol: int = pickle.HIGHEST_PROTOCOL, busy_timeout: float = 5.0) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self._reported: set[tuple[str, int]] = set()
+
+    def _encode(self, job: Job) -> str:
+        return encode_job(job)  # ConfigurationError for a job that cannot be stored as JSON
+
+    def _restore(self, stored_id: str | bytes, state: str | bytes) -> Job | None:
+        """The job stored under ``stored_id`` (text, or bytes from Redis), or None after logging why not."""
+        job_id, reason = _job_id_text(stored_id)
+        job = None
+        if not reason:
+            try:
+                job = decode_job(state, job_id)
+            except JobStateError as exc:
+                reason = str(exc)
+            except Exception as exc:  # a bug here must not stop the other jobs either
+                logger.exception("decoding job %r in %r failed", job_id, self)
+                reason = f"{type(exc).__name__}: {exc}"
+        if job is None:
+            self._skip(stored_id, job_id, state, reason)
+            return None
+        job._scheduler = self._scheduler
+        job._jobstore_alias = self._alias
+        return job
+
+    def _skip(self, stored_id: str | bytes, job_id: str, state: str | bytes, reason: str) -> None:
+        key = (job_id, hash(state))
+        level = logging.DEBUG if key in self._reported else logging.ERROR
+        self._reported.add(key)
+        logger.log(level, "job %r in %r cannot be loaded and is skipped: %s. Its next run time is cleared; add "
+                          "the job again with replace_existing=True, or remove it", job_id, self, reason)
+        try:
+            self._park(stored_id, state)
+        except Exception:
+            logger.exception("clearing the next run time of job %r in %r failed", job_id, self)
+
+    def _park(self, stored_id: str | bytes, state: str | bytes) -> None:
+        """Clear the next run time of the job stored under ``stored_id`` if its state is still ``state``."""
+        raise NotImplementedError
+
+
+class SQLiteJobStore(JsonJobStore):
+    """An APScheduler 3.x job store in one SQLite file, using only the standard library.
+
+    Table ``<tablename>(id TEXT PRIMARY KEY, next_run_time REAL, job_state TEXT)``: ``next_run_time`` is a
+    UNIX time (NULL for a paused job, or a parked one that does not decode) used to find due jobs;
+    ``job_state`` is the job's JSON state (job_codec.py), which keeps the exact run time. The file is in
+    WAL mode, so several processes of one host can share it; it must be on a local disk.
+    """
+
+    def __init__(self, path: str | Path, tablename: str = "apscheduler_jobs", busy_timeout: float = 5.0) -> None:
         super().__init__()
         if not _TABLE_NAME.fullmatch(tablename):
             raise ValueError(f"invalid table name {tablename!r}")
         self.path = Path(path)
         self.tablename = tablename
-        self.pickle_protocol = pickle_protocol
         self.busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
@@ -120,9 +178,10 @@ class SQLiteJobStore(BaseJobStore):
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
+        # A file made by an earlier version has job_state BLOB: SQLite stores the JSON text in it all the same.
         conn = open_sqlite(self.path, busy_timeout=self.busy_timeout, check_same_thread=False, schema=(
             f"CREATE TABLE IF NOT EXISTS {self.tablename} (id TEXT PRIMARY KEY, next_run_time REAL,"
-            " job_state BLOB NOT NULL)",
+            " job_state TEXT NOT NULL)",
             f"CREATE INDEX IF NOT EXISTS {self.tablename}_next ON {self.tablename} (next_run_time)",
         ))
         self._conn, self._pid = conn, os.getpid()
@@ -170,28 +229,20 @@ class SQLiteJobStore(BaseJobStore):
                 jobs.append(job)
         return jobs
 
-    def _restore(self, job_id: str, state: bytes) -> Job | None:
-        try:
-            job = Job.__new__(Job)
-            job.__setstate__(pickle.loads(state))
-        except Exception:
-            logger.exception("cannot restore job %r from %s; removing it", job_id, self.path)
-            self._write(f"DELETE FROM {self.tablename} WHERE id = ?", (job_id,))
-            return None
-        job._scheduler = self._scheduler
-        job._jobstore_alias = self._alias
-        return job
+    def _park(self, stored_id: str | bytes, state: str | bytes) -> None:
+        self._write(f"UPDATE {self.tablename} SET next_run_time = NULL WHERE id = ? AND job_state = ?",
+                    (stored_id, state))
 
     # -- writing -----------------------------------------------------------------------------------
-    def _row(self, job: Job) -> tuple[float | None, bytes]:
+    def _row(self, job: Job) -> tuple[float | None, str]:
         next_run = job.next_run_time.timestamp() if job.next_run_time is not None else None
-        return next_run, pickle.dumps(job.__getstate__(), self.pickle_protocol)
+        return next_run, self._encode(job)
 
     def add_job(self, job: Job) -> None:
         next_run, state = self._row(job)
         try:
             self._write(f"INSERT INTO {self.tablename} (id, next_run_time, job_state) VALUES (?, ?, ?)",
-                          (job.id, next_run, state))
+                        (job.id, next_run, state))
         except sqlite3.IntegrityError:
             raise ConflictingIdError(job.id) from None
 
@@ -207,3 +258,158 @@ class SQLiteJobStore(BaseJobStore):
 
     def remove_all_jobs(self) -> None:
         self._write(f"DELETE FROM {self.tablename}")
+
+
+# KEYS[1]: the jobs hash, KEYS[2]: the run-times sorted set; ARGV[1]: job id, ARGV[2]: JSON state,
+# ARGV[3]: next run time as a UNIX time ('' for none). Each script is atomic.
+_ADD = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1]) end
+return 1
+"""
+_UPDATE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1]) else redis.call('ZREM', KEYS[2], ARGV[1]) end
+return 1
+"""
+_REMOVE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+_PARK = """
+local state = redis.call('HGET', KEYS[1], ARGV[1])
+if state == false or state == ARGV[2] then redis.call('ZREM', KEYS[2], ARGV[1]) return 1 end
+return 0
+"""
+
+
+class RedisJobStore(JsonJobStore):
+    """An APScheduler 3.x job store in Redis, with the same JSON job state as :class:`SQLiteJobStore`.
+
+    The HASH ``fl:scheduler:<jobs_key>`` maps each job id to its JSON state; the ZSET
+    ``fl:scheduler:<jobs_key>:run_times`` holds the id of every job that has a next run time, scored
+    by that time as a UNIX time (the exact time is in the state). Adding, updating and removing a job
+    change both in one Lua script.
+    """
+
+    def __init__(self, url: str, jobs_key: str = "jobs") -> None:
+        super().__init__()
+        if not jobs_key or any(c.isspace() for c in jobs_key):
+            raise ValueError(f"invalid jobs key {jobs_key!r}")
+        self.url = url
+        self.jobs_key = f"{REDIS_KEY_PREFIX}{jobs_key}"
+        self.run_times_key = f"{self.jobs_key}:run_times"
+        self._client: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._client_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {redact_url(self.url)!r} {self.jobs_key!r}>"
+
+    # -- connection --------------------------------------------------------------------------------
+    def _connection(self) -> tuple[Any, dict[str, Any]]:
+        """The client (connecting lazily) and its registered scripts, taken together."""
+        with self._client_lock:
+            if self._client is None:
+                import redis
+
+                try:
+                    client = redis.Redis.from_url(self.url)
+                except ValueError:  # redis-py's message may quote the URL with its password
+                    raise ConfigurationError(f"{redact_url(self.url)!r} is not a valid Redis URL") from None
+                self._scripts = {name: client.register_script(script) for name, script in
+                                 (("add", _ADD), ("update", _UPDATE), ("remove", _REMOVE), ("park", _PARK))}
+                self._client = client
+            return self._client, self._scripts
+
+    def _redis(self) -> Any:
+        return self._connection()[0]
+
+    def _run(self, script: str, job_id: str | bytes, state: str | bytes = "", next_run: str = "") -> int:
+        client, scripts = self._connection()
+        return int(scripts[script](keys=[self.jobs_key, self.run_times_key], args=[job_id, state, next_run],
+                                   client=client))
+
+    def start(self, scheduler: Any, alias: str) -> None:
+        super().start(scheduler, alias)
+        try:
+            legacy = self._redis().exists(_LEGACY_REDIS_JOBS_KEY)
+        except ConfigurationError:
+            raise
+        except Exception as exc:  # unreachable now: the scheduler retries its stores on its own
+            logger.warning("%r: cannot reach Redis at start (%s: %s)", self, type(exc).__name__, exc)
+            return
+        if legacy:
+            logger.warning("Redis key %r holds jobs in the binary format of an earlier version of funboost_like; "
+                           "they are never loaded. Add those jobs again, then delete that key and "
+                           "'funboost_like:apscheduler.run_times'", _LEGACY_REDIS_JOBS_KEY)
+
+    def shutdown(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+            self._scripts = {}
+        if client is not None:
+            client.close()
+
+    # -- reading -----------------------------------------------------------------------------------
+    def lookup_job(self, job_id: str) -> Job | None:
+        state = self._redis().hget(self.jobs_key, job_id)
+        return self._restore(job_id, state) if state is not None else None
+
+    def get_due_jobs(self, now: datetime) -> list[Job]:
+        client = self._redis()
+        ids = client.zrangebyscore(self.run_times_key, "-inf", repr(now.timestamp()))
+        if not ids:
+            return []
+        jobs = []
+        for job_id, state in zip(ids, client.hmget(self.jobs_key, ids), strict=True):
+            if state is None:  # a run time without a job (written by hand?): drop it, or it is due forever
+                logger.warning("%r has a run time for job %r but no such job; removing the run time", self, job_id)
+                self._run("park", job_id)
+                continue
+            job = self._restore(job_id, state)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def get_next_run_time(self) -> datetime | None:
+        first = self._redis().zrange(self.run_times_key, 0, 0, withscores=True)
+        if not first:
+            return None
+        return datetime.fromtimestamp(float(first[0][1]), timezone.utc)
+
+    def get_all_jobs(self) -> list[Job]:
+        jobs = []
+        for job_id, state in self._redis().hgetall(self.jobs_key).items():
+            job = self._restore(job_id, state)
+            if job is not None:
+                jobs.append(job)
+        never = datetime.max.replace(tzinfo=timezone.utc)
+        jobs.sort(key=lambda job: (job.next_run_time is None, job.next_run_time or never, job.id))
+        return jobs
+
+    def _park(self, stored_id: str | bytes, state: str | bytes) -> None:
+        self._run("park", stored_id, state)
+
+    # -- writing -----------------------------------------------------------------------------------
+    @staticmethod
+    def _score(job: Job) -> str:
+        return repr(job.next_run_time.timestamp()) if job.next_run_time is not None else ""
+
+    def add_job(self, job: Job) -> None:
+        if not self._run("add", job.id, self._encode(job), self._score(job)):
+            raise ConflictingIdError(job.id)
+
+    def update_job(self, job: Job) -> None:
+        if not self._run("update", job.id, self._encode(job), self._score(job)):
+            raise JobLookupError(job.id)
+
+    def remove_job(self, job_id: str) -> None:
+        if not self._run("remove", job_id):
+            raise JobLookupError(job_id)
+
+    def remove_all_jobs(self) -> None:
+        self._redis().delete(self.jobs_key, self.run_times_key)
+

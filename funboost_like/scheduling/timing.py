@@ -17,7 +17,9 @@ extra) with these differences:
   imports it (see funboost_like/core/reference.py). A booster without a reference (defined inside a
   function) can still be scheduled in a memory job store.
 * The default job store comes from the ``SCHEDULER_JOB_STORE`` setting when the scheduler starts
-  (see jobstores.py): memory, a SQLite file, Redis or a SQLAlchemy URL.
+  (see jobstores.py): memory, a SQLite file or Redis. The persistent ones keep each job as JSON
+  (job_codec.py), and only timing publish jobs with a built-in trigger (date, interval, cron) and
+  JSON arguments: adding any other job to them raises ``ConfigurationError`` at once.
 * The default executor (:class:`TimingJobExecutor`) runs jobs in their own threads, which keep
   working after the main thread has ended, and claims every ``(job id, scheduled fire time)`` in a fire-time lock before
   running the job (see fire_lock.py), so schedulers that share a job store, or hold the same job id,
@@ -54,9 +56,10 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 from funboost_like.core import runtime
 from funboost_like.core.booster import Booster
 from funboost_like.core.config import settings
+from funboost_like.core.errors import ConfigurationError
 from funboost_like.core.reference import BoosterReferenceError, booster_reference, resolve_booster
 from funboost_like.core.results import AsyncResult
-from funboost_like.scheduling import jobstores
+from funboost_like.scheduling import job_codec, jobstores
 from funboost_like.scheduling.fire_lock import FireTimeLock, RedisFireTimeLock, SqliteFireTimeLock
 
 logger = logging.getLogger("funboost_like.scheduling")
@@ -178,13 +181,23 @@ class FsdfBackgroundScheduler(BackgroundScheduler):
                 ref = booster_reference(booster)
             except BoosterReferenceError as exc:
                 if self._is_persistent(jobstore):
-                    raise ValueError(f"a timing job for {booster!r} cannot be kept in the persistent job store "
-                                     f"{jobstore!r}: {exc}") from exc
+                    raise ConfigurationError(f"a timing job for {booster!r} cannot be kept in the persistent job "
+                                             f"store {jobstore!r}: {exc}") from exc
             else:
                 func, args, kwargs = publish_by_reference, (ref, tuple(args or ()), dict(kwargs or {})), None
                 name = name or f"publish to {booster.queue_name} ({ref})"
-        return super().add_job(func, trigger, args, kwargs, id, name, misfire_grace_time, coalesce, max_instances,
-                               next_run_time, jobstore, executor, replace_existing, **trigger_args)
+        job = super().add_job(func, trigger, args, kwargs, id, name, misfire_grace_time, coalesce, max_instances,
+                              next_run_time, jobstore, executor, replace_existing, **trigger_args)
+        if self.state == STATE_STOPPED and self._is_persistent(jobstore):
+            # A running scheduler stored the job already (the store encodes it); a stopped one keeps it
+            # pending until start(): refuse a job that the store would refuse now, not at start().
+            try:
+                job_codec.encode_job(job, self._job_defaults)
+            except ConfigurationError:
+                with self._jobstores_lock:
+                    self._pending_jobs[:] = [pending for pending in self._pending_jobs if pending[0] is not job]
+                raise
+        return job
 
     def add_timing_publish_job(self, booster: Booster[Any, Any], trigger: Any = None, args: Any = None,
                                kwargs: Any = None, **options: Any) -> Any:
