@@ -163,3 +163,15 @@ def test_green_modes_run_blocking_calls_concurrently(isolated_settings: Path, tm
     _, count, stuck_finished, seconds = line.split()
     assert count == "300" and stuck_finished == "False"  # the timed-out greenlet really stopped
     assert float(seconds) < 4.0  # 300 x 0.5 s sleeps at once, not one after another
+
+
+def test_async_mode_with_rpc_and_filtering(queue_name: str) -> None:
+    @task_deco(queue_name, broker_kind=MEMORY, concurrent_mode=ConcurrentModeEnum.ASYNC, is_using_rpc_mode=True,
+               do_task_filtering=True)
+    async def add(a: int, b: int) -> int:
+        await asyncio.sleep(0.01)
+        return a + b
+
+    add.consume()
+    assert add.push(2, 3).get(timeout=10) == 5
+    assert add.push(a=2, b=3).status_and_result["status"] == "skipped"
