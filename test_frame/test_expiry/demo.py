@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from funboost_like import BrokerEnum, task_deco
 
 
