@@ -26,11 +26,11 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from funboost_like.core.config import settings
 from funboost_like.core.errors import BrokerError, ConfigurationError
+from funboost_like.core.sqlite_files import open_sqlite
 
 logger = logging.getLogger("funboost_like.stores")
 
@@ -274,21 +274,10 @@ class SqliteKeyValueStore(KeyValueStore):
         return conn
 
     def _connect(self) -> sqlite3.Connection:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        busy = float(settings.get("SQLITE_BUSY_TIMEOUT_SECONDS"))
         synchronous = str(settings.get("SQLITE_SYNCHRONOUS")).strip().upper()
-        conn = sqlite3.connect(self.path, timeout=busy, isolation_level=None, check_same_thread=True)
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(busy * 1000)}")
-            _enable_wal(conn, busy)
-            if synchronous in ("OFF", "NORMAL", "FULL", "EXTRA"):
-                conn.execute(f"PRAGMA synchronous = {synchronous}")
-            for statement in _SCHEMA:
-                conn.execute(statement)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        return open_sqlite(self.path, busy_timeout=float(settings.get("SQLITE_BUSY_TIMEOUT_SECONDS")),
+                           synchronous=synchronous if synchronous in ("OFF", "NORMAL", "FULL", "EXTRA") else "NORMAL",
+                           schema=_SCHEMA)
 
     def _execute(self, sql: str, params: Sequence[Any]) -> sqlite3.Cursor:
         try:
@@ -384,17 +373,3 @@ class SqliteKeyValueStore(KeyValueStore):
             except sqlite3.Error:
                 logger.debug("error closing %s", self.path, exc_info=True)
 
-
-def _enable_wal(conn: sqlite3.Connection, busy: float) -> None:
-    """Switch the file to WAL, retrying while another process creates the same file at this moment."""
-    deadline = time.monotonic() + busy
-    while True:
-        try:
-            mode = conn.execute("PRAGMA journal_mode").fetchall()[0][0]
-            if str(mode).lower() != "wal":
-                conn.execute("PRAGMA journal_mode = WAL").fetchall()
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() >= deadline:
-                raise
-            time.sleep(0.005)
