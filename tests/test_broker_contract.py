@@ -38,6 +38,11 @@ def broker(request: pytest.FixtureRequest, queue_name: str) -> Iterator[Broker]:
         b.purge_dead_letters(queue_name)
     except NotImplementedError:
         pass
+    if kind in REDIS_KINDS:  # also the keys purge keeps (a stream and its group, consumer records)
+        from funboost_like.brokers.redis_common import redis_client
+
+        client = redis_client()
+        client.delete(queue_name, *client.scan_iter(match=f"fl:{{{queue_name}}}:*", count=1000))
 
 
 def fetch_all(broker: Broker, queue: str, expected: int, timeout: float = 5.0) -> list:

@@ -51,7 +51,9 @@ a delayed one joins the back when due (moved by the next fetch). Fetching never 
 idle fetch polls with sleeps backing off from 2 ms to 50 ms, and never waits longer than its
 timeout. Connection errors are raised as :class:`~funboost_like.core.errors.BrokerConnectionError`;
 the client reconnects by itself, and a fetch whose reply was lost is replayed by the next fetch of
-that queue so its messages are not stranded.
+that queue so its messages are not stranded. An ack, nack, release or dead-lettering that failed on
+a connection error is sent again by the next fetch (or by :meth:`close`): otherwise its message
+would stay in the in-flight hash of a consumer that is alive and heartbeating, until its process ended.
 
 Limits: attempts of a message waiting again are keyed by its body's SHA1, so two byte-identical
 bodies waiting again at once may swap counts. A lost fetch reply is replayed only if no other
@@ -61,6 +63,7 @@ in-flight hash until the process ends and are then recovered by the sweep.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -77,6 +80,7 @@ from funboost_like.brokers.redis_common import (
     DEAD_LETTER_LIMIT,
     LUA_NOW,
     PURGE_LIST,
+    DeferredSettlements,
     DirectConnections,
     HeartbeatThread,
     LuaScript,
@@ -84,6 +88,7 @@ from funboost_like.brokers.redis_common import (
     consumer_timing,
     describe_url,
     direct_connections,
+    is_connection_error,
     new_consumer_id,
     raise_first_error,
     read_dead_letters,
@@ -331,6 +336,7 @@ class RedisAckAbleBroker(RedisStoresMixin, Broker):
         self._redis: DirectConnections | None = None
         self._inflight: dict[str, str] = {}  # queue -> this consumer's in-flight hash
         self._pending: dict[str, tuple[str, int]] = {}  # queue -> (base, max_n) of a fetch whose reply was lost
+        self._deferred = DeferredSettlements()  # acks and hand-backs that failed on a connection error
         self._heartbeat = HeartbeatThread(self.heartbeat, self.heartbeat_interval, "funboost_like-redis-heartbeat")
 
     @property
@@ -403,6 +409,11 @@ class RedisAckAbleBroker(RedisStoresMixin, Broker):
         if max_n > MAX_BATCH:
             max_n = MAX_BATCH
         ikey = self._inflight.get(queue) or self._register(queue)
+        if self._deferred:
+            try:
+                self._deferred.flush()
+            except RedisError as exc:
+                raise translate_error(exc, f"fetching from queue {queue!r}") from exc
         keys = self._keys[queue]
         key_args = [keys.ready, keys.delayed, ikey, keys.consumers, keys.attempts]
         cid = self._cid
@@ -484,6 +495,9 @@ class RedisAckAbleBroker(RedisStoresMixin, Broker):
                 removed = sum(raise_first_error(client.pipeline(
                     [("HDEL", key, *fields) for key, fields in groups.items()])))
         except RedisError as exc:
+            if is_connection_error(exc):  # sent again by the next fetch (HDEL twice is harmless)
+                self._deferred.add(functools.partial(
+                    client.pipeline, [("HDEL", key, *fields) for key, fields in groups.items()]))
             raise translate_error(exc, f"acknowledging {len(deliveries)} message(s)") from exc
         if removed != len(deliveries):
             raise DoubleAckError(
@@ -517,13 +531,20 @@ class RedisAckAbleBroker(RedisStoresMixin, Broker):
             groups.setdefault((delivery.queue, key), []).append(field)
         client = self._conn()
         done = 0
+        calls = []
         for (queue, ikey), fields in groups.items():
             keys = self._queue_keys(queue)
+            calls.append((queue, len(fields), functools.partial(
+                _GIVE_BACK, client, [ikey, keys.ready, keys.delayed, keys.attempts, keys.dead],
+                [mode, keys.prio_prefix, arg, uuid.uuid4().hex, *fields])))
+        for index, (queue, n, call) in enumerate(calls):
             try:
-                done += _GIVE_BACK(client, [ikey, keys.ready, keys.delayed, keys.attempts, keys.dead],
-                                   [mode, keys.prio_prefix, arg, uuid.uuid4().hex, *fields])
+                done += call()
             except RedisError as exc:
-                raise translate_error(exc, f"handing back {len(fields)} message(s) of queue {queue!r}") from exc
+                if is_connection_error(exc):  # sent again by the next fetch; the script skips what it moved
+                    for _, _, unsent in calls[index:]:
+                        self._deferred.add(unsent)
+                raise translate_error(exc, f"handing back {n} message(s) of queue {queue!r}") from exc
         if done != len(deliveries):
             raise DoubleAckError(
                 f"{len(deliveries) - done} of {len(deliveries)} deliveries were already acknowledged or rejected, "
@@ -615,6 +636,13 @@ class RedisAckAbleBroker(RedisStoresMixin, Broker):
             registered = dict(self._inflight)
             self._inflight.clear()
         client = self._redis
+        if client is not None and self._deferred:
+            try:
+                self._deferred.flush()
+            except RedisError as exc:
+                logger.warning("could not resend the acks and hand-backs that failed while Redis at %s was "
+                               "unreachable (%s): those messages run again after another consumer's sweep",
+                               describe_url(), exc)
         if client is not None:
             for queue, ikey in registered.items():
                 try:

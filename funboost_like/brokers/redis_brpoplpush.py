@@ -52,6 +52,10 @@ timeout). A fetch whose reply was lost on a broken connection left its messages 
 in-flight list: the next fetch of that queue hands them out, if no other thread of the process is
 fetching the same queue at that moment (otherwise they come back when the process ends).
 
+An ack, nack, release or dead-lettering that failed on a connection error is sent again by the next
+fetch (or by :meth:`close`): otherwise its message would stay in the in-flight list of a consumer
+that is alive and heartbeating, until its process ended.
+
 Order: a nacked message goes to the back of the queue, a released or recovered one to the front.
 
 Limits: acks remove by value (``LREM``), so byte-identical bodies in flight at once are
@@ -61,6 +65,7 @@ interchangeable (each ack removes one copy), and their attempt counts are shared
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import itertools
 import logging
@@ -68,7 +73,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -81,6 +86,7 @@ from funboost_like.brokers.redis_common import (
     LUA_NOW,
     PURGE_LIST,
     SCHEDULE,
+    DeferredSettlements,
     DirectConnections,
     HeartbeatThread,
     IdlePoller,
@@ -91,6 +97,7 @@ from funboost_like.brokers.redis_common import (
     delayed_member,
     describe_url,
     direct_connections,
+    is_connection_error,
     key_prefix,
     new_consumer_id,
     pack_command,
@@ -238,6 +245,7 @@ class RedisBrpopLpushBroker(RedisStoresMixin, Broker):
         for keys in self._keys.values():
             keys.packets.clear()  # they name the consumer id
         self._suspect: set[str] = set()  # queues where a fetch reply was lost
+        self._deferred = DeferredSettlements()  # acks and hand-backs that failed on a connection error
         self._heartbeat = HeartbeatThread(self.heartbeat, self.heartbeat_interval,
                                           "funboost_like-redis-brpoplpush-heartbeat")
 
@@ -317,6 +325,11 @@ class RedisBrpopLpushBroker(RedisStoresMixin, Broker):
                 unack = self._register(queue)
             except RedisError as exc:
                 raise translate_error(exc, f"registering consumer {self._cid} on queue {queue!r}") from exc
+        if self._deferred:
+            try:
+                self._deferred.flush()
+            except RedisError as exc:
+                raise translate_error(exc, f"fetching from queue {queue!r}") from exc
         with self._lock:
             self._fetching[queue] += 1
             alone = self._fetching[queue] == 1
@@ -451,6 +464,9 @@ class RedisBrpopLpushBroker(RedisStoresMixin, Broker):
             try:
                 replies = raise_first_error(self._conn().pipeline(commands))
             except RedisError as exc:
+                if is_connection_error(exc):  # sent again by the next fetch; the deliveries stay held till then
+                    resend = functools.partial(self._conn().pipeline, commands)
+                    self._deferred.add(functools.partial(self._resend, resend, live))
                 raise translate_error(exc, f"acknowledging {len(live)} message(s)") from exc
             for delivery in live:
                 held.pop(delivery.token, None)
@@ -489,12 +505,19 @@ class RedisBrpopLpushBroker(RedisStoresMixin, Broker):
             pairs_of.setdefault(group, []).extend((delivery.body, value))
         conn = self._conn()
         done = 0
+        calls = []
         for (queue, unack), settled in groups.items():
             keys = self._queue_keys(queue)
+            calls.append((queue, settled, functools.partial(
+                _GIVE_BACK, conn, [unack, queue, keys.delayed, keys.attempts, keys.dead],
+                [mode, repr(delay), uuid.uuid4().hex, *pairs_of[(queue, unack)]])))
+        for index, (queue, settled, call) in enumerate(calls):
             try:
-                done += int(_GIVE_BACK(conn, [unack, queue, keys.delayed, keys.attempts, keys.dead],
-                                       [mode, repr(delay), uuid.uuid4().hex, *pairs_of[(queue, unack)]]))
+                done += int(call())
             except RedisError as exc:
+                if is_connection_error(exc):  # sent again by the next fetch; the script skips what it moved
+                    for _, unsent, unsent_call in calls[index:]:
+                        self._deferred.add(functools.partial(self._resend, unsent_call, unsent))
                 raise translate_error(exc, f"handing back {len(settled)} message(s) of queue {queue!r}") from exc
             for delivery in settled:
                 held.pop(delivery.token, None)
@@ -502,6 +525,12 @@ class RedisBrpopLpushBroker(RedisStoresMixin, Broker):
             raise DoubleAckError(
                 f"{len(deliveries) - done} of {len(deliveries)} deliveries were already acknowledged or rejected, "
                 "or were recovered by another consumer after this one missed its heartbeats")
+
+    def _resend(self, send: Callable[[], object], deliveries: list[Delivery]) -> None:
+        """A deferred ack or hand-back: send it again, then forget its deliveries."""
+        send()
+        for delivery in deliveries:
+            self._held.pop(delivery.token, None)
 
     # -- heartbeat and recovery --------------------------------------------------------------------
     def heartbeat(self) -> int:
@@ -582,6 +611,13 @@ class RedisBrpopLpushBroker(RedisStoresMixin, Broker):
             registered = dict(self._unack)
             self._unack.clear()
         conn = self._redis
+        if conn is not None and self._deferred:
+            try:
+                self._deferred.flush()
+            except RedisError as exc:
+                logger.warning("could not resend the acks and hand-backs that failed while Redis at %s was "
+                               "unreachable (%s): those messages run again after another consumer's sweep",
+                               describe_url(), exc)
         if conn is not None:
             for queue, unack in registered.items():
                 try:

@@ -9,6 +9,8 @@
 * :func:`translate_error` turns a redis-py exception into the framework's own
   (:class:`~funboost_like.core.errors.BrokerConnectionError` for an unreachable server, so the
   consume loop retries with backoff; :class:`~funboost_like.core.errors.BrokerError` otherwise).
+  :class:`DeferredSettlements` keeps the acks that failed that way and sends them again with the
+  broker's next fetch, so a message acked during an outage does not stay in flight forever.
 * :func:`direct_connections` returns the process-wide :class:`DirectConnections` for the current
   URL: the same connections redis-py makes (same URL options, TLS, auth, database), used without
   its pool's per-command bookkeeping, which costs about three times the round trip itself
@@ -265,6 +267,59 @@ def translate_error(exc: RedisError, action: str) -> BrokerError:
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
         return BrokerConnectionError(f"Redis at {describe_url()} is unreachable while {action}: {exc}")
     return BrokerError(f"Redis at {describe_url()} failed while {action}: {exc}")
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True for the redis-py errors of an unreachable server (refused, reset, timed out, still loading)."""
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError))
+
+
+class DeferredSettlements:
+    """Acks and hand-backs that failed on a connection error, sent again by the broker's next fetch.
+
+    Without this, a message whose ack was lost while Redis was down would stay in the in-flight record
+    of a consumer that is alive and heartbeating, so it would neither leave nor come back until that
+    process ended. Every deferred send must be safe to run twice (it checks that the message is still
+    in flight), since the first attempt may have reached the server before the connection broke.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sends: list[Callable[[], object]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._sends)
+
+    def add(self, send: Callable[[], object]) -> None:
+        with self._lock:
+            self._sends.append(send)
+
+    def flush(self) -> int:
+        """Run the deferred sends in order. On a connection error keep the unsent ones and re-raise; a
+        send that Redis refuses otherwise is logged and dropped (so it cannot block every later fetch).
+        Returns how many were sent."""
+        with self._lock:
+            sends, self._sends = self._sends, []
+        done = 0
+        try:
+            for send in sends:
+                try:
+                    send()
+                except RedisError as exc:
+                    if is_connection_error(exc):
+                        raise
+                    logger.error("Redis at %s refused an ack or hand-back sent again after an outage (%s); its "
+                                 "message stays in flight until this process ends, then runs again",
+                                 describe_url(), exc)
+                done += 1
+        finally:
+            if done < len(sends):
+                with self._lock:
+                    self._sends[:0] = sends[done:]
+            if done:
+                logger.info("sent %d acknowledgement(s) or hand-back(s) again that had failed while Redis at %s "
+                            "was unreachable", done, describe_url())
+        return done
 
 
 class LuaScript:

@@ -1,4 +1,4 @@
-"""A consumer process for the Redis crash tests (tests/test_redis_brokers.py).
+"""A consumer process for the Redis crash and fault tests (tests/test_redis_brokers.py, test_redis_faults.py).
 
 Usage::
 
