@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 
 from funboost_like.core import codec
 from funboost_like.core.config import data_dir_setting, settings
+from funboost_like.core.sqlite_files import open_sqlite
 
 logger = logging.getLogger("funboost_like.status")
 
@@ -70,7 +71,6 @@ EXPIRY_INTERVAL_SECONDS = 60.0
 IDLE_WRITER_EXIT_SECONDS = 30.0  # a writer with nothing to write for this long exits (the next record restarts one)
 _BATCH = 5000  # records per transaction
 _WAL_SIZE_LIMIT = 16 * 1024 * 1024
-_SQLITE_BUSY = 5
 
 
 class StatusEvent(NamedTuple):
@@ -493,39 +493,10 @@ def _delete_expired(conn: sqlite3.Connection, now: float) -> int:
     return deleted
 
 
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is None:
-        return "locked" in str(exc)
-    return int(code) & 0xFF == _SQLITE_BUSY
-
-
 def _connect(path: Path) -> sqlite3.Connection:
     """Open ``path`` (creating it and its folder) in autocommit mode with WAL and the schema."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    busy = float(settings.get("SQLITE_BUSY_TIMEOUT_SECONDS"))
-    conn = sqlite3.connect(str(path), timeout=busy, isolation_level=None)
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {int(busy * 1000)}")
-        deadline = time.monotonic() + busy
-        while True:  # switching a brand-new file to WAL fails at once if another process opens it too
-            try:
-                mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0])
-                break
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.005)
-        if mode.lower() != "wal":
-            logger.warning("%s: journal_mode is %s, not WAL; is it on a network file system?", path, mode)
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
-        for statement in _SCHEMA:
-            conn.execute(statement)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+    return open_sqlite(path, busy_timeout=float(settings.get("SQLITE_BUSY_TIMEOUT_SECONDS")), schema=_SCHEMA,
+                       pragmas=[f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}"])
 
 
 # -- the per-process registry -------------------------------------------------------------------

@@ -111,12 +111,13 @@ class StatusRecorder(Middleware, _LazyStore):
             return
         status = _STATUS_OF_OUTCOME.get(call.outcome, FAILED)
         ran = call.attempts > 0
-        now = call.started_at + call.duration if ran and call.started_at else time.time()
+        started = call.started_at if ran and call.started_at else None
+        now = started + call.duration if started is not None else time.time()
         result = to_json(call.result) if self.save_result and status == FINISHED else None
         exception = _exception_text(call.exc) if call.exc is not None else (call.skip_reason or None)
         self.store.record(StatusEvent(
             task_id, self.queue_name, status, now, result=result, exception=exception,
-            attempts=call.attempts, deliveries=call.delivery.attempts,
+            attempts=call.attempts, deliveries=call.delivery.attempts, started_at=started,
             finished_at=now if ran else None, duration=call.duration if ran else None,
             expires_at=_expires_at(now, self.expire_seconds),
         ))

@@ -1,0 +1,35 @@
+"""funboost settings for the peer benchmark (read only inside the scratch virtualenv).
+
+funboost imports a module named ``funboost_config`` from ``sys.path`` and, when there is none, copies
+its template into ``sys.path[1]``; ``benchmarks/peers/run.py`` puts this folder first on
+``PYTHONPATH``. Redis host, port and database come from ``PEERBENCH_REDIS_HOST``,
+``PEERBENCH_REDIS_PORT`` and ``PEERBENCH_REDIS_DB`` (default 127.0.0.1:6379, db 13), the SQLite queue
+folder from ``PEERBENCH_TMP``. The start-up prompts and the thread-pool messages are logged at WARNING
+so that they are not shown.
+"""
+
+import logging
+import os
+
+from funboost.utils.simple_data_class import DataClassBase
+
+
+class BrokerConnConfig(DataClassBase):
+    REDIS_HOST = os.environ.get("PEERBENCH_REDIS_HOST", "127.0.0.1")
+    REDIS_USERNAME = ""
+    REDIS_PASSWORD = ""
+    REDIS_PORT = int(os.environ.get("PEERBENCH_REDIS_PORT", "6379"))
+    REDIS_DB = int(os.environ.get("PEERBENCH_REDIS_DB", "13"))
+    REDIS_DB_FILTER_AND_RPC_RESULT = REDIS_DB
+    REDIS_SSL = False
+    REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
+    SQLLITE_QUEUES_PATH = os.path.join(os.environ.get("PEERBENCH_TMP", "/tmp"), "funboost_sqlite_queues")  # (sic)
+
+
+class FunboostCommonConfig(DataClassBase):
+    NB_LOG_FORMATER_INDEX_FOR_CONSUMER_AND_PUBLISHER = logging.Formatter(
+        "%(asctime)s - %(name)s - %(levelname)s - %(message)s", "%Y-%m-%d %H:%M:%S")
+    TIMEZONE = "UTC"
+    SHOW_HOW_FUNBOOST_CONFIG_SETTINGS = False
+    FUNBOOST_PROMPT_LOG_LEVEL = logging.WARNING
+    KEEPALIVETIMETHREAD_LOG_LEVEL = logging.WARNING
