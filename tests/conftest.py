@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def isolated_settings(tmp_path: Path) -> Iterator[Path]:
     queues = tmp_path / "sqlite_queues"
-    patch_frame_config(SQLITE_QUEUES_PATH=str(queues), GRACEFUL_STOP_SECONDS=5.0)
+    patch_frame_config(SQLITE_QUEUES_PATH=str(queues), STATUS_DB_PATH=str(tmp_path / "status"),
+                       GRACEFUL_STOP_SECONDS=5.0)
     yield queues
     runtime.stop_all(timeout=10)
     registry.close_all()
@@ -58,6 +59,7 @@ def subprocess_env(queues: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["FUNBOOST_LIKE_SQLITE_QUEUES_PATH"] = str(queues)
+    env.setdefault("FUNBOOST_LIKE_STATUS_DB_PATH", str(queues.parent / "status"))
     env["FUNBOOST_LIKE_NO_USER_CONFIG"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)

@@ -20,6 +20,7 @@ from funboost_like.core.params import (
 )
 from funboost_like.core.publisher import Publisher
 from funboost_like.core.results import AsyncResult
+from funboost_like.core.status_store import StatusStore, open_status_store
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -103,6 +104,11 @@ class Booster(Generic[P, R]):
     @property
     def broker(self) -> Broker:
         return self.publisher.broker
+
+    @property
+    def status(self) -> StatusStore:
+        """This queue's call records (function_result_status_persistance_conf); see docs/status.md."""
+        return open_status_store(self.queue_name)
 
     def push(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
         """Publish a call with the function's own arguments; a call that does not fit raises at once."""

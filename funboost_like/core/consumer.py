@@ -144,6 +144,7 @@ class Consumer:
 
                 add_file_handler(self.logger, f"{self.params.logger_prefix}{self.queue_name}.log")
             self._pool = self._make_pool()
+            self.stats.started_at = time.monotonic()
             self._thread = threading.Thread(target=self._fetch_loop, name=f"funboost_like-fetch-{self.queue_name}")
             runtime.register(self)
             self._thread.start()
@@ -229,6 +230,9 @@ class Consumer:
             while not stop.is_set():
                 finished += self._flush_completed(broker)
                 pool.grow_if_stalled()
+                if time.monotonic() >= next_stats:  # also while waiting for capacity or paused
+                    next_stats = time.monotonic() + interval
+                    self._log_rate()
                 free = capacity - (started - finished)
                 if free <= 0:
                     self._wait_for_capacity(pool)
@@ -250,9 +254,6 @@ class Consumer:
                         break
                     started += 1
                     pool.submit(process, delivery)
-                if time.monotonic() >= next_stats:
-                    next_stats = time.monotonic() + interval
-                    self._log_rate()
         except BaseException:
             self.logger.exception("the fetcher of queue %r crashed; stopping this consumer", queue)
             raise
