@@ -142,7 +142,7 @@ def run_peer(peer: Peer, python: str, redis_url: str) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
         env.update({
             "PYTHONPATH": str(FUNBOOST_HOME),  # funboost_config.py / nb_log_config.py; nothing written to the repo
-            "PEERBENCH_TMP": tmp, "LOG_PATH": os.path.join(tmp, "logs"),
+            "PEERBENCH_TMP": tmp, "LOG_PATH": os.path.join(tmp, "logs"), "PYTHONDONTWRITEBYTECODE": "1",
             "PEERBENCH_REDIS_HOST": u.hostname or "127.0.0.1", "PEERBENCH_REDIS_PORT": str(u.port or 6379),
             "PEERBENCH_REDIS_DB": (u.path or "/0").lstrip("/") or "0",
         })

@@ -67,7 +67,6 @@ import functools
 import itertools
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -75,29 +74,28 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
+from funboost_like.brokers.base import Capabilities, Delivery
+from funboost_like.brokers.redis_base import RedisConsumerBrokerBase
 from funboost_like.brokers.redis_common import (
     DEAD_LETTER_LIMIT,
     LUA_NOW,
-    PURGE_LIST,
+    SCHEDULE,
     DeferredSettlements,
     DirectConnections,
     HeartbeatThread,
     LuaScript,
-    as_bytes,
     consumer_timing,
+    dead_letter_envelope,
+    delayed_member,
     describe_url,
-    direct_connections,
     is_connection_error,
-    new_consumer_id,
+    key_prefix,
+    lpush_many,
     raise_first_error,
-    read_dead_letters,
     translate_error,
 )
-from funboost_like.brokers.redis_store import RedisStoresMixin
-from funboost_like.core import codec
 from funboost_like.core.enums import BrokerEnum
-from funboost_like.core.errors import ConfigurationError, DoubleAckError
+from funboost_like.core.errors import ConfigurationError
 
 logger = logging.getLogger("funboost_like.redis")
 
@@ -256,12 +254,6 @@ end
 return moved
 """)
 
-# KEYS: delayed; ARGV: delay seconds, member
-_PUBLISH_DELAYED = LuaScript(LUA_NOW + """
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
-return 1
-""")
-
 # KEYS: ready0, delayed, attempts; ARGV: priority-list prefix, '1' to delete
 _COUNT_OR_PURGE = LuaScript("""
 local n = redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
@@ -298,7 +290,7 @@ class _QueueKeys:
     __slots__ = ("ready", "prefix", "prio_prefix", "prio_lists", "delayed", "attempts", "dead", "consumers")
 
     def __init__(self, queue: str) -> None:
-        prefix = f"fl:{{{queue}}}:"
+        prefix = key_prefix(queue)
         self.ready = queue
         self.prefix = prefix
         self.prio_prefix = prefix + "p"
@@ -315,51 +307,28 @@ def _level(priority: int) -> int:
     return priority
 
 
-class RedisAckAbleBroker(RedisStoresMixin, Broker):
+class RedisAckAbleBroker(RedisConsumerBrokerBase[_QueueKeys]):
     """At-least-once Redis broker; see the module docstring for keys, timing and the wire contract."""
 
     kind = BrokerEnum.REDIS_ACK_ABLE
     capabilities = Capabilities(ack=True, persistent=True, delay=True, priority=True, cross_process=True,
                                 cross_host=True, dead_letters=True, max_priority=MAX_PRIORITY)
+    _keys_class = _QueueKeys
 
     def __init__(self, *, heartbeat_interval: float | None = None, dead_after: float | None = None) -> None:
         self.heartbeat_interval, self.dead_after = consumer_timing(heartbeat_interval, dead_after)
-        self._keys: dict[str, _QueueKeys] = {}
         self._seq = itertools.count(1)
-        self._reset_process_state()
+        super().__init__()
 
     def _reset_process_state(self) -> None:
         """Identity, connection and heartbeat of this process (called again in a forked child)."""
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-        self._cid = new_consumer_id()
-        self._redis: DirectConnections | None = None
+        super()._reset_process_state()
         self._inflight: dict[str, str] = {}  # queue -> this consumer's in-flight hash
         self._pending: dict[str, tuple[str, int]] = {}  # queue -> (base, max_n) of a fetch whose reply was lost
         self._deferred = DeferredSettlements()  # acks and hand-backs that failed on a connection error
         self._heartbeat = HeartbeatThread(self.heartbeat, self.heartbeat_interval, "funboost_like-redis-heartbeat")
 
-    @property
-    def consumer_id(self) -> str:
-        if self._pid != os.getpid():
-            self._reset_process_state()
-        return self._cid
-
     # -- plumbing ----------------------------------------------------------------------------------
-    def _conn(self) -> DirectConnections:
-        if self._pid != os.getpid():
-            self._reset_process_state()
-        conn = self._redis
-        if conn is None:
-            conn = self._redis = direct_connections()
-        return conn
-
-    def _queue_keys(self, queue: str) -> _QueueKeys:
-        keys = self._keys.get(queue)
-        if keys is None:
-            keys = self._keys[queue] = _QueueKeys(queue)
-        return keys
-
     def _register(self, queue: str) -> str:
         with self._lock:
             ikey = self._inflight.get(queue)
@@ -376,9 +345,8 @@ class RedisAckAbleBroker(RedisStoresMixin, Broker):
             if not_before is not None:
                 delay = not_before - time.time()
                 if delay > 0:
-                    keys = self._queue_keys(queue)
-                    member = b"%s:%d:0:" % (uuid.uuid4().hex.encode(), _level(priority)) + as_bytes(body)
-                    _PUBLISH_DELAYED(client, [keys.delayed], [repr(delay), member])
+                    SCHEDULE(client, [self._queue_keys(queue).delayed],
+                             [repr(delay), delayed_member(_level(priority), 0, body)])
                     return
             if priority:
                 client.execute_command("LPUSH", self._queue_keys(queue).prio_lists[_level(priority)], body)
@@ -393,11 +361,7 @@ class RedisAckAbleBroker(RedisStoresMixin, Broker):
         key = self._queue_keys(queue).prio_lists[_level(priority)] if priority else queue
         client = self._conn()
         try:
-            if len(bodies) <= MAX_BATCH:
-                client.execute_command("LPUSH", key, *bodies)
-                return
-            raise_first_error(client.pipeline(
-                [("LPUSH", key, *bodies[start:start + MAX_BATCH]) for start in range(0, len(bodies), MAX_BATCH)]))
+            lpush_many(client, key, bodies, MAX_BATCH)
         except RedisError as exc:
             raise translate_error(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
 
@@ -410,10 +374,7 @@ class RedisAckAbleBroker(RedisStoresMixin, Broker):
             max_n = MAX_BATCH
         ikey = self._inflight.get(queue) or self._register(queue)
         if self._deferred:
-            try:
-                self._deferred.flush()
-            except RedisError as exc:
-                raise translate_error(exc, f"fetching from queue {queue!r}") from exc
+            self._deferred.flush_before_fetch(queue)
         keys = self._keys[queue]
         key_args = [keys.ready, keys.delayed, ikey, keys.consumers, keys.attempts]
         cid = self._cid
@@ -499,10 +460,7 @@ class RedisAckAbleBroker(RedisStoresMixin, Broker):
                 self._deferred.add(functools.partial(
                     client.pipeline, [("HDEL", key, *fields) for key, fields in groups.items()]))
             raise translate_error(exc, f"acknowledging {len(deliveries)} message(s)") from exc
-        if removed != len(deliveries):
-            raise DoubleAckError(
-                f"{len(deliveries) - removed} of {len(deliveries)} deliveries were already acknowledged or rejected, "
-                "or were recovered by another consumer after this one missed its heartbeats")
+        self._check_settled(removed, len(deliveries))
 
     def nack(self, delivery: Delivery, *, requeue: bool = True, delay: float = 0.0) -> None:
         if not requeue:
@@ -520,9 +478,7 @@ class RedisAckAbleBroker(RedisStoresMixin, Broker):
             self._give_back(deliveries[::-1], "head", "")
 
     def dead_letter(self, delivery: Delivery, reason: str, exc: BaseException | None = None) -> None:
-        envelope = codec.dumps({"body": delivery.body.decode("utf-8", "replace"), "reason": reason,
-                                "failed_at": time.time(), "attempts": delivery.attempts})
-        self._give_back([delivery], "dead", envelope)
+        self._give_back([delivery], "dead", dead_letter_envelope(delivery.body, reason, delivery.attempts))
 
     def _give_back(self, deliveries: Sequence[Delivery], mode: str, arg: Any) -> None:
         groups: dict[tuple[str, str], list[str]] = {}
@@ -545,10 +501,7 @@ class RedisAckAbleBroker(RedisStoresMixin, Broker):
                     for _, _, unsent in calls[index:]:
                         self._deferred.add(unsent)
                 raise translate_error(exc, f"handing back {n} message(s) of queue {queue!r}") from exc
-        if done != len(deliveries):
-            raise DoubleAckError(
-                f"{len(deliveries) - done} of {len(deliveries)} deliveries were already acknowledged or rejected, "
-                "or were recovered by another consumer after this one missed its heartbeats")
+        self._check_settled(done, len(deliveries))
 
     # -- heartbeat and recovery --------------------------------------------------------------------
     def heartbeat(self) -> int:
@@ -593,34 +546,11 @@ class RedisAckAbleBroker(RedisStoresMixin, Broker):
         except RedisError as exc:
             raise translate_error(exc, f"counting in-flight messages of queue {queue!r}") from exc
 
-    # -- dead letters ------------------------------------------------------------------------------
-    def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        try:
-            return read_dead_letters(self._conn(), queue, limit)
-        except RedisError as exc:
-            raise translate_error(exc, f"listing dead letters of queue {queue!r}") from exc
-
-    def purge_dead_letters(self, queue: str) -> int:
-        try:
-            n = PURGE_LIST(self._conn(), [self._queue_keys(queue).dead], [])
-        except RedisError as exc:
-            raise translate_error(exc, f"purging dead letters of queue {queue!r}") from exc
-        return int(n)
-
     # -- queue maintenance -------------------------------------------------------------------------
-    def purge(self, queue: str) -> int:
-        return self._count_or_purge(queue, purge=True)
-
-    def count(self, queue: str) -> int:
-        return self._count_or_purge(queue, purge=False)
-
-    def _count_or_purge(self, queue: str, *, purge: bool) -> int:
+    def _run_count_or_purge(self, conn: DirectConnections, queue: str, purge: bool) -> Any:
         keys = self._queue_keys(queue)
-        try:
-            return int(_COUNT_OR_PURGE(self._conn(), [keys.ready, keys.delayed, keys.attempts],
-                                       [keys.prio_prefix, "1" if purge else "0"]))
-        except RedisError as exc:
-            raise translate_error(exc, f"{'purging' if purge else 'counting'} queue {queue!r}") from exc
+        return _COUNT_OR_PURGE(conn, [keys.ready, keys.delayed, keys.attempts],
+                               [keys.prio_prefix, "1" if purge else "0"])
 
     def close(self) -> None:
         """Stop the heartbeat and drop this consumer's records where nothing is in flight.
@@ -636,14 +566,8 @@ class RedisAckAbleBroker(RedisStoresMixin, Broker):
             registered = dict(self._inflight)
             self._inflight.clear()
         client = self._redis
-        if client is not None and self._deferred:
-            try:
-                self._deferred.flush()
-            except RedisError as exc:
-                logger.warning("could not resend the acks and hand-backs that failed while Redis at %s was "
-                               "unreachable (%s): those messages run again after another consumer's sweep",
-                               describe_url(), exc)
         if client is not None:
+            self._deferred.flush_on_close()
             for queue, ikey in registered.items():
                 try:
                     _RETIRE(client, [self._keys[queue].consumers, ikey], [self._cid])

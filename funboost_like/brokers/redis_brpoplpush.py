@@ -70,7 +70,6 @@ import hashlib
 import itertools
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -78,13 +77,13 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
+from funboost_like.brokers.base import Capabilities, Delivery
+from funboost_like.brokers.redis_base import RedisConsumerBrokerBase
 from funboost_like.brokers.redis_common import (
     DEAD_LETTER_LIMIT,
     LUA_MOVE_DUE,
     LUA_NEXT_DUE,
     LUA_NOW,
-    PURGE_LIST,
     SCHEDULE,
     DeferredSettlements,
     DirectConnections,
@@ -96,18 +95,15 @@ from funboost_like.brokers.redis_common import (
     dead_letter_envelope,
     delayed_member,
     describe_url,
-    direct_connections,
     is_connection_error,
     key_prefix,
-    new_consumer_id,
+    lpush_many,
     pack_command,
     raise_first_error,
-    read_dead_letters,
     translate_error,
 )
-from funboost_like.brokers.redis_store import RedisStoresMixin
 from funboost_like.core.enums import BrokerEnum
-from funboost_like.core.errors import ConfigurationError, DoubleAckError
+from funboost_like.core.errors import ConfigurationError
 
 logger = logging.getLogger("funboost_like.redis")
 
@@ -220,24 +216,21 @@ def _sha1(body: bytes) -> str:
     return hashlib.sha1(body).hexdigest()
 
 
-class RedisBrpopLpushBroker(RedisStoresMixin, Broker):
+class RedisBrpopLpushBroker(RedisConsumerBrokerBase[_Keys]):
     """At-least-once Redis broker on LMOVE; see the module docstring for keys, timing and the wire contract."""
 
     kind = BrokerEnum.RedisBrpopLpush
     capabilities = Capabilities(ack=True, persistent=True, delay=True, priority=False, cross_process=True,
                                 cross_host=True, dead_letters=True)
+    _keys_class = _Keys
 
     def __init__(self, *, heartbeat_interval: float | None = None, dead_after: float | None = None) -> None:
         self.heartbeat_interval, self.dead_after = consumer_timing(heartbeat_interval, dead_after)
-        self._keys: dict[str, _Keys] = {}
-        self._reset_process_state()
+        super().__init__()
 
     def _reset_process_state(self) -> None:
         """Identity, connections, deliveries and heartbeat of this process (again in a forked child)."""
-        self._pid = os.getpid()
-        self._cid = new_consumer_id()
-        self._redis: DirectConnections | None = None
-        self._lock = threading.Lock()
+        super()._reset_process_state()
         self._unack: dict[str, str] = {}  # queue -> this consumer's in-flight list (registered queues)
         self._held: dict[tuple[str, int], bytes] = {}  # token (in-flight list, n) -> body, until settled
         self._tokens = itertools.count(1)
@@ -249,27 +242,7 @@ class RedisBrpopLpushBroker(RedisStoresMixin, Broker):
         self._heartbeat = HeartbeatThread(self.heartbeat, self.heartbeat_interval,
                                           "funboost_like-redis-brpoplpush-heartbeat")
 
-    @property
-    def consumer_id(self) -> str:
-        if self._pid != os.getpid():
-            self._reset_process_state()
-        return self._cid
-
     # -- plumbing ----------------------------------------------------------------------------------
-    def _conn(self) -> DirectConnections:
-        if self._pid != os.getpid():
-            self._reset_process_state()
-        conn = self._redis
-        if conn is None:
-            conn = self._redis = direct_connections()
-        return conn
-
-    def _queue_keys(self, queue: str) -> _Keys:
-        keys = self._keys.get(queue)
-        if keys is None:
-            keys = self._keys[queue] = _Keys(queue)
-        return keys
-
     def _register(self, queue: str) -> str:
         """Heartbeat on ``queue`` (and sweep it) before the first fetch; start the heartbeat thread."""
         keys = self._queue_keys(queue)
@@ -305,11 +278,7 @@ class RedisBrpopLpushBroker(RedisStoresMixin, Broker):
             return
         conn = self._conn()
         try:
-            if len(bodies) <= PUBLISH_CHUNK:
-                conn.execute_command("LPUSH", queue, *bodies)
-            else:
-                raise_first_error(conn.pipeline([("LPUSH", queue, *bodies[start:start + PUBLISH_CHUNK])
-                                                 for start in range(0, len(bodies), PUBLISH_CHUNK)]))
+            lpush_many(conn, queue, bodies, PUBLISH_CHUNK)
         except RedisError as exc:
             raise translate_error(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
 
@@ -326,10 +295,7 @@ class RedisBrpopLpushBroker(RedisStoresMixin, Broker):
             except RedisError as exc:
                 raise translate_error(exc, f"registering consumer {self._cid} on queue {queue!r}") from exc
         if self._deferred:
-            try:
-                self._deferred.flush()
-            except RedisError as exc:
-                raise translate_error(exc, f"fetching from queue {queue!r}") from exc
+            self._deferred.flush_before_fetch(queue)
         with self._lock:
             self._fetching[queue] += 1
             alone = self._fetching[queue] == 1
@@ -471,10 +437,7 @@ class RedisBrpopLpushBroker(RedisStoresMixin, Broker):
             for delivery in live:
                 held.pop(delivery.token, None)
             removed = sum(replies[:len(live)])
-        if removed != len(deliveries):
-            raise DoubleAckError(
-                f"{len(deliveries) - removed} of {len(deliveries)} deliveries were already acknowledged or rejected, "
-                "or were recovered by another consumer after this one missed its heartbeats")
+        self._check_settled(removed, len(deliveries))
 
     def nack(self, delivery: Delivery, *, requeue: bool = True, delay: float = 0.0) -> None:
         if not requeue:
@@ -521,10 +484,7 @@ class RedisBrpopLpushBroker(RedisStoresMixin, Broker):
                 raise translate_error(exc, f"handing back {len(settled)} message(s) of queue {queue!r}") from exc
             for delivery in settled:
                 held.pop(delivery.token, None)
-        if done != len(deliveries):
-            raise DoubleAckError(
-                f"{len(deliveries) - done} of {len(deliveries)} deliveries were already acknowledged or rejected, "
-                "or were recovered by another consumer after this one missed its heartbeats")
+        self._check_settled(done, len(deliveries))
 
     def _resend(self, send: Callable[[], object], deliveries: list[Delivery]) -> None:
         """A deferred ack or hand-back: send it again, then forget its deliveries."""
@@ -570,32 +530,10 @@ class RedisBrpopLpushBroker(RedisStoresMixin, Broker):
         except RedisError as exc:
             raise translate_error(exc, f"counting in-flight messages of queue {queue!r}") from exc
 
-    # -- dead letters ------------------------------------------------------------------------------
-    def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        try:
-            return read_dead_letters(self._conn(), queue, limit)
-        except RedisError as exc:
-            raise translate_error(exc, f"listing dead letters of queue {queue!r}") from exc
-
-    def purge_dead_letters(self, queue: str) -> int:
-        try:
-            return int(PURGE_LIST(self._conn(), [self._queue_keys(queue).dead], []))
-        except RedisError as exc:
-            raise translate_error(exc, f"purging dead letters of queue {queue!r}") from exc
-
     # -- queue maintenance -------------------------------------------------------------------------
-    def purge(self, queue: str) -> int:
-        return self._count_or_purge(queue, purge=True)
-
-    def count(self, queue: str) -> int:
-        return self._count_or_purge(queue, purge=False)
-
-    def _count_or_purge(self, queue: str, *, purge: bool) -> int:
+    def _run_count_or_purge(self, conn: DirectConnections, queue: str, purge: bool) -> Any:
         keys = self._queue_keys(queue)
-        try:
-            return int(_COUNT_OR_PURGE(self._conn(), [queue, keys.delayed, keys.attempts], ["1" if purge else "0"]))
-        except RedisError as exc:
-            raise translate_error(exc, f"{'purging' if purge else 'counting'} queue {queue!r}") from exc
+        return _COUNT_OR_PURGE(conn, [queue, keys.delayed, keys.attempts], ["1" if purge else "0"])
 
     def close(self) -> None:
         """Stop the heartbeat and unregister from queues where nothing is in flight.
@@ -611,14 +549,8 @@ class RedisBrpopLpushBroker(RedisStoresMixin, Broker):
             registered = dict(self._unack)
             self._unack.clear()
         conn = self._redis
-        if conn is not None and self._deferred:
-            try:
-                self._deferred.flush()
-            except RedisError as exc:
-                logger.warning("could not resend the acks and hand-backs that failed while Redis at %s was "
-                               "unreachable (%s): those messages run again after another consumer's sweep",
-                               describe_url(), exc)
         if conn is not None:
+            self._deferred.flush_on_close()
             for queue, unack in registered.items():
                 try:
                     _RETIRE(conn, [self._keys[queue].consumers, unack], [self._cid])

@@ -10,7 +10,7 @@
   (:class:`~funboost_like.core.errors.BrokerConnectionError` for an unreachable server, so the
   consume loop retries with backoff; :class:`~funboost_like.core.errors.BrokerError` otherwise).
   :class:`DeferredSettlements` keeps the acks that failed that way and sends them again with the
-  broker's next fetch, so a message acked during an outage does not stay in flight forever.
+  broker's next fetch (or its close), so a message acked during an outage does not stay in flight forever.
 * :func:`direct_connections` returns the process-wide :class:`DirectConnections` for the current
   URL: the same connections redis-py makes (same URL options, TLS, auth, database), used without
   its pool's per-command bookkeeping, which costs about three times the round trip itself
@@ -21,10 +21,11 @@
 * :class:`LuaScript` runs a Lua script by its SHA1 and loads it on the first ``NOSCRIPT`` reply
   (after a server restart or ``SCRIPT FLUSH`` too), on a client or on direct connections.
 
-Shared by the Redis brokers:
+Shared by the Redis brokers (whose common base class is in :mod:`funboost_like.brokers.redis_base`):
 
 * key naming: every key of a queue other than the queue's own key starts with
   :func:`key_prefix` ``fl:{<queue>}:`` (the braces are literal: a Redis Cluster hash tag);
+* publishing to a list in chunks of at most so many bodies per ``LPUSH``: :func:`lpush_many`;
 * consumer identity and liveness: :func:`new_consumer_id`, :func:`consumer_timing` (the
   ``REDIS_HEARTBEAT_SECONDS`` / ``REDIS_DEAD_AFTER_SECONDS`` settings) and :class:`HeartbeatThread`,
   the daemon thread that heartbeats (or renews claims) for a broker instance;
@@ -48,7 +49,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -321,6 +322,25 @@ class DeferredSettlements:
                             "was unreachable", done, describe_url())
         return done
 
+    def flush_before_fetch(self, queue: str) -> None:
+        """:meth:`flush` at the start of a fetch of ``queue``; a failure is raised as that fetch's error."""
+        try:
+            self.flush()
+        except RedisError as exc:
+            raise translate_error(exc, f"fetching from queue {queue!r}") from exc
+
+    def flush_on_close(self) -> None:
+        """:meth:`flush` (if anything is deferred) when the broker closes; a failure is only logged, as
+        another consumer's sweep recovers those messages later."""
+        if not self._sends:
+            return
+        try:
+            self.flush()
+        except RedisError as exc:
+            logger.warning("could not resend the acks and hand-backs that failed while Redis at %s was "
+                           "unreachable (%s): those messages run again after another consumer's sweep",
+                           describe_url(), exc)
+
 
 class LuaScript:
     """A Lua script run with EVALSHA, loaded on demand."""
@@ -422,6 +442,16 @@ def raise_first_error(replies: list[Any]) -> list[Any]:
         if isinstance(reply, ResponseError):
             raise reply
     return replies
+
+
+def lpush_many(conn: DirectConnections, key: str, bodies: Sequence[bytes], chunk: int) -> None:
+    """``LPUSH`` ``bodies`` to the list ``key``: one command, or one pipeline of commands of ``chunk``
+    bodies each (raises redis-py errors; callers translate them)."""
+    if len(bodies) <= chunk:
+        conn.execute_command("LPUSH", key, *bodies)
+    else:
+        raise_first_error(conn.pipeline(
+            [("LPUSH", key, *bodies[start:start + chunk]) for start in range(0, len(bodies), chunk)]))
 
 
 def as_bytes(body: bytes | str) -> bytes:

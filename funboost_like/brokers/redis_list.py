@@ -52,20 +52,19 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import os
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
 
-from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
+from funboost_like.brokers.base import Capabilities, Delivery
+from funboost_like.brokers.redis_base import RedisBrokerBase
 from funboost_like.brokers.redis_common import (
     DEAD_LETTER_LIMIT,
     LUA_MOVE_DUE,
     LUA_NEXT_DUE,
     LUA_NOW,
-    PURGE_LIST,
     SCHEDULE,
     DirectConnections,
     IdlePoller,
@@ -73,13 +72,11 @@ from funboost_like.brokers.redis_common import (
     blocking_budget,
     dead_letter_envelope,
     delayed_member,
-    direct_connections,
     key_prefix,
+    lpush_many,
     raise_first_error,
-    read_dead_letters,
     translate_error,
 )
-from funboost_like.brokers.redis_store import RedisStoresMixin
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import ConfigurationError, DoubleAckError
 
@@ -167,36 +164,21 @@ def _sha1(body: bytes) -> str:
     return hashlib.sha1(body).hexdigest()
 
 
-class RedisListBroker(RedisStoresMixin, Broker):
+class RedisListBroker(RedisBrokerBase[_Keys]):
     """At-most-once Redis list broker; see the module docstring for keys, timing and the wire contract."""
 
     kind = BrokerEnum.REDIS
     capabilities = Capabilities(ack=False, persistent=True, delay=True, priority=True, cross_process=True,
                                 cross_host=True, dead_letters=True, max_priority=MAX_PRIORITY)
+    _keys_class = _Keys
 
     def __init__(self) -> None:
-        self._keys: dict[str, _Keys] = {}
         self._tokens = itertools.count(1)
+        super().__init__()
+
+    def _reset_process_state(self) -> None:
+        super()._reset_process_state()
         self._held: dict[int, None] = {}  # tokens fetched and not yet settled, in this process
-        self._pid = os.getpid()
-        self._redis: DirectConnections | None = None
-
-    # -- plumbing ----------------------------------------------------------------------------------
-    def _conn(self) -> DirectConnections:
-        if self._pid != os.getpid():  # a forked child: its parent's deliveries and sockets are not its own
-            self._pid = os.getpid()
-            self._held = {}
-            self._redis = None
-        conn = self._redis
-        if conn is None:
-            conn = self._redis = direct_connections()
-        return conn
-
-    def _queue_keys(self, queue: str) -> _Keys:
-        keys = self._keys.get(queue)
-        if keys is None:
-            keys = self._keys[queue] = _Keys(queue)
-        return keys
 
     # -- publishing --------------------------------------------------------------------------------
     def publish(self, queue: str, body: bytes, *, priority: int = 0, not_before: float | None = None) -> None:
@@ -221,11 +203,7 @@ class RedisListBroker(RedisStoresMixin, Broker):
         key = self._queue_keys(queue).lists[_level(priority)] if priority else queue
         conn = self._conn()
         try:
-            if len(bodies) <= MAX_BATCH:
-                conn.execute_command("LPUSH", key, *bodies)
-            else:
-                raise_first_error(conn.pipeline(
-                    [("LPUSH", key, *bodies[start:start + MAX_BATCH]) for start in range(0, len(bodies), MAX_BATCH)]))
+            lpush_many(conn, key, bodies, MAX_BATCH)
         except RedisError as exc:
             raise translate_error(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
 
@@ -355,34 +333,7 @@ class RedisListBroker(RedisStoresMixin, Broker):
         """Always 0: fetched messages are no longer in Redis (they live in the consumer only)."""
         return 0
 
-    # -- dead letters ------------------------------------------------------------------------------
-    def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        try:
-            return read_dead_letters(self._conn(), queue, limit)
-        except RedisError as exc:
-            raise translate_error(exc, f"listing dead letters of queue {queue!r}") from exc
-
-    def purge_dead_letters(self, queue: str) -> int:
-        try:
-            return int(PURGE_LIST(self._conn(), [self._queue_keys(queue).dead], []))
-        except RedisError as exc:
-            raise translate_error(exc, f"purging dead letters of queue {queue!r}") from exc
-
     # -- queue maintenance -------------------------------------------------------------------------
-    def purge(self, queue: str) -> int:
-        return self._count_or_purge(queue, purge=True)
-
-    def count(self, queue: str) -> int:
-        return self._count_or_purge(queue, purge=False)
-
-    def _count_or_purge(self, queue: str, *, purge: bool) -> int:
+    def _run_count_or_purge(self, conn: DirectConnections, queue: str, purge: bool) -> Any:
         keys = self._queue_keys(queue)
-        try:
-            return int(_COUNT_OR_PURGE(self._conn(), [queue, keys.delayed, keys.attempts],
-                                       [keys.prio_prefix, "1" if purge else "0"]))
-        except RedisError as exc:
-            raise translate_error(exc, f"{'purging' if purge else 'counting'} queue {queue!r}") from exc
-
-    def close(self) -> None:
-        """Forget the connections (shared per process, closed by ``close_clients``); reconnects on next use."""
-        self._redis = None
+        return _COUNT_OR_PURGE(conn, [queue, keys.delayed, keys.attempts], [keys.prio_prefix, "1" if purge else "0"])

@@ -60,7 +60,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -68,12 +67,12 @@ from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
-from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
+from funboost_like.brokers.base import Capabilities, Delivery
+from funboost_like.brokers.redis_base import RedisConsumerBrokerBase
 from funboost_like.brokers.redis_common import (
     DEAD_LETTER_LIMIT,
     LUA_NEXT_DUE,
     LUA_NOW,
-    PURGE_LIST,
     SCHEDULE,
     DirectConnections,
     HeartbeatThread,
@@ -83,18 +82,14 @@ from funboost_like.brokers.redis_common import (
     dead_letter_envelope,
     delayed_member,
     describe_url,
-    direct_connections,
     key_prefix,
-    new_consumer_id,
     raise_first_error,
-    read_dead_letters,
     translate_error,
 )
-from funboost_like.brokers.redis_store import RedisStoresMixin
 from funboost_like.core import codec
 from funboost_like.core.config import settings
 from funboost_like.core.enums import BrokerEnum
-from funboost_like.core.errors import ConfigurationError, DoubleAckError
+from funboost_like.core.errors import ConfigurationError
 
 logger = logging.getLogger("funboost_like.redis")
 
@@ -303,53 +298,30 @@ def _is_nogroup(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
 
 
-class RedisStreamBroker(RedisStoresMixin, Broker):
+class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
     """At-least-once Redis stream broker; see the module docstring for keys, timing and the wire contract."""
 
     kind = BrokerEnum.REDIS_STREAM
     capabilities = Capabilities(ack=True, persistent=True, delay=True, priority=False, cross_process=True,
                                 cross_host=True, dead_letters=True)
+    _keys_class = _QueueState
+    _taken_over = "reclaimed by another consumer after this one stalled"
 
     def __init__(self, *, min_idle: float | None = None) -> None:
         self.min_idle = float(settings.get("REDIS_STREAM_MIN_IDLE_SECONDS") if min_idle is None else min_idle)
         if not self.min_idle > 0:
             raise ConfigurationError(f"the stream min-idle time must be positive, got {self.min_idle}")
         self.renew_interval = self.min_idle / 4
-        self._states: dict[str, _QueueState] = {}
-        self._reset_process_state()
+        super().__init__()
 
     def _reset_process_state(self) -> None:
         """Identity, connections, deliveries and renewal thread of this process (again in a forked child)."""
-        self._pid = os.getpid()
-        self._cid = new_consumer_id()
-        self._redis: DirectConnections | None = None
-        self._lock = threading.Lock()
+        super()._reset_process_state()
         self._registered: set[str] = set()  # queues read since start (or since close)
         self._held: dict[str, dict[bytes, None]] = {}  # queue -> entry ids fetched and not settled
         self._renewer = HeartbeatThread(self.renew, self.renew_interval, "funboost_like-redis-stream-renewal")
 
-    @property
-    def consumer_id(self) -> str:
-        """This consumer's name in the group."""
-        if self._pid != os.getpid():
-            self._reset_process_state()
-        return self._cid
-
     # -- plumbing ----------------------------------------------------------------------------------
-    def _conn(self) -> DirectConnections:
-        if self._pid != os.getpid():
-            self._reset_process_state()
-        conn = self._redis
-        if conn is None:
-            conn = self._redis = direct_connections()
-        return conn
-
-    def _state(self, queue: str) -> _QueueState:
-        state = self._states.get(queue)
-        if state is None:
-            state = self._states[queue] = _QueueState(queue)
-        return state
-
     def _ensure_group(self, conn: DirectConnections, queue: str) -> None:
         try:
             conn.execute_command("XGROUP", "CREATE", queue, GROUP, "0", "MKSTREAM")
@@ -376,7 +348,7 @@ class RedisStreamBroker(RedisStoresMixin, Broker):
             if not_before is not None:
                 delay = not_before - time.time()
                 if delay > 0:
-                    SCHEDULE(conn, [self._state(queue).delayed], [repr(delay), delayed_member(0, 0, body)])
+                    SCHEDULE(conn, [self._queue_keys(queue).delayed], [repr(delay), delayed_member(0, 0, body)])
                     return
             conn.execute_command("XADD", queue, "*", _DATA, body)
         except RedisError as exc:
@@ -423,7 +395,7 @@ class RedisStreamBroker(RedisStoresMixin, Broker):
             raise translate_error(exc, f"fetching from queue {queue!r}") from exc
 
     def _fetch(self, conn: DirectConnections, queue: str, n: int, timeout: float) -> list[Delivery]:
-        state = self._state(queue)
+        state = self._queue_keys(queue)
         poller: IdlePoller | None = None
         while True:
             got, due_ms = self._read(conn, queue, state, n)
@@ -538,7 +510,7 @@ class RedisStreamBroker(RedisStoresMixin, Broker):
 
     def _dead_letter_malformed(self, conn: DirectConnections, queue: str, entries: list[tuple[bytes, bytes]]) -> None:
         """Dead-letter entries without a 'data' field at once; ``entries`` are (id, JSON of the fields)."""
-        state = self._state(queue)
+        state = self._queue_keys(queue)
         args: list[Any] = [GROUP, self._cid, "dead", "0", ""]
         for entry_id, fields_json in entries:
             args.extend((entry_id, b"", dead_letter_envelope(fields_json, "stream entry has no 'data' field", 1)))
@@ -571,10 +543,7 @@ class RedisStreamBroker(RedisStoresMixin, Broker):
             except RedisError as exc:
                 raise translate_error(exc, f"acknowledging {len(deliveries)} message(s)") from exc
             acked = sum(replies[::2])
-        if acked != len(deliveries):
-            raise DoubleAckError(
-                f"{len(deliveries) - acked} of {len(deliveries)} deliveries were already acknowledged or rejected, "
-                "or were reclaimed by another consumer after this one stalled")
+        self._check_settled(acked, len(deliveries))
 
     def nack(self, delivery: Delivery, *, requeue: bool = True, delay: float = 0.0) -> None:
         if not requeue:
@@ -604,16 +573,13 @@ class RedisStreamBroker(RedisStoresMixin, Broker):
         conn = self._conn()
         done = 0
         for queue, triples in groups.items():
-            state = self._state(queue)
+            state = self._queue_keys(queue)
             try:
                 done += int(_SETTLE(conn, [queue, state.delayed, state.dead],
                                     [GROUP, self._cid, mode, repr(delay), uuid.uuid4().hex, *triples]))
             except RedisError as exc:
                 raise translate_error(exc, f"handing back {len(triples) // 3} message(s) of queue {queue!r}") from exc
-        if done != len(deliveries):
-            raise DoubleAckError(
-                f"{len(deliveries) - done} of {len(deliveries)} deliveries were already acknowledged or rejected, "
-                "or were reclaimed by another consumer after this one stalled")
+        self._check_settled(done, len(deliveries))
 
     # -- renewal and recovery ----------------------------------------------------------------------
     def renew(self) -> int:
@@ -630,7 +596,7 @@ class RedisStreamBroker(RedisStoresMixin, Broker):
                 for start in range(0, len(ids), MAX_BATCH):
                     chunk = ids[start:start + MAX_BATCH]
                     renewed += int(_RENEW(conn, [queue], [GROUP, self._cid, len(chunk) + MAX_BATCH, *chunk]))
-                state = self._state(queue)
+                state = self._queue_keys(queue)
                 if time.monotonic() >= state.next_prune:
                     state.next_prune = time.monotonic() + max(self.min_idle, 60.0)
                     pruned = int(_PRUNE(conn, [queue], [GROUP, int(STALE_CONSUMER_SECONDS * 1000), self._cid]))
@@ -656,32 +622,13 @@ class RedisStreamBroker(RedisStoresMixin, Broker):
             raise translate_error(exc, f"counting in-flight messages of queue {queue!r}") from exc
         return int(summary[0])
 
-    # -- dead letters ------------------------------------------------------------------------------
-    def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        try:
-            return read_dead_letters(self._conn(), queue, limit)
-        except RedisError as exc:
-            raise translate_error(exc, f"listing dead letters of queue {queue!r}") from exc
-
-    def purge_dead_letters(self, queue: str) -> int:
-        try:
-            return int(PURGE_LIST(self._conn(), [self._state(queue).dead], []))
-        except RedisError as exc:
-            raise translate_error(exc, f"purging dead letters of queue {queue!r}") from exc
-
     # -- queue maintenance -------------------------------------------------------------------------
     def purge(self, queue: str) -> int:
         """Delete the delayed messages and the entries no consumer has read yet; in-flight ones stay."""
-        try:
-            return int(_PURGE(self._conn(), [queue, self._state(queue).delayed], [GROUP]))
-        except RedisError as exc:
-            raise translate_error(exc, f"purging queue {queue!r}") from exc
+        return super().purge(queue)
 
-    def count(self, queue: str) -> int:
-        try:
-            return int(_COUNT(self._conn(), [queue, self._state(queue).delayed], [GROUP]))
-        except RedisError as exc:
-            raise translate_error(exc, f"counting queue {queue!r}") from exc
+    def _run_count_or_purge(self, conn: DirectConnections, queue: str, purge: bool) -> Any:
+        return (_PURGE if purge else _COUNT)(conn, [queue, self._queue_keys(queue).delayed], [GROUP])
 
     def close(self) -> None:
         """Stop renewing and remove this consumer's record from groups where nothing is pending under it.

@@ -1,0 +1,147 @@
+"""The base classes of the Redis brokers: what REDIS, REDIS_ACK_ABLE, RedisBrpopLpush and REDIS_STREAM share.
+
+:class:`RedisBrokerBase` holds the per-process plumbing and the operations that are the same for
+every kind:
+
+* per-process state: :meth:`~RedisBrokerBase._reset_process_state` sets up what belongs to one
+  process (its connections, plus whatever a kind adds) and runs again, by :meth:`_conn`, in a
+  forked child, whose parent's sockets and deliveries are not its own;
+* connections: :meth:`_conn` returns the process-wide
+  :func:`~funboost_like.brokers.redis_common.direct_connections` (the ``REDIS_URL`` setting is read
+  at first use, and again after :meth:`close`);
+* a cache of each queue's key names (and whatever else the kind keeps per queue), made once by
+  :meth:`_queue_keys` from the kind's ``_keys_class``;
+* dead letters: the LIST ``fl:{<queue>}:dead`` read by :meth:`list_dead_letters` and deleted by
+  :meth:`purge_dead_letters`;
+* :meth:`purge` and :meth:`count`, each running the kind's own script through
+  :meth:`_run_count_or_purge`;
+* ``key_value_store()`` from :class:`~funboost_like.brokers.redis_store.RedisStoresMixin`.
+
+:class:`RedisConsumerBrokerBase` adds what the at-least-once kinds (each broker instance a consumer
+with its own id, registered on the queues it fetches from) share: the consumer id, renewed in a
+forked child, a lock for registration, and the check that every delivery settled was still its own
+(:class:`~funboost_like.core.errors.DoubleAckError` otherwise). Each kind keeps its own scripts, keys and fetch logic in
+its own module; redis-py errors are raised as the framework's (see
+:func:`~funboost_like.brokers.redis_common.translate_error`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+from redis.exceptions import RedisError
+
+from funboost_like.brokers.base import Broker, DeadLetter
+from funboost_like.brokers.redis_common import (
+    PURGE_LIST,
+    DirectConnections,
+    direct_connections,
+    new_consumer_id,
+    read_dead_letters,
+    translate_error,
+)
+from funboost_like.brokers.redis_store import RedisStoresMixin
+from funboost_like.core.errors import DoubleAckError
+
+
+class QueueKeys(Protocol):
+    """What every kind's per-queue record names: the dead-letter list of the queue."""
+
+    dead: str
+
+
+KeysT = TypeVar("KeysT", bound=QueueKeys)
+
+
+class RedisBrokerBase(RedisStoresMixin, Broker, Generic[KeysT]):
+    """Per-process connections, per-queue keys, dead letters, count and purge of a Redis broker."""
+
+    _keys_class: Callable[[str], KeysT]  # built from the queue name: the kind's key names for that queue
+
+    def __init__(self) -> None:
+        self._keys: dict[str, KeysT] = {}
+        self._reset_process_state()
+
+    def _reset_process_state(self) -> None:
+        """What belongs to this process (called again in a forked child); kinds extend it."""
+        self._pid = os.getpid()
+        self._redis: DirectConnections | None = None
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    def _conn(self) -> DirectConnections:
+        if self._pid != os.getpid():  # a forked child: its parent's deliveries and sockets are not its own
+            self._reset_process_state()
+        conn = self._redis
+        if conn is None:
+            conn = self._redis = direct_connections()
+        return conn
+
+    def _queue_keys(self, queue: str) -> KeysT:
+        keys = self._keys.get(queue)
+        if keys is None:
+            keys = self._keys[queue] = self._keys_class(queue)
+        return keys
+
+    # -- dead letters ------------------------------------------------------------------------------
+    def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        try:
+            return read_dead_letters(self._conn(), queue, limit)
+        except RedisError as exc:
+            raise translate_error(exc, f"listing dead letters of queue {queue!r}") from exc
+
+    def purge_dead_letters(self, queue: str) -> int:
+        try:
+            return int(PURGE_LIST(self._conn(), [self._queue_keys(queue).dead], []))
+        except RedisError as exc:
+            raise translate_error(exc, f"purging dead letters of queue {queue!r}") from exc
+
+    # -- queue maintenance -------------------------------------------------------------------------
+    def purge(self, queue: str) -> int:
+        return self._count_or_purge(queue, purge=True)
+
+    def count(self, queue: str) -> int:
+        return self._count_or_purge(queue, purge=False)
+
+    def _count_or_purge(self, queue: str, *, purge: bool) -> int:
+        try:
+            return int(self._run_count_or_purge(self._conn(), queue, purge))
+        except RedisError as exc:
+            raise translate_error(exc, f"{'purging' if purge else 'counting'} queue {queue!r}") from exc
+
+    @abstractmethod
+    def _run_count_or_purge(self, conn: DirectConnections, queue: str, purge: bool) -> Any:
+        """Run the kind's script that counts the waiting messages of ``queue`` (and, with ``purge``,
+        deletes them); return its reply. Raises redis-py errors (the caller translates them)."""
+
+    def close(self) -> None:
+        """Forget the connections (shared per process, closed by ``close_clients``); reconnects on next use."""
+        self._redis = None
+
+
+class RedisConsumerBrokerBase(RedisBrokerBase[KeysT]):
+    """A Redis broker whose instance is a consumer: a unique id per process, renewed in a forked child."""
+
+    # How a delivery this consumer fetched may have passed to another one (for DoubleAckError).
+    _taken_over: ClassVar[str] = "recovered by another consumer after this one missed its heartbeats"
+
+    def _reset_process_state(self) -> None:
+        super()._reset_process_state()
+        self._cid = new_consumer_id()
+        self._lock = threading.Lock()
+
+    @property
+    def consumer_id(self) -> str:
+        """This consumer's id (its name in the group, for REDIS_STREAM)."""
+        if self._pid != os.getpid():
+            self._reset_process_state()
+        return self._cid
+
+    def _check_settled(self, settled: int, total: int) -> None:
+        """Raise DoubleAckError unless all ``total`` deliveries were still this consumer's to settle."""
+        if settled != total:
+            raise DoubleAckError(f"{total - settled} of {total} deliveries were already acknowledged or rejected, "
+                                 f"or were {self._taken_over}")
