@@ -365,8 +365,9 @@ class Consumer:
 
     def _settle(self, outcome: Outcome) -> None:
         self._completed.append(outcome)
-        if self._fetcher_waiting:
-            self._capacity_freed.set()
+        freed = self._capacity_freed
+        if self._fetcher_waiting and not freed.is_set():  # one wake-up per wait, not one per message
+            freed.set()
 
     def _run(self, delivery: Delivery) -> Outcome | None:
         """Decode, run the hooks and the call with in-place retries; say how the message must end."""

@@ -22,15 +22,16 @@ class PublishTimeLimits(Middleware):
 
     def before_call(self, call: Call) -> str | None:
         extra = call.message.extra
-        if not extra:
-            return None
         limit = extra.get("msg_expire_senconds", self.expire_seconds)
-        published = extra.get("publish_time")
-        if limit and isinstance(published, (int, float)):
-            age = time.time() - published
-            if age > limit:
-                return f"expired: published {age:.1f}s ago, msg_expire_senconds={limit}"
-        grace = extra.get("misfire_grace_time")
+        if limit:
+            published = extra.get("publish_time")
+            if isinstance(published, (int, float)):
+                age = time.time() - published
+                if age > limit:
+                    return f"expired: published {age:.1f}s ago, msg_expire_senconds={limit}"
+        if "misfire_grace_time" not in extra:
+            return None
+        grace = extra["misfire_grace_time"]
         run_at = extra.get("run_at")
         if grace is not None and isinstance(run_at, (int, float)):
             late = time.time() - run_at
