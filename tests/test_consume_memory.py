@@ -338,3 +338,24 @@ def test_stop_hands_unstarted_messages_back(queue_name: str) -> None:
 def test_countdown_and_eta_are_exclusive(queue_name: str) -> None:
     with pytest.raises(ConfigurationError):
         PriorityConsumingControlConfig(countdown=1, eta=__import__("datetime").datetime.now())
+
+
+def test_consumer_restarts_after_stop_and_follows_a_reopened_broker(queue_name: str) -> None:
+    from funboost_like.brokers import registry
+
+    done: list[int] = []
+
+    @task_deco(queue_name, broker_kind=MEMORY)
+    def f(x: int) -> None:
+        done.append(x)
+
+    f.push(1)
+    f.consume()
+    memory().join(queue_name, timeout=5)
+    f.stop()
+    assert f.consumer.join(10)
+    registry.close_all()  # brokers reopened (as between tests): cached instances must follow
+    f.push(2)
+    f.consume()  # a stopped consumer starts again
+    memory().join(queue_name, timeout=5)
+    assert done == [1, 2]

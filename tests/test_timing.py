@@ -37,7 +37,12 @@ from funboost_like.scheduling.job_codec import (  # noqa: E402
     decode_job,
     encode_job,
 )
-from funboost_like.scheduling.jobstores import RedisJobStore, SQLiteJobStore, make_job_store  # noqa: E402
+from funboost_like.scheduling.jobstores import (  # noqa: E402
+    RedisJobStore,
+    SQLAlchemyJobStore,
+    SQLiteJobStore,
+    make_job_store,
+)
 from funboost_like.scheduling.timing import (  # noqa: E402
     FsdfBackgroundScheduler,
     TimingJobExecutor,
@@ -518,12 +523,151 @@ def test_a_stored_job_that_does_not_decode_is_logged_and_skipped(
     assert "binary" not in {job_id for job_id, in sqlite3.connect(path).execute("SELECT id FROM apscheduler_jobs")}
 
 
-def test_sqlalchemy_urls_are_refused_with_the_supported_stores() -> None:
-    with pytest.raises(ConfigurationError, match="'memory', 'sqlite'.*'redis'") as caught:
-        make_job_store("postgresql+psycopg://user:secret@db/jobs")
-    assert "secret" not in str(caught.value)
-    with pytest.raises(ConfigurationError, match="is not one of"):
+def test_bad_job_store_values_are_refused_without_passwords() -> None:
+    with pytest.raises(ConfigurationError, match="is not one of 'memory', 'sqlite', 'redis' or a SQLAlchemy URL"):
         make_job_store("mongodb")
+    with pytest.raises(ConfigurationError, match="no SQLAlchemy dialect 'nosuchdb'") as caught:
+        make_job_store("nosuchdb://user:secret@db/jobs")
+    assert "secret" not in str(caught.value)
+    pytest.importorskip("sqlalchemy")
+    store = make_job_store("postgresql+psycopg://user:secret@db/jobs")  # no connection until it is used
+    assert isinstance(store, SQLAlchemyJobStore) and "secret" not in repr(store)
+
+
+def test_importing_funboost_like_does_not_import_sqlalchemy(tmp_path: Path) -> None:
+    code = "import sys, funboost_like\nassert 'sqlalchemy' not in sys.modules\n"
+    result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(tmp_path / "q"), capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+SQL_SERVERS = {
+    "postgresql": ("PostgreSQL", 5432, "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+    "mariadb": ("MariaDB", 3306, "mysql+pymysql://root@127.0.0.1:3306/test"),
+}
+
+
+@pytest.fixture(params=sorted(SQL_SERVERS))
+def sql_store_factory(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Makes SQLAlchemyJobStore objects on one server and one table of their own, dropped at teardown."""
+    pytest.importorskip("sqlalchemy")
+    name, port, url = SQL_SERVERS[request.param]
+    require_server(name, "127.0.0.1", port)
+    table = f"test_jobs_{uuid.uuid4().hex[:10]}"
+    made: list[SQLAlchemyJobStore] = []
+
+    def make() -> SQLAlchemyJobStore:
+        store = SQLAlchemyJobStore(url, tablename=table)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.shutdown()
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        sa.Table(table, sa.MetaData()).drop(engine, checkfirst=True)
+    finally:
+        engine.dispose()
+
+
+def _sql_rows(store: SQLAlchemyJobStore, sql: str, **params: object) -> list[Any]:
+    import sqlalchemy as sa
+
+    with store._ready().begin() as conn:
+        result = conn.execute(sa.text(sql.format(table=store.tablename)), params)
+        return list(result.all()) if result.returns_rows else []
+
+
+@pytest.mark.timeout(60)
+def test_sql_job_store_adds_gets_updates_and_removes_jobs(schedulers: list[FsdfBackgroundScheduler],
+                                                          sql_store_factory: Any,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    store = sql_store_factory()
+    scheduler = new_scheduler(schedulers, fire_lock="none")
+    scheduler.add_jobstore(store, "default")
+    scheduler.start(paused=True)
+    scheduler.add_timing_publish_job(persisted_func, "cron", hour=3, minute=30, id="cron", args=(1,))
+    scheduler.add_timing_publish_job(persisted_func, "interval", seconds=5, id="interval", args=(2,))
+    scheduler.add_timing_publish_job(persisted_func, "date", run_date=CODEC_NOW, id="date", args=(3,))
+    scheduler.add_timing_publish_job(persisted_func, "interval", seconds=5, id="Interval", args=(4,))
+    scheduler.pause_job("interval")
+    with pytest.raises(ConflictingIdError):
+        store.add_job(scheduler.get_job("cron"))
+
+    rows = {job_id: (next_run, state) for job_id, next_run, state in
+            _sql_rows(store, "SELECT id, next_run_time, job_state FROM {table}")}
+    assert set(rows) == {"cron", "interval", "date", "Interval"}  # ids differing only in case stay apart
+    assert rows["interval"][0] is None  # paused
+    assert json.loads(rows["cron"][1])["trigger"]["fields"]["hour"] == "3"
+    date_job = store.lookup_job("date")
+    assert date_job is not None and date_job.next_run_time == CODEC_NOW
+    assert abs(rows["date"][0] - CODEC_NOW.timestamp()) < 1e-3  # a double, not a single precision float
+    assert [job.id for job in store.get_all_jobs()][-1] == "interval"  # paused last
+    soonest = store.lookup_job("Interval").next_run_time  # type: ignore[union-attr]
+    assert store.get_next_run_time() == soonest
+    assert store.get_due_jobs(soonest - datetime.timedelta(seconds=1)) == []
+    assert [job.id for job in store.get_due_jobs(soonest)] == ["Interval"]
+    assert [job.id for job in store.get_due_jobs(CODEC_NOW)] == ["Interval", "cron", "date"]  # paused: never due
+    scheduler.modify_job("date", name="renamed")
+    assert store.lookup_job("date").name == "renamed"  # type: ignore[union-attr]
+    scheduler.resume_job("interval")
+    assert store.lookup_job("interval").next_run_time is not None  # type: ignore[union-attr]
+    with pytest.raises(JobLookupError):
+        missing = store.lookup_job("cron")
+        assert missing is not None
+        missing.id = "missing"
+        store.update_job(missing)
+    with pytest.raises(JobLookupError):
+        store.remove_job("missing")
+    store.remove_job("Interval")
+    assert store.lookup_job("Interval") is None and store.lookup_job("missing") is None
+
+    # A row that does not decode is logged once, skipped and parked; never loaded by other means.
+    _sql_rows(store, "INSERT INTO {table} (id, next_run_time, job_state) VALUES ('tampered', 1.0, '{{}}')")
+    caplog.set_level(logging.DEBUG, "funboost_like.scheduling")
+    assert "tampered" not in {job.id for job in store.get_due_jobs(CODEC_NOW)}
+    assert store.lookup_job("tampered") is None
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert sum("job 'tampered' in " in message for message in errors) == 1, errors
+    assert _sql_rows(store, "SELECT next_run_time FROM {table} WHERE id = 'tampered'") == [(None,)]
+    store.remove_job("tampered")
+    store.remove_all_jobs()
+    assert store.get_all_jobs() == [] and store.get_next_run_time() is None
+
+
+@pytest.mark.timeout(60)
+def test_sql_job_store_survives_a_restart(schedulers: list[FsdfBackgroundScheduler], sql_store_factory: Any) -> None:
+    first = new_scheduler(schedulers, fire_lock="none")
+    first.add_jobstore(sql_store_factory(), "default")
+    first.start(paused=True)
+    first.add_timing_publish_job(persisted_func, "cron", hour=3, minute=30, id="cron", args=(1,))
+    first.add_timing_publish_job(persisted_func, "date", run_date=CODEC_NOW, id="date", kwargs={"n": 2})
+    before = {job.id: (job.next_run_time, str(job.trigger), job.args) for job in first.get_jobs()}
+    first.shutdown()
+
+    again = sql_store_factory()  # a new store object on the same table
+    later = new_scheduler(schedulers, fire_lock="none")
+    later.add_jobstore(again, "default")
+    later.start(paused=True)
+    assert {job.id: (job.next_run_time, str(job.trigger), job.args) for job in later.get_jobs()} == before
+
+
+@pytest.mark.timeout(60)
+def test_a_scheduler_with_a_sql_job_store_publishes_to_a_memory_queue(
+        schedulers: list[FsdfBackgroundScheduler], sql_store_factory: Any) -> None:
+    consume_func.clear()
+    store = sql_store_factory()
+    scheduler = new_scheduler(schedulers, fire_lock="none")
+    scheduler.add_jobstore(store, "default")
+    scheduler.add_timing_publish_job(consume_func, "interval", seconds=0.5, id="sql_interval", args=(11, 12))
+    scheduler.start()
+    assert wait_for(lambda: consume_func.get_message_count() >= 2, 15)  # published to the memory queue
+    scheduler.shutdown()
+    state = json.loads(_sql_rows(store, "SELECT job_state FROM {table}")[0][0])
+    assert state["args"][0] == f"{__name__}:consume_func"
 
 
 @pytest.mark.timeout(30)

@@ -46,6 +46,7 @@ BrokerKind = Union[BrokerEnum, int, str]  # noqa: UP007 - a runtime alias must w
 
 _instances: dict[tuple[BrokerEnum, int], Broker] = {}
 _lock = threading.Lock()
+generation = 0  # bumped by close_all(): holders of a cached broker fetch it again
 
 
 def resolve_kind(kind: BrokerKind) -> BrokerEnum:
@@ -112,8 +113,10 @@ def get_broker(kind: BrokerKind) -> Broker:
 
 def close_all() -> None:
     """Close every broker this process opened (tests, shutdown)."""
+    global generation
     with _lock:
         brokers = [b for (_, pid), b in _instances.items() if pid == os.getpid()]
         _instances.clear()
+        generation += 1
     for broker in brokers:
         broker.close()

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from funboost_like.brokers import registry
 from funboost_like.brokers.base import Broker, Delivery
 from funboost_like.brokers.registry import get_broker
 from funboost_like.concurrency import greenlets
@@ -115,6 +116,7 @@ class Consumer:
         self._thread: threading.Thread | None = None
         self._pool: Pool | None = None
         self._broker: Broker | None = None
+        self._broker_generation = -1
         self._lock = threading.Lock()
         self.middlewares: list[Middleware] = build_middlewares(self)
         self._gates = overriding(self.middlewares, "pause_for")
@@ -125,8 +127,9 @@ class Consumer:
     # -- lifecycle -------------------------------------------------------------------------------
     @property
     def broker(self) -> Broker:
-        if self._broker is None:
+        if self._broker is None or self._broker_generation != registry.generation:
             self._broker = get_broker(self.params.broker_kind)
+            self._broker_generation = registry.generation
         return self._broker
 
     def start_consuming_message(self) -> None:
@@ -137,7 +140,10 @@ class Consumer:
         """
         with self._lock:
             if self._thread is not None:
-                return
+                if self._thread.is_alive():
+                    return
+                self._stop = threading.Event()  # restarting after stop(): fresh signals
+                self._capacity_freed = threading.Event()
             ensure_console_handler()
             if self.params.create_logger_file:
                 from funboost_like.core.log import add_file_handler

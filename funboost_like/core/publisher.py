@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from funboost_like.brokers import registry
 from funboost_like.brokers.base import Broker
 from funboost_like.brokers.registry import get_broker
 from funboost_like.core import codec
@@ -27,6 +28,7 @@ class Publisher:
         self.queue_name = params.queue_name
         self.signature = signature
         self._broker: Broker | None = None
+        self._broker_generation = -1
         multi = signature is not None and signature.multi_params
         self._bind = signature.bind if signature is not None and multi else _bind_one_dict
         self._hooks = build_publish_hooks(self)
@@ -34,8 +36,9 @@ class Publisher:
     @property
     def broker(self) -> Broker:
         broker = self._broker
-        if broker is None:
+        if broker is None or self._broker_generation != registry.generation:
             broker = self._broker = get_broker(self.params.broker_kind)
+            self._broker_generation = registry.generation
         return broker
 
     def push(self, *args: Any, **kwargs: Any) -> AsyncResult:

@@ -2,8 +2,8 @@
 
 Nothing here imports APScheduler until one of its names is used: ``fsdf_background_scheduler``,
 ``timing_publish_deco``, ``FsdfBackgroundScheduler``, ``publish_by_reference`` (timing.py),
-``SQLiteJobStore`` and ``RedisJobStore`` (jobstores.py, which keep jobs as JSON: job_codec.py). The
-fire-time locks (fire_lock.py) need no APScheduler.
+``SQLiteJobStore``, ``RedisJobStore`` and ``SQLAlchemyJobStore`` (jobstores.py, which keep jobs as
+JSON: job_codec.py). The fire-time locks (fire_lock.py) need no APScheduler.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ _LAZY = {
     "publish_by_reference": "funboost_like.scheduling.timing",
     "SQLiteJobStore": "funboost_like.scheduling.jobstores",
     "RedisJobStore": "funboost_like.scheduling.jobstores",
+    "SQLAlchemyJobStore": "funboost_like.scheduling.jobstores",
 }
 
 __all__ = sorted(_LAZY)

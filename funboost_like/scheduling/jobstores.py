@@ -5,13 +5,16 @@
   with the standard library's ``sqlite3`` only. Several scheduler processes of one host may share it.
 * ``"redis"``: :class:`RedisJobStore` at ``REDIS_URL`` (the ``redis`` extra), for schedulers on
   several hosts.
+* a SQLAlchemy URL (``postgresql+psycopg://...``, ``mysql+pymysql://...``): :class:`SQLAlchemyJobStore`
+  (the ``sql`` extra), the same table as the SQLite store in that database, for schedulers on several hosts.
 
 The persistent stores keep each job's state as JSON text (job_codec.py), never in APScheduler's
-binary object format, whose loading can run any code: whoever can write to the SQLite file or the
-Redis keys can change when jobs fire and what they publish, but cannot make a scheduler run code of
-their choosing. For the same reason APScheduler's own persistent stores (its ``RedisJobStore``,
-``SQLAlchemyJobStore``, ...) are not offered. A stored job that does not decode is logged, skipped
-and parked (its next run time cleared), never loaded by other means.
+binary object format, whose loading can run any code: whoever can write to the SQLite file, the
+database table or the Redis keys can change when jobs fire and what they publish, but cannot make a
+scheduler run code of their choosing. For the same reason APScheduler's own persistent stores (its
+``RedisJobStore``, ``SQLAlchemyJobStore``, ...) are not offered. A stored job that does not decode is
+logged, skipped and parked (its next run time cleared), never loaded by other means. The SQLite and
+SQL stores share every statement (:class:`TableJobStore`); only how a statement runs differs.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from funboost_like.scheduling.job_codec import JobStateError, decode_job, encode
 logger = logging.getLogger("funboost_like.scheduling")
 
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-MEMORY, SQLITE, REDIS = "memory", "sqlite", "redis"
+MEMORY, SQLITE, REDIS, SQL = "memory", "sqlite", "redis", "sql"
 JOB_STORE_KINDS = (MEMORY, SQLITE, REDIS)
 REDIS_KEY_PREFIX = "fl:scheduler:"
 _LEGACY_REDIS_JOBS_KEY = "funboost_like:apscheduler.jobs"  # binary jobs of earlier versions: never read
@@ -48,7 +51,7 @@ def scheduler_sqlite_dir() -> Path:
 
 
 def job_store_kind(value: str | None = None) -> str:
-    """Normalise a ``SCHEDULER_JOB_STORE`` value: ``memory``, ``sqlite`` or ``redis``."""
+    """Normalise a ``SCHEDULER_JOB_STORE`` value: ``memory``, ``sqlite``, ``redis`` or ``sql`` (a SQLAlchemy URL)."""
     raw = str(settings.get("SCHEDULER_JOB_STORE") if value is None else value).strip()
     lowered = raw.lower()
     if lowered in ("", MEMORY):
@@ -56,11 +59,10 @@ def job_store_kind(value: str | None = None) -> str:
     if lowered in (SQLITE, REDIS):
         return lowered
     if "://" in raw:
-        raise ConfigurationError(
-            f"SCHEDULER_JOB_STORE={redact_url(raw)!r}: SQLAlchemy URLs are not supported, because APScheduler's "
-            "SQLAlchemyJobStore keeps jobs in a binary format whose loading can run any code; use 'memory', 'sqlite' "
-            "(schedulers on one host) or 'redis' (several hosts, at REDIS_URL)")
-    raise ConfigurationError(f"SCHEDULER_JOB_STORE={raw!r} is not one of {', '.join(map(repr, JOB_STORE_KINDS))}")
+        return SQL
+    raise ConfigurationError(
+        f"SCHEDULER_JOB_STORE={raw!r} is not one of {', '.join(map(repr, JOB_STORE_KINDS))} or a SQLAlchemy URL "
+        "such as 'postgresql+psycopg://user:password@host/db' or 'mysql+pymysql://user:password@host/db'")
 
 
 def make_job_store(value: str | None = None) -> BaseJobStore:
@@ -71,6 +73,8 @@ def make_job_store(value: str | None = None) -> BaseJobStore:
     if kind == SQLITE:
         return SQLiteJobStore(scheduler_sqlite_dir() / "jobs.sqlite3",
                               busy_timeout=float(settings.get("SQLITE_BUSY_TIMEOUT_SECONDS")))
+    if kind == SQL:  # a SQLAlchemy URL; every message about it has the password masked
+        return SQLAlchemyJobStore(str(settings.get("SCHEDULER_JOB_STORE") if value is None else value).strip())
     try:
         import redis  # noqa: F401
     except ImportError as exc:
@@ -147,13 +151,95 @@ class JsonJobStore(BaseJobStore):
         raise NotImplementedError
 
 
-class SQLiteJobStore(JsonJobStore):
+class TableJobStore(JsonJobStore):
+    """A job store in one SQL table: every statement is here, how they run is up to a subclass.
+
+    Table ``<tablename>(id PRIMARY KEY, next_run_time REAL/FLOAT indexed, job_state TEXT)``:
+    ``next_run_time`` is a UNIX time (NULL for a paused job, or a parked one that does not decode)
+    used to find due jobs; ``job_state`` is the job's JSON state (job_codec.py), which keeps the exact
+    run time. Statements name the table ``{table}`` and take named parameters (``:id``), which both
+    ``sqlite3`` and SQLAlchemy's ``text()`` understand; each one runs atomically on its own.
+    """
+
+    tablename: str
+
+    def _query(self, sql: str, params: dict[str, Any] | None = None) -> list[Any]:
+        """Run one SELECT; return its rows."""
+        raise NotImplementedError
+
+    def _write(self, sql: str, params: dict[str, Any] | None = None) -> int:
+        """Run one statement (atomic on its own); return the number of rows it changed."""
+        raise NotImplementedError
+
+    def _is_conflict(self, exc: Exception) -> bool:
+        """Whether ``exc``, raised by an INSERT, means that the id is taken."""
+        raise NotImplementedError
+
+    # -- reading -----------------------------------------------------------------------------------
+    def lookup_job(self, job_id: str) -> Job | None:
+        rows = self._query("SELECT job_state FROM {table} WHERE id = :id", {"id": job_id})
+        return self._restore(job_id, rows[0][0]) if rows else None
+
+    def get_due_jobs(self, now: datetime) -> list[Job]:
+        return self._jobs("WHERE next_run_time <= :now", {"now": now.timestamp()})
+
+    def get_next_run_time(self) -> datetime | None:
+        rows = self._query("SELECT min(next_run_time) FROM {table}")
+        if not rows or rows[0][0] is None:
+            return None
+        return datetime.fromtimestamp(float(rows[0][0]), timezone.utc)
+
+    def get_all_jobs(self) -> list[Job]:
+        return self._jobs("", {})
+
+    def _jobs(self, where: str, params: dict[str, Any]) -> list[Job]:
+        sql = ("SELECT id, job_state FROM {table} " + where +
+               " ORDER BY next_run_time IS NULL, next_run_time, id")  # paused jobs (NULL) last
+        jobs = []
+        for job_id, state in self._query(sql, params):
+            job = self._restore(job_id, state)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def _park(self, stored_id: str | bytes, state: str | bytes) -> None:
+        self._write("UPDATE {table} SET next_run_time = NULL WHERE id = :id AND job_state = :state",
+                    {"id": stored_id, "state": state})
+
+    # -- writing -----------------------------------------------------------------------------------
+    def _row(self, job: Job) -> dict[str, Any]:
+        next_run = job.next_run_time.timestamp() if job.next_run_time is not None else None
+        return {"id": job.id, "next_run_time": next_run, "state": self._encode(job)}
+
+    def add_job(self, job: Job) -> None:
+        row = self._row(job)
+        try:
+            self._write("INSERT INTO {table} (id, next_run_time, job_state) VALUES (:id, :next_run_time, :state)",
+                        row)
+        except Exception as exc:
+            if self._is_conflict(exc):
+                raise ConflictingIdError(job.id) from None
+            raise
+
+    def update_job(self, job: Job) -> None:
+        if not self._write("UPDATE {table} SET next_run_time = :next_run_time, job_state = :state WHERE id = :id",
+                           self._row(job)):
+            raise JobLookupError(job.id)
+
+    def remove_job(self, job_id: str) -> None:
+        if not self._write("DELETE FROM {table} WHERE id = :id", {"id": job_id}):
+            raise JobLookupError(job_id)
+
+    def remove_all_jobs(self) -> None:
+        self._write("DELETE FROM {table}")
+
+
+class SQLiteJobStore(TableJobStore):
     """An APScheduler 3.x job store in one SQLite file, using only the standard library.
 
-    Table ``<tablename>(id TEXT PRIMARY KEY, next_run_time REAL, job_state TEXT)``: ``next_run_time`` is a
-    UNIX time (NULL for a paused job, or a parked one that does not decode) used to find due jobs;
-    ``job_state`` is the job's JSON state (job_codec.py), which keeps the exact run time. The file is in
-    WAL mode, so several processes of one host can share it; it must be on a local disk.
+    Table ``<tablename>(id TEXT PRIMARY KEY, next_run_time REAL, job_state TEXT)`` (see
+    :class:`TableJobStore`). The file is in WAL mode, so several processes of one host can share it;
+    it must be on a local disk.
     """
 
     def __init__(self, path: str | Path, tablename: str = "apscheduler_jobs", busy_timeout: float = 5.0) -> None:
@@ -170,7 +256,6 @@ class SQLiteJobStore(JsonJobStore):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {str(self.path)!r}>"
 
-    # -- connection --------------------------------------------------------------------------------
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
         self._connect()
@@ -187,14 +272,16 @@ class SQLiteJobStore(JsonJobStore):
         self._conn, self._pid = conn, os.getpid()
         return conn
 
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    def _query(self, sql: str, params: dict[str, Any] | None = None) -> list[Any]:
         with self._lock:
-            return self._connect().execute(sql, params).fetchall()
+            return self._connect().execute(sql.format(table=self.tablename), params or {}).fetchall()
 
-    def _write(self, sql: str, params: tuple[Any, ...] = ()) -> int:
-        """Run one statement (atomic on its own); return the number of rows it changed."""
+    def _write(self, sql: str, params: dict[str, Any] | None = None) -> int:
         with self._lock:
-            return self._connect().execute(sql, params).rowcount
+            return self._connect().execute(sql.format(table=self.tablename), params or {}).rowcount
+
+    def _is_conflict(self, exc: Exception) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -202,62 +289,110 @@ class SQLiteJobStore(JsonJobStore):
             if conn is not None and self._pid == os.getpid():
                 conn.close()
 
-    # -- reading -----------------------------------------------------------------------------------
-    def lookup_job(self, job_id: str) -> Job | None:
-        rows = self._query(f"SELECT job_state FROM {self.tablename} WHERE id = ?", (job_id,))
-        return self._restore(job_id, rows[0][0]) if rows else None
 
-    def get_due_jobs(self, now: datetime) -> list[Job]:
-        return self._jobs("WHERE next_run_time <= ?", (now.timestamp(),))
+class SQLAlchemyJobStore(TableJobStore):
+    """An APScheduler 3.x job store in a SQL database, through SQLAlchemy Core 2.x (the ``sql`` extra).
 
-    def get_next_run_time(self) -> datetime | None:
-        rows = self._query(f"SELECT min(next_run_time) FROM {self.tablename}")
-        if not rows or rows[0][0] is None:
-            return None
-        return datetime.fromtimestamp(rows[0][0], timezone.utc)
+    The same table and JSON job state as :class:`SQLiteJobStore` (see :class:`TableJobStore`), with
+    ``id VARCHAR(191)`` (191 characters of utf8mb4 fit in a MySQL index key; binary collation on
+    MySQL/MariaDB, so that ids differing only in case stay distinct), ``next_run_time`` a double
+    precision float (``FLOAT(25)``: a single precision one would round UNIX times by minutes) and
+    ``job_state TEXT``. The table is created on first use. Never APScheduler's own
+    ``SQLAlchemyJobStore``, whose binary job format can run any code when loaded.
+    """
 
-    def get_all_jobs(self) -> list[Job]:
-        return self._jobs("", ())
-
-    def _jobs(self, where: str, params: tuple[Any, ...]) -> list[Job]:
-        sql = (f"SELECT id, job_state FROM {self.tablename} {where}"
-               " ORDER BY next_run_time IS NULL, next_run_time, id")  # paused jobs (NULL) last
-        jobs = []
-        for job_id, state in self._query(sql, params):
-            job = self._restore(job_id, state)
-            if job is not None:
-                jobs.append(job)
-        return jobs
-
-    def _park(self, stored_id: str | bytes, state: str | bytes) -> None:
-        self._write(f"UPDATE {self.tablename} SET next_run_time = NULL WHERE id = ? AND job_state = ?",
-                    (stored_id, state))
-
-    # -- writing -----------------------------------------------------------------------------------
-    def _row(self, job: Job) -> tuple[float | None, str]:
-        next_run = job.next_run_time.timestamp() if job.next_run_time is not None else None
-        return next_run, self._encode(job)
-
-    def add_job(self, job: Job) -> None:
-        next_run, state = self._row(job)
+    def __init__(self, url: str, tablename: str = "apscheduler_jobs", **engine_options: Any) -> None:
+        super().__init__()
+        if not _TABLE_NAME.fullmatch(tablename):
+            raise ValueError(f"invalid table name {tablename!r}")
+        self.url = url
+        self.tablename = tablename
+        self._engine_options = {"pool_pre_ping": True, **engine_options}
+        self._sa = _import_sqlalchemy()
         try:
-            self._write(f"INSERT INTO {self.tablename} (id, next_run_time, job_state) VALUES (?, ?, ?)",
-                        (job.id, next_run, state))
-        except sqlite3.IntegrityError:
-            raise ConflictingIdError(job.id) from None
+            self._sa.engine.make_url(url).get_dialect()
+        except Exception as exc:  # the message of a URL that does not parse quotes it, password included
+            reason = f"no SQLAlchemy dialect {exc.args[0].rsplit(':', 1)[-1]!r}" if isinstance(
+                exc, self._sa.exc.NoSuchModuleError) else "not a valid SQLAlchemy URL"
+            raise ConfigurationError(f"{redact_url(url)!r}: {reason}") from None
+        self._engine: Any = None
+        self._table = tablename  # quoted for the database once the engine exists
+        self._pid = -1
+        self._engine_lock = threading.Lock()
 
-    def update_job(self, job: Job) -> None:
-        next_run, state = self._row(job)
-        if not self._write(f"UPDATE {self.tablename} SET next_run_time = ?, job_state = ? WHERE id = ?",
-                           (next_run, state, job.id)):
-            raise JobLookupError(job.id)
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {redact_url(self.url)!r} {self.tablename!r}>"
 
-    def remove_job(self, job_id: str) -> None:
-        if not self._write(f"DELETE FROM {self.tablename} WHERE id = ?", (job_id,)):
-            raise JobLookupError(job_id)
+    def start(self, scheduler: Any, alias: str) -> None:
+        super().start(scheduler, alias)
+        try:
+            self._ready()
+        except ConfigurationError:
+            raise
+        except Exception as exc:  # unreachable now: the scheduler retries its stores on its own
+            logger.warning("%r: cannot reach the database at start (%s: %s)", self, type(exc).__name__, exc)
 
-    def remove_all_jobs(self) -> None:
-        self._write(f"DELETE FROM {self.tablename}")
+    def _ready(self) -> Any:
+        """The engine, made (and the table created) on first use; a forked child gets its own connections."""
+        with self._engine_lock:
+            if self._engine is not None:
+                if self._pid != os.getpid():
+                    self._engine.dispose(close=False)  # leave the parent's connections to the parent
+                    self._pid = os.getpid()
+                return self._engine
+            sa = self._sa
+            try:
+                engine = sa.create_engine(self.url, **self._engine_options)
+            except ImportError as exc:
+                raise ConfigurationError(f"{redact_url(self.url)!r}: the database driver is missing ({exc}); run: "
+                                         "pip install 'funboost_like[sql]'") from None
+            except sa.exc.ArgumentError:
+                raise ConfigurationError(f"{redact_url(self.url)!r} is not a valid SQLAlchemy URL") from None
+            table = sa.Table(
+                self.tablename, sa.MetaData(),
+                sa.Column("id", sa.String(191), primary_key=True),
+                sa.Column("next_run_time", sa.Float(25), index=True),
+                sa.Column("job_state", sa.Text, nullable=False),
+                mysql_charset="utf8mb4", mysql_collate="utf8mb4_bin",
+            )
+            try:
+                table.create(engine, checkfirst=True)
+            except sa.exc.DBAPIError:  # another scheduler created it at the same moment?
+                if not sa.inspect(engine).has_table(self.tablename):
+                    engine.dispose()
+                    raise
+            self._table = engine.dialect.identifier_preparer.quote(self.tablename)
+            self._engine, self._pid = engine, os.getpid()
+            return engine
+
+    def _query(self, sql: str, params: dict[str, Any] | None = None) -> list[Any]:
+        with self._ready().connect() as conn:
+            return list(conn.execute(self._sa.text(sql.format(table=self._table)), params or {}).all())
+
+    def _write(self, sql: str, params: dict[str, Any] | None = None) -> int:
+        with self._ready().begin() as conn:
+            return int(conn.execute(self._sa.text(sql.format(table=self._table)), params or {}).rowcount)
+
+    def _is_conflict(self, exc: Exception) -> bool:
+        return isinstance(exc, self._sa.exc.IntegrityError)
+
+    def shutdown(self) -> None:
+        with self._engine_lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.dispose()
+
+
+def _import_sqlalchemy() -> Any:
+    try:
+        import sqlalchemy
+    except ImportError as exc:
+        raise ConfigurationError(f"a SQL job store needs SQLAlchemy 2 ({exc}); run: "
+                                 "pip install 'funboost_like[sql]'") from None
+    if int(sqlalchemy.__version__.split(".")[0]) < 2:
+        raise ConfigurationError(f"a SQL job store needs SQLAlchemy 2, not {sqlalchemy.__version__}; run: "
+                                 "pip install 'funboost_like[sql]'")
+    return sqlalchemy
 
 
 # KEYS[1]: the jobs hash, KEYS[2]: the run-times sorted set; ARGV[1]: job id, ARGV[2]: JSON state,
