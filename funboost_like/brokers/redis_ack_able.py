@@ -75,31 +75,27 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from funboost_like.brokers.base import Capabilities, Delivery
-from funboost_like.brokers.redis_base import RedisConsumerBrokerBase
+from funboost_like.brokers.redis_base import LIST_MAX_PRIORITY, RedisConsumerBrokerBase, RedisListPublishing
 from funboost_like.brokers.redis_common import (
     DEAD_LETTER_LIMIT,
     LUA_NOW,
-    SCHEDULE,
     DeferredSettlements,
     DirectConnections,
     HeartbeatThread,
     LuaScript,
     consumer_timing,
     dead_letter_envelope,
-    delayed_member,
     describe_url,
     is_connection_error,
     key_prefix,
-    lpush_many,
     raise_first_error,
     translate_error,
 )
 from funboost_like.core.enums import BrokerEnum
-from funboost_like.core.errors import ConfigurationError
 
 logger = logging.getLogger("funboost_like.redis")
 
-MAX_PRIORITY = 9
+MAX_PRIORITY = LIST_MAX_PRIORITY
 MAX_BATCH = 1000  # messages per fetch; also the stride of delivery numbers between fetches
 _IDLE_SLEEP_FIRST = 0.002
 _IDLE_SLEEP_MAX = 0.05
@@ -287,27 +283,21 @@ return 0
 
 
 class _QueueKeys:
-    __slots__ = ("ready", "prefix", "prio_prefix", "prio_lists", "delayed", "attempts", "dead", "consumers")
+    __slots__ = ("ready", "prefix", "prio_prefix", "lists", "delayed", "attempts", "dead", "consumers")
 
     def __init__(self, queue: str) -> None:
         prefix = key_prefix(queue)
         self.ready = queue
         self.prefix = prefix
         self.prio_prefix = prefix + "p"
-        self.prio_lists = [queue] + [f"{prefix}p{n}" for n in range(1, MAX_PRIORITY + 1)]
+        self.lists = [queue] + [f"{prefix}p{n}" for n in range(1, MAX_PRIORITY + 1)]
         self.delayed = prefix + "delayed"
         self.attempts = prefix + "attempts"
         self.dead = prefix + "dead"
         self.consumers = prefix + "consumers"
 
 
-def _level(priority: int) -> int:
-    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
-        raise ConfigurationError(f"REDIS_ACK_ABLE priorities are integers 0..{MAX_PRIORITY}, not {priority!r}")
-    return priority
-
-
-class RedisAckAbleBroker(RedisConsumerBrokerBase[_QueueKeys]):
+class RedisAckAbleBroker(RedisListPublishing[_QueueKeys], RedisConsumerBrokerBase[_QueueKeys]):
     """At-least-once Redis broker; see the module docstring for keys, timing and the wire contract."""
 
     kind = BrokerEnum.REDIS_ACK_ABLE
@@ -339,32 +329,6 @@ class RedisAckAbleBroker(RedisConsumerBrokerBase[_QueueKeys]):
         return ikey
 
     # -- publishing --------------------------------------------------------------------------------
-    def publish(self, queue: str, body: bytes, *, priority: int = 0, not_before: float | None = None) -> None:
-        client = self._conn()
-        try:
-            if not_before is not None:
-                delay = not_before - time.time()
-                if delay > 0:
-                    SCHEDULE(client, [self._queue_keys(queue).delayed],
-                             [repr(delay), delayed_member(_level(priority), 0, body)])
-                    return
-            if priority:
-                client.execute_command("LPUSH", self._queue_keys(queue).prio_lists[_level(priority)], body)
-            else:
-                client.execute_command("LPUSH", queue, body)
-        except RedisError as exc:
-            raise translate_error(exc, f"publishing to queue {queue!r}") from exc
-
-    def publish_many(self, queue: str, bodies: Sequence[bytes], *, priority: int = 0) -> None:
-        if not bodies:
-            return
-        key = self._queue_keys(queue).prio_lists[_level(priority)] if priority else queue
-        client = self._conn()
-        try:
-            lpush_many(client, key, bodies, MAX_BATCH)
-        except RedisError as exc:
-            raise translate_error(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
-
     # -- consuming ---------------------------------------------------------------------------------
     def fetch(self, queue: str, max_n: int, timeout: float) -> list[Delivery]:
         client = self._conn()

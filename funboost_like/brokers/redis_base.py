@@ -29,23 +29,27 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from abc import abstractmethod
-from collections.abc import Callable
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
 from redis.exceptions import RedisError
 
 from funboost_like.brokers.base import Broker, DeadLetter
 from funboost_like.brokers.redis_common import (
     PURGE_LIST,
+    SCHEDULE,
     DirectConnections,
+    delayed_member,
     direct_connections,
+    lpush_many,
     new_consumer_id,
     read_dead_letters,
     translate_error,
 )
 from funboost_like.brokers.redis_store import RedisStoresMixin
-from funboost_like.core.errors import DoubleAckError
+from funboost_like.core.errors import ConfigurationError, DoubleAckError
 
 
 class QueueKeys(Protocol):
@@ -145,3 +149,53 @@ class RedisConsumerBrokerBase(RedisBrokerBase[KeysT]):
         if settled != total:
             raise DoubleAckError(f"{total - settled} of {total} deliveries were already acknowledged or rejected, "
                                  f"or were {self._taken_over}")
+
+
+LIST_MAX_PRIORITY = 9  # list kinds: level 0 is the list named after the queue, levels 1..9 beside it
+LIST_PUSH_BATCH = 1000  # values per LPUSH command in publish_many
+
+
+class ListKeys(Protocol):
+    lists: list[str]  # ready list of each priority level (index = level)
+    delayed: str  # ZSET of messages not due yet
+
+
+class RedisListPublishing(RedisBrokerBase[KeysT]):
+    """``publish`` and ``publish_many`` of the list kinds (REDIS, REDIS_ACK_ABLE), which share one layout:
+    ``LPUSH`` onto the ready list of the message's priority, or into the delayed ZSET until due."""
+
+    def _list_keys(self, queue: str) -> ListKeys:
+        return cast(ListKeys, self._queue_keys(queue))
+
+    def publish(self, queue: str, body: bytes, *, priority: int = 0, not_before: float | None = None) -> None:
+        conn = self._conn()
+        try:
+            if not_before is not None:
+                delay = not_before - time.time()
+                if delay > 0:
+                    SCHEDULE(conn, [self._list_keys(queue).delayed],
+                             [repr(delay), delayed_member(list_priority_level(priority), 0, body)])
+                    return
+            if priority:
+                conn.execute_command("LPUSH", self._list_keys(queue).lists[list_priority_level(priority)], body)
+            else:
+                conn.execute_command("LPUSH", queue, body)
+        except RedisError as exc:
+            raise translate_error(exc, f"publishing to queue {queue!r}") from exc
+
+    def publish_many(self, queue: str, bodies: Sequence[bytes], *, priority: int = 0) -> None:
+        if not bodies:
+            return
+        key = self._list_keys(queue).lists[list_priority_level(priority)] if priority else queue
+        conn = self._conn()
+        try:
+            lpush_many(conn, key, bodies, LIST_PUSH_BATCH)
+        except RedisError as exc:
+            raise translate_error(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
+
+
+def list_priority_level(priority: int) -> int:
+    """Check a priority of the list kinds (an int 0..9) and return it as the level."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= LIST_MAX_PRIORITY:
+        raise ConfigurationError(f"Redis list priorities are integers 0..{LIST_MAX_PRIORITY}, not {priority!r}")
+    return priority

@@ -52,14 +52,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from funboost_like.brokers.base import Capabilities, Delivery
-from funboost_like.brokers.redis_base import RedisBrokerBase
+from funboost_like.brokers.redis_base import LIST_MAX_PRIORITY, RedisBrokerBase, RedisListPublishing
 from funboost_like.brokers.redis_common import (
     DEAD_LETTER_LIMIT,
     LUA_MOVE_DUE,
@@ -73,16 +72,15 @@ from funboost_like.brokers.redis_common import (
     dead_letter_envelope,
     delayed_member,
     key_prefix,
-    lpush_many,
     raise_first_error,
     translate_error,
 )
 from funboost_like.core.enums import BrokerEnum
-from funboost_like.core.errors import ConfigurationError, DoubleAckError
+from funboost_like.core.errors import DoubleAckError
 
 logger = logging.getLogger("funboost_like.redis")
 
-MAX_PRIORITY = 9
+MAX_PRIORITY = LIST_MAX_PRIORITY
 MAX_BATCH = 1000  # messages per fetch and per LPUSH command
 
 # KEYS: ready0, delayed, attempts
@@ -154,17 +152,11 @@ class _Keys:
         self.dead = prefix + "dead"
 
 
-def _level(priority: int) -> int:
-    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
-        raise ConfigurationError(f"Redis list priorities are integers 0..{MAX_PRIORITY}, not {priority!r}")
-    return priority
-
-
 def _sha1(body: bytes) -> str:
     return hashlib.sha1(body).hexdigest()
 
 
-class RedisListBroker(RedisBrokerBase[_Keys]):
+class RedisListBroker(RedisListPublishing[_Keys], RedisBrokerBase[_Keys]):
     """At-most-once Redis list broker; see the module docstring for keys, timing and the wire contract."""
 
     kind = BrokerEnum.REDIS
@@ -181,32 +173,6 @@ class RedisListBroker(RedisBrokerBase[_Keys]):
         self._held: dict[int, None] = {}  # tokens fetched and not yet settled, in this process
 
     # -- publishing --------------------------------------------------------------------------------
-    def publish(self, queue: str, body: bytes, *, priority: int = 0, not_before: float | None = None) -> None:
-        conn = self._conn()
-        try:
-            if not_before is not None:
-                delay = not_before - time.time()
-                if delay > 0:
-                    SCHEDULE(conn, [self._queue_keys(queue).delayed],
-                             [repr(delay), delayed_member(_level(priority), 0, body)])
-                    return
-            if priority:
-                conn.execute_command("LPUSH", self._queue_keys(queue).lists[_level(priority)], body)
-            else:
-                conn.execute_command("LPUSH", queue, body)
-        except RedisError as exc:
-            raise translate_error(exc, f"publishing to queue {queue!r}") from exc
-
-    def publish_many(self, queue: str, bodies: Sequence[bytes], *, priority: int = 0) -> None:
-        if not bodies:
-            return
-        key = self._queue_keys(queue).lists[_level(priority)] if priority else queue
-        conn = self._conn()
-        try:
-            lpush_many(conn, key, bodies, MAX_BATCH)
-        except RedisError as exc:
-            raise translate_error(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
-
     # -- consuming ---------------------------------------------------------------------------------
     def fetch(self, queue: str, max_n: int, timeout: float) -> list[Delivery]:
         if max_n <= 0:
