@@ -27,6 +27,7 @@ from funboost_like.brokers.redis_ack_able import RedisAckAbleBroker
 from funboost_like.brokers.redis_common import describe_url
 from funboost_like.core.config import patch_frame_config, settings
 from funboost_like.core.errors import BrokerConnectionError, BrokerError, ConfigurationError, DoubleAckError
+from tests.private_redis import PrivateRedis
 
 REDIS_URL = os.environ.get("FUNBOOST_LIKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -394,39 +395,11 @@ def test_settings_validation():
     assert RedisAckAbleBroker.capabilities.ack and RedisAckAbleBroker.capabilities.max_priority == 9
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _start_private_redis(port: int, tmp_path: Path) -> subprocess.Popen:
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--requirepass", "s3cret", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    probe = redis.Redis(host="127.0.0.1", port=port, password="s3cret")
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                probe.ping()
-                return server
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    server.kill()
-                    raise
-                time.sleep(0.02)
-    finally:
-        probe.close()
-
-
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 def test_server_restart_reconnects_and_never_logs_the_password(make_broker, queue, tmp_path, caplog):
-    port = _free_port()
-    server = _start_private_redis(port, tmp_path)
+    server = PrivateRedis(tmp_path, password="s3cret")
+    port = server.port
+    server.start()
     try:
         broker = make_broker()
         patch_frame_config(REDIS_URL=f"redis://:s3cret@127.0.0.1:{port}/0")
@@ -436,20 +409,18 @@ def test_server_restart_reconnects_and_never_logs_the_password(make_broker, queu
         assert [d.body for d in got] == [b"before"]
         broker.ack(got)
         server.kill()
-        server.wait(10)
         with pytest.raises(BrokerConnectionError) as info:
             broker.publish(queue, b"lost")
         with pytest.raises(BrokerConnectionError):
             broker.fetch(queue, 5, 0.1)
         assert "s3cret" not in str(info.value)
-        server = _start_private_redis(port, tmp_path)  # empty: scripts must be loaded again
+        server.start()  # empty: scripts must be loaded again
         broker.publish(queue, b"after")
         got = broker.fetch(queue, 5, 1.0)
         assert [d.body for d in got] == [b"after"]
         broker.ack(got)
         broker.close()
     finally:
-        server.kill()
-        server.wait(10)
+        server.stop()
     assert "s3cret" not in caplog.text
     assert f"redis://:***@127.0.0.1:{port}/0" in caplog.text  # the URL was logged, redacted

@@ -33,6 +33,7 @@ from funboost_like.brokers.redis_list import RedisListBroker
 from funboost_like.brokers.redis_stream import GROUP, RedisStreamBroker
 from funboost_like.core.errors import BrokerConnectionError, DoubleAckError
 from tests.conftest import REPO
+from tests.private_redis import PrivateRedis
 
 REDIS_URL = os.environ.get("FUNBOOST_LIKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 WORKER = REPO / "test_frame" / "crash" / "redis_worker.py"
@@ -152,41 +153,13 @@ def test_connection_errors_are_wrapped_and_redacted(client: redis.Redis, queue: 
         broker.close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _start_private_redis(port: int, tmp_path: Path) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", str(tmp_path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    probe = redis.Redis(host="127.0.0.1", port=port)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                probe.ping()
-                return server
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    server.kill()
-                    raise
-                time.sleep(0.02)
-    finally:
-        probe.close()
-
-
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 @pytest.mark.timeout(60)
 def test_consumers_reconnect_after_a_redis_restart(client: redis.Redis, tmp_path: Path, caplog) -> None:
     """A running consumer of each kind survives a restart of an empty server (scripts and groups gone)."""
-    port = _free_port()
-    server = _start_private_redis(port, tmp_path)
-    patch_frame_config(REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    server = PrivateRedis(tmp_path)
+    server.start()
+    patch_frame_config(REDIS_URL=server.url)
     caplog.set_level(logging.ERROR, logger="funboost_like")
     ran: dict[BrokerEnum, list[int]] = collections.defaultdict(list)
     boosters = []
@@ -201,9 +174,8 @@ def test_consumers_reconnect_after_a_redis_restart(client: redis.Redis, tmp_path
             boosters.append((kind, booster))
         wait_for(lambda: all(ran[k] == [1] for k in KINDS), 10, "the first calls")
         server.kill()
-        server.wait(10)
         time.sleep(0.3)  # every consumer meets the dead server at least once
-        server = _start_private_redis(port, tmp_path)
+        server.start()
         for _, booster in boosters:
             wait_for(lambda b=booster: _push_ok(b, 2), 15, "publishing after the restart")
         wait_for(lambda: all(ran[k] == [1, 2] for k in KINDS), 20, "the calls after the restart")
@@ -212,8 +184,7 @@ def test_consumers_reconnect_after_a_redis_restart(client: redis.Redis, tmp_path
             booster.stop()
         for _, booster in boosters:
             booster.consumer.join(10)
-        server.kill()
-        server.wait(10)
+        server.stop()
     assert "fetching from queue" in caplog.text  # the loop saw the outage, backed off and went on
 
 

@@ -30,7 +30,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -50,6 +49,7 @@ from funboost_like.brokers.redis_stream import RedisStreamBroker
 from funboost_like.brokers.registry import get_broker
 from funboost_like.core.errors import BrokerConnectionError
 from tests.conftest import REPO
+from tests.private_redis import PrivateRedis
 from tests.test_seed_examples import SUM, Expected, check_exact_output, check_graceful_exit, run
 
 WORKER = REPO / "test_frame" / "crash" / "redis_worker.py"
@@ -63,60 +63,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary"),
     pytest.mark.skipif(sys.platform == "win32" or not hasattr(signal, "SIGKILL"), reason="needs POSIX signals"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class PrivateRedis:
-    """A redis-server of this test only, persisting to ``folder``; killed and restarted by its PID."""
-
-    def __init__(self, folder: Path, *, persistent: bool = True) -> None:
-        self.folder = folder
-        self.port = _free_port()
-        self.persistent = persistent
-        self.url = f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> float:
-        """Start the server and wait until it answers (after replaying its AOF); return how long that took."""
-        began = time.monotonic()
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
-             "--dir", str(self.folder), "--requirepass", PASSWORD, "--logfile", str(self.folder / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        probe = redis.Redis(host="127.0.0.1", port=self.port, password=PASSWORD, socket_timeout=2)
-        try:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    probe.ping()
-                    return time.monotonic() - began
-                except redis.exceptions.ConnectionError:  # refused, or LOADING while the AOF replays
-                    if time.monotonic() > deadline or self.process.poll() is not None:
-                        self.stop()
-                        raise
-                    time.sleep(0.02)
-        finally:
-            probe.close()
-
-    def kill(self) -> None:
-        """SIGKILL the server by its PID, as a crash would."""
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, password=PASSWORD)
 
 
 @pytest.fixture
@@ -140,7 +86,7 @@ def children() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 def private_redis(servers: list[PrivateRedis], folder: Path, *, persistent: bool = True) -> PrivateRedis:
     folder.mkdir(parents=True, exist_ok=True)
-    server = PrivateRedis(folder, persistent=persistent)
+    server = PrivateRedis(folder, password=PASSWORD, persistent=persistent)
     servers.append(server)
     server.start()
     return server
@@ -409,4 +355,3 @@ def test_seed_redis_stream_and_brpoplpush_examples(isolated_settings: Path, tmp_
     assert broker.count("queue_test_f01") == 0
     assert getattr(broker, "in_flight")("queue_test_f01") == 0  # noqa: B009
     print(f"{name}: 100 calls; stopped in {took:.2f}s")
-
