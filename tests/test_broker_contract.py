@@ -165,3 +165,25 @@ def test_publish_many_keeps_order(broker: Broker, queue_name: str) -> None:
     got = fetch_all(broker, queue_name, 300)
     assert [d.body for d in got] == bodies
     broker.ack(got)
+
+
+def test_ack_and_fetch_acks_then_fetches(broker: Broker, queue_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    bodies = [f'{{"n":{i}}}'.encode() for i in range(7)]
+    broker.publish_many(queue_name, bodies[:6])
+    first = fetch_all(broker, queue_name, 3)
+    second = broker.ack_and_fetch(first, queue_name, 3, 1.0)
+    second += fetch_all(broker, queue_name, 3 - len(second))
+    assert [d.body for d in second] == bodies[3:6]
+    with pytest.raises(DoubleAckError):  # the first three were acknowledged on the way
+        broker.ack(first[:1])
+    # An ack that fails (here: a double ack) is logged and does not stop the fetch.
+    broker.publish(queue_name, bodies[6])
+    with caplog.at_level("WARNING", logger="funboost_like"):
+        third = broker.ack_and_fetch([*second, first[1]], queue_name, 1, 1.0)
+    third += fetch_all(broker, queue_name, 1 - len(third))
+    assert [d.body for d in third] == bodies[6:]
+    assert any(record.levelname in ("WARNING", "ERROR") for record in caplog.records)
+    with pytest.raises(DoubleAckError):
+        broker.ack(second[-1:])
+    broker.ack(third)
+    assert broker.fetch(queue_name, 10, 0.05) == [] and broker.count(queue_name) == 0

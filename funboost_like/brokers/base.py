@@ -15,6 +15,7 @@ native requeue).
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from funboost_like.core.stores import KeyValueStore
+
+logger = logging.getLogger("funboost_like.broker")
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,21 @@ class Broker(ABC):
     @abstractmethod
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Remove finished messages for good. Batched; must be idempotent per delivery on the broker side."""
+
+    def ack_and_fetch(self, deliveries: Sequence[Delivery], queue: str, max_n: int,
+                      timeout: float) -> list[Delivery]:
+        """:meth:`ack` ``deliveries``, then :meth:`fetch`: the consumer's call when it has acks to send
+        and is about to fetch. A broker that can send both in one round trip overrides this.
+
+        A failed ack never stops the fetch: it is logged (the broker delivers those messages again),
+        and only a fetch failure is raised.
+        """
+        try:
+            self.ack(deliveries)
+        except Exception:
+            logger.exception("acknowledging %d message(s) failed; the broker will deliver them again",
+                             len(deliveries))
+        return self.fetch(queue, max_n, timeout)
 
     @abstractmethod
     def nack(self, delivery: Delivery, *, requeue: bool = True, delay: float = 0.0) -> None:

@@ -83,6 +83,7 @@ from funboost_like.brokers.redis_common import (
     DirectConnections,
     HeartbeatThread,
     LuaScript,
+    Piggyback,
     consumer_timing,
     dead_letter_envelope,
     describe_url,
@@ -297,6 +298,18 @@ class _QueueKeys:
         self.consumers = prefix + "consumers"
 
 
+def _fields_by_hash(deliveries: Sequence[Delivery]) -> dict[str, list[str]]:
+    """The in-flight hash fields of ``deliveries``, by hash key."""
+    groups: dict[str, list[str]] = {}
+    for delivery in deliveries:
+        key, field = delivery.token
+        fields = groups.get(key)
+        if fields is None:
+            fields = groups[key] = []
+        fields.append(field)
+    return groups
+
+
 class RedisAckAbleBroker(RedisListPublishing[_QueueKeys], RedisConsumerBrokerBase[_QueueKeys]):
     """At-least-once Redis broker; see the module docstring for keys, timing and the wire contract."""
 
@@ -331,6 +344,9 @@ class RedisAckAbleBroker(RedisListPublishing[_QueueKeys], RedisConsumerBrokerBas
     # -- publishing --------------------------------------------------------------------------------
     # -- consuming ---------------------------------------------------------------------------------
     def fetch(self, queue: str, max_n: int, timeout: float) -> list[Delivery]:
+        return self._fetch_after(None, queue, max_n, timeout)
+
+    def _fetch_after(self, before: Piggyback | None, queue: str, max_n: int, timeout: float) -> list[Delivery]:
         client = self._conn()
         if max_n <= 0:
             return []
@@ -351,7 +367,11 @@ class RedisAckAbleBroker(RedisListPublishing[_QueueKeys], RedisConsumerBrokerBas
             else:
                 base, n = pending
             try:
-                out = _FETCH(client, key_args, [n, base, cid, keys.prio_prefix])
+                if before is None:
+                    out = _FETCH(client, key_args, [n, base, cid, keys.prio_prefix])
+                else:
+                    out = _FETCH.after(before, client, key_args, [n, base, cid, keys.prio_prefix])
+                    before = None
             except RedisError as exc:
                 # The script may have run: the next fetch replays it with the same base, so whatever
                 # it moved into our in-flight hash is handed out instead of being stranded there.
@@ -401,16 +421,16 @@ class RedisAckAbleBroker(RedisListPublishing[_QueueKeys], RedisConsumerBrokerBas
                 result.append(Delivery(queue, body, (ikey, f"{number}:{priority}:{attempts}"), attempts, priority))
         return result
 
+    def _ack_piggyback(self, deliveries: Sequence[Delivery]) -> Piggyback | None:
+        client = self._conn()
+        commands = [("HDEL", key, *fields) for key, fields in _fields_by_hash(deliveries).items()]
+        return self._piggyback(commands, len(deliveries), sum,
+                               functools.partial(self._deferred.add, functools.partial(client.pipeline, commands)))
+
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         if not deliveries:
             return
-        groups: dict[str, list[str]] = {}
-        for delivery in deliveries:
-            key, field = delivery.token
-            fields = groups.get(key)
-            if fields is None:
-                fields = groups[key] = []
-            fields.append(field)
+        groups = _fields_by_hash(deliveries)
         client = self._conn()
         try:
             if len(groups) == 1:

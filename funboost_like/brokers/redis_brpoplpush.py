@@ -90,6 +90,7 @@ from funboost_like.brokers.redis_common import (
     HeartbeatThread,
     IdlePoller,
     LuaScript,
+    Piggyback,
     blocking_budget,
     consumer_timing,
     dead_letter_envelope,
@@ -284,6 +285,9 @@ class RedisBrpopLpushBroker(RedisConsumerBrokerBase[_Keys]):
 
     # -- consuming ---------------------------------------------------------------------------------
     def fetch(self, queue: str, max_n: int, timeout: float) -> list[Delivery]:
+        return self._fetch_after(None, queue, max_n, timeout)
+
+    def _fetch_after(self, before: Piggyback | None, queue: str, max_n: int, timeout: float) -> list[Delivery]:
         if max_n <= 0:
             return []
         n = min(max_n, MAX_BATCH)
@@ -304,7 +308,7 @@ class RedisBrpopLpushBroker(RedisConsumerBrokerBase[_Keys]):
                 adopted = self._adopt(conn, queue, unack, n)
                 if adopted:
                     return adopted
-            return self._fetch(conn, queue, unack, n, timeout)
+            return self._fetch(conn, queue, unack, n, timeout, before)
         except RedisError as exc:
             # The commands may have run: what they moved is in our in-flight list, adopted next time.
             self._suspect.add(queue)
@@ -313,11 +317,13 @@ class RedisBrpopLpushBroker(RedisConsumerBrokerBase[_Keys]):
             with self._lock:
                 self._fetching[queue] -= 1
 
-    def _fetch(self, conn: DirectConnections, queue: str, unack: str, n: int, timeout: float) -> list[Delivery]:
+    def _fetch(self, conn: DirectConnections, queue: str, unack: str, n: int, timeout: float,
+               before: Piggyback | None) -> list[Delivery]:
         keys = self._keys[queue]
         poller: IdlePoller | None = None
         while True:
-            bodies, due_ms, tracked = self._take(conn, queue, keys, unack, n)
+            bodies, due_ms, tracked = self._take(conn, queue, keys, unack, n, before)
+            before = None
             if bodies:
                 return self._deliveries(conn, queue, keys, unack, bodies, tracked)
             if poller is None:
@@ -335,7 +341,7 @@ class RedisBrpopLpushBroker(RedisConsumerBrokerBase[_Keys]):
                 return self._deliveries(conn, queue, keys, unack, [body, *more], tracked)
 
     def _take(self, conn: DirectConnections, queue: str, keys: _Keys, unack: str,
-              n: int) -> tuple[list[bytes], int, bool]:
+              n: int, before: Piggyback | None = None) -> tuple[list[bytes], int, bool]:
         """One pipeline: heartbeat and due messages, ``n`` LMOVEs, HLEN of attempts.
 
         Returns the bodies moved, milliseconds until the next delayed message is due (-1: none) and
@@ -349,7 +355,7 @@ class RedisBrpopLpushBroker(RedisConsumerBrokerBase[_Keys]):
                              self._cid, keys.prio_prefix),
                 move * n,
                 pack_command("HLEN", keys.attempts)])
-        replies = conn.send_packed(packet, n + 2)
+        replies = conn.send_packed(packet, n + 2, before)
         prepared = replies[0]
         bodies = []
         error = None
@@ -413,6 +419,35 @@ class RedisBrpopLpushBroker(RedisConsumerBrokerBase[_Keys]):
             del extra[n:]
         return self._deliveries(conn, queue, self._keys[queue], unack, extra, True)
 
+    def _ack_commands(self, live: list[Delivery]) -> list[tuple[Any, ...]]:
+        """One ``LREM`` per delivery from its in-flight list, then the ``HDEL`` of retried ones' counts."""
+        commands: list[tuple[Any, ...]] = []
+        retried: dict[str, list[str]] = {}
+        for delivery in live:
+            commands.append(("LREM", delivery.token[0], -1, delivery.body))
+            if delivery.attempts > 1:
+                retried.setdefault(self._queue_keys(delivery.queue).attempts, []).append(_sha1(delivery.body))
+        commands.extend(("HDEL", key, *hashes) for key, hashes in retried.items())
+        return commands
+
+    def _ack_piggyback(self, deliveries: Sequence[Delivery]) -> Piggyback | None:
+        held = self._held
+        live = [delivery for delivery in deliveries if delivery.token in held]  # others: settled before
+        if not live:
+            logger.warning("%s", self._unsettled_message(0, len(deliveries)))
+            return None
+        commands = self._ack_commands(live)
+        conn = self._conn()
+
+        def count_settled(replies: list[Any]) -> int:
+            for delivery in live:
+                held.pop(delivery.token, None)
+            return int(sum(replies[:len(live)]))
+
+        resend = functools.partial(conn.pipeline, commands)
+        return self._piggyback(commands, len(deliveries), count_settled,
+                               functools.partial(self._deferred.add, functools.partial(self._resend, resend, live)))
+
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         if not deliveries:
             return
@@ -420,13 +455,7 @@ class RedisBrpopLpushBroker(RedisConsumerBrokerBase[_Keys]):
         live = [delivery for delivery in deliveries if delivery.token in held]  # others: settled before
         removed = 0
         if live:
-            commands: list[tuple[Any, ...]] = []
-            retried: dict[str, list[str]] = {}
-            for delivery in live:
-                commands.append(("LREM", delivery.token[0], -1, delivery.body))
-                if delivery.attempts > 1:
-                    retried.setdefault(self._queue_keys(delivery.queue).attempts, []).append(_sha1(delivery.body))
-            commands.extend(("HDEL", key, *hashes) for key, hashes in retried.items())
+            commands = self._ack_commands(live)
             try:
                 replies = raise_first_error(self._conn().pipeline(commands))
             except RedisError as exc:

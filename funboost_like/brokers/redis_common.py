@@ -175,7 +175,8 @@ class DirectConnections:
         connection: AbstractConnection = self._connection_class(**self._connection_kwargs)
         return connection
 
-    def execute_command(self, *args: Any) -> Any:
+    def execute_command(self, *args: Any, before: Piggyback | None = None) -> Any:
+        """Run one command and return its reply; ``before`` is sent ahead of it in the same write."""
         idle = self._idle
         try:
             connection = idle.pop()
@@ -185,7 +186,10 @@ class DirectConnections:
         packet = pack_command(*args)
         try:
             try:
-                connection.send_packed_command([packet])
+                if before is None:
+                    connection.send_packed_command([packet])
+                else:
+                    _send_with(connection, before, packet)
                 reply = connection.read_response()
             except (RedisConnectionError, RedisTimeoutError):
                 connection.disconnect()
@@ -201,14 +205,15 @@ class DirectConnections:
                 connection.disconnect()
             idle.append(connection)
 
-    def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    def pipeline(self, commands: list[tuple[Any, ...]], before: Piggyback | None = None) -> list[Any]:
         """Send several commands in one write and read their replies (error replies are returned)."""
-        return self.send_packed(b"".join([pack_command(*command) for command in commands]), len(commands))
+        return self.send_packed(b"".join([pack_command(*command) for command in commands]), len(commands), before)
 
-    def send_packed(self, packet: bytes, count: int) -> list[Any]:
+    def send_packed(self, packet: bytes, count: int, before: Piggyback | None = None) -> list[Any]:
         """Send ``count`` commands packed by :func:`pack_command` (and joined) in one write; read their replies.
 
-        Error replies are returned, not raised. Callers may cache a packet they send often.
+        Error replies are returned, not raised. Callers may cache a packet they send often. ``before``
+        is sent ahead of them in the same write.
         """
         idle = self._idle
         try:
@@ -217,7 +222,10 @@ class DirectConnections:
             connection = self._new()
         clean = False
         try:
-            connection.send_packed_command([packet])
+            if before is None:
+                connection.send_packed_command([packet])
+            else:
+                _send_with(connection, before, packet)
             replies = []
             for _ in range(count):
                 try:
@@ -238,6 +246,44 @@ class DirectConnections:
                 connection.disconnect()
             except (RedisError, OSError):  # pragma: no cover
                 pass
+
+
+class Piggyback:
+    """Commands sent in the same write ahead of another command: a consumer's acks ahead of its next fetch.
+
+    Once their replies are read, ``settle`` gets them (error replies as exception values). If the
+    connection breaks before that, ``on_lost`` runs instead (they may or may not have run; it must
+    arrange to send them again). :attr:`done` tells whether either happened, so a caller whose
+    command was never sent can send them another way.
+    """
+
+    __slots__ = ("packet", "count", "settle", "on_lost", "done")
+
+    def __init__(self, commands: list[tuple[Any, ...]], settle: Callable[[list[Any]], object],
+                 on_lost: Callable[[], object]) -> None:
+        self.packet = b"".join([pack_command(*command) for command in commands])
+        self.count = len(commands)
+        self.settle = settle
+        self.on_lost = on_lost
+        self.done = False
+
+
+def _send_with(connection: AbstractConnection, before: Piggyback, packet: bytes) -> None:
+    """Send ``before`` and ``packet`` in one write, read and settle ``before``'s replies (see :class:`Piggyback`)."""
+    replies: list[Any] = []
+    try:
+        connection.send_packed_command([before.packet + packet])
+        for _ in range(before.count):
+            try:
+                replies.append(connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+    except (RedisConnectionError, RedisTimeoutError):
+        before.done = True
+        before.on_lost()
+        raise
+    before.done = True
+    before.settle(replies)
 
 
 def pack_command(*args: Any) -> bytes:
@@ -355,6 +401,15 @@ class LuaScript:
         """Run on ``target`` (a client or direct connections) with ``keys`` and ``args``."""
         try:
             return target.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            target.execute_command("SCRIPT", "LOAD", self.source)
+            return target.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    def after(self, before: Piggyback, target: DirectConnections, keys: list[Any], args: list[Any]) -> Any:
+        """Like calling it, with ``before`` sent ahead in the same write (and not again if the script
+        had to be loaded first)."""
+        try:
+            return target.execute_command("EVALSHA", self.sha, len(keys), *keys, *args, before=before)
         except NoScriptError:
             target.execute_command("SCRIPT", "LOAD", self.source)
             return target.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)

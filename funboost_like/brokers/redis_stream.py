@@ -44,12 +44,15 @@ share the queue name as a Redis Cluster hash tag:
 * ``fl:{<queue>}:dead``: LIST of JSON envelopes ``{"body", "reason", "failed_at", "attempts"}``,
   newest first, trimmed to the newest 10,000.
 
-Fetching: reclaimed entries first, then one pipeline of a small Lua script (due delayed messages)
-and ``XREADGROUP COUNT max_n``; when idle, ``XREADGROUP ... BLOCK`` waits for new entries (Redis ends
-blocking waits on its cron tick, up to 100 ms late at the default ``hz``, so the last 100 ms of a
-wait, and shorter waits, poll instead: a fetch never blocks past its timeout). A fetch whose reply
-was lost leaves its entries pending under this consumer without being renewed: they are reclaimed
-``min_idle`` later like a dead consumer's.
+Fetching: reclaimed entries first, then one pipeline of ``TIME``, ``ZRANGE <delayed> 0 0 WITHSCORES``
+and ``XREADGROUP COUNT max_n`` (a consumer's acks ride ahead of it in the same write: one round trip
+per batch); a small Lua script moves delayed messages into the stream only when the first one is
+due. When idle, ``XREADGROUP ... BLOCK`` waits for new entries (Redis ends blocking waits on its
+cron tick, up to 100 ms late at the default ``hz``, so the last 100 ms of a wait, and shorter waits,
+poll instead: a fetch never blocks past its timeout). A fetch whose reply was lost leaves its entries
+pending under this consumer without being renewed: they are reclaimed ``min_idle`` later like a dead
+consumer's. Acks and hand-backs that fail on a connection error are sent again by the next fetch
+(both only act on entries still pending under this consumer, so sending twice is harmless).
 
 Order: FIFO; a nacked or released message is re-added at the end (a stream cannot be prepended to),
 a delayed one when due.
@@ -57,8 +60,10 @@ a delayed one when due.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import math
 import os
 import time
 import uuid
@@ -74,14 +79,17 @@ from funboost_like.brokers.redis_common import (
     LUA_NEXT_DUE,
     LUA_NOW,
     SCHEDULE,
+    DeferredSettlements,
     DirectConnections,
     HeartbeatThread,
     IdlePoller,
     LuaScript,
+    Piggyback,
     blocking_budget,
     dead_letter_envelope,
     delayed_member,
     describe_url,
+    is_connection_error,
     key_prefix,
     raise_first_error,
     translate_error,
@@ -99,13 +107,10 @@ STALE_CONSUMER_SECONDS = 3600.0  # consumer records idle this long with nothing 
 _DATA = b"data"
 _DELIVERED = b"delivered"
 
-# KEYS: stream, delayed; ARGV: group, consumer, count
-# Appends the due delayed messages to the stream, then reads up to count new entries for the
-# consumer (XREADGROUP without BLOCK). The reply is flat, which costs a fraction of XREADGROUP's
-# nested one to decode: {next due in ms (-1: none), meta, id1, body1, id2, body2, ...}, where meta
-# lists "index:deliveries so far" for entries with a 'delivered' field and "index:!" for entries
-# without a 'data' field (whose body is then the JSON of their fields), comma-separated.
-_READ = LuaScript(LUA_NOW + LUA_NEXT_DUE + """
+# KEYS: stream, delayed. Appends the due delayed messages to the stream (with their deliveries so
+# far in the field 'delivered') and returns the milliseconds until the next one is due (-1: none).
+# A fetch runs it only when the first delayed message is due, which it learns from a plain ZRANGE.
+_MOVE_DUE = LuaScript(LUA_NOW + LUA_NEXT_DUE + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
 if #due > 0 then
   for i = 1, #due do
@@ -121,33 +126,7 @@ if #due > 0 then
   end
   redis.call('ZREM', KEYS[2], unpack(due))
 end
-local out = {next_due_ms(KEYS[2], now), ''}
-local read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', tonumber(ARGV[3]), 'STREAMS', KEYS[1], '>')
-if not read then return out end
-local meta = {}
-local n = 2
-for index, entry in ipairs(read[1][2]) do
-  local fields = entry[2]
-  local body = nil
-  if fields[1] == 'data' and #fields == 2 then
-    body = fields[2]
-  else
-    local values = {}
-    for i = 1, #fields, 2 do values[fields[i]] = fields[i + 1] end
-    body = values['data']
-    if body == nil then
-      body = cjson.encode(values)
-      meta[#meta + 1] = index .. ':!'
-    elseif values['delivered'] then
-      meta[#meta + 1] = index .. ':' .. values['delivered']
-    end
-  end
-  out[n + 1] = entry[1]
-  out[n + 2] = body
-  n = n + 2
-end
-out[2] = table.concat(meta, ',')
-return out
+return next_due_ms(KEYS[2], now)
 """)
 
 # KEYS: stream; ARGV: bodies. Appends each body as an entry with field 'data'.
@@ -294,6 +273,13 @@ def _entries(read: Any) -> list[Any]:
     return list(read[0][1])
 
 
+def _score(first: Any) -> float:
+    """The score of a ``ZRANGE ... 0 0 WITHSCORES`` reply: ``[member, score]`` (RESP2) or ``[[member, score]]``."""
+    if isinstance(first[0], list):
+        return float(first[0][1])
+    return float(first[1])
+
+
 def _is_nogroup(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
 
@@ -319,6 +305,7 @@ class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
         super()._reset_process_state()
         self._registered: set[str] = set()  # queues read since start (or since close)
         self._held: dict[str, dict[bytes, None]] = {}  # queue -> entry ids fetched and not settled
+        self._deferred = DeferredSettlements()  # acks that failed on a connection error, sent by the next fetch
         self._renewer = HeartbeatThread(self.renew, self.renew_interval, "funboost_like-redis-stream-renewal")
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -376,6 +363,9 @@ class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
 
     # -- consuming ---------------------------------------------------------------------------------
     def fetch(self, queue: str, max_n: int, timeout: float) -> list[Delivery]:
+        return self._fetch_after(None, queue, max_n, timeout)
+
+    def _fetch_after(self, before: Piggyback | None, queue: str, max_n: int, timeout: float) -> list[Delivery]:
         if max_n <= 0:
             return []
         n = min(max_n, MAX_BATCH)
@@ -383,22 +373,26 @@ class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
         try:
             if queue not in self._registered:
                 self._register(conn, queue)
+            if self._deferred:
+                self._deferred.flush()
             try:
-                return self._fetch(conn, queue, n, timeout)
+                return self._fetch(conn, queue, n, timeout, before)
             except ResponseError as exc:
                 if not _is_nogroup(exc):
                     raise
                 # The stream was deleted (or the server restarted empty): create the group again.
                 self._ensure_group(conn, queue)
-                return self._fetch(conn, queue, n, timeout)
+                return self._fetch(conn, queue, n, timeout, None)
         except RedisError as exc:
             raise translate_error(exc, f"fetching from queue {queue!r}") from exc
 
-    def _fetch(self, conn: DirectConnections, queue: str, n: int, timeout: float) -> list[Delivery]:
+    def _fetch(self, conn: DirectConnections, queue: str, n: int, timeout: float,
+               before: Piggyback | None) -> list[Delivery]:
         state = self._queue_keys(queue)
         poller: IdlePoller | None = None
         while True:
-            got, due_ms = self._read(conn, queue, state, n)
+            got, due_ms = self._read(conn, queue, state, n, before)
+            before = None
             if got:
                 return got
             if poller is None:
@@ -421,44 +415,36 @@ class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
                 if got:
                     return got
 
-    def _read(self, conn: DirectConnections, queue: str, state: _QueueState, n: int) -> tuple[list[Delivery], int]:
-        """Without blocking: reclaimed entries (when a scan is due), due delayed messages, new entries.
+    def _read(self, conn: DirectConnections, queue: str, state: _QueueState, n: int,
+              before: Piggyback | None) -> tuple[list[Delivery], int]:
+        """Without blocking: reclaimed entries (when a scan is due), new entries, due delayed messages.
 
-        Returns the deliveries and the milliseconds until the next delayed message is due (-1: none).
+        One round trip (``before`` rides along): the server's clock, the first delayed message and
+        ``XREADGROUP``; a second one only when a delayed message is due. Returns the deliveries and
+        the milliseconds until the next delayed message is due (-1: none).
         """
         got: list[Delivery] = []
         if time.monotonic() >= state.next_reclaim:
             got = self._reclaim(conn, queue, state, n)
             if len(got) >= n:
                 return got, -1
-        out = _READ(conn, [queue, state.delayed], [GROUP, self._cid, n - len(got)])
-        if len(out) > 2:
-            got.extend(self._flat_deliveries(conn, queue, out))
-        return got, int(out[0])
-
-    def _flat_deliveries(self, conn: DirectConnections, queue: str, out: list[Any]) -> list[Delivery]:
-        """Deliveries from the read script's reply ``[due, meta, id1, body1, id2, body2, ...]``."""
-        held = self._held[queue]
-        ids = out[2::2]
-        bodies = out[3::2]
-        meta = out[1]
-        if not meta:
-            for entry_id in ids:
-                held[entry_id] = None
-            return [Delivery(queue, body, entry_id) for entry_id, body in zip(ids, bodies, strict=True)]
-        special = dict(item.split(":") for item in meta.decode().split(","))
-        result = []
-        malformed: list[tuple[bytes, bytes]] = []
-        for index, (entry_id, body) in enumerate(zip(ids, bodies, strict=True), 1):
-            prior = special.get(str(index))
-            if prior == "!":
-                malformed.append((entry_id, body))
-                continue
-            held[entry_id] = None
-            result.append(Delivery(queue, body, entry_id, int(prior) + 1 if prior else 1))
-        if malformed:
-            self._dead_letter_malformed(conn, queue, malformed)
-        return result
+        now, first, read = raise_first_error(conn.pipeline(
+            [("TIME",), ("ZRANGE", state.delayed, 0, 0, "WITHSCORES"),
+             ("XREADGROUP", "GROUP", GROUP, self._cid, "COUNT", n - len(got), "STREAMS", queue, ">")], before))
+        if read:
+            got.extend(self._deliveries(conn, queue, _entries(read), None))
+        if not first:
+            return got, -1
+        due_ms = math.ceil((_score(first) - (int(now[0]) + int(now[1]) / 1e6)) * 1000)
+        if due_ms > 0:
+            return got, due_ms
+        due_ms = int(_MOVE_DUE(conn, [queue, state.delayed], []))
+        if len(got) < n:
+            read = conn.execute_command("XREADGROUP", "GROUP", GROUP, self._cid, "COUNT", n - len(got),
+                                        "STREAMS", queue, ">")
+            if read:
+                got.extend(self._deliveries(conn, queue, _entries(read), None))
+        return got, due_ms
 
     def _reclaim(self, conn: DirectConnections, queue: str, state: _QueueState, n: int) -> list[Delivery]:
         """Claim entries idle for ``min_idle`` (a dead consumer's, or ours whose fetch reply was lost)."""
@@ -521,29 +507,46 @@ class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         if not deliveries:
             return
+        commands = self._ack_commands(deliveries)
+        acked = 0
+        if commands:
+            conn = self._conn()
+            try:
+                replies = raise_first_error(conn.pipeline(commands))
+            except RedisError as exc:
+                if is_connection_error(exc):  # sent again by the next fetch (XACK and XDEL twice are harmless)
+                    self._deferred.add(functools.partial(conn.pipeline, commands))
+                raise translate_error(exc, f"acknowledging {len(deliveries)} message(s)") from exc
+            acked = sum(replies[::2])
+        self._check_settled(acked, len(deliveries))
+
+    def _ack_piggyback(self, deliveries: Sequence[Delivery]) -> Piggyback | None:
+        commands = self._ack_commands(deliveries)
+        if not commands:
+            logger.warning("%s", self._unsettled_message(0, len(deliveries)))
+            return None
+        conn = self._conn()
+        return self._piggyback(commands, len(deliveries), lambda replies: sum(replies[::2]),
+                               functools.partial(self._deferred.add, functools.partial(conn.pipeline, commands)))
+
+    def _ack_commands(self, deliveries: Sequence[Delivery]) -> list[tuple[Any, ...]]:
+        """``XACK`` and ``XDEL`` per queue for the deliveries this process still holds (forgotten here)."""
         groups: dict[str, list[bytes]] = {}
         held_by_queue = self._held
         for delivery in deliveries:
             held = held_by_queue.get(delivery.queue)
             if held is None or delivery.token not in held:
-                continue  # settled before: counted as a double ack below
+                continue  # settled before: counted as a double ack by the caller
             del held[delivery.token]
             ids = groups.get(delivery.queue)
             if ids is None:
                 ids = groups[delivery.queue] = []
             ids.append(delivery.token)
-        acked = 0
-        if groups:
-            commands: list[tuple[Any, ...]] = []
-            for queue, ids in groups.items():
-                commands.append(("XACK", queue, GROUP, *ids))
-                commands.append(("XDEL", queue, *ids))
-            try:
-                replies = raise_first_error(self._conn().pipeline(commands))
-            except RedisError as exc:
-                raise translate_error(exc, f"acknowledging {len(deliveries)} message(s)") from exc
-            acked = sum(replies[::2])
-        self._check_settled(acked, len(deliveries))
+        commands: list[tuple[Any, ...]] = []
+        for queue, ids in groups.items():
+            commands.append(("XACK", queue, GROUP, *ids))
+            commands.append(("XDEL", queue, *ids))
+        return commands
 
     def nack(self, delivery: Delivery, *, requeue: bool = True, delay: float = 0.0) -> None:
         if not requeue:
@@ -572,13 +575,17 @@ class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
             groups.setdefault(delivery.queue, []).extend((delivery.token, delivery.body, value))
         conn = self._conn()
         done = 0
-        for queue, triples in groups.items():
-            state = self._queue_keys(queue)
+        calls = [(queue, len(triples) // 3, functools.partial(
+            _SETTLE, conn, [queue, self._queue_keys(queue).delayed, self._queue_keys(queue).dead],
+            [GROUP, self._cid, mode, repr(delay), uuid.uuid4().hex, *triples])) for queue, triples in groups.items()]
+        for index, (queue, n, call) in enumerate(calls):
             try:
-                done += int(_SETTLE(conn, [queue, state.delayed, state.dead],
-                                    [GROUP, self._cid, mode, repr(delay), uuid.uuid4().hex, *triples]))
+                done += int(call())
             except RedisError as exc:
-                raise translate_error(exc, f"handing back {len(triples) // 3} message(s) of queue {queue!r}") from exc
+                if is_connection_error(exc):  # sent again by the next fetch; the script skips what it settled
+                    for _, _, unsent in calls[index:]:
+                        self._deferred.add(unsent)
+                raise translate_error(exc, f"handing back {n} message(s) of queue {queue!r}") from exc
         self._check_settled(done, len(deliveries))
 
     # -- renewal and recovery ----------------------------------------------------------------------
@@ -645,6 +652,7 @@ class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
             self._registered.clear()
         conn = self._redis
         if conn is not None:
+            self._deferred.flush_on_close()
             for queue in queues:
                 try:
                     _RETIRE(conn, [queue], [GROUP, self._cid])

@@ -232,22 +232,30 @@ class Consumer:
         interval = float(settings.get("STATS_LOG_INTERVAL_SECONDS"))
         next_stats = time.monotonic() + interval
         failures_in_a_row = 0
+        acks: list[Delivery] = []  # finished messages whose ack goes out with the next fetch
         try:
             while not stop.is_set():
-                finished += self._flush_completed(broker)
+                finished += self._flush_completed(broker, acks)
                 pool.grow_if_stalled()
                 if time.monotonic() >= next_stats:  # also while waiting for capacity or paused
                     next_stats = time.monotonic() + interval
                     self._log_rate()
                 free = capacity - (started - finished)
-                if free <= 0:
-                    self._wait_for_capacity(pool)
+                if free <= 0 or (self._gates and self._paused(started != finished, acks)):
+                    if acks:
+                        self._ack(broker, acks)
+                        acks = []
+                    if free <= 0:
+                        self._wait_for_capacity(pool)
                     continue
-                if self._gates and self._paused(started != finished):
-                    continue
+                timeout = _BUSY_FETCH_TIMEOUT if started != finished else _IDLE_FETCH_TIMEOUT
                 try:
-                    deliveries = broker.fetch(queue, min(free, batch),
-                                              _BUSY_FETCH_TIMEOUT if started != finished else _IDLE_FETCH_TIMEOUT)
+                    if acks:
+                        # One round trip where the broker can: the acks, then the fetch.
+                        to_ack, acks = acks, []
+                        deliveries = broker.ack_and_fetch(to_ack, queue, min(free, batch), timeout)
+                    else:
+                        deliveries = broker.fetch(queue, min(free, batch), timeout)
                     failures_in_a_row = 0
                 except Exception:
                     failures_in_a_row += 1
@@ -264,6 +272,8 @@ class Consumer:
             self.logger.exception("the fetcher of queue %r crashed; stopping this consumer", queue)
             raise
         finally:
+            if acks:  # only after an exception between a flush and the fetch
+                self._ack(broker, acks)
             self._shutdown(broker, pool)
 
     def _make_limiter(self) -> RateLimiter | DistributedRateLimiter | None:
@@ -274,8 +284,8 @@ class Consumer:
             return DistributedRateLimiter(self.queue_name, qps)
         return RateLimiter(qps)
 
-    def _paused(self, busy: bool) -> bool:
-        """Ask the gates (time windows) whether to fetch now; wait a little if not."""
+    def _paused(self, busy: bool, acks: list[Delivery]) -> bool:
+        """Ask the gates (time windows) whether to fetch now; if not, send ``acks`` and wait a little."""
         pause = 0.0
         for gate in self._gates:
             try:
@@ -284,6 +294,9 @@ class Consumer:
                 self.logger.exception("middleware %s failed in pause_for", type(gate).__name__)
         if pause <= 0:
             return False
+        if acks:
+            self._ack(self.broker, acks)
+            acks.clear()
         self._stop.wait(min(pause, _BUSY_FETCH_TIMEOUT if busy else 1.0))
         return True
 
@@ -297,13 +310,17 @@ class Consumer:
         finally:
             self._fetcher_waiting = False
 
-    def _flush_completed(self, broker: Broker) -> int:
-        """Settle every finished message with the broker: the one place that acks, nacks and dead-letters."""
+    def _flush_completed(self, broker: Broker, acks: list[Delivery] | None = None) -> int:
+        """Settle every finished message with the broker: the one place that acks, nacks and dead-letters.
+
+        With ``acks``, the messages to acknowledge are appended to it instead, for the caller to send
+        with its next fetch; nacks and dead letters go out at once.
+        """
         completed = self._completed
         if not completed:
             return 0
         counts = self.stats.counts
-        to_ack: list[Delivery] = []
+        to_ack: list[Delivery] = [] if acks is None else acks
         others: list[Outcome] = []
         n = 0
         while completed:
@@ -315,12 +332,8 @@ class Consumer:
                 to_ack.append(outcome[1])
             else:
                 others.append(outcome)
-        if to_ack:
-            try:
-                broker.ack(to_ack)
-            except Exception:
-                self.logger.exception("acknowledging %d message(s) failed; the broker will deliver them again",
-                                      len(to_ack))
+        if to_ack and acks is None:
+            self._ack(broker, to_ack)
         for code, delivery, reason, exc in others:
             try:
                 if code == REQUEUED:
@@ -331,6 +344,13 @@ class Consumer:
                 self.logger.exception("settling %r failed; the broker will deliver it again", delivery)
         self.stats.record(n)
         return n
+
+    def _ack(self, broker: Broker, deliveries: list[Delivery]) -> None:
+        try:
+            broker.ack(deliveries)
+        except Exception:
+            self.logger.exception("acknowledging %d message(s) failed; the broker will deliver them again",
+                                  len(deliveries))
 
     def _shutdown(self, broker: Broker, pool: Pool) -> None:
         unstarted: list[Delivery] = pool.drain()
