@@ -305,6 +305,31 @@ def test_every_operation_raises_broker_connection_error_while_down_and_works_aga
     assert PASSWORD not in caplog.text
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ACK_ABLE, ids=[k.name for k in ACK_ABLE])
+def test_acks_sent_with_a_fetch_that_meets_a_dead_server_are_sent_again(
+        kind: BrokerEnum, tmp_path: Path, servers: list[PrivateRedis]) -> None:
+    server = private_redis(servers, tmp_path / "redis")
+    patch_frame_config(REDIS_URL=server.url)
+    queue = f"piggyback_{kind.name}"
+    broker = make_broker(kind)
+    in_flight = getattr(broker, "in_flight")  # noqa: B009 - not part of the base contract
+    try:
+        broker.publish_many(queue, [b"a", b"b", b"c"])
+        got = fetch_all(broker, queue, 3)
+        server.kill()
+        with pytest.raises(BrokerConnectionError):
+            broker.ack_and_fetch(got[:2], queue, 1, 0.1)
+        server.start()
+        assert in_flight(queue) == 3  # the acks did not reach Redis
+        assert fetch_all(broker, queue, 1, timeout=0.5) == []  # this fetch sent them first
+        assert in_flight(queue) == 1
+        broker.ack(got[2:])
+        assert broker.count(queue) == 0 and in_flight(queue) == 0
+    finally:
+        broker.close()
+
+
 def test_deferred_settlements_keep_what_met_a_dead_server_and_drop_what_redis_refused() -> None:
     deferred = DeferredSettlements()
     sent: list[str] = []
