@@ -359,3 +359,32 @@ def test_consumer_restarts_after_stop_and_follows_a_reopened_broker(queue_name: 
     f.consume()  # a stopped consumer starts again
     memory().join(queue_name, timeout=5)
     assert done == [1, 2]
+
+
+def test_a_queued_message_costs_its_body_not_a_whole_page(tmp_path) -> None:
+    """orjson hands back bodies sitting in 4 KiB allocations; a queue of them must not keep those."""
+    import subprocess
+    import sys
+
+    from .conftest import subprocess_env
+
+    script = """
+import logging, resource
+from funboost_like import BrokerEnum, task_deco
+
+@task_deco("rss_per_message", broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, log_level=logging.WARNING)
+def f(x, y):
+    return x + y
+
+for i in range(2000):  # warm-up: allocator pools, caches
+    f.push(i, y=i)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for i in range(40000):
+    f.push(i, y=i)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024 / 40000)
+"""
+    out = subprocess.run([sys.executable, "-c", script], env=subprocess_env(tmp_path), capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    bytes_per_message = float(out.strip().splitlines()[-1])
+    assert bytes_per_message < 1200, f"{bytes_per_message:.0f} bytes of RSS per queued message"
