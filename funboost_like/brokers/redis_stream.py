@@ -102,7 +102,8 @@ from funboost_like.core.errors import ConfigurationError
 logger = logging.getLogger("funboost_like.redis")
 
 GROUP = "funboost_like"
-MAX_BATCH = 1000  # entries per fetch, per XADD pipeline chunk and per renewal
+MAX_BATCH = 1000  # entries per fetch and per renewal
+PUBLISH_CHUNK = 10_000  # XADDs per write in publish_many
 STALE_CONSUMER_SECONDS = 3600.0  # consumer records idle this long with nothing pending are removed
 _DATA = b"data"
 _DELIVERED = b"delivered"
@@ -127,12 +128,6 @@ if #due > 0 then
   redis.call('ZREM', KEYS[2], unpack(due))
 end
 return next_due_ms(KEYS[2], now)
-""")
-
-# KEYS: stream; ARGV: bodies. Appends each body as an entry with field 'data'.
-_ADD_MANY = LuaScript("""
-for i = 1, #ARGV do redis.call('XADD', KEYS[1], '*', 'data', ARGV[i]) end
-return #ARGV
 """)
 
 # KEYS: stream, delayed, dead letters
@@ -342,22 +337,23 @@ class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
             raise translate_error(exc, f"publishing to queue {queue!r}") from exc
 
     def publish_many(self, queue: str, bodies: Sequence[bytes], *, priority: int = 0) -> None:
-        """XADDs in one round trip per MAX_BATCH bodies, each batch run by a Lua script.
+        """Plain XADDs, packed by hand and written PUBLISH_CHUNK at a time: one round trip per chunk.
 
-        A pipeline of single XADDs would cost about three times as much in the client (packing, and
-        decoding one reply per entry); a batch is atomic, which costs nothing here. Batches are not.
+        A Lua script adding a batch cost Redis 2.4 microseconds per entry against 0.9 for a plain
+        XADD (measured with INFO commandstats), and with hiredis the replies cost little to read.
         """
         if priority:
             raise ConfigurationError("REDIS_STREAM has no priorities (REDIS_ACK_ABLE has)")
+        if not bodies:
+            return
         conn = self._conn()
+        name = queue.encode("utf-8")
+        head = b"*5\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$1\r\n*\r\n$4\r\ndata\r\n" % (len(name), name)
         try:
-            if len(bodies) <= MAX_BATCH:
-                if bodies:
-                    _ADD_MANY(conn, [queue], list(bodies))
-                return
-            _ADD_MANY(conn, [queue], list(bodies[:MAX_BATCH]))  # loads the script if needed
-            raise_first_error(conn.pipeline([("EVALSHA", _ADD_MANY.sha, 1, queue, *bodies[start:start + MAX_BATCH])
-                                             for start in range(MAX_BATCH, len(bodies), MAX_BATCH)]))
+            for start in range(0, len(bodies), PUBLISH_CHUNK):
+                chunk = bodies[start:start + PUBLISH_CHUNK]
+                packet = b"".join([b"%s$%d\r\n%s\r\n" % (head, len(body), body) for body in chunk])
+                raise_first_error(conn.send_packed(packet, len(chunk)))
         except RedisError as exc:
             raise translate_error(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
 
