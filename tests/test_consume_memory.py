@@ -50,8 +50,9 @@ def test_push_runs_the_call_with_the_right_arguments(queue_name: str) -> None:
 
 @pytest.mark.parametrize(
     "args, kwargs",
-    [((1, 2, 3), {}), ((), {"c": 1}), ((), {}), ((1,), {"a": 2}), ((1, object()), {})],
-    ids=["too-many", "unknown-kw", "missing", "twice", "not-json"],
+    [((1, 2, 3), {}), ((), {"c": 1}), ((), {}), ((1,), {"a": 2}), ((1, object()), {}),
+     ((float("nan"),), {}), ((1, [None, {"x": float("inf")}]), {})],
+    ids=["too-many", "unknown-kw", "missing", "twice", "not-json", "nan", "nested-infinity"],
 )
 def test_bad_push_raises_at_once(queue_name: str, args: tuple, kwargs: dict) -> None:
     @task_deco(queue_name, broker_kind=MEMORY)
@@ -61,6 +62,11 @@ def test_bad_push_raises_at_once(queue_name: str, args: tuple, kwargs: dict) -> 
     with pytest.raises(PublishError):
         f.push(*args, **kwargs)
     assert f.get_message_count() == 0
+
+
+def test_none_is_sent_as_null_and_finite_floats_stay() -> None:
+    value = {"a": None, "b": [1.5, None], "c": -0.0}
+    assert codec.loads(codec.dumps(value)) == value
 
 
 def test_bad_publish_dict_raises(queue_name: str) -> None:

@@ -6,6 +6,7 @@ Nothing is ever unpickled: a body is JSON text or it is rejected.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 _orjson: Any
@@ -22,6 +23,20 @@ def _stdlib_dumps(obj: Any) -> bytes:
     return _json_encoder.encode(obj).encode("utf-8")
 
 
+def _reject_non_finite(obj: Any) -> None:
+    """Raise ValueError if ``obj`` holds a float NaN or infinity (in dicts, lists and tuples)."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError(f"out of range float values are not JSON compliant: {item!r}")
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
 if _orjson is not None:
     _orjson_dumps = _orjson.dumps
     _orjson_error = _orjson.JSONEncodeError
@@ -34,9 +49,12 @@ if _orjson is not None:
         faults that saves (0.6 instead of 2.2 microseconds per body held, measured on this machine).
         """
         try:
-            return bytes(memoryview(_orjson_dumps(obj)))
+            encoded = _orjson_dumps(obj)
         except _orjson_error:
             return _stdlib_dumps(obj)  # e.g. ints beyond 64 bits; raises its own clear TypeError
+        if b"null" in encoded:  # orjson writes NaN and infinities as null: refuse them like the stdlib
+            _reject_non_finite(obj)
+        return bytes(memoryview(encoded))
 
     loads = _orjson.loads
     DecodeFailure: tuple[type[Exception], ...] = (ValueError, UnicodeDecodeError)
