@@ -191,8 +191,9 @@ def test_children_share_the_queue_and_run_each_message_once(
     total, processes = 3000, 3
     publish(queue_name, total)
     record = Record(tmp_path / "record.txt")
+    # Calls of 5 ms: one child alone would need 1.5 s, so the others (spawn takes a while) join in.
     proc, log = start_supervisor(queue_name, record.path, isolated_settings, tmp_path, start_method,
-                                 "--processes", str(processes), "--concurrent-num", "10")
+                                 "--processes", str(processes), "--concurrent-num", "10", "--sleep", "0.005")
     supervisors.append(proc)
     wait_until(lambda: len(consumer_children(proc.pid)) == processes, 20, f"{processes} children", log)
     pids = consumer_children(proc.pid)

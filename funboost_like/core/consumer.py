@@ -30,6 +30,7 @@ from funboost_like.core.config import settings
 from funboost_like.core.distributed_ratelimit import DistributedRateLimiter
 from funboost_like.core.enums import ConcurrentModeEnum
 from funboost_like.core.errors import DecodeError, ExceptionForRequeue, ExceptionForRetry, FunctionTimeoutError
+from funboost_like.core.inline import InlineRunner
 from funboost_like.core.log import ensure_console_handler, get_logger
 from funboost_like.core.message import FunctionSignature, decode
 from funboost_like.core.params import ConsumerParams
@@ -115,6 +116,7 @@ class Consumer:
         self._fetcher_waiting = False
         self._thread: threading.Thread | None = None
         self._pool: Pool | None = None
+        self._inline: InlineRunner | None = None
         self._broker: Broker | None = None
         self._broker_generation = -1
         self._lock = threading.Lock()
@@ -150,6 +152,7 @@ class Consumer:
 
                 add_file_handler(self.logger, f"{self.params.logger_prefix}{self.queue_name}.log")
             self._pool = self._make_pool()
+            self._inline = self._make_inline_runner(self._pool)
             self.stats.started_at = time.monotonic()
             self._thread = threading.Thread(target=self._fetch_loop, name=f"funboost_like-fetch-{self.queue_name}")
             runtime.register(self)
@@ -183,6 +186,14 @@ class Consumer:
             grow_after=0.0 if self.params.qps else 0.02,
             name=f"funboost_like-{self.queue_name}",
         )
+
+    def _make_inline_runner(self, pool: Pool) -> InlineRunner | None:
+        """Fast calls may run on the fetcher thread (see core/inline.py): THREADING mode only, without a
+        rate limit (which paces each start) or a decorator-level timeout (which needs a worker thread)."""
+        params = self.params
+        if params.concurrent_mode != ConcurrentModeEnum.THREADING or params.qps or params.function_timeout:
+            return None
+        return InlineRunner(self._process, pool, self.logger, f"funboost_like-{self.queue_name}")
 
     def stop(self) -> None:
         """Ask the consumer to stop: no more fetching; unstarted messages go back to the broker."""
@@ -233,6 +244,7 @@ class Consumer:
         next_stats = time.monotonic() + interval
         failures_in_a_row = 0
         acks: list[Delivery] = []  # finished messages whose ack goes out with the next fetch
+        inline = self._inline if limiter is None else None
         try:
             while not stop.is_set():
                 finished += self._flush_completed(broker, acks)
@@ -261,6 +273,10 @@ class Consumer:
                     failures_in_a_row += 1
                     self.logger.exception("fetching from queue %r failed; retrying", queue)
                     stop.wait(min(30.0, 0.5 * 2 ** min(failures_in_a_row, 6)))
+                    continue
+                if inline is not None and inline.ready:
+                    started += len(deliveries)
+                    inline.run(deliveries, stop)
                     continue
                 for index, delivery in enumerate(deliveries):
                     if limiter is not None and not limiter.wait(stop):
@@ -353,7 +369,11 @@ class Consumer:
                                   len(deliveries))
 
     def _shutdown(self, broker: Broker, pool: Pool) -> None:
-        unstarted: list[Delivery] = pool.drain()
+        unstarted: list[Delivery] = []
+        if self._inline is not None:
+            self._inline.close()
+            unstarted += self._inline.take_rest()
+        unstarted += pool.drain()
         if unstarted:
             try:
                 broker.release(unstarted)
@@ -400,7 +420,11 @@ class Consumer:
         call = self._prepare(delivery)
         if not isinstance(call, Call):
             return call
-        return self._finish(call, self._call_with_retries(call))
+        outcome = self._call_with_retries(call)
+        inline = self._inline
+        if inline is not None:
+            inline.record(call.duration)
+        return self._finish(call, outcome)
 
     def _prepare(self, delivery: Delivery) -> Call | Outcome:
         """Decode and run the before-hooks: a Call to run, or the outcome of a message that will not run."""

@@ -1,0 +1,151 @@
+"""Running trivially fast calls on the fetcher thread itself.
+
+Handing a call to a pool worker costs two thread wake-ups per batch (the worker's when work arrives,
+the fetcher's when capacity frees), and on a virtual machine whose idle CPUs halt, each wake-up can
+cost more than a trivial call. So while the consumer's calls are fast, the fetcher runs them itself:
+
+* only in THREADING mode without a rate limit or a decorator-level ``function_timeout`` (the consumer
+  decides); a message that carries its own ``function_timeout`` still goes to the pool, since a timed
+  call needs a thread of its own;
+* only after :data:`FAST_CALLS_FIRST` calls in a row took less than :data:`SLOW_CALL_SECONDS` each
+  (wherever they ran); one slower call sends the following ones back to the pool until the streak is
+  made again, so functions that block (I/O) always run in the pool, where they run side by side;
+* a call that turns out slow while running inline does not hold up its batch: a rescuer thread that
+  looks every :data:`RESCUE_AFTER_SECONDS` hands the batch's remaining messages to the pool.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from logging import Logger
+from typing import Any
+
+from funboost_like.brokers.base import Delivery
+from funboost_like.concurrency.base import Pool
+
+# A call at least this long (wall time, retries included) is not "fast". Shorter calls lose no
+# parallelism inline: the pool grows only when work waits 20 ms, so it runs them one after another too.
+SLOW_CALL_SECONDS = 0.001
+FAST_CALLS_FIRST = 50  # fast calls in a row before the fetcher runs calls itself
+RESCUE_AFTER_SECONDS = 0.02  # an inline call running this long: the rest of its batch goes to the pool
+_RESCUER_IDLE_SECONDS = 1.0  # the rescuer sleeps on an event after this long without inline calls
+_TIMEOUT_KEY = b'"function_timeout"'  # a body that may carry its own timeout goes to the pool
+
+
+class InlineRunner:
+    """The fetcher's way of running calls itself, with the rescue of a batch behind a slow call."""
+
+    def __init__(self, process: Callable[[Delivery], None], pool: Pool, logger: Logger, name: str) -> None:
+        self._process = process
+        self._pool = pool
+        self._logger = logger
+        self._name = name
+        self.fast_streak = 0  # written by every thread that finishes a call; a heuristic, races are harmless
+        self._rest: deque[Delivery] = deque()  # the current batch's messages not started yet
+        self._since = 0.0  # monotonic start of the inline call running now (0: none)
+        self._active = threading.Event()  # set while inline batches run: the rescuer watches
+        self._closed = threading.Event()
+        self._rescuer: threading.Thread | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.fast_streak >= FAST_CALLS_FIRST
+
+    def record(self, duration: float) -> None:
+        """Count one finished call (any thread)."""
+        if duration < SLOW_CALL_SECONDS:
+            self.fast_streak += 1
+        else:
+            self.fast_streak = 0
+
+    def run(self, deliveries: list[Delivery], stop: threading.Event) -> None:
+        """Run ``deliveries`` on this thread, one by one, until done or ``stop`` is set.
+
+        What the rescuer moved to the pool runs there; what is left after ``stop`` stays for
+        :meth:`take_rest`.
+        """
+        rest = self._rest
+        rest.extend(deliveries)
+        if not self._active.is_set():
+            self._wake_rescuer()
+        process = self._process
+        try:
+            while not stop.is_set():
+                try:
+                    delivery = rest.popleft()
+                except IndexError:
+                    return
+                if _TIMEOUT_KEY in delivery.body:
+                    self._pool.submit(process, delivery)
+                    continue
+                self._since = time.monotonic()
+                try:
+                    process(delivery)  # settles its outcome itself, whatever happens
+                except BaseException:  # as a pool worker does: log it, never lose the fetcher
+                    self._logger.exception("unhandled error in a call run by the fetcher of %s", self._name)
+                self._since = 0.0
+        finally:
+            self._since = 0.0
+
+    def take_rest(self) -> list[Delivery]:
+        """The messages of an interrupted batch that never started."""
+        taken = []
+        while True:
+            try:
+                taken.append(self._rest.popleft())
+            except IndexError:
+                return taken
+
+    def close(self) -> None:
+        """Stop the rescuer (and wait for it, so it moves nothing to the pool after this returns)."""
+        self._closed.set()
+        self._active.set()  # wakes the rescuer so it can see it is closed
+        if self._rescuer is not None and self._rescuer is not threading.current_thread():
+            self._rescuer.join(1.0)
+
+    # -- the rescuer -----------------------------------------------------------------------------
+    def _wake_rescuer(self) -> None:
+        self._active.set()
+        if self._rescuer is None:
+            self._rescuer = threading.Thread(target=self._rescue_loop, name=f"{self._name}-rescuer", daemon=True)
+            self._rescuer.start()
+
+    def _rescue_loop(self) -> None:
+        active, closed = self._active, self._closed
+        idle_since: float | None = None
+        while True:
+            active.wait()
+            if closed.wait(RESCUE_AFTER_SECONDS):
+                return
+            since = self._since
+            now = time.monotonic()
+            if not since:
+                if idle_since is None:
+                    idle_since = now
+                elif now - idle_since > _RESCUER_IDLE_SECONDS:
+                    active.clear()  # sleep until the next inline batch (run() sets it again)
+                    idle_since = None
+                    if self._since:
+                        active.set()
+                continue
+            idle_since = None
+            if now - since >= RESCUE_AFTER_SECONDS and self._rest:
+                self.fast_streak = 0
+                moved = self._move_rest_to_pool()
+                if moved:
+                    self._logger.debug("a call ran over %.0f ms on the fetcher of %s; %d message(s) of its batch "
+                                       "went to the pool", RESCUE_AFTER_SECONDS * 1000, self._name, moved)
+
+    def _move_rest_to_pool(self) -> int:
+        moved = 0
+        submit: Callable[[Callable[[Any], None], Any], None] = self._pool.submit
+        while True:
+            try:
+                delivery = self._rest.popleft()
+            except IndexError:
+                return moved
+            submit(self._process, delivery)
+            moved += 1

@@ -1,0 +1,119 @@
+"""Fast calls run on the fetcher thread itself (funboost_like/core/inline.py); slow ones never hold others up."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from funboost_like import BrokerEnum, PriorityConsumingControlConfig, task_deco
+from funboost_like.core import inline
+from funboost_like.core.enums import ConcurrentModeEnum
+from funboost_like.middleware.base import FAILED
+
+MEMORY = BrokerEnum.LOCAL_PYTHON_QUEUE
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_after_a_streak_of_fast_calls_the_fetcher_runs_them_itself(queue_name: str) -> None:
+    threads: list[str] = []
+
+    @task_deco(queue_name, broker_kind=MEMORY)
+    def f(x: int) -> None:
+        threads.append(threading.current_thread().name)
+
+    total = inline.FAST_CALLS_FIRST + 2000
+    f.publish_many([{"x": i} for i in range(total)])
+    f.consume()
+    wait_for(lambda: len(threads) == total)
+    f.consumer.stop()
+    f.consumer.join(5)
+    fetcher = f"funboost_like-fetch-{queue_name}"
+    assert fetcher not in threads[:inline.FAST_CALLS_FIRST]  # the pool measured them first
+    assert threads.count(fetcher) >= 1000, sorted(set(threads))
+
+
+def test_blocking_calls_never_run_on_the_fetcher(queue_name: str) -> None:
+    threads: list[str] = []
+
+    @task_deco(queue_name, broker_kind=MEMORY, concurrent_num=20)
+    def f(x: int) -> None:
+        time.sleep(0.002)
+        threads.append(threading.current_thread().name)
+
+    f.publish_many([{"x": i} for i in range(200)])
+    f.consume()
+    wait_for(lambda: len(threads) == 200)
+    f.consumer.stop()
+    f.consumer.join(5)
+    assert f"funboost_like-fetch-{queue_name}" not in threads
+
+
+def test_a_slow_call_on_the_fetcher_does_not_hold_up_its_batch(queue_name: str) -> None:
+    finished: dict[int, float] = {}
+
+    @task_deco(queue_name, broker_kind=MEMORY)
+    def f(x: int) -> None:
+        if x == -1:
+            time.sleep(1.5)
+        finished[x] = time.monotonic()
+
+    warm_up = inline.FAST_CALLS_FIRST + 50
+    f.publish_many([{"x": i} for i in range(warm_up)])
+    f.consume()
+    wait_for(lambda: len(finished) == warm_up)
+    assert f.consumer._inline is not None and f.consumer._inline.ready
+    started = time.monotonic()
+    f.publish_many([{"x": -1}] + [{"x": 1000 + i} for i in range(30)])  # one batch: the slow call first
+    wait_for(lambda: len(finished) == warm_up + 31)
+    f.consumer.stop()
+    f.consumer.join(5)
+    fast_done = max(finished[1000 + i] for i in range(30))
+    assert fast_done - started < 0.5, "the batch waited for the slow call"
+    assert finished[-1] - started >= 1.5
+
+
+def test_a_message_with_its_own_timeout_runs_in_the_pool_and_is_stopped(queue_name: str) -> None:
+    ran: list[int] = []
+
+    @task_deco(queue_name, broker_kind=MEMORY, max_retry_times=0, is_print_detail_exception=False)
+    def f(x: int) -> None:
+        if x == 99:
+            time.sleep(3)
+        ran.append(x)
+
+    warm_up = inline.FAST_CALLS_FIRST + 20
+    f.publish_many([{"x": i} for i in range(warm_up)])
+    f.consume()
+    wait_for(lambda: len(ran) == warm_up)
+    assert f.consumer._inline is not None and f.consumer._inline.ready
+    f.publish({"x": 99}, PriorityConsumingControlConfig(function_timeout=0.2))
+    wait_for(lambda: f.consumer.stats.counts[FAILED] == 1, timeout=5)  # stopped after 0.2 s, not 3 s
+    f.consumer.stop()
+    f.consumer.join(5)
+    assert 99 not in ran
+    letters = f.consumer.broker.list_dead_letters(queue_name)
+    assert letters and "FunctionTimeoutError" in letters[0].reason, letters
+
+
+def test_no_inline_runner_under_a_rate_limit_a_timeout_or_another_mode(queue_name: str) -> None:
+    cases = [dict(qps=100), dict(function_timeout=5), dict(concurrent_mode=ConcurrentModeEnum.ASYNC)]
+    for index, extra in enumerate(cases):
+        if extra.get("concurrent_mode") == ConcurrentModeEnum.ASYNC:
+            async def g(x: int) -> None:
+                return None
+            booster = task_deco(f"{queue_name}_{index}", broker_kind=MEMORY, **extra)(g)
+        else:
+            booster = task_deco(f"{queue_name}_{index}", broker_kind=MEMORY, **extra)(lambda x: None)
+        booster.consume()
+        try:
+            wait_for(lambda b=booster: b.consumer.is_running)
+            assert booster.consumer._inline is None, extra
+        finally:
+            booster.consumer.stop()
+            booster.consumer.join(5)
