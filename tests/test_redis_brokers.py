@@ -533,3 +533,33 @@ def test_plain_list_loses_at_most_what_a_killed_consumer_held(client: redis.Redi
     assert lost == held
     assert 0 < lost <= concurrent_num
     assert max(done.values()) == 1  # at-most-once: nothing ran twice
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_stream_consumer_reads_under_its_own_name(client: redis.Redis, queue: str,
+                                                           brokers: list[Broker]) -> None:
+    broker = RedisStreamBroker()
+    brokers.append(broker)
+    broker.publish_many(queue, [b"parent", b"child"])
+    parent_got = broker.fetch(queue, 1, 1.0)  # also caches the read pipeline, which names the consumer
+    parent_name = broker.consumer_id
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        status = 1
+        try:
+            got = broker.fetch(queue, 1, 2.0)
+            pending = redis.Redis.from_url(REDIS_URL).xpending_range(queue, GROUP, "-", "+", 10)
+            owner = next(p["consumer"].decode() for p in pending if p["message_id"] == got[0].token)
+            broker.ack(got)
+            os.write(write_end, f"{broker.consumer_id}|{owner}|{got[0].body.decode()}".encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as reader:
+        child_name, owner, body = reader.read().decode().split("|")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert body == "child" and child_name != parent_name and owner == child_name
+    broker.ack(parent_got)

@@ -91,6 +91,7 @@ from funboost_like.brokers.redis_common import (
     describe_url,
     is_connection_error,
     key_prefix,
+    pack_command,
     raise_first_error,
     translate_error,
 )
@@ -250,7 +251,7 @@ return n
 class _QueueState:
     """Per queue: keys, and this consumer's reclaim schedule and XAUTOCLAIM cursor."""
 
-    __slots__ = ("delayed", "dead", "next_reclaim", "cursor", "next_prune")
+    __slots__ = ("delayed", "dead", "next_reclaim", "cursor", "next_prune", "read_packets")
 
     def __init__(self, queue: str) -> None:
         prefix = key_prefix(queue)
@@ -259,6 +260,7 @@ class _QueueState:
         self.next_reclaim = 0.0
         self.cursor: bytes | str = "0-0"
         self.next_prune = 0.0
+        self.read_packets: dict[int, bytes] = {}  # count -> the packed read pipeline (see RedisStreamBroker._read)
 
 
 def _entries(read: Any) -> list[Any]:
@@ -301,6 +303,8 @@ class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
         self._registered: set[str] = set()  # queues read since start (or since close)
         self._held: dict[str, dict[bytes, None]] = {}  # queue -> entry ids fetched and not settled
         self._deferred = DeferredSettlements()  # acks that failed on a connection error, sent by the next fetch
+        for state in self._keys.values():
+            state.read_packets.clear()  # they name the consumer
         self._renewer = HeartbeatThread(self.renew, self.renew_interval, "funboost_like-redis-stream-renewal")
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -424,9 +428,13 @@ class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
             got = self._reclaim(conn, queue, state, n)
             if len(got) >= n:
                 return got, -1
-        now, first, read = raise_first_error(conn.pipeline(
-            [("TIME",), ("ZRANGE", state.delayed, 0, 0, "WITHSCORES"),
-             ("XREADGROUP", "GROUP", GROUP, self._cid, "COUNT", n - len(got), "STREAMS", queue, ">")], before))
+        count = n - len(got)
+        packet = state.read_packets.get(count)
+        if packet is None:  # the same bytes for every read of count entries: packed once
+            packet = state.read_packets[count] = b"".join([
+                pack_command("TIME"), pack_command("ZRANGE", state.delayed, 0, 0, "WITHSCORES"),
+                pack_command("XREADGROUP", "GROUP", GROUP, self._cid, "COUNT", count, "STREAMS", queue, ">")])
+        now, first, read = raise_first_error(conn.send_packed(packet, 3, before))
         if read:
             got.extend(self._deliveries(conn, queue, _entries(read), None))
         if not first:
@@ -465,6 +473,12 @@ class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
     def _deliveries(self, conn: DirectConnections, queue: str, entries: list[Any],
                     counts: dict[bytes, int] | None) -> list[Delivery]:
         held = self._held[queue]
+        if counts is None:  # the usual case: new entries that each hold just the field 'data'
+            plain = [Delivery(queue, fields[1], entry_id) for entry_id, fields in entries
+                     if len(fields) == 2 and fields[0] == _DATA]
+            if len(plain) == len(entries):
+                held.update(dict.fromkeys([delivery.token for delivery in plain]))
+                return plain
         result = []
         malformed: list[tuple[bytes, bytes]] = []
         for entry_id, fields in entries:
