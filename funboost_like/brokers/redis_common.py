@@ -49,7 +49,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis
@@ -208,6 +208,34 @@ class DirectConnections:
     def pipeline(self, commands: list[tuple[Any, ...]], before: Piggyback | None = None) -> list[Any]:
         """Send several commands in one write and read their replies (error replies are returned)."""
         return self.send_packed(b"".join([pack_command(*command) for command in commands]), len(commands), before)
+
+    def send_packets(self, packets: Iterable[bytes], count: int) -> list[Any]:
+        """Send each packet as ``packets`` yields it, then read the ``count`` replies of all of them.
+
+        Redis runs the first commands while the next packets are still being packed. Error replies
+        are returned, not raised.
+        """
+        idle = self._idle
+        try:
+            connection = idle.pop()
+        except IndexError:
+            connection = self._new()
+        clean = False
+        try:
+            for packet in packets:
+                connection.send_packed_command([packet])
+            replies = []
+            for _ in range(count):
+                try:
+                    replies.append(connection.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            clean = True
+            return replies
+        finally:
+            if not clean:
+                connection.disconnect()
+            idle.append(connection)
 
     def send_packed(self, packet: bytes, count: int, before: Piggyback | None = None) -> list[Any]:
         """Send ``count`` commands packed by :func:`pack_command` (and joined) in one write; read their replies.

@@ -67,7 +67,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
@@ -104,7 +104,8 @@ logger = logging.getLogger("funboost_like.redis")
 
 GROUP = "funboost_like"
 MAX_BATCH = 1000  # entries per fetch and per renewal
-PUBLISH_CHUNK = 10_000  # XADDs per write in publish_many
+PUBLISH_CHUNK = 10_000  # XADDs per round trip in publish_many...
+PACK_CHUNK = 500  # ... written this many at a time, so Redis works while the rest is packed
 STALE_CONSUMER_SECONDS = 3600.0  # consumer records idle this long with nothing pending are removed
 _DATA = b"data"
 _DELIVERED = b"delivered"
@@ -341,7 +342,7 @@ class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
             raise translate_error(exc, f"publishing to queue {queue!r}") from exc
 
     def publish_many(self, queue: str, bodies: Sequence[bytes], *, priority: int = 0) -> None:
-        """Plain XADDs, packed by hand and written PUBLISH_CHUNK at a time: one round trip per chunk.
+        """Plain XADDs, packed by hand: one round trip per PUBLISH_CHUNK, written PACK_CHUNK at a time.
 
         A Lua script adding a batch cost Redis 2.4 microseconds per entry against 0.9 for a plain
         XADD (measured with INFO commandstats), and with hiredis the replies cost little to read.
@@ -353,11 +354,15 @@ class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
         conn = self._conn()
         name = queue.encode("utf-8")
         head = b"*5\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$1\r\n*\r\n$4\r\ndata\r\n" % (len(name), name)
+        def packets(chunk: Sequence[bytes]) -> Iterator[bytes]:
+            for start in range(0, len(chunk), PACK_CHUNK):
+                yield b"".join([b"%s$%d\r\n%s\r\n" % (head, len(body), body)
+                                for body in chunk[start:start + PACK_CHUNK]])
+
         try:
             for start in range(0, len(bodies), PUBLISH_CHUNK):
                 chunk = bodies[start:start + PUBLISH_CHUNK]
-                packet = b"".join([b"%s$%d\r\n%s\r\n" % (head, len(body), body) for body in chunk])
-                raise_first_error(conn.send_packed(packet, len(chunk)))
+                raise_first_error(conn.send_packets(packets(chunk), len(chunk)))
         except RedisError as exc:
             raise translate_error(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
 
