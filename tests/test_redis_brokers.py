@@ -563,3 +563,17 @@ def test_a_forked_stream_consumer_reads_under_its_own_name(client: redis.Redis, 
     assert os.waitstatus_to_exitcode(status) == 0
     assert body == "child" and child_name != parent_name and owner == child_name
     broker.ack(parent_got)
+
+
+def test_stream_publish_many_onto_a_key_of_another_type_raises(client: redis.Redis, queue: str,
+                                                                brokers: list[Broker]) -> None:
+    from funboost_like.core.errors import BrokerError
+
+    broker = RedisStreamBroker()
+    brokers.append(broker)
+    client.set(queue, "not a stream")
+    with pytest.raises(BrokerError, match="WRONGTYPE"):
+        broker.publish_many(queue, [b"{}"] * 1200)  # more than one packed write
+    client.delete(queue)
+    broker.publish_many(queue, [b"{}"] * 1200)  # the connection stayed in step
+    assert broker.count(queue) == 1200
