@@ -117,3 +117,48 @@ def test_no_inline_runner_under_a_rate_limit_a_timeout_or_another_mode(queue_nam
         finally:
             booster.consumer.stop()
             booster.consumer.join(5)
+
+
+def test_a_long_call_on_the_fetcher_hands_fetching_to_a_new_thread(queue_name: str) -> None:
+    finished: dict[int, float] = {}
+
+    @task_deco(queue_name, broker_kind=MEMORY)
+    def f(x: int) -> None:
+        if x == -1:
+            time.sleep(2.0)
+        finished[x] = time.monotonic()
+
+    warm_up = inline.FAST_CALLS_FIRST + 50
+    f.publish_many([{"x": i} for i in range(warm_up)])
+    f.consume()
+    wait_for(lambda: len(finished) == warm_up)
+    assert f.consumer._inline is not None and f.consumer._inline.ready
+    first_fetcher = f.consumer._thread
+    f.push(-1)
+    time.sleep(inline.HAND_OVER_AFTER_SECONDS + 0.3)  # the long call runs on the fetcher, which handed over
+    sent = time.monotonic()
+    f.publish_many([{"x": 1000 + i} for i in range(20)])  # fetched by the new fetcher meanwhile
+    wait_for(lambda: all(1000 + i in finished for i in range(20)))
+    assert max(finished[1000 + i] for i in range(20)) - sent < 1.0
+    assert -1 not in finished and f.consumer._thread is not first_fetcher
+    f.consumer.stop()  # a graceful stop waits for the long call on the old fetcher thread
+    assert f.consumer.join(10)
+    assert -1 in finished and not first_fetcher.is_alive()
+    assert f.consumer.stats.counts[0] == warm_up + 21
+
+
+def test_a_call_waiting_for_a_result_of_its_own_queue_does_not_deadlock(queue_name: str) -> None:
+    @task_deco(queue_name, broker_kind=MEMORY, is_using_rpc_mode=True)
+    def f(x: int) -> int:
+        if x == -1:
+            return f.push(7).get(timeout=10) + 1  # needs the consumer to fetch again meanwhile
+        return x
+
+    warm_up = inline.FAST_CALLS_FIRST + 50
+    results = [f.push(i) for i in range(warm_up)]
+    f.consume()
+    assert [r.get(timeout=10) for r in results] == list(range(warm_up))
+    assert f.consumer._inline is not None and f.consumer._inline.ready
+    assert f.push(-1).get(timeout=10) == 8
+    f.consumer.stop()
+    assert f.consumer.join(10)

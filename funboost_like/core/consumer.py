@@ -30,7 +30,7 @@ from funboost_like.core.config import settings
 from funboost_like.core.distributed_ratelimit import DistributedRateLimiter
 from funboost_like.core.enums import ConcurrentModeEnum
 from funboost_like.core.errors import DecodeError, ExceptionForRequeue, ExceptionForRetry, FunctionTimeoutError
-from funboost_like.core.inline import InlineRunner
+from funboost_like.core.inline import HAND_OVER_AFTER_SECONDS, InlineRunner
 from funboost_like.core.log import ensure_console_handler, get_logger
 from funboost_like.core.message import FunctionSignature, decode
 from funboost_like.core.params import ConsumerParams
@@ -117,6 +117,8 @@ class Consumer:
         self._thread: threading.Thread | None = None
         self._pool: Pool | None = None
         self._inline: InlineRunner | None = None
+        self._handover_counts = (0, 0)  # the fetcher's (started, finished) when it last ran calls itself
+        self._retired: list[threading.Thread] = []  # fetchers that handed over, stuck in a long call
         self._broker: Broker | None = None
         self._broker_generation = -1
         self._lock = threading.Lock()
@@ -193,7 +195,27 @@ class Consumer:
         params = self.params
         if params.concurrent_mode != ConcurrentModeEnum.THREADING or params.qps or params.function_timeout:
             return None
-        return InlineRunner(self._process, pool, self.logger, f"funboost_like-{self.queue_name}")
+        return InlineRunner(self._process, pool, self.logger, f"funboost_like-{self.queue_name}",
+                            self._hand_over_fetching)
+
+    def _hand_over_fetching(self) -> None:
+        """The inline runner's rescuer found the fetcher stuck in a long call: a new thread fetches.
+
+        The old thread finishes its call (its outcome is settled by the new fetcher) and ends; a
+        graceful stop waits for it like for a pool worker.
+        """
+        started, finished = self._handover_counts
+        with self._lock:
+            if self._stop.is_set():
+                return
+            old = self._thread
+            if old is not None:
+                self._retired.append(old)
+            self._thread = threading.Thread(target=self._fetch_loop, args=(started, finished),
+                                            name=f"funboost_like-fetch-{self.queue_name}")
+            self._thread.start()
+        self.logger.info("a call of queue %r has run for over %.1f s on the fetcher thread; a new thread goes on "
+                         "fetching", self.queue_name, HAND_OVER_AFTER_SECONDS)
 
     def stop(self) -> None:
         """Ask the consumer to stop: no more fetching; unstarted messages go back to the broker."""
@@ -202,11 +224,16 @@ class Consumer:
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the fetcher (and, through it, the graceful shutdown) to end."""
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-            return not thread.is_alive()
-        return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            thread = self._thread
+            if thread is None or thread is threading.current_thread():
+                return True
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                return False
+            if self._thread is thread:  # not handed over to a new fetcher meanwhile
+                return True
 
     @property
     def worker_count(self) -> int:
@@ -228,7 +255,8 @@ class Consumer:
         return {"rate_per_second_last_minute": rate, "waiting": waiting, "seconds_left": seconds_left}
 
     # -- the fetcher -------------------------------------------------------------------------------
-    def _fetch_loop(self) -> None:
+    def _fetch_loop(self, started: int = 0, finished: int = 0) -> None:
+        """The fetcher; ``started`` and ``finished`` carry on the counts of a fetcher it takes over from."""
         broker = self.broker
         pool = self._pool
         assert pool is not None
@@ -238,8 +266,7 @@ class Consumer:
         # At a limited rate, prefetch only about 0.2 s of starts: messages wait in the broker, not here.
         batch = capacity if limiter is None else max(1, min(capacity, int(self.params.qps * 0.2)))
         stop = self._stop
-        process = self._submit_target
-        started = finished = 0
+        handed_over = False
         interval = float(settings.get("STATS_LOG_INTERVAL_SECONDS"))
         next_stats = time.monotonic() + interval
         failures_in_a_row = 0
@@ -261,36 +288,52 @@ class Consumer:
                         self._wait_for_capacity(pool)
                     continue
                 timeout = _BUSY_FETCH_TIMEOUT if started != finished else _IDLE_FETCH_TIMEOUT
-                try:
-                    if acks:
-                        # One round trip where the broker can: the acks, then the fetch.
-                        to_ack, acks = acks, []
-                        deliveries = broker.ack_and_fetch(to_ack, queue, min(free, batch), timeout)
-                    else:
-                        deliveries = broker.fetch(queue, min(free, batch), timeout)
-                    failures_in_a_row = 0
-                except Exception:
+                to_ack, acks = acks, []
+                deliveries = self._fetch(broker, to_ack, min(free, batch), timeout)
+                if deliveries is None:
                     failures_in_a_row += 1
-                    self.logger.exception("fetching from queue %r failed; retrying", queue)
                     stop.wait(min(30.0, 0.5 * 2 ** min(failures_in_a_row, 6)))
                     continue
+                failures_in_a_row = 0
                 if inline is not None and inline.ready:
                     started += len(deliveries)
-                    inline.run(deliveries, stop)
+                    self._handover_counts = (started, finished)
+                    if not inline.run(deliveries, stop):
+                        handed_over = True  # a long call ran here: another thread fetches now
+                        return
                     continue
-                for index, delivery in enumerate(deliveries):
-                    if limiter is not None and not limiter.wait(stop):
-                        broker.release(deliveries[index:])
-                        break
-                    started += 1
-                    pool.submit(process, delivery)
+                started += self._submit(deliveries, limiter, pool, broker)
         except BaseException:
             self.logger.exception("the fetcher of queue %r crashed; stopping this consumer", queue)
             raise
         finally:
-            if acks:  # only after an exception between a flush and the fetch
-                self._ack(broker, acks)
-            self._shutdown(broker, pool)
+            if not handed_over:
+                if acks:  # only after an exception between a flush and the fetch
+                    self._ack(broker, acks)
+                self._shutdown(broker, pool)
+
+    def _submit(self, deliveries: list[Delivery], limiter: RateLimiter | DistributedRateLimiter | None, pool: Pool,
+                broker: Broker) -> int:
+        """Hand ``deliveries`` to the pool, each when the rate limiter lets it start; return how many
+        started (on stop, the others go back to the broker)."""
+        process = self._submit_target
+        for index, delivery in enumerate(deliveries):
+            if limiter is not None and not limiter.wait(self._stop):
+                broker.release(deliveries[index:])
+                return index
+            pool.submit(process, delivery)
+        return len(deliveries)
+
+    def _fetch(self, broker: Broker, acks: list[Delivery], n: int, timeout: float) -> list[Delivery] | None:
+        """Fetch up to ``n`` messages, sending ``acks`` first (in one round trip where the broker can);
+        None when the fetch failed (logged; the acks were handled by the broker either way)."""
+        try:
+            if acks:
+                return broker.ack_and_fetch(acks, self.queue_name, n, timeout)
+            return broker.fetch(self.queue_name, n, timeout)
+        except Exception:
+            self.logger.exception("fetching from queue %r failed; retrying", self.queue_name)
+            return None
 
     def _make_limiter(self) -> RateLimiter | DistributedRateLimiter | None:
         qps = self.params.qps
@@ -382,7 +425,13 @@ class Consumer:
                 self.logger.exception("handing unstarted messages back failed; the broker will redeliver them")
             self.stats.counts[RELEASED] += len(unstarted)
         grace = float(settings.get("GRACEFUL_STOP_SECONDS"))
-        if not pool.shutdown(timeout=grace):
+        deadline = time.monotonic() + grace
+        stuck = not pool.shutdown(timeout=grace)
+        for thread in self._retired:  # earlier fetchers finishing a long call
+            thread.join(max(0.0, deadline - time.monotonic()))
+            stuck = stuck or thread.is_alive()
+        self._retired = [thread for thread in self._retired if thread.is_alive()]
+        if stuck:
             self.logger.warning("calls still running on queue %r after %.0fs; leaving them", self.queue_name, grace)
         self._flush_completed(broker)
         for middleware in self.middlewares:

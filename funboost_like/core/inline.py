@@ -11,7 +11,10 @@ cost more than a trivial call. So while the consumer's calls are fast, the fetch
   (wherever they ran); one slower call sends the following ones back to the pool until the streak is
   made again, so functions that block (I/O) always run in the pool, where they run side by side;
 * a call that turns out slow while running inline does not hold up its batch: a rescuer thread that
-  looks every :data:`RESCUE_AFTER_SECONDS` hands the batch's remaining messages to the pool.
+  looks every :data:`RESCUE_AFTER_SECONDS` hands the batch's remaining messages to the pool; and if
+  it runs past :data:`HAND_OVER_AFTER_SECONDS`, fetching goes on in a new fetcher thread (the caller's
+  ``hand_over``), so a call that waits long (even for another message of the same queue, through RPC)
+  never stops the consumer. The old thread finishes its call, settles it and ends.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from funboost_like.concurrency.base import Pool
 SLOW_CALL_SECONDS = 0.001
 FAST_CALLS_FIRST = 50  # fast calls in a row before the fetcher runs calls itself
 RESCUE_AFTER_SECONDS = 0.02  # an inline call running this long: the rest of its batch goes to the pool
+HAND_OVER_AFTER_SECONDS = 0.1  # ... and this long: a new thread takes over fetching
 _RESCUER_IDLE_SECONDS = 1.0  # the rescuer sleeps on an event after this long without inline calls
 _TIMEOUT_KEY = b'"function_timeout"'  # a body that may carry its own timeout goes to the pool
 
@@ -38,21 +42,26 @@ _TIMEOUT_KEY = b'"function_timeout"'  # a body that may carry its own timeout go
 class InlineRunner:
     """The fetcher's way of running calls itself, with the rescue of a batch behind a slow call."""
 
-    def __init__(self, process: Callable[[Delivery], None], pool: Pool, logger: Logger, name: str) -> None:
+    def __init__(self, process: Callable[[Delivery], None], pool: Pool, logger: Logger, name: str,
+                 hand_over: Callable[[], None]) -> None:
         self._process = process
         self._pool = pool
         self._logger = logger
         self._name = name
+        self._hand_over = hand_over  # starts a new fetcher thread (called by the rescuer)
         self.fast_streak = 0  # written by every thread that finishes a call; a heuristic, races are harmless
         self._rest: deque[Delivery] = deque()  # the current batch's messages not started yet
+        self._lock = threading.Lock()  # orders a call's end against the rescuer's decisions
         self._since = 0.0  # monotonic start of the inline call running now (0: none)
+        self._caller = 0  # the thread running that call
+        self._handed_over = 0  # a thread whose fetching was handed over while its call ran (0: none)
         self._active = threading.Event()  # set while inline batches run: the rescuer watches
         self._closed = threading.Event()
         self._rescuer: threading.Thread | None = None
 
     @property
     def ready(self) -> bool:
-        return self.fast_streak >= FAST_CALLS_FIRST
+        return self.fast_streak >= FAST_CALLS_FIRST and not self._handed_over
 
     def record(self, duration: float) -> None:
         """Count one finished call (any thread)."""
@@ -61,34 +70,43 @@ class InlineRunner:
         else:
             self.fast_streak = 0
 
-    def run(self, deliveries: list[Delivery], stop: threading.Event) -> None:
+    def run(self, deliveries: list[Delivery], stop: threading.Event) -> bool:
         """Run ``deliveries`` on this thread, one by one, until done or ``stop`` is set.
 
         What the rescuer moved to the pool runs there; what is left after ``stop`` stays for
-        :meth:`take_rest`.
+        :meth:`take_rest`. Returns False when fetching was handed over to a new thread while a call
+        ran here: the caller is no longer the fetcher and must end.
         """
         rest = self._rest
         rest.extend(deliveries)
         if not self._active.is_set():
             self._wake_rescuer()
         process = self._process
-        try:
-            while not stop.is_set():
-                try:
-                    delivery = rest.popleft()
-                except IndexError:
-                    return
-                if _TIMEOUT_KEY in delivery.body:
-                    self._pool.submit(process, delivery)
-                    continue
-                self._since = time.monotonic()
-                try:
-                    process(delivery)  # settles its outcome itself, whatever happens
-                except BaseException:  # as a pool worker does: log it, never lose the fetcher
-                    self._logger.exception("unhandled error in a call run by the fetcher of %s", self._name)
-                self._since = 0.0
-        finally:
-            self._since = 0.0
+        lock = self._lock
+        me = threading.get_ident()
+        while not stop.is_set():
+            try:
+                delivery = rest.popleft()
+            except IndexError:
+                return True
+            if _TIMEOUT_KEY in delivery.body:
+                self._pool.submit(process, delivery)
+                continue
+            with lock:
+                self._since, self._caller = time.monotonic(), me
+            try:
+                process(delivery)  # settles its outcome itself, whatever happens
+            except BaseException:  # as a pool worker does: log it, never lose the fetcher
+                self._logger.exception("unhandled error in a call run by the fetcher of %s", self._name)
+            finally:
+                with lock:
+                    self._since = 0.0
+                    handed_over = self._handed_over == me
+                    if handed_over:
+                        self._handed_over = 0
+            if handed_over:
+                return False
+        return True
 
     def take_rest(self) -> list[Delivery]:
         """The messages of an interrupted batch that never started."""
@@ -138,6 +156,12 @@ class InlineRunner:
                 if moved:
                     self._logger.debug("a call ran over %.0f ms on the fetcher of %s; %d message(s) of its batch "
                                        "went to the pool", RESCUE_AFTER_SECONDS * 1000, self._name, moved)
+            if now - since >= HAND_OVER_AFTER_SECONDS:
+                with self._lock:  # the call may have ended meanwhile: then its thread goes on fetching
+                    if self._since == since and not self._handed_over and not closed.is_set():
+                        self.fast_streak = 0
+                        self._handed_over = self._caller
+                        self._hand_over()
 
     def _move_rest_to_pool(self) -> int:
         moved = 0
