@@ -330,6 +330,24 @@ def test_acks_sent_with_a_fetch_that_meets_a_dead_server_are_sent_again(
         broker.close()
 
 
+def test_a_pipeline_after_a_restart_never_meets_a_connection_the_server_closed(
+        tmp_path: Path, servers: list[PrivateRedis]) -> None:
+    from funboost_like.brokers.redis_common import DirectConnections
+
+    server = private_redis(servers, tmp_path / "redis", persistent=False)
+    conn = DirectConnections(redis.Redis.from_url(server.url))
+    idle = [conn._new() for _ in range(3)]  # idle connections, as several threads leave them
+    for connection in idle:
+        connection.connect()
+    conn._idle.extend(idle)
+    server.kill()
+    server.start()
+    for _ in range(3):
+        replies = conn.pipeline([("SET", "k", "v"), ("GET", "k")])
+        assert not any(isinstance(reply, Exception) for reply in replies) and replies[1] == b"v"
+    conn.close()
+
+
 def test_deferred_settlements_keep_what_met_a_dead_server_and_drop_what_redis_refused() -> None:
     deferred = DeferredSettlements()
     sent: list[str] = []

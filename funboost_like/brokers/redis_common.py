@@ -217,7 +217,7 @@ class DirectConnections:
         """
         idle = self._idle
         try:
-            connection = idle.pop()
+            connection = _fresh(idle.pop())
         except IndexError:
             connection = self._new()
         clean = False
@@ -245,7 +245,7 @@ class DirectConnections:
         """
         idle = self._idle
         try:
-            connection = idle.pop()
+            connection = _fresh(idle.pop())
         except IndexError:
             connection = self._new()
         clean = False
@@ -274,6 +274,21 @@ class DirectConnections:
                 connection.disconnect()
             except (RedisError, OSError):  # pragma: no cover
                 pass
+
+
+def _fresh(connection: AbstractConnection) -> AbstractConnection:
+    """``connection``, disconnected first if the server closed it while it sat idle (a restart).
+
+    Single commands are sent once more on a fresh connection after a connection error; pipelines are
+    not (some of their commands may have run), so before one is sent on an idle connection, a look
+    without waiting tells whether the server already hung up (the end of the stream is readable).
+    """
+    try:
+        if getattr(connection, "_sock", None) is not None and connection.can_read(timeout=0):
+            connection.disconnect()  # readable while idle: closed by the server, or out of step
+    except (RedisConnectionError, RedisTimeoutError, OSError):
+        connection.disconnect()  # it reconnects on its next send
+    return connection
 
 
 class Piggyback:
