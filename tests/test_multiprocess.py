@@ -389,3 +389,20 @@ def test_a_child_that_ignores_sigterm_is_killed_after_the_stop_timeout() -> None
     assert supervisor.join(10)
     assert 0.4 <= time.monotonic() - began < 5
     assert not any(alive(pid) for pid in pids)
+
+
+def test_a_child_whose_supervisor_died_before_it_started_stops_too(tmp_path: Path) -> None:
+    # The supervisor passes its pid, so a child whose parent is already someone else when it starts
+    # (the supervisor was killed right after forking it) still notices.
+    script = (
+        "import os, signal, time\n"
+        "from funboost_like.concurrency import multiprocess\n"
+        "signal.signal(signal.SIGTERM, lambda *_: (print('stopped', flush=True), os._exit(0)))\n"
+        "multiprocess._watch_supervisor(os.getppid() + 1_000_000)\n"
+        "time.sleep(20)\n"
+        "print('not stopped', flush=True)\n"
+    )
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", script], env=subprocess_env(tmp_path), capture_output=True,
+                         text=True, timeout=30).stdout
+    assert out.strip() == "stopped" and time.monotonic() - started < 10

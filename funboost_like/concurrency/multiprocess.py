@@ -186,7 +186,7 @@ class ProcessSupervisor:
                          self.start_method, self.pids)
 
     def _launch(self, slot: _Slot) -> None:
-        process = self._ctx.Process(target=_child_main, args=(self._target, self._args),  # type: ignore[attr-defined]
+        process = self._ctx.Process(target=_child_main, args=(self._target, self._args, os.getpid()),  # type: ignore[attr-defined]
                                     name=f"{self.name}-{slot.index}", daemon=False)
         process.start()
         with self._lock:
@@ -336,18 +336,22 @@ def _run_handler(handler: Any, signum: int, frame: FrameType | None) -> None:
 # -- the child side --------------------------------------------------------------------------------
 
 
-def _child_main(target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _child_main(target: Callable[..., Any], args: tuple[Any, ...], supervisor_pid: int | None = None) -> None:
     """First code a child runs: forget the supervisor's signal handlers, watch the supervisor, run."""
     if hasattr(signal, "SIGINT"):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _watch_supervisor()
+    _watch_supervisor(supervisor_pid)
     target(*args)
 
 
-def _watch_supervisor() -> None:
-    """Stop this child (SIGTERM to itself) when its supervisor disappears."""
+def _watch_supervisor(supervisor_pid: int | None = None) -> None:
+    """Stop this child (SIGTERM to itself) when its supervisor disappears.
+
+    ``supervisor_pid`` comes from the supervisor itself: a supervisor killed before this child ran its
+    first line is noticed too (the child's parent is then already someone else).
+    """
     if sys.platform == "win32":
         parent = multiprocessing.parent_process()
         if parent is None:
@@ -358,7 +362,7 @@ def _watch_supervisor() -> None:
             _supervisor_gone(parent.pid)
 
     else:
-        parent_pid = os.getppid()
+        parent_pid = os.getppid() if supervisor_pid is None else supervisor_pid
 
         def wait_for_parent() -> None:
             while os.getppid() == parent_pid:
