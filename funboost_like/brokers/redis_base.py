@@ -175,21 +175,13 @@ class RedisConsumerBrokerBase(RedisBrokerBase[KeysT]):
                     logger.error("acknowledging %d message(s) failed (%s); they will be delivered again",
                                  len(deliveries), translate_error(exc, "acknowledging"))
 
+    @abstractmethod
     def _ack_piggyback(self, deliveries: Sequence[Delivery]) -> Piggyback | None:
-        """The ack of ``deliveries`` as commands to send ahead of a fetch (None: nothing to send).
+        """The ack of ``deliveries`` as commands to send ahead of a fetch (None: nothing to send)."""
 
-        Kinds that override :meth:`_fetch_after` override this too; the default sends the acks first.
-        """
-        try:
-            self.ack(deliveries)
-        except Exception:
-            logger.exception("acknowledging %d message(s) failed; the broker will deliver them again",
-                             len(deliveries))
-        return None
-
-    def _fetch_after(self, before: Piggyback, queue: str, max_n: int, timeout: float) -> list[Delivery]:
-        """:meth:`fetch` with ``before`` sent ahead of its first command."""
-        return self.fetch(queue, max_n, timeout)
+    @abstractmethod
+    def _fetch_after(self, before: Piggyback | None, queue: str, max_n: int, timeout: float) -> list[Delivery]:
+        """:meth:`fetch` with ``before`` (if any) sent ahead of its first command."""
 
     def _piggyback(self, commands: list[tuple[Any, ...]], total: int, count_settled: Callable[[list[Any]], int],
                    on_lost: Callable[[], object]) -> Piggyback:

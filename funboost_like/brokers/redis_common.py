@@ -209,11 +209,11 @@ class DirectConnections:
         """Send several commands in one write and read their replies (error replies are returned)."""
         return self.send_packed(b"".join([pack_command(*command) for command in commands]), len(commands), before)
 
-    def send_packets(self, packets: Iterable[bytes], count: int) -> list[Any]:
+    def send_packets(self, packets: Iterable[bytes], count: int, before: Piggyback | None = None) -> list[Any]:
         """Send each packet as ``packets`` yields it, then read the ``count`` replies of all of them.
 
         Redis runs the first commands while the next packets are still being packed. Error replies
-        are returned, not raised.
+        are returned, not raised. ``before`` is sent ahead of the first packet in the same write.
         """
         idle = self._idle
         try:
@@ -223,13 +223,12 @@ class DirectConnections:
         clean = False
         try:
             for packet in packets:
-                connection.send_packed_command([packet])
-            replies = []
-            for _ in range(count):
-                try:
-                    replies.append(connection.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
+                if before is None:
+                    connection.send_packed_command([packet])
+                else:
+                    _send_with(connection, before, packet)
+                    before = None
+            replies = _read_replies(connection, count)
             clean = True
             return replies
         finally:
@@ -243,29 +242,7 @@ class DirectConnections:
         Error replies are returned, not raised. Callers may cache a packet they send often. ``before``
         is sent ahead of them in the same write.
         """
-        idle = self._idle
-        try:
-            connection = _fresh(idle.pop())
-        except IndexError:
-            connection = self._new()
-        clean = False
-        try:
-            if before is None:
-                connection.send_packed_command([packet])
-            else:
-                _send_with(connection, before, packet)
-            replies = []
-            for _ in range(count):
-                try:
-                    replies.append(connection.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-            clean = True
-            return replies
-        finally:
-            if not clean:
-                connection.disconnect()
-            idle.append(connection)
+        return self.send_packets((packet,), count, before)
 
     def close(self) -> None:
         idle, self._idle = self._idle, []
@@ -313,20 +290,26 @@ class Piggyback:
 
 def _send_with(connection: AbstractConnection, before: Piggyback, packet: bytes) -> None:
     """Send ``before`` and ``packet`` in one write, read and settle ``before``'s replies (see :class:`Piggyback`)."""
-    replies: list[Any] = []
     try:
         connection.send_packed_command([before.packet + packet])
-        for _ in range(before.count):
-            try:
-                replies.append(connection.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
+        replies = _read_replies(connection, before.count)
     except (RedisConnectionError, RedisTimeoutError):
         before.done = True
         before.on_lost()
         raise
     before.done = True
     before.settle(replies)
+
+
+def _read_replies(connection: AbstractConnection, count: int) -> list[Any]:
+    """Read ``count`` replies; error replies are returned as exceptions, not raised."""
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(connection.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
 
 
 def pack_command(*args: Any) -> bytes:
