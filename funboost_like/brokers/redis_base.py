@@ -227,10 +227,8 @@ class RedisListPublishing(RedisBrokerBase[KeysT]):
                     SCHEDULE(conn, [self._list_keys(queue).delayed],
                              [repr(delay), delayed_member(list_priority_level(priority), 0, body)])
                     return
-            if priority:
-                conn.execute_command("LPUSH", self._list_keys(queue).lists[list_priority_level(priority)], body)
-            else:
-                conn.execute_command("LPUSH", queue, body)
+            key = self._list_keys(queue).lists[list_priority_level(priority)] if priority else queue
+            conn.execute_command("LPUSH", key, body, spin=True)
         except RedisError as exc:
             raise translate_error(exc, f"publishing to queue {queue!r}") from exc
 

@@ -268,7 +268,7 @@ class RedisBrpopLpushBroker(RedisConsumerBrokerBase[_Keys]):
                 if delay > 0:
                     SCHEDULE(conn, [self._queue_keys(queue).delayed], [repr(delay), delayed_member(0, 0, body)])
                     return
-            conn.execute_command("LPUSH", queue, body)
+            conn.execute_command("LPUSH", queue, body, spin=True)
         except RedisError as exc:
             raise translate_error(exc, f"publishing to queue {queue!r}") from exc
 

@@ -337,7 +337,7 @@ class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
                 if delay > 0:
                     SCHEDULE(conn, [self._queue_keys(queue).delayed], [repr(delay), delayed_member(0, 0, body)])
                     return
-            conn.execute_command("XADD", queue, "*", _DATA, body)
+            conn.execute_command("XADD", queue, "*", _DATA, body, spin=True)
         except RedisError as exc:
             raise translate_error(exc, f"publishing to queue {queue!r}") from exc
 

@@ -1,0 +1,124 @@
+"""How ``DirectConnections`` waits for the reply of a ``push``: it polls the socket briefly before blocking.
+
+The polling itself runs on real socket pairs; the rule for when it is used (a ``push``, and only while
+no other thread is using the same connections) runs against the real Redis server (database 14 by
+default, ``FUNBOOST_LIKE_TEST_REDIS_URL``), with a spy that records each poll and then does it.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import types
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from funboost_like import BrokerEnum, task_deco
+from funboost_like.brokers import redis_common
+from funboost_like.brokers.redis_common import _spin_until_readable, direct_connections
+from tests.test_redis_brokers import client, queue  # noqa: F401  (fixtures)
+
+ACKED_KINDS = [BrokerEnum.REDIS, BrokerEnum.REDIS_ACK_ABLE, BrokerEnum.RedisBrpopLpush, BrokerEnum.REDIS_STREAM]
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    left, right = socket.socketpair()
+    left.settimeout(5.0)  # like redis-py's sockets: a timeout makes Python poll before each recv
+    yield left, right
+    left.close()
+    right.close()
+
+
+def as_connection(sock: object) -> types.SimpleNamespace:
+    return types.SimpleNamespace(_sock=sock)
+
+
+def test_polling_ends_as_soon_as_a_reply_is_there(pair: tuple[socket.socket, socket.socket]) -> None:
+    left, right = pair
+    right.sendall(b"+OK\r\n")
+    started = time.perf_counter()
+    _spin_until_readable(as_connection(left), budget=2.0)
+    assert time.perf_counter() - started < 1.0
+    assert left.recv(16) == b"+OK\r\n"  # polling reads nothing itself
+
+
+def test_polling_gives_up_after_its_budget(pair: tuple[socket.socket, socket.socket]) -> None:
+    left, _ = pair
+    started = time.perf_counter()
+    _spin_until_readable(as_connection(left), budget=0.05)
+    assert 0.05 <= time.perf_counter() - started < 1.0
+
+
+def test_a_reply_arriving_during_the_poll_ends_it(pair: tuple[socket.socket, socket.socket]) -> None:
+    left, right = pair
+    timer = threading.Timer(0.05, right.sendall, args=(b"+OK\r\n",))
+    timer.start()
+    started = time.perf_counter()
+    _spin_until_readable(as_connection(left), budget=5.0)
+    elapsed = time.perf_counter() - started
+    timer.join()
+    assert 0.04 <= elapsed < 2.0
+
+
+def test_sockets_that_are_not_the_standard_librarys_are_not_polled(pair: tuple[socket.socket, socket.socket]) -> None:
+    left, _ = pair
+
+    class CooperativeSocket:  # what gevent or eventlet hand out: their own class, with a real fileno
+        fileno = left.fileno
+
+    for sock in (None, CooperativeSocket()):
+        started = time.perf_counter()
+        _spin_until_readable(as_connection(sock), budget=2.0)
+        assert time.perf_counter() - started < 0.5
+
+
+@pytest.fixture
+def polls(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every poll ``DirectConnections`` starts, recorded; each still polls."""
+    seen: list[object] = []
+    real = redis_common._spin_until_readable
+
+    def spy(connection: object, budget: float = redis_common.SPIN_SECONDS) -> None:
+        seen.append(connection)
+        real(connection, budget)
+
+    monkeypatch.setattr(redis_common, "_spin_until_readable", spy)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ACKED_KINDS, ids=[k.name for k in ACKED_KINDS])
+def test_push_polls_for_its_reply_when_it_is_the_only_user(client: redis.Redis, queue: str,  # noqa: F811
+                                                           kind: BrokerEnum, polls: list[object]) -> None:
+    fn = task_deco(queue, broker_kind=kind)(lambda x: x)
+    for i in range(20):
+        fn.push(i)
+    assert len(polls) == 20
+    assert fn.get_message_count() == 20
+    fn.clear()
+
+
+def test_push_blocks_as_before_while_another_thread_uses_the_connections(client: redis.Redis, queue: str,  # noqa: F811
+                                                                         polls: list[object]) -> None:
+    fn = task_deco(queue, broker_kind=BrokerEnum.REDIS_STREAM)(lambda x: x)
+    fn.push(0)  # opens the queue (creates the group) before the other thread starts
+    polls.clear()
+    waiting_key = f"{queue}:nothing"
+    blocker = threading.Thread(target=direct_connections().execute_command, args=("BLPOP", waiting_key, "1"))
+    blocker.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not client.client_list(_type="normal") or not any(
+                c.get("cmd") == "blpop" for c in client.client_list(_type="normal")):
+            assert time.monotonic() < deadline, "the other thread's BLPOP never reached the server"
+            time.sleep(0.01)
+        for i in range(1, 11):
+            fn.push(i)
+        assert polls == []
+    finally:
+        blocker.join()
+    assert fn.get_message_count() == 11
+    fn.clear()
