@@ -82,7 +82,7 @@ def polls(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     seen: list[object] = []
     real = redis_common._spin_until_readable
 
-    def spy(connection: object, budget: float = redis_common.SPIN_SECONDS) -> None:
+    def spy(connection: object, budget: float) -> None:
         seen.append(connection)
         real(connection, budget)
 

@@ -200,7 +200,7 @@ class DirectConnections:
                 else:
                     _send_with(connection, before, packet)
                 if spin and len(busy) == 1:
-                    _spin_until_readable(connection)
+                    _spin_until_readable(connection, SPIN_SECONDS)
                 reply = connection.read_response()
             except (RedisConnectionError, RedisTimeoutError):
                 connection.disconnect()
@@ -269,10 +269,13 @@ class DirectConnections:
 
 
 SPIN_SECONDS = 0.0003
-"""How long :func:`_spin_until_readable` polls before a blocking read takes over."""
+"""How long a ``push`` polls for its reply before a blocking read takes over (0: block at once).
+
+Read at each call; ``benchmarks/push_wait.py`` sets it to compare both ways in one process.
+"""
 
 
-def _spin_until_readable(connection: AbstractConnection, budget: float = SPIN_SECONDS) -> None:
+def _spin_until_readable(connection: AbstractConnection, budget: float) -> None:
     """Poll ``connection``'s socket until a reply (or the end of the stream) is there, for ``budget`` seconds at most.
 
     A loopback round trip is a few tens of microseconds of work, but a thread that blocks for it
