@@ -288,7 +288,7 @@ def _spin_until_readable(connection: AbstractConnection, budget: float) -> None:
     socket may hold a reply in its buffer while nothing is readable, so those wait as before.
     """
     sock = getattr(connection, "_sock", None)
-    if type(sock).__module__ != "socket" or not hasattr(select, "poll"):
+    if not isinstance(sock, socket.socket) or type(sock).__module__ != "socket" or not hasattr(select, "poll"):
         return
     poller = select.poll()
     poller.register(sock, select.POLLIN)
