@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/push_wait.py [--brokers redis_list,redis_ack_able,redis_brpoplpush,redis_stream]
-                                   [--n 20000] [--rounds 6]
+                                   [--n 20000] [--rounds 6] [--threads 1]
 
 ``push`` waits for Redis to confirm each message, so its rate is one loopback round trip per
 message. ``DirectConnections`` polls the socket for up to ``redis_common.SPIN_SECONDS`` before it
@@ -11,7 +11,9 @@ blocks (see ``_spin_until_readable``). This benchmark measures both ways in the 
 alternating rounds so that a change of the host's speed hits both: for each broker kind, ``rounds``
 rounds of ``f.push(i, y=i)`` N times, with ``SPIN_SECONDS`` set to 0 (block at once) on even rounds
 and to its default on odd ones. Before each kind, a plain Python PING loop (blocking reads, no
-framework) shows how fast a bare round trip is at that moment.
+framework) shows how fast a bare round trip is at that moment. With ``--threads T``, T threads
+share each round's N pushes: then no push polls (polling is for a thread alone on the connections),
+and the two columns show that allowing it costs the threads nothing.
 
 Uses ``FUNBOOST_LIKE_BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/14``); the benchmark queue is
 cleared before and after. A measurement, not a test: the exit code is always 0.
@@ -49,7 +51,9 @@ def bare_ping_rate(url: str, n: int = 5000) -> float:
         return n / (time.perf_counter() - started)
 
 
-def measure(kind: str, n: int, rounds: int) -> dict[str, list[float]]:
+def measure(kind: str, n: int, rounds: int, threads: int) -> dict[str, list[float]]:
+    import threading
+
     from funboost_like import BrokerEnum, task_deco
     from funboost_like.brokers import redis_common
 
@@ -59,16 +63,28 @@ def measure(kind: str, n: int, rounds: int) -> dict[str, list[float]]:
     def f(x: int, y: int) -> int:
         return x + y
 
+    def push_range(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            f.push(i, y=i)
+
     f.clear()
     f.get_message_count()  # opens the queue (not timed)
+    n -= n % threads
+    share = n // threads
     rates: dict[str, list[float]] = {"block": [], "poll": []}
     try:
         for round_ in range(rounds):
             way = "poll" if round_ % 2 else "block"
             redis_common.SPIN_SECONDS = default_budget if way == "poll" else 0.0
+            workers = [threading.Thread(target=push_range, args=(t * share, (t + 1) * share)) for t in range(threads)]
             started = time.perf_counter()
-            for i in range(n):
-                f.push(i, y=i)
+            if threads == 1:
+                push_range(0, n)
+            else:
+                for worker in workers:
+                    worker.start()
+                for worker in workers:
+                    worker.join()
             rates[way].append(n / (time.perf_counter() - started))
     finally:
         redis_common.SPIN_SECONDS = default_budget
@@ -84,16 +100,18 @@ def main() -> None:
     parser.add_argument("--brokers", default=",".join(KINDS), help=f"comma-separated: {','.join(KINDS)}")
     parser.add_argument("--n", type=int, default=20_000, help="pushes per round")
     parser.add_argument("--rounds", type=int, default=6, help="rounds per kind, alternating block / poll")
+    parser.add_argument("--threads", type=int, default=1, help="threads sharing each round's pushes")
     args = parser.parse_args()
     os.environ["FUNBOOST_LIKE_NO_USER_CONFIG"] = "1"
     os.environ["FUNBOOST_LIKE_REDIS_URL"] = BENCH_REDIS_URL
 
-    print(f"push_wait  {time.strftime('%Y-%m-%dT%H:%M:%S')}  N {args.n}  rounds {args.rounds}  Redis {BENCH_REDIS_URL}")
+    print(f"push_wait  {time.strftime('%Y-%m-%dT%H:%M:%S')}  N {args.n}  rounds {args.rounds}  "
+          f"threads {args.threads}  Redis {BENCH_REDIS_URL}")
     print(f"{'broker':<18}{'bare PING/s':>12}{'block: median':>15}{'best':>9}"
           f"{'poll: median':>14}{'best':>9}{'gain':>7}")
     for kind in args.brokers.split(","):
         ping = bare_ping_rate(BENCH_REDIS_URL)
-        rates = measure(kind, args.n, args.rounds)
+        rates = measure(kind, args.n, args.rounds, args.threads)
         block, poll = statistics.median(rates["block"]), statistics.median(rates["poll"])
         print(f"{kind:<18}{ping:>12,.0f}{block:>15,.0f}{max(rates['block']):>9,.0f}"
               f"{poll:>14,.0f}{max(rates['poll']):>9,.0f}{poll / block:>6.2f}x")

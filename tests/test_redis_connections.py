@@ -1,8 +1,9 @@
 """How ``DirectConnections`` waits for the reply of a ``push``: it polls the socket briefly before blocking.
 
-The polling itself runs on real socket pairs; the rule for when it is used (a ``push``, and only while
-no other thread is using the same connections) runs against the real Redis server (database 14 by
-default, ``FUNBOOST_LIKE_TEST_REDIS_URL``), with a spy that records each poll and then does it.
+The polling itself runs on real socket pairs. The rule for when it is used (a ``push``, and only when
+no other thread used the same connections in the last ``SHARED_QUIET_SECONDS``) runs against the
+real Redis server (database 14 by default, ``FUNBOOST_LIKE_TEST_REDIS_URL``), with a spy that
+records each poll and then does it.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def polls(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         real(connection, budget)
 
     monkeypatch.setattr(redis_common, "_spin_until_readable", spy)
+    time.sleep(2 * redis_common.SHARED_QUIET_SECONDS)  # no sharing seen recently by an earlier test
     return seen
 
 
@@ -101,7 +103,7 @@ def test_push_polls_for_its_reply_when_it_is_the_only_user(client: redis.Redis, 
     fn.clear()
 
 
-def test_push_blocks_as_before_while_another_thread_uses_the_connections(client: redis.Redis, queue: str,  # noqa: F811
+def test_push_blocks_while_another_thread_uses_the_connections(client: redis.Redis, queue: str,  # noqa: F811
                                                                          polls: list[object]) -> None:
     fn = task_deco(queue, broker_kind=BrokerEnum.REDIS_STREAM)(lambda x: x)
     fn.push(0)  # opens the queue (creates the group) before the other thread starts
@@ -120,5 +122,16 @@ def test_push_blocks_as_before_while_another_thread_uses_the_connections(client:
         assert polls == []
     finally:
         blocker.join()
-    assert fn.get_message_count() == 11
+    time.sleep(2 * redis_common.SHARED_QUIET_SECONDS)
+    fn.push(11)  # alone again
+    assert len(polls) == 1
+    assert fn.get_message_count() == 12
     fn.clear()
+
+
+def test_sharing_seen_by_a_push_keeps_the_next_pushes_blocking_for_a_while(client: redis.Redis) -> None:  # noqa: F811
+    connections = direct_connections()
+    assert not connections._alone(2)  # another thread holds a connection right now
+    assert not connections._alone(1)  # alone now, but threads that share tend to go on sharing
+    time.sleep(2 * redis_common.SHARED_QUIET_SECONDS)
+    assert connections._alone(1)

@@ -172,6 +172,7 @@ class DirectConnections:
         self._connection_kwargs = dict(pool.connection_kwargs)
         self._idle: list[AbstractConnection] = []
         self._busy: set[AbstractConnection] = set()  # taken by a thread right now (set.add is atomic)
+        self._shared_at = -SHARED_QUIET_SECONDS  # when a spin-eligible call last found another thread here
 
     def _new(self) -> AbstractConnection:
         connection: AbstractConnection = self._connection_class(**self._connection_kwargs)
@@ -180,9 +181,11 @@ class DirectConnections:
     def execute_command(self, *args: Any, before: Piggyback | None = None, spin: bool = False) -> Any:
         """Run one command and return its reply; ``before`` is sent ahead of it in the same write.
 
-        ``spin``: the caller waits for this reply and nothing else (a ``push``), so unless another
-        thread is using these connections too, wait for it by polling the socket for a short while
-        (:func:`_spin_until_readable`) before blocking.
+        ``spin``: the caller waits for this reply and nothing else (a ``push``), so wait for it by
+        polling the socket for a short while (:func:`_spin_until_readable`) before blocking, unless
+        these connections were shared with another thread in the last :data:`SHARED_QUIET_SECONDS`
+        (threads that publish together, or a consumer's fetch waiting on the server): a polling
+        thread would keep the GIL from them.
         """
         idle = self._idle
         try:
@@ -199,7 +202,7 @@ class DirectConnections:
                     connection.send_packed_command([packet])
                 else:
                     _send_with(connection, before, packet)
-                if spin and len(busy) == 1:
+                if spin and self._alone(len(busy)):
                     _spin_until_readable(connection, SPIN_SECONDS)
                 reply = connection.read_response()
             except (RedisConnectionError, RedisTimeoutError):
@@ -216,6 +219,13 @@ class DirectConnections:
                 connection.disconnect()
             busy.discard(connection)
             idle.append(connection)
+
+    def _alone(self, in_use: int) -> bool:
+        now = time.monotonic()
+        if in_use > 1:
+            self._shared_at = now
+            return False
+        return now - self._shared_at > SHARED_QUIET_SECONDS
 
     def pipeline(self, commands: list[tuple[Any, ...]], before: Piggyback | None = None) -> list[Any]:
         """Send several commands in one write and read their replies (error replies are returned)."""
@@ -273,6 +283,8 @@ SPIN_SECONDS = 0.0003
 
 Read at each call; ``benchmarks/push_wait.py`` sets it to compare both ways in one process.
 """
+SHARED_QUIET_SECONDS = 0.05
+"""A ``push`` polls only if its connections had no other user for this long (see ``execute_command``)."""
 
 
 def _spin_until_readable(connection: AbstractConnection, budget: float) -> None:
