@@ -135,3 +135,27 @@ def test_sharing_seen_by_a_push_keeps_the_next_pushes_blocking_for_a_while(clien
     assert not connections._alone(1)  # alone now, but threads that share tend to go on sharing
     time.sleep(2 * redis_common.SHARED_QUIET_SECONDS)
     assert connections._alone(1)
+
+
+def test_pipeline_replies_come_straight_from_hiredis_and_errors_stay_in_place(client: redis.Redis, queue: str,  # noqa: F811
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("hiredis")  # the redis extra installs it; CI always has it
+    assert redis_common._HIREDIS_PARSER is not None, "redis-py's hiredis parser moved: the fast reply path is off"
+    used: list[int] = []
+    real = redis_common._read_replies_from_hiredis
+
+    def spy(parser: object, count: int) -> list[object]:
+        used.append(count)
+        return real(parser, count)
+
+    monkeypatch.setattr(redis_common, "_read_replies_from_hiredis", spy)
+    client.set(f"{queue}:string", "x")
+    commands = [("RPUSH", queue, b"a" * 70_000)] * 30  # requests and replies over many socket reads
+    commands += [("LPUSH", f"{queue}:string", "y"), ("LRANGE", queue, 0, -1), ("GET", f"{queue}:string")]
+    replies = direct_connections().pipeline(commands)
+    assert used == [len(commands)]
+    assert replies[:30] == list(range(1, 31))
+    assert isinstance(replies[30], redis.exceptions.ResponseError) and "WRONGTYPE" in str(replies[30])
+    assert replies[31] == [b"a" * 70_000] * 30 and replies[32] == b"x"
+    assert direct_connections().execute_command("LLEN", queue) == 30  # the connection is in step
+    client.delete(f"{queue}:string")

@@ -56,10 +56,20 @@ if _orjson is not None:
             _reject_non_finite(obj)
         return bytes(memoryview(encoded))
 
+    def dumps_transient(obj: Any) -> bytes:
+        """Like :func:`dumps`, without the exact-size copy: for bytes that are copied into others at once."""
+        try:
+            encoded = _orjson_dumps(obj)
+        except _orjson_error:
+            return _stdlib_dumps(obj)
+        if b"null" in encoded:
+            _reject_non_finite(obj)
+        return encoded  # type: ignore[no-any-return]
+
     loads = _orjson.loads
     DecodeFailure: tuple[type[Exception], ...] = (ValueError, UnicodeDecodeError)
 else:
-    dumps = _stdlib_dumps
+    dumps = dumps_transient = _stdlib_dumps
 
     def loads(data: bytes | str) -> Any:
         return json.loads(data)

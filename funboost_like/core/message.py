@@ -143,6 +143,33 @@ def encode(kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> tuple
         raise PublishError(f"the call's arguments cannot be encoded as JSON: {exc}") from exc
 
 
+def batch_encoder() -> Callable[[dict[str, Any]], tuple[str, bytes]]:
+    """An :func:`encode` for the calls of one ``publish_many`` that carry no ``extra`` of their own.
+
+    The calls share one publish time, read when the batch starts, so the end of each body (the
+    publish time and its text) is encoded once for the whole batch and each body is the call's
+    arguments, its task id and that shared end, joined: the same layout as :func:`encode`'s for
+    about half its cost. The returned function does not change ``kwargs``.
+    """
+    now = time.time()
+    shared = codec.dumps({"publish_time": now, "publish_time_format": format_publish_time(now)})
+    tail = b'",' + shared[1:] + b"}"  # closes the task id, adds the shared keys, closes extra and the body
+    prefix = _id_prefix
+    counter = _id_counter
+    dumps = codec.dumps_transient
+
+    def encode_call(kwargs: dict[str, Any]) -> tuple[str, bytes]:
+        task_id = f"{prefix}{next(counter):08x}"
+        try:
+            head = dumps(kwargs)
+        except (TypeError, ValueError) as exc:
+            raise PublishError(f"the call's arguments cannot be encoded as JSON: {exc}") from exc
+        opening = b'{"extra":{"task_id":"' if len(head) == 2 else head[:-1] + b',"extra":{"task_id":"'
+        return task_id, b"".join((opening, task_id.encode("ascii"), tail))
+
+    return encode_call
+
+
 class DecodedMessage:
     """A message taken apart: the call's keyword arguments and the ``extra`` dict (maybe empty)."""
 

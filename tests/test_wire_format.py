@@ -1,0 +1,90 @@
+"""The bodies ``push`` and ``publish_many`` put on the wire (DESIGN.md's wire format), read back raw from the broker.
+
+``publish_many`` encodes plain dicts with a batch encoder of its own (one publish time per call of
+``publish_many``); these tests hold it to the layout ``push`` writes: the call's keyword arguments,
+then ``extra`` with ``task_id``, ``publish_time`` and ``publish_time_format``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from funboost_like import BrokerEnum, task_deco
+from funboost_like.core import codec
+from funboost_like.core.errors import PublishError
+
+MEMORY = BrokerEnum.LOCAL_PYTHON_QUEUE
+
+
+def raw_bodies(fn, n: int) -> list[bytes]:  # noqa: ANN001
+    deliveries = fn.broker.fetch(fn.queue_name, n, 1.0)
+    fn.broker.ack(deliveries)
+    return [delivery.body for delivery in deliveries]
+
+
+@pytest.fixture
+def two_args(queue_name: str) -> Iterator[object]:
+    @task_deco(queue_name, broker_kind=MEMORY)
+    def f(x: int, y: object = None) -> None:
+        pass
+
+    yield f
+    f.clear()
+
+
+def check_layout(body: bytes, task_id: str, kwargs: dict[str, object]) -> dict[str, object]:
+    message = json.loads(body)  # plain JSON: any other language can read it
+    assert list(message) == [*kwargs, "extra"]
+    assert {key: message[key] for key in kwargs} == kwargs
+    extra = message["extra"]
+    assert list(extra) == ["task_id", "publish_time", "publish_time_format"]
+    assert extra["task_id"] == task_id
+    assert abs(extra["publish_time"] - time.time()) < 60
+    published = time.localtime(int(extra["publish_time"]))
+    assert extra["publish_time_format"] == time.strftime("%Y-%m-%d %H:%M:%S", published)
+    return extra
+
+
+def test_push_and_publish_many_write_the_same_layout(two_args) -> None:  # noqa: ANN001
+    pushed = two_args.push(1, y="é")
+    check_layout(raw_bodies(two_args, 1)[0], pushed.task_id, {"x": 1, "y": "é"})
+
+    calls = [{"x": i, "y": [i, None, {"z": 2**70}]} for i in range(5)] + [{"x": 9}]
+    before = [dict(call) for call in calls]
+    started = time.time()
+    task_ids = two_args.publish_many(calls)
+    assert calls == before  # the caller's dicts are not changed
+    bodies = raw_bodies(two_args, 10)
+    assert len(bodies) == len(task_ids) == 6 and len(set(task_ids)) == 6
+    times = {check_layout(body, task_id, call)["publish_time"]
+             for body, task_id, call in zip(bodies, task_ids, before, strict=True)}
+    assert len(times) == 1 and started - 0.001 <= times.pop() <= time.time()  # one publish time per batch
+
+
+def test_a_function_without_arguments_gets_a_body_of_extra_only(queue_name: str) -> None:
+    @task_deco(queue_name, broker_kind=MEMORY)
+    def tick() -> None:
+        pass
+
+    [task_id] = tick.publish_many([{}])
+    check_layout(raw_bodies(tick, 1)[0], task_id, {})
+
+
+def test_a_message_with_its_own_extra_keeps_it(two_args) -> None:  # noqa: ANN001
+    [task_id] = two_args.publish_many([{"x": 1, "extra": {"max_retry_times": 3}}])
+    extra = codec.loads(raw_bodies(two_args, 1)[0])["extra"]
+    assert extra["task_id"] == task_id and extra["max_retry_times"] == 3
+
+
+@pytest.mark.parametrize("bad", [{"x": 1, "y": math.nan}, {"x": 1, "y": [math.inf]}, {"x": 1, "y": object()},
+                                 {"y": 2}, {"x": 1, "w": 2}],
+                         ids=["nan", "nested-infinity", "not-json", "missing-argument", "unknown-argument"])
+def test_a_bad_message_in_a_batch_raises_and_publishes_nothing(two_args, bad: dict[str, object]) -> None:  # noqa: ANN001
+    with pytest.raises(PublishError):
+        two_args.publish_many([{"x": 0}, bad, {"x": 2}])
+    assert two_args.get_message_count() == 0
