@@ -41,6 +41,16 @@ if _orjson is not None:
     _orjson_dumps = _orjson.dumps
     _orjson_error = _orjson.JSONEncodeError
 
+    def dumps_transient(obj: Any) -> bytes:
+        """Like :func:`dumps`, for bytes that are copied into others at once (no exact-size copy)."""
+        try:
+            encoded = _orjson_dumps(obj)
+        except _orjson_error:
+            return _stdlib_dumps(obj)  # e.g. ints beyond 64 bits; raises its own clear TypeError
+        if b"null" in encoded:  # orjson writes NaN and infinities as null: refuse them like the stdlib
+            _reject_non_finite(obj)
+        return encoded  # type: ignore[no-any-return]
+
     def dumps(obj: Any) -> bytes:
         """Serialise to UTF-8 JSON bytes; raises TypeError/ValueError for what JSON cannot hold.
 
@@ -48,23 +58,7 @@ if _orjson is not None:
         short bodies kept in memory would take 4 KiB each. An exact-size copy costs less than the page
         faults that saves (0.6 instead of 2.2 microseconds per body held, measured on this machine).
         """
-        try:
-            encoded = _orjson_dumps(obj)
-        except _orjson_error:
-            return _stdlib_dumps(obj)  # e.g. ints beyond 64 bits; raises its own clear TypeError
-        if b"null" in encoded:  # orjson writes NaN and infinities as null: refuse them like the stdlib
-            _reject_non_finite(obj)
-        return bytes(memoryview(encoded))
-
-    def dumps_transient(obj: Any) -> bytes:
-        """Like :func:`dumps`, without the exact-size copy: for bytes that are copied into others at once."""
-        try:
-            encoded = _orjson_dumps(obj)
-        except _orjson_error:
-            return _stdlib_dumps(obj)
-        if b"null" in encoded:
-            _reject_non_finite(obj)
-        return encoded  # type: ignore[no-any-return]
+        return bytes(memoryview(dumps_transient(obj)))
 
     loads = _orjson.loads
     DecodeFailure: tuple[type[Exception], ...] = (ValueError, UnicodeDecodeError)

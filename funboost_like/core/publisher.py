@@ -91,7 +91,8 @@ class Publisher:
             else:
                 kwargs, extra = self._split(msg)
                 task_id, body = encode(kwargs, extra)
-                messages.append(kwargs)
+                if hooks:
+                    messages.append(kwargs)
             task_ids.append(task_id)
             bodies.append(body)
         if bodies:
