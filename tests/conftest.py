@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -64,3 +64,22 @@ def subprocess_env(queues: Path, **extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+def in_forked_child(action: Callable[[], str]) -> str:
+    """Run ``action`` in a forked child and return the text it returned; fail if the child failed."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        status = 1
+        try:
+            os.write(write_end, action().encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as reader:
+        text = reader.read().decode()
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child failed"
+    return text

@@ -27,6 +27,7 @@ from funboost_like.brokers.redis_ack_able import RedisAckAbleBroker
 from funboost_like.brokers.redis_common import describe_url
 from funboost_like.core.config import patch_frame_config, settings
 from funboost_like.core.errors import BrokerConnectionError, BrokerError, ConfigurationError, DoubleAckError
+from tests.conftest import in_forked_child
 from tests.private_redis import PrivateRedis
 
 REDIS_URL = os.environ.get("FUNBOOST_LIKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -368,22 +369,13 @@ def test_forked_child_gets_its_own_consumer_identity(broker, queue):
     broker.publish_many(queue, [b"parent", b"child"])
     parent_got = broker.fetch(queue, 1, 1.0)  # starts the heartbeat thread and the connection
     parent_id = broker.consumer_id
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        status = 1
-        try:
-            got = broker.fetch(queue, 1, 2.0)
-            broker.ack(got)
-            os.write(write_end, (broker.consumer_id + "|" + got[0].body.decode()).encode())
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    _, status = os.waitpid(pid, 0)
-    with os.fdopen(read_end, "rb") as reader:
-        child_id, _, body = reader.read().decode().partition("|")
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def in_child() -> str:
+        got = broker.fetch(queue, 1, 2.0)
+        broker.ack(got)
+        return broker.consumer_id + "|" + got[0].body.decode()
+
+    child_id, _, body = in_forked_child(in_child).partition("|")
     assert body == "child" and child_id and child_id != parent_id
     broker.ack(parent_got)
     assert broker.in_flight(queue) == 0

@@ -32,7 +32,7 @@ from funboost_like.brokers.redis_common import describe_url
 from funboost_like.brokers.redis_list import RedisListBroker
 from funboost_like.brokers.redis_stream import GROUP, RedisStreamBroker
 from funboost_like.core.errors import BrokerConnectionError, DoubleAckError
-from tests.conftest import REPO
+from tests.conftest import REPO, in_forked_child
 from tests.private_redis import PrivateRedis
 
 REDIS_URL = os.environ.get("FUNBOOST_LIKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -543,24 +543,15 @@ def test_a_forked_stream_consumer_reads_under_its_own_name(client: redis.Redis, 
     broker.publish_many(queue, [b"parent", b"child"])
     parent_got = broker.fetch(queue, 1, 1.0)  # also caches the read pipeline, which names the consumer
     parent_name = broker.consumer_id
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        status = 1
-        try:
-            got = broker.fetch(queue, 1, 2.0)
-            pending = redis.Redis.from_url(REDIS_URL).xpending_range(queue, GROUP, "-", "+", 10)
-            owner = next(p["consumer"].decode() for p in pending if p["message_id"] == got[0].token)
-            broker.ack(got)
-            os.write(write_end, f"{broker.consumer_id}|{owner}|{got[0].body.decode()}".encode())
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    _, status = os.waitpid(pid, 0)
-    with os.fdopen(read_end, "rb") as reader:
-        child_name, owner, body = reader.read().decode().split("|")
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def in_child() -> str:
+        got = broker.fetch(queue, 1, 2.0)
+        pending = redis.Redis.from_url(REDIS_URL).xpending_range(queue, GROUP, "-", "+", 10)
+        owner = next(p["consumer"].decode() for p in pending if p["message_id"] == got[0].token)
+        broker.ack(got)
+        return f"{broker.consumer_id}|{owner}|{got[0].body.decode()}"
+
+    child_name, owner, body = in_forked_child(in_child).split("|")
     assert body == "child" and child_name != parent_name and owner == child_name
     broker.ack(parent_got)
 
