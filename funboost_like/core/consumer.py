@@ -280,12 +280,13 @@ class Consumer:
                     next_stats = time.monotonic() + interval
                     self._log_rate()
                 free = capacity - (started - finished)
-                if free <= 0 or (self._gates and self._paused(started != finished, acks)):
+                if free <= 0:
                     if acks:
                         self._ack(broker, acks)
                         acks = []
-                    if free <= 0:
-                        self._wait_for_capacity(pool)
+                    self._wait_for_capacity(pool)
+                    continue
+                if self._gates and self._paused(started != finished, acks):
                     continue
                 timeout = _BUSY_FETCH_TIMEOUT if started != finished else _IDLE_FETCH_TIMEOUT
                 to_ack, acks = acks, []
