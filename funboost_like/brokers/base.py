@@ -1,58 +1,118 @@
-"""The broker contract: the one place a broker plugs in.
+"""The broker contract, version 2: the base owns the machinery, a broker implements primitives.
 
-A broker moves opaque ``bytes`` bodies between publishers and consumers of named queues. The
-framework owns every loop: a broker never runs its own ``while True`` for consumption, it only
-answers :meth:`Broker.fetch` within the given timeout.
+A broker moves opaque ``bytes`` bodies between publishers and consumers of named queues. The public
+methods (:meth:`Broker.publish`, :meth:`~Broker.publish_many`, :meth:`~Broker.fetch`,
+:meth:`~Broker.ack`, :meth:`~Broker.ack_and_fetch`, :meth:`~Broker.nack`, :meth:`~Broker.release`,
+:meth:`~Broker.dead_letter`, :meth:`~Broker.purge`, :meth:`~Broker.count`, :meth:`~Broker.close`)
+are written once here. The base owns:
+
+* the bounded wait of ``fetch``: the broker's native block (:meth:`Broker._wait`) when it has one,
+  else a poll backing off from 2 ms to 50 ms; ``fetch`` never waits past its timeout;
+* the tokens this process holds, so a second ack, nack, release or dead-lettering of one delivery
+  raises :class:`~funboost_like.core.errors.DoubleAckError` in one place;
+* settlements (acks, requeues, dead letters) that failed on a connection error: kept and sent again
+  before the next fetch (or at :meth:`~Broker.close`), so a message does not stay held by a live
+  consumer until its process ends. Every primitive that settles must therefore be idempotent;
+* error translation: an exception in ``connection_errors`` becomes
+  :class:`~funboost_like.core.errors.BrokerConnectionError`, one in ``errors`` a
+  :class:`~funboost_like.core.errors.BrokerError`, the cause chained;
+* fork safety: in a forked child every live broker forgets its parent's held tokens and calls
+  :meth:`Broker._after_fork` (drop sockets, connections, identities) before any use;
+* one maintenance thread per process for every broker that renews leases or beats (:meth:`_renew`)
+  or recovers dead consumers' messages (:meth:`_recover`).
+
+A broker implements the primitives (see ``docs/writing-a-broker.md``):
+
+``_put`` (required), ``_get`` (required, never blocks), ``_ack`` (required), ``_requeue``,
+``_purge`` and ``_size`` (required), and optionally ``_wait``, ``_renew``, ``_recover``,
+``_dead_letter`` / ``_dead_letters`` / ``_purge_dead_letters``, ``_ack_and_get``, ``_after_fork``
+and ``_close``.
 
 Thread safety: one broker instance serves every publisher and consumer of its kind in a process,
-so every method must be safe to call from several threads at once.
+so every primitive must be safe to call from several threads at once.
 
-Delivery guarantee: on a broker whose ``capabilities.ack`` is true, a fetched message stays owned
-by the consumer until :meth:`ack`, :meth:`nack`, :meth:`release` or :meth:`dead_letter`; if the
-consumer dies first, the broker makes it visible again by itself (lease expiry, heartbeat sweep or
-native requeue).
+Delivery guarantee: on a broker whose ``capabilities.redelivery`` is not ``none``, a fetched message
+stays owned by the consumer until it is settled; if the consumer dies first, the broker makes it
+visible again by itself (native requeue, lease expiry or heartbeat sweep), counting the death in
+:attr:`Delivery.crashes` where it can (the poison-message rule of the consumer reads it).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from funboost_like.core.errors import BrokerConnectionError, BrokerError, DoubleAckError
 
 if TYPE_CHECKING:
     from funboost_like.core.stores import KeyValueStore
 
 logger = logging.getLogger("funboost_like.broker")
 
+Redelivery = Literal["none", "native", "lease", "sweep"]
+DelayKind = Literal["none", "native", "emulated"]
+RoutingKind = Literal["none", "native", "emulated"]
+
+POLL_FIRST, POLL_MAX = 0.002, 0.05  # the idle poll of a broker without a native wait
+
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a broker can honour; parameter validation reads these, never the broker's name."""
+    """What a broker can honour; the base and parameter validation read these, never the broker's name.
 
-    ack: bool = False  # at-least-once: unacked messages come back after a consumer dies
-    persistent: bool = False  # messages survive a broker/process restart
-    delay: bool = False  # publish(not_before=...) holds a message invisible until due
-    priority: bool = False  # publish(priority=...) orders delivery, higher first
-    cross_process: bool = False  # publishers and consumers may live in different processes
-    cross_host: bool = False  # ... or on different hosts
-    dead_letters: bool = False  # list_dead_letters() works
+    ``redelivery``: how a dead consumer's messages come back: ``none`` (at-most-once), ``native``
+    (the server does it), ``lease`` (a held message's lease runs out unless renewed), ``sweep``
+    (live consumers reclaim the messages of one whose heartbeat stopped). ``delay``: whether
+    ``publish(not_before=...)`` and ``nack(delay=...)`` hold a message invisible until due.
+    ``max_priority``: the highest priority honoured (0: none). ``key_value``: the broker keeps small
+    expiring records (RPC results, filters). ``fifo``: equal-priority messages come out in order.
+    """
+
+    redelivery: Redelivery = "none"
+    delay: DelayKind = "none"
     max_priority: int = 0
+    dead_letters: bool = False
+    key_value: bool = False
+    routing: RoutingKind = "none"
+    persistent: bool = False
+    cross_process: bool = False
+    cross_host: bool = False
+    fifo: bool = True
+
+    @property
+    def ack(self) -> bool:
+        """At-least-once: a message leaves only when settled, and comes back if its consumer dies."""
+        return self.redelivery != "none"
+
+    @property
+    def priority(self) -> bool:
+        return self.max_priority > 0
 
 
 class Delivery:
-    """One fetched message: the body plus the broker's handle on it (never part of the payload)."""
+    """One fetched message: the body plus the broker's handle on it (never part of the payload).
 
-    __slots__ = ("queue", "body", "token", "attempts", "priority")
+    ``attempts`` counts deliveries (1 the first time; a nack and a crash count one, a release does
+    not). ``crashes`` counts the deliveries that ended with their consumer's death, where the
+    broker can tell (0 otherwise).
+    """
 
-    def __init__(self, queue: str, body: bytes, token: Any, attempts: int = 1, priority: int = 0) -> None:
+    __slots__ = ("queue", "body", "token", "attempts", "priority", "crashes")
+
+    def __init__(self, queue: str, body: bytes, token: Any, attempts: int = 1, priority: int = 0,
+                 crashes: int = 0) -> None:
         self.queue = queue
         self.body = body
-        self.token = token  # row id, stream id, delivery tag, ...
-        self.attempts = attempts  # 1 on first delivery
+        self.token = token  # row id, stream id, delivery tag, ...: hashable, unique within the queue
+        self.attempts = attempts
         self.priority = priority
+        self.crashes = crashes
 
     def __repr__(self) -> str:
         return f"Delivery(queue={self.queue!r}, token={self.token!r}, attempts={self.attempts})"
@@ -60,77 +120,289 @@ class Delivery:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """A message the framework gave up on, with the reason."""
+    """A message the framework gave up on, with the reason and the number of runs it had."""
 
     queue: str
     body: bytes
     reason: str
     failed_at: float
     attempts: int = 0
+    error: BaseException | None = field(default=None, compare=False, repr=False)
 
 
-class Broker(ABC):
-    """Base class of every broker. Subclasses implement the abstract methods; the rest have defaults."""
+_live: weakref.WeakSet[Broker] = weakref.WeakSet()
+
+
+class Broker:
+    """Base class of every broker: the public methods and the shared bookkeeping.
+
+    Subclasses set ``kind`` and ``capabilities`` and implement the primitives.
+    """
 
     kind: ClassVar[int]
     capabilities: ClassVar[Capabilities] = Capabilities()
+    connection_errors: ClassVar[tuple[type[BaseException], ...]] = ()  # -> BrokerConnectionError
+    errors: ClassVar[tuple[type[BaseException], ...]] = ()  # any other error of the client -> BrokerError
 
-    @abstractmethod
+    def __init__(self) -> None:
+        self._process_state()
+        cls = type(self)
+        self._waits = cls._wait is not Broker._wait
+        self._combined = cls._ack_and_get is not Broker._ack_and_get
+        self._maintained = cls._renew is not Broker._renew or cls._recover is not Broker._recover
+        _live.add(self)
+
+    def _process_state(self) -> None:
+        self._held: dict[str, set[Any]] = {}  # queue -> tokens this process holds
+        self._held_lock = threading.Lock()
+        self._deferred: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+        self._fetched: set[str] = set()  # queues this process fetched from (recovered by maintenance)
+
+    # -- primitives ------------------------------------------------------------------------------
+    def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
+        """Append ``bodies`` in order, invisible until the UNIX time ``not_before`` when given."""
+        raise NotImplementedError
+
+    def _get(self, queue: str, max_n: int) -> list[Delivery]:
+        """Take up to ``max_n`` ready messages (highest priority first, then oldest). Never blocks."""
+        raise NotImplementedError
+
+    def _ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Remove these held messages for good. Idempotent (it may be sent twice after an outage)."""
+        raise NotImplementedError
+
+    def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
+        """Make held messages visible again: after ``delay`` seconds, at the ``front`` or the back of
+        their priority, counting the delivery as an attempt or not. Idempotent."""
+        raise NotImplementedError
+
+    def _purge(self, queue: str) -> int:
+        """Delete the waiting messages of ``queue`` (not those held); return how many."""
+        raise NotImplementedError
+
+    def _size(self, queue: str) -> int:
+        """How many messages wait in ``queue`` (ready or delayed, not held by a live consumer)."""
+        raise NotImplementedError
+
+    def _wait(self, queue: str, timeout: float) -> None:
+        """Optional native block: return when ``queue`` may have a message, or after ``timeout``.
+        May return early; must not take a message."""
+
+    def _renew(self, deliveries: Sequence[Delivery]) -> None:
+        """Optional: extend the leases of (or beat for) what this process holds; run every
+        :meth:`maintenance_interval` seconds by the maintenance thread once the process has fetched."""
+
+    def _recover(self, queue: str) -> int:
+        """Optional: make the messages of dead consumers of ``queue`` visible again; return how many."""
+        return 0
+
+    def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        """Optional native dead-letter place: keep ``letter`` and remove the held message, atomically.
+        The default publishes a JSON envelope to ``<queue>.dlq`` and then acks."""
+        from funboost_like.core import codec
+
+        envelope = codec.dumps({"reason": letter.reason, "failed_at": letter.failed_at, "attempts": letter.attempts,
+                                "body": letter.body.decode("utf-8", "replace")})
+        self._put(dead_letter_queue_name(delivery.queue), [envelope], priority=0, not_before=None)
+        self._ack([delivery])
+
+    def _ack_and_get(self, deliveries: Sequence[Delivery], queue: str, max_n: int) -> list[Delivery]:
+        """Optional: :meth:`_ack` then :meth:`_get` in one round trip. The acks must be sent even when
+        the get fails; an ack failure is logged here, not raised."""
+        raise NotImplementedError
+
+    def maintenance_interval(self) -> float:
+        """Seconds between two rounds of :meth:`_renew` and :meth:`_recover` (0: no maintenance)."""
+        return 0.0
+
+    def _after_fork(self) -> None:
+        """In a forked child: drop the parent's sockets, connections and identity (never close them)."""
+
+    def _close(self) -> None:
+        """Release connections; the broker reconnects lazily when used again."""
+
+    # -- publishing ------------------------------------------------------------------------------
     def publish(self, queue: str, body: bytes, *, priority: int = 0, not_before: float | None = None) -> None:
         """Append one message. ``not_before`` is a UNIX time before which it must not be fetched."""
+        try:
+            self._put(queue, (body,), priority=priority, not_before=not_before)
+        except self.connection_errors as exc:
+            raise self._connection_error(exc, f"publishing to queue {queue!r}") from exc
+        except self.errors as exc:
+            raise BrokerError(f"{self._where()} failed publishing to queue {queue!r}: {exc}") from exc
 
     def publish_many(self, queue: str, bodies: Sequence[bytes], *, priority: int = 0) -> None:
-        """Append many messages; fast brokers override this with one round trip or one transaction."""
-        for body in bodies:
-            self.publish(queue, body, priority=priority)
+        """Append many messages in order, in as few round trips as the broker allows."""
+        if not bodies:
+            return
+        try:
+            self._put(queue, bodies, priority=priority, not_before=None)
+        except self.connection_errors as exc:
+            raise self._connection_error(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
+        except self.errors as exc:
+            raise BrokerError(f"{self._where()} failed publishing to queue {queue!r}: {exc}") from exc
 
-    @abstractmethod
+    # -- consuming -------------------------------------------------------------------------------
     def fetch(self, queue: str, max_n: int, timeout: float) -> list[Delivery]:
-        """Take up to ``max_n`` ready messages; block at most ``timeout`` seconds; return [] when idle."""
-
-    @abstractmethod
-    def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Remove finished messages for good. Batched; must be idempotent per delivery on the broker side."""
+        """Take up to ``max_n`` ready messages; block at most ``timeout`` seconds; [] when idle."""
+        if max_n <= 0:
+            return []
+        if self._deferred:
+            self._send_deferred(f"fetching from queue {queue!r}")
+        got = self._take(queue, max_n, None)
+        if got or timeout <= 0:
+            return got
+        return self._wait_and_take(queue, max_n, time.monotonic() + timeout)
 
     def ack_and_fetch(self, deliveries: Sequence[Delivery], queue: str, max_n: int,
                       timeout: float) -> list[Delivery]:
-        """:meth:`ack` ``deliveries``, then :meth:`fetch`: the consumer's call when it has acks to send
-        and is about to fetch. A broker that can send both in one round trip overrides this.
+        """:meth:`ack` ``deliveries``, then :meth:`fetch` (one round trip where the broker can).
 
-        A failed ack never stops the fetch: it is logged (the broker delivers those messages again),
-        and only a fetch failure is raised.
+        A failed ack never stops the fetch: it is logged (the broker delivers those messages again, or
+        the base sends the ack again after an outage); only a fetch failure is raised.
         """
-        try:
-            self.ack(deliveries)
-        except Exception:
-            logger.exception("acknowledging %d message(s) failed; the broker will deliver them again",
-                             len(deliveries))
-        return self.fetch(queue, max_n, timeout)
+        if not deliveries:
+            return self.fetch(queue, max_n, timeout)
+        if not self._combined or self._deferred or max_n <= 0:
+            try:
+                self.ack(deliveries)
+            except Exception:
+                logger.warning("acknowledging %d message(s) failed; the broker will deliver them again",
+                               len(deliveries), exc_info=True)
+            return self.fetch(queue, max_n, timeout)
+        live = self._unhold(deliveries, "acknowledged")
+        got = self._take(queue, max_n, live)
+        if got or timeout <= 0:
+            return got
+        return self._wait_and_take(queue, max_n, time.monotonic() + timeout)
 
-    @abstractmethod
+    def _take(self, queue: str, max_n: int, acks: Sequence[Delivery] | None) -> list[Delivery]:
+        try:
+            got = self._get(queue, max_n) if acks is None else self._ack_and_get(acks, queue, max_n)
+        except self.connection_errors as exc:
+            if acks:  # the acks may not have arrived: sent again before the next fetch (they are idempotent)
+                self._deferred.append((self._ack, (list(acks),)))
+            raise self._connection_error(exc, f"fetching from queue {queue!r}") from exc
+        except self.errors as exc:
+            raise BrokerError(f"{self._where()} failed fetching from queue {queue!r}: {exc}") from exc
+        if queue not in self._fetched:
+            self._first_fetch(queue)
+        if got:
+            held = self._held.get(queue)
+            if held is None:
+                held = self._held.setdefault(queue, set())
+            with self._held_lock:
+                held.update([d.token for d in got])
+        return got
+
+    def _wait_and_take(self, queue: str, max_n: int, deadline: float) -> list[Delivery]:
+        pause = POLL_FIRST
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            if self._waits:
+                try:
+                    self._wait(queue, remaining)
+                except self.connection_errors as exc:
+                    raise self._connection_error(exc, f"waiting on queue {queue!r}") from exc
+            else:
+                time.sleep(pause if pause < remaining else remaining)
+                pause = min(pause * 2, POLL_MAX)
+            got = self._take(queue, max_n, None)
+            if got:
+                return got
+
+    def _first_fetch(self, queue: str) -> None:
+        self._fetched.add(queue)
+        if self._maintained and self.maintenance_interval() > 0:
+            _maintenance.add(self)
+
+    # -- settling --------------------------------------------------------------------------------
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Remove finished messages for good. Raises DoubleAckError for one settled before, after
+        settling the others."""
+        if deliveries:
+            self._settle(self._ack, (), deliveries, "acknowledged")
+
     def nack(self, delivery: Delivery, *, requeue: bool = True, delay: float = 0.0) -> None:
-        """Give a message back (visible again after ``delay`` seconds) or, with requeue=False, drop it."""
+        """Give a message back (visible again after ``delay`` seconds, the attempt counted) or, with
+        ``requeue=False``, drop it."""
+        if not requeue:
+            self._settle(self._ack, (), (delivery,), "dropped")
+        else:
+            self._settle(self._requeue_counted, (max(0.0, delay),), (delivery,), "requeued")
+
+    def _requeue_counted(self, deliveries: Sequence[Delivery], delay: float) -> None:
+        self._requeue(deliveries, delay=delay, front=False, count_attempt=True)
 
     def release(self, deliveries: Iterable[Delivery]) -> None:
-        """Hand back messages that were fetched but never started (graceful shutdown)."""
-        for delivery in deliveries:
-            self.nack(delivery, requeue=True)
+        """Hand back messages fetched but never started (graceful shutdown): at the front, no attempt
+        counted."""
+        deliveries = list(deliveries)
+        if deliveries:
+            self._settle(self._release, (), deliveries, "released")
 
-    def dead_letter(self, delivery: Delivery, reason: str, exc: BaseException | None = None) -> None:
-        """Keep a message the framework gave up on, with the reason, and remove it from the queue.
+    def _release(self, deliveries: Sequence[Delivery]) -> None:
+        self._requeue(deliveries, delay=0.0, front=True, count_attempt=False)
 
-        The default publishes a JSON envelope to the queue ``<queue>.dlq`` and acks the original;
-        brokers with a native place override this and :meth:`list_dead_letters`.
-        """
-        from funboost_like.core import codec
+    def dead_letter(self, delivery: Delivery, reason: str, exc: BaseException | None = None, *,
+                    attempts: int | None = None) -> None:
+        """Keep a message the framework gave up on, with ``reason`` and its number of runs
+        (``attempts``; the delivery count when not given), and remove it from the queue."""
+        letter = DeadLetter(delivery.queue, delivery.body, str(reason), time.time(),
+                            delivery.attempts if attempts is None else attempts, exc)
+        self._settle(self._dead_letter_one, (letter,), (delivery,), "dead-lettered")
 
-        envelope = codec.dumps(
-            {"reason": reason, "failed_at": time.time(), "attempts": delivery.attempts,
-             "body": delivery.body.decode("utf-8", "replace")}
-        )
-        self.publish(dead_letter_queue_name(delivery.queue), envelope)
-        self.ack([delivery])
+    def _dead_letter_one(self, deliveries: Sequence[Delivery], letter: DeadLetter) -> None:
+        self._dead_letter(deliveries[0], letter)
 
+    def _settle(self, send: Callable[..., object], args: tuple[Any, ...], deliveries: Sequence[Delivery],
+                action: str) -> None:
+        live = self._unhold(deliveries, action, raise_rejected=False)
+        rejected = len(deliveries) - len(live)
+        if live:
+            try:
+                send(live, *args)
+            except self.connection_errors as exc:
+                self._deferred.append((send, (live, *args)))
+                raise self._connection_error(exc, f"settling {len(live)} message(s) (sent again later)") from exc
+            except self.errors as exc:
+                raise BrokerError(f"{self._where()} failed settling {len(live)} message(s): {exc}") from exc
+        if rejected:
+            first = next(d for d in deliveries if d not in live)
+            raise DoubleAckError(f"{first!r} was already acknowledged or rejected ({rejected} in all)")
+
+    def _unhold(self, deliveries: Sequence[Delivery], action: str, raise_rejected: bool = True) -> list[Delivery]:
+        """Stop holding these deliveries; return those that were held (the others were settled before)."""
+        live: list[Delivery] = []
+        with self._held_lock:
+            held_by_queue = self._held
+            for delivery in deliveries:
+                held = held_by_queue.get(delivery.queue)
+                if held is not None and delivery.token in held:
+                    held.remove(delivery.token)
+                    live.append(delivery)
+        if raise_rejected and len(live) != len(deliveries):
+            logger.warning("%d of %d message(s) were already settled before being %s",
+                           len(deliveries) - len(live), len(deliveries), action)
+        return live
+
+    def _send_deferred(self, action: str) -> None:
+        """Send again the settlements that failed on a connection error, in order."""
+        while self._deferred:
+            send, args = self._deferred[0]
+            try:
+                send(*args)
+            except self.connection_errors as exc:
+                raise self._connection_error(exc, action) from exc
+            except Exception:
+                logger.exception("%s refused a settlement sent again after an outage; its message comes back "
+                                 "when this process ends", self._where())
+            del self._deferred[0]
+            logger.info("sent again a settlement that failed while %s was unreachable", self._where())
+
+    # -- dead letters, inspection ------------------------------------------------------------------
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         """The most recent dead letters of ``queue``, newest first."""
         raise NotImplementedError(f"{type(self).__name__} cannot list dead letters")
@@ -138,26 +410,147 @@ class Broker(ABC):
     def purge_dead_letters(self, queue: str) -> int:
         raise NotImplementedError(f"{type(self).__name__} cannot purge dead letters")
 
-    @abstractmethod
     def purge(self, queue: str) -> int:
         """Delete every waiting message of ``queue``; return how many were deleted."""
+        try:
+            return self._purge(queue)
+        except self.connection_errors as exc:
+            raise self._connection_error(exc, f"purging queue {queue!r}") from exc
+        except self.errors as exc:
+            raise BrokerError(f"{self._where()} failed purging queue {queue!r}: {exc}") from exc
 
-    @abstractmethod
     def count(self, queue: str) -> int:
         """How many messages wait in ``queue`` (ready or delayed; not those held by a consumer)."""
+        try:
+            return self._size(queue)
+        except self.connection_errors as exc:
+            raise self._connection_error(exc, f"counting queue {queue!r}") from exc
+        except self.errors as exc:
+            raise BrokerError(f"{self._where()} failed counting queue {queue!r}: {exc}") from exc
+
+    def in_flight(self, queue: str) -> int:
+        """Messages this process fetched from ``queue`` and has not settled yet."""
+        return len(self._held.get(queue, ()))
+
+    def held(self) -> list[tuple[str, Any]]:
+        """(queue, token) of every message this process holds."""
+        with self._held_lock:
+            return [(queue, token) for queue, tokens in self._held.items() for token in tokens]
 
     def key_value_store(self, queue: str, namespace: str) -> KeyValueStore:
         """The store of small expiring records kept beside ``queue`` (RPC results, task filters, ...).
 
         ``namespace`` (``[A-Za-z0-9_-]{1,64}``) separates features. The same (queue, namespace)
-        returns the same store; see :mod:`funboost_like.core.stores` for the contract.
+        returns the same store; see :mod:`funboost_like.core.stores` for the contract. Brokers whose
+        ``capabilities.key_value`` is true override this.
         """
         raise NotImplementedError(f"broker {type(self).__name__} keeps no key-value records (needed by RPC "
                                   "results and task filtering)")
 
-    def close(self) -> None:  # noqa: B027 - optional hook, brokers without connections keep it
-        """Release connections. The broker may be used again afterwards (it reconnects lazily)."""
+    def maintain(self) -> None:
+        """One maintenance round (the maintenance thread's job; tests call it directly): renew what
+        this process holds, then recover the messages of dead consumers of the queues it fetches."""
+        self._renew_held()
+        for queue in list(self._fetched):
+            try:
+                recovered = self._recover(queue)
+            except Exception:
+                logger.warning("%s: recovering dead consumers' messages of queue %r failed", self._where(), queue,
+                               exc_info=True)
+                continue
+            if recovered:
+                logger.info("recovered %d message(s) of dead consumers of queue %r", recovered, queue)
+
+    def _renew_held(self) -> None:
+        with self._held_lock:
+            held = [Delivery(queue, b"", token) for queue, tokens in self._held.items() for token in tokens]
+        self._renew(held)
+
+    def close(self) -> None:
+        """Send deferred settlements if possible, stop maintenance and release connections. The broker
+        may be used again afterwards (it reconnects lazily)."""
+        _maintenance.discard(self)
+        self._fetched.clear()  # the next fetch starts maintenance again
+        if self._deferred:
+            try:
+                self._send_deferred("closing")
+            except BrokerError as exc:
+                logger.warning("could not send again the settlements that failed during an outage (%s); "
+                               "those messages come back after their lease or sweep", exc)
+        self._close()
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _where(self) -> str:
+        """How to name the server in an error message (no password)."""
+        return type(self).__name__
+
+    def _connection_error(self, exc: BaseException, action: str) -> BrokerConnectionError:
+        return BrokerConnectionError(f"{self._where()} is unreachable while {action}: {exc}")
+
+    def _reset_after_fork(self) -> None:
+        self._process_state()
+        self._after_fork()
 
 
 def dead_letter_queue_name(queue: str) -> str:
     return f"{queue}.dlq"
+
+
+class _Maintenance:
+    """The one thread per process that renews leases, beats and sweeps for every broker needing it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._brokers: weakref.WeakSet[Broker] = weakref.WeakSet()
+        self._due: weakref.WeakKeyDictionary[Broker, float] = weakref.WeakKeyDictionary()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, broker: Broker) -> None:
+        with self._lock:
+            self._brokers.add(broker)
+            self._due[broker] = time.monotonic()  # a first round at once: sweep what died before we came
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="funboost_like-broker-maintenance",
+                                                daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def discard(self, broker: Broker) -> None:
+        with self._lock:
+            self._brokers.discard(broker)
+
+    def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                brokers = list(self._brokers)
+            next_round = now + 60.0
+            for broker in brokers:
+                due = self._due.get(broker, now)
+                if due <= now:
+                    try:
+                        broker.maintain()
+                    except Exception:
+                        logger.warning("maintenance of %s failed; retrying", broker._where(), exc_info=True)
+                    due = time.monotonic() + broker.maintenance_interval()
+                    self._due[broker] = due
+                next_round = min(next_round, due)
+            self._wake.wait(max(0.0, next_round - time.monotonic()))
+            self._wake.clear()
+
+    def reset_in_child(self) -> None:
+        self.__init__()  # type: ignore[misc]  # the parent's thread does not exist here
+
+
+_maintenance = _Maintenance()
+
+
+def _after_fork_in_child() -> None:
+    _maintenance.reset_in_child()
+    for broker in list(_live):
+        broker._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
