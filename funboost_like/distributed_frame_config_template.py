@@ -22,7 +22,7 @@ effective settings (passwords are masked).
 # ----- Embedded SQLite broker (PERSISTQUEUE, the default broker) -----
 
 # SQLITE_QUEUES_PATH = ""  # folder of the SQLite queue files; "" means <per-user data dir>/sqlite_queues
-# SQLITE_LEASE_SECONDS = 30.0  # a killed consumer's unfinished messages are delivered again after this long
+# SQLITE_LEASE_SECONDS = 15.0  # a killed consumer's unfinished messages are delivered again after this long
 # SQLITE_BUSY_TIMEOUT_SECONDS = 5.0  # how long a write waits for another process's lock on the database
 # SQLITE_SYNCHRONOUS = "NORMAL"  # "NORMAL" survives a process crash; "FULL" also survives a power loss
 

@@ -2,34 +2,40 @@
 
 from __future__ import annotations
 
+import collections
+import json
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from funboost_like.brokers.base import Broker
-from funboost_like.brokers.registry import BROKERS, get_broker
+from funboost_like.brokers.registry import BROKERS, FIXTURES, get_broker
+from funboost_like.core.config import patch_frame_config
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import DoubleAckError
 
-from .conftest import require_server
+from .conftest import require_server, subprocess_env
 
-REDIS = ("Redis", "127.0.0.1", 6379)
-REDIS_KINDS = {BrokerEnum.REDIS, BrokerEnum.REDIS_ACK_ABLE, BrokerEnum.RedisBrpopLpush, BrokerEnum.REDIS_STREAM}
-REDIS_URL = "redis://127.0.0.1:6379/15"  # every Redis kind runs the suite on this database
-SERVERS = {kind: REDIS for kind in REDIS_KINDS}
 BUILT = [kind for kind, entry in BROKERS.items() if entry is not None]
+
+
+def test_every_built_kind_declares_its_fixture() -> None:
+    assert [kind for kind in BUILT if kind not in FIXTURES] == []
 
 
 @pytest.fixture(params=BUILT, ids=[k.name for k in BUILT])
 def broker(request: pytest.FixtureRequest, queue_name: str) -> Iterator[Broker]:
     kind = request.param
-    if kind in SERVERS:
-        require_server(*SERVERS[kind])
-        if kind in REDIS_KINDS:
-            from funboost_like.core.config import patch_frame_config
-
-            patch_frame_config(REDIS_URL=REDIS_URL)
+    fixture = FIXTURES[kind]
+    if fixture.server is not None:
+        require_server(*fixture.server)
+    if fixture.settings:
+        patch_frame_config(**fixture.settings)
     b = get_broker(kind)
     b.purge(queue_name)
     yield b
@@ -38,11 +44,6 @@ def broker(request: pytest.FixtureRequest, queue_name: str) -> Iterator[Broker]:
         b.purge_dead_letters(queue_name)
     except NotImplementedError:
         pass
-    if kind in REDIS_KINDS:  # also the keys purge keeps (a stream and its group, consumer records)
-        from funboost_like.brokers.redis_common import redis_client
-
-        client = redis_client()
-        client.delete(queue_name, *client.scan_iter(match=f"fl:{{{queue_name}}}:*", count=1000))
 
 
 def fetch_all(broker: Broker, queue: str, expected: int, timeout: float = 5.0) -> list:
@@ -187,3 +188,123 @@ def test_ack_and_fetch_acks_then_fetches(broker: Broker, queue_name: str, caplog
         broker.ack(second[-1:])
     broker.ack(third)
     assert broker.fetch(queue_name, 10, 0.05) == [] and broker.count(queue_name) == 0
+
+
+def test_key_value_records(broker: Broker, queue_name: str) -> None:
+    if not broker.capabilities.key_value:
+        pytest.skip("no key-value records")
+    store = broker.key_value_store(queue_name, "contract")
+    assert store is broker.key_value_store(queue_name, "contract")
+    store.put("a", b"1", None)
+    store.put("short", b"2", 0.3)
+    assert store.get("a") == b"1" and store.exists("short")
+    assert store.get_many(["a", "short", "missing"]) == {"a": b"1", "short": b"2"}
+    assert store.add_if_absent("a", b"other", None) is False and store.get("a") == b"1"
+    assert store.add_if_absent("b", b"3", None) is True
+    time.sleep(0.5)
+    assert store.get("short") is None and not store.exists("short")
+    store.delete("a")
+    store.delete("b")
+    assert store.get("a") is None and broker.key_value_store(queue_name, "other").get("b") is None
+
+
+# -- real consumer processes: SIGKILL recovery and poison messages ----------------------------------
+
+WORKER = Path(__file__).with_name("contract_worker.py")
+
+
+def crash_setup(broker: Broker, tmp_path: Path) -> dict[str, str]:
+    capabilities = broker.capabilities
+    if not (capabilities.ack and capabilities.cross_process):
+        pytest.skip("no redelivery of a dead consumer's messages to other processes")
+    fixture = FIXTURES[BrokerEnum(broker.kind)]
+    env = {f"FUNBOOST_LIKE_{name}": str(value) for name, value in {**fixture.settings, **fixture.fast_recovery}.items()}
+    env["FUNBOOST_LIKE_GRACEFUL_STOP_SECONDS"] = "2"
+    return subprocess_env(tmp_path / "sqlite_queues", **env)
+
+
+def records(path: Path) -> tuple[collections.Counter[int], collections.Counter[int]]:
+    started: collections.Counter[int] = collections.Counter()
+    done: collections.Counter[int] = collections.Counter()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            kind, ident, _ = line.split()
+            (started if kind == "s" else done)[int(ident)] += 1
+    return started, done
+
+
+def start(queue: str, kind: int, record: Path, mode: str, env: dict[str, str], tmp_path: Path,
+          children: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    log = open(tmp_path / f"worker-{len(children)}.log", "wb")
+    with log:
+        child = subprocess.Popen([sys.executable, str(WORKER), queue, str(kind), str(record), mode], env=env,
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    children.append(child)
+    return child
+
+
+def eventually(condition: Callable[[], bool], timeout: float, what: str, tmp_path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            logs = "\n".join(p.read_text("utf-8", "replace")[-2000:] for p in sorted(tmp_path.glob("worker-*.log")))
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for child in started:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+
+
+def publish_calls(broker: Broker, queue: str, calls: list[dict[str, object]]) -> None:
+    broker.publish_many(queue, [json.dumps(call).encode() for call in calls])
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_sigkilled_consumer_loses_nothing(broker: Broker, queue_name: str, tmp_path: Path,
+                                          children: list[subprocess.Popen[bytes]]) -> None:
+    env = crash_setup(broker, tmp_path)
+    record = tmp_path / "record"
+    total = 12
+    publish_calls(broker, queue_name, [{"i": i, "seconds": 0.3} for i in range(total)])
+    first = start(queue_name, broker.kind, record, "plain", env, tmp_path, children)
+    eventually(lambda: sum(records(record)[0].values()) >= 4, 30, "the first calls to start", tmp_path)
+    first.kill()
+    first.wait(10)
+    start(queue_name, broker.kind, record, "plain", env, tmp_path, children)
+    eventually(lambda: len(records(record)[1]) == total, 30, "every call to finish", tmp_path)
+    started, done = records(record)
+    assert set(done) == set(range(total))
+    assert any(count > 1 for count in started.values())  # the killed consumer's calls ran again
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_poison_message_is_dead_lettered_after_max_crash_redeliveries(
+        broker: Broker, queue_name: str, tmp_path: Path, children: list[subprocess.Popen[bytes]]) -> None:
+    env = crash_setup(broker, tmp_path)
+    record = tmp_path / "record"
+    neighbours = 6
+    publish_calls(broker, queue_name, [{"i": 0, "poison": True}]
+                  + [{"i": i, "seconds": 0.5} for i in range(1, neighbours + 1)])
+    supervisor = start(queue_name, broker.kind, record, "supervised", env, tmp_path, children)
+
+    def settled() -> bool:
+        return len(records(record)[1]) == neighbours and len(broker.list_dead_letters(queue_name)) == 1
+
+    eventually(settled, 90, "the neighbours to finish and the poison message to be dead-lettered", tmp_path)
+    supervisor.send_signal(signal.SIGTERM)
+    supervisor.wait(30)
+    started, done = records(record)
+    assert started[0] == 3  # max_crash_redeliveries: three deaths while running it, then no more runs
+    [letter] = broker.list_dead_letters(queue_name)
+    assert "poison" in letter.reason and "died 3 time(s)" in letter.reason
+    assert json.loads(letter.body)["i"] == 0
+    assert set(done) == set(range(1, neighbours + 1))
+    assert all(started[i] <= 3 for i in range(1, neighbours + 1))  # not re-run more often than the poison
+    assert broker.count(queue_name) == 0

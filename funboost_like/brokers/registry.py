@@ -1,6 +1,7 @@
 """Broker kind -> implementing class, imported lazily.
 
-Adding a broker is one module and one line in ``BROKERS``. A kind whose module is not built yet
+Adding a broker is one module, one line in ``BROKERS`` and one in ``FIXTURES`` (how the contract
+suite runs it). A kind whose module is not built yet
 maps to ``None``; choosing it raises :class:`BrokerNotAvailable` naming the missing piece.
 """
 
@@ -10,6 +11,8 @@ import difflib
 import importlib
 import os
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Union
 
 from funboost_like.brokers.base import Broker
@@ -40,6 +43,36 @@ BROKERS: dict[BrokerEnum, tuple[str, str] | None] = {
     BrokerEnum.PULSAR: None,
     BrokerEnum.NATS: None,
     BrokerEnum.DJANGO_ORM: None,
+}
+
+
+
+@dataclass(frozen=True)
+class Fixture:
+    """How the contract suite (tests/test_broker_contract.py) runs a broker kind.
+
+    ``server``: (name, host, port) that must accept connections (the suite skips on a laptop without
+    it and fails in CI). ``settings``: settings for the suite (a test database, ...). ``fast_recovery``:
+    settings under which a dead consumer's messages come back within about two seconds (crash tests).
+    """
+
+    server: tuple[str, str, int] | None = None
+    settings: Mapping[str, object] = field(default_factory=dict)
+    fast_recovery: Mapping[str, object] = field(default_factory=dict)
+
+
+_REDIS = Fixture(("Redis", "127.0.0.1", 6379), {"REDIS_URL": "redis://127.0.0.1:6379/15"},
+                 {"REDIS_HEARTBEAT_SECONDS": 0.3, "REDIS_DEAD_AFTER_SECONDS": 1.0,
+                  "REDIS_STREAM_MIN_IDLE_SECONDS": 1.0})
+
+# kind -> its fixture: a built kind without a line here is not in the contract suite (and must be).
+FIXTURES: dict[BrokerEnum, Fixture] = {
+    BrokerEnum.REDIS: _REDIS,
+    BrokerEnum.LOCAL_PYTHON_QUEUE: Fixture(),
+    BrokerEnum.PERSISTQUEUE: Fixture(fast_recovery={"SQLITE_LEASE_SECONDS": 1.0}),
+    BrokerEnum.REDIS_ACK_ABLE: _REDIS,
+    BrokerEnum.REDIS_STREAM: _REDIS,
+    BrokerEnum.RedisBrpopLpush: _REDIS,
 }
 
 BrokerKind = Union[BrokerEnum, int, str]  # noqa: UP007 - a runtime alias must work on 3.10 too

@@ -39,7 +39,7 @@ def default_data_dir() -> Path:
 DEFAULTS: dict[str, Any] = {
     # Embedded SQLite broker (PERSISTQUEUE).
     "SQLITE_QUEUES_PATH": "",  # "" means <per-user data dir>/sqlite_queues
-    "SQLITE_LEASE_SECONDS": 30.0,  # a killed consumer's messages come back after at most this long
+    "SQLITE_LEASE_SECONDS": 15.0,  # a killed consumer's messages come back after at most this long (renewed every 5 s)
     "SQLITE_BUSY_TIMEOUT_SECONDS": 5.0,  # below lease / 3, so lease renewal never stalls past a lease
     "SQLITE_SYNCHRONOUS": "NORMAL",  # NORMAL survives a process crash; FULL also survives power loss
     # Redis (used by the Redis brokers and Redis-backed services).
