@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from typing import Any
 
 from funboost_like import BrokerEnum, PriorityConsumingControlConfig, task_deco
+from funboost_like.brokers.base import Delivery
+from funboost_like.concurrency.base import Pool
 from funboost_like.core import inline
+from funboost_like.core.calls import FAILED
 from funboost_like.core.enums import ConcurrentModeEnum
-from funboost_like.middleware.base import FAILED
+from funboost_like.core.message import DecodedMessage, FunctionSignature
 
 MEMORY = BrokerEnum.LOCAL_PYTHON_QUEUE
 
@@ -109,6 +114,80 @@ def test_a_message_with_its_own_timeout_runs_in_the_pool_and_is_stopped(queue_na
     assert -1 not in ran
     letters = f.consumer.broker.list_dead_letters(queue_name)
     assert letters and "FunctionTimeoutError" in letters[0].reason, letters
+
+
+def test_the_inline_decision_reads_the_decoded_message_not_the_raw_body(queue_name: str) -> None:
+    """Argument values that spell "function_timeout" run on the fetcher like any other; a publish-time
+    ``function_timeout`` (in ``extra``) still sends its call to a worker, where the timeout is enforced."""
+    ran: list[tuple[str, str]] = []
+
+    @task_deco(queue_name, broker_kind=MEMORY, max_retry_times=0, is_print_detail_exception=False)
+    def f(x: Any) -> None:
+        if x == "slow":
+            time.sleep(3)
+        ran.append((repr(x), threading.current_thread().name))
+
+    warmed = warm_up(f, lambda: len(ran))
+    fetcher = f"funboost_like-fetch-{queue_name}"
+    lookalikes: list[Any] = ["function_timeout", {"function_timeout": 5}, '{"function_timeout": 5}']
+    f.publish_many([{"x": x} for x in lookalikes * 5])
+    wait_for(lambda: len(ran) == warmed + 15)
+    on_fetcher = {x for x, thread in ran[warmed:] if thread == fetcher}
+    assert on_fetcher == {repr(x) for x in lookalikes}, ran[warmed:]  # the raw-body search sent all to the pool
+
+    f.publish({"x": "slow"}, PriorityConsumingControlConfig(function_timeout=0.2))
+    wait_for(lambda: f.consumer.stats.counts[FAILED] == 1, timeout=5)  # stopped after 0.2 s, not 3 s
+    f.consumer.stop()
+    f.consumer.join(5)
+    assert repr("slow") not in {x for x, _ in ran}
+    letters = f.consumer.broker.list_dead_letters(queue_name)
+    assert letters and "FunctionTimeoutError" in letters[0].reason, letters
+
+
+class RecordingPool(Pool):
+    max_workers = 1
+
+    def __init__(self) -> None:
+        self.submitted: list[tuple[Any, Any]] = []
+
+    def submit(self, fn: Any, arg: Any) -> None:
+        self.submitted.append((fn, arg))
+
+    def drain(self) -> list[Any]:
+        return [arg for _, arg in self.submitted]
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        return True
+
+    @property
+    def worker_count(self) -> int:
+        return 0
+
+
+def test_the_inline_runner_decodes_each_message_once_and_hands_timed_ones_over() -> None:
+    calls: list[tuple[bytes, DecodedMessage | None, str]] = []
+
+    def process(delivery: Delivery, message: DecodedMessage | None = None) -> None:
+        calls.append((delivery.body, message, threading.current_thread().name))
+
+    pool = RecordingPool()
+    runner = inline.InlineRunner(process, FunctionSignature(lambda x: None), pool, logging.getLogger("test"),
+                                 "test-inline", hand_over=lambda: None)
+    bodies = [b'{"x": "function_timeout"}', b'{"x": {"function_timeout": 1}}',
+              b'{"x": 1, "extra": {"task_id": "a", "function_timeout": 0.5}}', b'not json']
+    try:
+        assert runner.run([Delivery("q", body, token=i) for i, body in enumerate(bodies)], threading.Event())
+    finally:
+        runner.close()
+    inline_calls = {body: message for body, message, _ in calls}
+    assert set(inline_calls) == {bodies[0], bodies[1], bodies[3]}
+    assert inline_calls[bodies[0]] is not None and inline_calls[bodies[0]].kwargs == {"x": "function_timeout"}
+    assert inline_calls[bodies[3]] is None  # undecodable: process() dead-letters it with the reason
+    [(fn, delivery)] = pool.submitted  # the timed call: to a worker, with its decoded form
+    assert delivery.body == bodies[2] and pool.drain() == [delivery]  # unstarted, it goes back as a Delivery
+    fn(delivery)
+    body, message, _ = calls[-1]
+    assert body == bodies[2] and message is not None and message.extra["function_timeout"] == 0.5
 
 
 def test_no_inline_runner_under_a_rate_limit_a_timeout_or_another_mode(queue_name: str) -> None:

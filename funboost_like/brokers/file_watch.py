@@ -75,10 +75,9 @@ class FileWatch:
                 self._pause = min(pause * 2, _POLL_MAX)
                 return
         readable, _, _ = select.select([self._fd], [], [], min(timeout, _LONGEST_WATCHED_WAIT))
-        if readable:
-            try:
-                while os.read(self._fd, 4096):
-                    pass
+        if readable:  # one read: events left over only end the next wait early (a loop until
+            try:      # BlockingIOError would hang under eventlet, whose os.read waits instead)
+                os.read(self._fd, 65536)
             except BlockingIOError:
                 pass
 

@@ -5,8 +5,9 @@ the fetcher's when capacity frees), and on a virtual machine whose idle CPUs hal
 cost more than a trivial call. So while the consumer's calls are fast, the fetcher runs them itself:
 
 * only in THREADING mode without a rate limit or a decorator-level ``function_timeout`` (the consumer
-  decides); a message that carries its own ``function_timeout`` still goes to the pool, since a timed
-  call needs a thread of its own;
+  decides); the fetcher decodes each message before it decides, and one whose ``extra`` carries its
+  own ``function_timeout`` goes to the pool with its decoded form, since a timed call needs a thread
+  of its own (the message is decoded once either way);
 * only after :data:`FAST_CALLS_FIRST` calls in a row took less than :data:`SLOW_CALL_SECONDS` each
   (wherever they ran); one slower call sends the following ones back to the pool until the streak is
   made again, so functions that block (I/O) always run in the pool, where they run side by side;
@@ -23,11 +24,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from logging import Logger
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from funboost_like.brokers.base import Delivery
-from funboost_like.concurrency.base import Pool
+from funboost_like.core.errors import DecodeError
+from funboost_like.core.message import DecodedMessage, FunctionSignature, decode
+
+if TYPE_CHECKING:
+    from funboost_like.brokers.base import Delivery
+    from funboost_like.concurrency.base import Pool
 
 # A call at least this long (wall time, retries included) is not "fast". Shorter calls lose no
 # parallelism inline: the pool grows only when work waits 20 ms, so it runs them one after another too.
@@ -36,15 +42,21 @@ FAST_CALLS_FIRST = 50  # fast calls in a row before the fetcher runs calls itsel
 RESCUE_AFTER_SECONDS = 0.02  # an inline call running this long: the rest of its batch goes to the pool
 HAND_OVER_AFTER_SECONDS = 0.1  # ... and this long: a new thread takes over fetching
 _RESCUER_IDLE_SECONDS = 1.0  # the rescuer sleeps on an event after this long without inline calls
-_TIMEOUT_KEY = b'"function_timeout"'  # a body that may carry its own timeout goes to the pool
+
+
+class Process(Protocol):
+    """The consumer's way of running one message; ``message`` is its decoded form when already known."""
+
+    def __call__(self, delivery: Delivery, message: DecodedMessage | None = None) -> None: ...
 
 
 class InlineRunner:
     """The fetcher's way of running calls itself, with the rescue of a batch behind a slow call."""
 
-    def __init__(self, process: Callable[[Delivery], None], pool: Pool, logger: Logger, name: str,
+    def __init__(self, process: Process, signature: FunctionSignature, pool: Pool, logger: Logger, name: str,
                  hand_over: Callable[[], None]) -> None:
         self._process = process
+        self._signature = signature
         self._pool = pool
         self._logger = logger
         self._name = name
@@ -82,6 +94,7 @@ class InlineRunner:
         if not self._active.is_set():
             self._wake_rescuer()
         process = self._process
+        signature = self._signature
         lock = self._lock
         me = threading.get_ident()
         while not stop.is_set():
@@ -89,13 +102,19 @@ class InlineRunner:
                 delivery = rest.popleft()
             except IndexError:
                 return True
-            if _TIMEOUT_KEY in delivery.body:
-                self._pool.submit(process, delivery)
-                continue
+            message: DecodedMessage | None
+            try:
+                message = decode(delivery.body, signature)
+            except DecodeError:
+                message = None  # process() decodes it again and dead-letters it with the reason
+            else:
+                if message.extra.get("function_timeout"):  # a timed call needs a thread of its own
+                    self._pool.submit(partial(process, message=message), delivery)
+                    continue
             with lock:
                 self._since, self._caller = time.monotonic(), me
             try:
-                process(delivery)  # settles its outcome itself, whatever happens
+                process(delivery, message)  # settles its outcome itself, whatever happens
             except BaseException:  # as a pool worker does: log it, never lose the fetcher
                 self._logger.exception("unhandled error in a call run by the fetcher of %s", self._name)
             finally:

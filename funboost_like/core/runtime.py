@@ -5,13 +5,21 @@ On the first SIGINT or SIGTERM every consumer stops fetching, hands unstarted me
 lets running calls finish within ``GRACEFUL_STOP_SECONDS``; then the signal's previous behaviour
 runs (KeyboardInterrupt for SIGINT, termination for SIGTERM) if the main thread is still busy.
 A second signal exits at once.
+
+A consumer's fetcher is a non-daemon thread, so the process keeps consuming after the main thread
+ends (the seed's scripts end with ``f.consume()``). Under eventlet's monkey patch threads are
+greenlets, and the interpreter's exit no longer waits for non-daemon ones: the hub would die with
+the main greenlet. There the main greenlet waits for them at exit instead (:func:`_join_green_threads`).
 """
 
 from __future__ import annotations
 
+import _thread
+import atexit
 import logging
 import os
 import signal
+import sys
 import threading
 from types import FrameType
 from typing import Any, Protocol
@@ -31,12 +39,15 @@ _installed_in_pid = -1
 _previous: dict[int, Any] = {}
 _RUNNING, _STOPPING, _STOPPED = range(3)
 _state = _RUNNING
+_exit_wait_in_pid = -1
+_main_ended = False  # the main greenlet reached interpreter exit and waits for the green threads
 
 
 def register(consumer: Stoppable) -> None:
     with _lock:
         _consumers.append(consumer)
     _install_signal_handlers()
+    _install_exit_wait()
 
 
 def unregister(consumer: Stoppable) -> None:
@@ -59,16 +70,55 @@ def stop_all(timeout: float | None = None) -> bool:
 
 
 def _install_signal_handlers() -> None:
+    """Install the handlers once per process, from its main OS thread (under eventlet or gevent, from
+    any greenlet of it); called from another thread, it does nothing and a later call may install."""
     global _installed_in_pid, _state
-    if _installed_in_pid == os.getpid() or threading.current_thread() is not threading.main_thread():
+    if _installed_in_pid == os.getpid():
         return
-    _installed_in_pid = os.getpid()
     _state = _RUNNING
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
             _previous[signum] = signal.signal(signum, _on_signal)
-        except (ValueError, OSError):  # not the main interpreter, or the signal cannot be caught
+        except ValueError:  # not the main thread (or not the main interpreter): nothing was installed
+            return
+        except OSError:  # the signal cannot be caught here
             logger.debug("cannot install a handler for signal %s", signum)
+    _installed_in_pid = os.getpid()
+
+
+def _install_exit_wait() -> None:
+    """Under eventlet's patched threading, make the interpreter's exit wait for non-daemon threads."""
+    global _exit_wait_in_pid
+    if _exit_wait_in_pid == os.getpid() or not _eventlet_patched_threads():
+        return
+    _exit_wait_in_pid = os.getpid()
+    atexit.register(_join_green_threads)
+
+
+def _eventlet_patched_threads() -> bool:
+    patcher = sys.modules.get("eventlet.patcher")  # never imports eventlet
+    return patcher is not None and bool(patcher.is_monkey_patched("thread"))
+
+
+def _join_green_threads() -> None:
+    """At exit, in the main greenlet: join every non-daemon thread, as CPython's exit does for real ones.
+
+    Eventlet's ``threading._shutdown`` only knows the threads of its private copy of the module, so
+    without this the seed's script (``f.consume()`` last) would exit at once and run nothing. Joining
+    a green thread yields to the hub, so consumers go on running until SIGINT/SIGTERM stops them.
+    """
+    global _main_ended
+    if _exit_wait_in_pid != os.getpid():  # a forked child that inherited the registration
+        return
+    _main_ended = True
+    while True:
+        waiting = [thread for thread in threading.enumerate()
+                   if not thread.daemon and thread.is_alive() and thread is not threading.current_thread()
+                   and thread is not threading.main_thread()]
+        if not waiting:
+            return
+        for thread in waiting:
+            thread.join()
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -82,14 +132,16 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
         os._exit(128 + signum)
     _state = _STOPPING
     logger.info("signal %s: stopping consumers gracefully", signal.Signals(signum).name)
-    threading.Thread(target=_graceful_stop, args=(signum,), name="funboost_like-graceful-stop", daemon=True).start()
+    # A bare thread, like a daemon one: Thread.start() waits until the thread runs, which a green hub
+    # (eventlet, gevent), where this handler may run, must never do.
+    _thread.start_new_thread(_graceful_stop, (signum,))
 
 
 def _graceful_stop(signum: int) -> None:
     global _state
     stop_all()
     _state = _STOPPED
-    if threading.main_thread().is_alive():  # the script is still running: let the signal reach it
+    if threading.main_thread().is_alive() and not _main_ended:  # the script still runs: let the signal reach it
         signal.raise_signal(signum)
 
 

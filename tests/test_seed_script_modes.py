@@ -1,0 +1,103 @@
+"""The seed's script shape in every concurrency mode: push, then ``f.consume()`` as the last line.
+
+The main thread (or main greenlet) ends right after ``consume()`` returns; the process must go on
+consuming until SIGINT/SIGTERM, then stop gracefully and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from funboost_like import task_deco
+
+from .conftest import subprocess_env
+
+SEED_SCRIPT = """
+{patch}
+import sys
+from funboost_like import task_deco, ConcurrentModeEnum
+
+@task_deco(sys.argv[1], concurrent_mode=ConcurrentModeEnum.{mode})
+{define} f(x):
+    print("ran", x, flush=True)
+
+if __name__ == "__main__":
+    for i in range(5):
+        f.push(i)
+    f.consume()
+"""
+
+MODES = {
+    "THREADING": ("", "def"),
+    "GEVENT": ("from gevent import monkey; monkey.patch_all()", "def"),
+    "EVENTLET": ("import eventlet; eventlet.monkey_patch()", "def"),
+    "ASYNC": ("", "async def"),
+}
+LINE_TIMEOUT = 20.0
+
+
+def read_lines(stream: object, lines: queue.Queue[str | None]) -> None:
+    for line in stream:  # type: ignore[attr-defined]
+        lines.put(line.strip())
+    lines.put(None)  # end of output: the process closed its stdout
+
+
+def wait_for_line(lines: queue.Queue[str | None], wanted: str, child: subprocess.Popen[str], logs: Path) -> None:
+    while True:
+        try:
+            line = lines.get(timeout=LINE_TIMEOUT)
+        except queue.Empty:
+            pytest.fail(f"no {wanted!r} within {LINE_TIMEOUT:.0f}s\n{logs.read_text()}")
+        if line is None:
+            pytest.fail(f"the script ended (exit code {child.wait(5)}) before printing {wanted!r}\n{logs.read_text()}")
+        if line == wanted:
+            return
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_seed_script_keeps_consuming_after_its_last_line(isolated_settings: Path, tmp_path: Path, queue_name: str,
+                                                           mode: str, sig: int) -> None:
+    patch, define = MODES[mode]
+    if patch:
+        pytest.importorskip(mode.lower())
+    script = tmp_path / "seed_script.py"
+    script.write_text(textwrap.dedent(SEED_SCRIPT.format(patch=patch, mode=mode, define=define)))
+    logs = tmp_path / "stderr.txt"
+    with logs.open("w") as stderr:
+        child = subprocess.Popen([sys.executable, "-W", "ignore", str(script), queue_name], stdout=subprocess.PIPE,
+                                 stderr=stderr, text=True, env=subprocess_env(isolated_settings))
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=read_lines, args=(child.stdout, lines), daemon=True).start()
+    try:
+        for i in range(5):
+            wait_for_line(lines, f"ran {i}", child, logs)
+
+        # The main thread ended long ago; a message published now by another process still runs.
+        @task_deco(queue_name)
+        def f(x: int) -> None:
+            pass
+
+        f.push(100)
+        wait_for_line(lines, "ran 100", child, logs)
+        assert child.poll() is None, "the consumer process ended"
+
+        child.send_signal(sig)
+        code = child.wait(15)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(5)
+    output = logs.read_text()
+    assert code == 0, f"exit code {code} after {signal.Signals(sig).name}\n{output}"
+    assert "Traceback" not in output, output
+    assert f"stopped consuming queue {queue_name!r}" in output, output  # the graceful stop ran
