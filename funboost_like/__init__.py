@@ -8,8 +8,7 @@ first use, so APScheduler is imported only by programs that schedule.
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from funboost_like.concurrency.multiprocess import run_consumer_with_multi_process
-from funboost_like.core.booster import Booster, boost, get_consumer, task_deco
+from funboost_like.core.booster import Booster, boost, get_consumer, run_consumer_with_multi_process, task_deco
 from funboost_like.core.config import patch_frame_config
 from funboost_like.core.enums import BrokerEnum, ConcurrentModeEnum
 from funboost_like.core.errors import (

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from funboost_like import BrokerEnum, PriorityConsumingControlConfig, patch_frame_config, task_deco
+from funboost_like.core.calls import SKIPPED
 from funboost_like.core.errors import ConfigurationError
-from funboost_like.middleware.base import SKIPPED
 from tests.conftest import REPO, subprocess_env
 
 EMBEDDED = [BrokerEnum.LOCAL_PYTHON_QUEUE, BrokerEnum.PERSISTQUEUE]

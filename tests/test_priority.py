@@ -78,7 +78,7 @@ def test_a_message_published_later_with_a_higher_priority_overtakes_the_backlog(
 
 
 def test_priority_needs_the_capability(queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(MemoryBroker, "capabilities", dataclasses.replace(MemoryBroker.capabilities, priority=False))
+    monkeypatch.setattr(MemoryBroker, "capabilities", dataclasses.replace(MemoryBroker.capabilities, max_priority=0))
 
     @task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE)
     def f(x: int) -> None:

@@ -42,11 +42,9 @@ and due times); changing ``SQLITE_QUEUES_PATH`` while messages are in flight is 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
-import re
 import secrets
 import socket
 import sqlite3
@@ -56,19 +54,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.file_watch import FileWatch
 from funboost_like.core.config import data_dir_setting, settings
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import BrokerNotAvailable, ConfigurationError
-from funboost_like.core.sqlite_files import open_sqlite
+from funboost_like.core.sqlite_files import open_sqlite, queue_file_name
 from funboost_like.core.stores import SqliteKeyValueStore, check_namespace
 
 logger = logging.getLogger("funboost_like.sqlite")
 
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,120}")
 _CHUNK = 500  # ids per IN (...) list, well below SQLite's bound-parameter limit
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is truncated back to this after a checkpoint
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -123,22 +119,6 @@ _WAITING = "owner IS NULL OR visible_at <= ?"  # not held, or held by a consumer
 
 
 _ABANDONED: list[Any] = []  # thread-local state inherited from a parent process
-
-
-def queue_file_name(queue: str) -> str:
-    """The file name of ``queue``'s database: the name itself when it is plainly safe, else an encoded form.
-
-    Safe means ``[A-Za-z0-9_.-]{1,120}`` without a leading dot. Other names are percent-encoded,
-    truncated, and suffixed with ``~`` and a sha1 prefix; ``~`` never occurs in a safe name, so an
-    encoded name never equals a plain one and different names never share a file.
-    """
-    if _SAFE_NAME.fullmatch(queue) and not queue.startswith("."):
-        return f"{queue}.sqlite3"
-    encoded = quote(queue, safe="")[:80]
-    if encoded.startswith("."):
-        encoded = "%2E" + encoded[1:]
-    digest = hashlib.sha1(queue.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"{encoded}~{digest}.sqlite3"
 
 
 class _Queue:

@@ -1,8 +1,11 @@
-"""Consumers in several supervised processes: ``run_consumer_with_multi_process(fn, n)``.
+"""Supervised child processes: the machinery under ``run_consumer_with_multi_process(fn, n)``.
 
-The calling process becomes a supervisor of ``n`` child processes. Each child calls
-``fn.consume()`` (so it has its own pool in the booster's concurrency mode, its own broker
-connections and its own prefetch) and waits until it is stopped.
+:class:`ProcessSupervisor` keeps ``n`` child processes running an opaque target, ``target(*args)``;
+it knows nothing of boosters or consumers. :func:`funboost_like.core.booster.run_consumer_with_multi_process`
+gives it a target that calls ``fn.consume()`` in each child (so each child has its own pool in the
+booster's concurrency mode, its own broker connections and its own prefetch) and waits until it is
+stopped. With the ``spawn`` and ``forkserver`` start methods the target and its arguments are pickled:
+a module-level function and arguments that pickle by reference.
 
 Supervision:
 
@@ -19,8 +22,8 @@ Supervision:
   notices within a second and stops gracefully on its own.
 
 Start methods: ``fork`` and ``spawn`` both work (``forkserver`` too). With ``spawn`` and
-``forkserver`` the booster travels to the child by reference (module and qualname of the decorated
-function, see :meth:`Booster.__reduce__`), so the child imports the user's module and finds the same
+``forkserver`` a booster travels to the child by reference (module and qualname of the decorated
+function, see ``Booster.__reduce__``), so the child imports the user's module and finds the same
 booster: decorate a function at the top level of a module and keep the start code under
 ``if __name__ == "__main__":``. ``fork`` copies the parent and also works for boosters defined
 elsewhere. The start method comes from the ``start_method`` argument, else the
@@ -44,14 +47,10 @@ from dataclasses import dataclass
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from funboost_like.core import runtime
 from funboost_like.core.config import settings
-from funboost_like.core.log import ensure_console_handler, get_logger
-
-if TYPE_CHECKING:
-    from funboost_like.core.booster import Booster
+from funboost_like.core.log import ensure_console_handler
 
 logger = logging.getLogger("funboost_like.multiprocess")
 
@@ -375,69 +374,3 @@ def _watch_supervisor(supervisor_pid: int | None = None) -> None:
 def _supervisor_gone(pid: int | None) -> None:
     logger.warning("the supervisor (pid %s) of process %d is gone; stopping", pid, os.getpid())
     os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _consume_in_child(booster: Booster[Any, Any]) -> None:
-    """A child's work: consume with the booster's own pool until SIGTERM, then stop gracefully."""
-    stop_asked = threading.Event()
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        stop_asked.set()
-        for consumer in runtime.running_consumers():
-            consumer.stop()  # the fetcher hands unstarted messages back and lets running calls finish
-
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, on_sigterm)
-    stale = booster._consumer
-    if stale is not None and not stale.is_running:  # a copy forked from a parent that consumed itself
-        booster._consumer = None
-    booster.consume()
-    # consume() installed the process-wide handlers; in a child only the supervisor's SIGTERM stops it.
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, on_sigterm)
-    if hasattr(signal, "SIGINT"):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    consumer = booster.consumer
-    if stop_asked.is_set():
-        consumer.stop()
-    while not consumer.join(1.0):
-        pass
-    consumer.logger.info("process %d stopped consuming queue %r", os.getpid(), booster.queue_name)
-
-
-# -- the public entry points -----------------------------------------------------------------------
-
-
-def _supervisor_for(booster: Booster[Any, Any], process_num: int, start_method: str | None) -> ProcessSupervisor:
-    from funboost_like.core.booster import Booster
-    from funboost_like.core.reference import booster_reference
-
-    if not isinstance(booster, Booster):
-        raise TypeError(f"expected a function decorated with task_deco, not {type(booster).__name__}")
-    params = booster.params
-    supervisor = ProcessSupervisor(_consume_in_child, (booster,), process_num, start_method=start_method,
-                                   name=f"funboost_like-{booster.queue_name}",
-                                   log=get_logger(params.queue_name, params.log_level, params.logger_prefix))
-    if supervisor.start_method != "fork":
-        booster_reference(booster)  # a booster the child could not import fails here, with the reason
-    return supervisor
-
-
-def run_consumer_with_multi_process(booster: Booster[Any, Any], process_num: int = 1, *,
-                                   start_method: str | None = None) -> None:
-    """Consume ``booster``'s queue in ``process_num`` supervised processes; block until they are stopped.
-
-    Returns after SIGINT/SIGTERM to this process (or a stop from another thread) has stopped every
-    child gracefully. See the module docstring for restarts, signals and start methods.
-    """
-    _supervisor_for(booster, process_num, start_method).run()
-
-
-def start_consumer_processes(booster: Booster[Any, Any], process_num: int = 1, *,
-                             start_method: str | None = None) -> ProcessSupervisor:
-    """Like :func:`run_consumer_with_multi_process`, but return the running supervisor at once.
-
-    The supervising thread is not a daemon: the process stays up after the main thread ends, until
-    SIGINT/SIGTERM or ``supervisor.stop()``.
-    """
-    return _supervisor_for(booster, process_num, start_method).start()

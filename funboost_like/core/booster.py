@@ -1,15 +1,26 @@
-"""``task_deco`` / ``boost`` and ``get_consumer``: the user-facing entry points."""
+"""``task_deco`` / ``boost``, ``get_consumer`` and ``run_consumer_with_multi_process``: the user-facing entry points.
+
+This module wires the layers together: it validates parameters against the broker registry and the
+features' own checks, and hands the process supervisor (which knows nothing of boosters) a target
+that consumes a booster's queue in each child.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import signal
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypedDict, TypeVar
 
-from funboost_like.brokers.base import Broker
+from funboost_like.brokers import registry
+from funboost_like.concurrency.multiprocess import ProcessSupervisor
+from funboost_like.core import runtime
 from funboost_like.core.consumer import Consumer
+from funboost_like.core.log import get_logger
 from funboost_like.core.message import FunctionSignature
 from funboost_like.core.params import (
     ConsumerParams,
@@ -19,13 +30,15 @@ from funboost_like.core.params import (
     check_mode_fits_function,
 )
 from funboost_like.core.publisher import Publisher
+from funboost_like.core.reference import booster_reference
 from funboost_like.core.results import AsyncResult
 from funboost_like.core.status_store import StatusStore, open_status_store
+from funboost_like.middleware.base import param_checks
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from funboost_like.concurrency.multiprocess import ProcessSupervisor
+    from funboost_like.brokers.base import Broker
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -138,8 +151,6 @@ class Booster(Generic[P, R]):
         supervising thread keeps the process up until SIGINT/SIGTERM or ``supervisor.stop()``
         (see funboost_like/concurrency/multiprocess.py).
         """
-        from funboost_like.concurrency.multiprocess import start_consumer_processes
-
         return start_consumer_processes(self, process_num, start_method=start_method)
 
     def stop(self) -> None:
@@ -156,7 +167,7 @@ class Booster(Generic[P, R]):
 def task_deco(queue_name: str, **params: Unpack[ConsumerOptions]) -> Callable[[Callable[P, R]], Booster[P, R]]:
     """Turn a function into a :class:`Booster` bound to ``queue_name`` (parameters as in the seed)."""
 
-    validated = build_params(queue_name, None, dict(params))  # a bad parameter raises here, not later
+    validated = _build_params(queue_name, None, params)  # a bad parameter raises here, not later
 
     def decorate(function: Callable[P, R]) -> Booster[P, R]:
         params = dataclasses.replace(validated, consuming_function=function)
@@ -172,4 +183,77 @@ boost = task_deco
 def get_consumer(queue_name: str, *, consuming_function: Callable[..., Any],
                  **params: Unpack[ConsumerOptions]) -> Consumer:
     """The seed's manual form: a consumer with ``start_consuming_message()`` and ``publisher_of_same_queue``."""
-    return Consumer(build_params(queue_name, consuming_function, dict(params)))
+    return Consumer(_build_params(queue_name, consuming_function, params))
+
+
+def _build_params(queue_name: str, consuming_function: Callable[..., Any] | None,
+                  options: Mapping[str, Any]) -> ConsumerParams:
+    """Validate the decorator's parameters against the broker registry and every feature's own checks."""
+    return build_params(queue_name, consuming_function, dict(options), brokers=registry, checks=param_checks())
+
+
+# -- consumer processes: the target the process supervisor runs in each child --------------------
+
+
+def _consume_in_child(booster: Booster[Any, Any]) -> None:
+    """A child's work: consume with the booster's own pool until SIGTERM, then stop gracefully.
+
+    The supervisor runs it as an opaque target: a module-level function (pickled by reference) with
+    the booster as its argument (pickled by reference too, see :meth:`Booster.__reduce__`).
+    """
+    stop_asked = threading.Event()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        stop_asked.set()
+        for consumer in runtime.running_consumers():
+            consumer.stop()  # the fetcher hands unstarted messages back and lets running calls finish
+
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, on_sigterm)
+    stale = booster._consumer
+    if stale is not None and not stale.is_running:  # a copy forked from a parent that consumed itself
+        booster._consumer = None
+    booster.consume()
+    # consume() installed the process-wide handlers; in a child only the supervisor's SIGTERM stops it.
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, on_sigterm)
+    if hasattr(signal, "SIGINT"):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    consumer = booster.consumer
+    if stop_asked.is_set():
+        consumer.stop()
+    while not consumer.join(1.0):
+        pass
+    consumer.logger.info("process %d stopped consuming queue %r", os.getpid(), booster.queue_name)
+
+
+def _supervisor_for(booster: Booster[Any, Any], process_num: int, start_method: str | None) -> ProcessSupervisor:
+    if not isinstance(booster, Booster):
+        raise TypeError(f"expected a function decorated with task_deco, not {type(booster).__name__}")
+    params = booster.params
+    supervisor = ProcessSupervisor(_consume_in_child, (booster,), process_num, start_method=start_method,
+                                   name=f"funboost_like-{booster.queue_name}",
+                                   log=get_logger(params.queue_name, params.log_level, params.logger_prefix))
+    if supervisor.start_method != "fork":
+        booster_reference(booster)  # a booster the child could not import fails here, with the reason
+    return supervisor
+
+
+def run_consumer_with_multi_process(booster: Booster[Any, Any], process_num: int = 1, *,
+                                   start_method: str | None = None) -> None:
+    """Consume ``booster``'s queue in ``process_num`` supervised processes; block until they are stopped.
+
+    Returns after SIGINT/SIGTERM to this process (or a stop from another thread) has stopped every
+    child gracefully. Restarts, signals and start methods: see funboost_like/concurrency/multiprocess.py.
+    """
+    _supervisor_for(booster, process_num, start_method).run()
+
+
+def start_consumer_processes(booster: Booster[Any, Any], process_num: int = 1, *,
+                             start_method: str | None = None) -> ProcessSupervisor:
+    """Like :func:`run_consumer_with_multi_process`, but return the running supervisor at once.
+
+    The supervising thread is not a daemon: the process stays up after the main thread ends, until
+    SIGINT/SIGTERM or ``supervisor.stop()``.
+    """
+    return _supervisor_for(booster, process_num, start_method).start()

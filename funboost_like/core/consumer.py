@@ -10,6 +10,7 @@ outcome with the broker (ack in batches, requeue, dead letter): workers never to
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 import traceback
@@ -26,17 +27,7 @@ from funboost_like.concurrency.base import Pool
 from funboost_like.concurrency.threads import ThreadPool
 from funboost_like.concurrency.timeouts import TimedRun, watchdog
 from funboost_like.core import runtime
-from funboost_like.core.config import settings
-from funboost_like.core.distributed_ratelimit import DistributedRateLimiter
-from funboost_like.core.enums import ConcurrentModeEnum
-from funboost_like.core.errors import DecodeError, ExceptionForRequeue, ExceptionForRetry, FunctionTimeoutError
-from funboost_like.core.inline import HAND_OVER_AFTER_SECONDS, InlineRunner
-from funboost_like.core.log import ensure_console_handler, get_logger
-from funboost_like.core.message import FunctionSignature, decode
-from funboost_like.core.params import ConsumerParams
-from funboost_like.core.publisher import Publisher
-from funboost_like.core.ratelimit import RateLimiter
-from funboost_like.middleware.base import (
+from funboost_like.core.calls import (
     DEAD_LETTERED,
     FAILED,
     OUTCOME_NAMES,
@@ -46,17 +37,34 @@ from funboost_like.middleware.base import (
     SUCCEEDED,
     Call,
     Middleware,
-    build_middlewares,
-    overriding,
 )
+from funboost_like.core.config import settings
+from funboost_like.core.distributed_ratelimit import DistributedRateLimiter
+from funboost_like.core.enums import ConcurrentModeEnum
+from funboost_like.core.errors import DecodeError, ExceptionForRequeue, ExceptionForRetry, FunctionTimeoutError
+from funboost_like.core.inline import HAND_OVER_AFTER_SECONDS, InlineRunner
+from funboost_like.core.log import ensure_console_handler, get_logger
+from funboost_like.core.message import DecodedMessage, FunctionSignature, decode
+from funboost_like.core.params import ConsumerParams
+from funboost_like.core.publisher import Publisher
+from funboost_like.core.ratelimit import RateLimiter
+from funboost_like.middleware.base import build_middlewares, overriding
 
 # What a worker reports: (outcome code, delivery, dead-letter reason, exception).
-Outcome = tuple[int, Delivery, str, "BaseException | None"]
+# The number is the runs of a failed call (its dead letter records them), the delay of a requeue.
+Outcome = tuple[int, Delivery, str, "BaseException | None", float]
 
 _IDLE_FETCH_TIMEOUT = 1.0
 _BUSY_FETCH_TIMEOUT = 0.02  # while calls run, come back soon to flush their acks
 _WINDOW = 60  # seconds of history behind the rate and the time-left estimate
 _ABANDON_GRACE = 0.2  # seconds a timed-out call gets to unwind before its thread is abandoned
+
+
+def backoff_delay(params: ConsumerParams, runs: int) -> float:
+    """Seconds before the retry that follows run ``runs``: exponential from ``retry_backoff``, capped at
+    ``retry_backoff_max``, with "equal jitter" (between half and all of it) when ``retry_jitter``."""
+    delay = min(float(params.retry_backoff_max), float(params.retry_backoff) * 2.0 ** (runs - 1))
+    return delay * (0.5 + random.random() / 2) if params.retry_jitter else delay
 
 
 class _Abandoned(BaseException):
@@ -195,7 +203,7 @@ class Consumer:
         params = self.params
         if params.concurrent_mode != ConcurrentModeEnum.THREADING or params.qps or params.function_timeout:
             return None
-        return InlineRunner(self._process, pool, self.logger, f"funboost_like-{self.queue_name}",
+        return InlineRunner(self._process, self.signature, pool, self.logger, f"funboost_like-{self.queue_name}",
                             self._hand_over_fetching)
 
     def _hand_over_fetching(self) -> None:
@@ -272,6 +280,7 @@ class Consumer:
         failures_in_a_row = 0
         acks: list[Delivery] = []  # finished messages whose ack goes out with the next fetch
         inline = self._inline if limiter is None else None
+        suspects_alone = self.params.max_crash_redeliveries is not None
         try:
             while not stop.is_set():
                 finished += self._flush_completed(broker, acks)
@@ -296,6 +305,9 @@ class Consumer:
                     stop.wait(min(30.0, 0.5 * 2 ** min(failures_in_a_row, 6)))
                     continue
                 failures_in_a_row = 0
+                if suspects_alone and any(d.crashes for d in deliveries):
+                    started, finished = self._run_suspect(broker, pool, deliveries, started, finished)
+                    continue
                 if inline is not None and inline.ready:
                     started += len(deliveries)
                     self._handover_counts = (started, finished)
@@ -312,6 +324,43 @@ class Consumer:
                 if acks:  # only after an exception between a flush and the fetch
                     self._ack(broker, acks)
                 self._shutdown(broker, pool)
+
+    def _run_suspect(self, broker: Broker, pool: Pool, deliveries: list[Delivery], started: int,
+                     finished: int) -> tuple[int, int]:
+        """The poison-message rule (DESIGN §3.3). A delivery whose consumer died while it was in flight
+        runs alone: the rest of the batch goes back, and nothing else runs or is held in this process
+        until it ends, so a death during it is counted against it only. Once its consumer died
+        ``max_crash_redeliveries`` times, it is dead-lettered without running. Returns the updated
+        (started, finished) counts of the fetch loop."""
+        suspect = next(d for d in deliveries if d.crashes)
+        rest = [d for d in deliveries if d is not suspect]
+        try:
+            if rest:
+                broker.release(rest)
+        except Exception:
+            self.logger.exception("handing back %d message(s) failed; the broker will deliver them again", len(rest))
+        limit = self.params.max_crash_redeliveries
+        if limit is not None and suspect.crashes >= limit:
+            reason = (f"poison message: its consumer process died {suspect.crashes} time(s) while running it "
+                      f"(max_crash_redeliveries={limit})")
+            self.logger.error("dead-lettering a message of queue %r: %s", self.queue_name, reason)
+            self._settle((DEAD_LETTERED, suspect, reason, None, suspect.attempts - 1))
+            return started + 1, finished
+        self.logger.warning("running a message of queue %r alone: its consumer process died %d time(s) while it "
+                            "was in flight", self.queue_name, suspect.crashes)
+        for run in (False, True):
+            while started != finished and not self._stop.is_set():
+                finished += self._flush_completed(broker)
+                if started != finished:
+                    self._wait_for_capacity(pool)
+            if run:
+                break
+            if self._stop.is_set():
+                broker.release([suspect])
+                return started, finished
+            pool.submit(self._submit_target, suspect)
+            started += 1
+        return started, finished
 
     def _submit(self, deliveries: list[Delivery], limiter: RateLimiter | DistributedRateLimiter | None, pool: Pool,
                 broker: Broker) -> int:
@@ -394,12 +443,12 @@ class Consumer:
                 others.append(outcome)
         if to_ack and acks is None:
             self._ack(broker, to_ack)
-        for code, delivery, reason, exc in others:
+        for code, delivery, reason, exc, number in others:
             try:
                 if code == REQUEUED:
-                    broker.nack(delivery, requeue=True)
+                    broker.nack(delivery, requeue=True, delay=number)
                 else:
-                    broker.dead_letter(delivery, reason, exc)
+                    broker.dead_letter(delivery, reason, exc, attempts=int(number))
             except Exception:
                 self.logger.exception("settling %r failed; the broker will deliver it again", delivery)
         self.stats.record(n)
@@ -451,10 +500,10 @@ class Consumer:
                          f"{left:.0f}s" if left is not None else "unknown")
 
     # -- a worker --------------------------------------------------------------------------------
-    def _process(self, delivery: Delivery) -> None:
-        outcome: Outcome | None = (REQUEUED, delivery, "", None)  # if the call escapes with SystemExit & co.
+    def _process(self, delivery: Delivery, message: DecodedMessage | None = None) -> None:
+        outcome: Outcome | None = (REQUEUED, delivery, "", None, 0.0)  # if the call escapes with SystemExit & co.
         try:
-            outcome = self._run(delivery)
+            outcome = self._run(delivery, message)
         finally:
             if outcome is not None:  # None: abandoned after a timeout, and settled by its continuation
                 self._settle(outcome)
@@ -465,9 +514,9 @@ class Consumer:
         if self._fetcher_waiting and not freed.is_set():  # one wake-up per wait, not one per message
             freed.set()
 
-    def _run(self, delivery: Delivery) -> Outcome | None:
+    def _run(self, delivery: Delivery, message: DecodedMessage | None = None) -> Outcome | None:
         """Decode, run the hooks and the call with in-place retries; say how the message must end."""
-        call = self._prepare(delivery)
+        call = self._prepare(delivery, message)
         if not isinstance(call, Call):
             return call
         outcome = self._call_with_retries(call)
@@ -476,13 +525,14 @@ class Consumer:
             inline.record(call.duration)
         return self._finish(call, outcome)
 
-    def _prepare(self, delivery: Delivery) -> Call | Outcome:
+    def _prepare(self, delivery: Delivery, message: DecodedMessage | None = None) -> Call | Outcome:
         """Decode and run the before-hooks: a Call to run, or the outcome of a message that will not run."""
         try:
-            message = decode(delivery.body, self.signature)
+            if message is None:  # the inline runner decodes a message before it decides where it runs
+                message = decode(delivery.body, self.signature)
         except DecodeError as exc:
             self.logger.error("dead-lettering a message of queue %r: %s", self.queue_name, exc)
-            return DEAD_LETTERED, delivery, str(exc), None
+            return DEAD_LETTERED, delivery, str(exc), None, delivery.attempts - 1
         call = Call(self, delivery, message)
         for middleware in self._before:
             try:
@@ -494,7 +544,7 @@ class Consumer:
                 self.logger.info("skipping task %s: %s", call.task_id, reason)
                 call.outcome, call.skip_reason = SKIPPED, reason
                 self._hook(self._after, "after_call", call)
-                return SKIPPED, delivery, reason, None
+                return SKIPPED, delivery, reason, None, 0.0
         if self._on_start:
             call.started_at = time.time()
             self._hook(self._on_start, "on_start", call)
@@ -528,11 +578,11 @@ class Consumer:
                     continue
                 return outcome
             call.outcome, call.duration = SUCCEEDED, call.duration + time.perf_counter() - started
-            return SUCCEEDED, call.delivery, "", None
+            return SUCCEEDED, call.delivery, "", None, 0.0
 
     async def _process_async(self, delivery: Delivery) -> None:
         """ASYNC mode: the same path as :meth:`_process`, awaiting the coroutine on the event loop."""
-        outcome: Outcome | None = (REQUEUED, delivery, "", None)
+        outcome: Outcome | None = (REQUEUED, delivery, "", None, 0.0)
         try:
             call = self._prepare(delivery)
             outcome = call if not isinstance(call, Call) else self._finish(call, await self._await_with_retries(call))
@@ -563,15 +613,24 @@ class Consumer:
                     continue
                 return outcome
             call.outcome, call.duration = SUCCEEDED, call.duration + time.perf_counter() - started
-            return SUCCEEDED, call.delivery, "", None
+            return SUCCEEDED, call.delivery, "", None, 0.0
 
     def _after_exception(self, call: Call, exc: Exception, started: float) -> Outcome | None:
         """Classify a failed run: None to run again at once, or the message's outcome."""
         if isinstance(exc, ExceptionForRequeue):
             self.logger.info("task %s asked to be requeued", call.task_id)
             call.outcome, call.duration = REQUEUED, call.duration + time.perf_counter() - started
-            return REQUEUED, call.delivery, "", None
-        if call.attempts <= call.message.extra.get("max_retry_times", self.params.max_retry_times):
+            return REQUEUED, call.delivery, "", None, 0.0
+        retries = call.message.extra.get("max_retry_times", self.params.max_retry_times)
+        if self.params.retry_backoff:  # a retry waits in the broker, not in a worker
+            runs = call.delivery.attempts - 1 + call.attempts
+            if runs <= retries:
+                delay = backoff_delay(self.params, runs)
+                self.logger.warning("task %s of queue %r failed (run %d): %r; retrying in %.2fs", call.task_id,
+                                    self.queue_name, runs, exc, delay)
+                call.outcome, call.duration = REQUEUED, call.duration + time.perf_counter() - started
+                return REQUEUED, call.delivery, "", None, delay
+        elif call.attempts <= retries:
             self._log_failure(call.task_id, exc, call.attempts, final=False)
             return None
         return self._failed(call, exc, call.duration + time.perf_counter() - started)
@@ -585,7 +644,8 @@ class Consumer:
     def _failed(self, call: Call, exc: Exception, duration: float) -> Outcome:
         self._log_failure(call.task_id, exc, call.attempts, final=True)
         call.exc, call.outcome, call.duration = exc, FAILED, duration
-        return FAILED, call.delivery, self._failure_reason(exc, call.attempts), exc
+        runs = call.delivery.attempts - 1 + call.attempts  # earlier deliveries ran (or died) too
+        return FAILED, call.delivery, self._failure_reason(exc, runs), exc, runs
 
     def _thread_timed_call(self, call: Call, timeout: float) -> Any:
         """One run under a deadline (see concurrency/timeouts.py for what stopping a thread means)."""
@@ -615,11 +675,11 @@ class Consumer:
                 return
             except RuntimeError:  # the pool is shut down: the broker gets the message back
                 pass
-        self._settle((REQUEUED, call.delivery, "", None))
+        self._settle((REQUEUED, call.delivery, "", None, 0.0))
 
     def _resume_after_timeout(self, call: Call) -> None:
         """A fresh worker goes on with a message whose previous run was abandoned."""
-        outcome: Outcome | None = (REQUEUED, call.delivery, "", None)
+        outcome: Outcome | None = (REQUEUED, call.delivery, "", None, 0.0)
         try:
             timeout = call.message.extra.get("function_timeout", self.params.function_timeout)
             exc = FunctionTimeoutError(f"the call took longer than function_timeout={timeout}s")

@@ -1,7 +1,11 @@
 """Decorator parameters (the seed's names, spellings included) and publish-time options.
 
 Validation happens at decoration time: an unknown parameter, a malformed value, or a feature the
-chosen broker cannot honour raises :class:`ConfigurationError` (a ``ValueError``).
+chosen broker cannot honour raises :class:`ConfigurationError` (a ``ValueError``). This module checks
+the parameters of the consume loop itself; each feature checks its own parameters in its middleware
+module (``check_params``, collected by :func:`funboost_like.middleware.base.param_checks`). The
+caller passes both the broker table and the feature checks, so this module imports neither
+``brokers`` nor ``middleware``.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ import datetime
 import difflib
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from funboost_like.core import timezones
 from funboost_like.core.enums import BrokerEnum, ConcurrentModeEnum
 from funboost_like.core.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from funboost_like.brokers.base import Broker, Capabilities
 
 
 @dataclass
@@ -61,6 +68,14 @@ class ConsumerParams:
     )
     is_using_rpc_mode: bool = False
     broker_kind: int = BrokerEnum.PERSISTQUEUE
+    # Not in the seed: a message whose consumer process died this many times while it was in flight is
+    # dead-lettered as a poison message (None: never).
+    max_crash_redeliveries: int | None = 3
+    # Not in the seed: retries wait in the broker (nack with a delay) instead of running again at once:
+    # ``retry_backoff`` seconds before the first retry, doubling up to ``retry_backoff_max``.
+    retry_backoff: float = 0
+    retry_backoff_max: float = 600
+    retry_jitter: bool = True
 
     @property
     def broker(self) -> BrokerEnum:
@@ -87,8 +102,26 @@ NOT_BUILT_YET: dict[str, str] = {
 _BUILT_CONCURRENT_MODES = set(ConcurrentModeEnum)
 
 
-def build_params(queue_name: str, consuming_function: Callable[..., Any] | None, raw: dict[str, Any]) -> ConsumerParams:
-    """Check and normalise the keyword arguments given to ``task_deco`` / ``get_consumer``."""
+class BrokerTable(Protocol):
+    """Where :func:`build_params` finds the broker class of a kind: :mod:`funboost_like.brokers.registry`,
+    passed by the caller."""
+
+    def resolve_kind(self, kind: BrokerEnum | int | str) -> BrokerEnum: ...
+
+    def broker_class(self, kind: BrokerEnum | int | str) -> type[Broker]: ...
+
+
+# A feature's check of its own parameters against the chosen broker's capabilities; raises ConfigurationError.
+ParamsCheck = Callable[["ConsumerParams", "Capabilities"], None]
+
+
+def build_params(queue_name: str, consuming_function: Callable[..., Any] | None, raw: dict[str, Any], *,
+                 brokers: BrokerTable, checks: Iterable[ParamsCheck]) -> ConsumerParams:
+    """Check and normalise the keyword arguments given to ``task_deco`` / ``get_consumer``.
+
+    ``brokers`` resolves ``broker_kind`` to its class, whose capabilities ``checks`` (the features'
+    own parameter checks) read.
+    """
     if not isinstance(queue_name, str) or not queue_name:
         raise ConfigurationError(f"queue_name must be a non-empty string, got {queue_name!r}")
     values: dict[str, Any] = {}
@@ -102,7 +135,7 @@ def build_params(queue_name: str, consuming_function: Callable[..., Any] | None,
             raise ConfigurationError(f"parameter {canonical!r} given twice (once through an alias)")
         values[canonical] = value
     params = ConsumerParams(queue_name=queue_name, consuming_function=consuming_function, **values)
-    _normalise(params)
+    _normalise(params, brokers, checks)
     defaults = ConsumerParams(queue_name=queue_name)
     for name, feature in NOT_BUILT_YET.items():
         if getattr(params, name) != getattr(defaults, name):
@@ -110,16 +143,10 @@ def build_params(queue_name: str, consuming_function: Callable[..., Any] | None,
     return params
 
 
-def _normalise(params: ConsumerParams) -> None:
-    from funboost_like.brokers.registry import broker_class, resolve_kind
-
-    params.broker_kind = resolve_kind(params.broker_kind)
-    broker_class(params.broker_kind)  # a kind not built yet, or a missing client library, fails here
-    from funboost_like.core.stores import require_key_value_store
-
-    for name in ("is_using_rpc_mode", "do_task_filtering"):
-        if getattr(params, name):  # results and filters live in the broker's key-value records
-            require_key_value_store(params.broker_kind, name)
+def _normalise(params: ConsumerParams, brokers: BrokerTable, checks: Iterable[ParamsCheck]) -> None:
+    params.broker_kind = brokers.resolve_kind(params.broker_kind)
+    # A kind not built yet, or a missing client library, fails here.
+    capabilities = brokers.broker_class(params.broker_kind).capabilities
     try:
         params.concurrent_mode = ConcurrentModeEnum(int(params.concurrent_mode))
     except ValueError:
@@ -136,16 +163,13 @@ def _normalise(params: ConsumerParams) -> None:
         raise ConfigurationError(f"concurrent_num must be an int >= 1, got {params.concurrent_num!r}")
     if not isinstance(params.max_retry_times, int) or params.max_retry_times < 0:
         raise ConfigurationError(f"max_retry_times must be an int >= 0, got {params.max_retry_times!r}")
-    for name in ("qps", "msg_schedule_time_intercal", "msg_expire_senconds", "function_timeout",
-                 "task_filtering_expire_seconds"):
-        value = getattr(params, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigurationError(f"{name} must be a number >= 0, got {value!r}")
+    for name in ("qps", "msg_schedule_time_intercal", "function_timeout", "retry_backoff", "retry_backoff_max"):
+        check_non_negative(params, name)
+    check_redelivery_limits(params, capabilities)
     if params.msg_schedule_time_intercal and not params.qps:
         params.qps = 1.0 / params.msg_schedule_time_intercal
-    from funboost_like.middleware.time_window import parse_window
-
-    parse_window(params.do_not_run_by_specify_time)  # a malformed window fails at decoration time
+    for check in checks:
+        check(params, capabilities)
     if isinstance(params.log_level, str):
         level = logging.getLevelName(params.log_level.upper())
         if not isinstance(level, int):
@@ -154,6 +178,22 @@ def _normalise(params: ConsumerParams) -> None:
     if params.consuming_function is not None and not callable(params.consuming_function):
         raise ConfigurationError(f"consuming_function must be callable, got {params.consuming_function!r}")
     check_mode_fits_function(params)
+
+
+def check_redelivery_limits(params: ConsumerParams, capabilities: Any) -> None:
+    """``max_crash_redeliveries`` is None or an int >= 1; ``retry_backoff`` needs a broker that delays."""
+    limit = params.max_crash_redeliveries
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ConfigurationError(f"max_crash_redeliveries must be None or an int >= 1, got {limit!r}")
+    if params.retry_backoff and capabilities.delay == "none":
+        raise ConfigurationError(f"retry_backoff needs a broker that delays messages; {params.broker.name} does not")
+
+
+def check_non_negative(params: ConsumerParams, name: str) -> None:
+    """Raise ConfigurationError unless the parameter ``name`` is a number >= 0."""
+    value = getattr(params, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigurationError(f"{name} must be a number >= 0, got {value!r}")
 
 
 def check_mode_fits_function(params: ConsumerParams) -> None:

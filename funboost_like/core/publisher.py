@@ -5,17 +5,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from funboost_like.brokers import registry
-from funboost_like.brokers.base import Broker
 from funboost_like.brokers.registry import get_broker
 from funboost_like.core import codec
 from funboost_like.core.errors import ConfigurationError, PublishError
 from funboost_like.core.message import EXTRA_KEY, FunctionSignature, batch_encoder, encode
 from funboost_like.core.params import ConsumerParams, PriorityConsumingControlConfig
-from funboost_like.core.results import AsyncResult
-from funboost_like.middleware.base import build_publish_hooks
+from funboost_like.core.results import RESULTS_NAMESPACE, AsyncResult
+from funboost_like.middleware.base import build_callback_hooks, build_publish_hooks
+
+if TYPE_CHECKING:
+    from funboost_like.brokers.base import Broker
+    from funboost_like.core.stores import KeyValueStore
 
 logger = logging.getLogger("funboost_like.publisher")
 
@@ -32,6 +35,9 @@ class Publisher:
         multi = signature is not None and signature.multi_params
         self._bind = signature.bind if signature is not None and multi else _bind_one_dict
         self._hooks = build_publish_hooks(self)
+        self._callback_hooks = build_callback_hooks(self)
+        self._results: KeyValueStore | None = None
+        self._results_broker: Broker | None = None
 
     @property
     def broker(self) -> Broker:
@@ -48,7 +54,9 @@ class Publisher:
         self.broker.publish(self.queue_name, body)
         if self._hooks:
             self._after_publish(task_id, message)
-        return AsyncResult(task_id, self)
+        if self.params.is_using_rpc_mode:
+            return self._rpc_result(task_id)
+        return AsyncResult(task_id)
 
     def publish(self, msg: Mapping[str, Any] | str,
                 priority_control_config: PriorityConsumingControlConfig | None = None) -> AsyncResult:
@@ -67,7 +75,9 @@ class Publisher:
         if self._hooks:
             self._after_publish(task_id, kwargs)
         rpc = extra.get("is_using_rpc_mode")  # a per-message choice; None: the decorator's
-        return AsyncResult(task_id, self, None if rpc is None else bool(rpc))
+        if self.params.is_using_rpc_mode if rpc is None else rpc:
+            return self._rpc_result(task_id)
+        return AsyncResult(task_id)
 
     pub = publish
 
@@ -101,6 +111,27 @@ class Publisher:
                 for task_id, message in zip(task_ids, messages, strict=True):
                     self._after_publish(task_id, message)
         return task_ids
+
+    def results_store(self) -> KeyValueStore | None:
+        """The queue's RPC result store (namespace ``results``), or None when the broker keeps no records."""
+        broker = self.broker
+        if self._results_broker is not broker:
+            self._results = (broker.key_value_store(self.queue_name, RESULTS_NAMESPACE)
+                             if broker.capabilities.key_value else None)
+            self._results_broker = broker
+        return self._results
+
+    def _rpc_result(self, task_id: str) -> AsyncResult:
+        return AsyncResult(task_id, self.results_store(), rpc=True, queue_name=self.queue_name,
+                           on_callback=self._after_callback if self._callback_hooks else None)
+
+    def _after_callback(self, task_id: str) -> None:
+        """Run the hooks of a returned result callback (e.g. recording 'callbacked'); a failing hook is logged only."""
+        for hook in self._callback_hooks:
+            try:
+                hook(task_id)
+            except Exception:
+                logger.exception("result-callback hook %r failed for task %s", hook, task_id)
 
     def _after_publish(self, task_id: str, message: dict[str, Any]) -> None:
         """Run the publish-side hooks (e.g. recording 'not started'); a failing hook is logged only."""

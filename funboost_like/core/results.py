@@ -7,8 +7,9 @@ call in the queue's key-value store, namespace ``results`` (see :mod:`funboost_l
 ``{"task_id", "status": "finished"|"failed"|"skipped", "result", "result_is_repr", "exception":
 {"type", "message"} | null, "skip_reason", "attempts", "duration", "host", "pid", "finished_at"}``
 
-:class:`AsyncResult` reads that record. Asking for the result of a call published without RPC mode
-raises :class:`ResultNotAvailable` at once instead of blocking.
+(the statuses are :attr:`Status.RESULTS <funboost_like.core.calls.Status.RESULTS>`).
+:class:`AsyncResult` reads that record from the store it is given. Asking for the result of a call
+published without RPC mode raises :class:`ResultNotAvailable` at once instead of blocking.
 """
 
 from __future__ import annotations
@@ -22,18 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from funboost_like.core import codec
+from funboost_like.core.calls import Status
 from funboost_like.core.config import settings
 from funboost_like.core.errors import FunboostLikeError, FunctionFailedError, ResultNotAvailable, TaskSkippedError
 
 if TYPE_CHECKING:
-    from funboost_like.core.publisher import Publisher
     from funboost_like.core.stores import KeyValueStore
 
 logger = logging.getLogger("funboost_like.results")
 
 RESULTS_NAMESPACE = "results"
-# Record statuses. "requeued" is part of the vocabulary but never stored: a requeued call runs again.
-FINISHED, FAILED, REQUEUED, SKIPPED = "finished", "failed", "requeued", "skipped"
 
 Record = dict[str, Any]
 ResultCallback = Callable[[Record], object]
@@ -42,16 +41,23 @@ ResultCallback = Callable[[Record], object]
 class AsyncResult:
     """A handle on one published call. ``task_id`` identifies the message on the wire.
 
-    ``rpc`` says whether the publish asked for RPC mode; None means "as the publisher's parameters
-    say" (``is_using_rpc_mode`` of the decorator). The record, once read, is kept on the handle.
+    ``store`` is the queue's result store (its key-value store, namespace ``results``) when the
+    publish asked for RPC mode. ``rpc`` says whether it did (by default: whether a store is given;
+    RPC mode on a broker that keeps no records gives ``rpc=True`` without a store). ``queue_name``
+    names the queue in errors. ``on_callback(task_id)`` runs after a result callback of this call
+    returned (the publisher passes its features' hooks, e.g. marking the call ``callbacked``). The
+    record, once read, is kept on the handle.
     """
 
-    __slots__ = ("task_id", "publisher", "rpc", "_record")
+    __slots__ = ("task_id", "store", "rpc", "queue_name", "on_callback", "_record")
 
-    def __init__(self, task_id: str, publisher: Publisher | None = None, rpc: bool | None = None) -> None:
+    def __init__(self, task_id: str, store: KeyValueStore | None = None, *, rpc: bool | None = None,
+                 queue_name: str = "?", on_callback: Callable[[str], object] | None = None) -> None:
         self.task_id = task_id
-        self.publisher = publisher
-        self.rpc = rpc
+        self.store = store
+        self.rpc = store is not None if rpc is None else rpc
+        self.queue_name = queue_name
+        self.on_callback = on_callback
         self._record: Record | None = None
 
     def __repr__(self) -> str:
@@ -60,22 +66,18 @@ class AsyncResult:
     @property
     def rpc_mode(self) -> bool:
         """Whether a result will be kept for this call."""
-        if self.rpc is not None:
-            return self.rpc
-        publisher = self.publisher
-        return publisher is not None and bool(publisher.params.is_using_rpc_mode)
+        return self.rpc
 
     def _store(self) -> KeyValueStore:
-        publisher = self.publisher
-        if publisher is None or not self.rpc_mode:
+        if not self.rpc:
             raise ResultNotAvailable(
                 f"task {self.task_id}: results are only kept in RPC mode; set is_using_rpc_mode=True on the "
                 "decorator or publish with PriorityConsumingControlConfig(is_using_rpc_mode=True)"
             )
-        try:
-            return publisher.broker.key_value_store(publisher.queue_name, RESULTS_NAMESPACE)
-        except NotImplementedError as exc:
-            raise ResultNotAvailable(f"task {self.task_id}: {exc}") from exc
+        if self.store is None:
+            raise ResultNotAvailable(f"task {self.task_id}: the broker of queue {self.queue_name!r} keeps no "
+                                     "key-value records (needed by RPC results)")
+        return self.store
 
     def get_status_and_result(self, timeout: float | None = None) -> Record:
         """The call's whole record; blocks at most ``timeout`` seconds (default ``RPC_TIMEOUT_SECONDS``).
@@ -91,8 +93,7 @@ class AsyncResult:
             timeout = float(settings.get("RPC_TIMEOUT_SECONDS"))
         data = store.wait(self.task_id, timeout)
         if data is None:
-            queue = self.publisher.queue_name if self.publisher is not None else "?"
-            raise TimeoutError(f"task {self.task_id} of queue {queue!r}: no result within {timeout:g}s")
+            raise TimeoutError(f"task {self.task_id} of queue {self.queue_name!r}: no result within {timeout:g}s")
         record = self._record = parse_record(self.task_id, data)
         return record
 
@@ -131,8 +132,8 @@ class AsyncResult:
         """Run ``fn(record)`` on a shared background thread when the record arrives (seed 002's callback).
 
         Returns at once. ``fn`` gets the record of :attr:`status_and_result`, whatever the status; an
-        exception it raises is logged. Once it returned, the call is marked ``callbacked`` when status
-        persistence is on. A record that does not arrive within ``timeout`` seconds (default
+        exception it raises is logged. Once it returned, ``on_callback`` runs (so the call is marked
+        ``callbacked`` when status persistence is on). A record that does not arrive within ``timeout`` seconds (default
         ``RPC_TIMEOUT_SECONDS``) is given up with a warning. Callbacks run while this process lives.
         """
         if not callable(fn):
@@ -161,12 +162,12 @@ def outcome_of(record: Record) -> Any:
     """The result of a record, or the exception its status calls for."""
     task_id = str(record.get("task_id"))
     status = record["status"]
-    if status == FINISHED:
+    if status == Status.FINISHED:
         return record.get("result")
-    if status == FAILED:
+    if status == Status.FAILED:
         exception = record.get("exception") or {}
         raise FunctionFailedError(task_id, str(exception.get("type", "")), str(exception.get("message", "")), record)
-    if status == SKIPPED:
+    if status == Status.SKIPPED:
         raise TaskSkippedError(task_id, str(record.get("skip_reason") or ""), record)
     raise FunboostLikeError(f"task {task_id}: unknown result status {status!r}")
 
@@ -286,13 +287,9 @@ def _run_callback(result: AsyncResult, fn: ResultCallback, record: Record) -> No
     except Exception:
         logger.exception("the result callback %r of task %s failed", fn, result.task_id)
         return
-    try:
-        from funboost_like.middleware.status import record_callbacked
-    except ImportError:  # status persistence is not part of this installation
-        return
-    if result.publisher is not None:
+    if result.on_callback is not None:
         try:
-            record_callbacked(result.publisher, result.task_id)
+            result.on_callback(result.task_id)
         except Exception:
             logger.exception("recording that the callback of task %s ran failed", result.task_id)
 

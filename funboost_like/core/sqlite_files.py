@@ -1,22 +1,44 @@
-"""Opening the framework's SQLite files, one way for every module (queues, stores, status, scheduler).
+"""Naming and opening the framework's SQLite files, one way for every module (queues, stores, status, scheduler).
 
-:func:`open_sqlite` gives an autocommit connection with the busy timeout, WAL and the synchronous
-level set, the folder created, and the schema applied. Switching a brand-new file to WAL needs an
-exclusive lock, and SQLite reports "database is locked" at once (without waiting) when another
-process opens the same new file at the same moment, so that switch is retried up to the timeout.
+:func:`queue_file_name` names a queue's file; the SQLite broker, its key-value stores and the status
+records all use it, so names never collide. :func:`open_sqlite` gives an autocommit connection with
+the busy timeout, WAL and the synchronous level set, the folder created, and the schema applied.
+Switching a brand-new file to WAL needs an exclusive lock, and SQLite reports "database is locked" at
+once (without waiting) when another process opens the same new file at the same moment, so that
+switch is retried up to the timeout.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import quote
 
 logger = logging.getLogger("funboost_like.sqlite")
 
 _SQLITE_BUSY = 5  # SQLITE_BUSY; SQLITE_BUSY_SNAPSHOT etc. share the low byte
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,120}")
+
+
+def queue_file_name(queue: str) -> str:
+    """The file name of ``queue``'s database: the name itself when it is plainly safe, else an encoded form.
+
+    Safe means ``[A-Za-z0-9_.-]{1,120}`` without a leading dot. Other names are percent-encoded,
+    truncated, and suffixed with ``~`` and a sha1 prefix; ``~`` never occurs in a safe name, so an
+    encoded name never equals a plain one and different names never share a file.
+    """
+    if _SAFE_NAME.fullmatch(queue) and not queue.startswith("."):
+        return f"{queue}.sqlite3"
+    encoded = quote(queue, safe="")[:80]
+    if encoded.startswith("."):
+        encoded = "%2E" + encoded[1:]
+    digest = hashlib.sha1(queue.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{encoded}~{digest}.sqlite3"
 
 
 def is_busy(exc: sqlite3.OperationalError) -> bool:

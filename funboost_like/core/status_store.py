@@ -49,19 +49,21 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from funboost_like.core import codec
+from funboost_like.core.calls import Status
 from funboost_like.core.config import data_dir_setting, settings
-from funboost_like.core.sqlite_files import open_sqlite
+from funboost_like.core.sqlite_files import open_sqlite, queue_file_name
 
 logger = logging.getLogger("funboost_like.status")
 
-NOT_STARTED = "not_started"
-RUNNING = "running"
-FINISHED = "finished"
-FAILED = "failed"
-CALLBACKED = "callbacked"
-REQUEUED = "requeued"
-SKIPPED = "skipped"
-STATUSES = (NOT_STARTED, RUNNING, REQUEUED, FINISHED, FAILED, SKIPPED, CALLBACKED)
+# The statuses (defined in core/calls.py), under the names this module has always exported.
+NOT_STARTED = Status.NOT_STARTED
+RUNNING = Status.RUNNING
+FINISHED = Status.FINISHED
+FAILED = Status.FAILED
+CALLBACKED = Status.CALLBACKED
+REQUEUED = Status.REQUEUED
+SKIPPED = Status.SKIPPED
+STATUSES = Status.ALL
 
 FLUSH_INTERVAL_SECONDS = 0.2  # the writer commits at least this often while records wait
 FLUSH_EVERY_RECORDS = 2000  # ... and at once when this many wait
@@ -107,7 +109,7 @@ _SCHEMA = (
 )
 
 # A newer event sets the status; an older one (late from another process) only fills unknown fields.
-_NEWER = "(excluded.updated_at >= calls.updated_at AND calls.status != 'callbacked')"
+_NEWER = f"(excluded.updated_at >= calls.updated_at AND calls.status != '{Status.CALLBACKED}')"
 # The fields of one run. An event of a run (it carries ``started_at``: running, finished, failed,
 # requeued) that is newer replaces them all, so a run after a redelivery never shows the previous
 # run's result or exception; other events only fill them in.
@@ -509,8 +511,6 @@ _atexit_registered = False
 
 def status_file_name(queue_name: str) -> str:
     """The file name of ``queue_name``'s records (the SQLite broker's naming, so names never collide)."""
-    from funboost_like.brokers.sqlite import queue_file_name
-
     return queue_file_name(queue_name)
 
 

@@ -3,7 +3,8 @@
 Features that keep small records beside a queue (RPC results, task filtering) ask the queue's broker
 for a store with :meth:`Broker.key_value_store(queue, namespace) <funboost_like.brokers.base.Broker.key_value_store>`,
 so each broker keeps them where it keeps its messages: in memory, in a SQLite file beside the queue
-file, in Redis.
+file, in Redis. A broker says it keeps them with ``capabilities.key_value``; the features check that
+flag at decoration time (:func:`require_key_value_store`).
 
 Contract, for every implementation:
 
@@ -26,11 +27,14 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from funboost_like.core.config import settings
 from funboost_like.core.errors import BrokerError, ConfigurationError
 from funboost_like.core.sqlite_files import open_sqlite
+
+if TYPE_CHECKING:
+    from funboost_like.brokers.base import Capabilities
 
 logger = logging.getLogger("funboost_like.stores")
 
@@ -54,13 +58,10 @@ def check_namespace(namespace: str) -> str:
     return namespace
 
 
-def require_key_value_store(broker_kind: int, feature: str) -> None:
-    """Raise ConfigurationError when brokers of ``broker_kind`` keep no key-value records."""
-    from funboost_like.brokers.base import Broker
-    from funboost_like.brokers.registry import broker_class, resolve_kind
-
-    if broker_class(broker_kind).key_value_store is Broker.key_value_store:
-        raise ConfigurationError(f"{feature}: broker {resolve_kind(broker_kind).name} keeps no key-value records "
+def require_key_value_store(capabilities: Capabilities, broker_name: str, feature: str) -> None:
+    """Raise ConfigurationError when a broker with these ``capabilities`` keeps no key-value records."""
+    if not capabilities.key_value:
+        raise ConfigurationError(f"{feature}: broker {broker_name} keeps no key-value records "
                                  "(results and task filters need them)")
 
 

@@ -1,1 +1,1 @@
-"""Features around the consume path, one module each (see ``base.py`` for the hooks)."""
+"""Features around the consume path, one module each (``base.py`` is their table; the hooks: ``core/calls.py``)."""

@@ -10,10 +10,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from funboost_like.middleware.base import Call, Middleware
+from funboost_like.core.calls import Call, Middleware
+from funboost_like.core.params import check_non_negative
 
 if TYPE_CHECKING:
+    from funboost_like.brokers.base import Capabilities
     from funboost_like.core.consumer import Consumer
+    from funboost_like.core.params import ConsumerParams
 
 
 class PublishTimeLimits(Middleware):
@@ -38,6 +41,10 @@ class PublishTimeLimits(Middleware):
             if late > grace:
                 return f"misfired: due {late:.1f}s ago, misfire_grace_time={grace}"
         return None
+
+
+def check_params(params: ConsumerParams, capabilities: Capabilities) -> None:
+    check_non_negative(params, "msg_expire_senconds")
 
 
 def build(consumer: Consumer) -> Middleware:

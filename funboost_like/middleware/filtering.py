@@ -23,11 +23,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from funboost_like.core import codec
+from funboost_like.core.calls import SUCCEEDED, Call, Middleware
+from funboost_like.core.params import check_non_negative
 from funboost_like.core.stores import require_key_value_store
-from funboost_like.middleware.base import SUCCEEDED, Call, Middleware
 
 if TYPE_CHECKING:
+    from funboost_like.brokers.base import Capabilities
     from funboost_like.core.consumer import Consumer
+    from funboost_like.core.params import ConsumerParams
     from funboost_like.core.stores import KeyValueStore
 
 FILTER_NAMESPACE = "filter"
@@ -89,8 +92,13 @@ class TaskFilter(Middleware):
         self.store.put(key, codec.dumps({"task_id": call.task_id, "succeeded_at": time.time()}), self.ttl)
 
 
+def check_params(params: ConsumerParams, capabilities: Capabilities) -> None:
+    check_non_negative(params, "task_filtering_expire_seconds")
+    if params.do_task_filtering:
+        require_key_value_store(capabilities, params.broker.name, "do_task_filtering=True")
+
+
 def build(consumer: Consumer) -> Middleware | None:
     if not consumer.params.do_task_filtering:
         return None
-    require_key_value_store(consumer.params.broker_kind, "do_task_filtering=True")
     return TaskFilter(consumer)

@@ -18,17 +18,17 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from funboost_like.core import codec
+from funboost_like.core.calls import STATUS_OF_OUTCOME, Call, Middleware, Status
 from funboost_like.core.config import settings
-from funboost_like.core.results import FAILED, FINISHED, RESULTS_NAMESPACE, SKIPPED
+from funboost_like.core.results import RESULTS_NAMESPACE
 from funboost_like.core.stores import require_key_value_store
-from funboost_like.middleware import base
-from funboost_like.middleware.base import Call, Middleware
 
 if TYPE_CHECKING:
+    from funboost_like.brokers.base import Capabilities
     from funboost_like.core.consumer import Consumer
+    from funboost_like.core.params import ConsumerParams
     from funboost_like.core.stores import KeyValueStore
 
-_STATUS_OF_OUTCOME = {base.SUCCEEDED: FINISHED, base.FAILED: FAILED, base.SKIPPED: SKIPPED}
 _HOST = socket.gethostname()
 
 
@@ -49,10 +49,10 @@ class RpcResults(Middleware):
         rpc = call.message.extra.get("is_using_rpc_mode", self.default)
         if not rpc:
             return
-        status = _STATUS_OF_OUTCOME.get(call.outcome)
+        status = STATUS_OF_OUTCOME.get(call.outcome)
         task_id = call.task_id
-        if status is None or task_id is None:  # requeued (it runs again), or a body without a task id
-            return
+        if status is None or status not in Status.RESULTS or task_id is None:
+            return  # requeued (it runs again), or a body without a task id
         self.store.put(task_id, self._encode(call, task_id, status), float(settings.get("RPC_RESULT_EXPIRE_SECONDS")))
 
     def _encode(self, call: Call, task_id: str, status: str) -> bytes:
@@ -60,7 +60,7 @@ class RpcResults(Middleware):
         record: dict[str, Any] = {
             "task_id": task_id,
             "status": status,
-            "result": call.result if status == FINISHED else None,
+            "result": call.result if status == Status.FINISHED else None,
             "result_is_repr": False,
             "exception": {"type": type(exc).__name__, "message": str(exc)} if exc is not None else None,
             "skip_reason": call.skip_reason or None,
@@ -80,8 +80,11 @@ class RpcResults(Middleware):
             return codec.dumps(record)
 
 
+def check_params(params: ConsumerParams, capabilities: Capabilities) -> None:
+    if params.is_using_rpc_mode:
+        require_key_value_store(capabilities, params.broker.name, "is_using_rpc_mode=True")
+
+
 def build(consumer: Consumer) -> Middleware:
     # Always built: any message may ask for RPC mode at publish time.
-    if consumer.params.is_using_rpc_mode:
-        require_key_value_store(consumer.params.broker_kind, "is_using_rpc_mode=True")
     return RpcResults(consumer)

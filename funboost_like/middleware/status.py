@@ -23,23 +23,10 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
+from funboost_like.core.calls import STATUS_OF_OUTCOME, Call, Middleware, Status
 from funboost_like.core.message import EXTRA_KEY
 from funboost_like.core.params import ConsumerParams
-from funboost_like.core.status_store import (
-    CALLBACKED,
-    FAILED,
-    FINISHED,
-    NOT_STARTED,
-    REQUEUED,
-    RUNNING,
-    SKIPPED,
-    StatusEvent,
-    StatusStore,
-    open_status_store,
-    to_json,
-)
-from funboost_like.middleware import base
-from funboost_like.middleware.base import Call, Middleware
+from funboost_like.core.status_store import StatusEvent, StatusStore, open_status_store, to_json
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -48,14 +35,6 @@ if TYPE_CHECKING:
     from funboost_like.core.publisher import Publisher
 
 _EXCEPTION_TEXT_LIMIT = 8000
-_STATUS_OF_OUTCOME = {
-    base.SUCCEEDED: FINISHED,
-    base.FAILED: FAILED,
-    base.DEAD_LETTERED: FAILED,
-    base.REQUEUED: REQUEUED,
-    base.SKIPPED: SKIPPED,
-    base.RELEASED: NOT_STARTED,
-}
 _HOST = socket.gethostname()
 
 
@@ -100,8 +79,8 @@ class StatusRecorder(Middleware, _LazyStore):
             return
         now = call.started_at or time.time()
         self.store.record(StatusEvent(
-            task_id, self.queue_name, RUNNING, now, kwargs=to_json(call.kwargs), deliveries=call.delivery.attempts,
-            host=_HOST, pid=os.getpid(), script=self.script, started_at=now,
+            task_id, self.queue_name, Status.RUNNING, now, kwargs=to_json(call.kwargs),
+            deliveries=call.delivery.attempts, host=_HOST, pid=os.getpid(), script=self.script, started_at=now,
             expires_at=_expires_at(now, self.expire_seconds),
         ))
 
@@ -109,11 +88,11 @@ class StatusRecorder(Middleware, _LazyStore):
         task_id = call.task_id
         if task_id is None:
             return
-        status = _STATUS_OF_OUTCOME.get(call.outcome, FAILED)
+        status = STATUS_OF_OUTCOME.get(call.outcome, Status.FAILED)
         ran = call.attempts > 0
         started = call.started_at if ran and call.started_at else None
         now = started + call.duration if started is not None else time.time()
-        result = to_json(call.result) if self.save_result and status == FINISHED else None
+        result = to_json(call.result) if self.save_result and status == Status.FINISHED else None
         exception = _exception_text(call.exc) if call.exc is not None else (call.skip_reason or None)
         self.store.record(StatusEvent(
             task_id, self.queue_name, status, now, result=result, exception=exception,
@@ -155,7 +134,7 @@ class _PublishRecorder(_LazyStore):
             published = time.time()
         kwargs = {key: value for key, value in message.items() if key != EXTRA_KEY}
         self.store.record(StatusEvent(
-            task_id, self.queue_name, NOT_STARTED, published, kwargs=to_json(kwargs),
+            task_id, self.queue_name, Status.NOT_STARTED, published, kwargs=to_json(kwargs),
             publish_time=published, expires_at=_expires_at(published, self.expire_seconds),
         ))
 
@@ -167,6 +146,15 @@ def build_publish_hook(publisher: Publisher) -> Callable[[str, dict[str, Any]], 
     return _PublishRecorder(publisher.params) if enabled(publisher.params) else None
 
 
+def build_callback_hook(publisher: Publisher) -> Callable[[str], None]:
+    """:func:`record_callbacked` for this publisher's tasks (a no-op while its parameters ask for no records)."""
+
+    def callbacked(task_id: str) -> None:
+        record_callbacked(publisher, task_id)
+
+    return callbacked
+
+
 def record_callbacked(publisher: Publisher, task_id: str) -> None:
     """Mark ``task_id`` as ``callbacked`` (its result callback ran); a no-op when the publisher's
     parameters do not ask for call records. Cheap: the record is written in the background."""
@@ -176,5 +164,5 @@ def record_callbacked(publisher: Publisher, task_id: str) -> None:
     now = time.time()
     expire_seconds = float(params.function_result_status_persistance_conf.expire_seconds)
     open_status_store(params.queue_name).record(StatusEvent(
-        task_id, params.queue_name, CALLBACKED, now, expires_at=_expires_at(now, expire_seconds),
+        task_id, params.queue_name, Status.CALLBACKED, now, expires_at=_expires_at(now, expire_seconds),
     ))

@@ -17,12 +17,14 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from funboost_like.core.calls import Middleware
 from funboost_like.core.errors import ConfigurationError
 from funboost_like.core.timezones import configured_zone
-from funboost_like.middleware.base import Middleware
 
 if TYPE_CHECKING:
+    from funboost_like.brokers.base import Capabilities
     from funboost_like.core.consumer import Consumer
+    from funboost_like.core.params import ConsumerParams
 
 _TIME_OF_DAY = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?")
 
@@ -96,6 +98,10 @@ class TimeWindow(Middleware):
 
     def _zone_name(self) -> str:
         return f" ({self.zone})" if self.zone is not None else ""
+
+
+def check_params(params: ConsumerParams, capabilities: Capabilities) -> None:
+    parse_window(params.do_not_run_by_specify_time)  # a malformed window fails at decoration time
 
 
 def build(consumer: Consumer) -> Middleware | None:
