@@ -1,0 +1,146 @@
+"""The machinery the base owns for every broker (brokers/base.py): the wait of fetch, held tokens,
+settlements re-sent after an outage, error translation, fork safety and the one maintenance thread.
+
+The brokers here are the memory broker with one primitive changed, so each test shows what the base
+does around a primitive, whatever the broker.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from funboost_like.brokers.base import Delivery
+from funboost_like.brokers.memory import MemoryBroker
+from funboost_like.core.errors import BrokerConnectionError, BrokerError, DoubleAckError
+
+from .conftest import in_forked_child
+
+Q = "base_q"
+
+
+class Flaky(MemoryBroker):
+    """Its settling primitives fail on a 'connection error' while ``down`` is set."""
+
+    connection_errors = (ConnectionResetError,)
+    errors = (LookupError,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.acked: list[bytes] = []
+
+    def _ack(self, deliveries: Sequence[Delivery]) -> None:
+        if self.down:
+            raise ConnectionResetError("server gone")
+        self.acked.extend(d.body for d in deliveries)
+        super()._ack(deliveries)
+
+
+def test_a_settlement_lost_in_an_outage_is_sent_again_before_the_next_fetch() -> None:
+    broker = Flaky()
+    broker.publish_many(Q, [b"a", b"b"])
+    got = broker.fetch(Q, 2, 1.0)
+    broker.down = True
+    with pytest.raises(BrokerConnectionError, match="server gone"):
+        broker.ack(got)
+    with pytest.raises(DoubleAckError):  # the base no longer holds them: it owns the re-send
+        broker.ack(got[:1])
+    assert broker.acked == []
+    broker.down = False
+    assert broker.fetch(Q, 5, 0.05) == []
+    assert broker.acked == [b"a", b"b"] and broker.in_flight(Q) == 0
+
+
+def test_client_errors_are_translated_with_the_cause_chained() -> None:
+    class Broken(MemoryBroker):
+        connection_errors = (ConnectionRefusedError,)
+        errors = (LookupError,)
+
+        def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
+            raise (ConnectionRefusedError if queue == "down" else KeyError)("no")
+
+    broker = Broken()
+    with pytest.raises(BrokerConnectionError, match="unreachable while publishing") as refused:
+        broker.publish("down", b"x")
+    assert isinstance(refused.value.__cause__, ConnectionRefusedError)
+    with pytest.raises(BrokerError, match="failed publishing") as failed:
+        broker.publish_many("other", [b"x"])
+    assert isinstance(failed.value.__cause__, KeyError)
+
+
+def test_a_broker_without_a_native_wait_is_polled_within_the_timeout() -> None:
+    class NoWait(MemoryBroker):
+        pass
+
+    NoWait._wait = MemoryBroker.__mro__[1]._wait  # type: ignore[method-assign]  # the base's: no native wait
+    broker = NoWait()
+    assert not broker._waits
+    started = time.monotonic()
+    assert broker.fetch(Q, 1, 0.3) == []
+    assert 0.29 <= time.monotonic() - started < 1.0
+    threading.Timer(0.1, broker.publish, (Q, b"late")).start()
+    started = time.monotonic()
+    [d] = broker.fetch(Q, 1, 2.0)
+    assert d.body == b"late" and time.monotonic() - started < 0.2  # the poll backs off to 50 ms at most
+
+
+def test_one_maintenance_thread_renews_and_recovers_for_every_broker() -> None:
+    renewed: dict[str, list[object]] = {"a": [], "b": []}
+    recovered: list[str] = []
+
+    class Leased(MemoryBroker):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def maintenance_interval(self) -> float:
+            return 0.05
+
+        def _renew(self, deliveries: Sequence[Delivery]) -> None:
+            renewed[self.name].append(sorted(d.token for d in deliveries))
+
+        def _recover(self, queue: str) -> int:
+            recovered.append(f"{self.name}:{queue}")
+            return 0
+
+    a, b = Leased("a"), Leased("b")
+    a.publish(Q, b"x")
+    [held] = a.fetch(Q, 1, 1.0)
+    assert b.fetch("other", 1, 0) == []
+    time.sleep(0.3)
+    assert [t.name for t in threading.enumerate()].count("funboost_like-broker-maintenance") == 1
+    assert [held.token] in renewed["a"] and [] in renewed["b"]
+    assert "a:base_q" in recovered and "b:other" in recovered
+    a.close()
+    b.close()
+    count = len(renewed["a"])
+    time.sleep(0.2)
+    assert len(renewed["a"]) == count  # a closed broker is no longer maintained
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_forgets_the_parents_held_tokens() -> None:
+    forks: list[int] = []
+
+    class Forking(MemoryBroker):
+        def _after_fork(self) -> None:
+            forks.append(os.getpid())
+
+    broker = Forking()
+    broker.publish(Q, b"x")
+    [held] = broker.fetch(Q, 1, 1.0)
+
+    def child() -> str:
+        try:
+            broker.ack([held])
+        except DoubleAckError:
+            return f"held={len(broker.held())} forks={forks == [os.getpid()]} double-ack"
+        return "acked a parent's delivery"
+
+    assert in_forked_child(child) == "held=0 forks=True double-ack"
+    broker.ack([held])  # still the parent's to settle
