@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from funboost_like.brokers import redis_ack_able
+from funboost_like.brokers.base import _maintenance
 from funboost_like.brokers.redis_ack_able import RedisAckAbleBroker
 from funboost_like.brokers.redis_common import describe_url
 from funboost_like.core.config import patch_frame_config, settings
@@ -271,7 +272,7 @@ def test_concurrent_fetchers_lose_and_duplicate_nothing(make_broker, queue):
 
 
 def test_lost_fetch_reply_is_replayed(broker, queue, client):
-    """A fetch whose reply never arrived is run again with the same base and returns what it took."""
+    """What a fetch whose reply never arrived took is handed out by the next fetch."""
     broker.publish_many(queue, [b"a", b"b", b"c", b"d"])
     held = broker.fetch(queue, 1, 0)  # registers the consumer
     keys = broker._keys[queue]
@@ -281,8 +282,8 @@ def test_lost_fetch_reply_is_replayed(broker, queue, client):
     taken = redis_ack_able._FETCH(client, [keys.ready, keys.delayed, ikey, keys.consumers, keys.attempts],
                                   [5, base, broker.consumer_id, keys.prio_prefix])
     assert taken[1:] == [b"b", b"c", b"d"]
-    broker._pending[queue] = (base, 5)  # what fetch records when the call raised
-    got = broker.fetch(queue, 2, 0)  # asks for fewer than the lost call took: the rest is released
+    broker._suspect.add(queue)  # what fetch records when the call raised
+    got = broker.fetch(queue, 2, 0)  # asks for fewer than the lost call took: the rest comes next time
     assert [(d.body, d.attempts) for d in got] == [(b"b", 1), (b"c", 1)]
     rest = broker.fetch(queue, 5, 0)
     assert [(d.body, d.attempts) for d in rest] == [(b"d", 1)]
@@ -313,6 +314,33 @@ def test_connection_errors_are_wrapped_and_redacted(make_broker, queue):
     with pytest.raises(BrokerConnectionError):
         broker.fetch(queue, 5, 0.1)
     broker.close()
+
+
+def test_recovered_messages_count_a_crash_and_a_nack_or_release_does_not(make_broker, queue, client):
+    first, second, third = make_broker(), make_broker(), make_broker()
+    first.publish(queue, b"urgent", priority=4)
+    first.publish(queue, b"plain")
+    held = first.fetch(queue, 2, 1.0)
+    assert [(d.body, d.attempts, d.crashes) for d in held] == [(b"urgent", 1, 0), (b"plain", 1, 0)]
+    _maintenance.discard(first)  # its consumer "dies": no more heartbeats
+    time.sleep(DEAD_AFTER + HEARTBEAT)
+    assert second.recover_dead_consumers(queue) == 2
+    got = second.fetch(queue, 2, 1.0)  # back at the front of their levels, priorities kept
+    assert [(d.body, d.priority, d.attempts, d.crashes) for d in got] == [(b"urgent", 4, 2, 1), (b"plain", 0, 2, 1)]
+    second.nack(got[0])  # an attempt, no crash
+    second.release(got[1:])  # neither
+    again = second.fetch(queue, 2, 1.0)
+    assert [(d.body, d.attempts, d.crashes) for d in again] == [(b"urgent", 3, 1), (b"plain", 2, 1)]
+    second.nack(again[0], delay=0.1)
+    [late] = fetch_all(second, queue, 1)
+    assert (late.body, late.priority, late.attempts, late.crashes) == (b"urgent", 4, 4, 1)
+    _maintenance.discard(second)  # a second death while holding both
+    time.sleep(DEAD_AFTER + HEARTBEAT)
+    assert third.recover_dead_consumers(queue) == 2
+    last = third.fetch(queue, 2, 1.0)
+    assert [(d.body, d.attempts, d.crashes) for d in last] == [(b"urgent", 5, 2), (b"plain", 3, 2)]
+    third.ack(last)
+    assert third.count(queue) == 0 and third.in_flight(queue) == 0 and client.hlen(f"fl:{{{queue}}}:attempts") == 0
 
 
 def test_live_consumer_keeps_its_messages(make_broker, queue):

@@ -26,7 +26,7 @@ import pytest
 import redis
 
 from funboost_like import BrokerEnum, patch_frame_config, task_deco
-from funboost_like.brokers.base import Broker
+from funboost_like.brokers.base import Broker, _maintenance
 from funboost_like.brokers.redis_brpoplpush import RedisBrpopLpushBroker
 from funboost_like.brokers.redis_common import describe_url
 from funboost_like.brokers.redis_list import RedisListBroker
@@ -295,7 +295,7 @@ def test_brpoplpush_live_consumer_keeps_its_messages_and_a_stalled_one_loses_the
     held = holder.fetch(queue, 2, 1.0)
     time.sleep(DEAD_AFTER + 2 * HEARTBEAT)  # the heartbeat thread keeps the holder alive
     assert other.recover_dead_consumers(queue) == 0
-    holder._heartbeat.stop()  # a stall: no more heartbeats
+    _maintenance.discard(holder)  # a stall: no more heartbeats
     time.sleep(DEAD_AFTER + HEARTBEAT)
     assert other.recover_dead_consumers(queue) == 2
     got = other.fetch(queue, 10, 1.0)
@@ -313,7 +313,7 @@ def test_brpoplpush_live_consumer_keeps_its_messages_and_a_stalled_one_loses_the
 
 def test_stream_group_ack_deletes_and_entries_without_data(client: redis.Redis, queue: str,
                                                            brokers: list[Broker]) -> None:
-    broker = RedisStreamBroker(min_idle=MIN_IDLE)
+    broker = RedisStreamBroker(heartbeat_interval=HEARTBEAT, dead_after=DEAD_AFTER)
     brokers.append(broker)
     client.xadd(queue, {"data": '{"x": 1}'})
     client.xadd(queue, {"payload": "no data field"})
@@ -331,7 +331,7 @@ def test_stream_group_ack_deletes_and_entries_without_data(client: redis.Redis, 
 
 
 def test_stream_nack_release_delay_and_purge(client: redis.Redis, queue: str, brokers: list[Broker]) -> None:
-    broker = RedisStreamBroker(min_idle=MIN_IDLE)
+    broker = RedisStreamBroker(heartbeat_interval=HEARTBEAT, dead_after=DEAD_AFTER)
     brokers.append(broker)
     broker.publish_many(queue, [b"a", b"b", b"c"])
     [a] = broker.fetch(queue, 1, 1.0)
@@ -354,14 +354,14 @@ def test_stream_nack_release_delay_and_purge(client: redis.Redis, queue: str, br
 def test_stream_renewal_keeps_long_calls_and_stalled_entries_are_reclaimed(
         client: redis.Redis, queue: str, brokers: list[Broker]) -> None:
     min_idle = 0.6
-    holder, other = RedisStreamBroker(min_idle=min_idle), RedisStreamBroker(min_idle=min_idle)
+    holder, other = (RedisStreamBroker(heartbeat_interval=min_idle / 4, dead_after=min_idle) for _ in range(2))
     brokers.extend([holder, other])
     holder.publish(queue, b'{"n": 1}')
     held = holder.fetch(queue, 1, 1.0)
     deadline = time.monotonic() + 3 * min_idle  # a call running five times min_idle...
     while time.monotonic() < deadline:
         assert other.fetch(queue, 10, 0.2) == []  # ...is never reclaimed while its process renews it
-    holder._renewer.stop()  # a stall: no more renewals
+    _maintenance.discard(holder)  # a stall: no more renewals
     got = fetch_all(other, queue, 1, timeout=3 * min_idle)
     assert [(d.body, d.attempts) for d in got] == [(b'{"n": 1}', 2)]  # the delivery count says 2
     with pytest.raises(DoubleAckError):
@@ -372,7 +372,7 @@ def test_stream_renewal_keeps_long_calls_and_stalled_entries_are_reclaimed(
 
 def test_stream_group_is_created_again_when_the_stream_is_deleted(client: redis.Redis, queue: str,
                                                                   brokers: list[Broker]) -> None:
-    broker = RedisStreamBroker(min_idle=MIN_IDLE)
+    broker = RedisStreamBroker(heartbeat_interval=HEARTBEAT, dead_after=DEAD_AFTER)
     brokers.append(broker)
     broker.publish(queue, b"1")
     broker.ack(broker.fetch(queue, 1, 1.0))
@@ -381,6 +381,83 @@ def test_stream_group_is_created_again_when_the_stream_is_deleted(client: redis.
     got = broker.fetch(queue, 5, 1.0)
     assert [d.body for d in got] == [b"2"]
     broker.ack(got)
+
+
+# -- RedisBrpopLpush and REDIS_STREAM: crashes counted for the poison-message rule ----------------
+
+
+@pytest.mark.parametrize("kind", [BrokerEnum.RedisBrpopLpush, BrokerEnum.REDIS_STREAM],
+                         ids=["RedisBrpopLpush", "REDIS_STREAM"])
+def test_recovered_messages_count_a_crash_and_a_nack_or_release_does_not(
+        client: redis.Redis, queue: str, brokers: list[Broker], kind: BrokerEnum) -> None:
+    cls = {BrokerEnum.RedisBrpopLpush: RedisBrpopLpushBroker, BrokerEnum.REDIS_STREAM: RedisStreamBroker}[kind]
+    first, second, third = (cls(heartbeat_interval=HEARTBEAT, dead_after=DEAD_AFTER) for _ in range(3))
+    brokers.extend([first, second, third])
+    first.publish_many(queue, [b"1", b"2"])
+    held = fetch_all(first, queue, 2)
+    assert [(d.body, d.attempts, d.crashes) for d in held] == [(b"1", 1, 0), (b"2", 1, 0)]
+    _maintenance.discard(first)  # its consumer "dies": no more heartbeats
+    time.sleep(DEAD_AFTER + HEARTBEAT)
+    assert second.recover_dead_consumers(queue) == 2
+    got = sorted(fetch_all(second, queue, 2), key=lambda d: d.body)
+    assert [(d.body, d.attempts, d.crashes) for d in got] == [(b"1", 2, 1), (b"2", 2, 1)]
+    second.nack(got[0])  # an attempt, no crash
+    second.release(got[1:])  # neither
+    again = sorted(fetch_all(second, queue, 2), key=lambda d: d.body)
+    assert [(d.body, d.attempts, d.crashes) for d in again] == [(b"1", 3, 1), (b"2", 2, 1)]
+    second.nack(again[0], delay=0.1)
+    [late] = fetch_all(second, queue, 1)
+    assert (late.body, late.attempts, late.crashes) == (b"1", 4, 1)
+    _maintenance.discard(second)  # a second death while holding both
+    time.sleep(DEAD_AFTER + HEARTBEAT)
+    assert third.recover_dead_consumers(queue) == 2
+    last = sorted(fetch_all(third, queue, 2), key=lambda d: d.body)
+    assert [(d.body, d.attempts, d.crashes) for d in last] == [(b"1", 5, 2), (b"2", 3, 2)]
+    third.ack(last)
+    assert third.count(queue) == 0 and third.in_flight(queue) == 0
+
+
+@posix_only
+@pytest.mark.parametrize("kind", [BrokerEnum.RedisBrpopLpush, BrokerEnum.REDIS_STREAM],
+                         ids=["RedisBrpopLpush", "REDIS_STREAM"])
+def test_a_killed_consumers_messages_come_back_within_dead_after_and_a_heartbeat(
+        client: redis.Redis, queue: str, brokers: list[Broker], kind: BrokerEnum) -> None:
+    cls = {BrokerEnum.RedisBrpopLpush: RedisBrpopLpushBroker, BrokerEnum.REDIS_STREAM: RedisStreamBroker}[kind]
+    survivor = cls(heartbeat_interval=HEARTBEAT, dead_after=DEAD_AFTER)
+    brokers.append(survivor)
+    bodies = [b'{"k":%d}' % i for i in range(25)]
+    survivor.publish_many(queue, bodies)
+    code = (
+        "import sys, time\n"
+        f"from {cls.__module__} import {cls.__name__} as Broker\n"
+        f"b = Broker(heartbeat_interval={HEARTBEAT}, dead_after={DEAD_AFTER})\n"
+        "got = []\n"
+        f"while len(got) < {len(bodies)}:\n"
+        f"    got += b.fetch({queue!r}, 10, 1.0)\n"
+        "sys.stdout.write('fetched %d\\n' % len(got))\n"
+        "sys.stdout.flush()\n"
+        "time.sleep(60)\n"
+    )
+    env = dict(os.environ, FUNBOOST_LIKE_REDIS_URL=REDIS_URL, FUNBOOST_LIKE_NO_USER_CONFIG="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == b"fetched 25"
+        assert survivor.count(queue) == 0 and survivor.in_flight(queue) == 25
+    finally:
+        child.kill()
+        child.wait(10)
+        if child.stdout is not None:
+            child.stdout.close()
+    killed_at = time.monotonic()
+    got = fetch_all(survivor, queue, len(bodies), timeout=DEAD_AFTER + HEARTBEAT + 3.0)
+    elapsed = time.monotonic() - killed_at
+    assert sorted(d.body for d in got) == sorted(bodies)
+    assert all((d.attempts, d.crashes) == (2, 1) for d in got)
+    assert elapsed <= DEAD_AFTER + HEARTBEAT + 0.5, elapsed
+    survivor.ack(got)
+    assert survivor.in_flight(queue) == 0
 
 
 # -- crash tests: real consumer processes killed with SIGKILL -------------------------------------

@@ -25,7 +25,6 @@ against a private server: they publish, consume, and exit on SIGTERM.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import os
 import shutil
@@ -43,7 +42,6 @@ from funboost_like import BrokerEnum, patch_frame_config, task_deco
 from funboost_like.brokers.base import Broker, Delivery
 from funboost_like.brokers.redis_ack_able import RedisAckAbleBroker
 from funboost_like.brokers.redis_brpoplpush import RedisBrpopLpushBroker
-from funboost_like.brokers.redis_common import DeferredSettlements
 from funboost_like.brokers.redis_list import RedisListBroker
 from funboost_like.brokers.redis_stream import RedisStreamBroker
 from funboost_like.brokers.registry import get_broker
@@ -253,7 +251,7 @@ def make_broker(kind: BrokerEnum) -> Broker:
     if kind == BrokerEnum.REDIS:
         return RedisListBroker()
     if kind == BrokerEnum.REDIS_STREAM:
-        return RedisStreamBroker(min_idle=1.0)
+        return RedisStreamBroker(heartbeat_interval=0.2, dead_after=1.0)
     cls = RedisAckAbleBroker if kind == BrokerEnum.REDIS_ACK_ABLE else RedisBrpopLpushBroker
     return cls(heartbeat_interval=0.2, dead_after=1.0)
 
@@ -349,7 +347,7 @@ def test_a_pipeline_after_a_restart_never_meets_a_connection_the_server_closed(
 
 
 def test_deferred_settlements_keep_what_met_a_dead_server_and_drop_what_redis_refused() -> None:
-    deferred = DeferredSettlements()
+    broker = RedisAckAbleBroker(heartbeat_interval=0.2, dead_after=1.0)  # the base keeps them (never connects here)
     sent: list[str] = []
     down = [True]
 
@@ -361,12 +359,13 @@ def test_deferred_settlements_keep_what_met_a_dead_server_and_drop_what_redis_re
         sent.append(name)
 
     for name in ("first", "refused", "second", "third"):
-        deferred.add(functools.partial(send, name))
-    with pytest.raises(redis.exceptions.ConnectionError):
-        deferred.flush()
-    assert sent == ["first"] and deferred  # "second" and "third" wait for the next fetch
+        broker._deferred.append((send, (name,)))
+    with pytest.raises(BrokerConnectionError):
+        broker._send_deferred("fetching")
+    assert sent == ["first"] and broker._deferred  # "second" and "third" wait for the next fetch
     down[0] = False
-    assert deferred.flush() == 2 and sent == ["first", "second", "third"] and not deferred
+    broker._send_deferred("fetching")
+    assert sent == ["first", "second", "third"] and not broker._deferred
 
 
 # -- seed examples 6.14 and 6.15 --------------------------------------------------------------------

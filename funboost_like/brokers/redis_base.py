@@ -1,250 +1,338 @@
-"""The base classes of the Redis brokers: what REDIS, REDIS_ACK_ABLE, RedisBrpopLpush and REDIS_STREAM share.
+"""What the four Redis brokers share, on the broker contract of :mod:`funboost_like.brokers.base`.
 
-:class:`RedisBrokerBase` holds the per-process plumbing and the operations that are the same for
-every kind:
-
-* per-process state: :meth:`~RedisBrokerBase._reset_process_state` sets up what belongs to one
-  process (its connections, plus whatever a kind adds) and runs again, by :meth:`_conn`, in a
-  forked child, whose parent's sockets and deliveries are not its own;
-* connections: :meth:`_conn` returns the process-wide
-  :func:`~funboost_like.brokers.redis_common.direct_connections` (the ``REDIS_URL`` setting is read
-  at first use, and again after :meth:`close`);
-* a cache of each queue's key names (and whatever else the kind keeps per queue), made once by
-  :meth:`_queue_keys` from the kind's ``_keys_class``;
-* dead letters: the LIST ``fl:{<queue>}:dead`` read by :meth:`list_dead_letters` and deleted by
-  :meth:`purge_dead_letters`;
-* :meth:`purge` and :meth:`count`, each running the kind's own script through
-  :meth:`_run_count_or_purge`;
-* ``key_value_store()`` from :class:`~funboost_like.brokers.redis_store.RedisStoresMixin`.
-
-:class:`RedisConsumerBrokerBase` adds what the at-least-once kinds (each broker instance a consumer
-with its own id, registered on the queues it fetches from) share: the consumer id, renewed in a
-forked child, a lock for registration, and the check that every delivery settled was still its own
-(:class:`~funboost_like.core.errors.DoubleAckError` otherwise). Each kind keeps its own scripts, keys and fetch logic in
-its own module; redis-py errors are raised as the framework's (see
-:func:`~funboost_like.brokers.redis_common.translate_error`).
+* :class:`RedisBroker`: connections (:func:`~funboost_like.brokers.redis_common.direct_connections`;
+  the ``REDIS_URL`` setting is read at first use and again after ``close()``), error translation
+  (redis-py's connection and timeout errors are the base's ``connection_errors``), per-queue key
+  names, dead letters, key-value records, and the bounded blocking wait of an idle fetch.
+* Key naming: every key of a queue other than the queue's own key starts with ``fl:{<queue>}:`` (a
+  Redis Cluster hash tag, so one queue lives in one slot). Dead letters: the LIST ``fl:{<queue>}:dead``
+  of JSON envelopes ``{"body", "reason", "failed_at", "attempts"}``, newest first, trimmed to the
+  newest 10,000. Delayed messages: the ZSET ``fl:{<queue>}:delayed`` scored by due time (server
+  clock), member ``<unique id>:<priority>:<counts>:<body>``.
+* Counts: a message's deliveries so far and the deliveries that ended with its consumer's death are
+  written ``<deliveries>`` or ``<deliveries>.<crashes>`` wherever they are kept beside a body (the
+  ``attempts`` hashes, delayed members, in-flight tokens).
+* :class:`RedisListLayout`: the layout REDIS and REDIS_ACK_ABLE share (either kind may consume what
+  the other published): the ready list of priority 0 is the LIST named exactly like the queue,
+  priority n (1..9) is ``fl:{<queue>}:p<n>``, fetched first; ``fl:{<queue>}:attempts`` is a HASH
+  sha1(body) -> counts of messages waiting again. An idle fetch waits with ``BLMOVE <queue> <queue>
+  RIGHT RIGHT`` (which leaves the list as it was) and looks at the other lists every 0.2 s.
+* :class:`~funboost_like.brokers.redis_consumers.RedisConsumers` (in its own module): the consumer
+  registry of the at-least-once kinds.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
 import time
-from abc import abstractmethod
+import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
+from typing import Any, ClassVar
 
+from redis.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from funboost_like.brokers.base import Broker, DeadLetter, Delivery
+from funboost_like.brokers.base import Broker, DeadLetter
 from funboost_like.brokers.redis_common import (
-    PURGE_LIST,
-    SCHEDULE,
+    BlockingWaits,
     DirectConnections,
-    Piggyback,
-    delayed_member,
+    LuaScript,
     describe_url,
     direct_connections,
-    lpush_many,
-    new_consumer_id,
-    read_dead_letters,
-    translate_error,
+    key_prefix,
+    pack_command,
+    raise_first_error,
 )
 from funboost_like.brokers.redis_store import RedisStoresMixin
-from funboost_like.core.errors import ConfigurationError, DoubleAckError
+from funboost_like.core import codec
+from funboost_like.core.errors import BrokerError, ConfigurationError
 
-logger = logging.getLogger("funboost_like.redis")
+DEAD_LETTER_LIMIT = 10_000  # dead letters kept per queue (the newest)
+BLOCK_SECONDS = 5  # server timeout of a blocking wait's command (it may outlive the wait, see BlockingWaits)
+
+# Lua prologue: the server's clock as a float, in ``now``; and the counts of a message (see above).
+LUA_NOW = "local _t = redis.call('TIME') local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000\n"
+LUA_COUNTS = """
+local function counts(s)
+  local a, c = string.match(s or '0', '^(%d+)%.?(%d*)$')
+  return tonumber(a) or 0, tonumber(c) or 0
+end
+local function fmt(a, c)
+  if c > 0 then return a .. '.' .. c end
+  return tostring(a)
+end
+"""
+
+# Lua function: move the due members of a delayed ZSET to the back of their ready list (``ready`` for
+# priority 0, ``prio_prefix .. n`` otherwise), keeping their counts in the ``attempts`` HASH.
+LUA_MOVE_DUE = """
+local function move_due(delayed, ready, prio_prefix, attempts, now)
+  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
+  if #due == 0 then return 0 end
+  for i = 1, #due do
+    local member = due[i]
+    local _, stop, level, seen = string.find(member, '^[^:]*:(%d):([%d.]+):')
+    local body = member
+    if stop then body = string.sub(member, stop + 1) else level = '0' seen = '0' end
+    local key = ready
+    if level ~= '0' then key = prio_prefix .. level end
+    redis.call('LPUSH', key, body)
+    if seen ~= '0' then redis.call('HSET', attempts, redis.sha1hex(body), seen) end
+  end
+  redis.call('ZREM', delayed, unpack(due))
+  return #due
+end
+"""
+
+# Lua function: milliseconds until the first member of a delayed ZSET is due (at least 1), or -1.
+LUA_NEXT_DUE = """
+local function next_due_ms(delayed, now)
+  local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+  if #first == 0 then return -1 end
+  local ms = math.ceil((tonumber(first[2]) - now) * 1000)
+  if ms < 1 then ms = 1 end
+  return ms
+end
+"""
+
+# KEYS: delayed ZSET; ARGV: delay in seconds (from now, server clock), members...
+SCHEDULE = LuaScript(LUA_NOW + """
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
+return 1
+""")
+
+# KEYS: a list; returns its length and deletes it.
+PURGE_LIST = LuaScript("local n = redis.call('LLEN', KEYS[1]) redis.call('DEL', KEYS[1]) return n")
 
 
-class QueueKeys(Protocol):
-    """What every kind's per-queue record names: the dead-letter list of the queue."""
-
-    dead: str
-
-
-KeysT = TypeVar("KeysT", bound=QueueKeys)
+def counts(attempts: int, crashes: int) -> str:
+    """``<deliveries>`` or ``<deliveries>.<crashes>``: a message's counts as the Redis brokers keep them."""
+    return f"{attempts}.{crashes}" if crashes else str(attempts)
 
 
-class RedisBrokerBase(RedisStoresMixin, Broker, Generic[KeysT]):
-    """Per-process connections, per-queue keys, dead letters, count and purge of a Redis broker."""
+def parse_counts(value: bytes | str | None) -> tuple[int, int]:
+    if not value:
+        return 0, 0
+    text = value.decode() if isinstance(value, bytes) else value
+    attempts, _, crashes = text.partition(".")
+    return int(attempts), int(crashes or 0)
 
-    _keys_class: Callable[[str], KeysT]  # built from the queue name: the kind's key names for that queue
+
+def parse_meta(meta: bytes) -> dict[int, tuple[int, int, int]]:
+    """``index:level:counts,...`` (a fetch script's list of the messages not at priority 0 or not on their
+    first delivery) as index -> (level, attempts, crashes)."""
+    special = {}
+    for item in meta.decode().split(","):
+        index, level, seen = item.split(":")
+        special[int(index)] = (int(level), *parse_counts(seen))
+    return special
+
+
+def delayed_member(priority: int, seen: str, body: bytes) -> bytes:
+    """The member of a delayed ZSET for ``body``: unique, carrying its priority and counts so far."""
+    return b"%s:%d:%s:" % (uuid.uuid4().hex.encode(), priority, seen.encode()) + bytes(body)
+
+
+def dead_letter_envelope(letter: DeadLetter) -> bytes:
+    """The JSON text kept in ``fl:{<queue>}:dead`` for a message given up on."""
+    return codec.dumps({"body": letter.body.decode("utf-8", "replace"), "reason": letter.reason,
+                        "failed_at": letter.failed_at, "attempts": letter.attempts})
+
+
+class RedisBroker(RedisStoresMixin, Broker):
+    """Connections, error translation, per-queue keys, dead letters and the idle wait of a Redis kind."""
+
+    connection_errors = (RedisConnectionError, RedisTimeoutError)
+    errors = (RedisError,)
+    _keys_class: ClassVar[type[Any]]  # the kind's key names of a queue (built from its name)
 
     def __init__(self) -> None:
-        self._keys: dict[str, KeysT] = {}
-        self._reset_process_state()
+        self._keys: dict[str, Any] = {}
+        super().__init__()
+        self._after_fork()
 
-    def _reset_process_state(self) -> None:
-        """What belongs to this process (called again in a forked child); kinds extend it."""
-        self._pid = os.getpid()
+    def _after_fork(self) -> None:
+        """The parent's connections are dropped, never closed (they are the parent's)."""
         self._redis: DirectConnections | None = None
+        self._blocking = BlockingWaits()
+        self._next_due: dict[str, float] = {}  # queue -> when (monotonic) its first delayed message is due
 
-    # -- plumbing ----------------------------------------------------------------------------------
     def _conn(self) -> DirectConnections:
-        if self._pid != os.getpid():  # a forked child: its parent's deliveries and sockets are not its own
-            self._reset_process_state()
         conn = self._redis
         if conn is None:
             conn = self._redis = direct_connections()
         return conn
 
-    def _queue_keys(self, queue: str) -> KeysT:
+    def _where(self) -> str:
+        return f"Redis at {describe_url()}"
+
+    def _queue_keys(self, queue: str) -> Any:
         keys = self._keys.get(queue)
         if keys is None:
             keys = self._keys[queue] = self._keys_class(queue)
         return keys
 
+    def _run(self, action: str, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)`` with redis-py errors translated (for the methods the base does not wrap)."""
+        try:
+            return call(*args)
+        except self.connection_errors as exc:
+            raise self._connection_error(exc, action) from exc
+        except RedisError as exc:
+            raise BrokerError(f"{self._where()} failed {action}: {exc}") from exc
+
+    def _due_in(self, queue: str, due_ms: int) -> None:
+        """Note when the first delayed message of ``queue`` is due (``due_ms`` from now; -1: none)."""
+        self._next_due[queue] = time.monotonic() + due_ms / 1000 if due_ms >= 0 else float("inf")
+
+    def _expect_due(self, queue: str, delay: float) -> None:
+        """This process delayed a message of ``queue`` by ``delay`` seconds."""
+        self._next_due[queue] = min(self._next_due.get(queue, float("inf")), time.monotonic() + delay)
+
+    def _wait_for(self, queue: str, timeout: float, command: Callable[[AbstractConnection], bytes | None],
+                  look: float = 1.0) -> None:
+        """The blocking wait of an idle fetch, cut short when a delayed message is due and after ``look``
+        seconds (to look at what the blocking command does not watch)."""
+        wait = min(timeout, look, self._next_due.get(queue, float("inf")) - time.monotonic())
+        if wait > 0:
+            self._blocking.wait(self._conn(), queue, wait, command)
+
     # -- dead letters ------------------------------------------------------------------------------
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        try:
-            return read_dead_letters(self._conn(), queue, limit)
-        except RedisError as exc:
-            raise translate_error(exc, f"listing dead letters of queue {queue!r}") from exc
+        if limit <= 0:
+            return []
+        items = self._run(f"listing dead letters of queue {queue!r}", self._conn().execute_command, "LRANGE",
+                          key_prefix(queue) + "dead", 0, limit - 1)
+        letters = []
+        for item in items:
+            try:
+                envelope = codec.loads(item)
+                letters.append(DeadLetter(queue, str(envelope["body"]).encode("utf-8"), str(envelope.get("reason", "")),
+                                          float(envelope.get("failed_at", 0.0)), int(envelope.get("attempts", 0))))
+            except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError):
+                letters.append(DeadLetter(queue, bytes(item), "unreadable dead-letter envelope", 0.0, 0))
+        return letters
 
     def purge_dead_letters(self, queue: str) -> int:
-        try:
-            return int(PURGE_LIST(self._conn(), [self._queue_keys(queue).dead], []))
-        except RedisError as exc:
-            raise translate_error(exc, f"purging dead letters of queue {queue!r}") from exc
+        return int(self._run(f"purging dead letters of queue {queue!r}", PURGE_LIST, self._conn(),
+                             [key_prefix(queue) + "dead"], []))
 
-    # -- queue maintenance -------------------------------------------------------------------------
-    def purge(self, queue: str) -> int:
-        return self._count_or_purge(queue, purge=True)
-
-    def count(self, queue: str) -> int:
-        return self._count_or_purge(queue, purge=False)
-
-    def _count_or_purge(self, queue: str, *, purge: bool) -> int:
-        try:
-            return int(self._run_count_or_purge(self._conn(), queue, purge))
-        except RedisError as exc:
-            raise translate_error(exc, f"{'purging' if purge else 'counting'} queue {queue!r}") from exc
-
-    @abstractmethod
-    def _run_count_or_purge(self, conn: DirectConnections, queue: str, purge: bool) -> Any:
-        """Run the kind's script that counts the waiting messages of ``queue`` (and, with ``purge``,
-        deletes them); return its reply. Raises redis-py errors (the caller translates them)."""
-
-    def close(self) -> None:
-        """Forget the connections (shared per process, closed by ``close_clients``); reconnects on next use."""
+    def _close(self) -> None:
+        """Forget the connections (shared per process) and close the blocking waits' own."""
         self._redis = None
+        self._blocking.close()
 
 
-class RedisConsumerBrokerBase(RedisBrokerBase[KeysT]):
-    """A Redis broker whose instance is a consumer: a unique id per process, renewed in a forked child."""
+# -- the list layout of REDIS and REDIS_ACK_ABLE ------------------------------------------------------
 
-    # How a delivery this consumer fetched may have passed to another one (for DoubleAckError).
-    _taken_over: ClassVar[str] = "recovered by another consumer after this one missed its heartbeats"
+LIST_MAX_PRIORITY = 9
+LIST_PUSH_BATCH = 1000  # values per LPUSH command of publish_many
+PRIORITY_LOOK = 0.2  # an idle fetch waits on the priority-0 list and looks at the others this often
 
-    def _reset_process_state(self) -> None:
-        super()._reset_process_state()
-        self._cid = new_consumer_id()
-        self._lock = threading.Lock()
+# Lua function of the fetch scripts: pop up to ``want`` ready messages, highest priority first, with
+# their counts (taken out of the ``attempts`` HASH). ``took(level, items)`` gets each level's items
+# {index, body, deliveries, crashes} as soon as they are popped (so a failure at a later level leaves
+# them recorded). Returns ``{meta, body1, body2, ...}`` and how many: meta lists "index:level:counts"
+# for each message not at level 0 or not on its first delivery.
+LUA_TAKE_READY = LUA_COUNTS + """
+local function take_ready(want, ready, prio_prefix, attempts, took)
+  local track = redis.call('HLEN', attempts) > 0
+  local out, meta, n = {''}, {}, 0
+  for level = 9, 0, -1 do
+    local key = ready
+    if level > 0 then key = prio_prefix .. level end
+    local got = redis.call('RPOP', key, want - n)
+    if got then
+      local items = {}
+      for i = 1, #got do
+        local body, a, c = got[i], 1, 0
+        if track then
+          local h = redis.sha1hex(body)
+          local prev = redis.call('HGET', attempts, h)
+          if prev then
+            a, c = counts(prev)
+            a = a + 1
+            redis.call('HDEL', attempts, h)
+          end
+        end
+        n = n + 1
+        out[n + 1] = body
+        items[i] = {n, body, a, c}
+        if level ~= 0 or a ~= 1 or c ~= 0 then meta[#meta + 1] = n .. ':' .. level .. ':' .. fmt(a, c) end
+      end
+      took(level, items)
+      if n >= want then break end
+    end
+  end
+  out[1] = table.concat(meta, ',')
+  return out, n
+end
+"""
 
-    @property
-    def consumer_id(self) -> str:
-        """This consumer's id (its name in the group, for REDIS_STREAM)."""
-        if self._pid != os.getpid():
-            self._reset_process_state()
-        return self._cid
-
-    def _check_settled(self, settled: int, total: int) -> None:
-        """Raise DoubleAckError unless all ``total`` deliveries were still this consumer's to settle."""
-        if settled != total:
-            raise DoubleAckError(self._unsettled_message(settled, total))
-
-    def _unsettled_message(self, settled: int, total: int) -> str:
-        return (f"{total - settled} of {total} deliveries were already acknowledged or rejected, "
-                f"or were {self._taken_over}")
-
-    # -- acks sent with the next fetch -------------------------------------------------------------
-    def ack_and_fetch(self, deliveries: Sequence[Delivery], queue: str, max_n: int,
-                      timeout: float) -> list[Delivery]:
-        """The acks and the fetch's first command in one write, so one round trip instead of two."""
-        before = self._ack_piggyback(deliveries) if deliveries else None
-        if before is None:
-            return self.fetch(queue, max_n, timeout)
-        try:
-            return self._fetch_after(before, queue, max_n, timeout)
-        finally:
-            if not before.done:  # the fetch sent nothing (or failed first): send the acks on their own
-                try:
-                    self._conn().send_packed(b"", 0, before)
-                except RedisError as exc:
-                    logger.error("acknowledging %d message(s) failed (%s); they will be delivered again",
-                                 len(deliveries), translate_error(exc, "acknowledging"))
-
-    @abstractmethod
-    def _ack_piggyback(self, deliveries: Sequence[Delivery]) -> Piggyback | None:
-        """The ack of ``deliveries`` as commands to send ahead of a fetch (None: nothing to send)."""
-
-    @abstractmethod
-    def _fetch_after(self, before: Piggyback | None, queue: str, max_n: int, timeout: float) -> list[Delivery]:
-        """:meth:`fetch` with ``before`` (if any) sent ahead of its first command."""
-
-    def _piggyback(self, commands: list[tuple[Any, ...]], total: int, count_settled: Callable[[list[Any]], int],
-                   on_lost: Callable[[], object]) -> Piggyback:
-        """A :class:`Piggyback` of ack ``commands`` for ``total`` deliveries; ``count_settled`` reads how
-        many were still this consumer's from the replies (a shortfall is logged, as no caller is left to
-        raise DoubleAckError to)."""
-
-        def settle(replies: list[Any]) -> None:
-            errors = [reply for reply in replies if isinstance(reply, Exception)]
-            if errors:
-                logger.error("Redis at %s refused acknowledging %d message(s): %s; they will be delivered again",
-                             describe_url(), total, errors[0])
-                return
-            settled = count_settled(replies)
-            if settled != total:
-                logger.warning("%s", self._unsettled_message(settled, total))
-
-        return Piggyback(commands, settle, on_lost)
+# KEYS: ready0, delayed, attempts; ARGV: priority-list prefix, '1' to delete
+_COUNT_OR_PURGE = LuaScript("""
+local n = redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+for level = 1, 9 do n = n + redis.call('LLEN', ARGV[1] .. level) end
+if ARGV[2] == '1' then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+  for level = 1, 9 do redis.call('DEL', ARGV[1] .. level) end
+end
+return n
+""")
 
 
-LIST_MAX_PRIORITY = 9  # list kinds: level 0 is the list named after the queue, levels 1..9 beside it
-LIST_PUSH_BATCH = 1000  # values per LPUSH command in publish_many
+class ListKeys:
+    __slots__ = ("ready", "prefix", "prio_prefix", "lists", "delayed", "attempts", "dead", "consumers", "wait")
+
+    def __init__(self, queue: str) -> None:
+        prefix = self.prefix = key_prefix(queue)
+        self.ready = queue
+        self.prio_prefix = prefix + "p"
+        self.lists = [queue] + [f"{prefix}p{n}" for n in range(1, LIST_MAX_PRIORITY + 1)]  # index = level
+        self.delayed = prefix + "delayed"
+        self.attempts = prefix + "attempts"
+        self.dead = prefix + "dead"
+        self.consumers = prefix + "consumers"
+        self.wait = pack_command("BLMOVE", queue, queue, "RIGHT", "RIGHT", BLOCK_SECONDS)
 
 
-class ListKeys(Protocol):
-    lists: list[str]  # ready list of each priority level (index = level)
-    delayed: str  # ZSET of messages not due yet
+class RedisListLayout(RedisBroker):
+    """Publishing, waiting, counting and purging on the list layout (see the module docstring); priorities
+    up to the kind's ``capabilities.max_priority``."""
 
+    _keys_class = ListKeys
 
-class RedisListPublishing(RedisBrokerBase[KeysT]):
-    """``publish`` and ``publish_many`` of the list kinds (REDIS, REDIS_ACK_ABLE), which share one layout:
-    ``LPUSH`` onto the ready list of the message's priority, or into the delayed ZSET until due."""
-
-    def _list_keys(self, queue: str) -> ListKeys:
-        return cast(ListKeys, self._queue_keys(queue))
-
-    def publish(self, queue: str, body: bytes, *, priority: int = 0, not_before: float | None = None) -> None:
+    def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
+        keys = self._queue_keys(queue)
+        level, top = priority, self.capabilities.max_priority
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= top:
+            raise ConfigurationError(f"{type(self).__name__} takes priorities 0..{top} (integers), not {priority!r}")
         conn = self._conn()
-        try:
-            if not_before is not None:
-                delay = not_before - time.time()
-                if delay > 0:
-                    SCHEDULE(conn, [self._list_keys(queue).delayed],
-                             [repr(delay), delayed_member(list_priority_level(priority), 0, body)])
-                    return
-            key = self._list_keys(queue).lists[list_priority_level(priority)] if priority else queue
-            conn.execute_command("LPUSH", key, body, spin=True)
-        except RedisError as exc:
-            raise translate_error(exc, f"publishing to queue {queue!r}") from exc
+        delay = 0.0 if not_before is None else not_before - time.time()
+        if delay > 0:
+            SCHEDULE(conn, [keys.delayed], [repr(delay), *[delayed_member(level, "0", body) for body in bodies]])
+            self._expect_due(queue, delay)
+        elif len(bodies) == 1:
+            conn.execute_command("LPUSH", keys.lists[level], bodies[0], spin=True)
+        elif len(bodies) <= LIST_PUSH_BATCH:
+            conn.execute_command("LPUSH", keys.lists[level], *bodies)
+        else:
+            raise_first_error(conn.pipeline([("LPUSH", keys.lists[level], *bodies[start:start + LIST_PUSH_BATCH])
+                                             for start in range(0, len(bodies), LIST_PUSH_BATCH)]))
 
-    def publish_many(self, queue: str, bodies: Sequence[bytes], *, priority: int = 0) -> None:
-        if not bodies:
-            return
-        key = self._list_keys(queue).lists[list_priority_level(priority)] if priority else queue
-        conn = self._conn()
-        try:
-            lpush_many(conn, key, bodies, LIST_PUSH_BATCH)
-        except RedisError as exc:
-            raise translate_error(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
+    def _wait(self, queue: str, timeout: float) -> None:
+        packet = self._queue_keys(queue).wait
+        look = PRIORITY_LOOK if self.capabilities.max_priority else 1.0
+        self._wait_for(queue, timeout, lambda connection: packet, look)
 
+    def _count_or_purge(self, queue: str, purge: bool) -> int:
+        keys = self._queue_keys(queue)
+        return int(_COUNT_OR_PURGE(self._conn(), [keys.ready, keys.delayed, keys.attempts],
+                                   [keys.prio_prefix, "1" if purge else "0"]))
 
-def list_priority_level(priority: int) -> int:
-    """Check a priority of the list kinds (an int 0..9) and return it as the level."""
-    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= LIST_MAX_PRIORITY:
-        raise ConfigurationError(f"Redis list priorities are integers 0..{LIST_MAX_PRIORITY}, not {priority!r}")
-    return priority
+    def _size(self, queue: str) -> int:
+        return self._count_or_purge(queue, False)
+
+    def _purge(self, queue: str) -> int:
+        return self._count_or_purge(queue, True)

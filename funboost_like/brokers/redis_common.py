@@ -1,56 +1,30 @@
-"""Shared Redis plumbing for the Redis brokers and Redis-backed services.
+"""Redis connections for the Redis brokers: fast command execution, Lua scripts, blocking waits.
 
-* :func:`redis_client` returns the process-wide :class:`redis.Redis` for the ``REDIS_URL`` setting
-  (default ``redis://127.0.0.1:6379/0``, environment variable ``FUNBOOST_LIKE_REDIS_URL``). The
-  setting is read at call time, never at import; one client (and connection pool) exists per URL and
-  per process, so a forked child builds its own instead of sharing its parent's sockets.
-* :func:`describe_url` is the URL with its password replaced by ``***``; it is the only form of the
-  URL that may reach a log or an exception message.
-* :func:`translate_error` turns a redis-py exception into the framework's own
-  (:class:`~funboost_like.core.errors.BrokerConnectionError` for an unreachable server, so the
-  consume loop retries with backoff; :class:`~funboost_like.core.errors.BrokerError` otherwise).
-  :class:`DeferredSettlements` keeps the acks that failed that way and sends them again with the
-  broker's next fetch (or its close), so a message acked during an outage does not stay in flight forever.
 * :func:`direct_connections` returns the process-wide :class:`DirectConnections` for the current
-  URL: the same connections redis-py makes (same URL options, TLS, auth, database), used without
-  its pool's per-command bookkeeping, which costs about three times the round trip itself
-  (measured: 9k PING/s through ``redis.Redis`` against 33k/s direct). Brokers use it on hot paths.
-  Commands are packed by :func:`pack_command`, several times faster than redis-py's packer (a
-  fetch-and-ack loop of 50-message batches on RedisBrpopLpush went from 55k to 87k messages/s);
-  :meth:`DirectConnections.send_packed` sends a pipeline packed once and cached by the caller.
+  ``REDIS_URL`` setting: the same connections redis-py makes (same URL options, TLS, auth,
+  database), used without its pool's per-command bookkeeping, which costs about three times the
+  round trip itself (measured: 9k PING/s through ``redis.Redis`` against 33k/s direct). Commands are
+  packed by :func:`pack_command`, several times faster than redis-py's packer;
+  :meth:`DirectConnections.send_packed` sends a pipeline packed once and cached by the caller, and
+  a :class:`Piggyback` rides ahead of a command in the same write (a consumer's acks ahead of its
+  next fetch). A forked child builds its own; the parent's sockets are never used there.
 * :class:`LuaScript` runs a Lua script by its SHA1 and loads it on the first ``NOSCRIPT`` reply
-  (after a server restart or ``SCRIPT FLUSH`` too), on a client or on direct connections.
+  (after a server restart or ``SCRIPT FLUSH`` too).
+* :class:`BlockingWaits` runs the idle waits of fetches (``BLMOVE``, ``XREAD BLOCK``) on connections
+  of their own, so a blocked wait never delays other threads' commands.
 
-Shared by the Redis brokers (whose common base class is in :mod:`funboost_like.brokers.redis_base`):
-
-* key naming: every key of a queue other than the queue's own key starts with
-  :func:`key_prefix` ``fl:{<queue>}:`` (the braces are literal: a Redis Cluster hash tag);
-* publishing to a list in chunks of at most so many bodies per ``LPUSH``: :func:`lpush_many`;
-* consumer identity and liveness: :func:`new_consumer_id`, :func:`consumer_timing` (the
-  ``REDIS_HEARTBEAT_SECONDS`` / ``REDIS_DEAD_AFTER_SECONDS`` settings) and :class:`HeartbeatThread`,
-  the daemon thread that heartbeats (or renews claims) for a broker instance;
-* delayed messages of the list brokers: a ZSET ``fl:{<queue>}:delayed`` scored by due time (server
-  clock), member ``<unique id>:<priority>:<deliveries so far>:<body>`` (:func:`delayed_member`,
-  :data:`SCHEDULE`, the Lua functions :data:`LUA_MOVE_DUE`, moving due members to their list, and
-  :data:`LUA_NEXT_DUE`);
-* dead letters: a LIST ``fl:{<queue>}:dead`` of JSON envelopes ``{"body", "reason", "failed_at",
-  "attempts"}``, newest first, trimmed to :data:`DEAD_LETTER_LIMIT` (:func:`dead_letter_envelope`,
-  :func:`read_dead_letters`, :data:`PURGE_LIST`);
-* idle waits: Redis ends a blocking command's timeout on its cron tick (up to 100 ms late), so
-  :func:`blocking_budget` says how long a fetch may block and :class:`IdlePoller` polls the rest.
+The client, the URL (:func:`describe_url` is the only form that may reach a log) and key naming
+(:func:`key_prefix`) come from :mod:`funboost_like.core.redis_connection`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import select
 import socket
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -70,101 +44,26 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the redis
     _HIREDIS_PARSER = None
     _NOT_ENOUGH_DATA = False
 
-from funboost_like.brokers.base import DeadLetter
-from funboost_like.core import codec
-from funboost_like.core.config import redact_url, settings
-from funboost_like.core.errors import BrokerConnectionError, BrokerError, ConfigurationError
+from funboost_like.core.redis_connection import describe_url, key_prefix, redis_client, redis_url
 
-logger = logging.getLogger("funboost_like.redis")
+__all__ = ["BlockingWaits", "DirectConnections", "LuaScript", "Piggyback", "describe_url", "direct_connections",
+           "key_prefix", "pack_command", "raise_first_error", "redis_client"]
 
-_lock = threading.Lock()
-_clients: dict[str, redis.Redis] = {}
 _direct: dict[str, DirectConnections] = {}
-_clients_pid = os.getpid()
-
-
-def _after_fork_in_child() -> None:
-    # Another thread may have held the lock at fork time; the parent's sockets belong to the parent.
-    global _lock, _clients_pid
-    _lock = threading.Lock()
-    _clients.clear()
-    _direct.clear()
-    _clients_pid = os.getpid()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def redis_url() -> str:
-    """The configured Redis URL (may contain a password: never log it, use :func:`describe_url`)."""
-    return str(settings.get("REDIS_URL"))
-
-
-def describe_url(url: str | None = None) -> str:
-    """The Redis URL (the configured one by default) with any password redacted, for logs."""
-    return redact_url(redis_url() if url is None else url)
-
-
-def redis_client() -> redis.Redis:
-    """The process-wide client for the current ``REDIS_URL`` setting (thread-safe, fork-aware).
-
-    Clients connect lazily and reconnect by themselves; a forked child gets fresh clients.
-    """
-    global _clients_pid
-    url = redis_url()
-    pid = os.getpid()
-    if pid == _clients_pid:
-        client = _clients.get(url)
-        if client is not None:
-            return client
-    with _lock:
-        if pid != _clients_pid:
-            # The parent's sockets belong to the parent: forget them without closing them.
-            _clients.clear()
-            _direct.clear()
-            _clients_pid = pid
-        client = _clients.get(url)
-        if client is None:
-            try:
-                client = redis.Redis.from_url(url, socket_keepalive=True, health_check_interval=30)
-            except ValueError:  # malformed URL; redis-py's message may quote it, so it is not chained
-                raise BrokerError(f"REDIS_URL {describe_url(url)} is not a valid Redis URL") from None
-            _clients[url] = client
-            logger.debug("created a Redis client for %s in process %d", describe_url(url), pid)
-        return client
+_direct_pid = os.getpid()
 
 
 def direct_connections() -> DirectConnections:
     """The process-wide :class:`DirectConnections` for the current ``REDIS_URL`` setting."""
-    url = redis_url()
-    if os.getpid() == _clients_pid:
-        direct = _direct.get(url)
-        if direct is not None:
-            return direct
-    client = redis_client()  # also resets the caches in a forked child
-    with _lock:
-        direct = _direct.get(url)
-        if direct is None:
-            direct = _direct[url] = DirectConnections(client)
-        return direct
-
-
-def close_clients() -> None:
-    """Disconnect every client this process created (tests, shutdown); later calls reconnect."""
-    with _lock:
-        mine = os.getpid() == _clients_pid
-        clients = list(_clients.values()) if mine else []
-        directs = list(_direct.values()) if mine else []
-        _clients.clear()
+    global _direct_pid
+    if os.getpid() != _direct_pid:  # a forked child: the parent's sockets are not ours (never closed here)
         _direct.clear()
-    for direct in directs:
-        direct.close()
-    for client in clients:
-        try:
-            client.close()
-        except RedisError:  # pragma: no cover - closing a broken connection
-            pass
+        _direct_pid = os.getpid()
+    url = redis_url()
+    direct = _direct.get(url)
+    if direct is None:
+        direct = _direct.setdefault(url, DirectConnections(redis_client()))
+    return direct
 
 
 class DirectConnections:
@@ -218,7 +117,10 @@ class DirectConnections:
                 reply = connection.read_response()
             except (RedisConnectionError, RedisTimeoutError):
                 connection.disconnect()
-                connection.send_packed_command([packet])
+                if before is None:
+                    connection.send_packed_command([packet])
+                else:  # sent again too (acks are idempotent): its replies are then known
+                    _send_with(connection, before, packet)
                 reply = connection.read_response()
             clean = True
             return reply
@@ -339,34 +241,22 @@ def _fresh(connection: AbstractConnection) -> AbstractConnection:
 class Piggyback:
     """Commands sent in the same write ahead of another command: a consumer's acks ahead of its next fetch.
 
-    Once their replies are read, ``settle`` gets them (error replies as exception values). If the
-    connection breaks before that, ``on_lost`` runs instead (they may or may not have run; it must
-    arrange to send them again). :attr:`done` tells whether either happened, so a caller whose
-    command was never sent can send them another way.
+    :attr:`replies` holds their replies once read (error replies as exception values); it stays None
+    when the connection broke first, so they may or may not have run.
     """
 
-    __slots__ = ("packet", "count", "settle", "on_lost", "done")
+    __slots__ = ("packet", "count", "replies")
 
-    def __init__(self, commands: list[tuple[Any, ...]], settle: Callable[[list[Any]], object],
-                 on_lost: Callable[[], object]) -> None:
+    def __init__(self, commands: list[tuple[Any, ...]]) -> None:
         self.packet = b"".join([pack_command(*command) for command in commands])
         self.count = len(commands)
-        self.settle = settle
-        self.on_lost = on_lost
-        self.done = False
+        self.replies: list[Any] | None = None
 
 
 def _send_with(connection: AbstractConnection, before: Piggyback, packet: bytes) -> None:
-    """Send ``before`` and ``packet`` in one write, read and settle ``before``'s replies (see :class:`Piggyback`)."""
-    try:
-        connection.send_packed_command([before.packet + packet])
-        replies = _read_replies(connection, before.count)
-    except (RedisConnectionError, RedisTimeoutError):
-        before.done = True
-        before.on_lost()
-        raise
-    before.done = True
-    before.settle(replies)
+    """Send ``before`` and ``packet`` in one write and read ``before``'s replies."""
+    connection.send_packed_command([before.packet + packet])
+    before.replies = _read_replies(connection, before.count)
 
 
 def _read_replies(connection: AbstractConnection, count: int) -> list[Any]:
@@ -435,85 +325,6 @@ def pack_command(*args: Any) -> bytes:
     return b"".join(parts)
 
 
-def translate_error(exc: RedisError, action: str) -> BrokerError:
-    """The framework exception for a redis-py error raised while doing ``action`` (raise it ``from exc``)."""
-    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
-        return BrokerConnectionError(f"Redis at {describe_url()} is unreachable while {action}: {exc}")
-    return BrokerError(f"Redis at {describe_url()} failed while {action}: {exc}")
-
-
-def is_connection_error(exc: BaseException) -> bool:
-    """True for the redis-py errors of an unreachable server (refused, reset, timed out, still loading)."""
-    return isinstance(exc, (RedisConnectionError, RedisTimeoutError))
-
-
-class DeferredSettlements:
-    """Acks and hand-backs that failed on a connection error, sent again by the broker's next fetch.
-
-    Without this, a message whose ack was lost while Redis was down would stay in the in-flight record
-    of a consumer that is alive and heartbeating, so it would neither leave nor come back until that
-    process ended. Every deferred send must be safe to run twice (it checks that the message is still
-    in flight), since the first attempt may have reached the server before the connection broke.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sends: list[Callable[[], object]] = []
-
-    def __bool__(self) -> bool:
-        return bool(self._sends)
-
-    def add(self, send: Callable[[], object]) -> None:
-        with self._lock:
-            self._sends.append(send)
-
-    def flush(self) -> int:
-        """Run the deferred sends in order. On a connection error keep the unsent ones and re-raise; a
-        send that Redis refuses otherwise is logged and dropped (so it cannot block every later fetch).
-        Returns how many were sent."""
-        with self._lock:
-            sends, self._sends = self._sends, []
-        done = 0
-        try:
-            for send in sends:
-                try:
-                    send()
-                except RedisError as exc:
-                    if is_connection_error(exc):
-                        raise
-                    logger.error("Redis at %s refused an ack or hand-back sent again after an outage (%s); its "
-                                 "message stays in flight until this process ends, then runs again",
-                                 describe_url(), exc)
-                done += 1
-        finally:
-            if done < len(sends):
-                with self._lock:
-                    self._sends[:0] = sends[done:]
-            if done:
-                logger.info("sent %d acknowledgement(s) or hand-back(s) again that had failed while Redis at %s "
-                            "was unreachable", done, describe_url())
-        return done
-
-    def flush_before_fetch(self, queue: str) -> None:
-        """:meth:`flush` at the start of a fetch of ``queue``; a failure is raised as that fetch's error."""
-        try:
-            self.flush()
-        except RedisError as exc:
-            raise translate_error(exc, f"fetching from queue {queue!r}") from exc
-
-    def flush_on_close(self) -> None:
-        """:meth:`flush` (if anything is deferred) when the broker closes; a failure is only logged, as
-        another consumer's sweep recovers those messages later."""
-        if not self._sends:
-            return
-        try:
-            self.flush()
-        except RedisError as exc:
-            logger.warning("could not resend the acks and hand-backs that failed while Redis at %s was "
-                           "unreachable (%s): those messages run again after another consumer's sweep",
-                           describe_url(), exc)
-
-
 class LuaScript:
     """A Lua script run with EVALSHA, loaded on demand."""
 
@@ -523,98 +334,17 @@ class LuaScript:
         self.source = source
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
 
-    def __call__(self, target: redis.Redis | DirectConnections, keys: list[Any], args: list[Any]) -> Any:
-        """Run on ``target`` (a client or direct connections) with ``keys`` and ``args``."""
+    def __call__(self, target: redis.Redis | DirectConnections, keys: list[Any], args: list[Any],
+                 before: Piggyback | None = None) -> Any:
+        """Run on ``target`` (a client or direct connections) with ``keys`` and ``args``; ``before`` (direct
+        connections only) is sent ahead in the same write, and not again if the script had to be loaded."""
         try:
-            return target.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            target.execute_command("SCRIPT", "LOAD", self.source)
-            return target.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-
-    def after(self, before: Piggyback, target: DirectConnections, keys: list[Any], args: list[Any]) -> Any:
-        """Like calling it, with ``before`` sent ahead in the same write (and not again if the script
-        had to be loaded first)."""
-        try:
+            if before is None:
+                return target.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
             return target.execute_command("EVALSHA", self.sha, len(keys), *keys, *args, before=before)
         except NoScriptError:
             target.execute_command("SCRIPT", "LOAD", self.source)
             return target.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-
-
-# -- shared by the Redis brokers -------------------------------------------------------------------
-
-DEAD_LETTER_LIMIT = 10_000  # dead letters kept per queue (the newest)
-
-# Lua prologue: the server's clock as a float, in ``now``.
-LUA_NOW = "local _t = redis.call('TIME') local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000\n"
-
-# Lua function: move the due members of a delayed ZSET (see :func:`delayed_member`) to the tail
-# end of their ready list (``ready`` for priority 0, ``prio_prefix .. n`` otherwise), recording
-# deliveries so far in the ``attempts`` HASH (sha1(body) -> count). Returns the number moved.
-LUA_MOVE_DUE = """
-local function move_due(delayed, ready, prio_prefix, attempts, now)
-  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
-  if #due == 0 then return 0 end
-  for i = 1, #due do
-    local member = due[i]
-    local _, stop, level, seen = string.find(member, '^[^:]*:(%d):(%d+):')
-    local body = member
-    if stop then body = string.sub(member, stop + 1) else level = '0' seen = '0' end
-    local key = ready
-    if level ~= '0' then key = prio_prefix .. level end
-    redis.call('LPUSH', key, body)
-    if seen ~= '0' then redis.call('HSET', attempts, redis.sha1hex(body), seen) end
-  end
-  redis.call('ZREM', delayed, unpack(due))
-  return #due
-end
-"""
-
-# Lua function: milliseconds until the first member of a delayed ZSET is due (at least 1), or -1
-# when it is empty.
-LUA_NEXT_DUE = """
-local function next_due_ms(delayed, now)
-  local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
-  if #first == 0 then return -1 end
-  local ms = math.ceil((tonumber(first[2]) - now) * 1000)
-  if ms < 1 then ms = 1 end
-  return ms
-end
-"""
-
-# KEYS: delayed ZSET; ARGV: delay in seconds (from now, server clock), member.
-SCHEDULE = LuaScript(LUA_NOW + """
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
-return 1
-""")
-
-# KEYS: a list; returns its length and deletes it.
-PURGE_LIST = LuaScript("""
-local n = redis.call('LLEN', KEYS[1])
-redis.call('DEL', KEYS[1])
-return n
-""")
-
-
-def key_prefix(queue: str) -> str:
-    """``fl:{<queue>}:``, the prefix of every key of ``queue`` other than the queue's own key."""
-    return f"fl:{{{queue}}}:"
-
-
-def new_consumer_id() -> str:
-    """A consumer id unique across hosts and processes: ``<host>-<pid>-<random>`` (no ``:{}``)."""
-    host = socket.gethostname().replace(":", "_").replace("{", "_").replace("}", "_") or "host"
-    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-
-
-def consumer_timing(heartbeat_interval: float | None, dead_after: float | None) -> tuple[float, float]:
-    """Heartbeat interval and death threshold: the given values, else the ``REDIS_HEARTBEAT_SECONDS``
-    and ``REDIS_DEAD_AFTER_SECONDS`` settings; raises ConfigurationError unless 0 < interval < dead_after."""
-    interval = float(settings.get("REDIS_HEARTBEAT_SECONDS") if heartbeat_interval is None else heartbeat_interval)
-    dead = float(settings.get("REDIS_DEAD_AFTER_SECONDS") if dead_after is None else dead_after)
-    if not 0 < interval < dead:
-        raise ConfigurationError(f"need 0 < heartbeat interval < dead-after time, got {interval} and {dead} seconds")
-    return interval, dead
 
 
 def raise_first_error(replies: list[Any]) -> list[Any]:
@@ -625,129 +355,55 @@ def raise_first_error(replies: list[Any]) -> list[Any]:
     return replies
 
 
-def lpush_many(conn: DirectConnections, key: str, bodies: Sequence[bytes], chunk: int) -> None:
-    """``LPUSH`` ``bodies`` to the list ``key``: one command, or one pipeline of commands of ``chunk``
-    bodies each (raises redis-py errors; callers translate them)."""
-    if len(bodies) <= chunk:
-        conn.execute_command("LPUSH", key, *bodies)
-    else:
-        raise_first_error(conn.pipeline(
-            [("LPUSH", key, *bodies[start:start + chunk]) for start in range(0, len(bodies), chunk)]))
+class BlockingWaits:
+    """Blocking waits on connections of their own, kept per queue (as many as threads wait at once).
 
-
-def as_bytes(body: bytes | str) -> bytes:
-    return body.encode("utf-8") if isinstance(body, str) else bytes(body)
-
-
-def delayed_member(priority: int, deliveries: int, body: bytes) -> bytes:
-    """The member of a delayed ZSET for ``body``: unique, and carrying its priority and deliveries so far."""
-    return b"%s:%d:%d:" % (uuid.uuid4().hex.encode(), priority, deliveries) + as_bytes(body)
-
-
-def dead_letter_envelope(body: bytes, reason: str, attempts: int) -> bytes:
-    """The JSON text kept in ``fl:{<queue>}:dead`` for a message given up on."""
-    return codec.dumps({"body": body.decode("utf-8", "replace"), "reason": reason, "failed_at": time.time(),
-                        "attempts": attempts})
-
-
-def read_dead_letters(target: redis.Redis | DirectConnections, queue: str, limit: int) -> list[DeadLetter]:
-    """The newest ``limit`` dead letters of ``queue`` (raises redis-py errors; callers translate them)."""
-    if limit <= 0:
-        return []
-    letters = []
-    for item in target.execute_command("LRANGE", key_prefix(queue) + "dead", 0, limit - 1):
-        try:
-            envelope = codec.loads(item)
-            letters.append(DeadLetter(queue, str(envelope["body"]).encode("utf-8"), str(envelope.get("reason", "")),
-                                      float(envelope.get("failed_at", 0.0)), int(envelope.get("attempts", 0))))
-        except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError):
-            raw = item if isinstance(item, bytes) else str(item).encode("utf-8")
-            letters.append(DeadLetter(queue, raw, "unreadable dead-letter envelope", 0.0, 0))
-    return letters
-
-
-class HeartbeatThread:
-    """A daemon thread calling ``beat()`` at once and then every ``interval`` seconds until :meth:`stop`.
-
-    :meth:`ensure_running` starts it (again, after a stop or in a forked child's new instance). A
-    failing beat is logged once as a warning and its recovery once; the thread keeps beating.
+    A wait sends its blocking command (made by the caller, with a server timeout of its choosing)
+    and polls the socket until the caller's own timeout. When that comes first, the command stays
+    on the server and the next wait on that queue goes on reading its reply rather than sending
+    another: a wait ends on the caller's deadline, never on the server's timer tick (Redis ends a
+    blocking command's timeout on its cron tick, up to 100 ms late at the default ``hz``).
     """
 
-    def __init__(self, beat: Callable[[], object], interval: float, name: str) -> None:
-        self._beat = beat
-        self.interval = interval
-        self.name = name
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+    def __init__(self) -> None:
+        self._idle: dict[str, list[list[Any]]] = {}  # queue -> idle [connection, command pending]
 
-    def ensure_running(self) -> None:
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            return
-        with self._lock:
-            thread = self._thread
-            if thread is None or not thread.is_alive():
-                self._stop = stop = threading.Event()
-                self._thread = thread = threading.Thread(target=self._run, args=(stop,), name=self.name, daemon=True)
-                thread.start()
+    def wait(self, direct: DirectConnections, queue: str, timeout: float,
+             command: Callable[[AbstractConnection], bytes | None]) -> bool:
+        """Wait at most ``timeout`` seconds for the reply of ``command(connection)`` (a packed
+        command, or None for no wait); True if it came. An error reply is read and ignored (the
+        fetch that follows meets the error itself); a connection error is raised."""
+        idle = self._idle.setdefault(queue, [])
+        try:
+            slot = idle.pop()
+        except IndexError:
+            slot = [direct._new(), False]
+        connection = slot[0]
+        try:
+            if not slot[1]:
+                packet = command(connection)
+                if packet is None:
+                    return False
+                connection.send_packed_command([packet], check_health=False)
+                slot[1] = True
+            if not connection.can_read(timeout=timeout):
+                return False
+            slot[1] = False
+            connection.read_response()
+        except ResponseError:
+            pass
+        except (RedisConnectionError, RedisTimeoutError):
+            slot[1] = False
+            connection.disconnect()
+            raise
+        finally:
+            idle.append(slot)
+        return True
 
-    def stop(self, timeout: float = 5.0) -> None:
-        with self._lock:
-            thread, self._thread = self._thread, None
-            self._stop.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-
-    def _run(self, stop: threading.Event) -> None:
-        failing = False
-        while True:
+    def close(self) -> None:
+        idle, self._idle = self._idle, {}
+        for connection, _ in [slot for slots in idle.values() for slot in slots]:
             try:
-                self._beat()
-                if failing:
-                    logger.info("%s: beats to Redis at %s work again", self.name, describe_url())
-                    failing = False
-            except Exception as exc:  # keep beating: the next attempt may succeed
-                if not failing:
-                    logger.warning("%s: beat to Redis at %s failed: %s; retrying every %.1fs", self.name,
-                                   describe_url(), exc, self.interval)
-                    failing = True
-            if stop.wait(self.interval):
-                return
-
-
-# A blocking command (BRPOP, BLMOVE, XREADGROUP BLOCK) returns at once when data arrives, but its
-# timeout fires on the server's cron tick: up to 1/hz late (100 ms at the default hz 10; measured on
-# Redis 7.0: a 20 ms BRPOP on an empty list returns after 100 ms). So the brokers block only for the
-# part of a wait that ends a tick before the deadline, and poll (:class:`IdlePoller`) for the rest.
-BLOCK_LATENESS = 0.1
-MAX_BLOCK = 2.0  # well below the client's socket timeout (redis-py's default is 5 s): longer waits loop
-_POLL_FIRST = 0.002
-_POLL_MAX = 0.05
-
-
-def blocking_budget(remaining: float, due_in: float | None = None) -> float:
-    """Seconds a blocking command may wait so that it returns before ``remaining`` (and before a
-    delayed message becomes due in ``due_in`` seconds); 0 when the caller should poll instead."""
-    wait = min(remaining - BLOCK_LATENESS, MAX_BLOCK)
-    if due_in is not None and due_in - BLOCK_LATENESS < wait:
-        wait = due_in - BLOCK_LATENESS
-    return wait if wait >= 0.05 else 0.0
-
-
-class IdlePoller:
-    """Sleeps between polls of an empty queue: 2 ms doubling up to 50 ms, never past the deadline."""
-
-    __slots__ = ("deadline", "_pause")
-
-    def __init__(self, timeout: float) -> None:
-        self.deadline = time.monotonic() + timeout
-        self._pause = _POLL_FIRST
-
-    def remaining(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def sleep(self, remaining: float) -> None:
-        pause = self._pause
-        time.sleep(pause if pause < remaining else remaining)
-        self._pause = min(pause * 2, _POLL_MAX)
+                connection.disconnect()
+            except (RedisError, OSError):  # pragma: no cover
+                pass

@@ -14,9 +14,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from funboost_like.brokers.redis_common import DirectConnections, direct_connections, translate_error
+from funboost_like.brokers.redis_common import describe_url, direct_connections
+from funboost_like.core.errors import BrokerConnectionError, BrokerError
 from funboost_like.core.stores import KeyValueStore, check_namespace, check_ttl
 
 _MGET_CHUNK = 1000
@@ -41,11 +44,13 @@ class RedisKeyValueStore(KeyValueStore):
         return f"RedisKeyValueStore(prefix={self.prefix!r})"
 
     def _run(self, action: str, *args: Any) -> Any:
-        conn: DirectConnections = direct_connections()
         try:
-            return conn.execute_command(*args)
+            return direct_connections().execute_command(*args)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise BrokerConnectionError(f"Redis at {describe_url()} is unreachable while {action} in "
+                                        f"{self.prefix}*: {exc}") from exc
         except RedisError as exc:
-            raise translate_error(exc, f"{action} in {self.prefix}*") from exc
+            raise BrokerError(f"Redis at {describe_url()} failed while {action} in {self.prefix}*: {exc}") from exc
 
     def put(self, key: str, value: bytes, ttl: float | None) -> None:
         ttl = check_ttl(ttl)

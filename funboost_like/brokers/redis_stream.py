@@ -1,21 +1,15 @@
-"""REDIS_STREAM: a Redis stream read through a consumer group, with XACK and reclaiming of stale entries.
+"""REDIS_STREAM: a Redis stream read through a consumer group, with XACK and heartbeats.
 
 Guarantee: at-least-once. Consumers read with ``XREADGROUP`` in the group ``funboost_like``
 (created at id 0 with ``MKSTREAM`` on first use, so entries added before it are delivered too);
-Redis keeps each delivered entry in the group's pending list (PEL) under the reading consumer
-until :meth:`ack` (``XACK`` + ``XDEL``), :meth:`nack`, :meth:`release` or :meth:`dead_letter`.
-Every broker instance (one per process; a forked child gets a new identity) is a consumer with a
-unique name. A daemon thread renews the entries the process holds every ``min_idle / 4`` seconds
-(``XCLAIM ... JUSTID`` to itself, which resets their idle time without counting a delivery), so a
-call may run far longer than ``min_idle``. Fetches reclaim (``XAUTOCLAIM``) entries idle for
-``min_idle`` seconds, at most every ``min_idle / 4`` seconds per queue. So the entries of a
-consumer killed with SIGKILL are delivered again at most ``1.25 * min_idle`` seconds after it died
-(75 s with the default 60 s), provided some consumer of the queue runs. A consumer that stalls
-longer than ``min_idle`` (SIGSTOP, a debugger) loses its entries to the others (they run again:
-at-least-once); its later nacks, releases and dead-letterings do nothing and raise
-:class:`~funboost_like.core.errors.DoubleAckError` (they check the entry is still its own); a late
-ack still acknowledges the entry for the group. Durability across a Redis restart is Redis's own
-persistence setting (AOF/RDB).
+Redis keeps each delivered entry in the group's pending list (PEL) under the reading consumer until
+it is acked (``XACK`` + ``XDEL``), nacked, released or dead-lettered. Consumers heartbeat and sweep
+as described in :mod:`funboost_like.brokers.redis_consumers`: the pending entries of a consumer
+silent for ``dead_after`` seconds (15), or of a group consumer that is in no heartbeat record and
+idle that long, are added again at the end of the stream (counting an attempt and a crash) and
+acked; so a consumer killed with SIGKILL has its messages delivered again at most 20 s after its
+death with the defaults. A call may run far longer: the heartbeat is per consumer, not per
+entry. Durability across a Redis restart is Redis's own persistence setting (AOF/RDB).
 
 Acked entries are deleted (``XDEL``), so the stream holds only waiting and in-flight entries and
 does not grow without bound. ``MAXLEN`` trimming is not used: it drops the oldest entries whether
@@ -24,188 +18,182 @@ this group: another consumer group on the same key would miss the entries delete
 
 Settings: ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``, environment variable
 ``FUNBOOST_LIKE_REDIS_URL``), read at first use, never at import; passwords never reach a log.
-``REDIS_STREAM_MIN_IDLE_SECONDS`` (default 60; or ``RedisStreamBroker(min_idle=...)``): give every
-consumer of a queue the same value. Needs Redis 6.2 or newer (``XAUTOCLAIM``); Redis 7 also drops
-deleted entries from the pending list during ``XAUTOCLAIM``.
+``REDIS_HEARTBEAT_SECONDS`` and ``REDIS_DEAD_AFTER_SECONDS`` (or ``RedisStreamBroker(
+heartbeat_interval=..., dead_after=...)``): give every consumer of a queue the same values. Needs
+Redis 6.2 or newer.
 
-Capabilities: ack, persistent (as far as Redis persists), delay, cross-process, cross-host, dead
-letters. No priority: a stream is one ordered log, and reading several streams at once would not
-give a strict order between levels (use REDIS_ACK_ABLE for priorities). Attempts: an entry's
-delivery count (``XPENDING``, read only for reclaimed entries; 1 for a first read) plus the field
-``delivered`` that a nack writes into the entry it re-adds.
+Capabilities: sweep redelivery, persistent (as far as Redis persists), delay, cross-process,
+cross-host, dead letters. No priority: a stream is one ordered log (use REDIS_ACK_ABLE for
+priorities). Attempts: 1 for a first read plus the field ``delivered`` that a nack, a release or a
+crash recovery writes into the entry it adds again; crashes: its field ``crashes``.
 
 Cross-language contract: the stream's key is exactly the queue name and the body is the field
 ``data``: another program publishes by ``XADD <queue> * data <json text>``. An entry without a
 ``data`` field is moved to the dead letters at once (with its fields as the body). The other keys
-share the queue name as a Redis Cluster hash tag:
+share the queue name as a Redis Cluster hash tag: ``fl:{<queue>}:consumers`` (ZSET consumer name ->
+last heartbeat, server time), ``fl:{<queue>}:delayed`` (moved into the stream by a fetch once due)
+and ``fl:{<queue>}:dead`` (see :mod:`funboost_like.brokers.redis_base`).
 
-* ``fl:{<queue>}:delayed``: ZSET of messages not yet due, scored by due time (server clock), member
-  ``<unique id>:0:<deliveries so far>:<body>``; a fetch appends the due ones to the stream;
-* ``fl:{<queue>}:dead``: LIST of JSON envelopes ``{"body", "reason", "failed_at", "attempts"}``,
-  newest first, trimmed to the newest 10,000.
+Fetching: one pipeline of ``TIME``, ``ZRANGE <delayed> 0 0 WITHSCORES`` and ``XREADGROUP COUNT
+max_n`` (a consumer's acks ride ahead of it in the same write: one round trip per batch); a small
+Lua script moves delayed messages into the stream only when the first one is due. An idle fetch
+waits with ``XREAD BLOCK`` from the group's last delivered id on its own connection, which returns
+when an undelivered entry arrives without taking it. The entries of a fetch whose reply was lost
+are read again from this consumer's own pending list by the next fetch.
 
-Fetching: reclaimed entries first, then one pipeline of ``TIME``, ``ZRANGE <delayed> 0 0 WITHSCORES``
-and ``XREADGROUP COUNT max_n`` (a consumer's acks ride ahead of it in the same write: one round trip
-per batch); a small Lua script moves delayed messages into the stream only when the first one is
-due. When idle, ``XREADGROUP ... BLOCK`` waits for new entries (Redis ends blocking waits on its
-cron tick, up to 100 ms late at the default ``hz``, so the last 100 ms of a wait, and shorter waits,
-poll instead: a fetch never blocks past its timeout). A fetch whose reply was lost leaves its entries
-pending under this consumer without being renewed: they are reclaimed ``min_idle`` later like a dead
-consumer's. Acks and hand-backs that fail on a connection error are sent again by the next fetch
-(both only act on entries still pending under this consumer, so sending twice is harmless).
-
-Order: FIFO; a nacked or released message is re-added at the end (a stream cannot be prepended to),
-a delayed one when due.
+Order: FIFO; a nacked, released or recovered message is added again at the end (a stream cannot be
+prepended to), a delayed one when due.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import logging
 import math
-import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from redis.exceptions import RedisError, ResponseError
+from redis.connection import AbstractConnection
+from redis.exceptions import ResponseError
 
-from funboost_like.brokers.base import Capabilities, Delivery
-from funboost_like.brokers.redis_base import RedisConsumerBrokerBase
-from funboost_like.brokers.redis_common import (
+from funboost_like.brokers.base import Capabilities, DeadLetter, Delivery
+from funboost_like.brokers.redis_base import (
+    BLOCK_SECONDS,
     DEAD_LETTER_LIMIT,
+    LUA_COUNTS,
     LUA_NEXT_DUE,
     LUA_NOW,
     SCHEDULE,
-    DeferredSettlements,
-    DirectConnections,
-    HeartbeatThread,
-    IdlePoller,
-    LuaScript,
-    Piggyback,
-    blocking_budget,
     dead_letter_envelope,
     delayed_member,
-    describe_url,
-    is_connection_error,
+)
+from funboost_like.brokers.redis_common import (
+    DirectConnections,
+    LuaScript,
+    Piggyback,
     key_prefix,
     pack_command,
     raise_first_error,
-    translate_error,
 )
+from funboost_like.brokers.redis_consumers import RedisConsumers, consumer_scripts
 from funboost_like.core import codec
-from funboost_like.core.config import settings
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import ConfigurationError
 
 logger = logging.getLogger("funboost_like.redis")
 
 GROUP = "funboost_like"
-MAX_BATCH = 1000  # entries per fetch and per renewal
+MAX_BATCH = 1000  # entries per fetch
 PUBLISH_CHUNK = 10_000  # XADDs per round trip in publish_many...
 PACK_CHUNK = 500  # ... written this many at a time, so Redis works while the rest is packed
-STALE_CONSUMER_SECONDS = 3600.0  # consumer records idle this long with nothing pending are removed
 _DATA = b"data"
-_DELIVERED = b"delivered"
 
-# KEYS: stream, delayed. Appends the due delayed messages to the stream (with their deliveries so
-# far in the field 'delivered') and returns the milliseconds until the next one is due (-1: none).
-# A fetch runs it only when the first delayed message is due, which it learns from a plain ZRANGE.
-_MOVE_DUE = LuaScript(LUA_NOW + LUA_NEXT_DUE + """
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
-if #due > 0 then
-  for i = 1, #due do
-    local member = due[i]
-    local _, stop, seen = string.find(member, '^[^:]*:%d:(%d+):')
-    local body = member
-    if stop then body = string.sub(member, stop + 1) else seen = '0' end
-    if seen == '0' then
-      redis.call('XADD', KEYS[1], '*', 'data', body)
+# Lua: re-add the message of entry ``id`` at the end of ``stream`` (or, given ``due``, into the
+# ``delayed`` ZSET) with ``more`` deliveries and ``crash`` crashes counted; then ack and delete the entry.
+LUA_READD = LUA_COUNTS + f"local G = '{GROUP}'\n" + """
+local function xadd(stream, body, d, c)
+  local args = {'data', body}
+  if d > 0 then args[3] = 'delivered' args[4] = d end
+  if c > 0 then args[#args + 1] = 'crashes' args[#args + 1] = c end
+  redis.call('XADD', stream, '*', unpack(args))
+end
+local function readd(stream, id, more, crash, delayed, due, uid)
+  local entry = redis.call('XRANGE', stream, id, id)[1]
+  if entry then
+    local fields, body, d, c = entry[2], nil, 0, 0
+    for i = 1, #fields, 2 do
+      local k, v = fields[i], fields[i + 1]
+      if k == 'data' then body = v elseif k == 'delivered' then d = tonumber(v) or 0
+      elseif k == 'crashes' then c = tonumber(v) or 0 end
+    end
+    if body == nil then
+      redis.call('XADD', stream, '*', unpack(fields))
+    elseif due then
+      redis.call('ZADD', delayed, due, uid .. ':0:' .. fmt(d + more, c + crash) .. ':' .. body)
     else
-      redis.call('XADD', KEYS[1], '*', 'data', body, 'delivered', seen)
+      xadd(stream, body, d + more, c + crash)
     end
   end
-  redis.call('ZREM', KEYS[2], unpack(due))
+  redis.call('XACK', stream, G, id)
+  redis.call('XDEL', stream, id)
 end
+"""
+
+# KEYS: stream, delayed. Appends the due delayed messages to the stream (with their counts in the
+# fields 'delivered' and 'crashes') and returns the milliseconds until the next one is due (-1: none).
+_MOVE_DUE = LuaScript(LUA_NOW + LUA_READD + LUA_NEXT_DUE + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
+for i = 1, #due do
+  local _, stop, seen = string.find(due[i], '^[^:]*:%d:([%d.]+):')
+  local d, c = counts(seen)
+  xadd(KEYS[1], string.sub(due[i], (stop or 0) + 1), d, c)
+end
+if #due > 0 then redis.call('ZREM', KEYS[2], unpack(due)) end
 return next_due_ms(KEYS[2], now)
 """)
 
 # KEYS: stream, delayed, dead letters
-# ARGV: group, consumer, mode (tail|delay|drop|dead), delay seconds, unique id, then triples
-# (entry id, body, value): value is the deliveries so far (tail, delay) or the envelope (dead).
-# Only entries still pending under this consumer are settled; the entry is acked and deleted last,
-# so a failing command leaves it pending rather than nowhere. Returns how many were settled.
-_SETTLE = LuaScript(LUA_NOW + """
-local group, me, mode = ARGV[1], ARGV[2], ARGV[3]
+# ARGV: consumer, mode (tail|delay|drop|dead), deliveries to count (tail, delay) or envelope (dead),
+# delay seconds, unique id, entry ids... Only entries still pending under this consumer are settled.
+_SETTLE = LuaScript(LUA_NOW + LUA_READD + """
 local done = 0
-for i = 6, #ARGV, 3 do
-  local id, body, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local entry = redis.call('XPENDING', KEYS[1], group, id, id, 1)[1]
-  if entry and entry[2] == me then
-    if mode == 'tail' then
-      if value == '0' then
-        redis.call('XADD', KEYS[1], '*', 'data', body)
-      else
-        redis.call('XADD', KEYS[1], '*', 'data', body, 'delivered', value)
+for i = 6, #ARGV do
+  local id = ARGV[i]
+  local entry = redis.call('XPENDING', KEYS[1], G, id, id, 1)[1]
+  if entry and entry[2] == ARGV[1] then
+    if ARGV[2] == 'tail' then
+      readd(KEYS[1], id, tonumber(ARGV[3]), 0)
+    elseif ARGV[2] == 'delay' then
+      readd(KEYS[1], id, tonumber(ARGV[3]), 0, KEYS[2], now + tonumber(ARGV[4]), ARGV[5] .. i)
+    else
+      if ARGV[2] == 'dead' then
+        redis.call('LPUSH', KEYS[3], ARGV[3])
+        redis.call('LTRIM', KEYS[3], 0, DEAD_LETTER_LAST)
       end
-    elseif mode == 'delay' then
-      redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[5] .. i .. ':0:' .. value .. ':' .. body)
-    elseif mode == 'dead' then
-      redis.call('LPUSH', KEYS[3], value)
-      redis.call('LTRIM', KEYS[3], 0, DEAD_LETTER_LAST)
+      redis.call('XACK', KEYS[1], G, id)
+      redis.call('XDEL', KEYS[1], id)
     end
-    redis.call('XACK', KEYS[1], group, id)
-    redis.call('XDEL', KEYS[1], id)
     done = done + 1
   end
 end
 return done
 """.replace("DEAD_LETTER_LAST", str(DEAD_LETTER_LIMIT - 1)))
 
-# KEYS: stream; ARGV: group, consumer, how many pending entries to look at, entry ids...
-# Resets the idle time of the given entries still pending under this consumer (JUSTID: the
-# delivery count stays). Returns how many were renewed.
-_RENEW = LuaScript("""
-local mine = {}
-for _, entry in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[3]), ARGV[2])) do
-  mine[entry[1]] = true
+# The registry's functions (see redis_consumers.consumer_scripts). Dead are also the group's consumers in
+# no heartbeat record and idle for dead_after (killed before their first heartbeat, or records of
+# consumers of older versions); their pending entries go back to the stream.
+_SCRIPTS = consumer_scripts(LUA_READD + """
+local function dead_consumers(before)
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', before, 'LIMIT', 0, 100)
+  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[2], G)
+  if ok then
+    for _, c in ipairs(consumers) do
+      local info = {}
+      for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+      if info['idle'] > (now - before) * 1000 and not redis.call('ZSCORE', KEYS[1], info['name']) then
+        dead[#dead + 1] = info['name']
+      end
+    end
+  end
+  return dead
 end
-local args = {KEYS[1], ARGV[1], ARGV[2], 0}
-for i = 4, #ARGV do
-  if mine[ARGV[i]] then args[#args + 1] = ARGV[i] end
+local function pending(cid, n)
+  local ok, entries = pcall(redis.call, 'XPENDING', KEYS[2], G, '-', '+', n, cid)
+  if ok then return entries end
+  return {}
 end
-if #args == 4 then return 0 end
-local n = #args - 4
-args[#args + 1] = 'JUSTID'
-redis.call('XCLAIM', unpack(args))
-return n
-""")
-
-# KEYS: stream; ARGV: group, idle threshold ms, own consumer name ('' for none).
-# Removes consumer records with nothing pending that have been idle past the threshold (consumers
-# killed without a chance to retire); a live one is recreated by its next read.
-_PRUNE = LuaScript("""
-local removed = 0
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local info = {}
-  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
-  if info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) and info['name'] ~= ARGV[3] then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
-    removed = removed + 1
+local function held(cid) return #pending(cid, 1) end
+local function recover(cid)
+  local moved = 0
+  while true do
+    local entries = pending(cid, 100)
+    if #entries == 0 then return moved end
+    for _, entry in ipairs(entries) do readd(KEYS[2], entry[1], 1, 1) end
+    moved = moved + #entries
   end
 end
-return removed
-""")
-
-# KEYS: stream; ARGV: group, consumer. Removes the consumer's record when nothing is pending under it.
-_RETIRE = LuaScript("""
-if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
-  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-  return 1
-end
-return 0
+local function forget(cid) pcall(redis.call, 'XGROUP', 'DELCONSUMER', KEYS[2], G, cid) end
 """)
 
 # KEYS: stream, delayed; ARGV: group. Waiting = delayed + stream entries not pending in the group.
@@ -218,460 +206,214 @@ if ok then n = n - summary[1] end
 return n
 """)
 
+# KEYS: stream; ARGV: group. Entries delivered and not acked yet.
+_IN_FLIGHT = LuaScript("local ok, s = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1]) return ok and s[1] or 0")
+
 # KEYS: stream, delayed; ARGV: group. Deletes the delayed messages and the entries the group has
 # not read yet (those after its last-delivered id); pending entries stay with their consumers.
 _PURGE = LuaScript("""
 local n = redis.call('ZCARD', KEYS[2])
 redis.call('DEL', KEYS[2])
-if redis.call('EXISTS', KEYS[1]) == 0 then return n end
-local last = nil
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+local start = '-'
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+for _, g in ipairs(ok and groups or {}) do
   local info = {}
   for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-  if info['name'] == ARGV[1] then last = info['last-delivered-id'] end
+  if info['name'] == ARGV[1] then start = '(' .. info['last-delivered-id'] end
 end
-if not last then
-  n = n + redis.call('XLEN', KEYS[1])
-  redis.call('DEL', KEYS[1])
-  return n
-end
-local start = '(' .. last
 while true do
   local batch = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 1000)
-  if #batch == 0 then break end
-  local ids = {}
-  for i, entry in ipairs(batch) do ids[i] = entry[1] end
-  redis.call('XDEL', KEYS[1], unpack(ids))
-  n = n + #ids
-  start = '(' .. ids[#ids]
+  if #batch == 0 then return n end
+  for _, entry in ipairs(batch) do redis.call('XDEL', KEYS[1], entry[1]) end
+  n = n + #batch
+  start = '(' .. batch[#batch][1]
 end
-return n
 """)
 
 
-class _QueueState:
-    """Per queue: keys, and this consumer's reclaim schedule and XAUTOCLAIM cursor."""
-
-    __slots__ = ("delayed", "dead", "next_reclaim", "cursor", "next_prune", "read_packets")
+class _Keys:
+    __slots__ = ("prefix", "delayed", "dead", "consumers", "attempts", "read_packets")
 
     def __init__(self, queue: str) -> None:
-        prefix = key_prefix(queue)
+        prefix = self.prefix = key_prefix(queue)
         self.delayed = prefix + "delayed"
         self.dead = prefix + "dead"
-        self.next_reclaim = 0.0
-        self.cursor: bytes | str = "0-0"
-        self.next_prune = 0.0
-        self.read_packets: dict[int, bytes] = {}  # count -> the packed read pipeline (see RedisStreamBroker._read)
+        self.consumers = prefix + "consumers"
+        self.attempts = prefix + "attempts"  # not used by streams (the registry's scripts take it)
+        self.read_packets: dict[tuple[str, int], bytes] = {}  # (consumer, count) -> the packed read pipeline
 
 
 def _entries(read: Any) -> list[Any]:
     """The entries of an XREADGROUP reply on one stream: a map in RESP3, ``[[stream, entries]]`` in RESP2."""
     if isinstance(read, dict):
-        return next(iter(read.values()))
+        return list(next(iter(read.values())))
     return list(read[0][1])
 
 
-def _score(first: Any) -> float:
-    """The score of a ``ZRANGE ... 0 0 WITHSCORES`` reply: ``[member, score]`` (RESP2) or ``[[member, score]]``."""
-    if isinstance(first[0], list):
-        return float(first[0][1])
-    return float(first[1])
+def _fields(item: Any) -> dict[Any, Any]:
+    return item if isinstance(item, dict) else dict(zip(item[::2], item[1::2], strict=True))
 
 
-def _is_nogroup(exc: BaseException) -> bool:
-    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
-
-
-class RedisStreamBroker(RedisConsumerBrokerBase[_QueueState]):
+class RedisStreamBroker(RedisConsumers):
     """At-least-once Redis stream broker; see the module docstring for keys, timing and the wire contract."""
 
     kind = BrokerEnum.REDIS_STREAM
-    capabilities = Capabilities(ack=True, persistent=True, delay=True, priority=False, cross_process=True,
-                                cross_host=True, dead_letters=True)
-    _keys_class = _QueueState
-    _taken_over = "reclaimed by another consumer after this one stalled"
+    capabilities = Capabilities(redelivery="sweep", delay="native", dead_letters=True, key_value=True,
+                                persistent=True, cross_process=True, cross_host=True)
+    _scripts = _SCRIPTS
+    _keys_class = _Keys
 
-    def __init__(self, *, min_idle: float | None = None) -> None:
-        self.min_idle = float(settings.get("REDIS_STREAM_MIN_IDLE_SECONDS") if min_idle is None else min_idle)
-        if not self.min_idle > 0:
-            raise ConfigurationError(f"the stream min-idle time must be positive, got {self.min_idle}")
-        self.renew_interval = self.min_idle / 4
-        super().__init__()
-
-    def _reset_process_state(self) -> None:
-        """Identity, connections, deliveries and renewal thread of this process (again in a forked child)."""
-        super()._reset_process_state()
-        self._registered: set[str] = set()  # queues read since start (or since close)
-        self._held: dict[str, dict[bytes, None]] = {}  # queue -> entry ids fetched and not settled
-        self._deferred = DeferredSettlements()  # acks that failed on a connection error, sent by the next fetch
-        for state in self._keys.values():
-            state.read_packets.clear()  # they name the consumer
-        self._renewer = HeartbeatThread(self.renew, self.renew_interval, "funboost_like-redis-stream-renewal")
-
-    # -- plumbing ----------------------------------------------------------------------------------
-    def _ensure_group(self, conn: DirectConnections, queue: str) -> None:
+    def _open(self, queue: str) -> None:
+        """Create the group (and the stream) unless it exists."""
         try:
-            conn.execute_command("XGROUP", "CREATE", queue, GROUP, "0", "MKSTREAM")
-            logger.debug("created consumer group %r on stream %r in Redis at %s", GROUP, queue, describe_url())
+            self._conn().execute_command("XGROUP", "CREATE", queue, GROUP, "0", "MKSTREAM")
         except ResponseError as exc:
             if not str(exc).startswith("BUSYGROUP"):
                 raise
 
-    def _register(self, conn: DirectConnections, queue: str) -> None:
-        with self._lock:
-            if queue not in self._registered:
-                self._ensure_group(conn, queue)
-                self._held.setdefault(queue, {})
-                self._registered.add(queue)
-                logger.debug("consumer %s reads stream %r from Redis at %s", self._cid, queue, describe_url())
-        self._renewer.ensure_running()
-
     # -- publishing --------------------------------------------------------------------------------
-    def publish(self, queue: str, body: bytes, *, priority: int = 0, not_before: float | None = None) -> None:
+    def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
         if priority:
             raise ConfigurationError("REDIS_STREAM has no priorities (REDIS_ACK_ABLE has)")
         conn = self._conn()
-        try:
-            if not_before is not None:
-                delay = not_before - time.time()
-                if delay > 0:
-                    SCHEDULE(conn, [self._queue_keys(queue).delayed], [repr(delay), delayed_member(0, 0, body)])
-                    return
-            conn.execute_command("XADD", queue, "*", _DATA, body, spin=True)
-        except RedisError as exc:
-            raise translate_error(exc, f"publishing to queue {queue!r}") from exc
+        delay = 0.0 if not_before is None else not_before - time.time()
+        if delay > 0:
+            members = [delayed_member(0, "0", body) for body in bodies]
+            SCHEDULE(conn, [self._queue_keys(queue).delayed], [repr(delay), *members])
+            self._expect_due(queue, delay)
+        elif len(bodies) == 1:
+            conn.execute_command("XADD", queue, "*", _DATA, bodies[0], spin=True)
+        else:  # plain XADDs packed by hand: a Lua script adding a batch costs Redis 2.5 times as much
+            name = queue.encode("utf-8")
+            head = b"*5\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$1\r\n*\r\n$4\r\ndata\r\n" % (len(name), name)
 
-    def publish_many(self, queue: str, bodies: Sequence[bytes], *, priority: int = 0) -> None:
-        """Plain XADDs, packed by hand: one round trip per PUBLISH_CHUNK, written PACK_CHUNK at a time.
+            def packets(chunk: Sequence[bytes]) -> Iterator[bytes]:
+                for start in range(0, len(chunk), PACK_CHUNK):
+                    yield b"".join([b"%s$%d\r\n%s\r\n" % (head, len(body), body)
+                                    for body in chunk[start:start + PACK_CHUNK]])
 
-        A Lua script adding a batch cost Redis 2.4 microseconds per entry against 0.9 for a plain
-        XADD (measured with INFO commandstats), and with hiredis the replies cost little to read.
-        """
-        if priority:
-            raise ConfigurationError("REDIS_STREAM has no priorities (REDIS_ACK_ABLE has)")
-        if not bodies:
-            return
-        conn = self._conn()
-        name = queue.encode("utf-8")
-        head = b"*5\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$1\r\n*\r\n$4\r\ndata\r\n" % (len(name), name)
-        def packets(chunk: Sequence[bytes]) -> Iterator[bytes]:
-            for start in range(0, len(chunk), PACK_CHUNK):
-                yield b"".join([b"%s$%d\r\n%s\r\n" % (head, len(body), body)
-                                for body in chunk[start:start + PACK_CHUNK]])
-
-        try:
             for start in range(0, len(bodies), PUBLISH_CHUNK):
                 chunk = bodies[start:start + PUBLISH_CHUNK]
                 raise_first_error(conn.send_packets(packets(chunk), len(chunk)))
-        except RedisError as exc:
-            raise translate_error(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
 
     # -- consuming ---------------------------------------------------------------------------------
-    def fetch(self, queue: str, max_n: int, timeout: float) -> list[Delivery]:
-        return self._fetch_after(None, queue, max_n, timeout)
-
-    def _fetch_after(self, before: Piggyback | None, queue: str, max_n: int, timeout: float) -> list[Delivery]:
-        if max_n <= 0:
-            return []
-        n = min(max_n, MAX_BATCH)
+    def _fetch(self, before: Piggyback | None, queue: str, max_n: int) -> list[Delivery]:
         conn = self._conn()
+        n = min(max_n, MAX_BATCH)
         try:
-            if queue not in self._registered:
-                self._register(conn, queue)
-            if self._deferred:
-                self._deferred.flush()
-            try:
-                return self._fetch(conn, queue, n, timeout, before)
-            except ResponseError as exc:
-                if not _is_nogroup(exc):
-                    raise
-                # The stream was deleted (or the server restarted empty): create the group again.
-                self._ensure_group(conn, queue)
-                return self._fetch(conn, queue, n, timeout, None)
-        except RedisError as exc:
-            raise translate_error(exc, f"fetching from queue {queue!r}") from exc
+            got, due_ms = self._read(conn, queue, n, before)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOGROUP"):
+                raise
+            self._open(queue)  # the stream was deleted (or the server restarted empty): create the group again
+            got, due_ms = self._read(conn, queue, n, None)
+        if not got:
+            self._due_in(queue, due_ms)
+        return got
 
-    def _fetch(self, conn: DirectConnections, queue: str, n: int, timeout: float,
-               before: Piggyback | None) -> list[Delivery]:
-        state = self._queue_keys(queue)
-        poller: IdlePoller | None = None
-        while True:
-            got, due_ms = self._read(conn, queue, state, n, before)
-            before = None
-            if got:
-                return got
-            if poller is None:
-                poller = IdlePoller(timeout)
-            remaining = poller.remaining()
-            if remaining <= 0:
-                return []
-            # Wake up for the next due delayed message and the next reclaim scan as well.
-            wake = state.next_reclaim - time.monotonic()
-            if due_ms > 0:
-                wake = min(wake, due_ms / 1000)
-            wait = blocking_budget(remaining, wake)
-            if not wait:
-                poller.sleep(remaining)
-                continue
-            read = conn.execute_command("XREADGROUP", "GROUP", GROUP, self._cid, "COUNT", n, "BLOCK",
-                                        int(wait * 1000), "STREAMS", queue, ">")
-            if read:
-                got = self._deliveries(conn, queue, _entries(read), None)
-                if got:
-                    return got
-
-    def _read(self, conn: DirectConnections, queue: str, state: _QueueState, n: int,
+    def _read(self, conn: DirectConnections, queue: str, n: int,
               before: Piggyback | None) -> tuple[list[Delivery], int]:
-        """Without blocking: reclaimed entries (when a scan is due), new entries, due delayed messages.
-
-        One round trip (``before`` rides along): the server's clock, the first delayed message and
+        """One round trip (``before`` rides along): the server's clock, the first delayed message and
         ``XREADGROUP``; a second one only when a delayed message is due. Returns the deliveries and
-        the milliseconds until the next delayed message is due (-1: none).
-        """
-        got: list[Delivery] = []
-        if time.monotonic() >= state.next_reclaim:
-            got = self._reclaim(conn, queue, state, n)
-            if len(got) >= n:
-                return got, -1
-        count = n - len(got)
-        packet = state.read_packets.get(count)
-        if packet is None:  # the same bytes for every read of count entries: packed once
-            packet = state.read_packets[count] = b"".join([
-                pack_command("TIME"), pack_command("ZRANGE", state.delayed, 0, 0, "WITHSCORES"),
-                pack_command("XREADGROUP", "GROUP", GROUP, self._cid, "COUNT", count, "STREAMS", queue, ">")])
+        the milliseconds until the next delayed message is due (-1: none)."""
+        keys = self._queue_keys(queue)
+        packet = keys.read_packets.get((self._cid, n))
+        if packet is None:  # the same bytes for every read of n entries: packed once
+            packet = keys.read_packets[(self._cid, n)] = b"".join([
+                pack_command("TIME"), pack_command("ZRANGE", keys.delayed, 0, 0, "WITHSCORES"),
+                pack_command("XREADGROUP", "GROUP", GROUP, self._cid, "COUNT", n, "STREAMS", queue, ">")])
         now, first, read = raise_first_error(conn.send_packed(packet, 3, before))
-        if read:
-            got.extend(self._deliveries(conn, queue, _entries(read), None))
+        got = self._deliveries(queue, _entries(read)) if read else []
         if not first:
             return got, -1
-        due_ms = math.ceil((_score(first) - (int(now[0]) + int(now[1]) / 1e6)) * 1000)
+        score = float(first[0][1] if isinstance(first[0], list) else first[1])  # RESP3 nests the pair
+        due_ms = math.ceil((score - (int(now[0]) + int(now[1]) / 1e6)) * 1000)
         if due_ms > 0:
             return got, due_ms
-        due_ms = int(_MOVE_DUE(conn, [queue, state.delayed], []))
+        due_ms = int(_MOVE_DUE(conn, [queue, keys.delayed], []))
         if len(got) < n:
             read = conn.execute_command("XREADGROUP", "GROUP", GROUP, self._cid, "COUNT", n - len(got),
                                         "STREAMS", queue, ">")
             if read:
-                got.extend(self._deliveries(conn, queue, _entries(read), None))
+                got.extend(self._deliveries(queue, _entries(read)))
         return got, due_ms
 
-    def _reclaim(self, conn: DirectConnections, queue: str, state: _QueueState, n: int) -> list[Delivery]:
-        """Claim entries idle for ``min_idle`` (a dead consumer's, or ours whose fetch reply was lost)."""
-        reply = conn.execute_command("XAUTOCLAIM", queue, GROUP, self._cid, int(self.min_idle * 1000),
-                                     state.cursor, "COUNT", n)
-        cursor, entries = reply[0], reply[1]
-        state.cursor = cursor
-        # A scan that did not reach the end goes on with the next fetch; otherwise wait an interval.
-        state.next_reclaim = time.monotonic() + (0.0 if cursor not in (b"0-0", "0-0") else self.renew_interval)
-        entries = [entry for entry in entries if entry is not None and entry[1] is not None]
-        if not entries:
-            return []
-        pending = conn.pipeline([("XPENDING", queue, GROUP, entry[0], entry[0], 1) for entry in entries])
-        counts = {}
-        for reply_item in pending:
-            if isinstance(reply_item, list) and reply_item:
-                counts[reply_item[0][0]] = int(reply_item[0][3])
-        logger.warning("queue %r: reclaimed %d entr%s idle for over %.1fs (a consumer died or stalled)", queue,
-                       len(entries), "y" if len(entries) == 1 else "ies", self.min_idle)
-        return self._deliveries(conn, queue, entries, counts)
+    def _adopt(self, before: Piggyback | None, queue: str, max_n: int, held: set[Any]) -> list[Delivery]:
+        """This consumer's own pending entries (``XREADGROUP ... 0``) that this process does not hold."""
+        read = self._conn().execute_command("XREADGROUP", "GROUP", GROUP, self._cid, "STREAMS", queue, "0",
+                                            before=before)
+        entries = [entry for entry in _entries(read) if entry[1] is not None and entry[0] not in held] if read else []
+        if len(entries) > max_n:
+            self._suspect.add(queue)  # the rest next time
+        return self._deliveries(queue, entries[:max_n])
 
-    def _deliveries(self, conn: DirectConnections, queue: str, entries: list[Any],
-                    counts: dict[bytes, int] | None) -> list[Delivery]:
-        held = self._held[queue]
-        if counts is None:  # the usual case: new entries that each hold just the field 'data'
-            plain = [Delivery(queue, fields[1], entry_id) for entry_id, fields in entries
-                     if len(fields) == 2 and fields[0] == _DATA]
-            if len(plain) == len(entries):
-                held.update(dict.fromkeys([delivery.token for delivery in plain]))
-                return plain
+    def _deliveries(self, queue: str, entries: list[Any]) -> list[Delivery]:
+        plain = [Delivery(queue, fields[1], entry_id) for entry_id, fields in entries
+                 if len(fields) == 2 and fields[0] == _DATA]
+        if len(plain) == len(entries):  # the usual case: entries that each hold just the field 'data'
+            return plain
         result = []
-        malformed: list[tuple[bytes, bytes]] = []
         for entry_id, fields in entries:
-            if len(fields) == 2 and fields[0] == _DATA:
-                body, prior = fields[1], 0
-            else:
-                values = dict(zip(itertools.islice(fields, 0, None, 2), itertools.islice(fields, 1, None, 2),
-                                  strict=True))
-                data = values.get(_DATA)
-                if data is None:
-                    malformed.append((entry_id, codec.dumps({k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
-                                                             for k, v in values.items()})))
-                    continue
-                body = data
-                try:
-                    prior = int(values.get(_DELIVERED, 0))
-                except ValueError:
-                    prior = 0
-            held[entry_id] = None
-            count = 1 if counts is None else counts.get(entry_id, 1)
-            result.append(Delivery(queue, body, entry_id, prior + count))
-        if malformed:
-            self._dead_letter_malformed(conn, queue, malformed)
+            values = _fields(fields)
+            if _DATA not in values:
+                text = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in values.items()}
+                letter = DeadLetter(queue, codec.dumps(text), "stream entry has no 'data' field", time.time(), 1)
+                self._settle_entries(queue, [entry_id], "dead", dead_letter_envelope(letter))
+                logger.warning("queue %r: dead-lettered stream entry %r without a 'data' field", queue, entry_id)
+                continue
+            result.append(Delivery(queue, values[_DATA], entry_id, int(values.get(b"delivered", 0)) + 1, 0,
+                                   int(values.get(b"crashes", 0))))
         return result
 
-    def _dead_letter_malformed(self, conn: DirectConnections, queue: str, entries: list[tuple[bytes, bytes]]) -> None:
-        """Dead-letter entries without a 'data' field at once; ``entries`` are (id, JSON of the fields)."""
-        state = self._queue_keys(queue)
-        args: list[Any] = [GROUP, self._cid, "dead", "0", ""]
-        for entry_id, fields_json in entries:
-            args.extend((entry_id, b"", dead_letter_envelope(fields_json, "stream entry has no 'data' field", 1)))
-        _SETTLE(conn, [queue, state.delayed, state.dead], args)
-        logger.warning("queue %r: dead-lettered %d stream entr%s without a 'data' field", queue, len(entries),
-                       "y" if len(entries) == 1 else "ies")
+    def _wait(self, queue: str, timeout: float) -> None:
+        """``XREAD BLOCK`` from the group's last delivered id: it returns when an entry arrives that no
+        consumer has read yet (there is none now: the fetch before found nothing), taking nothing."""
+        def command(connection: AbstractConnection) -> bytes:
+            connection.send_packed_command([pack_command("XINFO", "GROUPS", queue)], check_health=False)
+            last = next((info[b"last-delivered-id"] for info in map(_fields, connection.read_response())
+                         if info.get(b"name") == GROUP.encode()), b"$")
+            return pack_command("XREAD", "COUNT", 1, "BLOCK", BLOCK_SECONDS * 1000, "STREAMS", queue, last)
 
-    def ack(self, deliveries: Sequence[Delivery]) -> None:
-        if not deliveries:
-            return
-        commands = self._ack_commands(deliveries)
-        acked = 0
-        if commands:
-            conn = self._conn()
-            try:
-                replies = raise_first_error(conn.pipeline(commands))
-            except RedisError as exc:
-                if is_connection_error(exc):  # sent again by the next fetch (XACK and XDEL twice are harmless)
-                    self._deferred.add(functools.partial(conn.pipeline, commands))
-                raise translate_error(exc, f"acknowledging {len(deliveries)} message(s)") from exc
-            acked = sum(replies[::2])
-        self._check_settled(acked, len(deliveries))
+        self._wait_for(queue, timeout, command)
 
-    def _ack_piggyback(self, deliveries: Sequence[Delivery]) -> Piggyback | None:
-        commands = self._ack_commands(deliveries)
-        if not commands:
-            logger.warning("%s", self._unsettled_message(0, len(deliveries)))
-            return None
-        conn = self._conn()
-        return self._piggyback(commands, len(deliveries), lambda replies: sum(replies[::2]),
-                               functools.partial(self._deferred.add, functools.partial(conn.pipeline, commands)))
-
+    # -- settling ----------------------------------------------------------------------------------
     def _ack_commands(self, deliveries: Sequence[Delivery]) -> list[tuple[Any, ...]]:
-        """``XACK`` and ``XDEL`` per queue for the deliveries this process still holds (forgotten here)."""
-        groups: dict[str, list[bytes]] = {}
-        held_by_queue = self._held
+        ids: dict[str, list[Any]] = {}
         for delivery in deliveries:
-            held = held_by_queue.get(delivery.queue)
-            if held is None or delivery.token not in held:
-                continue  # settled before: counted as a double ack by the caller
-            del held[delivery.token]
-            ids = groups.get(delivery.queue)
-            if ids is None:
-                ids = groups[delivery.queue] = []
-            ids.append(delivery.token)
-        commands: list[tuple[Any, ...]] = []
-        for queue, ids in groups.items():
-            commands.append(("XACK", queue, GROUP, *ids))
-            commands.append(("XDEL", queue, *ids))
-        return commands
+            ids.setdefault(delivery.queue, []).append(delivery.token)
+        return [command for queue, group in ids.items() for command in (("XACK", queue, GROUP, *group),
+                                                                        ("XDEL", queue, *group))]
 
-    def nack(self, delivery: Delivery, *, requeue: bool = True, delay: float = 0.0) -> None:
-        if not requeue:
-            self._settle([delivery], "drop", 0.0, [""])
-        elif delay > 0:
-            self._settle([delivery], "delay", float(delay), [str(delivery.attempts)])
-        else:
-            self._settle([delivery], "tail", 0.0, [str(delivery.attempts)])
+    def _acked(self, replies: list[Any], total: int) -> int:
+        return sum(replies[::2])
 
-    def release(self, deliveries: Iterable[Delivery]) -> None:
-        """Re-add fetched-but-unstarted messages at the end of the stream; no attempt is counted."""
-        deliveries = list(deliveries)
-        if deliveries:
-            self._settle(deliveries, "tail", 0.0, [str(d.attempts - 1) for d in deliveries])
-
-    def dead_letter(self, delivery: Delivery, reason: str, exc: BaseException | None = None) -> None:
-        self._settle([delivery], "dead", 0.0, [dead_letter_envelope(delivery.body, reason, delivery.attempts)])
-
-    def _settle(self, deliveries: Sequence[Delivery], mode: str, delay: float, values: Sequence[Any]) -> None:
-        groups: dict[str, list[Any]] = {}
-        for delivery, value in zip(deliveries, values, strict=True):
-            held = self._held.get(delivery.queue)
-            if held is None or delivery.token not in held:
-                continue
-            del held[delivery.token]
-            groups.setdefault(delivery.queue, []).extend((delivery.token, delivery.body, value))
-        conn = self._conn()
-        done = 0
-        calls = [(queue, len(triples) // 3, functools.partial(
-            _SETTLE, conn, [queue, self._queue_keys(queue).delayed, self._queue_keys(queue).dead],
-            [GROUP, self._cid, mode, repr(delay), uuid.uuid4().hex, *triples])) for queue, triples in groups.items()]
-        for index, (queue, n, call) in enumerate(calls):
-            try:
-                done += int(call())
-            except RedisError as exc:
-                if is_connection_error(exc):  # sent again by the next fetch; the script skips what it settled
-                    for _, _, unsent in calls[index:]:
-                        self._deferred.add(unsent)
-                raise translate_error(exc, f"handing back {n} message(s) of queue {queue!r}") from exc
+    def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
+        """Added again at the end of the stream (or to the delayed messages): a stream has no front."""
+        by_queue: dict[str, list[Any]] = {}
+        for delivery in deliveries:
+            by_queue.setdefault(delivery.queue, []).append(delivery.token)
+        done = sum(self._settle_entries(queue, ids, "delay" if delay > 0 else "tail", int(count_attempt), delay)
+                   for queue, ids in by_queue.items())
         self._check_settled(done, len(deliveries))
 
-    # -- renewal and recovery ----------------------------------------------------------------------
-    def renew(self) -> int:
-        """Reset the idle time of every entry this process holds, so no other consumer reclaims it.
+    def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        done = self._settle_entries(delivery.queue, [delivery.token], "dead", dead_letter_envelope(letter))
+        self._check_settled(done, 1)
 
-        Runs by itself in the renewal thread every ``min_idle / 4`` seconds; also removes the records
-        of consumers that died long ago with nothing pending. Returns how many entries were renewed.
-        """
-        conn = self._conn()
-        renewed = 0
-        for queue, held in list(self._held.items()):
-            ids = list(held)
-            try:
-                for start in range(0, len(ids), MAX_BATCH):
-                    chunk = ids[start:start + MAX_BATCH]
-                    renewed += int(_RENEW(conn, [queue], [GROUP, self._cid, len(chunk) + MAX_BATCH, *chunk]))
-                state = self._queue_keys(queue)
-                if time.monotonic() >= state.next_prune:
-                    state.next_prune = time.monotonic() + max(self.min_idle, 60.0)
-                    pruned = int(_PRUNE(conn, [queue], [GROUP, int(STALE_CONSUMER_SECONDS * 1000), self._cid]))
-                    if pruned:
-                        logger.info("queue %r: removed %d consumer record(s) idle for over %.0fs with nothing "
-                                    "pending", queue, pruned, STALE_CONSUMER_SECONDS)
-            except ResponseError as exc:
-                if not _is_nogroup(exc):
-                    raise translate_error(exc, f"renewing the entries of queue {queue!r}") from exc
-            except RedisError as exc:
-                raise translate_error(exc, f"renewing the entries of queue {queue!r}") from exc
-        return renewed
+    def _settle_entries(self, queue: str, ids: list[Any], mode: str, value: Any, delay: float = 0.0) -> int:
+        keys = self._queue_keys(queue)
+        return int(_SETTLE(self._conn(), [queue, keys.delayed, keys.dead],
+                           [self._cid, mode, value, repr(delay), uuid.uuid4().hex, *ids]))
 
+    # -- inspection --------------------------------------------------------------------------------
     def in_flight(self, queue: str) -> int:
         """Entries of ``queue`` delivered to any consumer of the group and not yet acked."""
-        try:
-            summary = self._conn().execute_command("XPENDING", queue, GROUP)
-        except ResponseError as exc:
-            if _is_nogroup(exc):
-                return 0
-            raise translate_error(exc, f"counting in-flight messages of queue {queue!r}") from exc
-        except RedisError as exc:
-            raise translate_error(exc, f"counting in-flight messages of queue {queue!r}") from exc
-        return int(summary[0])
+        return int(self._run(f"counting in-flight messages of queue {queue!r}", _IN_FLIGHT, self._conn(), [queue],
+                             [GROUP]))
 
-    # -- queue maintenance -------------------------------------------------------------------------
-    def purge(self, queue: str) -> int:
+    def _size(self, queue: str) -> int:
+        return int(_COUNT(self._conn(), [queue, self._queue_keys(queue).delayed], [GROUP]))
+
+    def _purge(self, queue: str) -> int:
         """Delete the delayed messages and the entries no consumer has read yet; in-flight ones stay."""
-        return super().purge(queue)
-
-    def _run_count_or_purge(self, conn: DirectConnections, queue: str, purge: bool) -> Any:
-        return (_PURGE if purge else _COUNT)(conn, [queue, self._queue_keys(queue).delayed], [GROUP])
-
-    def close(self) -> None:
-        """Stop renewing and remove this consumer's record from groups where nothing is pending under it.
-
-        Entries still pending stay with this consumer and are reclaimed by another one ``min_idle``
-        seconds later. Fetching again registers again.
-        """
-        if self._pid != os.getpid():
-            self._reset_process_state()
-            return
-        self._renewer.stop()
-        with self._lock:
-            queues = list(self._registered)
-            self._registered.clear()
-        conn = self._redis
-        if conn is not None:
-            self._deferred.flush_on_close()
-            for queue in queues:
-                try:
-                    _RETIRE(conn, [queue], [GROUP, self._cid])
-                except RedisError as exc:
-                    logger.debug("could not retire consumer %s of queue %r: %s", self._cid, queue, exc)
-        self._redis = None
-
+        return int(_PURGE(self._conn(), [queue, self._queue_keys(queue).delayed], [GROUP]))

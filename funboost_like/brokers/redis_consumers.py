@@ -1,0 +1,225 @@
+"""The consumer registry of the at-least-once Redis kinds (REDIS_ACK_ABLE, RedisBrpopLpush, REDIS_STREAM).
+
+Every broker instance (one per process; a forked child gets a new identity) is a consumer with a
+unique id, in a ZSET of each queue it fetches, scored by its last heartbeat (server clock). The base's
+maintenance thread beats every ``REDIS_HEARTBEAT_SECONDS`` (5) and sweeps, in one Lua script per
+queue: what a consumer silent for ``REDIS_DEAD_AFTER_SECONDS`` (15) held goes back to the queue, each
+message counting a delivery and a crash (:attr:`~funboost_like.brokers.base.Delivery.crashes`). So a
+consumer killed with SIGKILL has its messages fetchable again at most 20 s after its death with the
+defaults, provided some consumer of the queue runs (one that starts later sweeps at once). All times
+are the Redis server's, so hosts with skewed clocks do not reclaim each other's messages early;
+``dead_after`` is the sweeper's: give every consumer of a queue the same settings. A consumer that
+stalls longer than ``dead_after`` (SIGSTOP, a debugger) loses its messages to the others (they run
+again: at-least-once); its later settlements of them raise
+:class:`~funboost_like.core.errors.DoubleAckError` and change nothing.
+
+Also shared by those kinds: acks (one pipeline, or sent ahead of the next fetch in the same write) and
+the messages of a fetch whose reply was lost (a connection broke, or the fetch failed half way): they
+are in the consumer's in-flight record without the process holding them, and the next fetch of that
+queue hands them out, if no other thread of the process is fetching it at that moment (otherwise
+they come back when the process ends).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from redis.exceptions import RedisError
+
+from funboost_like.brokers.base import Delivery
+from funboost_like.brokers.redis_base import LUA_COUNTS, LUA_NOW, RedisBroker
+from funboost_like.brokers.redis_common import LuaScript, Piggyback, raise_first_error
+from funboost_like.core.config import settings
+from funboost_like.core.errors import ConfigurationError, DoubleAckError
+
+logger = logging.getLogger("funboost_like.redis")
+
+def new_consumer_id() -> str:
+    """A consumer id unique across hosts and processes: ``<host>-<pid>-<random>`` (no ``:{}``)."""
+    host = socket.gethostname().replace(":", "_").replace("{", "_").replace("}", "_") or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+_DEAD_CONSUMERS = """
+local function dead_consumers(before)
+  return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', before, 'LIMIT', 0, 100)
+end
+"""
+
+
+def consumer_scripts(functions: str) -> tuple[LuaScript, LuaScript, LuaScript]:
+    """The sweep, retire and in-flight scripts of a kind, from its Lua ``functions``: ``held(cid)`` (how
+    many messages consumer ``cid`` holds), ``recover(cid)`` (put them back, counting a delivery and a
+    crash each; return how many) and ``forget(cid)`` (drop its records); ``dead_consumers(before)`` may
+    be redefined. Every script gets KEYS consumers ZSET, queue key, attempts HASH and ARGV key prefix,
+    consumer id ('' for none), dead-after seconds."""
+    prologue = LUA_NOW + LUA_COUNTS + _DEAD_CONSUMERS + functions
+    sweep = LuaScript(prologue + """
+if ARGV[2] ~= '' then redis.call('ZADD', KEYS[1], now, ARGV[2]) end
+local moved = 0
+for _, cid in ipairs(dead_consumers(now - tonumber(ARGV[3]))) do
+  moved = moved + recover(cid)
+  forget(cid)
+  redis.call('ZREM', KEYS[1], cid)
+end
+return moved
+""")
+    retire = LuaScript(prologue + """
+if held(ARGV[2]) > 0 then return 0 end
+forget(ARGV[2])
+redis.call('ZREM', KEYS[1], ARGV[2])
+return 1
+""")
+    in_flight = LuaScript(prologue + """
+local n = 0
+for _, cid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do n = n + held(cid) end
+return n
+""")
+    return sweep, retire, in_flight
+
+
+def consumer_timing(heartbeat_interval: float | None, dead_after: float | None) -> tuple[float, float]:
+    """Heartbeat interval and death threshold: the given values, else the ``REDIS_HEARTBEAT_SECONDS``
+    and ``REDIS_DEAD_AFTER_SECONDS`` settings; raises ConfigurationError unless 0 < interval < dead_after."""
+    interval = float(settings.get("REDIS_HEARTBEAT_SECONDS") if heartbeat_interval is None else heartbeat_interval)
+    dead = float(settings.get("REDIS_DEAD_AFTER_SECONDS") if dead_after is None else dead_after)
+    if not 0 < interval < dead:
+        raise ConfigurationError(f"need 0 < heartbeat interval < dead-after time, got {interval} and {dead} seconds")
+    return interval, dead
+
+
+class RedisConsumers(RedisBroker):
+    """The registry and the shared consumer side (see the module docstring), driven by the base's
+    maintenance thread: :meth:`_recover` beats for this consumer on the queue and sweeps the dead
+    ones, every ``heartbeat_interval`` seconds. Kinds set ``_scripts`` (from :func:`consumer_scripts`)
+    and implement ``_fetch``, ``_adopt``, ``_ack_commands`` and ``_acked``."""
+
+    _scripts: ClassVar[tuple[LuaScript, LuaScript, LuaScript]]
+    _taken_over = "were settled before, or recovered by another consumer after this one missed its heartbeats"
+
+    def __init__(self, *, heartbeat_interval: float | None = None, dead_after: float | None = None) -> None:
+        self.heartbeat_interval, self.dead_after = consumer_timing(heartbeat_interval, dead_after)
+        super().__init__()
+
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        self._cid = new_consumer_id()
+        self._registered: set[str] = set()  # queues this consumer fetched from (and beats on)
+        self._lock = threading.Lock()
+        self._fetching: collections.Counter[str] = collections.Counter()  # queue -> fetches running now
+        self._suspect: set[str] = set()  # queues where a fetch reply was lost
+
+    @property
+    def consumer_id(self) -> str:
+        """This consumer's id (also its name in the group, for REDIS_STREAM)."""
+        return self._cid
+
+    # -- fetching and acknowledging ----------------------------------------------------------------
+    def _fetch(self, before: Piggyback | None, queue: str, max_n: int) -> list[Delivery]:
+        """Take up to ``max_n`` messages, ``before`` sent ahead of the first command."""
+        raise NotImplementedError
+
+    def _adopt(self, before: Piggyback | None, queue: str, max_n: int, held: set[Any]) -> list[Delivery]:
+        """Up to ``max_n`` messages in this consumer's in-flight record whose token is not in ``held``,
+        oldest first; the next fetch hands out the rest (mark the queue suspect again)."""
+        raise NotImplementedError
+
+    def _ack_commands(self, deliveries: Sequence[Delivery]) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def _acked(self, replies: list[Any], total: int) -> int:
+        """How many of ``total`` deliveries the replies of :meth:`_ack_commands` found still in flight."""
+        raise NotImplementedError
+
+    def _open(self, queue: str) -> None:
+        """Before the first fetch of ``queue`` in this process (and after a close)."""
+
+    def _get(self, queue: str, max_n: int) -> list[Delivery]:
+        return self._guarded(None, queue, max_n)
+
+    def _ack_and_get(self, deliveries: Sequence[Delivery], queue: str, max_n: int) -> list[Delivery]:
+        before = Piggyback(self._ack_commands(deliveries))
+        got = self._guarded(before, queue, max_n)
+        replies = before.replies or []
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
+        if errors:
+            logger.error("%s refused acknowledging %d message(s): %s; they will be delivered again", self._where(),
+                         len(deliveries), errors[0])
+        elif self._acked(replies, len(deliveries)) != len(deliveries):
+            logger.warning("some of %d deliveries %s", len(deliveries), self._taken_over)
+        return got
+
+    def _guarded(self, before: Piggyback | None, queue: str, max_n: int) -> list[Delivery]:
+        if queue not in self._registered:
+            self._open(queue)
+            self._registered.add(queue)
+        with self._lock:
+            self._fetching[queue] += 1
+            alone = self._fetching[queue] == 1
+        try:
+            if alone and queue in self._suspect:
+                self._suspect.discard(queue)
+                with self._held_lock:
+                    held = set(self._held.get(queue, ()))
+                adopted = self._adopt(before, queue, max_n, held)
+                before = None
+                if adopted:
+                    logger.warning("queue %r: handing out %d message(s) whose fetch reply was lost", queue,
+                                   len(adopted))
+                    return adopted
+            return self._fetch(before, queue, max_n)
+        except RedisError:
+            self._suspect.add(queue)  # the fetch may have taken messages: adopted by the next one
+            raise
+        finally:
+            with self._lock:
+                self._fetching[queue] -= 1
+
+    def _ack(self, deliveries: Sequence[Delivery]) -> None:
+        replies = raise_first_error(self._conn().pipeline(self._ack_commands(deliveries)))
+        self._check_settled(self._acked(replies, len(deliveries)), len(deliveries))
+
+    def _check_settled(self, done: int, total: int) -> None:
+        if done != total:
+            raise DoubleAckError(f"{total - done} of {total} deliveries {self._taken_over}")
+
+    # -- the registry ------------------------------------------------------------------------------
+    def maintenance_interval(self) -> float:
+        return self.heartbeat_interval
+
+    def _registry_call(self, script: LuaScript, queue: str, cid: str) -> int:
+        keys = self._queue_keys(queue)
+        return int(script(self._conn(), [keys.consumers, queue, keys.attempts],
+                          [keys.prefix, cid, repr(self.dead_after)]))
+
+    def _recover(self, queue: str) -> int:
+        """Beat for this consumer on ``queue`` (if it fetched there) and put back what dead ones held."""
+        return self._registry_call(self._scripts[0], queue, self._cid if queue in self._registered else "")
+
+    def recover_dead_consumers(self, queue: str) -> int:
+        """Sweep ``queue`` once now; return how many messages of dead consumers were put back."""
+        return int(self._run(f"sweeping queue {queue!r}", self._recover, queue))
+
+    def in_flight(self, queue: str) -> int:
+        """Messages of ``queue`` fetched by any consumer and not settled yet."""
+        return int(self._run(f"counting in-flight messages of queue {queue!r}", self._registry_call,
+                             self._scripts[2], queue, ""))
+
+    def _close(self) -> None:
+        """Retire from the queues where this consumer holds nothing; what it still holds is recovered by
+        another consumer's sweep ``dead_after`` seconds later."""
+        if self._redis is not None:
+            for queue in list(self._registered):
+                try:
+                    self._registry_call(self._scripts[1], queue, self._cid)
+                except RedisError:
+                    pass  # swept like a dead consumer's record later
+        self._registered.clear()
+        super()._close()
