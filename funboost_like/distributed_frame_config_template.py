@@ -31,7 +31,6 @@ effective settings (passwords are masked).
 # REDIS_URL = "redis://127.0.0.1:6379/0"  # redis://[user:password@]host:port/db; the password is never logged
 # REDIS_HEARTBEAT_SECONDS = 5.0  # REDIS_ACK_ABLE and RedisBrpopLpush consumers send a heartbeat this often
 # REDIS_DEAD_AFTER_SECONDS = 15.0  # a consumer without heartbeat this long is dead: its messages run again
-# REDIS_STREAM_MIN_IDLE_SECONDS = 60.0  # REDIS_STREAM: a dead consumer's entries are reclaimed after this long
 
 # ----- Logging -----
 

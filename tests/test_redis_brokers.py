@@ -38,7 +38,7 @@ from tests.private_redis import PrivateRedis
 REDIS_URL = os.environ.get("FUNBOOST_LIKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 WORKER = REPO / "test_frame" / "crash" / "redis_worker.py"
 KINDS = [BrokerEnum.REDIS, BrokerEnum.RedisBrpopLpush, BrokerEnum.REDIS_STREAM]
-HEARTBEAT, DEAD_AFTER, MIN_IDLE = 0.2, 1.0, 1.0  # short recovery times for the tests
+HEARTBEAT, DEAD_AFTER = 0.2, 1.0  # short recovery times for the tests
 
 posix_only = pytest.mark.skipif(sys.platform == "win32" or not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
@@ -487,7 +487,6 @@ def start_worker(kind: BrokerEnum, queue: str, records: Records, tmp_path: Path,
     env = dict(os.environ, FUNBOOST_LIKE_REDIS_URL=REDIS_URL, FUNBOOST_LIKE_NO_USER_CONFIG="1",
                FUNBOOST_LIKE_REDIS_HEARTBEAT_SECONDS=str(HEARTBEAT),
                FUNBOOST_LIKE_REDIS_DEAD_AFTER_SECONDS=str(DEAD_AFTER),
-               FUNBOOST_LIKE_REDIS_STREAM_MIN_IDLE_SECONDS=str(MIN_IDLE),
                FUNBOOST_LIKE_GRACEFUL_STOP_SECONDS="3",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     with open(tmp_path / f"worker-{time.monotonic_ns()}.log", "wb") as log:

@@ -55,7 +55,6 @@ PASSWORD = "s3cret-fault"
 TOTAL, CONCURRENT_NUM, PAUSE = 3000, 20, 0.01
 KILL_AT = 900  # calls finished when the server is killed
 DOWN_SECONDS = 2.0
-STREAM_MIN_IDLE = 6.0  # longer than the outage, so live entries are not reclaimed from their own consumer
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary"),
@@ -154,7 +153,6 @@ def outage(kind: BrokerEnum, tmp_path: Path, servers: list[PrivateRedis],
     records = Records(tmp_path / "records.txt")
     log = tmp_path / "worker.log"
     env = dict(os.environ, FUNBOOST_LIKE_REDIS_URL=server.url, FUNBOOST_LIKE_NO_USER_CONFIG="1",
-               FUNBOOST_LIKE_REDIS_STREAM_MIN_IDLE_SECONDS=str(STREAM_MIN_IDLE),
                FUNBOOST_LIKE_GRACEFUL_STOP_SECONDS="3",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     with open(log, "wb") as out:

@@ -306,6 +306,8 @@ class Broker:
                     self._wait(queue, remaining)
                 except self.connection_errors as exc:
                     raise self._connection_error(exc, f"waiting on queue {queue!r}") from exc
+                except self.errors as exc:
+                    raise BrokerError(f"{self._where()} failed waiting on queue {queue!r}: {exc}") from exc
             else:
                 time.sleep(pause if pause < remaining else remaining)
                 pause = min(pause * 2, POLL_MAX)

@@ -62,8 +62,7 @@ class Fixture:
 
 
 _REDIS = Fixture(("Redis", "127.0.0.1", 6379), {"REDIS_URL": "redis://127.0.0.1:6379/15"},
-                 {"REDIS_HEARTBEAT_SECONDS": 0.3, "REDIS_DEAD_AFTER_SECONDS": 1.0,
-                  "REDIS_STREAM_MIN_IDLE_SECONDS": 1.0})
+                 {"REDIS_HEARTBEAT_SECONDS": 0.3, "REDIS_DEAD_AFTER_SECONDS": 1.0})
 
 # kind -> its fixture: a built kind without a line here is not in the contract suite (and must be).
 FIXTURES: dict[BrokerEnum, Fixture] = {

@@ -46,7 +46,6 @@ DEFAULTS: dict[str, Any] = {
     "REDIS_URL": "redis://127.0.0.1:6379/0",
     "REDIS_HEARTBEAT_SECONDS": 5.0,  # REDIS_ACK_ABLE / RedisBrpopLpush consumers heartbeat this often
     "REDIS_DEAD_AFTER_SECONDS": 15.0,  # ... and a consumer silent this long is dead: its messages return
-    "REDIS_STREAM_MIN_IDLE_SECONDS": 60.0,  # REDIS_STREAM: entries unrenewed this long are reclaimed
     # Logging.
     "LOG_CONSOLE": True,  # attach a console handler when the application configured no logging
     "LOG_COLOR": True,

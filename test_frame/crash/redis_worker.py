@@ -9,9 +9,8 @@ function ``record(i)`` appends ``s <i> <pid>`` to RECORD_FILE when it starts and
 when it ends, each line with one ``write`` on a descriptor opened with O_APPEND (so lines of several
 threads and processes never mix, and a killed process leaves whole lines). Settings come from the
 environment: ``FUNBOOST_LIKE_REDIS_URL``, and for quick recovery in tests
-``FUNBOOST_LIKE_REDIS_HEARTBEAT_SECONDS``, ``FUNBOOST_LIKE_REDIS_DEAD_AFTER_SECONDS`` and
-``FUNBOOST_LIKE_REDIS_STREAM_MIN_IDLE_SECONDS``. ``consume()`` is the last statement: the consumer
-threads keep the process alive until SIGINT/SIGTERM (or SIGKILL).
+``FUNBOOST_LIKE_REDIS_HEARTBEAT_SECONDS`` and ``FUNBOOST_LIKE_REDIS_DEAD_AFTER_SECONDS``.
+``consume()`` is the last statement: the consumer threads keep the process alive until SIGINT/SIGTERM (or SIGKILL).
 """
 
 from __future__ import annotations
