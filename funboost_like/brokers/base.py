@@ -147,6 +147,7 @@ class Broker:
     def __init__(self) -> None:
         self._process_state()
         cls = type(self)
+        self._client_errors = cls.connection_errors + cls.errors
         self._waits = cls._wait is not Broker._wait
         self._combined = cls._ack_and_get is not Broker._ack_and_get
         self._maintained = cls._renew is not Broker._renew or cls._recover is not Broker._recover
@@ -226,10 +227,8 @@ class Broker:
         """Append one message. ``not_before`` is a UNIX time before which it must not be fetched."""
         try:
             self._put(queue, (body,), priority=priority, not_before=not_before)
-        except self.connection_errors as exc:
-            raise self._connection_error(exc, f"publishing to queue {queue!r}") from exc
-        except self.errors as exc:
-            raise BrokerError(f"{self._where()} failed publishing to queue {queue!r}: {exc}") from exc
+        except self._client_errors as exc:
+            raise self._translated(exc, f"publishing to queue {queue!r}") from exc
 
     def publish_many(self, queue: str, bodies: Sequence[bytes], *, priority: int = 0) -> None:
         """Append many messages in order, in as few round trips as the broker allows."""
@@ -237,10 +236,8 @@ class Broker:
             return
         try:
             self._put(queue, bodies, priority=priority, not_before=None)
-        except self.connection_errors as exc:
-            raise self._connection_error(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
-        except self.errors as exc:
-            raise BrokerError(f"{self._where()} failed publishing to queue {queue!r}: {exc}") from exc
+        except self._client_errors as exc:
+            raise self._translated(exc, f"publishing {len(bodies)} messages to queue {queue!r}") from exc
 
     # -- consuming -------------------------------------------------------------------------------
     def fetch(self, queue: str, max_n: int, timeout: float) -> list[Delivery]:
@@ -279,12 +276,10 @@ class Broker:
     def _take(self, queue: str, max_n: int, acks: Sequence[Delivery] | None) -> list[Delivery]:
         try:
             got = self._get(queue, max_n) if acks is None else self._ack_and_get(acks, queue, max_n)
-        except self.connection_errors as exc:
-            if acks:  # the acks may not have arrived: sent again before the next fetch (they are idempotent)
-                self._deferred.append((self._ack, (list(acks),)))
-            raise self._connection_error(exc, f"fetching from queue {queue!r}") from exc
-        except self.errors as exc:
-            raise BrokerError(f"{self._where()} failed fetching from queue {queue!r}: {exc}") from exc
+        except self._client_errors as exc:
+            if acks and isinstance(exc, self.connection_errors):  # the acks may not have arrived: sent
+                self._deferred.append((self._ack, (list(acks),)))  # again before the next fetch (idempotent)
+            raise self._translated(exc, f"fetching from queue {queue!r}") from exc
         if queue not in self._fetched:
             self._first_fetch(queue)
         if got:
@@ -304,10 +299,8 @@ class Broker:
             if self._waits:
                 try:
                     self._wait(queue, remaining)
-                except self.connection_errors as exc:
-                    raise self._connection_error(exc, f"waiting on queue {queue!r}") from exc
-                except self.errors as exc:
-                    raise BrokerError(f"{self._where()} failed waiting on queue {queue!r}: {exc}") from exc
+                except self._client_errors as exc:
+                    raise self._translated(exc, f"waiting on queue {queue!r}") from exc
             else:
                 time.sleep(pause if pause < remaining else remaining)
                 pause = min(pause * 2, POLL_MAX)
@@ -366,11 +359,10 @@ class Broker:
         if live:
             try:
                 send(live, *args)
-            except self.connection_errors as exc:
-                self._deferred.append((send, (live, *args)))
-                raise self._connection_error(exc, f"settling {len(live)} message(s) (sent again later)") from exc
-            except self.errors as exc:
-                raise BrokerError(f"{self._where()} failed settling {len(live)} message(s): {exc}") from exc
+            except self._client_errors as exc:
+                if isinstance(exc, self.connection_errors):  # sent again before the next fetch
+                    self._deferred.append((send, (live, *args)))
+                raise self._translated(exc, f"settling {len(live)} message(s)") from exc
         if rejected:
             first = next(d for d in deliveries if d not in live)
             raise DoubleAckError(f"{first!r} was already acknowledged or rejected ({rejected} in all)")
@@ -397,7 +389,7 @@ class Broker:
             try:
                 send(*args)
             except self.connection_errors as exc:
-                raise self._connection_error(exc, action) from exc
+                raise self._translated(exc, action) from exc
             except Exception:
                 logger.exception("%s refused a settlement sent again after an outage; its message comes back "
                                  "when this process ends", self._where())
@@ -416,19 +408,15 @@ class Broker:
         """Delete every waiting message of ``queue``; return how many were deleted."""
         try:
             return self._purge(queue)
-        except self.connection_errors as exc:
-            raise self._connection_error(exc, f"purging queue {queue!r}") from exc
-        except self.errors as exc:
-            raise BrokerError(f"{self._where()} failed purging queue {queue!r}: {exc}") from exc
+        except self._client_errors as exc:
+            raise self._translated(exc, f"purging queue {queue!r}") from exc
 
     def count(self, queue: str) -> int:
         """How many messages wait in ``queue`` (ready or delayed; not those held by a consumer)."""
         try:
             return self._size(queue)
-        except self.connection_errors as exc:
-            raise self._connection_error(exc, f"counting queue {queue!r}") from exc
-        except self.errors as exc:
-            raise BrokerError(f"{self._where()} failed counting queue {queue!r}: {exc}") from exc
+        except self._client_errors as exc:
+            raise self._translated(exc, f"counting queue {queue!r}") from exc
 
     def in_flight(self, queue: str) -> int:
         """Messages this process fetched from ``queue`` and has not settled yet."""
@@ -486,8 +474,11 @@ class Broker:
         """How to name the server in an error message (no password)."""
         return type(self).__name__
 
-    def _connection_error(self, exc: BaseException, action: str) -> BrokerConnectionError:
-        return BrokerConnectionError(f"{self._where()} is unreachable while {action}: {exc}")
+    def _translated(self, exc: BaseException, action: str) -> BrokerError:
+        """The framework's error for a client error raised while ``action`` (raise it ``from exc``)."""
+        if isinstance(exc, self.connection_errors):
+            return BrokerConnectionError(f"{self._where()} is unreachable while {action}: {exc}")
+        return BrokerError(f"{self._where()} failed {action}: {exc}")
 
     def _reset_after_fork(self) -> None:
         self._process_state()

@@ -46,7 +46,7 @@ from funboost_like.brokers.redis_common import (
 )
 from funboost_like.brokers.redis_store import RedisStoresMixin
 from funboost_like.core import codec
-from funboost_like.core.errors import BrokerError, ConfigurationError
+from funboost_like.core.errors import ConfigurationError
 
 DEAD_LETTER_LIMIT = 10_000  # dead letters kept per queue (the newest)
 BLOCK_SECONDS = 5  # server timeout of a blocking wait's command (it may outlive the wait, see BlockingWaits)
@@ -177,10 +177,8 @@ class RedisBroker(RedisStoresMixin, Broker):
         """``call(*args)`` with redis-py errors translated (for the methods the base does not wrap)."""
         try:
             return call(*args)
-        except self.connection_errors as exc:
-            raise self._connection_error(exc, action) from exc
-        except RedisError as exc:
-            raise BrokerError(f"{self._where()} failed {action}: {exc}") from exc
+        except self._client_errors as exc:
+            raise self._translated(exc, action) from exc
 
     def _due_in(self, queue: str, due_ms: int) -> None:
         """Note when the first delayed message of ``queue`` is due (``due_ms`` from now; -1: none)."""
