@@ -25,6 +25,7 @@ against a private server: they publish, consume, and exit on SIGTERM.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import shutil
@@ -357,7 +358,7 @@ def test_deferred_settlements_keep_what_met_a_dead_server_and_drop_what_redis_re
         sent.append(name)
 
     for name in ("first", "refused", "second", "third"):
-        broker._deferred.append((send, (name,)))
+        broker._deferred.append(functools.partial(send, name))
     with pytest.raises(BrokerConnectionError):
         broker._send_deferred("fetching")
     assert sent == ["first"] and broker._deferred  # "second" and "third" wait for the next fetch

@@ -39,6 +39,7 @@ visible again by itself (native requeue, lease expiry or heartbeat sweep), count
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -156,7 +157,7 @@ class Broker:
     def _process_state(self) -> None:
         self._held: dict[str, set[Any]] = {}  # queue -> tokens this process holds
         self._held_lock = threading.Lock()
-        self._deferred: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+        self._deferred: list[Callable[[], object]] = []  # settlements to send again after an outage
         self._fetched: set[str] = set()  # queues this process fetched from (recovered by maintenance)
 
     # -- primitives ------------------------------------------------------------------------------
@@ -267,7 +268,10 @@ class Broker:
                 logger.warning("acknowledging %d message(s) failed; the broker will deliver them again",
                                len(deliveries), exc_info=True)
             return self.fetch(queue, max_n, timeout)
-        live = self._unhold(deliveries, "acknowledged")
+        live = self._unhold(deliveries)
+        if len(live) != len(deliveries):
+            logger.warning("%d of %d message(s) were settled before this ack", len(deliveries) - len(live),
+                           len(deliveries))
         got = self._take(queue, max_n, live)
         if got or timeout <= 0:
             return got
@@ -278,7 +282,7 @@ class Broker:
             got = self._get(queue, max_n) if acks is None else self._ack_and_get(acks, queue, max_n)
         except self._client_errors as exc:
             if acks and isinstance(exc, self.connection_errors):  # the acks may not have arrived: sent
-                self._deferred.append((self._ack, (list(acks),)))  # again before the next fetch (idempotent)
+                self._deferred.append(functools.partial(self._ack, list(acks)))  # again before the next fetch
             raise self._translated(exc, f"fetching from queue {queue!r}") from exc
         if queue not in self._fetched:
             self._first_fetch(queue)
@@ -318,28 +322,23 @@ class Broker:
         """Remove finished messages for good. Raises DoubleAckError for one settled before, after
         settling the others."""
         if deliveries:
-            self._settle(self._ack, (), deliveries, "acknowledged")
+            self._settle(self._ack, deliveries)
 
     def nack(self, delivery: Delivery, *, requeue: bool = True, delay: float = 0.0) -> None:
         """Give a message back (visible again after ``delay`` seconds, the attempt counted) or, with
         ``requeue=False``, drop it."""
         if not requeue:
-            self._settle(self._ack, (), (delivery,), "dropped")
+            self._settle(self._ack, (delivery,))
         else:
-            self._settle(self._requeue_counted, (max(0.0, delay),), (delivery,), "requeued")
-
-    def _requeue_counted(self, deliveries: Sequence[Delivery], delay: float) -> None:
-        self._requeue(deliveries, delay=delay, front=False, count_attempt=True)
+            self._settle(functools.partial(self._requeue, delay=max(0.0, delay), front=False, count_attempt=True),
+                         (delivery,))
 
     def release(self, deliveries: Iterable[Delivery]) -> None:
         """Hand back messages fetched but never started (graceful shutdown): at the front, no attempt
         counted."""
         deliveries = list(deliveries)
         if deliveries:
-            self._settle(self._release, (), deliveries, "released")
-
-    def _release(self, deliveries: Sequence[Delivery]) -> None:
-        self._requeue(deliveries, delay=0.0, front=True, count_attempt=False)
+            self._settle(functools.partial(self._requeue, delay=0.0, front=True, count_attempt=False), deliveries)
 
     def dead_letter(self, delivery: Delivery, reason: str, exc: BaseException | None = None, *,
                     attempts: int | None = None) -> None:
@@ -347,27 +346,24 @@ class Broker:
         (``attempts``; the delivery count when not given), and remove it from the queue."""
         letter = DeadLetter(delivery.queue, delivery.body, str(reason), time.time(),
                             delivery.attempts if attempts is None else attempts, exc)
-        self._settle(self._dead_letter_one, (letter,), (delivery,), "dead-lettered")
+        self._settle(lambda live: self._dead_letter(live[0], letter), (delivery,))
 
-    def _dead_letter_one(self, deliveries: Sequence[Delivery], letter: DeadLetter) -> None:
-        self._dead_letter(deliveries[0], letter)
-
-    def _settle(self, send: Callable[..., object], args: tuple[Any, ...], deliveries: Sequence[Delivery],
-                action: str) -> None:
-        live = self._unhold(deliveries, action, raise_rejected=False)
+    def _settle(self, send: Callable[[list[Delivery]], object], deliveries: Sequence[Delivery]) -> None:
+        """``send(held)`` for the deliveries still held; DoubleAckError for the others, after sending."""
+        live = self._unhold(deliveries)
         rejected = len(deliveries) - len(live)
         if live:
             try:
-                send(live, *args)
+                send(live)
             except self._client_errors as exc:
                 if isinstance(exc, self.connection_errors):  # sent again before the next fetch
-                    self._deferred.append((send, (live, *args)))
+                    self._deferred.append(functools.partial(send, live))
                 raise self._translated(exc, f"settling {len(live)} message(s)") from exc
         if rejected:
             first = next(d for d in deliveries if d not in live)
             raise DoubleAckError(f"{first!r} was already acknowledged or rejected ({rejected} in all)")
 
-    def _unhold(self, deliveries: Sequence[Delivery], action: str, raise_rejected: bool = True) -> list[Delivery]:
+    def _unhold(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         """Stop holding these deliveries; return those that were held (the others were settled before)."""
         live: list[Delivery] = []
         with self._held_lock:
@@ -377,17 +373,13 @@ class Broker:
                 if held is not None and delivery.token in held:
                     held.remove(delivery.token)
                     live.append(delivery)
-        if raise_rejected and len(live) != len(deliveries):
-            logger.warning("%d of %d message(s) were already settled before being %s",
-                           len(deliveries) - len(live), len(deliveries), action)
         return live
 
     def _send_deferred(self, action: str) -> None:
         """Send again the settlements that failed on a connection error, in order."""
         while self._deferred:
-            send, args = self._deferred[0]
             try:
-                send(*args)
+                self._deferred[0]()
             except self.connection_errors as exc:
                 raise self._translated(exc, action) from exc
             except Exception:
