@@ -497,3 +497,40 @@ def test_forked_child_never_reuses_the_parents_connections(broker: SqliteBroker)
     [d] = broker.fetch(Q, 1, 1.0)
     assert d.body == b"child"
     broker.ack([held, d])
+
+
+# -- crash counting (the poison-message rule reads it) -------------------------------------------
+
+
+def test_a_lease_that_ran_out_counts_a_crash_and_settled_returns_do_not(folder: Path) -> None:
+    patch_frame_config(SQLITE_LEASE_SECONDS=0.3)
+    dead, alive = SqliteBroker(), SqliteBroker()
+    dead.publish(Q, b"x")
+    [d] = dead.fetch(Q, 1, 1.0)
+    assert d.crashes == 0
+    dead.close()  # stops renewing, like a killed process
+    [again] = alive.fetch(Q, 1, 3.0)
+    assert (again.attempts, again.crashes) == (2, 1)
+    alive.nack(again)
+    [after_nack] = alive.fetch(Q, 1, 1.0)
+    assert (after_nack.attempts, after_nack.crashes) == (3, 1)  # a nack counts an attempt, not a crash
+    alive.release([after_nack])
+    [after_release] = alive.fetch(Q, 1, 1.0)
+    assert (after_release.attempts, after_release.crashes) == (3, 1)
+    alive.ack([after_release])
+    alive.close()
+
+
+def test_files_of_earlier_versions_get_the_crashes_column(folder: Path) -> None:
+    path = folder / queue_file_name(Q)
+    folder.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as conn:  # the schema before crash counting
+        conn.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, priority INTEGER NOT NULL "
+                     "DEFAULT 0, visible_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, owner TEXT, "
+                     "body BLOB NOT NULL)")
+        conn.execute("INSERT INTO messages (priority, visible_at, body) VALUES (0, 0, x'7b7d')")
+    broker = SqliteBroker()
+    [d] = broker.fetch(Q, 1, 1.0)
+    assert (d.body, d.attempts, d.crashes) == (b"{}", 1, 0)
+    broker.ack([d])
+    broker.close()
