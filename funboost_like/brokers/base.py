@@ -365,6 +365,13 @@ class Broker:
 
     def _unhold(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         """Stop holding these deliveries; return those that were held (the others were settled before)."""
+        queue = deliveries[0].queue
+        tokens = {d.token for d in deliveries if d.queue == queue}
+        with self._held_lock:
+            held = self._held.get(queue)
+            if held is not None and len(tokens) == len(deliveries) and tokens <= held:  # the usual case
+                held -= tokens
+                return list(deliveries)
         live: list[Delivery] = []
         with self._held_lock:
             held_by_queue = self._held

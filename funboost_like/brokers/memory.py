@@ -86,9 +86,12 @@ class MemoryBroker(Broker):
             if not_before is not None and not_before > time.time():
                 for body in bodies:
                     heapq.heappush(q.delayed, (not_before, next(q.seq), priority, body, 0))
+            elif len(bodies) == 1:
+                (q.ready[0] if priority == 0 else q.level(priority)).append((bodies[0], 0))
             else:
                 (q.ready[0] if priority == 0 else q.level(priority)).extend([(body, 0) for body in bodies])
-            q.wake()
+            if q.waiters:
+                q.cond.notify_all()
 
     def _get(self, queue: str, max_n: int) -> list[Delivery]:
         q = self._queues.get(queue) or self._queue(queue)

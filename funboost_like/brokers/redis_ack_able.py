@@ -76,16 +76,7 @@ _FETCH = LuaScript(LUA_NOW + LUA_TAKE_READY + LUA_MOVE_DUE + LUA_NEXT_DUE + """
 local base = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[4], now, ARGV[3])
 move_due(KEYS[2], KEYS[1], ARGV[4], KEYS[5], now)
-local out, n = take_ready(tonumber(ARGV[1]), KEYS[1], ARGV[4], KEYS[5], function(level, items)
-  local hset = {}
-  for _, it in ipairs(items) do
-    local field = tostring(base + it[1])
-    if level ~= 0 or it[3] ~= 1 or it[4] ~= 0 then field = field .. ':' .. level .. ':' .. fmt(it[3], it[4]) end
-    hset[#hset + 1] = field
-    hset[#hset + 1] = it[2]
-  end
-  redis.call('HSET', KEYS[3], unpack(hset))
-end)
+local out, n = take_ready(tonumber(ARGV[1]), KEYS[1], ARGV[4], KEYS[5], KEYS[3], base)
 if n == 0 then return next_due_ms(KEYS[2], now) end
 return out
 """)

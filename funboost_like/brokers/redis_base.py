@@ -229,12 +229,12 @@ LIST_PUSH_BATCH = 1000  # values per LPUSH command of publish_many
 PRIORITY_LOOK = 0.2  # an idle fetch waits on the priority-0 list and looks at the others this often
 
 # Lua function of the fetch scripts: pop up to ``want`` ready messages, highest priority first, with
-# their counts (taken out of the ``attempts`` HASH). ``took(level, items)`` gets each level's items
-# {index, body, deliveries, crashes} as soon as they are popped (so a failure at a later level leaves
-# them recorded). Returns ``{meta, body1, body2, ...}`` and how many: meta lists "index:level:counts"
-# for each message not at level 0 or not on its first delivery.
+# their counts (taken out of the ``attempts`` HASH). With an ``inflight`` HASH, each level's messages
+# are recorded there as soon as they are popped, under the field ``<base + index>[:level:counts]``
+# (so a failure at a later level leaves them recorded). Returns ``{meta, body1, body2, ...}`` and how
+# many: meta lists "index:level:counts" for each message not at level 0 or not on its first delivery.
 LUA_TAKE_READY = LUA_COUNTS + """
-local function take_ready(want, ready, prio_prefix, attempts, took)
+local function take_ready(want, ready, prio_prefix, attempts, inflight, base)
   local track = redis.call('HLEN', attempts) > 0
   local out, meta, n = {''}, {}, 0
   for level = 9, 0, -1 do
@@ -242,7 +242,7 @@ local function take_ready(want, ready, prio_prefix, attempts, took)
     if level > 0 then key = prio_prefix .. level end
     local got = redis.call('RPOP', key, want - n)
     if got then
-      local items = {}
+      local hset = {}
       for i = 1, #got do
         local body, a, c = got[i], 1, 0
         if track then
@@ -256,10 +256,18 @@ local function take_ready(want, ready, prio_prefix, attempts, took)
         end
         n = n + 1
         out[n + 1] = body
-        items[i] = {n, body, a, c}
-        if level ~= 0 or a ~= 1 or c ~= 0 then meta[#meta + 1] = n .. ':' .. level .. ':' .. fmt(a, c) end
+        local suffix = ''
+        if level ~= 0 or a ~= 1 or c ~= 0 then
+          suffix = ':' .. level .. ':' .. fmt(a, c)
+          meta[#meta + 1] = n .. suffix
+        end
+        if inflight then
+          hset[i * 2 - 1] = (base + n) .. suffix
+          hset[i * 2] = body
+        end
       end
-      took(level, items)
+      -- Level by level: should a later level fail, what was popped already stays in flight.
+      if inflight then redis.call('HSET', inflight, unpack(hset)) end
       if n >= want then break end
     end
   end

@@ -70,7 +70,7 @@ MAX_BATCH = 1000  # messages per fetch
 # is due (-1: none).
 _POP = LuaScript(LUA_NOW + LUA_TAKE_READY + LUA_MOVE_DUE + LUA_NEXT_DUE + """
 move_due(KEYS[2], KEYS[1], ARGV[2], KEYS[3], now)
-local out, n = take_ready(tonumber(ARGV[1]), KEYS[1], ARGV[2], KEYS[3], function() end)
+local out, n = take_ready(tonumber(ARGV[1]), KEYS[1], ARGV[2], KEYS[3], nil, 0)
 if n == 0 then return next_due_ms(KEYS[2], now) end
 return out
 """)
