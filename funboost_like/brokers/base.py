@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from funboost_like.brokers.maintenance import maintenance as _maintenance
 from funboost_like.core.errors import BrokerConnectionError, BrokerError, DoubleAckError
 
 if TYPE_CHECKING:
@@ -205,7 +206,7 @@ class Broker:
 
         envelope = codec.dumps({"reason": letter.reason, "failed_at": letter.failed_at, "attempts": letter.attempts,
                                 "body": letter.body.decode("utf-8", "replace")})
-        self._put(dead_letter_queue_name(delivery.queue), [envelope], priority=0, not_before=None)
+        self._put(f"{delivery.queue}.dlq", [envelope], priority=0, not_before=None)
         self._ack([delivery])
 
     def _ack_and_get(self, deliveries: Sequence[Delivery], queue: str, max_n: int) -> list[Delivery]:
@@ -439,7 +440,9 @@ class Broker:
     def maintain(self) -> None:
         """One maintenance round (the maintenance thread's job; tests call it directly): renew what
         this process holds, then recover the messages of dead consumers of the queues it fetches."""
-        self._renew_held()
+        with self._held_lock:
+            held = [Delivery(queue, b"", token) for queue, tokens in self._held.items() for token in tokens]
+        self._renew(held)
         for queue in list(self._fetched):
             try:
                 recovered = self._recover(queue)
@@ -449,11 +452,6 @@ class Broker:
                 continue
             if recovered:
                 logger.info("recovered %d message(s) of dead consumers of queue %r", recovered, queue)
-
-    def _renew_held(self) -> None:
-        with self._held_lock:
-            held = [Delivery(queue, b"", token) for queue, tokens in self._held.items() for token in tokens]
-        self._renew(held)
 
     def close(self) -> None:
         """Send deferred settlements if possible, stop maintenance and release connections. The broker
@@ -482,60 +480,6 @@ class Broker:
     def _reset_after_fork(self) -> None:
         self._process_state()
         self._after_fork()
-
-
-def dead_letter_queue_name(queue: str) -> str:
-    return f"{queue}.dlq"
-
-
-class _Maintenance:
-    """The one thread per process that renews leases, beats and sweeps for every broker needing it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._brokers: weakref.WeakSet[Broker] = weakref.WeakSet()
-        self._due: weakref.WeakKeyDictionary[Broker, float] = weakref.WeakKeyDictionary()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def add(self, broker: Broker) -> None:
-        with self._lock:
-            self._brokers.add(broker)
-            self._due[broker] = time.monotonic()  # a first round at once: sweep what died before we came
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="funboost_like-broker-maintenance",
-                                                daemon=True)
-                self._thread.start()
-        self._wake.set()
-
-    def discard(self, broker: Broker) -> None:
-        with self._lock:
-            self._brokers.discard(broker)
-
-    def _run(self) -> None:
-        while True:
-            now = time.monotonic()
-            with self._lock:
-                brokers = list(self._brokers)
-            next_round = now + 60.0
-            for broker in brokers:
-                due = self._due.get(broker, now)
-                if due <= now:
-                    try:
-                        broker.maintain()
-                    except Exception:
-                        logger.warning("maintenance of %s failed; retrying", broker._where(), exc_info=True)
-                    due = time.monotonic() + broker.maintenance_interval()
-                    self._due[broker] = due
-                next_round = min(next_round, due)
-            self._wake.wait(max(0.0, next_round - time.monotonic()))
-            self._wake.clear()
-
-    def reset_in_child(self) -> None:
-        self.__init__()  # type: ignore[misc]  # the parent's thread does not exist here
-
-
-_maintenance = _Maintenance()
 
 
 def _after_fork_in_child() -> None:

@@ -245,9 +245,7 @@ class _Keys:
 
 def _entries(read: Any) -> list[Any]:
     """The entries of an XREADGROUP reply on one stream: a map in RESP3, ``[[stream, entries]]`` in RESP2."""
-    if isinstance(read, dict):
-        return list(next(iter(read.values())))
-    return list(read[0][1])
+    return list(next(iter(read.values()))) if isinstance(read, dict) else list(read[0][1])
 
 
 def _fields(item: Any) -> dict[Any, Any]:

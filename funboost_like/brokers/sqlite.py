@@ -403,7 +403,7 @@ class SqliteBroker(Broker):
 
     def renew_leases(self) -> None:
         """Renew now what :meth:`_renew` renews every lease / 3 seconds."""
-        self._renew_held()
+        self.maintain()
 
     # -- dead letters ---------------------------------------------------------------------------
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:

@@ -56,7 +56,7 @@ class DistributedRateLimiter:
                 try:
                     slot, now = client.evalsha(_CLAIM_SHA, 1, self.key, *args)
                 except NoScriptError:  # first use on this server, or after a restart or SCRIPT FLUSH
-                    slot, now = client.eval(_CLAIM, 1, self.key, *args)
+                    slot, now = client.execute_command("EVAL", _CLAIM, 1, self.key, *args)  # type: ignore[no-untyped-call]
             except RedisError as exc:
                 logger.error("distributed QPS control cannot reach Redis at %s (%s); no call starts until it can",
                              describe_url(), exc)
