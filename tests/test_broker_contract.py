@@ -252,16 +252,6 @@ def eventually(condition: Callable[[], bool], timeout: float, what: str, tmp_pat
         time.sleep(0.02)
 
 
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for child in started:
-        if child.poll() is None:
-            child.kill()
-            child.wait(10)
-
-
 def publish_calls(broker: Broker, queue: str, calls: list[dict[str, object]]) -> None:
     broker.publish_many(queue, [json.dumps(call).encode() for call in calls])
 

@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,17 +126,6 @@ def rows(queue: str) -> int:
 
 def waiting(queue: str) -> int:
     return get_broker(BrokerEnum.PERSISTQUEUE).count(queue)
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Every child a test starts; those still alive at the end are killed (by their own pid)."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for child in started:
-        if child.poll() is None:
-            child.kill()
-            child.wait(5)
 
 
 # -- a. SIGKILL at random moments ---------------------------------------------------------------------

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import zoneinfo
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,17 +89,6 @@ def test_no_worker_sleeps_on_a_delayed_message(kind: BrokerEnum, queue_name: str
 
 
 # -- survival across a consumer restart (SQLite) --------------------------------------------------------
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Consumer processes a test starts; any still alive at the end are killed by their own pid."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for child in started:
-        if child.poll() is None:
-            child.kill()
-            child.wait(5)
 
 
 def start_worker(queue: str, record: Path, queues: Path, log: Path) -> subprocess.Popen[bytes]:

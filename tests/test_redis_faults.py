@@ -72,16 +72,6 @@ def servers(tmp_path: Path) -> Iterator[list[PrivateRedis]]:
         server.stop()
 
 
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for child in started:
-        if child.poll() is None:
-            child.kill()
-            child.wait(5)
-
-
 def private_redis(servers: list[PrivateRedis], folder: Path, *, persistent: bool = True) -> PrivateRedis:
     folder.mkdir(parents=True, exist_ok=True)
     server = PrivateRedis(folder, password=PASSWORD, persistent=persistent)
