@@ -7,9 +7,9 @@ subprocess stands an empty package in for ``funboost_like`` before importing the
 * The foundation of ``core/`` (everything but the engine below) imports nothing from
   ``funboost_like.brokers`` nor ``funboost_like.middleware``.
 * The engine (``booster``, ``consumer``, ``publisher``) drives the broker contract through the
-  registry and runs the feature table: it imports ``brokers.base``, ``brokers.registry`` and
-  ``middleware.base``, never a concrete broker nor a feature module (the registry and the feature
-  table load those lazily).
+  registry and runs the feature table: it imports ``brokers.base`` (with its ``brokers.maintenance``),
+  ``brokers.registry`` and ``middleware.base``, never a concrete broker nor a feature module (the
+  registry and the feature table load those lazily).
 * The process supervisor imports neither the booster nor the consumer: it runs an opaque target.
 
 The foundation is also read statically: not even an import inside a function (run time) reaches
@@ -32,9 +32,9 @@ import funboost_like.core
 PACKAGE_DIR = str(Path(funboost_like.core.__file__).resolve().parent.parent)
 CORE_MODULES = sorted(m.name for m in pkgutil.iter_modules(funboost_like.core.__path__))
 ENGINE = {"booster", "consumer", "publisher"}
-ENGINE_MAY_IMPORT = {
-    "funboost_like.brokers", "funboost_like.brokers.base", "funboost_like.brokers.registry",
-    "funboost_like.middleware", "funboost_like.middleware.base",
+ENGINE_MAY_IMPORT = {  # the broker contract (the base and its maintenance thread) and the registry
+    "funboost_like.brokers", "funboost_like.brokers.base", "funboost_like.brokers.maintenance",
+    "funboost_like.brokers.registry", "funboost_like.middleware", "funboost_like.middleware.base",
 }
 
 _PROBE = """
