@@ -507,17 +507,6 @@ def wait_records(condition: Callable[[], bool], timeout: float, what: str, tmp_p
         time.sleep(0.005)
 
 
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Every child a test starts; those still alive at the end are killed (by their own pid)."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for child in started:
-        if child.poll() is None:
-            child.kill()
-            child.wait(5)
-
-
 def publish_calls(kind: BrokerEnum, queue: str, total: int) -> None:
     @task_deco(queue, broker_kind=kind)
     def record(i: int) -> None:  # the worker's signature
