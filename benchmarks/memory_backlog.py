@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/memory_backlog.py [--sizes 100000,1000000] [--seconds 3] [--json]
+    python benchmarks/memory_backlog.py --broker RABBITMQ_PIKA     # any kind; a server's queue is emptied first
 
 For each backlog size, in its own temporary SQLite folder (``FUNBOOST_LIKE_NO_USER_CONFIG=1``):
 
@@ -54,7 +55,9 @@ def _make_function():
 
     calls = {"n": 0}
 
-    @task_deco(QUEUE, broker_kind=BrokerEnum.PERSISTQUEUE, concurrent_num=50, log_level=logging.WARNING)
+    kind = BrokerEnum[os.environ.get("FUNBOOST_LIKE_BENCH_BROKER", "PERSISTQUEUE")]
+
+    @task_deco(QUEUE, broker_kind=kind, concurrent_num=50, log_level=logging.WARNING)
     def f(x, y):
         time.sleep(0.01)
         calls["n"] += 1  # approximate under threads; only informative
@@ -68,6 +71,7 @@ def child_publish(n: int, tmpdir: str) -> dict:
 
     patch_frame_config(SQLITE_QUEUES_PATH=tmpdir)
     f, _ = _make_function()
+    f.clear()  # a server's queue may hold an earlier run's messages
     t0 = time.perf_counter()
     for start in range(0, n, CHUNK):
         f.publish_many([{"x": i, "y": i} for i in range(start, min(n, start + CHUNK))])
@@ -100,8 +104,10 @@ def child_consume(seconds: float, tmpdir: str) -> dict:
     done = calls["n"]
     f.stop()
     f.consumer.join(60)
+    left = f.get_message_count()
+    f.clear()
     return {"rss_before_consume_kib": rss_before, "rss_kib": rss, "hwm_kib": hwm, "threads": threads,
-            "calls_in_window": done, "samples_kib": samples, "left_after_stop": f.get_message_count()}
+            "calls_in_window": done, "samples_kib": samples, "left_after_stop": left}
 
 
 def run_child(args: list[str], tmpdir: str, timeout: float = 900.0) -> dict:
@@ -132,6 +138,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", default="100000,1000000", help="comma-separated backlog sizes")
     parser.add_argument("--seconds", type=float, default=3.0, help="how long to consume before sampling RSS")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    parser.add_argument("--broker", default="PERSISTQUEUE", help="broker kind (BrokerEnum name)")
     parser.add_argument("--child-dir", help=argparse.SUPPRESS)
     parser.add_argument("--child-publish", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-consume", type=float, help=argparse.SUPPRESS)
@@ -153,7 +160,7 @@ def _measure(n: int, seconds: float) -> dict:
 
 
 def _print_table(results: list[dict], seconds: float, started: float) -> None:
-    print(f"funboost_like consumer RSS vs backlog (SQLite broker)  date "
+    print(f"funboost_like consumer RSS vs backlog ({os.environ['FUNBOOST_LIKE_BENCH_BROKER']})  date "
           f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}  Python {platform.python_version()}"
           f"  CPUs {os.cpu_count()}  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
           f"  total {time.monotonic() - started:.0f}s")
@@ -211,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print("BENCH-RESULT " + json.dumps(child_consume(args.child_consume, args.child_dir)), flush=True)
         return 0
 
+    os.environ["FUNBOOST_LIKE_BENCH_BROKER"] = args.broker
     sizes = [int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()]
     started = time.monotonic()
     results = [_measure(n, args.seconds) for n in sizes]

@@ -43,7 +43,7 @@ def child_main(delayed: int, ready: int, batch: int, all_due: bool) -> None:
     broker = SqliteBroker()
     due = time.time() + (max(3.0, delayed / 20_000) if all_due else 3600)
     for start in range(0, delayed, 10_000):
-        conn = broker._conn(broker._queue(QUEUE))  # one transaction per chunk keeps the setup short
+        conn = broker._conn(broker._files(QUEUE).files[0])  # one transaction per chunk keeps the setup short
         conn.execute("BEGIN IMMEDIATE")
         for i in range(start, min(delayed, start + 10_000)):
             broker.publish(QUEUE, b'{"d":%d}' % i, not_before=due)

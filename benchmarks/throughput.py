@@ -22,6 +22,43 @@ The Redis brokers (``redis_list`` = REDIS, ``redis_ack_able``, ``redis_brpoplpus
 ``redis_stream``) use ``FUNBOOST_LIKE_BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/14``);
 every key of each benchmark queue is deleted before and after each path.
 
+The SQLACHEMY cases (``sqlalchemy_postgresql``, ``sqlalchemy_mariadb``, ``sqlalchemy_sqlite``) use
+``FUNBOOST_LIKE_BENCH_POSTGRESQL_URL`` / ``FUNBOOST_LIKE_BENCH_MARIADB_URL`` (defaults: the local test
+databases) and a SQLite file in the temporary folder; each path's tables are dropped afterwards.
+
+The ``django_postgresql`` case (DJANGO_ORM) runs on the test project's ``postgresql`` database
+(tests/django_project/settings.py, the app's migrations applied on first use); each path's rows are
+deleted afterwards (the app's tables stay).
+
+The ``nats`` case (NATS JetStream) uses ``FUNBOOST_LIKE_BENCH_NATS_URL`` (default
+``nats://127.0.0.1:4222``); each path's streams are deleted before and after it.
+
+The ``mongo`` case (MONGOMQ) uses ``FUNBOOST_LIKE_BENCH_MONGO_URL`` (default
+``mongodb://127.0.0.1:27117/funboost_like_bench?retryWrites=false``: SecantusDB, the MongoDB stand-in
+the tests use, ``secantusd-py --host 127.0.0.1 --port 27117 --storage-path DIR``; with retryable writes
+each of its writes gets slower as writes accumulate). SecantusDB is a MongoDB-wire
+server written in Python on WiredTiger whose queries decode every candidate document (a sorted
+``find`` with a limit scans the whole queue), so its rates say little about a real MongoDB; each
+path's collections are dropped before and after it.
+
+The ``zeromq`` case (ZEROMQ) keeps its queues in the hub of ``FUNBOOST_LIKE_BENCH_ZEROMQ_PORT`` (default
+29518), a process of its own that the child starts at first use and stops after each path: every push
+and fetch crosses a local TCP connection to it. At-most-once: "acked" means the call ran.
+
+The ``mqtt`` case (MQTT, QoS 1, persistent sessions, acks after the call) uses the Mosquitto of
+``FUNBOOST_LIKE_BENCH_MQTT_URL`` (default ``mqtt://127.0.0.1:18830``); when nothing listens there the parent
+starts one for the run (``benchmarks/mqtt_server.py``: ``max_queued_messages 0``, since the default 1000
+drops a larger backlog) and stops it at the end. No target of its own (issue 14 asks for the figures).
+
+The ``nsq`` case (NSQ) runs on the protocol fixture ``tests/nsqd_server.py`` (no real nsqd here) at
+``FUNBOOST_LIKE_BENCH_NSQD_TCP_PORT`` (default 14150) and the HTTP port after it, started by the child
+when absent (it exits after a minute idle). Figures only: they measure that Python fixture as much as the broker.
+
+The ``httpsqs`` case (HTTPSQS) uses ``FUNBOOST_LIKE_BENCH_HTTPSQS_URL`` (default ``http://127.0.0.1:11218/``);
+when nothing listens there the child starts the fixture server (``tests/httpsqs_server.py``, no real
+httpsqs here) in the background, which exits after a minute idle. At-most-once: "acked" means the call
+ran. ``FUNBOOST_LIKE_HTTPSQS_PIPELINE=1`` measures it without pipelining. No target of its own.
+
 The parent prints the median and the best rate of the repetitions against the targets. This is a
 measurement, not a test: the exit code is always 0.
 """
@@ -46,8 +83,25 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 BROKERS = {"memory": "LOCAL_PYTHON_QUEUE", "sqlite": "PERSISTQUEUE", "redis_list": "REDIS",
-           "redis_ack_able": "REDIS_ACK_ABLE", "redis_brpoplpush": "RedisBrpopLpush", "redis_stream": "REDIS_STREAM"}
+           "redis_ack_able": "REDIS_ACK_ABLE", "redis_brpoplpush": "RedisBrpopLpush", "redis_stream": "REDIS_STREAM",
+           "rabbitmq_pika": "RABBITMQ_PIKA", "rabbitmq_amqpstorm": "RABBITMQ_AMQPSTORM",
+           "rabbitmq_rabbitpy": "RABBITMQ_RABBITPY", "kombu": "KOMBU", "sqlalchemy_postgresql": "SQLACHEMY",
+           "sqlalchemy_mariadb": "SQLACHEMY", "sqlalchemy_sqlite": "SQLACHEMY"}
+BROKERS["nats"] = "NATS"
+BROKERS["mongo"] = "MONGOMQ"
+BENCH_MONGO_URL = os.environ.get("FUNBOOST_LIKE_BENCH_MONGO_URL",
+                                 "mongodb://127.0.0.1:27117/funboost_like_bench?retryWrites=false")
+# DJANGO_ORM on PostgreSQL: the test project's settings (tests/django_project), its "postgresql" alias.
+BROKERS["django_postgresql"] = "DJANGO_ORM"
+DJANGO_CASES = {"django_postgresql": "postgresql"}
+BENCH_NATS_URL = os.environ.get("FUNBOOST_LIKE_BENCH_NATS_URL", "nats://127.0.0.1:4222")
+# SQLACHEMY cases: the database URL of each ("" is a SQLite file in the benchmark's temporary folder).
+SQL_URLS = {"sqlalchemy_postgresql": os.environ.get("FUNBOOST_LIKE_BENCH_POSTGRESQL_URL",
+                                                    "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+            "sqlalchemy_mariadb": os.environ.get("FUNBOOST_LIKE_BENCH_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
+            "sqlalchemy_sqlite": ""}
 REDIS_BROKERS = {"redis_list", "redis_ack_able", "redis_brpoplpush", "redis_stream"}
+RABBITMQ_BROKERS = {"rabbitmq_pika", "rabbitmq_amqpstorm", "rabbitmq_rabbitpy", "kombu"}
 BENCH_REDIS_URL = os.environ.get("FUNBOOST_LIKE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 PATHS = ("publish one-by-one", "publish bulk", "consume (acked)")
 
@@ -56,6 +110,9 @@ DEFAULT_N = {
     "memory": {"publish one-by-one": 200_000, "publish bulk": 200_000, "consume (acked)": 200_000},
     "sqlite": {"publish one-by-one": 20_000, "publish bulk": 200_000, "consume (acked)": 50_000},
     **{b: {"publish one-by-one": 50_000, "publish bulk": 200_000, "consume (acked)": 200_000} for b in REDIS_BROKERS},
+    **{b: {"publish one-by-one": 5_000, "publish bulk": 100_000, "consume (acked)": 100_000} for b in RABBITMQ_BROKERS},
+    **{b: {"publish one-by-one": 5_000, "publish bulk": 100_000, "consume (acked)": 50_000} for b in SQL_URLS},
+    "nats": {"publish one-by-one": 5_000, "publish bulk": 100_000, "consume (acked)": 50_000},
 }
 # DESIGN.md section 9 (single process, trivial function, 2-core machine).
 TARGETS = {
@@ -63,7 +120,39 @@ TARGETS = {
     "sqlite": {"publish one-by-one": 5_000, "publish bulk": 50_000, "consume (acked)": 10_000},
     # Stated for REDIS_STREAM and REDIS_ACK_ABLE; the other two Redis kinds are held to the same figures.
     **{b: {"publish one-by-one": 9_000, "publish bulk": 150_000, "consume (acked)": 50_000} for b in REDIS_BROKERS},
+    # Confirms on, persistent messages, durable queues (issue 11: for the fastest client).
+    **{b: {"publish one-by-one": 8_000, "publish bulk": 40_000, "consume (acked)": 20_000} for b in RABBITMQ_BROKERS},
+    **{b: {"publish one-by-one": 3_000, "publish bulk": 50_000, "consume (acked)": 10_000} for b in SQL_URLS},
+    "nats": {"publish one-by-one": 8_000, "publish bulk": 50_000, "consume (acked)": 20_000},  # file storage
 }
+DEFAULT_N["django_postgresql"] = {"publish one-by-one": 5_000, "publish bulk": 50_000, "consume (acked)": 20_000}
+TARGETS["django_postgresql"] = TARGETS["sqlalchemy_postgresql"]  # the SQL figures of issue 12
+# MONGOMQ on SecantusDB: small N (every take scans the queue there); no target of its own, the SQL figures shown.
+DEFAULT_N["mongo"] = {"publish one-by-one": 2_000, "publish bulk": 20_000, "consume (acked)": 5_000}
+TARGETS["mongo"] = TARGETS["sqlalchemy_postgresql"]
+# ZEROMQ: the named benchmark queues live in the hub of FUNBOOST_LIKE_BENCH_ZEROMQ_PORT (a process of its own,
+# started by the child, stopped after each path); no target of its own, the at-most-once Redis list figures shown.
+BROKERS["zeromq"] = "ZEROMQ"
+BENCH_ZEROMQ_PORT = int(os.environ.get("FUNBOOST_LIKE_BENCH_ZEROMQ_PORT", "29518"))
+DEFAULT_N["zeromq"] = {"publish one-by-one": 20_000, "publish bulk": 200_000, "consume (acked)": 100_000}
+TARGETS["zeromq"] = TARGETS["redis_list"]
+BROKERS["mqtt"] = "MQTT"
+BENCH_MQTT_URL = os.environ.get("FUNBOOST_LIKE_BENCH_MQTT_URL", "mqtt://127.0.0.1:18830")
+DEFAULT_N["mqtt"] = {"publish one-by-one": 5_000, "publish bulk": 50_000, "consume (acked)": 50_000}
+TARGETS["mqtt"] = dict.fromkeys(PATHS, 0)  # none: figures only
+# HTTPSQS on the fixture server (tests/httpsqs_server.py: no real httpsqs here) of FUNBOOST_LIKE_BENCH_HTTPSQS_URL; the
+# child starts one in the background (it exits after a minute idle) when nothing listens there. Figures only.
+BROKERS["httpsqs"] = "HTTPSQS"
+BENCH_HTTPSQS_URL = os.environ.get("FUNBOOST_LIKE_BENCH_HTTPSQS_URL", "http://127.0.0.1:11218/")
+DEFAULT_N["httpsqs"] = {"publish one-by-one": 5_000, "publish bulk": 50_000, "consume (acked)": 50_000}
+TARGETS["httpsqs"] = dict.fromkeys(PATHS, 0)
+# NSQ on the protocol fixture (tests/nsqd_server.py: no real nsqd here) at FUNBOOST_LIKE_BENCH_NSQD_TCP_PORT (and the
+# HTTP port after it); the child starts one in the background (it exits after a minute idle). Figures only: they
+# measure this Python fixture as much as the broker.
+BROKERS["nsq"] = "NSQ"
+BENCH_NSQD_TCP_PORT = int(os.environ.get("FUNBOOST_LIKE_BENCH_NSQD_TCP_PORT", "14150"))
+DEFAULT_N["nsq"] = {"publish one-by-one": 5_000, "publish bulk": 100_000, "consume (acked)": 50_000}
+TARGETS["nsq"] = dict.fromkeys(PATHS, 0)
 BULK_CHUNK = 10_000
 CONSUME_TIMEOUT_SECONDS = 120.0
 CHILD_TIMEOUT_SECONDS = 600.0
@@ -155,6 +244,16 @@ def child_main(broker: str, ns: dict[str, int], tmpdir: str) -> None:
     patch_frame_config(SQLITE_QUEUES_PATH=tmpdir)
     if broker in REDIS_BROKERS:
         patch_frame_config(REDIS_URL=BENCH_REDIS_URL)
+    patch_frame_config(NATS_URL=BENCH_NATS_URL)  # read by the nats case only
+    patch_frame_config(MONGO_URL=BENCH_MONGO_URL)  # read by the mongo case only
+    patch_frame_config(ZEROMQ_PORT=BENCH_ZEROMQ_PORT)  # read by the zeromq case only
+    patch_frame_config(MQTT_URL=BENCH_MQTT_URL)  # read by the mqtt case only
+    patch_frame_config(HTTPSQS_URL=BENCH_HTTPSQS_URL)  # read by the httpsqs case only
+    _ensure_httpsqs_fixture(broker)
+    _use_nsqd_fixture(broker)
+    if broker in SQL_URLS:
+        patch_frame_config(SQLALCHEMY_URL=SQL_URLS[broker])
+    _use_django_database(broker)
     kind = BrokerEnum[BROKERS[broker]]
     counter_box: dict = {}
 
@@ -177,6 +276,9 @@ def child_main(broker: str, ns: dict[str, int], tmpdir: str) -> None:
     ):
         fn = make(f"{queue}_{broker}", counting)
         _delete_redis_keys(broker, fn.queue_name)
+        _delete_rabbitmq_queue(broker, fn.queue_name)
+        _delete_nats_streams(broker, fn)
+        _drop_mongo_collections(broker, fn)
         try:
             if measure is None:
                 results[path] = _measure_consume(fn, ns[path], counter_box)
@@ -188,6 +290,12 @@ def child_main(broker: str, ns: dict[str, int], tmpdir: str) -> None:
             try:
                 fn.clear()
                 _delete_redis_keys(broker, fn.queue_name)
+                _delete_rabbitmq_queue(broker, fn.queue_name)
+                _delete_nats_streams(broker, fn)
+                _drop_mongo_collections(broker, fn)
+                if broker in SQL_URLS:
+                    fn.broker.drop_tables(fn.queue_name)
+                _stop_zeromq_hub(broker, fn)
             except Exception:
                 pass
 
@@ -204,6 +312,38 @@ def child_main(broker: str, ns: dict[str, int], tmpdir: str) -> None:
     sys.stdout.flush()
 
 
+def _ensure_httpsqs_fixture(broker: str) -> None:
+    """The httpsqs case: start the fixture server in the background when nothing listens on its port."""
+    if broker == "httpsqs":
+        from urllib.parse import urlsplit
+
+        from tests.httpsqs_server import listening, start_background
+
+        port = urlsplit(BENCH_HTTPSQS_URL).port or 1218
+        if not listening(port=port):
+            start_background(port, auth=None, idle_exit=60.0)
+
+
+def _use_django_database(broker: str) -> None:
+    """The DJANGO_ORM cases: the test project's settings and the case's database alias."""
+    if broker in DJANGO_CASES:
+        from funboost_like import patch_frame_config
+
+        patch_frame_config(DJANGO_SETTINGS_MODULE="tests.django_project.settings",
+                           DJANGO_DATABASE_ALIAS=DJANGO_CASES[broker], DJANGO_MIGRATE_ON_FIRST_USE=True)
+
+
+def _use_nsqd_fixture(broker: str) -> None:
+    """The nsq case: the fixture nsqd of the benchmark's ports, started in the background when absent."""
+    if broker == "nsq":
+        from funboost_like import patch_frame_config
+        from tests.nsqd_server import ensure_running
+
+        patch_frame_config(NSQD_TCP_ADDRESSES=f"127.0.0.1:{BENCH_NSQD_TCP_PORT}",
+                           NSQD_HTTP_ADDRESSES=f"127.0.0.1:{BENCH_NSQD_TCP_PORT + 1}")
+        ensure_running(BENCH_NSQD_TCP_PORT, BENCH_NSQD_TCP_PORT + 1, idle_exit=60.0)
+
+
 def _delete_redis_keys(broker: str, queue: str) -> None:
     """Every key of ``queue`` on the benchmark's Redis database (the queue's own and ``fl:{queue}:*``)."""
     if broker not in REDIS_BROKERS:
@@ -213,6 +353,39 @@ def _delete_redis_keys(broker: str, queue: str) -> None:
     client = redis_client()
     keys = [queue, *client.scan_iter(match=f"fl:{{{queue}}}:*", count=1000)]
     client.delete(*keys)
+
+
+def _delete_rabbitmq_queue(broker: str, queue: str) -> None:
+    """Delete the benchmark queue on RabbitMQ (a fresh queue per path, declared by the broker as it wants)."""
+    if broker not in RABBITMQ_BROKERS:
+        return
+    import pika
+
+    from funboost_like.core.config import settings
+
+    connection = pika.BlockingConnection(pika.URLParameters(str(settings.get("RABBITMQ_URL"))))
+    try:
+        connection.channel().queue_delete(queue)
+    finally:
+        connection.close()
+
+
+def _delete_nats_streams(broker: str, fn) -> None:
+    """Delete the benchmark queue's streams on NATS (created again, as the broker wants, at first use)."""
+    if broker == "nats":
+        fn.broker.delete_queue(fn.queue_name)
+
+
+def _drop_mongo_collections(broker: str, fn) -> None:
+    """Drop the benchmark queue's collections on MongoDB (made again at first use)."""
+    if broker == "mongo":
+        fn.broker.drop_collections(fn.queue_name)
+
+
+def _stop_zeromq_hub(broker: str, fn) -> None:
+    """Stop the hub the zeromq case started (what it still holds goes with it)."""
+    if broker == "zeromq":
+        fn.broker.stop_hub(fn.queue_name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +552,13 @@ def main(argv: list[str] | None = None) -> int:
     ns_by_broker = {b: {p: (args.n if args.n else DEFAULT_N[b][p]) for p in PATHS} for b in brokers}
 
     started = time.monotonic()
-    runs = _collect(brokers, ns_by_broker, repeat)
+    import mqtt_server  # benchmarks/mqtt_server.py: the benchmark Mosquitto, started here when absent
+
+    mosquitto = mqtt_server.ensure(BENCH_MQTT_URL) if "mqtt" in brokers else None
+    try:
+        runs = _collect(brokers, ns_by_broker, repeat)
+    finally:
+        mqtt_server.stop(mosquitto)
     rows, problems = _summarize(brokers, ns_by_broker, runs)
     info = _environment(runs, repeat, started)
     _print_report(info, rows, problems)

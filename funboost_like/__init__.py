@@ -21,9 +21,11 @@ from funboost_like.core.errors import (
     PublishError,
     ResultNotAvailable,
     TaskSkippedError,
+    UnroutableError,
 )
 from funboost_like.core.params import FunctionResultStatusPersistanceConfig, PriorityConsumingControlConfig
 from funboost_like.core.results import AsyncResult
+from funboost_like.discovery import Tasks, autodiscover, discover_and_mount_ts
 
 if TYPE_CHECKING:
     from funboost_like.scheduling.timing import FsdfBackgroundScheduler as FsdfBackgroundScheduler
@@ -48,7 +50,11 @@ __all__ = [
     "PublishError",
     "ResultNotAvailable",
     "TaskSkippedError",
+    "Tasks",
+    "UnroutableError",
+    "autodiscover",
     "boost",
+    "discover_and_mount_ts",
     "get_consumer",
     "patch_frame_config",
     "run_consumer_with_multi_process",

@@ -2,7 +2,16 @@
 
 ``funboost_like init-config [--path DIR] [--force]`` copies the commented settings template to
 ``DIR/distributed_frame_config.py``; ``funboost_like show-config [--json]`` prints the effective
-settings with passwords masked. Also reachable as ``python -m funboost_like``.
+settings with passwords masked. The operations verbs (``queues``, ``workers``, ``status``, ``tasks``,
+``task``, ``retry``, ``delayed``, ``dead``, ``requeue-dead``, ``delete-dead``, ``purge``, ``pause``, ``resume``,
+``qps``, ``timing``) parse their arguments, call :class:`funboost_like.ops.service.OpsService` and
+print what it returns (:mod:`funboost_like.ops.commands`); every one takes ``--json``, and
+``--broker KIND`` for a queue no registry knows. ``web`` serves the dashboard over the same service
+(:mod:`funboost_like.web.command`); ``metrics`` serves the Prometheus numbers
+(:mod:`funboost_like.observability.command`). Also reachable as ``python -m funboost_like``.
+
+Exit status: 0 done, 1 an error (unknown queue, unreachable broker, ...; the message says which),
+2 a usage error.
 """
 
 from __future__ import annotations
@@ -17,6 +26,9 @@ from pathlib import Path
 
 from funboost_like.core.config import USER_CONFIG_MODULE, settings
 from funboost_like.core.errors import FunboostLikeError
+from funboost_like.observability.command import add_metrics_command
+from funboost_like.ops.commands import add_ops_commands
+from funboost_like.web.command import add_web_command
 
 TEMPLATE_NAME = "distributed_frame_config_template.py"
 
@@ -35,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # again when it flushes stdout at exit (the recipe of the `signal` module's docs).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (FunboostLikeError, OSError) as e:
+    except (FunboostLikeError, OSError, ValueError) as e:
         print(f"funboost_like: error: {e}", file=sys.stderr)
         return 1
     return status
@@ -62,6 +74,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--json", action="store_true", help="print one JSON object")
     show.set_defaults(run=_show_config)
+    add_ops_commands(commands)
+    add_web_command(commands)
+    add_metrics_command(commands)
     return parser
 
 

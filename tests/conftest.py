@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,15 +19,114 @@ from funboost_like.brokers import registry  # noqa: E402
 from funboost_like.core import runtime  # noqa: E402
 from funboost_like.core.config import patch_frame_config, settings  # noqa: E402
 
+from .httpsqs_server import _httpsqs_server  # noqa: E402, F401 - starts the HTTPSQS fixture when its tests run
+from .kafka_server import _kafka_servers  # noqa: E402, F401 - starts Tansu / the mock cluster when Kafka tests run
+from .mongo_server import _listening as _mongo_listening  # noqa: E402
+from .mongo_server import _mongo_server  # noqa: E402, F401 - starts SecantusDB when MongoDB tests run
+from .mongo_server import drop_leftovers as _drop_mongo_leftovers  # noqa: E402
+from .nsqd_server import _nsqd_server  # noqa: E402, F401 - starts the fixture nsqd when NSQ tests run
+from .pulsar_server import _pulsar_server  # noqa: E402, F401 - starts pulsar-lite when Pulsar tests run
+
 CI = bool(os.environ.get("CI"))
+# Set while another test session shares the servers: what tests left there is in use, not deleted at the end.
+KEEP_LEFTOVERS = bool(os.environ.get("FUNBOOST_LIKE_TEST_KEEP_LEFTOVERS")
+                      or os.environ.get("FUNBOOST_LIKE_TEST_KEEP_RABBITMQ"))
 REPO = Path(__file__).resolve().parent.parent
+
+# What the tests leave on the shared RabbitMQ server: queues and exchanges named <word>_<hex> (and their
+# records, fl.kv.<queue>...), deleted when the session ends so runs do not pile them up.
+_RABBITMQ_LEFTOVER = re.compile(r"^(fl\.kv\.)?[a-z_]+_[0-9a-f]{8,}(_[a-z]+)?([.:].*)?$")
+
+
+def _rabbitmq_names(what: str) -> list[str]:
+    try:
+        done = subprocess.run(["rabbitmqctl", "-q", f"list_{what}", "name"], capture_output=True, text=True,
+                              timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [name for name in done.stdout.split() if _RABBITMQ_LEFTOVER.match(name)] if done.returncode == 0 else []
+
+
+def _clean_rabbitmq() -> None:
+    if not server_reachable("127.0.0.1", 5672):
+        return
+    try:
+        import pika
+    except ImportError:
+        return
+    queues, exchanges = _rabbitmq_names("queues"), _rabbitmq_names("exchanges")
+    if not queues and not exchanges:
+        return
+    connection = pika.BlockingConnection(pika.URLParameters("amqp://guest:guest@127.0.0.1:5672/%2F"))
+    try:
+        channel = connection.channel()
+        for name in queues:
+            channel.queue_delete(name)
+        for name in exchanges:
+            channel.exchange_delete(name)
+    finally:
+        connection.close()
+
+
+# The SQL servers' databases the tests use, and the tables a test queue leaves there (fl_test_<hex>_...);
+# the Django ORM queue's tables keep rows of test queues (test_<hex>...) that killed workers held.
+_SQL_SERVERS = {5432: "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+                3306: "mysql+pymysql://root@127.0.0.1:3306/test"}
+_SQL_LEFTOVER = re.compile(r"^fl_test_[0-9a-f]{6,}")
+_DJANGO_TABLES = ("funboost_like_message", "funboost_like_dead_letter", "funboost_like_record", "funboost_like_binding")
+
+
+def _drop_sql_leftovers() -> None:
+    try:
+        import sqlalchemy as sa
+    except ImportError:
+        return
+    urls = [url for port, url in _SQL_SERVERS.items() if server_reachable("127.0.0.1", port)]
+    urls += [f"sqlite:///{path}" for path in Path(tempfile.gettempdir()).glob("funboost_like_django_tests*.sqlite3")]
+    for url in urls:
+        try:
+            engine = sa.create_engine(url)
+        except ImportError:
+            continue
+        try:
+            with engine.begin() as conn:
+                quote = engine.dialect.identifier_preparer.quote
+                tables = set(sa.inspect(conn).get_table_names())
+                for table in [t for t in tables if _SQL_LEFTOVER.match(t)]:
+                    conn.execute(sa.text(f"DROP TABLE IF EXISTS {quote(table)}"))
+                for table in tables.intersection(_DJANGO_TABLES):
+                    conn.execute(sa.text(f"DELETE FROM {quote(table)} WHERE queue LIKE 'test!_%' ESCAPE '!'"))
+        except sa.exc.SQLAlchemyError:
+            pass  # a server that went away: nothing to tidy there
+        finally:
+            engine.dispose()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Tidy the shared servers once every test is over: in the controller when tests run in several
+    workers (pytest-xdist; a worker that finished first would delete what the others still use)."""
+    if KEEP_LEFTOVERS or hasattr(session.config, "workerinput"):
+        return
+    _clean_rabbitmq()
+    _drop_sql_leftovers()
+    if getattr(session.config.option, "numprocesses", None) and _mongo_listening():
+        _drop_mongo_leftovers()  # xdist workers leave it to the controller (without xdist: tests/mongo_server.py)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "ops_registry: the test runs with the operations registry on (OPS_REGISTRY)")
+    config.addinivalue_line("markers", "serial: scripts/test.sh runs it after the parallel run, alone")
 
 
 @pytest.fixture(autouse=True)
-def isolated_settings(tmp_path: Path) -> Iterator[Path]:
+def isolated_settings(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """Fresh settings in a folder of the test's own. The operations registry is off unless the test is
+    marked ``ops_registry``: its queue index is permanent, so every test queue would stay listed on
+    the shared servers (RabbitMQ, Redis, SQL) run after run."""
     queues = tmp_path / "sqlite_queues"
+    registry_on = request.node.get_closest_marker("ops_registry") is not None
     patch_frame_config(SQLITE_QUEUES_PATH=str(queues), STATUS_DB_PATH=str(tmp_path / "status"),
-                       GRACEFUL_STOP_SECONDS=5.0)
+                       GRACEFUL_STOP_SECONDS=5.0, OPS_REGISTRY=registry_on)
     yield queues
     runtime.stop_all(timeout=10)
     registry.close_all()
@@ -62,6 +163,7 @@ def subprocess_env(queues: Path, **extra: str) -> dict[str, str]:
     env["FUNBOOST_LIKE_SQLITE_QUEUES_PATH"] = str(queues)
     env.setdefault("FUNBOOST_LIKE_STATUS_DB_PATH", str(queues.parent / "status"))
     env["FUNBOOST_LIKE_NO_USER_CONFIG"] = "1"
+    env["FUNBOOST_LIKE_OPS_REGISTRY"] = "1" if settings.get("OPS_REGISTRY") else "0"  # as in the test
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env

@@ -56,8 +56,8 @@ def test_bad_settings_raise() -> None:
 
 
 def test_unbuilt_broker_fails_at_decoration(queue_name: str) -> None:
-    with pytest.raises(ValueError, match=r"KAFKA \(8\) is not built yet"):
-        task_deco(queue_name, broker_kind=BrokerEnum.KAFKA)
+    with pytest.raises(ValueError, match=r"ROCKETMQ \(11\) is not built yet"):
+        task_deco(queue_name, broker_kind=BrokerEnum.ROCKETMQ)
     with pytest.raises(ValueError, match="did you mean 'REDIS_STREAM'"):
         task_deco(queue_name, broker_kind="REDIS_STREEM")
 

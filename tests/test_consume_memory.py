@@ -100,7 +100,7 @@ def test_alias_parameter_is_accepted(queue_name: str) -> None:
 
 def test_brokers_not_built_yet_raise_a_clear_error(queue_name: str) -> None:
     with pytest.raises(ValueError, match="not built yet"):
-        @task_deco(queue_name, broker_kind=BrokerEnum.KAFKA)
+        @task_deco(queue_name, broker_kind=BrokerEnum.ROCKETMQ)
         def f() -> None:
             pass
 

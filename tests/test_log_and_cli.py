@@ -225,6 +225,12 @@ def test_file_handler_loses_no_line_across_processes_and_rotations(tmp_path: Pat
 # ----- redaction -----
 
 
+def test_redact_url_masks_nats_tokens_and_every_url_of_a_list() -> None:
+    assert redact_url("nats://s3cret@127.0.0.1:4222") == "nats://***@127.0.0.1:4222"
+    assert redact_url("nats://a:s3cret@h:1,nats://t0ken@h2:2") == "nats://a:***@h:1,nats://***@h2:2"
+    assert "s3cret" not in redact_url("amqp://u:s3cret@a//,amqp://u:s3cret@b//")
+
+
 def test_redact_url_masks_the_password_only() -> None:
     assert redact_url("redis://user:s3cret@host:6379/0") == "redis://user:***@host:6379/0"
     assert redact_url("redis://:s3cret@host/1") == "redis://:***@host/1"

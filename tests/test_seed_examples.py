@@ -34,8 +34,10 @@ GRACE = 5.0  # GRACEFUL_STOP_SECONDS given to the children
 Expected = dict[re.Pattern[str], collections.Counter[tuple[str, ...]]]  # pattern -> how often each match must appear
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32",
-                                reason="needs POSIX signals")
+# The seeds' fixed queue names (queue_test_f01, ...) are shared on Redis: one worker runs them all, in turn.
+pytestmark = [pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32",
+                                 reason="needs POSIX signals"),
+              pytest.mark.xdist_group("seed_examples")]
 
 
 # Runs a script as ``__main__`` (as ``python script.py`` would) with print made atomic: print writes its
@@ -276,6 +278,9 @@ def redis_ack_able_broker() -> Broker:
     return broker
 
 
+# Serial: in the parallel run both stalled after a few calls in 2 CI runs of 2 (cause not found; alone and
+# in the one-process suite they pass), so scripts/test.sh runs them after the others.
+@pytest.mark.serial
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("name", "copies"), [("ex_2_2_decorator.py", 2), ("ex_2_3_manual.py", 1)])
 def test_2_2_and_2_3_redis_ack_able_examples(isolated_settings: Path, tmp_path: Path, name: str, copies: int) -> None:

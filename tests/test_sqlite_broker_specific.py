@@ -1,7 +1,8 @@
 """Behaviour of the SQLite broker (PERSISTQUEUE) beyond the shared broker contract.
 
 Covers leases (renewal while alive, expiry after a SIGKILL), several processes on one file,
-bounded file size, fork safety and the queue-name-to-file-name mapping.
+bounded file size, fork safety, the queue-name-to-file-name mapping, and queues spread over several
+files (``SQLITE_FILES_PER_QUEUE``, the seed's ``MIDDLEWARE_NUM``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import pytest
 import funboost_like
 from funboost_like.brokers.base import Delivery
 from funboost_like.brokers.registry import get_broker
-from funboost_like.brokers.sqlite import SqliteBroker, queue_file_name
+from funboost_like.brokers.sqlite import SqliteBroker
 from funboost_like.core.config import patch_frame_config, settings
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import ConfigurationError, DoubleAckError
+from funboost_like.core.sqlite_files import queue_file_name
 
 PACKAGE_ROOT = Path(funboost_like.__file__).resolve().parent.parent
 Q = "jobs"
@@ -407,6 +409,16 @@ def test_queue_file_names() -> None:
     assert queue_file_name("a/b") != queue_file_name("a%2Fb")
 
 
+def test_extra_file_names_never_collide() -> None:
+    assert queue_file_name("orders", 0) == "orders.sqlite3" and queue_file_name("orders", 2) == "orders+2.sqlite3"
+    queues = ["a", "a+1", "a.1", "a%2B1", "a@x", "a~b", "x" * 120, "中文", "a b", "a+1+1"]
+    names = [queue_file_name(q, k) for q in queues for k in range(4)]
+    assert len(set(names)) == len(names)
+    assert not any("@" in name for name in names)  # a key-value store's file always has one
+    assert all(queue_file_name(q, k).startswith(queue_file_name(q)[:-len(".sqlite3")] + "+") for q in queues
+               for k in (1, 3))
+
+
 def test_odd_queue_names_round_trip(broker: SqliteBroker, folder: Path) -> None:
     for queue in ["a/b c", ".hidden", "x" * 300]:
         broker.publish(queue, queue.encode())
@@ -534,3 +546,145 @@ def test_files_of_earlier_versions_get_the_crashes_column(folder: Path) -> None:
     assert (d.body, d.attempts, d.crashes) == (b"{}", 1, 0)
     broker.ack([d])
     broker.close()
+
+
+# -- several files per queue (SQLITE_FILES_PER_QUEUE) ----------------------------------------------
+
+
+def files_of(folder: Path, queue: str = Q) -> dict[str, int]:
+    """Rows in ``messages`` and ``delayed`` of every file of ``queue``, by file name."""
+    counts = {}
+    for path in sorted(folder.glob(f"{queue}*.sqlite3")):
+        with sqlite3.connect(path) as conn:
+            counts[path.name] = sum(int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+                                    for table in ("messages", "delayed"))
+    return counts
+
+
+def test_messages_spread_over_the_files_and_come_out_merged(folder: Path) -> None:
+    patch_frame_config(SQLITE_FILES_PER_QUEUE=3)
+    broker = SqliteBroker()
+    for i in range(30):
+        broker.publish(Q, str(i).encode())
+    assert files_of(folder) == {f"{Q}.sqlite3": 10, f"{Q}+1.sqlite3": 10, f"{Q}+2.sqlite3": 10}
+    broker.publish_many(Q, [b"batch"] * 7)  # a batch stays in one file
+    assert sorted(files_of(folder).values()) in ([10, 10, 17],)
+    broker.publish(Q, b"urgent", priority=5)
+    assert broker.count(Q) == 38
+    got = fetch_n(broker, Q, 38)
+    assert [d.body for d in got] == [b"urgent", *(str(i).encode() for i in range(30)), *[b"batch"] * 7]
+    assert {d.token[0] if isinstance(d.token, tuple) else 0 for d in got} == {0, 1, 2}  # tokens name their file
+    first, second, third = got[1:4]  # in three different files
+    broker.nack(first, delay=0.2)
+    broker.release([second])
+    broker.dead_letter(third, "bad")
+    broker.ack([d for d in got if d not in (first, second, third)])
+    again = fetch_n(broker, Q, 2, timeout=3)
+    assert sorted(d.body for d in again) == [b"0", b"1"] and {d.attempts for d in again} == {1, 2}
+    broker.ack(again)
+    assert [letter.body for letter in broker.list_dead_letters(Q)] == [b"2"]
+    assert broker.count(Q) == 0 and set(files_of(folder).values()) == {0}
+    assert broker.purge_dead_letters(Q) == 1
+    broker.close()
+
+
+def test_priority_and_order_across_files_for_a_batch(folder: Path) -> None:
+    patch_frame_config(SQLITE_FILES_PER_QUEUE=2)
+    broker = SqliteBroker()
+    for i in range(6):
+        broker.publish(Q, f"low{i}".encode())
+        broker.publish(Q, f"high{i}".encode(), priority=3)
+    got = broker.fetch(Q, 8, 1.0)  # one fetch: the first 8 of both files merged
+    assert [d.body for d in got] == [*(f"high{i}".encode() for i in range(6)), b"low0", b"low1"]
+    broker.ack(got)
+    assert [d.body for d in fetch_n(broker, Q, 4)] == [f"low{i}".encode() for i in range(2, 6)]
+    broker.close()
+
+
+def test_changing_the_file_count_loses_nothing(folder: Path) -> None:
+    consumer = SqliteBroker()  # one file, like a process started before the change
+    assert consumer.fetch(Q, 10, 0) == [] and consumer.count(Q) == 0
+    patch_frame_config(SQLITE_FILES_PER_QUEUE=4)
+    publisher = SqliteBroker()
+    for i in range(12):
+        publisher.publish(Q, str(i).encode())
+    publisher.publish(Q, b"later", not_before=time.time() + 0.3)
+    assert len(files_of(folder)) == 4
+    patch_frame_config(SQLITE_FILES_PER_QUEUE=1)
+    started = time.monotonic()
+    got = fetch_n(consumer, Q, 13, timeout=5)  # file 0 at once, the others once it re-reads the file count
+    assert sorted(d.body for d in got) == sorted([*(str(i).encode() for i in range(12)), b"later"])
+    assert time.monotonic() - started < 3
+    consumer.ack(got)
+    fresh = SqliteBroker()  # a process started with N=1 after the queue had 4 files
+    publisher.publish_many(Q, [b"x"] * 5)  # still into one of 4 files
+    assert fresh.count(Q) == 5 and len(fetch_n(fresh, Q, 5)) == 5 and fresh.count(Q) == 0
+    patch_frame_config(SQLITE_FILES_PER_QUEUE=2)
+    assert SqliteBroker().purge(Q) == 0 and sum(files_of(folder).values()) == 5  # held by `fresh`, not waiting
+    for b in (consumer, publisher, fresh):
+        b.close()
+
+
+def test_middleware_num_is_the_seeds_name_of_the_setting(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    patch_frame_config(MIDDLEWARE_NUM=2)
+    assert settings.get("SQLITE_FILES_PER_QUEUE") == 2 and settings.get("MIDDLEWARE_NUM") == 2
+    broker = SqliteBroker()
+    broker.publish(Q, b"a")
+    broker.publish(Q, b"b")
+    assert files_of(folder) == {f"{Q}.sqlite3": 1, f"{Q}+1.sqlite3": 1}
+    broker.close()
+    patch_frame_config(SQLITE_FILES_PER_QUEUE=3, MIDDLEWARE_NUM=5)  # at one level, the own name wins
+    assert settings.get("SQLITE_FILES_PER_QUEUE") == 3
+    settings.reset()
+    monkeypatch.setenv("FUNBOOST_LIKE_MIDDLEWARE_NUM", "4")
+    assert settings.get("SQLITE_FILES_PER_QUEUE") == 4
+    monkeypatch.setenv("FUNBOOST_LIKE_SQLITE_FILES_PER_QUEUE", "2")
+    settings.reset()
+    assert settings.get("SQLITE_FILES_PER_QUEUE") == 2
+    for wrong in (0, -1, 1.5, "2"):
+        patch_frame_config(SQLITE_QUEUES_PATH=str(folder), MIDDLEWARE_NUM=wrong)
+        with pytest.raises(ConfigurationError, match="SQLITE_FILES_PER_QUEUE"):
+            SqliteBroker().publish(Q, b"x")
+
+
+
+def test_leases_in_every_file_are_renewed_and_expire_with_their_holder(folder: Path) -> None:
+    patch_frame_config(SQLITE_FILES_PER_QUEUE=2, SQLITE_LEASE_SECONDS=0.6)
+    holder, other = SqliteBroker(), SqliteBroker()
+    for i in range(4):
+        holder.publish(Q, str(i).encode())
+    held = holder.fetch(Q, 4, 1.0)
+    assert len(held) == 4 and len({isinstance(d.token, tuple) for d in held}) == 2  # from both files
+    time.sleep(1.5)  # well past the lease: renewed in both files
+    assert other.fetch(Q, 4, 0) == [] and other.count(Q) == 0
+    holder.close()  # stops renewing, like a killed process
+    back = fetch_n(other, Q, 4, timeout=3)
+    assert sorted((d.body, d.token, d.attempts, d.crashes) for d in back) == sorted(
+        (d.body, d.token, 2, 1) for d in held)
+    other.ack(back)
+    assert other.count(Q) == 0
+    other.close()
+
+
+def test_a_publish_to_any_file_wakes_a_waiting_fetch_at_once(folder: Path) -> None:
+    patch_frame_config(SQLITE_FILES_PER_QUEUE=3)
+    consumer, publisher = SqliteBroker(), SqliteBroker()
+    assert consumer.fetch(Q, 1, 0.1) == []  # its watch on the three WAL files is set up
+    woke: list[float] = []
+
+    def wait_for_one() -> None:
+        got = consumer.fetch(Q, 1, 5.0)
+        woke.append(time.monotonic())
+        consumer.ack(got)
+
+    for i in range(6):  # the rotation reaches every file
+        waiting = threading.Thread(target=wait_for_one)
+        waiting.start()
+        time.sleep(0.1)
+        published = time.monotonic()
+        publisher.publish(Q, str(i).encode())
+        waiting.join(6)
+        assert len(woke) == i + 1 and woke[i] - published < 0.2
+    assert len(files_of(folder)) == 3
+    for b in (consumer, publisher):
+        b.close()

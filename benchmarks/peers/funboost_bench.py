@@ -5,6 +5,8 @@ nb_log settings: Redis db, temporary folders, quiet start-up) and a temporary wo
 One broker kind per process::
 
     python funboost_bench.py --broker REDIS --n 50000 [--paths publish,consume] [--exclusive '{"k": 1}']
+    python funboost_bench.py --broker RABBITMQ_AMQPSTORM --n 20000 --queue peerbench_funboost_rabbitmq_amqpstorm
+    python funboost_bench.py --broker ZEROMQ --n 20000 --exclusive '{"port": 29613}'
 
 The workload is the one of ``benchmarks/throughput.py``: ``def f(x, y): return x + y`` decorated with
 ``@boost(BoosterParams(queue_name=..., broker_kind=..., concurrent_num=50,
@@ -18,6 +20,12 @@ concurrent_mode=THREADING, log_level=WARNING, create_logger_file=False))``.
   the function has run N times (counted inside it with ``itertools.count``) and, for the kinds whose
   pending state can be read (``REDIS_ACK_ABLE``: the consumer's unack zset; ``RedisBrpopLpush``: its
   unack list; ``REDIS_STREAM``: ``XPENDING`` of the group), nothing is left unacknowledged.
+  ``RABBITMQ_AMQPSTORM`` (persistent messages on a durable queue, no publisher confirms, prefetch
+  ``max(10, 2 * concurrent_num)`` = 100, acked with ``amqpstorm.Message.ack()`` after the call):
+  AMQP cannot read a queue's unacknowledged count, so this script counts the acks funboost sends
+  (``amqpstorm.Message.ack`` is wrapped in a counter before ``f.consume()``; the wrapper calls the
+  original) and waits until N have been sent. For ``publish`` the message count comes from a passive
+  ``queue.declare`` (funboost's ``get_message_count``), which is how the wait for arrival works there.
 
 funboost has no bulk-publish call, so there is no bulk figure. Prints one line
 ``PEER-RESULT {json}`` and ends with ``os._exit`` (funboost's consumer threads do not stop).
@@ -38,10 +46,30 @@ import time
 TIMEOUT_SECONDS = 120.0
 
 
-def _pending_probe(fn, kind: str):
+def _count_amqpstorm_acks():
+    """Wrap ``amqpstorm.Message.ack`` in a counter (the original still runs); returns the count reader."""
+    import amqpstorm
+
+    acks = itertools.count(1)
+    sent = [0]
+    original = amqpstorm.Message.ack
+
+    def ack(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        sent[0] = next(acks)
+        return result
+
+    amqpstorm.Message.ack = ack
+    return lambda: sent[0]
+
+
+def _pending_probe(fn, kind: str, box: dict):
     """A callable returning how many fetched messages are not acked yet, or None if not readable."""
     from funboost import BrokerEnum
 
+    if kind == BrokerEnum.RABBITMQ_AMQPSTORM:
+        acks_sent = box["acks_sent"]
+        return lambda: box["target"] - acks_sent()
     consumer = fn.consumer
     if kind == BrokerEnum.REDIS_ACK_ABLE:
         return lambda: consumer.redis_db_frame.zcard(consumer._unack_zset_name)
@@ -74,12 +102,14 @@ def _measure_consume(fn, kind: str, n: int, box: dict) -> dict:
     queued = fn.get_message_count()
     done = threading.Event()
     box.update(counter=itertools.count(1), target=n, done=done, first=None)
+    if kind == "RABBITMQ_AMQPSTORM":
+        box["acks_sent"] = _count_amqpstorm_acks()
     gc.collect()
     t0 = time.perf_counter()
     fn.consume()
     finished = done.wait(TIMEOUT_SECONDS)
     t_ran = time.perf_counter()
-    probe = _pending_probe(fn, kind)
+    probe = _pending_probe(fn, kind, box)
     pending = None
     if finished and probe is not None:
         while (pending := probe()) and time.perf_counter() - t0 < TIMEOUT_SECONDS:
@@ -100,6 +130,85 @@ def _measure_consume(fn, kind: str, n: int, box: dict) -> dict:
     return result
 
 
+def _measure_zeromq(fn, n: int, box: dict) -> dict:
+    """ZEROMQ: funboost's publisher waits (REQ/REP, through the broker process the consumer starts) until a
+    consumer took each message into its pool, so the consumer runs first. One warm-up push (not timed)
+    waits for the broker process; then N pushes one by one. publish: N / the push loop; consume: N / the
+    time from the first timed push until the function ran N times (it overlaps the publishing)."""
+    done = threading.Event()
+    box.update(counter=itertools.count(1), target=n + 1, done=done, first=None)
+    fn.consume()
+    fn.push(-1, y=0)  # warm-up: returns once a consumer took it
+    while box["first"] is None:
+        time.sleep(0.001)
+    gc.collect()
+    t0 = time.perf_counter()
+    for i in range(n):
+        fn.push(i, y=i)
+    t_pushed = time.perf_counter()
+    finished = done.wait(TIMEOUT_SECONDS)
+    elapsed = time.perf_counter() - t0
+    calls = next(box["counter"]) - 2
+    publish = {"n": n, "elapsed": t_pushed - t0, "rate": n / (t_pushed - t0), "check": "every push was answered",
+               "ok_check": True}
+    consume = {"n": n, "elapsed": elapsed, "rate": (n if finished else calls) / elapsed,
+               "check": f"{calls} calls", "ok_check": finished and calls == n}
+    return {"publish": publish, "consume": consume}
+
+
+def _calls(box: dict) -> int:
+    """Calls counted so far by ``box["counter"]`` (an ``itertools.count(1)``; read without advancing it)."""
+    return int(repr(box["counter"])[len("count("):-1]) - 1
+
+
+def _use_mqtt_server() -> None:
+    """Point funboost's ``MQTT_HOST`` and ``MQTT_TCP_PORT`` at ``PEERBENCH_MQTT_URL`` (before any publisher
+    or consumer of the kind connects)."""
+    from urllib.parse import urlsplit
+
+    from funboost.funboost_config_deafult import BrokerConnConfig
+
+    url = urlsplit(os.environ.get("PEERBENCH_MQTT_URL", "mqtt://127.0.0.1:18830"))
+    BrokerConnConfig.MQTT_HOST, BrokerConnConfig.MQTT_TCP_PORT = url.hostname or "127.0.0.1", url.port or 1883
+
+
+def _measure_mqtt(fn, n: int, box: dict) -> dict:
+    """MQTT: funboost publishes at QoS 0 to the topic named after the queue and consumes through a QoS 0
+    shared subscription (``$share/fsdf/<queue>``) on a clean session, without acks: the server drops a
+    message published while no consumer is subscribed, and one its consumer does not take in time. So the
+    consumer runs first, and warm-up pushes (not timed) repeat until one arrives. Then N pushes one by one.
+    publish: N / the push loop. consume: the calls that ran / the time from the first timed push until N
+    ran, or until no call came for 3 s (the missing ones are reported as lost). The server comes from
+    ``PEERBENCH_MQTT_URL`` (funboost's ``MQTT_HOST`` and ``MQTT_TCP_PORT``)."""
+    box.update(counter=itertools.count(1), target=0, done=threading.Event(), first=None)
+    fn.consume()
+    deadline = time.monotonic() + 30
+    while box["first"] is None and time.monotonic() < deadline:
+        fn.push(-1, y=0)  # warm-up: lost until the consumer's subscription exists
+        time.sleep(0.2)
+    if box["first"] is None:
+        raise RuntimeError("no warm-up message reached the consumer in 30 s")
+    time.sleep(0.5)  # the last warm-up pushes arrive
+    done = threading.Event()
+    box.update(counter=itertools.count(1), target=n, done=done)
+    gc.collect()
+    t0 = time.perf_counter()
+    for i in range(n):
+        fn.push(i, y=i)
+    t_pushed = time.perf_counter()
+    seen, last_change = 0, time.perf_counter()
+    while not done.wait(0.05) and time.perf_counter() - last_change < 3.0:
+        if _calls(box) != seen:
+            seen, last_change = _calls(box), time.perf_counter()
+    calls = n if done.is_set() else _calls(box)
+    elapsed = (time.perf_counter() if done.is_set() else last_change) - t0
+    publish = {"n": n, "elapsed": t_pushed - t0, "rate": n / (t_pushed - t0), "check": "QoS 0: not confirmed",
+               "ok_check": True}
+    consume = {"n": n, "elapsed": elapsed, "rate": calls / elapsed, "lost": n - calls,
+               "check": f"{calls} calls, {n - calls} lost", "ok_check": calls == n}
+    return {"publish": publish, "consume": consume}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--broker", required=True, help="BrokerEnum attribute name, e.g. REDIS_ACK_ABLE")
@@ -113,6 +222,8 @@ def main() -> None:
     from funboost import BoosterParams, BrokerEnum, ConcurrentModeEnum, boost
 
     kind = getattr(BrokerEnum, args.broker)
+    if args.broker == "MQTT":
+        _use_mqtt_server()
     queue = args.queue or f"peerbench_funboost_{args.broker.lower()}"
     box: dict = {}
 
@@ -131,6 +242,13 @@ def main() -> None:
 
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     results: dict[str, dict] = {}
+    consumer_first = {"ZEROMQ": _measure_zeromq, "MQTT": _measure_mqtt}.get(args.broker)
+    if consumer_first is not None:  # publishing needs a running consumer there (ZeroMQ), or is lost without (MQTT)
+        try:
+            results = consumer_first(fn, args.n, box)
+        except Exception as exc:
+            results["publish"] = {"error": f"{type(exc).__name__}: {exc}"}
+        paths = []
     if "publish" in paths:
         try:
             results["publish"] = _measure_publish(fn, args.n)
@@ -148,6 +266,10 @@ def main() -> None:
            "queue": queue, "exclusive": json.loads(args.exclusive), "results": results}
     sys.__stdout__.write("PEER-RESULT " + json.dumps(out) + "\n")
     sys.__stdout__.flush()
+    import multiprocessing
+
+    for child in multiprocessing.active_children():  # ZEROMQ's broker process would outlive os._exit
+        child.kill()
     os._exit(0)
 
 

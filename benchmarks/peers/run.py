@@ -1,17 +1,37 @@
-"""funboost_like beside funboost 55 and Celery 5.7: same machine, same Redis, same run.
+"""funboost_like beside funboost 55 and Celery 5.7: same machine, same Redis / RabbitMQ, same run.
 
 Usage (from the repository root, with the project's Python)::
 
-    python benchmarks/peers/run.py [--venv /tmp/peers] [--redis-url redis://127.0.0.1:6379/13]
+    python benchmarks/peers/run.py [--venv /tmp/peers] [--set all|redis|rabbitmq|zeromq]
+                                   [--redis-url redis://127.0.0.1:6379/13]
+                                   [--rabbitmq-url amqp://guest:guest@127.0.0.1:5672/%2F]
                                    [--repeat 3] [--only ours,funboost,celery] [--json]
+
+Sets of workloads, all by default (``--set all``), in this order in every repetition:
+
+* ``redis``: memory, SQLite and the four Redis kinds (ours, funboost), Celery on Redis;
+* ``rabbitmq``: our RabbitMQ kinds that are built (``rabbitmq_pika``, ``rabbitmq_amqpstorm``,
+  ``rabbitmq_rabbitpy``, ``kombu``: an entry of ``funboost_like.brokers.registry.BROKERS`` that is not
+  None and whose module imports; the others are skipped and named), funboost ``RABBITMQ_AMQPSTORM``,
+  Celery on RabbitMQ (``amqp://``, py-amqp);
+* ``zeromq`` (no server): our ZEROMQ (its hub process on a local port) and funboost ``ZEROMQ`` (its broker
+  process; its publisher needs a running consumer, so ``funboost_bench.py`` starts the consumer first).
+* ``mqtt``: our MQTT (QoS 1, persistent sessions, acks after the call) and funboost ``MQTT`` (QoS 0, a clean
+  session: messages published while no consumer is subscribed are lost, so its consumer starts first) on one
+  Mosquitto, ``--mqtt-url`` (default ``mqtt://127.0.0.1:18830``; started for the run when nothing listens
+  there and stopped at the end: ``benchmarks/mqtt_server.py``, ``max_queued_messages 0``).
+* ``sql``: our SQLACHEMY on PostgreSQL and MariaDB (``throughput.py``'s ``sqlalchemy_postgresql`` and
+  ``sqlalchemy_mariadb``: the ``test`` database of each local server) and funboost ``SQLACHEMY`` on the same
+  two databases (its drivers in the scratch venv: ``psycopg2-binary``, ``pymysql``, plus ``sqlalchemy`` and
+  ``sqlalchemy_utils``); funboost's queue table is dropped after each of its runs.
 
 funboost and Celery are never imported here and are not dependencies of the project: they live in a
 scratch virtualenv (``--venv``, see ``benchmarks/peers/README.md``) whose Python runs the two small
 workload scripts next to this file, ``funboost_bench.py`` and ``celery_bench.py``. Our own figures come
-from ``benchmarks/throughput.py --repeat 1 --json`` run once per repetition with
-``FUNBOOST_LIKE_BENCH_REDIS_URL`` set to the same Redis database. The three frameworks alternate in
-every repetition, so load from elsewhere does not hit only one of them; the report gives the median of
-the repetitions.
+from ``benchmarks/throughput.py --repeat 1 --json`` run once per set and repetition with
+``FUNBOOST_LIKE_BENCH_REDIS_URL`` set to the same Redis database and ``FUNBOOST_LIKE_RABBITMQ_URL``
+to the same RabbitMQ. The three frameworks alternate in every repetition, so load from elsewhere does
+not hit only one of them; the report gives the median of the repetitions.
 
 The same workload everywhere: ``f(x, y): return x + y``, 50 threads, one consumer process, N messages
 published one by one (timed), then consumed (timed from starting the consumer until N calls ran and,
@@ -21,7 +41,12 @@ funboost has none). Details of each peer measurement are in the docstrings of th
 
 Every Redis key the peers create is deleted afterwards: keys whose name contains ``peerbench`` (all
 peer queues, Celery runs with the key prefix ``peerbench_celery:``) and funboost's global bookkeeping
-keys (``funboost_*``) that did not exist before the run. ``throughput.py`` deletes its own keys.
+keys (``funboost_*``) that did not exist before the run. ``throughput.py`` deletes its own keys and
+queues. On RabbitMQ every peer queue, and every exchange Celery declares for one, is named
+``peerbench_*``; after each peer process those names are deleted with pika (queue and exchange of the
+same name, only if they exist). At the start and at the end of the run, when the RabbitMQ host is this
+machine and ``rabbitmqctl`` works, any other queue or exchange of the vhost whose name contains
+``peerbench`` is deleted too. Nothing is purged or deleted that does not have ``peerbench`` in its name.
 
 A measurement, not a test: the exit code is always 0.
 """
@@ -30,16 +55,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, unquote, urlparse
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
@@ -47,10 +74,33 @@ THROUGHPUT = REPO_ROOT / "benchmarks" / "throughput.py"
 FUNBOOST_HOME = HERE / "funboost_home"
 CHILD_TIMEOUT_SECONDS = 300.0
 
-OURS_BROKERS = ["memory", "sqlite", "redis_list", "redis_ack_able", "redis_brpoplpush", "redis_stream"]
+SETS = ("redis", "rabbitmq", "zeromq", "mqtt", "sql")
+# Our brokers per set: throughput.py name -> BrokerEnum member name (to check the registry).
+OURS_SETS = {
+    "redis": {"memory": "LOCAL_PYTHON_QUEUE", "sqlite": "PERSISTQUEUE", "redis_list": "REDIS",
+              "redis_ack_able": "REDIS_ACK_ABLE", "redis_brpoplpush": "RedisBrpopLpush",
+              "redis_stream": "REDIS_STREAM"},
+    "rabbitmq": {"rabbitmq_pika": "RABBITMQ_PIKA", "rabbitmq_amqpstorm": "RABBITMQ_AMQPSTORM",
+                 "rabbitmq_rabbitpy": "RABBITMQ_RABBITPY", "kombu": "KOMBU"},
+    "zeromq": {"zeromq": "ZEROMQ"},
+    "mqtt": {"mqtt": "MQTT"},
+    "sql": {"sqlalchemy_postgresql": "SQLACHEMY", "sqlalchemy_mariadb": "SQLACHEMY"},
+}
+OURS_BROKERS = [b for kinds in OURS_SETS.values() for b in kinds]
 OURS_LABEL = {"memory": "memory (LOCAL_PYTHON_QUEUE)", "sqlite": "SQLite (PERSISTQUEUE)",
               "redis_list": "Redis list (REDIS)", "redis_ack_able": "Redis REDIS_ACK_ABLE",
-              "redis_brpoplpush": "Redis RedisBrpopLpush", "redis_stream": "Redis REDIS_STREAM"}
+              "redis_brpoplpush": "Redis RedisBrpopLpush", "redis_stream": "Redis REDIS_STREAM",
+              "rabbitmq_pika": "RabbitMQ RABBITMQ_PIKA (pika)",
+              "rabbitmq_amqpstorm": "RabbitMQ RABBITMQ_AMQPSTORM (amqpstorm)",
+              "rabbitmq_rabbitpy": "RabbitMQ RABBITMQ_RABBITPY (rabbitpy)",
+              "kombu": "RabbitMQ KOMBU (kombu, py-amqp)",
+              "zeromq": "ZeroMQ ZEROMQ (hub process, confirmed publish)",
+              "mqtt": "MQTT (QoS 1, persistent sessions, acked)",
+              "sqlalchemy_postgresql": "SQLACHEMY on PostgreSQL (psycopg 3)",
+              "sqlalchemy_mariadb": "SQLACHEMY on MariaDB (PyMySQL)"}
+# The sql set's databases, for funboost's SQLACHEMY (its own drivers: psycopg2, PyMySQL) and the cleanup.
+SQL_PEER_URLS = {"pg": "postgresql+psycopg2://postgres@127.0.0.1:5432/test",
+                 "mariadb": "mysql+pymysql://root@127.0.0.1:3306/test"}
 OURS_PATHS = {"publish": "publish one-by-one", "bulk": "publish bulk", "consume": "consume (acked)"}
 
 
@@ -58,24 +108,44 @@ class Peer:
     """One peer workload: a row of the table, the script and arguments that measure it."""
 
     def __init__(self, key: str, framework: str, label: str, script: str, args: list[str], n: int,
-                 match: str | None, paths: tuple[str, ...] = ("publish", "consume")) -> None:
+                 match: tuple[str, ...], paths: tuple[str, ...] = ("publish", "consume"), set_: str = "redis",
+                 rabbitmq_names: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.key, self.framework, self.label, self.script = key, framework, label, script
         self.args, self.n, self.match, self.paths = args, n, match, paths
+        self.set, self.rabbitmq_names, self.env = set_, rabbitmq_names, env or {}
 
 
-def _peers(redis_url: str) -> list[Peer]:
-    def fb(broker: str, n: int, match: str, label: str, key: str | None = None, exclusive: dict | None = None,
-           paths: tuple[str, ...] = ("publish", "consume")) -> Peer:
-        args = ["--broker", broker, "--n", str(n), "--paths", ",".join(paths)]
+def _celery_amqp_url(rabbitmq_url: str) -> str:
+    """The same server for kombu's py-amqp transport, written ``amqp://user:pass@host:port/<vhost>``."""
+    u = urlparse(rabbitmq_url)
+    vhost = unquote(u.path[1:]) if u.path else "/"
+    vhost = vhost or "/"
+    auth = f"{u.username or 'guest'}:{u.password or 'guest'}@"
+    return f"amqp://{auth}{u.hostname or '127.0.0.1'}:{u.port or 5672}/{'/' if vhost == '/' else quote(vhost, safe='')}"
+
+
+def _peers(redis_url: str, rabbitmq_url: str) -> list[Peer]:
+    def fb(broker: str, n: int, match: str | tuple[str, ...], label: str, key: str | None = None,
+           exclusive: dict | None = None, paths: tuple[str, ...] = ("publish", "consume"),
+           set_: str = "redis", env: dict[str, str] | None = None) -> Peer:
+        queue = f"peerbench_funboost_{(key or broker).lower()}"
+        args = ["--broker", broker, "--n", str(n), "--paths", ",".join(paths), "--queue", queue]
         if exclusive:
-            args += ["--exclusive", json.dumps(exclusive), "--queue", f"peerbench_funboost_{(key or broker).lower()}"]
-        return Peer(key or broker, "funboost", label, "funboost_bench.py", args, n, match, paths)
+            args += ["--exclusive", json.dumps(exclusive)]
+        return Peer(key or broker, "funboost", label, "funboost_bench.py", args, n,
+                    (match,) if isinstance(match, str) else match, paths, set_,
+                    (queue,) if set_ == "rabbitmq" else (), env)
 
-    def cel(acks_late: int, paths: tuple[str, ...], match: str) -> Peer:
-        args = ["--redis-url", redis_url, "--n", "5000", "--acks-late", str(acks_late), "--paths", ",".join(paths)]
-        return Peer(f"celery_acks_late_{acks_late}", "Celery", f"Redis, acks_late={bool(acks_late)}",
-                    "celery_bench.py", args, 5000, match, paths)
+    def cel(acks_late: int, paths: tuple[str, ...], match: tuple[str, ...], set_: str = "redis") -> Peer:
+        url, where = (redis_url, "Redis") if set_ == "redis" else (_celery_amqp_url(rabbitmq_url), "RabbitMQ")
+        args = ["--broker-url", url, "--n", "5000", "--acks-late", str(acks_late), "--paths", ",".join(paths)]
+        queue = f"peerbench_q_acks_late_{acks_late}"
+        names = (queue, f"{queue}_bulk", f"{queue}_warm") if set_ == "rabbitmq" else ()
+        key = f"celery_acks_late_{acks_late}" + ("" if set_ == "redis" else "_amqp")
+        return Peer(key, "Celery", f"{where}, acks_late={bool(acks_late)}", "celery_bench.py", args, 5000,
+                    match, paths, set_, names)
 
+    rabbit_like_celery = ("kombu", "rabbitmq_pika")  # same client (kombu + py-amqp) if built, else pika
     return [
         fb("MEMORY_QUEUE", 50_000, "memory", "memory (MEMORY_QUEUE)"),
         fb("FASTEST_MEM_QUEUE", 50_000, "memory", "memory (FASTEST_MEM_QUEUE)"),
@@ -86,8 +156,22 @@ def _peers(redis_url: str) -> list[Peer]:
         fb("REDIS_ACK_ABLE", 15_000, "redis_ack_able", "Redis REDIS_ACK_ABLE"),
         fb("REDIS_BRPOP_LPUSH", 15_000, "redis_brpoplpush", "Redis RedisBrpopLpush"),
         fb("REDIS_STREAM", 15_000, "redis_stream", "Redis REDIS_STREAM"),
-        cel(0, ("publish", "bulk", "consume"), "redis_list"),
-        cel(1, ("publish", "consume"), "redis_ack_able"),
+        cel(0, ("publish", "bulk", "consume"), ("redis_list",)),
+        cel(1, ("publish", "consume"), ("redis_ack_able",)),
+        fb("RABBITMQ_AMQPSTORM", 20_000, ("rabbitmq_amqpstorm", "rabbitmq_pika"), "RabbitMQ RABBITMQ_AMQPSTORM",
+           set_="rabbitmq"),
+        cel(0, ("publish", "bulk", "consume"), rabbit_like_celery, "rabbitmq"),
+        cel(1, ("publish", "consume"), rabbit_like_celery, "rabbitmq"),
+        # funboost's ZeroMQ publisher waits for a running consumer (funboost_bench.py: consumer first)
+        fb("ZEROMQ", 20_000, "zeromq", "ZeroMQ ZEROMQ (REQ/REP through its broker process)",
+           exclusive={"port": 29613}, set_="zeromq"),
+        # funboost's MQTT is QoS 0 on a clean session: its consumer starts first (funboost_bench.py)
+        fb("MQTT", 20_000, "mqtt", "MQTT (QoS 0, shared subscription, no acks)", set_="mqtt"),
+        # funboost's SQLACHEMY: one row per message, a status column; its table is dropped afterwards
+        *(fb("SQLACHEMY", 3_000, f"sqlalchemy_{name.replace('pg', 'postgresql')}",
+             f"SQLACHEMY on {'PostgreSQL (psycopg2)' if name == 'pg' else 'MariaDB (PyMySQL)'}",
+             key=f"SQLACHEMY_{name.upper()}", set_="sql", env={"PEERBENCH_SQLA_URL": url})
+          for name, url in SQL_PEER_URLS.items()),
     ]
 
 
@@ -116,6 +200,74 @@ def _cleanup(client, keys_before: set[bytes]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# RabbitMQ bookkeeping (pika of the project's environment)
+# ---------------------------------------------------------------------------------------------
+
+def _rabbitmq_server(url: str) -> str:
+    """Connect once (fails early when RabbitMQ is not there); the server's version."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        version = connection._impl.server_properties.get("version", b"?")
+        return version.decode() if isinstance(version, bytes) else str(version)
+    finally:
+        connection.close()
+
+
+def _rabbitmq_listed(url: str) -> set[str]:
+    """Queue and exchange names containing ``peerbench`` on the vhost, via rabbitmqctl (local server only)."""
+    u = urlparse(url)
+    if u.hostname not in ("127.0.0.1", "localhost", "::1") or not shutil.which("rabbitmqctl"):
+        return set()
+    vhost = unquote(u.path[1:]) if u.path else "/"
+    names: set[str] = set()
+    for what in ("list_queues", "list_exchanges"):
+        try:
+            proc = subprocess.run(["rabbitmqctl", "-q", what, "-p", vhost or "/", "name"], capture_output=True,
+                                  text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        names.update(line.strip() for line in proc.stdout.splitlines() if "peerbench" in line)
+    names.discard("name")
+    return names
+
+
+def _rabbitmq_cleanup(url: str, names: set[str] | tuple[str, ...]) -> int:
+    """Delete the queues and exchanges among ``names`` that exist; only names containing ``peerbench``."""
+    import pika
+    from pika.exceptions import ChannelClosedByBroker
+
+    doomed = sorted(n for n in names if "peerbench" in n)
+    if not doomed:
+        return 0
+    deleted = 0
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+
+    def exists(kind: str, name: str) -> bool:
+        nonlocal channel
+        try:
+            (channel.queue_declare if kind == "queue" else channel.exchange_declare)(name, passive=True)
+            return True
+        except ChannelClosedByBroker:  # 404: the broker closes the channel
+            channel = connection.channel()
+            return False
+
+    try:
+        for name in doomed:
+            if exists("queue", name):
+                channel.queue_delete(name)
+                deleted += 1
+            if exists("exchange", name):
+                channel.exchange_delete(name)
+                deleted += 1
+    finally:
+        connection.close()
+    return deleted
+
+
+# ---------------------------------------------------------------------------------------------
 # running the workloads
 # ---------------------------------------------------------------------------------------------
 
@@ -136,8 +288,9 @@ def _run(cmd: list[str], env: dict[str, str], cwd: str, marker: str) -> dict:
     return {"error": f"exited with {proc.returncode}: {(proc.stderr or out).strip()[-1500:]}"}
 
 
-def run_peer(peer: Peer, python: str, redis_url: str) -> dict:
+def run_peer(peer: Peer, python: str, redis_url: str, rabbitmq_url: str) -> dict:
     u = urlparse(redis_url)
+    r = urlparse(rabbitmq_url)
     with tempfile.TemporaryDirectory(prefix=f"peerbench_{peer.key.lower()}_") as tmp:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
         env.update({
@@ -145,20 +298,61 @@ def run_peer(peer: Peer, python: str, redis_url: str) -> dict:
             "PEERBENCH_TMP": tmp, "LOG_PATH": os.path.join(tmp, "logs"), "PYTHONDONTWRITEBYTECODE": "1",
             "PEERBENCH_REDIS_HOST": u.hostname or "127.0.0.1", "PEERBENCH_REDIS_PORT": str(u.port or 6379),
             "PEERBENCH_REDIS_DB": (u.path or "/0").lstrip("/") or "0",
+            # funboost_config.py: RABBITMQ_USER, _PASS, _HOST, _PORT, _VIRTUAL_HOST
+            "PEERBENCH_RABBITMQ_USER": unquote(r.username or "guest"),
+            "PEERBENCH_RABBITMQ_PASS": unquote(r.password or "guest"),
+            "PEERBENCH_RABBITMQ_HOST": r.hostname or "127.0.0.1", "PEERBENCH_RABBITMQ_PORT": str(r.port or 5672),
+            "PEERBENCH_RABBITMQ_VHOST": (unquote(r.path[1:]) if r.path else "/") or "/",
+            **peer.env,
         })
-        return _run([python, str(HERE / peer.script), *peer.args], env, tmp, "PEER-RESULT ")
+        try:
+            return _run([python, str(HERE / peer.script), *peer.args], env, tmp, "PEER-RESULT ")
+        finally:
+            if peer.set == "sql":
+                _drop_sql_table(peer.env["PEERBENCH_SQLA_URL"], f"peerbench_funboost_{peer.key.lower()}")
 
 
-def run_ours(redis_url: str) -> dict:
-    env = dict(os.environ, FUNBOOST_LIKE_BENCH_REDIS_URL=redis_url)
-    cmd = [sys.executable, str(THROUGHPUT), "--brokers", ",".join(OURS_BROKERS), "--repeat", "1", "--json"]
+def _drop_sql_table(url: str, table: str) -> None:
+    """Drop funboost's queue table (with the project's SQLAlchemy and drivers)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url.replace("+psycopg2", "+psycopg"))
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {engine.dialect.identifier_preparer.quote(table)}"))
+    finally:
+        engine.dispose()
+
+
+def run_ours(brokers: list[str], redis_url: str, rabbitmq_url: str) -> dict:
+    env = dict(os.environ, FUNBOOST_LIKE_BENCH_REDIS_URL=redis_url, FUNBOOST_LIKE_RABBITMQ_URL=rabbitmq_url)
+    cmd = [sys.executable, str(THROUGHPUT), "--brokers", ",".join(brokers), "--repeat", "1", "--json"]
     return _run(cmd, env, str(REPO_ROOT), "{")
+
+
+def _unbuilt(brokers: dict[str, str]) -> dict[str, str]:
+    """Our broker kinds that cannot run yet: registry entry None, or its module / class does not import."""
+    from funboost_like.brokers.registry import BROKERS
+    from funboost_like.core.enums import BrokerEnum
+
+    missing: dict[str, str] = {}
+    for name, member in brokers.items():
+        entry = BROKERS.get(BrokerEnum[member])
+        if entry is None:
+            missing[name] = "not built (None in funboost_like.brokers.registry.BROKERS)"
+            continue
+        module, _, cls = entry[0].partition(":")
+        try:
+            getattr(importlib.import_module(module), cls)
+        except Exception as exc:  # any failure means "skip it"
+            missing[name] = f"does not import ({type(exc).__name__}: {exc})"
+    return missing
 
 
 def _venv_versions(python: str) -> dict:
     code = ("import json, platform, importlib.metadata as m\n"
             "v = {}\n"
-            "for d in ('funboost', 'celery', 'kombu', 'redis', 'persist-queue', 'nb_log'):\n"
+            "for d in ('funboost', 'celery', 'kombu', 'amqp', 'AMQPStorm', 'redis', 'persist-queue', 'nb_log'):\n"
             "    try:\n        v[d] = m.version(d)\n    except Exception:\n        v[d] = None\n"
             "v['python'] = platform.python_version()\n"
             "print(json.dumps(v))\n")
@@ -202,23 +396,24 @@ def _collect_rates(runs: list[dict], problems: list[str], label: str) -> dict[st
     return rates
 
 
-def _ours_rates(runs: list[dict], problems: list[str]) -> dict[str, dict[str, list[float]]]:
+def _ours_rates(runs: dict[str, list[dict]], problems: list[str]) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {b: {p: [] for p in OURS_PATHS} for b in OURS_BROKERS}
-    for rep, data in enumerate(runs, 1):
-        if "error" in data:
-            problems.append(f"funboost_like run {rep}: {data['error']}")
-            continue
-        problems.extend(f"funboost_like run {rep}: {p}" for p in data.get("problems", []))
-        for row in data.get("rows", []):
-            path = next((k for k, v in OURS_PATHS.items() if v == row["path"]), None)
-            if path and row["broker"] in out:
-                out[row["broker"]][path].extend(row["rates"])
+    for set_, set_runs in runs.items():
+        for rep, data in enumerate(set_runs, 1):
+            if "error" in data:
+                problems.append(f"funboost_like {set_} run {rep}: {data['error']}")
+                continue
+            problems.extend(f"funboost_like {set_} run {rep}: {p}" for p in data.get("problems", []))
+            for row in data.get("rows", []):
+                path = next((k for k, v in OURS_PATHS.items() if v == row["path"]), None)
+                if path and row["broker"] in out:
+                    out[row["broker"]][path].extend(row["rates"])
     return out
 
 
-def _ours_n(runs: list[dict]) -> dict[str, dict[str, int]]:
+def _ours_n(runs: dict[str, list[dict]]) -> dict[str, dict[str, int]]:
     ns: dict[str, dict[str, int]] = {}
-    for data in runs:
+    for data in (d for set_runs in runs.values() for d in set_runs):
         for row in data.get("rows", []):
             path = next((k for k, v in OURS_PATHS.items() if v == row["path"]), None)
             if path:
@@ -226,29 +421,44 @@ def _ours_n(runs: list[dict]) -> dict[str, dict[str, int]]:
     return ns
 
 
-def build_table(peers: list[Peer], ours_runs: list[dict],
+def build_table(sets: list[str], ours_brokers: dict[str, list[str]], peers: list[Peer],
+                ours_runs: dict[str, list[dict]],
                 peer_runs: dict[str, list[dict]]) -> tuple[list[dict], list[str]]:
+    """Rows set by set: our brokers of the set, then its peers with their ratios to our matching row.
+
+    A peer's ``match`` lists our brokers in order of preference; the first one with figures is used.
+    On RabbitMQ each peer row also gets ``ratio_best``: against our best RabbitMQ kind, per column.
+    """
     problems: list[str] = []
     rows: list[dict] = []
-    ours = _ours_rates(ours_runs, problems) if ours_runs else {}
+    ours = _ours_rates(ours_runs, problems)
     ours_n = _ours_n(ours_runs)
     ours_med = {b: {p: _median(v) for p, v in paths.items()} for b, paths in ours.items()}
-    for broker in OURS_BROKERS if ours_runs else []:
-        ns = ours_n.get(broker, {})
-        rows.append({"framework": "funboost_like", "path": OURS_LABEL[broker], "key": broker,
-                     "n": f"{ns.get('publish', 0):,} / {ns.get('consume', 0):,}", **ours_med[broker],
-                     "runs": {p: ours[broker][p] for p in OURS_PATHS}, "ratio": ""})
-    for peer in peers:
-        if peer.key not in peer_runs:
-            continue
-        rates = _collect_rates(peer_runs[peer.key], problems, f"{peer.framework} {peer.label}")
-        med = {p: _median(v) for p, v in rates.items()}
-        mine = ours_med.get(peer.match or "", {})
-        ratio = " / ".join(_ratio(mine.get(p), med[p]) if (med[p] is not None) else "-" for p in OURS_PATHS)
-        n_consume = f"{peer.n:,}" if "consume" in peer.paths else "-"
-        rows.append({"framework": peer.framework, "path": peer.label, "key": peer.key, "match": peer.match,
-                     "n": f"{peer.n:,} / {n_consume}", **med, "runs": rates,
-                     "ratio": ratio if mine else ""})
+    for set_ in sets:
+        ran = ours_brokers.get(set_, []) if ours_runs.get(set_) else []
+        for broker in ran:
+            ns = ours_n.get(broker, {})
+            rows.append({"set": set_, "framework": "funboost_like", "path": OURS_LABEL[broker], "key": broker,
+                         "n": f"{ns.get('publish', 0):,} / {ns.get('consume', 0):,}", **ours_med[broker],
+                         "runs": {p: ours[broker][p] for p in OURS_PATHS}, "ratio": ""})
+        best = {p: max(((ours_med[b][p], b) for b in ran if ours_med[b][p] is not None), default=(None, None))
+                for p in OURS_PATHS}
+        for peer in peers:
+            if peer.set != set_ or peer.key not in peer_runs:
+                continue
+            rates = _collect_rates(peer_runs[peer.key], problems, f"{peer.framework} {peer.label}")
+            med = {p: _median(v) for p, v in rates.items()}
+            match = next((b for b in peer.match if b in ran and any(ours_med[b].values())), None)
+            mine = ours_med.get(match or "", {})
+            ratio = " / ".join(_ratio(mine.get(p), med[p]) if med[p] is not None else "-" for p in OURS_PATHS)
+            n_consume = f"{peer.n:,}" if "consume" in peer.paths else "-"
+            row = {"set": set_, "framework": peer.framework, "path": peer.label, "key": peer.key, "match": match,
+                   "n": f"{peer.n:,} / {n_consume}", **med, "runs": rates,
+                   "ratio": f"{ratio} vs {match}" if mine else ""}
+            if set_ == "rabbitmq" and ran:
+                row["ratio_best"] = {p: {"ours": best[p][1], "ratio": _ratio(best[p][0], med[p])}
+                                     for p in OURS_PATHS if med[p] is not None}
+            rows.append(row)
     return rows, problems
 
 
@@ -261,6 +471,17 @@ def print_table(rows: list[dict]) -> None:
               f"| {_fmt(r['consume'])} | {r['ratio']} |")
 
 
+def print_best(rows: list[dict]) -> None:
+    """RabbitMQ: each peer against our best RabbitMQ kind of each column."""
+    lines = [f"  {r['framework']} {r['path']}: "
+             + ", ".join(f"{p} {b['ratio']} ({b['ours']})" for p, b in r["ratio_best"].items())
+             for r in rows if r.get("ratio_best")]
+    if lines:
+        print()
+        print("ours / peer on RabbitMQ against our best RabbitMQ kind of each column:")
+        print("\n".join(lines))
+
+
 def _loadavg() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -271,7 +492,15 @@ def _loadavg() -> str:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--venv", default="/tmp/peers", help="scratch virtualenv with funboost and celery[redis]")
+    parser.add_argument("--set", default="all", choices=("all", *SETS),
+                        help="redis: memory, SQLite and Redis (the original set); rabbitmq: RabbitMQ only; "
+                             "zeromq: ZeroMQ (no server); mqtt: Mosquitto; sql: PostgreSQL and MariaDB; "
+                             "all: every set")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/13", help="one Redis database for everything")
+    parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:18830",
+                        help="one Mosquitto for the mqtt set (started for the run when nothing listens there)")
+    parser.add_argument("--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672/%2F",
+                        help="one RabbitMQ vhost for everything (pika URL form; vhost / is %%2F)")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions; medians are reported")
     parser.add_argument("--only", default="ours,funboost,celery", help="subset of: ours,funboost,celery")
     parser.add_argument("--json", action="store_true", help="also print every run as JSON")
@@ -282,62 +511,110 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
     args = _parse_args(argv)
     python = str(Path(args.venv) / "bin" / "python")
     only = {s.strip().lower() for s in args.only.split(",") if s.strip()}
+    sets = list(SETS) if args.set == "all" else [args.set]
     if not Path(python).exists() and only - {"ours"}:
         print(f"no Python at {python}: build the scratch virtualenv first (benchmarks/peers/README.md)",
               file=sys.stderr)
         return 0
-    peers = [p for p in _peers(args.redis_url) if p.framework.lower() in only]
+    peers = [p for p in _peers(args.redis_url, args.rabbitmq_url) if p.framework.lower() in only and p.set in sets]
+    skipped = _unbuilt({b: k for set_ in sets for b, k in OURS_SETS[set_].items()}) if "ours" in only else {}
+    ours_brokers = {set_: [b for b in OURS_SETS[set_] if b not in skipped] for set_ in sets}
+
+    # Redis: required for the redis set; for the rabbitmq set only used to tidy up after funboost, if it is there.
     client = _redis(args.redis_url)
-    client.ping()
-    keys_before = _peer_keys(client)
-    _cleanup(client, keys_before)  # leftovers of an interrupted run (only names containing "peerbench")
-    keys_before = _peer_keys(client)
+    try:
+        client.ping()
+    except Exception:
+        if "redis" in sets:
+            raise
+        client = None
+    if client is not None:
+        keys_before = _peer_keys(client)
+        _cleanup(client, keys_before)  # leftovers of an interrupted run (only names containing "peerbench")
+        keys_before = _peer_keys(client)
+    rabbit_names = {n for p in peers for n in p.rabbitmq_names}
+    rabbitmq_server = None
+    deleted_rabbitmq = 0
+    if "rabbitmq" in sets:
+        rabbitmq_server = _rabbitmq_server(args.rabbitmq_url)
+        # leftovers of an interrupted run (only names containing "peerbench")
+        _rabbitmq_cleanup(args.rabbitmq_url, rabbit_names | _rabbitmq_listed(args.rabbitmq_url))
     versions = _venv_versions(python) if peers else {}
+    os.environ.update(PEERBENCH_MQTT_URL=args.mqtt_url, FUNBOOST_LIKE_BENCH_MQTT_URL=args.mqtt_url)  # both children
+    sys.path.insert(0, str(HERE.parent))
+    import mqtt_server  # benchmarks/mqtt_server.py
+
+    mosquitto = mqtt_server.ensure(args.mqtt_url) if "mqtt" in sets else None
 
     started = time.monotonic()
     load_start = _loadavg()
-    ours_runs: list[dict] = []
+    ours_runs: dict[str, list[dict]] = {set_: [] for set_ in sets if ours_brokers[set_] and "ours" in only}
     peer_runs: dict[str, list[dict]] = {p.key: [] for p in peers}
     deleted = 0
     repeat = max(1, args.repeat)
     try:
         for rep in range(repeat):
-            if "ours" in only:
-                t = time.monotonic()
-                print(f"[{rep + 1}/{repeat}] funboost_like (throughput.py, 6 brokers) ...", end=" ", file=sys.stderr,
-                      flush=True)
-                ours_runs.append(run_ours(args.redis_url))
-                print(f"{time.monotonic() - t:.1f}s", file=sys.stderr, flush=True)
-            for peer in peers:
-                t = time.monotonic()
-                print(f"[{rep + 1}/{repeat}] {peer.framework} {peer.label} ...", end=" ", file=sys.stderr, flush=True)
-                data = run_peer(peer, python, args.redis_url)
-                peer_runs[peer.key].append(data)
-                deleted += _cleanup(client, keys_before)
-                print(f"{time.monotonic() - t:.1f}s" + (f" ERROR {data['error']}" if "error" in data else ""),
-                      file=sys.stderr, flush=True)
+            for set_ in sets:
+                if set_ in ours_runs:
+                    t = time.monotonic()
+                    print(f"[{rep + 1}/{repeat}] funboost_like (throughput.py, {', '.join(ours_brokers[set_])}) ...",
+                          end=" ", file=sys.stderr, flush=True)
+                    ours_runs[set_].append(run_ours(ours_brokers[set_], args.redis_url, args.rabbitmq_url))
+                    print(f"{time.monotonic() - t:.1f}s", file=sys.stderr, flush=True)
+                for peer in (p for p in peers if p.set == set_):
+                    t = time.monotonic()
+                    print(f"[{rep + 1}/{repeat}] {peer.framework} {peer.label} ...", end=" ", file=sys.stderr,
+                          flush=True)
+                    data = run_peer(peer, python, args.redis_url, args.rabbitmq_url)
+                    peer_runs[peer.key].append(data)
+                    if client is not None:
+                        deleted += _cleanup(client, keys_before)
+                    if peer.rabbitmq_names:
+                        deleted_rabbitmq += _rabbitmq_cleanup(args.rabbitmq_url, set(peer.rabbitmq_names))
+                    print(f"{time.monotonic() - t:.1f}s" + (f" ERROR {data['error']}" if "error" in data else ""),
+                          file=sys.stderr, flush=True)
     finally:
-        deleted += _cleanup(client, keys_before)
+        mqtt_server.stop(mosquitto)
+        if client is not None:
+            deleted += _cleanup(client, keys_before)
+        if "rabbitmq" in sets:
+            deleted_rabbitmq += _rabbitmq_cleanup(args.rabbitmq_url,
+                                                  rabbit_names | _rabbitmq_listed(args.rabbitmq_url))
 
-    rows, problems = build_table(peers, ours_runs, peer_runs)
+    rows, problems = build_table(sets, ours_brokers, peers, ours_runs, peer_runs)
     info = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "sets": sets,
         "python_ours": platform.python_version(), "peer_versions": versions, "redis_url": args.redis_url,
-        "redis_server": client.info("server").get("redis_version"), "cpu_count": os.cpu_count(),
+        "redis_server": client.info("server").get("redis_version") if client is not None else None,
+        "rabbitmq_url": args.rabbitmq_url, "rabbitmq_server": rabbitmq_server, "ours_skipped": skipped,
+        "cpu_count": os.cpu_count(),
         "platform": platform.platform(), "repeat": repeat, "loadavg_start": load_start, "loadavg_end": _loadavg(),
         "total_seconds": round(time.monotonic() - started, 1), "peer_keys_deleted": deleted,
+        "peer_rabbitmq_queues_and_exchanges_deleted": deleted_rabbitmq,
     }
-    print(f"peers benchmark  date {info['date']}  CPUs {info['cpu_count']}  Redis {info['redis_server']} at "
-          f"{args.redis_url}  repeat {repeat} (medians)  total {info['total_seconds']}s")
+    servers = []
+    if "redis" in sets:
+        servers.append(f"Redis {info['redis_server']} at {args.redis_url}")
+    if "rabbitmq" in sets:
+        servers.append(f"RabbitMQ {rabbitmq_server} at {urlparse(args.rabbitmq_url).hostname}:"
+                       f"{urlparse(args.rabbitmq_url).port or 5672}")
+    if "mqtt" in sets:
+        servers.append(f"Mosquitto at {args.mqtt_url}" + (" (started for this run)" if mosquitto else ""))
+    print(f"peers benchmark  date {info['date']}  CPUs {info['cpu_count']}  {'  '.join(servers)}  "
+          f"repeat {repeat} (medians)  total {info['total_seconds']}s")
     print(f"Python {info['python_ours']} (ours)  venv {args.venv}: "
           + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"load average at start {load_start}, at end {info['loadavg_end']}")
+    if skipped:
+        print("ours skipped: " + "; ".join(f"{b}: {why}" for b, why in skipped.items()))
     print()
     print_table(rows)
     print()
     print("ours / peer: our median divided by the peer's, per column (publish one-by-one / bulk / consume), against "
-          "the funboost_like row of the same broker path (Celery acks_late=False against REDIS, True against "
-          "REDIS_ACK_ABLE).")
+          "the funboost_like row named after 'vs': the same broker path on Redis (Celery acks_late=False against "
+          "REDIS, True against REDIS_ACK_ABLE); on RabbitMQ the same client library (funboost RABBITMQ_AMQPSTORM "
+          "against our rabbitmq_amqpstorm, Celery against our kombu; rabbitmq_pika where that kind is not built).")
+    print_best(rows)
     if problems:
         print()
         print("problems:")

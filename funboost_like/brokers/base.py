@@ -45,11 +45,13 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from funboost_like.brokers.dead_letters import DeadLetter as DeadLetter  # re-exported: part of the contract
 from funboost_like.brokers.maintenance import maintenance as _maintenance
+from funboost_like.brokers.routing import Routing
 from funboost_like.core.errors import BrokerConnectionError, BrokerError, DoubleAckError
 
 if TYPE_CHECKING:
@@ -74,6 +76,10 @@ class Capabilities:
     ``publish(not_before=...)`` and ``nack(delay=...)`` hold a message invisible until due.
     ``max_priority``: the highest priority honoured (0: none). ``key_value``: the broker keeps small
     expiring records (RPC results, filters). ``fifo``: equal-priority messages come out in order.
+    ``queue_names``: a check of a queue name, raising ConfigurationError for one the broker cannot
+    use (run at decoration time); None when any name works.
+    ``queue_options``: the ``broker_exclusive_config`` keys the broker
+    reads itself (besides routing's), given to :meth:`Broker.configure_queue` before consuming.
     """
 
     redelivery: Redelivery = "none"
@@ -86,6 +92,8 @@ class Capabilities:
     cross_process: bool = False
     cross_host: bool = False
     fifo: bool = True
+    queue_names: Callable[[str], object] | None = None
+    queue_options: frozenset[str] = frozenset()  # broker_exclusive_config keys read by configure_queue
 
     @property
     def ack(self) -> bool:
@@ -120,22 +128,10 @@ class Delivery:
         return f"Delivery(queue={self.queue!r}, token={self.token!r}, attempts={self.attempts})"
 
 
-@dataclass(frozen=True)
-class DeadLetter:
-    """A message the framework gave up on, with the reason and the number of runs it had."""
-
-    queue: str
-    body: bytes
-    reason: str
-    failed_at: float
-    attempts: int = 0
-    error: BaseException | None = field(default=None, compare=False, repr=False)
-
-
 _live: weakref.WeakSet[Broker] = weakref.WeakSet()
 
 
-class Broker:
+class Broker(Routing):
     """Base class of every broker: the public methods and the shared bookkeeping.
 
     Subclasses set ``kind`` and ``capabilities`` and implement the primitives.
@@ -202,11 +198,7 @@ class Broker:
     def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         """Optional native dead-letter place: keep ``letter`` and remove the held message, atomically.
         The default publishes a JSON envelope to ``<queue>.dlq`` and then acks."""
-        from funboost_like.core import codec
-
-        envelope = codec.dumps({"reason": letter.reason, "failed_at": letter.failed_at, "attempts": letter.attempts,
-                                "body": letter.body.decode("utf-8", "replace")})
-        self._put(f"{delivery.queue}.dlq", [envelope], priority=0, not_before=None)
+        self._put(f"{delivery.queue}.dlq", [letter.envelope()], priority=0, not_before=None)
         self._ack([delivery])
 
     def _ack_and_get(self, deliveries: Sequence[Delivery], queue: str, max_n: int) -> list[Delivery]:
@@ -220,6 +212,9 @@ class Broker:
 
     def _after_fork(self) -> None:
         """In a forked child: drop the parent's sockets, connections and identity (never close them)."""
+
+    def _stop_fetching(self, queue: str) -> None:
+        """Optional: this process stops fetching from ``queue``; give back what was prefetched for it."""
 
     def _close(self) -> None:
         """Release connections; the broker reconnects lazily when used again."""
@@ -404,6 +399,17 @@ class Broker:
     def purge_dead_letters(self, queue: str) -> int:
         raise NotImplementedError(f"{type(self).__name__} cannot purge dead letters")
 
+    def configure_queue(self, queue: str, options: Mapping[str, object]) -> None:
+        """Apply the ``broker_exclusive_config`` keys of ``capabilities.queue_options`` to ``queue``."""
+
+    def list_delayed(self, queue: str, limit: int = 100) -> list[tuple[float, bytes]]:
+        """(due time, body) of messages of ``queue`` not due yet (countdowns, delayed retries), soonest first."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its delayed messages")
+
+    def remove_dead_letter(self, queue: str, letter: DeadLetter) -> bool:
+        """Delete one letter :meth:`list_dead_letters` returned; False when it is gone already."""
+        raise NotImplementedError(f"{type(self).__name__} cannot remove a single dead letter")
+
     def purge(self, queue: str) -> int:
         """Delete every waiting message of ``queue``; return how many were deleted."""
         try:
@@ -452,6 +458,14 @@ class Broker:
                 continue
             if recovered:
                 logger.info("recovered %d message(s) of dead consumers of queue %r", recovered, queue)
+
+    def stop_fetching(self, queue: str) -> None:
+        """This process stops fetching from ``queue`` (a consumer's graceful stop): a broker that prefetched
+        messages for it hands them back without counting a delivery."""
+        try:
+            self._stop_fetching(queue)
+        except self._client_errors as exc:
+            raise self._translated(exc, f"handing back what was prefetched from queue {queue!r}") from exc
 
     def close(self) -> None:
         """Send deferred settlements if possible, stop maintenance and release connections. The broker

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
+from funboost_like.brokers.routing import Binding, added_bindings
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.stores import MemoryKeyValueStore, check_namespace
 
@@ -63,7 +64,7 @@ class _MemoryQueue:
 class MemoryBroker(Broker):
     kind = BrokerEnum.LOCAL_PYTHON_QUEUE
     capabilities = Capabilities(redelivery="native", delay="native", max_priority=2**31, dead_letters=True,
-                                key_value=True)
+                                key_value=True, routing="emulated")
 
     def __init__(self) -> None:
         super().__init__()
@@ -71,6 +72,7 @@ class MemoryBroker(Broker):
         self._lock = threading.Lock()
         self._tokens = itertools.count(1)
         self._stores: dict[tuple[str, str], MemoryKeyValueStore] = {}
+        self._exchanges: dict[str, list[Binding]] = {}
 
     def _queue(self, name: str) -> _MemoryQueue:
         q = self._queues.get(name)
@@ -83,15 +85,40 @@ class MemoryBroker(Broker):
     def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
         q = self._queues.get(queue) or self._queue(queue)
         with q.lock:
-            if not_before is not None and not_before > time.time():
-                for body in bodies:
-                    heapq.heappush(q.delayed, (not_before, next(q.seq), priority, body, 0))
-            elif len(bodies) == 1:
-                (q.ready[0] if priority == 0 else q.level(priority)).append((bodies[0], 0))
-            else:
-                (q.ready[0] if priority == 0 else q.level(priority)).extend([(body, 0) for body in bodies])
-            if q.waiters:
-                q.cond.notify_all()
+            self._put_locked(q, bodies, priority, not_before)
+
+    @staticmethod
+    def _put_locked(q: _MemoryQueue, bodies: Sequence[bytes], priority: int, not_before: float | None) -> None:
+        if not_before is not None and not_before > time.time():
+            for body in bodies:
+                heapq.heappush(q.delayed, (not_before, next(q.seq), priority, body, 0))
+        elif len(bodies) == 1:
+            (q.ready[0] if priority == 0 else q.level(priority)).append((bodies[0], 0))
+        else:
+            (q.ready[0] if priority == 0 else q.level(priority)).extend([(body, 0) for body in bodies])
+        if q.waiters:
+            q.cond.notify_all()
+
+    def _bind(self, bindings: Sequence[Binding]) -> None:
+        with self._lock:
+            existing = self._exchanges.setdefault(bindings[0].exchange, [])
+            existing.extend(added_bindings(existing, bindings))
+
+    def _bindings(self, exchange: str) -> list[Binding]:
+        return list(self._exchanges.get(exchange, ()))
+
+    def _put_many(self, queues: Sequence[str], bodies: Sequence[bytes], *, priority: int,
+                  not_before: float | None) -> None:
+        """All queues locked at once (in name order), so no fetch sees the message in some and not others."""
+        locks = [self._queue(name).lock for name in sorted(queues)]
+        for lock in locks:
+            lock.acquire()
+        try:
+            for name in queues:
+                self._put_locked(self._queues[name], bodies, priority, not_before)
+        finally:
+            for lock in reversed(locks):
+                lock.release()
 
     def _get(self, queue: str, max_n: int) -> list[Delivery]:
         q = self._queues.get(queue) or self._queue(queue)
@@ -173,6 +200,20 @@ class MemoryBroker(Broker):
         q = self._queue(queue)
         with q.lock:
             return list(itertools.islice(q.dead, limit))
+
+    def list_delayed(self, queue: str, limit: int = 100) -> list[tuple[float, bytes]]:
+        q = self._queue(queue)
+        with q.lock:
+            return [(due, body) for due, _, _, body, _ in heapq.nsmallest(max(0, limit), q.delayed)]
+
+    def remove_dead_letter(self, queue: str, letter: DeadLetter) -> bool:
+        q = self._queue(queue)
+        with q.lock:
+            try:
+                q.dead.remove(letter)
+            except ValueError:
+                return False
+            return True
 
     def purge_dead_letters(self, queue: str) -> int:
         q = self._queue(queue)

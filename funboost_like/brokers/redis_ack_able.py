@@ -16,7 +16,8 @@ Settings: ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``, environment varia
 same values. Needs Redis 6.2 or newer (``RPOP`` with a count, ``BLMOVE``).
 
 Capabilities: sweep redelivery, persistent (as far as Redis persists), delay, priority 0..9 (higher
-first), cross-process, cross-host, dead letters. Attempts are counted per message: a nack or a
+first), cross-process, cross-host, dead letters, emulated routing (exchanges and routing keys, see
+:mod:`funboost_like.brokers.redis_base`). Attempts are counted per message: a nack or a
 crash recovery counts one, a release does not; crashes count the recoveries.
 
 Cross-language contract: the list layout of :mod:`funboost_like.brokers.redis_base` (another program
@@ -160,7 +161,8 @@ class RedisAckAbleBroker(RedisConsumers, RedisListLayout):
 
     kind = BrokerEnum.REDIS_ACK_ABLE
     capabilities = Capabilities(redelivery="sweep", delay="native", max_priority=LIST_MAX_PRIORITY, dead_letters=True,
-                                key_value=True, persistent=True, cross_process=True, cross_host=True)
+                                key_value=True, routing="emulated", persistent=True, cross_process=True,
+                                cross_host=True)
     _scripts = _SCRIPTS
 
     def __init__(self, *, heartbeat_interval: float | None = None, dead_after: float | None = None) -> None:

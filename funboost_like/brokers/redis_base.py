@@ -19,10 +19,27 @@
   RIGHT RIGHT`` (which leaves the list as it was) and looks at the other lists every 0.2 s.
 * :class:`~funboost_like.brokers.redis_consumers.RedisConsumers` (in its own module): the consumer
   registry of the at-least-once kinds.
+* Routing (exchanges and routing keys, emulated the same way on the four kinds; see docs/routing.md):
+  the bindings of an exchange are the HASH ``fl:exchange:{<name>}``: the field ``type`` holds the
+  exchange type (set by the first bind: an exchange keeps its first type, a bind asking for another
+  one logs a warning), and each binding is a field ``["<queue>", "<binding key>"]`` (JSON). A bind is
+  one Lua script, so concurrent binds never mix types. A routed publish reads the HASH, picks the
+  matching queues in Python, then one Lua script writes the messages to every matching queue in the
+  kind's own layout (the ready key of their priority, ``XADD`` for streams, the delayed ZSET for
+  ``not_before``). Atomic: the script runs alone on the server, so no client ever sees the message in
+  some of the queues and not in the others; it checks the type of every key before writing, so a
+  key of another type fails the publish with nothing written; and Redis persists a script's writes
+  as one transaction (AOF, replicas) or not at all (an RDB snapshot is taken between commands).
+  Redis never rolls a script back, so only a server refusing a write midway (out of memory under
+  ``maxmemory`` with ``noeviction``) could leave some queues without the message. As for every
+  publish, a reply lost on a broken connection makes the client send the script again, which may
+  publish the messages twice. Not Redis-Cluster-safe: the keys of different queues and the
+  exchange's HASH are in different hash slots.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -45,6 +62,8 @@ from funboost_like.brokers.redis_common import (
     raise_first_error,
 )
 from funboost_like.brokers.redis_store import RedisStoresMixin
+from funboost_like.brokers.routing import Binding
+from funboost_like.brokers.routing import logger as routing_logger
 from funboost_like.core import codec
 from funboost_like.core.errors import ConfigurationError
 
@@ -63,6 +82,9 @@ local function fmt(a, c)
   return tostring(a)
 end
 """
+
+# A delayed member is the body, or ``<uid>:<priority level>:<counts>:<body>`` (see LUA_MOVE_DUE).
+_DELAYED_MEMBER = re.compile(rb"^[^:]*:\d:[\d.]+:")
 
 # Lua function: move the due members of a delayed ZSET to the back of their ready list (``ready`` for
 # priority 0, ``prio_prefix .. n`` otherwise), keeping their counts in the ``attempts`` HASH.
@@ -105,6 +127,34 @@ return 1
 # KEYS: a list; returns its length and deletes it.
 PURGE_LIST = LuaScript("local n = redis.call('LLEN', KEYS[1]) redis.call('DEL', KEYS[1]) return n")
 
+# KEYS: an exchange's HASH; ARGV: exchange type, then the fields of the bindings. Returns the type the
+# exchange was first declared with (see the module docstring).
+_BIND = LuaScript("""
+redis.call('HSETNX', KEYS[1], 'type', ARGV[1])
+for i = 2, #ARGV do redis.call('HSETNX', KEYS[1], ARGV[i], '') end
+return redis.call('HGET', KEYS[1], 'type')
+""")
+
+# KEYS: the key each matching queue gets the messages in; ARGV: delay seconds, the keys' type ('list':
+# LPUSH, 'stream': XADD with the field 'data', 'zset': the delayed ZSET, scored now + delay), then the
+# bodies (or delayed members). Every key's type is checked first: a key of another type changes nothing.
+_PUT_MANY = LuaScript(LUA_NOW + """
+for i = 1, #KEYS do
+  local t = redis.call('TYPE', KEYS[i])['ok']
+  if t ~= 'none' and t ~= ARGV[2] then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. t .. ', not a ' .. ARGV[2])
+  end
+end
+for i = 1, #KEYS do
+  for j = 3, #ARGV do
+    if ARGV[2] == 'list' then redis.call('LPUSH', KEYS[i], ARGV[j])
+    elseif ARGV[2] == 'stream' then redis.call('XADD', KEYS[i], '*', 'data', ARGV[j])
+    else redis.call('ZADD', KEYS[i], now + tonumber(ARGV[1]), ARGV[j]) end
+  end
+end
+return #KEYS
+""")
+
 
 def counts(attempts: int, crashes: int) -> str:
     """``<deliveries>`` or ``<deliveries>.<crashes>``: a message's counts as the Redis brokers keep them."""
@@ -136,8 +186,7 @@ def delayed_member(priority: int, seen: str, body: bytes) -> bytes:
 
 def dead_letter_envelope(letter: DeadLetter) -> bytes:
     """The JSON text kept in ``fl:{<queue>}:dead`` for a message given up on."""
-    return codec.dumps({"body": letter.body.decode("utf-8", "replace"), "reason": letter.reason,
-                        "failed_at": letter.failed_at, "attempts": letter.attempts})
+    return letter.envelope()
 
 
 class RedisBroker(RedisStoresMixin, Broker):
@@ -146,6 +195,7 @@ class RedisBroker(RedisStoresMixin, Broker):
     connection_errors = (RedisConnectionError, RedisTimeoutError)
     errors = (RedisError,)
     _keys_class: ClassVar[type[Any]]  # the kind's key names of a queue (built from its name)
+    _ready_type: ClassVar[str]  # the Redis type of a queue's ready keys: "list" or "stream"
 
     def __init__(self) -> None:
         self._keys: dict[str, Any] = {}
@@ -196,25 +246,69 @@ class RedisBroker(RedisStoresMixin, Broker):
         if wait > 0:
             self._blocking.wait(self._conn(), queue, wait, command)
 
+    def _check_priority(self, priority: int) -> int:
+        top = self.capabilities.max_priority
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= top:
+            raise ConfigurationError(f"{type(self).__name__} takes priorities 0..{top} (integers), not {priority!r}")
+        return priority
+
+    # -- routing (emulated; see the module docstring) ------------------------------------------------
+    def _ready_key(self, queue: str, priority: int) -> str:
+        """The key a message of ``priority`` waits in: the queue's own key (the list kinds override)."""
+        return queue
+
+    def _bind(self, bindings: Sequence[Binding]) -> None:
+        first = bindings[0]
+        fields = [codec.dumps([binding.queue, binding.key]) for binding in bindings]
+        declared = _BIND(self._conn(), [f"fl:exchange:{{{first.exchange}}}"], [first.exchange_type, *fields]).decode()
+        if declared != first.exchange_type:
+            routing_logger.warning("exchange %r exists as %s; binding queue %r with keys %r to it as it is, not as %s",
+                                   first.exchange, declared, first.queue, [b.key for b in bindings],
+                                   first.exchange_type)
+
+    def _bindings(self, exchange: str) -> list[Binding]:
+        stored = self._conn().execute_command("HGETALL", f"fl:exchange:{{{exchange}}}")  # a map in RESP3
+        fields = dict(stored.items() if isinstance(stored, dict) else zip(stored[::2], stored[1::2], strict=True))
+        declared = fields.pop(b"type", b"").decode()
+        return [Binding(exchange, declared, *codec.loads(field)) for field in fields]
+
+    def _put_many(self, queues: Sequence[str], bodies: Sequence[bytes], *, priority: int,
+                  not_before: float | None) -> None:
+        """One Lua script writes to every queue (see the module docstring): all or none."""
+        self._check_priority(priority)
+        delay = 0.0 if not_before is None else not_before - time.time()
+        if delay > 0:
+            keys, kind = [self._queue_keys(queue).delayed for queue in queues], "zset"
+            bodies = [delayed_member(priority, "0", body) for body in bodies]
+        else:
+            keys, kind = [self._ready_key(queue, priority) for queue in queues], self._ready_type
+        _PUT_MANY(self._conn(), keys, [repr(max(delay, 0.0)), kind, *bodies])
+        for queue in queues if delay > 0 else ():
+            self._expect_due(queue, delay)
+
     # -- dead letters ------------------------------------------------------------------------------
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         if limit <= 0:
             return []
         items = self._run(f"listing dead letters of queue {queue!r}", self._conn().execute_command, "LRANGE",
                           key_prefix(queue) + "dead", 0, limit - 1)
-        letters = []
-        for item in items:
-            try:
-                envelope = codec.loads(item)
-                letters.append(DeadLetter(queue, str(envelope["body"]).encode("utf-8"), str(envelope.get("reason", "")),
-                                          float(envelope.get("failed_at", 0.0)), int(envelope.get("attempts", 0))))
-            except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError):
-                letters.append(DeadLetter(queue, bytes(item), "unreadable dead-letter envelope", 0.0, 0))
-        return letters
+        return [DeadLetter.from_envelope(queue, item) for item in items]
 
     def purge_dead_letters(self, queue: str) -> int:
         return int(self._run(f"purging dead letters of queue {queue!r}", PURGE_LIST, self._conn(),
                              [key_prefix(queue) + "dead"], []))
+
+    def list_delayed(self, queue: str, limit: int = 100) -> list[tuple[float, bytes]]:
+        if limit <= 0:
+            return []
+        found = self._run(f"listing delayed messages of queue {queue!r}", self._conn().execute_command, "ZRANGE",
+                          key_prefix(queue) + "delayed", 0, limit - 1, "WITHSCORES")
+        pairs = found if found and isinstance(found[0], list | tuple) else zip(found[::2], found[1::2], strict=True)
+        return [(float(score), _DELAYED_MEMBER.sub(b"", member, count=1)) for member, score in pairs]
+
+    def remove_dead_letter(self, queue: str, letter: DeadLetter) -> bool:
+        return bool(self._run(f"removing a dead letter of queue {queue!r}", self._conn().execute_command, "LREM",
+                              key_prefix(queue) + "dead", 1, letter.ref))
 
     def _close(self) -> None:
         """Forget the connections (shared per process) and close the blocking waits' own."""
@@ -308,12 +402,14 @@ class RedisListLayout(RedisBroker):
     up to the kind's ``capabilities.max_priority``."""
 
     _keys_class = ListKeys
+    _ready_type = "list"
+
+    def _ready_key(self, queue: str, priority: int) -> str:
+        return self._queue_keys(queue).lists[priority]
 
     def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
         keys = self._queue_keys(queue)
-        level, top = priority, self.capabilities.max_priority
-        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= top:
-            raise ConfigurationError(f"{type(self).__name__} takes priorities 0..{top} (integers), not {priority!r}")
+        level = self._check_priority(priority)
         conn = self._conn()
         delay = 0.0 if not_before is None else not_before - time.time()
         if delay > 0:

@@ -18,7 +18,8 @@ heartbeat_interval=..., dead_after=...)``): give every consumer of a queue the s
 Redis 6.2 or newer (``LMOVE``).
 
 Capabilities: sweep redelivery, persistent (as far as Redis persists), delay, cross-process,
-cross-host, dead letters. No priority: one list per queue is what makes the fetch a plain pipeline
+cross-host, dead letters, emulated routing (exchanges and routing keys, see
+:mod:`funboost_like.brokers.redis_base`). No priority: one list per queue is what makes the fetch a plain pipeline
 of ``LMOVE`` (REDIS_ACK_ABLE has priorities). Attempts are counted per message: a nack or a crash
 recovery counts one, a release does not; crashes count the recoveries.
 
@@ -160,7 +161,7 @@ class RedisBrpopLpushBroker(RedisConsumers, RedisListLayout):
 
     kind = BrokerEnum.RedisBrpopLpush
     capabilities = Capabilities(redelivery="sweep", delay="native", dead_letters=True, key_value=True,
-                                persistent=True, cross_process=True, cross_host=True)
+                                routing="emulated", persistent=True, cross_process=True, cross_host=True)
     _scripts = _SCRIPTS
     _keys_class = _Keys
 

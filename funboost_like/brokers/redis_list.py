@@ -18,7 +18,8 @@ Settings: ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``, environment varia
 passwords never reach a log. Needs Redis 6.2 or newer (``RPOP`` with a count, ``BLMOVE``).
 
 Capabilities: no redelivery; persistent as far as Redis persists waiting messages (AOF/RDB); delay;
-priority 0..9 (higher first); cross-process; cross-host; dead letters. Attempts are counted per
+priority 0..9 (higher first); cross-process; cross-host; dead letters; emulated routing (exchanges and
+routing keys, see :mod:`funboost_like.brokers.redis_base`). Attempts are counted per
 message across nacks (a release does not count one).
 
 Cross-language contract: the ready list of priority 0 is the Redis LIST whose key is exactly the
@@ -85,7 +86,8 @@ class RedisListBroker(RedisListLayout):
 
     kind = BrokerEnum.REDIS
     capabilities = Capabilities(redelivery="none", delay="native", max_priority=LIST_MAX_PRIORITY, dead_letters=True,
-                                key_value=True, persistent=True, cross_process=True, cross_host=True)
+                                key_value=True, routing="emulated", persistent=True, cross_process=True,
+                                cross_host=True)
 
     def __init__(self) -> None:
         self._tokens = itertools.count(1)

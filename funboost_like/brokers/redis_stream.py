@@ -23,9 +23,11 @@ heartbeat_interval=..., dead_after=...)``): give every consumer of a queue the s
 Redis 6.2 or newer.
 
 Capabilities: sweep redelivery, persistent (as far as Redis persists), delay, cross-process,
-cross-host, dead letters. No priority: a stream is one ordered log (use REDIS_ACK_ABLE for
-priorities). Attempts: 1 for a first read plus the field ``delivered`` that a nack, a release or a
-crash recovery writes into the entry it adds again; crashes: its field ``crashes``.
+cross-host, dead letters, emulated routing (exchanges and routing keys: a routed publish ``XADD``s to
+every matching stream in one Lua script, see :mod:`funboost_like.brokers.redis_base`). No priority:
+a stream is one ordered log (use REDIS_ACK_ABLE for priorities). Attempts: 1 for a first read plus
+the field ``delivered`` that a nack, a release or a crash recovery writes into the entry it adds
+again; crashes: its field ``crashes``.
 
 Cross-language contract: the stream's key is exactly the queue name and the body is the field
 ``data``: another program publishes by ``XADD <queue> * data <json text>``. An entry without a
@@ -257,9 +259,10 @@ class RedisStreamBroker(RedisConsumers):
 
     kind = BrokerEnum.REDIS_STREAM
     capabilities = Capabilities(redelivery="sweep", delay="native", dead_letters=True, key_value=True,
-                                persistent=True, cross_process=True, cross_host=True)
+                                routing="emulated", persistent=True, cross_process=True, cross_host=True)
     _scripts = _SCRIPTS
     _keys_class = _Keys
+    _ready_type = "stream"
 
     def _open(self, queue: str) -> None:
         """Create the group (and the stream) unless it exists."""
@@ -406,8 +409,7 @@ class RedisStreamBroker(RedisConsumers):
     # -- inspection --------------------------------------------------------------------------------
     def in_flight(self, queue: str) -> int:
         """Entries of ``queue`` delivered to any consumer of the group and not yet acked."""
-        return int(self._run(f"counting in-flight messages of queue {queue!r}", _IN_FLIGHT, self._conn(), [queue],
-                             [GROUP]))
+        return int(self._run(f"counting in-flight entries of {queue!r}", _IN_FLIGHT, self._conn(), [queue], [GROUP]))
 
     def _size(self, queue: str) -> int:
         return int(_COUNT(self._conn(), [queue, self._queue_keys(queue).delayed], [GROUP]))

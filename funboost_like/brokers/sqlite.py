@@ -14,18 +14,23 @@ Settings used:
 * ``SQLITE_LEASE_SECONDS``: the lease; a killed consumer's messages come back after at most this long.
 * ``SQLITE_BUSY_TIMEOUT_SECONDS``: how long a statement waits for another process's write lock.
 * ``SQLITE_SYNCHRONOUS``: ``OFF``, ``NORMAL``, ``FULL`` or ``EXTRA`` (SQLite's ``PRAGMA synchronous``).
+* ``SQLITE_FILES_PER_QUEUE`` (second name ``MIDDLEWARE_NUM``, the seed's): how many files each queue is
+  spread over (default 1), so that processes publishing and consuming at once take different files'
+  write locks (see "Several files per queue" below).
 
-Capabilities: ack, persistent, delay, priority (higher first, then FIFO), cross_process, dead_letters.
+Capabilities: ack, persistent, delay, priority (higher first, then FIFO), cross_process, dead_letters,
+emulated routing.
 Not cross_host: the files must be on a local disk (WAL needs shared memory; never a network share).
 
 Durability: the files are in WAL mode. With ``synchronous=NORMAL`` (the default) every committed
 publish or ack survives a crash of any process; with ``FULL`` it also survives power loss or an OS
 crash, at the cost of an fsync per commit.
 
-Layout: one database file per queue, ``<folder>/<safe name>.sqlite3`` (see :func:`queue_file_name`),
-with the tables ``messages`` (ready and leased messages), ``delayed`` (messages not due yet, published
-with ``not_before`` or nacked with a delay, indexed by due time) and ``dead_letters``. Row ids come
-from AUTOINCREMENT and are never reused, so a stale token can never touch a newer message.
+Layout: one database file per queue, ``<folder>/<safe name>.sqlite3`` (see :func:`queue_file_name`;
+plus ``<safe name>+1.sqlite3`` ... when the queue is spread over several files), each with the tables
+``messages`` (ready and leased messages), ``delayed`` (messages not due yet, published with
+``not_before`` or nacked with a delay, indexed by due time) and ``dead_letters``. Row ids come from
+AUTOINCREMENT and are never reused, so a stale token can never touch a newer message.
 
 Delayed messages: a fetch moves the due rows of ``delayed`` into ``messages`` (at the back of their
 priority, as a new row) in one transaction, but only when the earliest due time says something is
@@ -35,6 +40,61 @@ ones; so any number of far-future messages costs a fetch nothing, and a waiting 
 delayed message within about 50 ms of it being due (at once when it was published in the same
 process). Files written by earlier versions may hold delayed rows in ``messages`` (``visible_at`` in
 the future); they are still delivered when due.
+
+Routing (exchanges and routing keys, emulated; see docs/routing.md): the bindings of every exchange
+are rows of the table ``bindings`` in ``<folder>/@exchanges.sqlite3`` (``@`` never starts a queue's
+or a store's file name), created by the first bind (or routed publish). A bind inserts its new rows
+in one transaction, so an exchange keeps the type it was first declared with, whichever process
+binds. A routed publish reads the bindings, then writes to the matching queue files with
+:meth:`SqliteBroker._put_many`: it begins a write transaction on every file (in queue name order, so
+two routed publishes never wait on each other in a cycle), inserts the rows into each (``messages``,
+or ``delayed`` for ``not_before``), and commits them one by one only once every insert succeeded.
+What holds:
+
+* an error before the first commit (a file locked past the busy timeout, disk full, a bad file)
+  rolls every file back: no queue gets the message and the publish raises;
+* after the publish returns, every matching queue has it;
+* a process killed (or a commit failing, e.g. on an I/O error) between two commits leaves the
+  message in the queues whose files were committed and not in the others, and nothing repairs that.
+  This is also what an ``ATTACH``-ed multi-file transaction gives in WAL mode (atomic per file, not
+  as a set, after a crash), so one connection per file is used, with no limit on the number of
+  queues (SQLite attaches at most 10 files) and each queue file's own connection, already open;
+* the commits follow one another, so for the time of one commit a consumer of a queue already
+  committed may run the message while another queue does not show it yet.
+
+Each commit writes that queue's WAL file, so a consumer waiting on a routed queue wakes at once.
+
+Several files per queue (``SQLITE_FILES_PER_QUEUE`` = N > 1; the code is in
+:mod:`funboost_like.brokers.sqlite_file_set`): file 0 is the queue's usual file, so N = 1 is the
+one-file layout and a queue made before keeps its messages; the extra files are
+``<safe name>+<k>.sqlite3``. What changes, and what holds:
+
+* a publish, or a whole ``publish_many`` batch, or a delayed publish, writes one file: the next of its
+  process's rotation over the N files (starting at a random one); a routed publish writes one file of
+  each matching queue, as above;
+* a fetch of ``max_n`` reads the keys (priority, time since visible) of the first ``max_n`` ready rows
+  of every file, merges them, and claims from each file as many rows as it has among the first
+  ``max_n`` (each file's claim is the usual one-statement claim of its first rows, so no two
+  consumers ever claim one row), starting at a rotating file; the batch comes back in the merged
+  order. So, for one consumer, **messages come out highest priority first, then in order of the time
+  they became ready** (publish time; due time for a delayed message; the time of the nack or release
+  for one given back, which within its own file keeps its place), whichever files hold them: the
+  order of one file is kept, and across files the order is that of the publish clocks of the
+  processes (one host, so one clock). Consumers fetching at the same time share the first messages
+  between them, as with one file. A fetch costs N reads and one claim per file that has a share, and
+  an ack one write per file of the batch, so N > 1 pays off only when waiting for the write lock,
+  not CPU, is what limits (see docs/performance.md);
+* a token names its file (the row id in file 0, ``(k, row id)`` in file k), so acks, nacks, releases,
+  dead letters and lease renewals go to the row's own file; leases, crash counting and delays work per
+  file exactly as with one file; ``count`` and ``purge`` add up every file (one transaction per file);
+  dead letters stay in the file of their message and are listed newest first over all files;
+* an idle fetch watches the WAL files of all N files at once (one inotify instance), so a publish to any
+  of them wakes it as with one file;
+* changing N while messages wait loses none: ``PRAGMA user_version`` of file 0 holds the most files any
+  process spread the queue over (raised before a process first writes another file), and every process
+  re-reads it at least every second and fetches from (and counts, purges) that many files. A process
+  with a smaller N thus drains the extra files; they are never deleted (another process may still
+  write them).
 
 Contract notes: times are wall-clock UNIX times shared by all processes (a clock jump moves leases
 and due times); changing ``SQLITE_QUEUES_PATH`` while messages are in flight is not supported.
@@ -50,22 +110,24 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.file_watch import FileWatch
+from funboost_like.brokers.routing import Binding, added_bindings
+from funboost_like.brokers.sqlite_file_set import FileSet, FilesWatch, QueueFile, by_file, merged, watch_files
 from funboost_like.core.config import data_dir_setting, settings
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import BrokerNotAvailable, ConfigurationError
-from funboost_like.core.sqlite_files import open_sqlite, queue_file_name
+from funboost_like.core.sqlite_files import execute_by_ids, open_sqlite, write_transaction
 from funboost_like.core.stores import SqliteKeyValueStore, check_namespace
 
 logger = logging.getLogger("funboost_like.sqlite")
 
-_CHUNK = 500  # ids per IN (...) list, well below SQLite's bound-parameter limit
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is truncated back to this after a checkpoint
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -88,79 +150,36 @@ _NEXT_DUE = "SELECT min(due) FROM delayed"
 # Due rows move to ``messages`` in due order; the two statements select the same rows because they
 # run in one write transaction.
 _DUE_IDS = "SELECT id FROM delayed WHERE due <= :now ORDER BY due, id LIMIT :n"
-_PROMOTE = (
-    "INSERT INTO messages (priority, visible_at, attempts, body)"
-    f" SELECT priority, due, attempts, body FROM delayed WHERE id IN ({_DUE_IDS}) ORDER BY due, id"
-)
+_PROMOTE = ("INSERT INTO messages (priority, visible_at, attempts, body)"
+            f" SELECT priority, due, attempts, body FROM delayed WHERE id IN ({_DUE_IDS}) ORDER BY due, id")
 _UNDELAY = f"DELETE FROM delayed WHERE id IN ({_DUE_IDS})"
 _PROMOTE_BATCH = 5000  # rows moved per transaction, so the write lock is held briefly
 _DUE_RECHECK = 0.05  # seconds between reads of the earliest due time (other processes' delayed rows)
-_DELAY = (
-    "INSERT INTO delayed (priority, due, attempts, body)"
-    " SELECT priority, ?, attempts, body FROM messages WHERE owner = ? AND id IN ({ids}) ORDER BY id"
-)
+_FILES_RECHECK = 1.0  # seconds between reads of the file count recorded in file 0 (other processes' files)
+_HEADS = "SELECT priority, visible_at FROM messages WHERE visible_at <= ? ORDER BY priority DESC, id LIMIT ?"
+_DELAY = ("INSERT INTO delayed (priority, due, attempts, body)"
+          " SELECT priority, ?, attempts, body FROM messages WHERE owner = ? AND id IN ({ids}) ORDER BY id")
 _DELETE_OWNED = "DELETE FROM messages WHERE owner = ? AND id IN ({ids})"
 # One statement claims the batch under SQLite's write lock, so two processes never claim one row. A
 # row that still has an owner was held by a consumer whose lease ran out: its death is counted.
-_CLAIM = (
-    "UPDATE messages SET visible_at = :lease_until, crashes = crashes + (owner IS NOT NULL), owner = :owner,"
-    " attempts = attempts + 1"
-    " WHERE id IN (SELECT id FROM messages WHERE visible_at <= :now ORDER BY priority DESC, id LIMIT :n)"
-    " RETURNING id, body, attempts, priority, crashes"
-)
+_CLAIM = ("UPDATE messages SET visible_at = :lease_until, crashes = crashes + (owner IS NOT NULL), owner = :owner,"
+          " attempts = attempts + 1"
+          " WHERE id IN (SELECT id FROM messages WHERE visible_at <= :now ORDER BY priority DESC, id LIMIT :n)"
+          " RETURNING id, body, attempts, priority, crashes")
 _DELETE = "DELETE FROM messages WHERE id IN ({ids})"
 _REQUEUE = "UPDATE messages SET owner = NULL, visible_at = ? WHERE owner = ? AND id IN ({ids})"
-_RELEASE = (
-    "UPDATE messages SET owner = NULL, visible_at = ?, attempts = max(attempts - 1, 0)"
-    " WHERE owner = ? AND id IN ({ids})"
-)
+_RELEASE = ("UPDATE messages SET owner = NULL, visible_at = ?, attempts = max(attempts - 1, 0)"
+            " WHERE owner = ? AND id IN ({ids})")
+_EXCHANGES_FILE = "@exchanges.sqlite3"  # the binding table's file: "@" never starts a queue's or a store's file
+_BINDINGS_SCHEMA = ("CREATE TABLE IF NOT EXISTS bindings (exchange TEXT NOT NULL, exchange_type TEXT NOT NULL,"
+                    " queue TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (exchange, queue, key))",)
+_BINDINGS = "SELECT exchange, exchange_type, queue, key FROM bindings WHERE exchange = ? ORDER BY rowid"
 _RENEW = "UPDATE messages SET visible_at = ? WHERE owner = ? AND id IN ({ids})"
 _WAITING = "owner IS NULL OR visible_at <= ?"  # not held, or held by a consumer whose lease ran out
+_COUNT = f"SELECT (SELECT count(*) FROM messages WHERE {_WAITING}) + (SELECT count(*) FROM delayed)"
 
 
 _ABANDONED: list[Any] = []  # thread-local state inherited from a parent process
-
-
-class _Queue:
-    """Process-local state of one queue file: the earliest due time of its delayed messages, as last seen
-    (only a cache: a stale value delays a due message by at most _DUE_RECHECK, never loses it)."""
-
-    __slots__ = ("path", "next_due", "due_checked")
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.next_due = math.inf
-        self.due_checked = -math.inf
-
-    def expect_due(self, due: float) -> None:
-        """A delayed message due at ``due`` was written by this process."""
-        if due < self.next_due:
-            self.next_due = due
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _by_ids(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...], ids: Sequence[Any]) -> int:
-    """Run ``sql`` (whose ``{ids}`` is an IN list) over ``ids`` in chunks, atomically; return rows changed."""
-    if len(ids) <= _CHUNK:
-        return conn.execute(sql.format(ids=", ".join(["?"] * len(ids))), (*params, *ids)).rowcount
-    changed = 0
-    with _transaction(conn):
-        for start in range(0, len(ids), _CHUNK):
-            part = ids[start:start + _CHUNK]
-            changed += conn.execute(sql.format(ids=", ".join(["?"] * len(part))), (*params, *part)).rowcount
-    return changed
 
 
 def _order(row: tuple[int, bytes, int, int, int]) -> tuple[int, int]:
@@ -181,26 +200,19 @@ def _synchronous() -> str:
     return value
 
 
-def _connect(path: str) -> sqlite3.Connection:
-    """Open ``path`` in autocommit mode with WAL, the configured synchronous level and the schema
-    (adding the ``crashes`` column to files written by earlier versions)."""
+def _connect(path: str, schema: tuple[str, ...] = _SCHEMA) -> sqlite3.Connection:
+    """Open ``path`` in autocommit mode with WAL, the configured synchronous level and ``schema``
+    (adding the ``crashes`` column to queue files written by earlier versions)."""
     conn = open_sqlite(path, busy_timeout=float(settings.get("SQLITE_BUSY_TIMEOUT_SECONDS")),
-                       synchronous=_synchronous(), schema=_SCHEMA,
+                       synchronous=_synchronous(), schema=schema,
                        pragmas=[f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}"])
-    if not any(row[1] == "crashes" for row in conn.execute("PRAGMA table_info(messages)")):
+    if schema is _SCHEMA and not any(row[1] == "crashes" for row in conn.execute("PRAGMA table_info(messages)")):
         try:
             conn.execute("ALTER TABLE messages ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
         except sqlite3.OperationalError as exc:
             if "duplicate column" not in str(exc):  # another process added it first
                 raise
     return conn
-
-
-def _by_queue(deliveries: Sequence[Delivery]) -> dict[str, list[Any]]:
-    groups: dict[str, list[Any]] = {}
-    for delivery in deliveries:
-        groups.setdefault(delivery.queue, []).append(delivery.token)
-    return groups
 
 
 class SqliteBroker(Broker):
@@ -212,18 +224,15 @@ class SqliteBroker(Broker):
 
     kind = BrokerEnum.PERSISTQUEUE
     capabilities = Capabilities(redelivery="lease", delay="native", max_priority=2**31, dead_letters=True,
-                                key_value=True, persistent=True, cross_process=True)
+                                key_value=True, routing="emulated", persistent=True, cross_process=True)
     errors = (sqlite3.Error, OSError)
 
     def __init__(self) -> None:
         if sqlite3.sqlite_version_info < (3, 35, 0):
-            raise BrokerNotAvailable(
-                "the PERSISTQUEUE broker needs SQLite 3.35 or newer (for RETURNING); "
-                f"this Python has {sqlite3.sqlite_version}"
-            )
+            raise BrokerNotAvailable("the PERSISTQUEUE broker needs SQLite 3.35 or newer (for RETURNING); "
+                                     f"this Python has {sqlite3.sqlite_version}")
         self._kv_stores: dict[str, SqliteKeyValueStore] = {}
         self._lock = threading.Lock()
-        self._queues: dict[tuple[str, str], _Queue] = {}
         super().__init__()
         self._after_fork()
 
@@ -235,6 +244,7 @@ class SqliteBroker(Broker):
             _ABANDONED.append(previous)
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._local = threading.local()
+        self._sets: dict[tuple[Any, Any, str], FileSet] = {}  # a new publish rotation, from a new random file
 
     @property
     def owner(self) -> str:
@@ -245,28 +255,42 @@ class SqliteBroker(Broker):
         return f"the SQLite queue folder {data_dir_setting('SQLITE_QUEUES_PATH', 'sqlite_queues')}"
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _queue(self, name: str) -> _Queue:
-        key = (str(settings.get("SQLITE_QUEUES_PATH") or ""), name)
-        q = self._queues.get(key)
-        if q is None:
-            path = str(data_dir_setting("SQLITE_QUEUES_PATH", "sqlite_queues") / queue_file_name(name))
+    def _files(self, name: str) -> FileSet:
+        key = (settings.get("SQLITE_QUEUES_PATH"), settings.get("SQLITE_FILES_PER_QUEUE"), name)
+        files = self._sets.get(key)
+        if files is None:
+            new = FileSet(data_dir_setting("SQLITE_QUEUES_PATH", "sqlite_queues"), name)
             with self._lock:
-                q = self._queues.setdefault(key, _Queue(path))
-        return q
+                files = self._sets.setdefault(key, new)
+        return files
 
-    def _conn(self, q: _Queue) -> sqlite3.Connection:
+    def _every_file(self, name: str) -> list[QueueFile]:
+        """The files of ``name``, file 0's record of their count read now."""
+        files = self._files(name)
+        return files.recount(self._conn(files.files[0]), time.time())
+
+    def _publish_file(self, name: str) -> QueueFile:
+        """The file a publish to ``name`` writes: file 0, or the next of this process's rotation."""
+        files = self._files(name)
+        if files.configured == 1:
+            return files.files[0]
+        if files.checked < 0:  # the file count is recorded in file 0 before any other file is written
+            files.recount(self._conn(files.files[0]), time.time())
+        return files.for_publish()
+
+    def _conn(self, q: QueueFile, schema: tuple[str, ...] = _SCHEMA) -> sqlite3.Connection:
         try:
             conns: dict[str, sqlite3.Connection] = self._local.conns
         except AttributeError:
             conns = self._local.conns = {}
         conn = conns.get(q.path)
         if conn is None:
-            conn = conns[q.path] = _connect(q.path)
+            conn = conns[q.path] = _connect(q.path, schema)
         return conn
 
     def path(self, queue: str) -> Path:
-        """The database file of ``queue`` (it may not exist yet)."""
-        return Path(self._queue(queue).path)
+        """The database file of ``queue`` (file 0 when it is spread over several; it may not exist yet)."""
+        return Path(self._files(queue).files[0].path)
 
     def key_value_store(self, queue: str, namespace: str) -> SqliteKeyValueStore:
         """The store file beside the queue's: ``<folder>/<queue file stem>@<namespace>.sqlite3``.
@@ -283,26 +307,54 @@ class SqliteBroker(Broker):
 
     # -- primitives ------------------------------------------------------------------------------
     def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
-        q = self._queue(queue)
-        conn = self._conn(q)
-        now, level = time.time(), int(priority)
-        if not_before is not None and float(not_before) > now:
-            due = float(not_before)
-            with _transaction(conn):
-                conn.executemany(_INSERT_DELAYED, [(level, due, bytes(body)) for body in bodies])
-            q.expect_due(due)
-        elif len(bodies) == 1:
-            body = bodies[0]
-            conn.execute(_INSERT, (level, now, body if type(body) is bytes else bytes(body)))
+        if len(bodies) != 1 or not_before is not None:  # a batch or a delayed message: one transaction
+            return self._put_many((queue,), bodies, priority=priority, not_before=not_before)
+        body = bodies[0]
+        self._conn(self._publish_file(queue)).execute(_INSERT, (int(priority), time.time(),
+                                                                body if type(body) is bytes else bytes(body)))
+
+    def _put_many(self, queues: Sequence[str], bodies: Sequence[bytes], *, priority: int,
+                  not_before: float | None) -> None:
+        """Insert into one file of every queue, committing only once all inserts succeeded (see the module
+        docstring)."""
+        now = time.time()
+        due = float(not_before) if not_before is not None and float(not_before) > now else None
+        sql, at = (_INSERT, now) if due is None else (_INSERT_DELAYED, due)
+        rows = [(int(priority), at, body if type(body) is bytes else bytes(body)) for body in bodies]
+        targets = [self._publish_file(name) for name in sorted(queues)]
+        if len(targets) == 1:  # publish_many or a delayed publish
+            with write_transaction(self._conn(targets[0])) as conn:
+                conn.executemany(sql, rows)
         else:
-            with _transaction(conn):
-                conn.executemany(_INSERT, [(level, now, body if type(body) is bytes else bytes(body))
-                                           for body in bodies])
+            with ExitStack() as transactions:  # write locks taken in name order, commits in reverse order
+                for target in targets:
+                    transactions.enter_context(write_transaction(self._conn(target))).executemany(sql, rows)
+        for target in targets if due is not None else ():
+            target.expect_due(at)
+
+    def _bind(self, bindings: Sequence[Binding]) -> None:
+        """Insert the new rows in one transaction (an exchange keeps the type it was first declared with)."""
+        with write_transaction(self._exchanges()) as conn:
+            existing = [Binding(*row) for row in conn.execute(_BINDINGS, (bindings[0].exchange,))]
+            conn.executemany("INSERT INTO bindings VALUES (?,?,?,?)", map(astuple, added_bindings(existing, bindings)))
+
+    def _bindings(self, exchange: str) -> list[Binding]:
+        return [Binding(*row) for row in self._exchanges().execute(_BINDINGS, (exchange,))]
+
+    def _exchanges(self) -> sqlite3.Connection:
+        """This thread's connection to the binding table (its file is created by the first bind or routed publish)."""
+        return self._conn(QueueFile(str(data_dir_setting("SQLITE_QUEUES_PATH", "sqlite_queues") / _EXCHANGES_FILE)),
+                          _BINDINGS_SCHEMA)
 
     def _get(self, queue: str, max_n: int) -> list[Delivery]:
         """Claim up to ``max_n`` ready messages, highest priority first, then oldest."""
-        q = self._queue(queue)
+        files = self._files(queue)
         now = time.time()
+        if now - files.checked >= _FILES_RECHECK:
+            files.recount(self._conn(files.files[0]), now)
+        if len(files.files) > 1:
+            return self._get_merged(queue, files, max_n, now)
+        q = files.files[0]
         if now >= q.next_due or now - q.due_checked >= _DUE_RECHECK:
             self._promote_due(q, now)
         params = {"lease_until": now + _lease_seconds(), "owner": self._owner, "now": now, "n": max_n}
@@ -313,7 +365,20 @@ class SqliteBroker(Broker):
         return [Delivery(queue, body, token, attempts, priority, crashes)
                 for token, body, attempts, priority, crashes in rows]
 
-    def _promote_due(self, q: _Queue, now: float) -> None:
+    def _get_merged(self, queue: str, files: FileSet, max_n: int, now: float) -> list[Delivery]:
+        """Read the first ``max_n`` ready rows' keys of every file, then claim from each file as many as it
+        has among the first ``max_n`` of them all (see the module docstring)."""
+        heads = []
+        for q in files.files:
+            if now >= q.next_due or now - q.due_checked >= _DUE_RECHECK:
+                self._promote_due(q, now)
+            heads.append(self._conn(q).execute(_HEADS, (now, max_n)).fetchall())
+        params = {"lease_until": now + _lease_seconds(), "owner": self._owner, "now": now}
+        claimed = {k: self._conn(files.files[k]).execute(_CLAIM, {**params, "n": n}).fetchall()
+                   for k, n in files.claims(heads, max_n)}
+        return merged(queue, files, claimed, heads)
+
+    def _promote_due(self, q: QueueFile, now: float) -> None:
         """Move the delayed messages due by ``now`` into ``messages``; take the write lock only when
         the earliest due time (an index lookup) says something is due."""
         conn = self._conn(q)
@@ -324,7 +389,7 @@ class SqliteBroker(Broker):
             if q.next_due > now:
                 return
         params = {"now": now, "n": _PROMOTE_BATCH}
-        with _transaction(conn):
+        with write_transaction(conn):
             conn.execute(_PROMOTE, params)
             conn.execute(_UNDELAY, params)
             first = conn.execute(_NEXT_DUE).fetchall()[0][0]
@@ -332,61 +397,63 @@ class SqliteBroker(Broker):
         q.next_due = math.inf if first is None else float(first)
 
     def _wait(self, queue: str, timeout: float) -> None:
-        """Sleep until another process (or thread) writes the queue's file, a known delayed message is
-        due, or ``timeout``: an inotify watch on the WAL file where the system has one."""
-        q = self._queue(queue)
-        self._conn(q)  # the WAL file exists while a connection is open
-        watches: dict[str, FileWatch] = self._local.__dict__.setdefault("watches", {})
-        watch = watches.get(q.path)
-        if watch is None:
-            watch = watches[q.path] = FileWatch(q.path + "-wal")
-        watch.wait(max(0.001, min(timeout, q.next_due - time.time())))
+        """Sleep until another process (or thread) writes one of the queue's files, a known delayed message
+        is due, or ``timeout``: an inotify watch on each WAL file where the system has one."""
+        files = self._files(queue).files
+        watches: dict[tuple[str, ...], FileWatch | FilesWatch] = self._local.__dict__.setdefault("watches", {})
+        paths = tuple(q.path for q in files)
+        watch = watches.get(paths)
+        if watch is None:  # the caller fetches again before the next wait, so a write made before this is not missed
+            for q in files:
+                self._conn(q)  # the WAL file exists while a connection is open
+            watches[paths] = watch_files([path + "-wal" for path in paths])
+            return
+        watch.wait(max(0.001, min(timeout, min(q.next_due for q in files) - time.time())))
 
     def _ack(self, deliveries: Sequence[Delivery]) -> None:
         """Delete the messages (whoever holds them now)."""
-        for queue, ids in _by_queue(deliveries).items():
-            _by_ids(self._conn(self._queue(queue)), _DELETE, (), ids)
+        for (queue, k), ids in by_file(deliveries).items():
+            execute_by_ids(self._conn(self._files(queue).file(k)), _DELETE, (), ids)
 
     def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
         """Visible again (a released or requeued message keeps its id, so its place); skipped for a
         message whose lease ran out and that another consumer took meanwhile."""
-        for queue, ids in _by_queue(deliveries).items():
-            q = self._queue(queue)
+        for (queue, k), ids in by_file(deliveries).items():
+            q = self._files(queue).file(k)
             conn = self._conn(q)
             if delay > 0:
                 due = time.time() + delay
-                with _transaction(conn):
-                    _by_ids(conn, _DELAY, (due, self._owner), ids)
-                    _by_ids(conn, _DELETE_OWNED, (self._owner,), ids)
+                with write_transaction(conn):
+                    execute_by_ids(conn, _DELAY, (due, self._owner), ids)
+                    execute_by_ids(conn, _DELETE_OWNED, (self._owner,), ids)
                 q.expect_due(due)
             else:
-                _by_ids(conn, _REQUEUE if count_attempt else _RELEASE, (time.time(), self._owner), ids)
+                execute_by_ids(conn, _REQUEUE if count_attempt else _RELEASE, (time.time(), self._owner), ids)
 
     def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         """Move the message to ``dead_letters`` with the reason in one transaction (the error is not stored)."""
-        with _transaction(self._conn(self._queue(delivery.queue))) as conn:
-            conn.execute(
-                "INSERT INTO dead_letters (message_id, body, reason, failed_at, attempts) VALUES (?, ?, ?, ?, ?)",
-                (delivery.token, delivery.body, letter.reason, letter.failed_at, letter.attempts),
-            )
-            conn.execute("DELETE FROM messages WHERE id = ?", (delivery.token,))
+        [((queue, k), [row_id])] = by_file([delivery]).items()
+        with write_transaction(self._conn(self._files(queue).file(k))) as conn:
+            conn.execute("INSERT INTO dead_letters (message_id, body, reason, failed_at, attempts)"
+                         " VALUES (?, ?, ?, ?, ?)",
+                         (row_id, delivery.body, letter.reason, letter.failed_at, letter.attempts))
+            conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
 
     def _purge(self, queue: str) -> int:
-        """Delete the waiting messages (ready, delayed, or with an expired lease); leased ones stay."""
-        q = self._queue(queue)
-        with _transaction(self._conn(q)) as conn:
-            deleted = conn.execute(f"DELETE FROM messages WHERE {_WAITING}", (time.time(),)).rowcount
-            deleted += conn.execute("DELETE FROM delayed").rowcount
-        q.next_due = math.inf
-        return int(deleted)
+        """Delete the waiting messages (ready, delayed, or with an expired lease); leased ones stay. One
+        transaction per file."""
+        deleted = 0
+        for q in self._every_file(queue):
+            with write_transaction(self._conn(q)) as conn:
+                deleted += conn.execute(f"DELETE FROM messages WHERE {_WAITING}", (time.time(),)).rowcount
+                deleted += conn.execute("DELETE FROM delayed").rowcount
+            q.next_due = math.inf
+        return deleted
 
     def _size(self, queue: str) -> int:
         """Messages not held by a live consumer: ready, delayed, or left behind by a dead one."""
-        rows = self._conn(self._queue(queue)).execute(
-            f"SELECT (SELECT count(*) FROM messages WHERE {_WAITING}) + (SELECT count(*) FROM delayed)",
-            (time.time(),),
-        ).fetchall()
-        return int(rows[0][0])
+        now = time.time()
+        return sum(int(self._conn(q).execute(_COUNT, (now,)).fetchall()[0][0]) for q in self._every_file(queue))
 
     def maintenance_interval(self) -> float:
         return _lease_seconds() / 3
@@ -394,10 +461,10 @@ class SqliteBroker(Broker):
     def _renew(self, deliveries: Sequence[Delivery]) -> None:
         """Push the lease of every message this process holds to now + lease."""
         until = time.time() + _lease_seconds()
-        for queue, ids in _by_queue(deliveries).items():
-            q = self._queue(queue)
+        for (queue, k), ids in by_file(deliveries).items():
+            q = self._files(queue).file(k)
             try:
-                _by_ids(self._conn(q), _RENEW, (until, self._owner), sorted(ids))
+                execute_by_ids(self._conn(q), _RENEW, (until, self._owner), sorted(ids))
             except (sqlite3.Error, OSError):
                 logger.warning("could not renew the leases of %d message(s) in %s", len(ids), q.path, exc_info=True)
 
@@ -407,13 +474,28 @@ class SqliteBroker(Broker):
 
     # -- dead letters ---------------------------------------------------------------------------
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        rows = self._conn(self._queue(queue)).execute(
-            "SELECT body, reason, failed_at, attempts FROM dead_letters ORDER BY id DESC LIMIT ?", (max(0, limit),)
-        ).fetchall()
-        return [DeadLetter(queue, bytes(body), reason, at, attempts) for body, reason, at, attempts in rows]
+        """The newest ``limit`` dead letters (of all the queue's files, by time), newest first."""
+        files = self._every_file(queue)
+        rows = [(*row, q.path) for q in files for row in self._conn(q).execute(
+            "SELECT body, reason, failed_at, attempts, id FROM dead_letters ORDER BY id DESC LIMIT ?",
+            (max(0, limit),))]
+        if len(files) > 1:
+            rows.sort(key=lambda row: -row[2])
+        return [DeadLetter(queue, bytes(body), reason, at, attempts, ref=(path, row_id))
+                for body, reason, at, attempts, row_id, path in rows[:limit]]
+
+    def list_delayed(self, queue: str, limit: int = 100) -> list[tuple[float, bytes]]:
+        rows = [(float(due), bytes(body)) for q in self._every_file(queue) for due, body in self._conn(q).execute(
+            "SELECT due, body FROM delayed ORDER BY due, id LIMIT ?", (max(0, limit),))]
+        return sorted(rows, key=lambda row: row[0])[:limit]
+
+    def remove_dead_letter(self, queue: str, letter: DeadLetter) -> bool:
+        path, row_id = letter.ref
+        [q] = [q for q in self._every_file(queue) if q.path == path]
+        return self._conn(q).execute("DELETE FROM dead_letters WHERE id = ?", (row_id,)).rowcount == 1
 
     def purge_dead_letters(self, queue: str) -> int:
-        return int(self._conn(self._queue(queue)).execute("DELETE FROM dead_letters").rowcount)
+        return sum(int(self._conn(q).execute("DELETE FROM dead_letters").rowcount) for q in self._every_file(queue))
 
     # -- shutdown -------------------------------------------------------------------------------
     def _close(self) -> None:

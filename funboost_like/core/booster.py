@@ -75,6 +75,12 @@ class ConsumerOptions(TypedDict, total=False):
     function_result_status_persistence_conf: FunctionResultStatusPersistanceConfig
     is_using_rpc_mode: bool
     broker_kind: int
+    max_crash_redeliveries: int | None
+    retry_backoff: float
+    retry_backoff_max: float
+    retry_jitter: bool
+    broker_exclusive_config: dict[str, Any] | None
+    use_cache: bool
 
 
 class Booster(Generic[P, R]):
@@ -128,9 +134,11 @@ class Booster(Generic[P, R]):
         return self.publisher.push(*args, **kwargs)
 
     def publish(self, msg: Mapping[str, Any] | str,
-                priority_control_config: PriorityConsumingControlConfig | None = None) -> AsyncResult:
-        """Publish a call given as a dict of keyword arguments, with optional publish-time options."""
-        return self.publisher.publish(msg, priority_control_config)
+                priority_control_config: PriorityConsumingControlConfig | None = None, *,
+                routing_key: str | None = None) -> AsyncResult:
+        """Publish a call given as a dict of keyword arguments, with optional publish-time options;
+        ``routing_key``: through the queue's exchange (``broker_exclusive_config``) to every queue it matches."""
+        return self.publisher.publish(msg, priority_control_config, routing_key=routing_key)
 
     pub = publish
 

@@ -2,7 +2,8 @@
 
 Precedence, lowest first: the defaults below < a ``distributed_frame_config.py`` module found on
 ``sys.path`` (the start script's folder comes first there) < environment variables named
-``FUNBOOST_LIKE_<SETTING>`` < :func:`patch_frame_config`.
+``FUNBOOST_LIKE_<SETTING>`` < :func:`patch_frame_config`. A setting named in :data:`ALIASES` may also be
+given under its second name (a seed's spelling) at every level.
 
 Nothing is read until a setting is first needed, and nothing is ever written: run
 ``python -m funboost_like init-config`` to copy the commented template into a project.
@@ -42,10 +43,59 @@ DEFAULTS: dict[str, Any] = {
     "SQLITE_LEASE_SECONDS": 15.0,  # a killed consumer's messages come back after at most this long (renewed every 5 s)
     "SQLITE_BUSY_TIMEOUT_SECONDS": 5.0,  # below lease / 3, so lease renewal never stalls past a lease
     "SQLITE_SYNCHRONOUS": "NORMAL",  # NORMAL survives a process crash; FULL also survives power loss
+    "SQLITE_FILES_PER_QUEUE": 1,  # files one queue is spread over, to lower write contention (alias MIDDLEWARE_NUM)
     # Redis (used by the Redis brokers and Redis-backed services).
     "REDIS_URL": "redis://127.0.0.1:6379/0",
     "REDIS_HEARTBEAT_SECONDS": 5.0,  # REDIS_ACK_ABLE / RedisBrpopLpush consumers heartbeat this often
     "REDIS_DEAD_AFTER_SECONDS": 15.0,  # ... and a consumer silent this long is dead: its messages return
+    # RabbitMQ (RABBITMQ_PIKA, RABBITMQ_AMQPSTORM, RABBITMQ_RABBITPY) and kombu (KOMBU; "" means RABBITMQ_URL).
+    "RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:5672/%2F",
+    "KOMBU_URL": "",
+    # SQL databases through SQLAlchemy 2 (SQLACHEMY; alias SQLACHEMY_ENGINE_URL, the seed's spelling).
+    "SQLALCHEMY_URL": "",  # "" means sqlite:///<SQLITE_QUEUES_PATH folder>/sqlalchemy_queues.sqlite3
+    "SQLALCHEMY_LEASE_SECONDS": 15.0,  # a killed consumer's messages come back after at most this long
+    # NATS JetStream (NATS).
+    "NATS_URL": "nats://127.0.0.1:4222",
+    "NATS_ACK_WAIT_SECONDS": 30.0,  # a killed consumer's messages come back after this long (live ones renew)
+    # NSQ (NSQ; docs/nsq.md): nsqd's TCP and HTTP addresses, in the same order.
+    "NSQD_TCP_ADDRESSES": "127.0.0.1:4150",  # host:port[,host:port...]
+    "NSQD_HTTP_ADDRESSES": "127.0.0.1:4151",  # the HTTP address of each nsqd above (count, purge, dead letters)
+    "NSQ_MSG_TIMEOUT_SECONDS": 60.0,  # a killed consumer's messages come back after this long (live ones TOUCH)
+    # Kafka (KAFKA with kafka-python, CONFLUENT_KAFKA with confluent-kafka; docs/kafka.md).
+    "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",  # host:port[,host:port...]
+    "KAFKA_PARTITIONS": 4,  # partitions of a topic funboost_like creates; publishers use at most this many
+    "KAFKA_SESSION_TIMEOUT_SECONDS": 10.0,  # a killed consumer's partitions move to the others after this long
+    "KAFKA_ORDERED_QUEUES": "",  # comma-separated queues that run one call at a time per partition
+    "KAFKA_SECURITY_PROTOCOL": "PLAINTEXT",  # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
+    "KAFKA_SASL_MECHANISM": "PLAIN",
+    "KAFKA_SASL_USERNAME": "",
+    "KAFKA_SASL_PASSWORD": "",  # never logged
+    "KAFKA_API_VERSION": "",  # kafka-python only: "" asks the server; "2.0" where its answer cannot be read
+    # MQTT (MQTT; docs/mqtt.md): Mosquitto or any MQTT 5 server with shared subscriptions.
+    "MQTT_URL": "mqtt://127.0.0.1:1883",  # mqtt://user:password@host:port, or mqtts:// for TLS
+    "MQTT_SESSION_EXPIRY_SECONDS": 604800.0,  # the server keeps a consumer slot's session (its messages) this long
+    "MQTT_RECEIVE_MAXIMUM": 1000,  # messages the server may send one consumer process before its acks
+    # MongoDB (MONGOMQ): the URL's database is used ("funboost_like" when it names none).
+    "MONGO_URL": "mongodb://127.0.0.1:27017/funboost_like",
+    "MONGO_LEASE_SECONDS": 15.0,  # a killed consumer's messages come back after at most this long
+    # ZeroMQ (ZEROMQ; docs/zeromq.md): a queue's name is the TCP port of its hub, a process on the consumers' host.
+    "ZEROMQ_HOST": "127.0.0.1",  # where hubs are reached; on a loopback address a missing hub is started
+    "ZEROMQ_BIND_HOST": "127.0.0.1",  # the address a started hub binds ("0.0.0.0": reachable from other hosts)
+    "ZEROMQ_PORT": 0,  # the hub port of queues whose names are not port numbers (0: such names are refused)
+    "ZEROMQ_TIMEOUT_SECONDS": 5.0,  # how long a request waits for its hub's answer
+    "ZEROMQ_HUB_IDLE_SECONDS": 600.0,  # a started hub exits after this long without requests while empty
+    # Apache Pulsar (PULSAR; docs/pulsar.md), tested on pulsar-lite.
+    "PULSAR_URL": "pulsar://127.0.0.1:6650",  # pulsar://host:port or pulsar+ssl://host:port
+    "PULSAR_NAMESPACE": "public/default",  # tenant/namespace of the queues' topics
+    # HTTPSQS (HTTPSQS; docs/httpsqs.md): httpsqs 1.7, at-most-once; tested against a fixture server only.
+    "HTTPSQS_URL": "http://127.0.0.1:1218/",  # http://host:port/?auth=PASSWORD (the password is never logged)
+    "HTTPSQS_TIMEOUT_SECONDS": 5.0,  # how long one request waits for the server's answer
+    "HTTPSQS_PIPELINE": 100,  # requests in flight on one connection (publish_many, batch fetches); 1: none
+    # The Django ORM queue (DJANGO_ORM, funboost_like.contrib.django in INSTALLED_APPS; docs/django.md).
+    "DJANGO_SETTINGS_MODULE": "",  # used to set Django up when the process has not; "" means the environment's
+    "DJANGO_DATABASE_ALIAS": "",  # "" means the Django setting FUNBOOST_LIKE_DATABASE, else "default"
+    "DJANGO_LEASE_SECONDS": 15.0,  # a killed consumer's messages come back after at most this long
+    "DJANGO_MIGRATE_ON_FIRST_USE": False,  # True: apply the app's migrations when its tables are missing
     # Logging.
     "LOG_CONSOLE": True,  # attach a console handler when the application configured no logging
     "LOG_COLOR": True,
@@ -54,6 +104,16 @@ DEFAULTS: dict[str, Any] = {
     "GRACEFUL_STOP_SECONDS": 30.0,  # how long running calls may finish after SIGINT/SIGTERM
     "THREAD_KEEP_ALIVE_SECONDS": 10.0,  # an idle worker thread exits after this long
     "STATS_LOG_INTERVAL_SECONDS": 60.0,
+    # Operations (docs/operations.md): consumers register and beat; control records pause them, change qps.
+    "OPS_REGISTRY": True,  # False: no worker records, no queue index, no run-time control
+    "OPS_HEARTBEAT_SECONDS": 2.0,  # a worker record is rewritten this often; stale after 3 beats, gone after 10
+    # Prometheus metrics and OpenTelemetry spans (docs/metrics.md).
+    "METRICS": False,  # True: publishers and consumers count for Prometheus (per-process snapshots in METRICS_DIR)
+    "METRICS_DIR": "",  # "" means <per-user data dir>/metrics; one folder per host, shared by its processes
+    "METRICS_FLUSH_SECONDS": 1.0,  # how often a process writes its snapshot
+    "METRICS_PORT": 0,  # > 0: a consumer's process serves /metrics on this port (0: none; see `funboost_like metrics`)
+    "METRICS_HOST": "127.0.0.1",  # the address that endpoint binds
+    "OPENTELEMETRY_TRACING": True,  # spans when opentelemetry-api is installed and an SDK is configured; False: never
     # Processes (run_consumer_with_multi_process, multi_process_consume).
     "MULTI_PROCESS_START_METHOD": "",  # "fork", "spawn" or "forkserver"; "" means the platform default
     # Timing jobs (fsdf_background_scheduler).
@@ -69,7 +129,13 @@ DEFAULTS: dict[str, Any] = {
     "TIMEZONE": "",  # IANA name for naive eta datetimes and time windows; "" means the machine's local time
 }
 
-SECRET_SETTINGS = frozenset({"REDIS_URL"})
+SECRET_SETTINGS = frozenset({"REDIS_URL", "RABBITMQ_URL", "KOMBU_URL", "SQLALCHEMY_URL", "NATS_URL", "MONGO_URL",
+                             "MQTT_URL", "PULSAR_URL", "KAFKA_SASL_PASSWORD", "HTTPSQS_URL"})
+
+
+# A second name for a setting (a seed's spelling), read at every level like the setting's own name; where
+# both are given at one level, the setting's own name wins.
+ALIASES: dict[str, str] = {"MIDDLEWARE_NUM": "SQLITE_FILES_PER_QUEUE", "SQLACHEMY_ENGINE_URL": "SQLALCHEMY_URL"}
 
 
 class _Settings:
@@ -84,10 +150,10 @@ class _Settings:
     def _load(self) -> dict[str, Any]:
         values = dict(DEFAULTS)
         values.update(self._read_user_module())
-        for name, default in DEFAULTS.items():
-            raw = os.environ.get(ENV_PREFIX + name)
+        for env_name, name in [*ALIASES.items(), *((name, name) for name in DEFAULTS)]:  # aliases first: own names win
+            raw = os.environ.get(ENV_PREFIX + env_name)
             if raw is not None:
-                values[name] = _parse_env(name, raw, default)
+                values[name] = _parse_env(env_name, raw, DEFAULTS[name])
         values.update(self._patched)
         return values
 
@@ -101,7 +167,9 @@ class _Settings:
             assert spec.loader is not None
             spec.loader.exec_module(module)
         self.source_file = spec.origin
-        return {name: getattr(module, name) for name in DEFAULTS if hasattr(module, name)}
+        found = {name: getattr(module, alias) for alias, name in ALIASES.items() if hasattr(module, alias)}
+        found.update({name: getattr(module, name) for name in DEFAULTS if hasattr(module, name)})
+        return found
 
     def get(self, name: str) -> Any:
         values = self._values
@@ -113,9 +181,13 @@ class _Settings:
         try:
             return values[name]
         except KeyError:
+            if name in ALIASES:
+                return values[ALIASES[name]]
             raise ConfigurationError(f"unknown setting {name!r}") from None
 
     def patch(self, settings: dict[str, Any]) -> None:
+        own = {name: value for name, value in settings.items() if name not in ALIASES}
+        settings = {**{ALIASES[name]: value for name, value in settings.items() if name in ALIASES}, **own}
         unknown = sorted(set(settings) - set(DEFAULTS))
         if unknown:
             raise ConfigurationError(
@@ -135,7 +207,8 @@ class _Settings:
         values = {name: self.get(name) for name in DEFAULTS}
         if redact:
             for name in SECRET_SETTINGS:
-                values[name] = redact_url(str(values[name]))
+                value = str(values[name])
+                values[name] = redact_url(value) if "://" in value or not value else "***"  # a bare password
         return values
 
 
@@ -163,17 +236,23 @@ def _parse_env(name: str, raw: str, default: Any) -> Any:
 def redact_url(url: str) -> str:
     """``redis://user:secret@host/0?password=x`` -> ``redis://user:***@host/0?password=***``.
 
-    Passwords never reach a log, whether in the user-info part or in a ``password`` query parameter.
+    Passwords never reach a log, whether in the user-info part or in a ``password`` (``pass``, ``pwd``,
+    or httpsqs's ``auth``) query parameter;
+    nor does a NATS token (``nats://token@host``). A comma-separated list of URLs is redacted URL by URL.
     """
+    if "," in url and url.count("://") > 1:
+        return ",".join(redact_url(one.strip()) for one in url.split(","))
     try:
         parts = urlsplit(url)
     except ValueError:
         return "***"
-    if parts.password is not None:
+    if parts.scheme in ("nats", "tls") and parts.username and parts.password is None:
+        parts = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1])
+    elif parts.password is not None:
         netloc = parts.netloc.rsplit("@", 1)[1]
         parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
     if parts.query:
-        pairs = [(k, "***" if k.lower() in ("password", "pass", "pwd") else v)
+        pairs = [(k, "***" if k.lower() in ("password", "pass", "pwd", "auth") else v)
                  for k, v in parse_qsl(parts.query, keep_blank_values=True)]
         parts = parts._replace(query=urlencode(pairs, safe="*"))
     return urlunsplit(parts)

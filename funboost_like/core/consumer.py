@@ -54,9 +54,13 @@ from funboost_like.middleware.base import build_middlewares, overriding
 # The number is the runs of a failed call (its dead letter records them), the delay of a requeue.
 Outcome = tuple[int, Delivery, str, "BaseException | None", float]
 
+# The fetcher's pace: (qps, rate limiter, batch size, inline runner).
+_Pace = tuple[float, "RateLimiter | DistributedRateLimiter | None", int, "InlineRunner | None"]
+
 _IDLE_FETCH_TIMEOUT = 1.0
 _BUSY_FETCH_TIMEOUT = 0.02  # while calls run, come back soon to flush their acks
 _WINDOW = 60  # seconds of history behind the rate and the time-left estimate
+_TICK = 0.25  # seconds between two looks of the fetcher at its periodic work (stats line, a new qps)
 _ABANDON_GRACE = 0.2  # seconds a timed-out call gets to unwind before its thread is abandoned
 
 
@@ -124,6 +128,7 @@ class Consumer:
         self._fetcher_waiting = False
         self._thread: threading.Thread | None = None
         self._pool: Pool | None = None
+        self._bound = False  # the queue is bound to its exchange (broker_exclusive_config), or has none
         self._inline: InlineRunner | None = None
         self._handover_counts = (0, 0)  # the fetcher's (started, finished) when it last ran calls itself
         self._retired: list[threading.Thread] = []  # fetchers that handed over, stuck in a long call
@@ -133,8 +138,11 @@ class Consumer:
         self.middlewares: list[Middleware] = build_middlewares(self)
         self._gates = overriding(self.middlewares, "pause_for")
         self._before = overriding(self.middlewares, "before_call")
-        self._on_start = overriding(self.middlewares, "on_start")
-        self._after = overriding(self.middlewares, "after_call")
+        # Bound methods, looked up once: a hook costs one call per message, no attribute lookup.
+        self._on_start: list[Callable[[Call], None]] = [m.on_start for m in overriding(self.middlewares, "on_start")]
+        self._after: list[Callable[[Call], None]] = [m.after_call for m in overriding(self.middlewares, "after_call")]
+        self._qps_target = float(params.qps)  # set_qps(); the fetcher applies it on its tick
+        self.qps_in_effect = float(params.qps)
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -161,6 +169,7 @@ class Consumer:
                 from funboost_like.core.log import add_file_handler
 
                 add_file_handler(self.logger, f"{self.params.logger_prefix}{self.queue_name}.log")
+            self._bind_now()
             self._pool = self._make_pool()
             self._inline = self._make_inline_runner(self._pool)
             self.stats.started_at = time.monotonic()
@@ -252,6 +261,16 @@ class Consumer:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def set_qps(self, qps: float) -> None:
+        """Change the rate limit of this consumer (0: none) while it runs, e.g. from a control record.
+
+        The fetcher rebuilds its rate limiter on its next tick (within ``_TICK`` seconds, or after the
+        start it is waiting for); :attr:`qps_in_effect` says when it did.
+        """
+        if not qps >= 0:
+            raise ValueError(f"qps must be >= 0, got {qps!r}")
+        self._qps_target = float(qps)
+
     def estimate(self) -> dict[str, Any]:
         """This consumer's rate over the last minute, the queue's backlog and the time left for it."""
         rate = self.stats.rate()
@@ -270,24 +289,24 @@ class Consumer:
         assert pool is not None
         queue = self.queue_name
         capacity = self.params.concurrent_num
-        limiter = self._make_limiter()
-        # At a limited rate, prefetch only about 0.2 s of starts: messages wait in the broker, not here.
-        batch = capacity if limiter is None else max(1, min(capacity, int(self.params.qps * 0.2)))
+        qps, limiter, batch, inline = self._pacing(capacity)
         stop = self._stop
         handed_over = False
         interval = float(settings.get("STATS_LOG_INTERVAL_SECONDS"))
         next_stats = time.monotonic() + interval
+        next_tick = time.monotonic() + _TICK
         failures_in_a_row = 0
         acks: list[Delivery] = []  # finished messages whose ack goes out with the next fetch
-        inline = self._inline if limiter is None else None
         suspects_alone = self.params.max_crash_redeliveries is not None
         try:
+            self._bind_queue(broker)
             while not stop.is_set():
                 finished += self._flush_completed(broker, acks)
                 pool.grow_if_stalled()
-                if time.monotonic() >= next_stats:  # also while waiting for capacity or paused
-                    next_stats = time.monotonic() + interval
-                    self._log_rate()
+                now = time.monotonic()
+                if now >= next_tick:  # also while waiting for capacity or paused
+                    next_tick, next_stats = now + _TICK, self._log_rate_when_due(now, next_stats, interval)
+                    qps, limiter, batch, inline = self._pacing(capacity, (qps, limiter, batch, inline))  # set_qps()
                 free = capacity - (started - finished)
                 if free <= 0:
                     if acks:
@@ -324,6 +343,40 @@ class Consumer:
                 if acks:  # only after an exception between a flush and the fetch
                     self._ack(broker, acks)
                 self._shutdown(broker, pool)
+
+    def _bind_now(self) -> None:
+        """Bind the queue to its exchange before ``consume()`` returns, so a routed publish right after it
+        reaches this queue; if the broker is unreachable, the fetcher keeps trying (:meth:`_bind_queue`).
+        The broker's own ``broker_exclusive_config`` keys (``capabilities.queue_options``) go to it first."""
+        own = self.broker.capabilities.queue_options
+        options = {k: v for k, v in (self.params.broker_exclusive_config or {}).items() if k in own}
+        if options:
+            self.broker.configure_queue(self.queue_name, options)
+        routing = self.publisher_of_same_queue.routing
+        self._bound = routing is None
+        if routing is not None:
+            try:
+                self.broker.bind(self.queue_name, routing.exchange, routing.exchange_type, routing.bind_keys)
+                self._bound = True
+            except Exception as exc:  # noqa: BLE001 - logged; the fetcher retries
+                self.logger.warning("binding queue %r to exchange %r failed (%s); the fetcher retries",
+                                    self.queue_name, routing.exchange, exc)
+
+    def _bind_queue(self, broker: Broker) -> None:
+        """Bind the queue to its exchange (``broker_exclusive_config``) before the first fetch, trying
+        again with a backoff while the broker refuses (or until stopped)."""
+        routing = self.publisher_of_same_queue.routing
+        failures = 0
+        while routing is not None and not self._bound and not self._stop.is_set():
+            try:
+                broker.bind(self.queue_name, routing.exchange, routing.exchange_type, routing.bind_keys)
+                self._bound = True
+                return
+            except Exception:
+                self.logger.exception("binding queue %r to exchange %r failed; retrying", self.queue_name,
+                                      routing.exchange)
+            failures += 1
+            self._stop.wait(min(30.0, 0.5 * 2 ** min(failures, 6)))
 
     def _run_suspect(self, broker: Broker, pool: Pool, deliveries: list[Delivery], started: int,
                      finished: int) -> tuple[int, int]:
@@ -385,8 +438,25 @@ class Consumer:
             self.logger.exception("fetching from queue %r failed; retrying", self.queue_name)
             return None
 
-    def _make_limiter(self) -> RateLimiter | DistributedRateLimiter | None:
-        qps = self.params.qps
+    def _pacing(self, capacity: int, current: _Pace | None = None) -> _Pace:
+        """The fetcher's pace at the target qps: (qps, rate limiter, batch size, inline runner); ``current``
+        when it is already at that qps."""
+        if current is not None and current[0] == self._qps_target:
+            return current
+        qps = self.qps_in_effect = self._qps_target
+        limiter = self._make_limiter(qps)
+        # At a limited rate, prefetch only about 0.2 s of starts: messages wait in the broker, not here.
+        batch = capacity if limiter is None else max(1, min(capacity, int(qps * 0.2)))
+        return qps, limiter, batch, self._inline if limiter is None else None
+
+    def _log_rate_when_due(self, now: float, due: float, interval: float) -> float:
+        """Log the rate line if ``due``; return when the next one is due."""
+        if now < due:
+            return due
+        self._log_rate()
+        return now + interval
+
+    def _make_limiter(self, qps: float) -> RateLimiter | DistributedRateLimiter | None:
         if not qps:
             return None
         if self.params.is_using_distributed_frequency_control:
@@ -474,6 +544,10 @@ class Consumer:
             except Exception:
                 self.logger.exception("handing unstarted messages back failed; the broker will redeliver them")
             self.stats.counts[RELEASED] += len(unstarted)
+        try:
+            broker.stop_fetching(self.queue_name)  # what a push-style broker prefetched goes back, uncounted
+        except Exception:
+            self.logger.exception("handing prefetched messages of queue %r back failed", self.queue_name)
         grace = float(settings.get("GRACEFUL_STOP_SECONDS"))
         deadline = time.monotonic() + grace
         stuck = not pool.shutdown(timeout=grace)
@@ -543,16 +617,16 @@ class Consumer:
             if reason:
                 self.logger.info("skipping task %s: %s", call.task_id, reason)
                 call.outcome, call.skip_reason = SKIPPED, reason
-                self._hook(self._after, "after_call", call)
+                self._hook(self._after, call)
                 return SKIPPED, delivery, reason, None, 0.0
         if self._on_start:
             call.started_at = time.time()
-            self._hook(self._on_start, "on_start", call)
+            self._hook(self._on_start, call)
         return call
 
     def _finish(self, call: Call, outcome: Outcome | None) -> Outcome | None:
         if outcome is not None and self._after:
-            self._hook(self._after, "after_call", call)
+            self._hook(self._after, call)
         return outcome
 
     def _call_with_retries(self, call: Call) -> Outcome | None:
@@ -693,12 +767,13 @@ class Consumer:
             if outcome is not None:
                 self._settle(outcome)
 
-    def _hook(self, middlewares: list[Middleware], hook: str, call: Call) -> None:
-        for middleware in middlewares:
+    def _hook(self, hooks: list[Callable[[Call], None]], call: Call) -> None:
+        for hook in hooks:
             try:
-                getattr(middleware, hook)(call)
+                hook(call)
             except Exception:
-                self.logger.exception("middleware %s failed in %s for task %s", type(middleware).__name__, hook,
+                owner = type(getattr(hook, "__self__", hook)).__name__
+                self.logger.exception("middleware %s failed in %s for task %s", owner, getattr(hook, "__name__", hook),
                                       call.task_id)
 
     def _log_failure(self, task_id: str | None, exc: Exception, attempt: int, *, final: bool) -> None:

@@ -36,6 +36,10 @@ class PublishError(FunboostLikeError, TypeError):
     """A publish call does not fit the consuming function's signature or cannot be encoded."""
 
 
+class UnroutableError(FunboostLikeError):
+    """A routed publish matched no bound queue (RabbitMQ would drop it in silence); nothing was published."""
+
+
 class DoubleAckError(BrokerError):
     """A delivery was acknowledged or rejected twice."""
 

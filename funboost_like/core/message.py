@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from funboost_like.core import codec
+from funboost_like.core import arg_cache, codec
 from funboost_like.core.errors import ConfigurationError, DecodeError, PublishError
 
 EXTRA_KEY = "extra"
@@ -140,7 +140,10 @@ def encode(kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> tuple
     try:
         return task_id, codec.dumps(message)
     except (TypeError, ValueError) as exc:
-        raise PublishError(f"the call's arguments cannot be encoded as JSON: {exc}") from exc
+        raise PublishError(f"the call's arguments cannot be encoded as JSON: {exc}{_CACHE_HINT}") from exc
+
+
+_CACHE_HINT = " (use_cache=True passes such arguments by reference to a consumer in this process)"
 
 
 def batch_encoder() -> Callable[[dict[str, Any]], tuple[str, bytes]]:
@@ -163,7 +166,7 @@ def batch_encoder() -> Callable[[dict[str, Any]], tuple[str, bytes]]:
         try:
             head = dumps(kwargs)
         except (TypeError, ValueError) as exc:
-            raise PublishError(f"the call's arguments cannot be encoded as JSON: {exc}") from exc
+            raise PublishError(f"the call's arguments cannot be encoded as JSON: {exc}{_CACHE_HINT}") from exc
         opening = b'{"extra":{"task_id":"' if len(head) == 2 else head[:-1] + b',"extra":{"task_id":"'
         return task_id, b"".join((opening, task_id.encode("ascii"), tail))
 
@@ -198,6 +201,10 @@ def decode(body: bytes, signature: FunctionSignature) -> DecodedMessage:
         extra = {}
     elif not isinstance(extra, dict):
         raise DecodeError(f"the reserved key {EXTRA_KEY!r} must hold an object, got {type(extra).__name__}")
+    else:
+        cached = extra.get(arg_cache.CACHE_KEY)
+        if cached is not None:  # cache mode: the arguments JSON could not carry are in this process
+            arg_cache.take(data, cached)
     if signature.multi_params:
         problem = signature.mismatch(data)
         if problem:

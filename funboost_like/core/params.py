@@ -76,6 +76,12 @@ class ConsumerParams:
     retry_backoff: float = 0
     retry_backoff_max: float = 600
     retry_jitter: bool = True
+    # funboost's name: broker options; here the queue's exchange (DESIGN §9): ``exchange_name``,
+    # ``exchange_type`` (fanout|direct|topic), ``routing_key_for_bind``, ``routing_key_for_publish``.
+    broker_exclusive_config: dict[str, Any] | None = None
+    # Seed 002's cache mode: arguments JSON cannot carry pass by reference to a consumer in this process
+    # (funboost_like.core.arg_cache).
+    use_cache: bool = False
 
     @property
     def broker(self) -> BrokerEnum:
@@ -147,6 +153,8 @@ def _normalise(params: ConsumerParams, brokers: BrokerTable, checks: Iterable[Pa
     params.broker_kind = brokers.resolve_kind(params.broker_kind)
     # A kind not built yet, or a missing client library, fails here.
     capabilities = brokers.broker_class(params.broker_kind).capabilities
+    if capabilities.queue_names is not None:
+        capabilities.queue_names(params.queue_name)
     try:
         params.concurrent_mode = ConcurrentModeEnum(int(params.concurrent_mode))
     except ValueError:
@@ -229,6 +237,8 @@ class PriorityConsumingControlConfig:
     eta: datetime.datetime | None = None
     misfire_grace_time: float | None = None
     priority: int = 0
+    routing_key: str | None = None  # through the queue's exchange (broker_exclusive_config), not in ``extra``
+    use_cache: bool | None = None  # cache mode for this message (None: the decorator's use_cache)
 
     def __post_init__(self) -> None:
         if self.countdown is not None and self.eta is not None:
@@ -241,6 +251,8 @@ class PriorityConsumingControlConfig:
             raise ConfigurationError("misfire_grace_time must be None or a number >= 1")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             raise ConfigurationError(f"priority must be an int, got {self.priority!r}")
+        if self.routing_key is not None and not isinstance(self.routing_key, str):
+            raise ConfigurationError(f"routing_key must be a string, got {self.routing_key!r}")
 
     def not_before(self, publish_time: float) -> float | None:
         """The UNIX time before which the message must not run, or None."""

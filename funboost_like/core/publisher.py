@@ -9,12 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 from funboost_like.brokers import registry
 from funboost_like.brokers.registry import get_broker
-from funboost_like.core import codec
+from funboost_like.brokers.routing import RoutingConfig, routing_config
+from funboost_like.core import arg_cache, codec
 from funboost_like.core.errors import ConfigurationError, PublishError
 from funboost_like.core.message import EXTRA_KEY, FunctionSignature, batch_encoder, encode
 from funboost_like.core.params import ConsumerParams, PriorityConsumingControlConfig
 from funboost_like.core.results import RESULTS_NAMESPACE, AsyncResult
-from funboost_like.middleware.base import build_callback_hooks, build_publish_hooks
+from funboost_like.middleware.base import build_callback_hooks, build_publish_hooks, queue_used
+from funboost_like.observability.metrics import publish_counter
+from funboost_like.observability.tracing import PublishSpan, publish_tracing
 
 if TYPE_CHECKING:
     from funboost_like.brokers.base import Broker
@@ -36,8 +39,15 @@ class Publisher:
         self._bind = signature.bind if signature is not None and multi else _bind_one_dict
         self._hooks = build_publish_hooks(self)
         self._callback_hooks = build_callback_hooks(self)
+        self._counter = publish_counter(self)  # METRICS: None while off
+        self._tracing = publish_tracing(self)  # OpenTelemetry: None while off or not installed
         self._results: KeyValueStore | None = None
         self._results_broker: Broker | None = None
+        # the class's capabilities: creating the broker here would register the queue before any publish
+        own_options = registry.broker_class(params.broker_kind).capabilities.queue_options
+        self.routing: RoutingConfig | None = routing_config(params.broker_exclusive_config, params.queue_name,
+                                                            own_options)
+        self._bound_to: Broker | None = None  # the broker this queue's binding was declared on
 
     @property
     def broker(self) -> Broker:
@@ -45,13 +55,29 @@ class Publisher:
         if broker is None or self._broker_generation != registry.generation:
             broker = self._broker = get_broker(self.params.broker_kind)
             self._broker_generation = registry.generation
+            queue_used(self.queue_name, broker)  # once per broker: the operations registry learns the queue
         return broker
 
     def push(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """Publish ``fn(*args, **kwargs)``; a call that does not fit the signature raises at once."""
         message = self._bind(args, kwargs)  # a new dict, which encode owns and completes with ``extra``
-        task_id, body = encode(message)
-        self.broker.publish(self.queue_name, body)
+        extra = self._cache(message) if self.params.use_cache else None
+        span = self._tracing.start(extra) if self._tracing is not None else None
+        task_id = None
+        try:
+            task_id, body = encode(message, extra if span is None else span.extra)
+            if self.routing is None:
+                self.broker.publish(self.queue_name, body)
+            else:
+                self._publish_routed(None, (body,))
+        except BaseException as exc:
+            if span is not None:
+                span.end(task_id, exc)
+            raise
+        if span is not None:
+            span.end(task_id)
+        if self._counter is not None:
+            self._counter.add_published(1)
         if self._hooks:
             self._after_publish(task_id, message)
         if self.params.is_using_rpc_mode:
@@ -59,8 +85,13 @@ class Publisher:
         return AsyncResult(task_id)
 
     def publish(self, msg: Mapping[str, Any] | str,
-                priority_control_config: PriorityConsumingControlConfig | None = None) -> AsyncResult:
-        """Publish one call given as a dict (or JSON text) of keyword arguments, with optional options."""
+                priority_control_config: PriorityConsumingControlConfig | None = None, *,
+                routing_key: str | None = None) -> AsyncResult:
+        """Publish one call given as a dict (or JSON text) of keyword arguments, with optional options.
+
+        ``routing_key`` (or the option's ``routing_key``) publishes through the queue's exchange to
+        every queue bound with a matching key; without one, the exchange gets ``routing_key_for_publish``.
+        """
         kwargs, extra = self._split(msg)
         priority = 0
         not_before = None
@@ -70,8 +101,32 @@ class Publisher:
             priority = priority_control_config.priority
             not_before = priority_control_config.not_before(now)
             self._check_capabilities(priority, not_before)
-        task_id, body = encode(kwargs, extra)
-        self.broker.publish(self.queue_name, body, priority=priority, not_before=not_before)
+            if routing_key is None:
+                routing_key = priority_control_config.routing_key
+            use_cache = priority_control_config.use_cache
+        else:
+            use_cache = None
+        if self.params.use_cache if use_cache is None else use_cache:
+            extra.update(self._cache(kwargs) or {})
+        if routing_key is not None and self.routing is None:
+            raise ConfigurationError(f"routing_key={routing_key!r} needs an exchange: queue {self.queue_name!r} has no "
+                                     "exchange_name in broker_exclusive_config")
+        span = self._tracing.start(extra) if self._tracing is not None else None
+        task_id = None
+        try:
+            task_id, body = encode(kwargs, extra if span is None else span.extra)
+            if self.routing is not None:
+                self._publish_routed(routing_key, (body,), priority=priority, not_before=not_before)
+            else:
+                self.broker.publish(self.queue_name, body, priority=priority, not_before=not_before)
+        except BaseException as exc:
+            if span is not None:
+                span.end(task_id, exc)
+            raise
+        if span is not None:
+            span.end(task_id)
+        if self._counter is not None:
+            self._counter.add_published(1)
         if self._hooks:
             self._after_publish(task_id, kwargs)
         rpc = extra.get("is_using_rpc_mode")  # a per-message choice; None: the decorator's
@@ -92,7 +147,9 @@ class Publisher:
         messages: list[dict[str, Any]] = []
         hooks = self._hooks
         signature = self.signature if self.signature is not None and self.signature.multi_params else None
-        encode_plain = None if hooks else batch_encoder()
+        tracing = self._tracing
+        spans: list[PublishSpan] | None = [] if tracing is not None and tracing.active() else None
+        encode_plain = None if hooks or self.params.use_cache or spans is not None else batch_encoder()
         for msg in msgs:
             if encode_plain is not None and type(msg) is dict and EXTRA_KEY not in msg:
                 if signature is not None:
@@ -100,17 +157,57 @@ class Publisher:
                 task_id, body = encode_plain(msg)
             else:
                 kwargs, extra = self._split(msg)
+                if self.params.use_cache:
+                    extra.update(self._cache(kwargs) or {})
+                if spans is not None and tracing is not None:
+                    spans.append(tracing.started(extra))
+                    extra = spans[-1].extra
                 task_id, body = encode(kwargs, extra)
                 if hooks:
                     messages.append(kwargs)
             task_ids.append(task_id)
             bodies.append(body)
         if bodies:
-            self.broker.publish_many(self.queue_name, bodies)
+            self._send_many(bodies, task_ids, spans)
             if hooks:
                 for task_id, message in zip(task_ids, messages, strict=True):
                     self._after_publish(task_id, message)
         return task_ids
+
+    def _send_many(self, bodies: list[bytes], task_ids: list[str], spans: list[PublishSpan] | None) -> None:
+        """Publish a batch, ending its publish spans and counting it."""
+        try:
+            if self.routing is None:
+                self.broker.publish_many(self.queue_name, bodies)
+            else:
+                self._publish_routed(None, bodies)
+        except BaseException as exc:
+            for span, task_id in zip(spans or (), task_ids, strict=False):
+                span.end(task_id, exc)
+            raise
+        for span, task_id in zip(spans or (), task_ids, strict=False):
+            span.end(task_id)
+        if self._counter is not None:
+            self._counter.add_published(len(bodies))
+
+    @staticmethod
+    def _cache(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """Cache mode: keep the arguments JSON cannot carry in this process; the ``extra`` that names them."""
+        reference = arg_cache.stash(kwargs)
+        return None if reference is None else {arg_cache.CACHE_KEY: reference}
+
+    def _publish_routed(self, routing_key: str | None, bodies: tuple[bytes, ...] | list[bytes], *, priority: int = 0,
+                        not_before: float | None = None) -> None:
+        """Publish through the queue's exchange, after binding the queue itself once per broker (so its
+        own messages reach it before any consumer started)."""
+        routing = self.routing
+        assert routing is not None
+        broker = self.broker
+        if self._bound_to is not broker:
+            broker.bind(self.queue_name, routing.exchange, routing.exchange_type, routing.bind_keys)
+            self._bound_to = broker
+        key = routing.publish_key if routing_key is None else routing_key
+        broker.publish_routed(routing.exchange, key, bodies, priority=priority, not_before=not_before)
 
     def results_store(self) -> KeyValueStore | None:
         """The queue's RPC result store (namespace ``results``), or None when the broker keeps no records."""
@@ -165,7 +262,7 @@ class Publisher:
             raise ConfigurationError(
                 f"priority must be between 0 and {caps.max_priority} on this broker, got {priority}"
             )
-        if not_before is not None and not caps.delay:
+        if not_before is not None and caps.delay == "none":
             raise ConfigurationError(f"broker {self.params.broker.name} does not support delayed messages")
 
     def clear(self) -> int:

@@ -2,7 +2,8 @@
 
 :func:`queue_file_name` names a queue's file; the SQLite broker, its key-value stores and the status
 records all use it, so names never collide. :func:`open_sqlite` gives an autocommit connection with
-the busy timeout, WAL and the synchronous level set, the folder created, and the schema applied.
+the busy timeout, WAL and the synchronous level set, the folder created, and the schema applied;
+:func:`write_transaction` and :func:`execute_by_ids` write on it.
 Switching a brand-new file to WAL needs an exclusive lock, and SQLite reports "database is locked" at
 once (without waiting) when another process opens the same new file at the same moment, so that
 switch is retried up to the timeout.
@@ -15,30 +16,39 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 logger = logging.getLogger("funboost_like.sqlite")
 
 _SQLITE_BUSY = 5  # SQLITE_BUSY; SQLITE_BUSY_SNAPSHOT etc. share the low byte
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,120}")
+_CHUNK = 500  # ids per IN (...) list, well below SQLite's bound-parameter limit
 
 
-def queue_file_name(queue: str) -> str:
+def queue_file_name(queue: str, part: int = 0) -> str:
     """The file name of ``queue``'s database: the name itself when it is plainly safe, else an encoded form.
 
     Safe means ``[A-Za-z0-9_.-]{1,120}`` without a leading dot. Other names are percent-encoded,
     truncated, and suffixed with ``~`` and a sha1 prefix; ``~`` never occurs in a safe name, so an
     encoded name never equals a plain one and different names never share a file.
+
+    ``part`` k > 0 names the k-th extra file of a queue spread over several files
+    (``SQLITE_FILES_PER_QUEUE``): ``<stem>+<k>.sqlite3``. ``+`` occurs in no queue's own file name
+    (a safe name has none, an encoded one has ``%2B``) and the stem before it names one queue, so an
+    extra file is never another queue's file; nor a key-value store's, whose name has an ``@``.
     """
     if _SAFE_NAME.fullmatch(queue) and not queue.startswith("."):
-        return f"{queue}.sqlite3"
-    encoded = quote(queue, safe="")[:80]
-    if encoded.startswith("."):
-        encoded = "%2E" + encoded[1:]
-    digest = hashlib.sha1(queue.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"{encoded}~{digest}.sqlite3"
+        stem = queue
+    else:
+        encoded = quote(queue, safe="")[:80]
+        if encoded.startswith("."):
+            encoded = "%2E" + encoded[1:]
+        stem = f"{encoded}~{hashlib.sha1(queue.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+    return f"{stem}+{part}.sqlite3" if part else f"{stem}.sqlite3"
 
 
 def is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -85,3 +95,29 @@ def open_sqlite(path: str | Path, *, busy_timeout: float, synchronous: str = "NO
         conn.close()
         raise
     return conn
+
+
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` on an autocommit connection, rolled back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def execute_by_ids(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...], ids: Sequence[Any]) -> int:
+    """Run ``sql`` (whose ``{ids}`` is an IN list) over ``ids`` in chunks, atomically; return rows changed."""
+    if len(ids) <= _CHUNK:
+        return conn.execute(sql.format(ids=", ".join(["?"] * len(ids))), (*params, *ids)).rowcount
+    changed = 0
+    with write_transaction(conn):
+        for start in range(0, len(ids), _CHUNK):
+            part = ids[start:start + _CHUNK]
+            changed += conn.execute(sql.format(ids=", ".join(["?"] * len(part))), (*params, *part)).rowcount
+    return changed
+

@@ -10,6 +10,10 @@ Each module of ``FEATURES`` provides:
   against the chosen broker's capabilities, raising ``ConfigurationError`` (a ``ValueError``) at
   decoration time. :func:`param_checks` collects them for :func:`funboost_like.core.params.build_params`.
 
+``OPS_FEATURE`` (one of ``FEATURES``) also provides ``queue_used(queue, broker)``, which a publisher
+calls once per broker it resolves (:func:`queue_used`), so the operations registry knows a queue from
+its first publish.
+
 Each module of ``PUBLISH_FEATURES`` provides ``build_publish_hook(publisher)`` (a hook
 ``hook(task_id, message)`` run after each publish; message: the keyword arguments plus ``extra``)
 and ``build_callback_hook(publisher)`` (a hook ``hook(task_id)`` run after a result callback of that
@@ -27,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from funboost_like.core.calls import Middleware
 
 if TYPE_CHECKING:
+    from funboost_like.brokers.base import Broker
     from funboost_like.core.consumer import Consumer
     from funboost_like.core.params import ParamsCheck
     from funboost_like.core.publisher import Publisher
@@ -37,11 +42,18 @@ FEATURES = [
     "funboost_like.middleware.rpc",
     "funboost_like.middleware.time_window",
     "funboost_like.middleware.status",
+    "funboost_like.middleware.routing",
+    "funboost_like.middleware.cache",
+    "funboost_like.ops.agent",
+    "funboost_like.observability.metrics",
+    "funboost_like.observability.tracing",  # last: its span starts just before the call
 ]
 
 PUBLISH_FEATURES = [
     "funboost_like.middleware.status",
 ]
+
+OPS_FEATURE = "funboost_like.ops.agent"
 
 PublishHook = Callable[[str, dict[str, Any]], None]
 CallbackHook = Callable[[str], None]
@@ -83,3 +95,8 @@ def build_callback_hooks(publisher: Publisher) -> list[CallbackHook]:
     """The hooks to run after a result callback of one of this publisher's tasks returned."""
     hooks = (module.build_callback_hook(publisher) for module in _modules(PUBLISH_FEATURES))
     return [hook for hook in hooks if hook is not None]
+
+
+def queue_used(queue: str, broker: Broker) -> None:
+    """A publisher of ``queue`` resolved ``broker`` (once per broker): tell the operations registry."""
+    importlib.import_module(OPS_FEATURE).queue_used(queue, broker)

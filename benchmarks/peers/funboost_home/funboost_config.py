@@ -4,12 +4,19 @@ funboost imports a module named ``funboost_config`` from ``sys.path`` and, when 
 its template into ``sys.path[1]``; ``benchmarks/peers/run.py`` puts this folder first on
 ``PYTHONPATH``. Redis host, port and database come from ``PEERBENCH_REDIS_HOST``,
 ``PEERBENCH_REDIS_PORT`` and ``PEERBENCH_REDIS_DB`` (default 127.0.0.1:6379, db 13), the SQLite queue
-folder from ``PEERBENCH_TMP``. The start-up prompts and the thread-pool messages are logged at WARNING
-so that they are not shown.
+folder from ``PEERBENCH_TMP``, RabbitMQ (``RABBITMQ_AMQPSTORM``) from ``PEERBENCH_RABBITMQ_USER``,
+``PEERBENCH_RABBITMQ_PASS``, ``PEERBENCH_RABBITMQ_HOST``, ``PEERBENCH_RABBITMQ_PORT`` and
+``PEERBENCH_RABBITMQ_VHOST`` (default guest:guest at 127.0.0.1:5672, vhost ``/``), the SQLACHEMY database from
+``PEERBENCH_SQLA_URL``. funboost's AmqpStorm
+publisher builds its own URI from the five ``RABBITMQ_*`` values (``amqp://user:pass@host:port/vhost``,
+so vhost ``/`` gives the path ``//``, which AmqpStorm reads as ``/``); ``RABBITMQ_URL`` is set the same
+way for the other funboost RabbitMQ kinds. The start-up prompts and the thread-pool messages are
+logged at WARNING so that they are not shown.
 """
 
 import logging
 import os
+from urllib.parse import quote_plus
 
 from funboost.utils.simple_data_class import DataClassBase
 
@@ -24,6 +31,15 @@ class BrokerConnConfig(DataClassBase):
     REDIS_SSL = False
     REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
     SQLLITE_QUEUES_PATH = os.path.join(os.environ.get("PEERBENCH_TMP", "/tmp"), "funboost_sqlite_queues")  # (sic)
+    RABBITMQ_USER = os.environ.get("PEERBENCH_RABBITMQ_USER", "guest")
+    RABBITMQ_PASS = os.environ.get("PEERBENCH_RABBITMQ_PASS", "guest")
+    RABBITMQ_HOST = os.environ.get("PEERBENCH_RABBITMQ_HOST", "127.0.0.1")
+    RABBITMQ_PORT = int(os.environ.get("PEERBENCH_RABBITMQ_PORT", "5672"))
+    RABBITMQ_VIRTUAL_HOST = os.environ.get("PEERBENCH_RABBITMQ_VHOST", "/")
+    RABBITMQ_URL = (f"amqp://{RABBITMQ_USER}:{quote_plus(RABBITMQ_PASS)}@{RABBITMQ_HOST}:{RABBITMQ_PORT}/"
+                    f"{RABBITMQ_VIRTUAL_HOST}")
+    # SQLACHEMY: the database of the sql set (benchmarks/peers/run.py --set sql), PostgreSQL by default
+    SQLACHEMY_ENGINE_URL = os.environ.get("PEERBENCH_SQLA_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
 
 class FunboostCommonConfig(DataClassBase):

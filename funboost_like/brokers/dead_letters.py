@@ -1,0 +1,38 @@
+"""A dead letter, and the JSON envelope ``{"body", "reason", "failed_at", "attempts"}`` that brokers
+without a native dead-letter record keep it as (a ``<queue>.dlq`` queue, a Redis list, a stream)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from funboost_like.core import codec
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message the framework gave up on, with the reason and the number of runs it had."""
+
+    queue: str
+    body: bytes
+    reason: str
+    failed_at: float
+    attempts: int = 0
+    error: BaseException | None = field(default=None, compare=False, repr=False)
+    # where the broker keeps it (a row id, a stream sequence, the stored bytes), for remove_dead_letter
+    ref: Any = field(default=None, compare=False, repr=False)
+
+    def envelope(self) -> bytes:
+        """The letter as JSON text (the error is not kept; the body as text, undecodable bytes replaced)."""
+        return codec.dumps({"body": self.body.decode("utf-8", "replace"), "reason": self.reason,
+                            "failed_at": self.failed_at, "attempts": self.attempts})
+
+    @classmethod
+    def from_envelope(cls, queue: str, raw: bytes) -> DeadLetter:
+        """The letter an :meth:`envelope` holds; anything else is kept whole, as an unreadable envelope."""
+        try:
+            envelope = codec.loads(raw)
+            return cls(queue, str(envelope["body"]).encode(), str(envelope.get("reason", "")),
+                       float(envelope.get("failed_at", 0.0)), int(envelope.get("attempts", 0)), ref=raw)
+        except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError):
+            return cls(queue, bytes(raw), "unreadable dead-letter envelope", 0.0, 0, ref=raw)

@@ -1,0 +1,448 @@
+"""Kafka on the broker contract, written once over a small client interface (:mod:`.kafka_client`).
+
+``kafka_python.py`` (KAFKA, kafka-python) and ``kafka_confluent.py`` (CONFLUENT_KAFKA,
+confluent-kafka) only supply a client; every rule below is this module's. docs/kafka.md says the
+same for users.
+
+Guarantee: at-least-once. A queue ``q`` is the topic ``q``, consumed by the group ``funboost_like.q``.
+A record is taken from the log, handed to a call, and counts as done only when its call ended;
+the group's committed offset of a partition is the lowest record not done yet
+(:class:`~funboost_like.brokers.offset_tracker.OffsetTracker`), committed before each fetch, on a
+revoke (the partition is then forgotten: later acks of its records are ignored, the new owner runs
+them) and on close. A killed consumer's partitions go to the group's other members after
+``KAFKA_SESSION_TIMEOUT_SECONDS``, which read again from the committed offsets.
+
+Calls of one partition run in parallel; a queue with ``broker_exclusive_config={"ordered": True}`` (or
+named in ``KAFKA_ORDERED_QUEUES``) runs one call at a time per partition (records in log order).
+Topics are created on first use (``q`` with ``KAFKA_PARTITIONS`` partitions, ``q.fl-delay`` likewise,
+``q.dlq`` with one); a server that cannot
+create topics (librdkafka's mock cluster) creates them on first reference. A publish goes to one
+partition (round robin over the first ``KAFKA_PARTITIONS``), so one ``publish_many`` keeps its order.
+
+Counting deaths (DESIGN §3.3): after handing records to calls, the fetch commits one past the
+highest handed offset of each partition to a second group, ``funboost_like.q.delivered``. A new
+owner that finds records below that mark and at or above the committed offset knows their consumer
+died while holding them: it does not run them, it appends copies with the headers ``fl-attempts``
+and ``fl-crashes`` raised by one and marks the originals done. Nacks, retries and delays likewise
+append copies (a nack's copy joins the back of the partition). A revoke or a close lowers the mark,
+so a rebalance is not counted as a death.
+
+Delays (``not_before``, ``nack(delay=...)``, retries with backoff): the record goes to the topic
+``q.fl-delay`` with its due time (UNIX seconds) in the header ``fl-due``. Every process that owns
+partitions of ``q`` runs a mover thread: it reads its share of that topic (group
+``funboost_like.q.delay``, joined after the first assignment of ``q``) into memory and appends each
+record to ``q`` when due; a delay record is marked done once appended, so a killed process's delayed
+records are read again by another. Delays never block a partition of ``q``.
+
+Dead letters are JSON envelopes in the topic ``q.dlq``; listing reads it from the offset committed
+to the group ``funboost_like.q.dlq-read``, which purging them moves to the end.
+
+``count`` is, per partition, the end of the log minus the committed offset (minus what this process
+took from the partitions it owns); a server whose reported end is the base of its last batch
+(Tansu) is corrected by reading that batch. ``purge`` moves the committed offsets to the end; the
+partitions owned by consumers in other processes are not purged (a warning says so).
+
+Limits: no priorities, no key-value records (RPC results, task filters), no routing; ``release``
+puts messages back in front within the process only.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+
+from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
+from funboost_like.brokers.kafka_client import KafkaClient, Record, log_span
+from funboost_like.brokers.kafka_queue import ATTEMPTS, CRASHES, DUE, GroupState, QueueState, counts
+from funboost_like.core.config import settings
+from funboost_like.core.errors import ConfigurationError
+
+logger = logging.getLogger("funboost_like.kafka")
+
+WAIT_SLICE = 0.2  # a wait polls at most this long (commits go out between two polls)
+
+
+class KafkaBroker(Broker):
+    """At-least-once Kafka broker over a :class:`KafkaClient`; see the module docstring."""
+
+    capabilities = Capabilities(redelivery="native", delay="emulated", max_priority=0, dead_letters=True,
+                                key_value=False, routing="none", persistent=True, cross_process=True,
+                                cross_host=True, fifo=False,
+                                queue_options=frozenset({"ordered"}))
+    _cannot_create: set[str] = set()  # bootstrap servers that refused to create topics
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._after_fork()
+
+    def _after_fork(self) -> None:  # the parent's sockets and group memberships are dropped, never closed
+        self._client_obj: KafkaClient | None = None
+        self._queues: dict[str, QueueState] = {}
+        self._lock = threading.Lock()
+
+    def _new_client(self) -> KafkaClient:
+        raise NotImplementedError
+
+    @property
+    def _client(self) -> KafkaClient:
+        if self._client_obj is None:
+            with self._lock:
+                if self._client_obj is None:
+                    self._client_obj = self._new_client()
+        return self._client_obj
+
+    def _where(self) -> str:
+        return f"Kafka at {settings.get('KAFKA_BOOTSTRAP_SERVERS')}"
+
+    def _queue(self, queue: str) -> QueueState:
+        """The queue's topics, created at first use in this process."""
+        q = self._queues.get(queue)
+        if q is not None:
+            return q
+        client, servers = self._client, str(settings.get("KAFKA_BOOTSTRAP_SERVERS"))
+        wanted = int(settings.get("KAFKA_PARTITIONS"))
+        if wanted < 1:
+            raise ConfigurationError(f"KAFKA_PARTITIONS must be at least 1, not {wanted}")
+        for topic, count in ((queue, wanted), (f"{queue}.fl-delay", wanted), (f"{queue}.dlq", 1)):
+            if servers not in self._cannot_create and not client.create_topic(topic, count):
+                logger.warning("%s cannot create topics; they are made on first reference", self._where())
+                self._cannot_create.add(servers)
+        return self._queues.setdefault(queue, QueueState(queue, sorted(client.partitions(queue))[:wanted]))
+
+    def _partition(self, q: QueueState) -> int:
+        """The next partition a publish goes to (round robin); [0] until the topic's partitions are known
+        (a server that makes topics on first reference)."""
+        if not q.partitions:
+            q.partitions = sorted(self._client.partitions(q.queue))[:int(settings.get("KAFKA_PARTITIONS"))]
+            if not q.partitions:
+                return 0
+        return q.partitions[next(q.turn) % len(q.partitions)]
+
+    # -- publishing ----------------------------------------------------------------------------------
+    def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
+        if priority:
+            raise ConfigurationError("Kafka has no priorities")
+        q = self._queue(queue)
+        if not_before is not None and not_before > time.time():
+            headers = {DUE: repr(float(not_before))}
+            self._client.produce(q.delayed, [(body, headers, None) for body in bodies])
+        else:
+            partition = self._partition(q)
+            self._client.produce(queue, [(body, None, partition) for body in bodies])
+
+    # -- consuming -----------------------------------------------------------------------------------
+    def configure_queue(self, queue: str, options: Mapping[str, object]) -> None:
+        """``broker_exclusive_config={"ordered": True}``: one call at a time per partition of ``queue``
+        (the same as naming it in ``KAFKA_ORDERED_QUEUES``). Call before the queue's first fetch."""
+        if "ordered" in options:
+            self._queue(queue).ordered = bool(options["ordered"])
+
+    def _consuming(self, queue: str) -> QueueState:
+        q = self._queue(queue)
+        if q.main is None:
+            with q.lock:
+                if q.main is None:
+                    q.main = self._subscribe(queue, q.group, q, delay=False)
+        return q
+
+    def _subscribe(self, topic: str, group_id: str, q: QueueState, *, delay: bool) -> GroupState:
+        group = GroupState()
+
+        def on_revoke(partitions: list[int]) -> None:
+            with q.lock:
+                positions = group.tracker.revoke(partitions)
+                for partition in partitions:
+                    group.buffers.pop(partition, None)
+                    if not delay:
+                        q.generation[partition] = q.generation.get(partition, 0) + 1
+                        q.running.pop(partition, None)
+                if delay:
+                    q.heap = [entry for entry in q.heap if entry[2] not in partitions]
+                    heapq.heapify(q.heap)
+            self._commit(q, group, positions, lower_marks=not delay)
+
+        group.consumer = self._client.group_consumer(topic, group_id, group.fresh.extend, on_revoke)
+        return group
+
+    def _commit(self, q: QueueState, group: GroupState, positions: dict[int, int], *, lower_marks: bool) -> None:
+        if not positions or group.consumer is None:
+            return
+        group.consumer.commit(positions)
+        group.tracker.committed(positions)
+        if lower_marks:  # the records still held were not lost to a death: the next owner runs them as new
+            lowered = {p: pos for p, pos in positions.items() if q.marks.get(p, -1) != pos}
+            if lowered:
+                self._client.commit_offsets(f"{q.group}.delivered", q.queue, lowered)
+                q.marks.update(lowered)
+
+    def _set_up(self, q: QueueState, group: GroupState, *, delay: bool) -> None:
+        """Take over newly assigned partitions: their committed offsets and (main topic) delivered marks."""
+        fresh, group.fresh[:] = list(group.fresh), []
+        assert group.consumer is not None
+        committed = group.consumer.committed(fresh)
+        marks = {} if delay else self._client.group_offsets(f"{q.group}.delivered", q.queue, fresh)
+        with q.lock:
+            for partition in fresh:
+                start = committed.get(partition, -1)
+                group.tracker.assign(partition, start)
+                group.buffers[partition] = deque()
+                if not delay:
+                    mark = marks.get(partition, -1)
+                    q.marks[partition] = mark
+                    if mark > max(start, 0):
+                        q.crash_until[partition] = mark
+
+    def _poll(self, q: QueueState, group: GroupState, max_n: int, timeout: float, *, delay: bool) -> list[Record]:
+        assert group.consumer is not None
+        records = group.consumer.poll(max_n, timeout)
+        if group.fresh:
+            self._set_up(q, group, delay=delay)
+        taken: list[Record] = []
+        by_partition: dict[int, list[Record]] = {}
+        for record in records:
+            by_partition.setdefault(record.partition, []).append(record)
+        for partition, items in by_partition.items():
+            fresh = set(group.tracker.taken(partition, [r.offset for r in items]))
+            taken += [r for r in items if r.offset in fresh]
+        return taken
+
+    def _intake(self, q: QueueState, records: list[Record]) -> None:
+        """Buffer records for calls; those whose consumer died holding them go back as counted copies."""
+        group = q.main
+        assert group is not None
+        dead = [r for r in records if r.offset < q.crash_until.get(r.partition, -1)]
+        if dead:
+            copies = []
+            for record in dead:
+                attempts, crashes = counts(record)
+                copies.append((record.value, {ATTEMPTS: str(attempts + 1), CRASHES: str(crashes + 1)},
+                               record.partition))
+            self._client.produce(q.queue, copies)
+            for record in dead:
+                group.tracker.finished(record.partition, [record.offset])
+            self._commit(q, group, group.tracker.due(), lower_marks=False)
+            dead_ids = {(r.partition, r.offset) for r in dead}
+            records = [r for r in records if (r.partition, r.offset) not in dead_ids]
+        with q.lock:
+            for record in records:
+                buffer = group.buffers.get(record.partition)
+                if buffer is not None:
+                    buffer.append(record)
+
+    def _housekeeping(self, q: QueueState) -> None:
+        """Commit what moved and apply purges' seeks (the fetching thread); start the delay mover."""
+        group = q.main
+        assert group is not None and group.consumer is not None
+        self._settle_group(q, group)
+        if q.delay is None and group.tracker.owned():  # delayed records move where the queue is consumed
+            q.delay = self._subscribe(q.delayed, f"{q.group}.delay", q, delay=True)
+            q.mover = threading.Thread(target=self._mover, args=(q,), name=f"funboost_like-kafka-delay-{q.queue}",
+                                       daemon=True)
+            q.mover.start()
+
+    def _settle_group(self, q: QueueState, group: GroupState) -> None:
+        assert group.consumer is not None
+        if group.seeks:
+            seeks, group.seeks = group.seeks, {}
+            for partition, offset in seeks.items():
+                group.consumer.seek(partition, offset)
+        self._commit(q, group, group.tracker.due(), lower_marks=False)
+
+    def _mover(self, q: QueueState) -> None:
+        """The delay mover's thread: the only user of the delay group's consumer until close."""
+        while not q.stop.is_set():
+            try:
+                self._move_due(q)
+            except Exception as exc:  # noqa: BLE001 - logged; tried again
+                logger.warning("moving due delayed records of %s failed (%s); retrying", q.queue, exc)
+                q.stop.wait(1.0)
+
+    def _move_due(self, q: QueueState) -> None:
+        group = q.delay
+        assert group is not None
+        wait = min(WAIT_SLICE, max(0.0, q.heap[0][0] - time.time())) if q.heap else WAIT_SLICE
+        for record in self._poll(q, group, 1000, wait, delay=True):
+            with q.lock:
+                heapq.heappush(q.heap, (float(record.headers.get(DUE, 0)), record.offset, record.partition, record))
+        now, due = time.time(), []
+        with q.lock:
+            while q.heap and q.heap[0][0] <= now:
+                due.append(heapq.heappop(q.heap)[3])
+        if due:
+            items = [(r.value, {k: v for k, v in r.headers.items() if k != DUE}, self._partition(q)) for r in due]
+            self._client.produce(q.queue, items)
+            for record in due:
+                group.tracker.finished(record.partition, [record.offset])
+        self._settle_group(q, group)
+
+    def _buffered(self, q: QueueState) -> int:
+        return sum(len(buffer) for buffer in q.main.buffers.values()) if q.main else 0
+
+    def _get(self, queue: str, max_n: int) -> list[Delivery]:
+        q = self._consuming(queue)
+        self._housekeeping(q)
+        assert q.main is not None
+        if self._buffered(q) < max_n:
+            self._intake(q, self._poll(q, q.main, max(max_n, 64), 0, delay=False))
+        return self._hand_out(q, max_n)
+
+    def _wait(self, queue: str, timeout: float) -> None:
+        q = self._consuming(queue)
+        self._housekeeping(q)
+        assert q.main is not None
+        if not self._buffered(q):
+            self._intake(q, self._poll(q, q.main, 256, min(timeout, WAIT_SLICE), delay=False))
+
+    def _hand_out(self, q: QueueState, max_n: int) -> list[Delivery]:
+        got: list[Delivery] = []
+        group = q.main
+        assert group is not None
+        with q.lock:
+            for partition, buffer in group.buffers.items():
+                room = max_n - len(got)
+                if q.ordered:
+                    room = min(room, 0 if q.running.get(partition) else 1)
+                while buffer and room > 0:
+                    record = buffer.popleft()
+                    attempts, crashes = counts(record)
+                    token = (partition, record.offset, q.generation.get(partition, 0))
+                    got.append(Delivery(q.queue, record.value, token, attempts + 1, 0, crashes))
+                    q.running[partition] = q.running.get(partition, 0) + 1
+                    room -= 1
+                if len(got) >= max_n:
+                    break
+            raised: dict[int, int] = {}
+            for delivery in got:
+                partition, offset, _ = delivery.token
+                if offset + 1 > max(q.marks.get(partition, -1), raised.get(partition, -1)):
+                    raised[partition] = offset + 1
+        if raised:  # before any of them runs: a death from now on is counted against them
+            self._client.commit_offsets(f"{q.group}.delivered", q.queue, raised)
+            q.marks.update(raised)
+        return got
+
+    # -- settling ------------------------------------------------------------------------------------
+    def _done(self, deliveries: Sequence[Delivery]) -> None:
+        q = self._queues.get(deliveries[0].queue)
+        if q is None or q.main is None:
+            return
+        with q.lock:
+            for delivery in deliveries:
+                partition, offset, generation = delivery.token
+                if q.generation.get(partition, 0) == generation and q.main.tracker.finished(partition, [offset]):
+                    q.running[partition] = max(0, q.running.get(partition, 0) - 1)
+
+    def _ack(self, deliveries: Sequence[Delivery]) -> None:
+        self._done(deliveries)
+
+    def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
+        q = self._queue(deliveries[0].queue)
+        if front and not count_attempt and delay <= 0 and q.main is not None:  # a release: back in front, here
+            with q.lock:
+                for delivery in reversed(deliveries):
+                    partition, offset, generation = delivery.token
+                    buffer = q.main.buffers.get(partition)
+                    if buffer is not None and q.generation.get(partition, 0) == generation:
+                        headers = {ATTEMPTS: str(delivery.attempts - 1), CRASHES: str(delivery.crashes)}
+                        buffer.appendleft(Record(partition, offset, delivery.body, headers))
+                        q.running[partition] = max(0, q.running.get(partition, 0) - 1)
+            return
+        before = (lambda d: d.attempts) if count_attempt else (lambda d: d.attempts - 1)
+        if delay > 0:
+            due = repr(time.time() + delay)
+            self._client.produce(q.delayed, [(d.body, {ATTEMPTS: str(before(d)), CRASHES: str(d.crashes), DUE: due},
+                                              None) for d in deliveries])
+        else:
+            self._client.produce(q.queue, [(d.body, {ATTEMPTS: str(before(d)), CRASHES: str(d.crashes)},
+                                            d.token[0]) for d in deliveries])
+        self._done(deliveries)
+
+    def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        self._client.produce(self._queue(delivery.queue).dlq, [(letter.envelope(), None, None)])
+        self._done([delivery])
+
+    def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        q = self._queue(queue)
+        starts, ends = log_span(self._client, q.dlq, f"{q.group}.dlq-read")
+        records = self._client.read(q.dlq, starts, ends, 5.0) if ends else []
+        letters = [DeadLetter.from_envelope(queue, r.value) for r in records]
+        return sorted(letters, key=lambda letter: letter.failed_at, reverse=True)[:limit]
+
+    def purge_dead_letters(self, queue: str) -> int:
+        q = self._queue(queue)
+        starts, ends = log_span(self._client, q.dlq, f"{q.group}.dlq-read")
+        if ends:
+            self._client.commit_offsets(f"{q.group}.dlq-read", q.dlq, ends)
+        return sum(ends[p] - starts[p] for p in ends)
+
+    # -- inspection ----------------------------------------------------------------------------------
+    def _size(self, queue: str) -> int:
+        q, total = self._queue(queue), 0
+        for topic, group, suffix in ((queue, q.main, ""), (q.delayed, q.delay, ".delay")):
+            starts, ends = log_span(self._client, topic, q.group + suffix)
+            for partition, end in ends.items():
+                taken = group.tracker.next_offset(partition) if group is not None else None
+                if taken is None:
+                    total += end - starts[partition]
+                else:
+                    total += max(0, end - taken) + len(group.buffers.get(partition, ()))  # type: ignore[union-attr]
+            if group is not None and topic == q.delayed:
+                total += len(q.heap)
+        return total
+
+    def _purge(self, queue: str) -> int:
+        q, count = self._queue(queue), self._size(queue)
+        for topic, group, suffix in ((queue, q.main, ""), (q.delayed, q.delay, ".delay")):
+            _, ends = log_span(self._client, topic, q.group + suffix)
+            foreign = dict(ends)
+            if group is not None:
+                held = [token for name, token in self.held() if name == queue] if group is q.main else []
+                with q.lock:
+                    for partition in group.tracker.owned():
+                        end = foreign.pop(partition, None)
+                        if end is None:
+                            continue
+                        group.buffers.get(partition, deque()).clear()
+                        group.tracker.skip_to(partition, end, [offset for p, offset, _ in held if p == partition])
+                        group.seeks[partition] = end
+                    if topic == q.delayed:
+                        q.heap.clear()
+            if foreign:
+                try:
+                    self._client.commit_offsets(q.group + suffix, topic, foreign)
+                except self._client_errors as exc:
+                    logger.warning("purging %s: partitions %s are owned by running consumers and were not purged "
+                                   "(%s)", topic, sorted(foreign), type(exc).__name__)
+        return count
+
+    def _stop_fetching(self, queue: str) -> None:
+        q = self._queues.get(queue)
+        if q is not None and q.main is not None:
+            with q.lock:
+                for buffer in q.main.buffers.values():
+                    buffer.clear()  # not handed out: uncommitted, read again by the next owner
+            self._housekeeping(q)
+
+    def _close(self) -> None:
+        queues, self._queues = list(self._queues.values()), {}
+        for q in queues:
+            q.stop.set()
+            if q.mover is not None:
+                q.mover.join(WAIT_SLICE + 10)
+            for group, delay in ((q.main, False), (q.delay, True)):
+                if group is None or group.consumer is None:
+                    continue
+                try:
+                    self._commit(q, group, group.tracker.clear(), lower_marks=not delay)
+                except Exception as exc:  # noqa: BLE001 - the next owner reads from the last commit
+                    logger.warning("%s: committing %s on close failed (%s); its finished calls may run again",
+                                   self._where(), q.queue, exc)
+                finally:
+                    group.consumer.close()
+        client, self._client_obj = self._client_obj, None
+        if client is not None:
+            client.close()

@@ -1,0 +1,430 @@
+"""NATS: JetStream streams and durable pull consumers, through nats-py behind the sync contract.
+
+Guarantee: at-least-once, persistent (JetStream file storage), cross-host. docs/nats.md says the
+same for users.
+
+Layout, per queue ``q`` (a valid NATS subject; its stream name ``fl_<q>`` has every character
+outside ``[A-Za-z0-9_-]`` replaced by ``_``, plus a hash of ``q`` when one was):
+
+* stream ``fl_<q>``: work-queue retention (a message is deleted when acked), file storage, subjects
+  ``q`` (ready messages) and ``q.fl-delayed`` (delayed ones). Another program publishes a JSON body
+  to the subject ``q`` (``js.publish("q", b'{"x": 1}')``, or plain ``nc.publish``) and it runs.
+* durable pull consumer ``fl`` on ``q``, shared by every consumer process: explicit acks,
+  ``ack_wait`` = ``NATS_ACK_WAIT_SECONDS`` (30), ``max_ack_pending`` 100,000, no ``max_deliver``.
+  A fetch is one pull request (``no_wait``, batch = the consumer's free capacity); an idle fetch
+  waits with a lingering pull of one message, kept for the fetch that follows (as is a message the
+  server sends after its pull ended: renewed while kept, handed back when fetching stops). A
+  message is acked after its call. While a process
+  holds a message, the maintenance thread of the base sends ``+WPI`` (in progress) every quarter of
+  ``ack_wait``, so a long call is never delivered again while its process lives; a killed process's
+  messages are delivered again by the server once ``ack_wait`` has passed.
+* durable pull consumer ``fl-delay`` on ``q.fl-delayed``; stream ``fl_<q>_dlq`` (subject ``q.dlq``,
+  limits retention, the newest 10,000): dead letters as JSON envelopes
+  ``{"body", "reason", "failed_at", "attempts"}``.
+
+Counting (DESIGN §3.3): a message is never ``nak``-ed on the ready subject. A nack, a release or a
+retry publishes a copy with the headers ``fl-attempts`` (deliveries before it) and ``fl-crashes``,
+then acks the original; so a ready message the server delivers a second time was held by a process
+that died (or lost its lease). Such a delivery is not run: the fetch publishes its copy with
+``crashes = fl-crashes + num_delivered - 1`` (attempts likewise) and acks it, and the copy runs
+alone under the poison-message rule (unless the fetching process holds that message itself: its
+lease ran out during a stall, and its ack, valid still, settles it). Every copy of the stream
+message ``seq`` carries the de-duplication id ``Nats-Msg-Id: fl.<seq>.<fl-attempts>``, so a death
+between publishing a copy and acking the original cannot make a second copy (the stream's
+duplicate window is at least two minutes and four times ``ack_wait``).
+
+Delays (``not_before``, ``nack(delay=...)``) are held by the server: the message goes to
+``q.fl-delayed`` (a subject of the queue's own stream, so the de-duplication covers copies made
+into either subject) with its due time (UNIX seconds) in the header ``fl-due``. Every consuming process
+runs a mover task on the ``fl-delay`` consumer: a message not yet due is ``nak``-ed with
+``delay`` = the time left (the server redelivers it then; counts do not matter on that subject),
+a due one is published to ``q`` with its headers and the id ``fl.d.<seq>``, then acked. Delayed
+messages move only while some process consumes the queue.
+
+Async: nats-py runs on the one event loop thread of :mod:`~funboost_like.brokers.async_bridge`,
+connected lazily; a forked child gets its own loop and connection. Publishing goes through a
+synchronous connection per publishing thread (:mod:`~funboost_like.brokers.nats_wire`: one round
+trip, no thread hop), or through nats-py when the server needs TLS or nkeys.
+
+``count`` is the messages waiting (not held) plus the delayed ones; ``purge`` purges the whole
+stream (held messages too: their acks then do nothing). Capabilities: lease redelivery, native
+delay, no priority, dead letters, key-value records (JetStream KV buckets, see
+:mod:`~funboost_like.brokers.nats_records`), no routing.
+
+Limits: no priorities; a copy joins the back of the queue (``release`` cannot put it in front);
+give every process of a queue the same ``NATS_ACK_WAIT_SECONDS`` (the last to start sets it);
+the queue name must be a valid subject (no spaces, ``*`` or ``>``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import replace
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import api
+
+from funboost_like.brokers.async_bridge import bridge
+from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
+from funboost_like.brokers.nats_jetstream import TIMEOUT, WINDOW, JetStream, Puller
+from funboost_like.brokers.nats_records import NatsRecords
+from funboost_like.brokers.nats_wire import PublishRefused, WirePublishers, redact_nats_url
+from funboost_like.core.config import settings
+from funboost_like.core.enums import BrokerEnum
+from funboost_like.core.errors import ConfigurationError
+
+logger = logging.getLogger("funboost_like.nats")
+
+ATTEMPTS, CRASHES, DUE, MSG_ID = "fl-attempts", "fl-crashes", "fl-due", "Nats-Msg-Id"
+CONSUMER, DELAY_CONSUMER = "fl", "fl-delay"
+MAX_ACK_PENDING = 100_000
+DEAD_LETTER_LIMIT = 10_000
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_BAD_SUBJECT = re.compile(r"[\s*>]|^\.|\.$|\.\.")
+Copy = tuple[str, bytes, int, int, str]  # (token of the original, body, attempts before, crashes, de-dup id)
+
+
+def stream_name(queue: str) -> str:
+    """``fl_<queue>`` with characters outside ``[A-Za-z0-9_-]`` replaced (plus a hash of the name if any was)."""
+    if not queue or _BAD_SUBJECT.search(queue):
+        raise ConfigurationError(f"NATS queue names must be valid subjects (no spaces, '*', '>'), not {queue!r}")
+    safe = _UNSAFE.sub("_", queue)
+    return f"fl_{safe}" if safe == queue else f"fl_{safe}_{hashlib.sha1(queue.encode()).hexdigest()[:8]}"
+
+_NO_SUCH_SEQUENCE = 10043  # JetStream's error code for a message sequence a stream does not hold
+
+
+class _Queue:
+    """A queue's names on the server, and this process's pullers for it."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue, self.stream = queue, stream_name(queue)
+        self.dlq_stream, self.delayed, self.dlq = f"{self.stream}_dlq", f"{queue}.fl-delayed", f"{queue}.dlq"
+        self.ready, self.delay = Puller(self.stream, CONSUMER), Puller(self.stream, DELAY_CONSUMER)
+        self.mover: asyncio.Task[None] | None = None
+        self.dlq_made = False
+
+
+def _numbers(reply: str) -> tuple[int, int]:
+    """(num_delivered, stream sequence) from a JetStream reply subject: ``$JS.ACK.<stream>.<consumer>.
+    <delivered>.<stream seq>...``, or the form with a domain and an account hash after ``$JS.ACK``."""
+    tokens = reply.split(".")
+    at = 4 if len(tokens) == 9 else 6
+    return int(tokens[at]), int(tokens[at + 1])
+
+
+def _copy_of(msg: Msg) -> Copy:
+    """The copy of a delivery the server made again (its holder died): every earlier delivery counted
+    as a crash, with the de-duplication id shared by every copy of that stream message."""
+    headers = msg.headers or {}
+    attempts, crashes = int(headers.get(ATTEMPTS, 0)), int(headers.get(CRASHES, 0))
+    delivered, seq = _numbers(msg.reply)
+    return msg.reply, msg.data, attempts + delivered - 1, crashes + delivered - 1, f"fl.{seq}.{attempts}"
+
+
+class NatsBroker(Broker):
+    """At-least-once NATS JetStream broker; see the module docstring for the layout and counting."""
+
+    kind = BrokerEnum.NATS
+    capabilities = Capabilities(redelivery="lease", delay="native", max_priority=0, dead_letters=True,
+                                key_value=True, routing="none", persistent=True, cross_process=True,
+                                cross_host=True)
+    connection_errors = (nats.errors.ConnectionClosedError, nats.errors.NoServersError, nats.errors.TimeoutError,
+                         nats.errors.StaleConnectionError, nats.errors.ConnectionReconnectingError,
+                         nats.errors.OutboundBufferLimitError, TimeoutError, OSError)
+    errors = (nats.errors.Error, nats.js.errors.Error, PublishRefused)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._after_fork()
+
+    def _after_fork(self) -> None:  # the parent's connection lives on the parent's loop: dropped, never closed
+        self._jet: JetStream | None = None
+        self._queues: dict[str, _Queue] = {}
+        self._ready: set[str] = set()
+        self._records: dict[tuple[str, str], NatsRecords] = {}
+        self._wires: WirePublishers | None = None
+
+    # -- connection, streams, consumers --------------------------------------------------------------
+    def _url(self) -> str:
+        return str(settings.get("NATS_URL"))
+
+    def _where(self) -> str:
+        return f"NATS at {redact_nats_url(self._url())}"
+
+    def _ack_wait(self) -> float:
+        return float(settings.get("NATS_ACK_WAIT_SECONDS"))
+
+    def maintenance_interval(self) -> float:
+        return self._ack_wait() / 4
+
+    def _run(self, coro: Coroutine[Any, Any, Any], timeout: float = TIMEOUT + 5) -> Any:
+        return bridge.run(coro, timeout)
+
+    @property
+    def jet(self) -> JetStream:
+        if self._jet is None:
+            where = self._where()
+            self._jet = JetStream(self._url(), lambda exc: logger.warning("%s: %s", where, type(exc).__name__))
+        return self._jet
+
+    async def _queue(self, queue: str) -> _Queue:
+        """The queue's streams and consumers, created (or updated) at first use in this process."""
+        q = self._queues.get(queue)
+        if q is not None and queue in self._ready:
+            return q
+        q = self._queues.setdefault(queue, _Queue(queue))
+        jet, ack_wait = self.jet, self._ack_wait()
+        await jet.connect()
+        await self._add_stream(api.StreamConfig(
+            name=q.stream, subjects=[queue, q.delayed], retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE, duplicate_window=max(120.0, 4 * ack_wait)))
+        for puller, name, subject, wait in ((q.ready, CONSUMER, queue, ack_wait),
+                                            (q.delay, DELAY_CONSUMER, q.delayed, 30.0)):
+            await jet.js.add_consumer(q.stream, api.ConsumerConfig(
+                durable_name=name, filter_subject=subject, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=wait,
+                max_deliver=-1, max_ack_pending=MAX_ACK_PENDING, max_waiting=512))
+            await jet.subscribe(puller)
+        self._ready.add(queue)
+        return q
+
+    async def _add_stream(self, config: api.StreamConfig) -> None:
+        try:
+            await self.jet.js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:  # exists with another configuration: used as it is
+            if exc.err_code != 10058:
+                raise
+            logger.warning("stream %r exists on %s with another configuration; using it as it is", config.name,
+                           self._where())
+
+    # -- publishing ----------------------------------------------------------------------------------
+    def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
+        if priority:
+            raise ConfigurationError("NATS has no priorities")
+        q = self._queues.get(queue)
+        if q is None or queue not in self._ready:
+            q = self._run(self._queue(queue))
+        if not_before is not None and not_before > time.time():
+            headers = {DUE: repr(float(not_before))}
+            items: list[tuple[str, bytes, dict[str, str] | None]] = [(q.delayed, body, headers) for body in bodies]
+        else:
+            items = [(queue, body, None) for body in bodies]
+        wires = self._wires
+        if wires is None:
+            wires = self._wires = WirePublishers(self._url(), TIMEOUT)
+        if not wires.publish(items, WINDOW):
+            self._run(self.jet.publish(items))
+
+    # -- consuming -----------------------------------------------------------------------------------
+    async def _get_async(self, queue: str, max_n: int, acks: Sequence[Delivery] = ()) -> list[Delivery]:
+        jet = self.jet
+        if acks:
+            await jet.ack([d.token for d in acks])
+        q = await self._queue(queue)
+        if q.mover is None or q.mover.done():
+            q.mover = asyncio.get_running_loop().create_task(self._move_due(q))
+        got, dead = [], []
+        first = f"$JS.ACK.{q.stream}.{CONSUMER}.1."  # a first delivery's reply subject starts so
+        for msg in await jet.take(q.ready, max_n):
+            if not msg.reply.startswith(first) and _numbers(msg.reply)[0] > 1:  # its holder died: counted in a
+                dead.append(_copy_of(msg))  # copy, which runs alone later
+            else:
+                headers = msg.headers
+                if headers is None:
+                    got.append(Delivery(queue, msg.data, msg.reply))
+                else:
+                    got.append(Delivery(queue, msg.data, msg.reply, int(headers.get(ATTEMPTS, 0)) + 1, 0,
+                                        int(headers.get(CRASHES, 0))))
+        if dead:  # unless this process still holds it (its lease ran out during a stall): its holder settles it
+            mine = {_numbers(token)[1] for held_queue, token in self.held() if held_queue == queue}
+            dead = [copy for copy in dead if _numbers(copy[0])[1] not in mine]
+            if dead:
+                await self._copy(queue, dead, 0.0)
+        return got
+
+    def _get(self, queue: str, max_n: int) -> list[Delivery]:
+        return list(self._run(self._get_async(queue, max_n)))
+
+    def _ack_and_get(self, deliveries: Sequence[Delivery], queue: str, max_n: int) -> list[Delivery]:
+        return list(self._run(self._get_async(queue, max_n, deliveries)))
+
+    def _wait(self, queue: str, timeout: float) -> None:
+        async def wait() -> None:
+            await self.jet.long_poll((await self._queue(queue)).ready, timeout)
+        self._run(wait(), timeout + TIMEOUT)
+
+    async def _move_due(self, q: _Queue) -> None:
+        """Move due delayed messages of ``q`` to its ready subject; ``nak`` the others until due."""
+        jet = self.jet
+        while True:
+            try:
+                await jet.long_poll(q.delay, 5.0)
+                for msg in await jet.take(q.delay, 256):
+                    headers = dict(msg.headers or {})
+                    left = float(headers.pop(DUE, 0)) - time.time()
+                    if left > 0.001:
+                        await jet.ack([msg.reply], verb=b'-NAK {"delay": %d}' % int(left * 1e9))
+                        continue
+                    headers[MSG_ID] = f"fl.d.{_numbers(msg.reply)[1]}"
+                    await jet.publish([(q.queue, msg.data, headers)])
+                    await jet.ack([msg.reply], confirm=True)  # so count() stops counting it at once
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - logged; tried again
+                logger.warning("moving due delayed messages of queue %r failed (%s); retrying", q.queue, exc)
+                await asyncio.sleep(1.0)
+
+    # -- settling ------------------------------------------------------------------------------------
+    def _ack(self, deliveries: Sequence[Delivery]) -> None:
+        self._run(self.jet.ack([d.token for d in deliveries]))
+
+    async def _copy(self, queue: str, copies: Sequence[Copy], delay: float) -> None:
+        """Publish each copy with its counts (delayed: to the delayed subject), then ack the originals,
+        confirmed, so they are gone before anything else runs."""
+        q = await self._queue(queue)
+        items = []
+        for _, body, attempts, crashes, dedup in copies:
+            headers = {ATTEMPTS: str(attempts), CRASHES: str(crashes), MSG_ID: dedup}
+            if delay > 0:
+                headers[DUE] = repr(time.time() + delay)
+            items.append((q.delayed if delay > 0 else queue, body, headers))
+        await self.jet.publish(items)
+        await self.jet.ack([token for token, *_ in copies], confirm=True)
+
+    def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
+        copies = [(d.token, d.body, d.attempts if count_attempt else d.attempts - 1, d.crashes,
+                   f"fl.{_numbers(d.token)[1]}.{d.attempts - 1}") for d in deliveries]
+        self._run(self._copy(deliveries[0].queue, copies, delay))
+
+    def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        envelope = letter.envelope()
+
+        async def send() -> None:
+            q = await self._queue(delivery.queue)
+            if not q.dlq_made:  # made by the first dead letter; before it, listing and purging find none
+                await self._add_stream(api.StreamConfig(name=q.dlq_stream, subjects=[q.dlq], max_msgs=DEAD_LETTER_LIMIT,
+                                                        storage=api.StorageType.FILE))
+                q.dlq_made = True
+            await self.jet.publish([(q.dlq, envelope, None)])
+            await self.jet.ack([delivery.token], confirm=True)
+        self._run(send())
+
+    def _renew(self, deliveries: Sequence[Delivery]) -> None:
+        """``+WPI`` for what this process holds, and for what a late pull left in a stash."""
+        jet = self._jet
+        if jet is not None:
+            async def renew() -> None:  # the stashes are read on the loop, which alone changes them
+                stashed = [msg.reply for q in self._queues.values() for msg in q.ready.stash]
+                await jet.ack([*(d.token for d in deliveries), *stashed], verb=b"+WPI")
+            self._run(renew())
+
+    # -- counting, purging, dead letters, records ----------------------------------------------------
+    def _size(self, queue: str) -> int:
+        async def size() -> int:
+            q, js = await self._queue(queue), self.jet.js
+            ready, delayed = await asyncio.gather(js.consumer_info(q.stream, CONSUMER),
+                                                  js.consumer_info(q.stream, DELAY_CONSUMER))
+            return int(ready.num_pending + delayed.num_pending + delayed.num_ack_pending)
+        return int(self._run(size()))
+
+    def _purge_stream(self, queue: str, dlq: bool) -> int:
+        async def purge() -> int:
+            q = await self._queue(queue)
+            answer = await self.jet.api(f"$JS.API.STREAM.PURGE.{q.dlq_stream if dlq else q.stream}")
+            return int(answer.get("purged", 0))
+        return int(self._run(purge()))
+
+    def _purge(self, queue: str) -> int:
+        return self._purge_stream(queue, dlq=False)
+
+    def purge_dead_letters(self, queue: str) -> int:
+        try:
+            return self._purge_stream(queue, dlq=True)
+        except nats.js.errors.NotFoundError:
+            return 0  # no dead letter yet
+        except self._client_errors as exc:
+            raise self._translated(exc, f"purging dead letters of queue {queue!r}") from exc
+
+    def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        async def newest() -> list[tuple[int, bytes]]:
+            return await self.jet.newest((await self._queue(queue)).dlq_stream, limit)
+
+        try:
+            found = self._run(newest())
+        except nats.js.errors.NotFoundError:
+            return []  # no dead letter yet
+        except self._client_errors as exc:
+            raise self._translated(exc, f"listing dead letters of queue {queue!r}") from exc
+        return [replace(DeadLetter.from_envelope(queue, raw), ref=seq) for seq, raw in found]
+
+    def remove_dead_letter(self, queue: str, letter: DeadLetter) -> bool:
+        async def delete() -> bool:
+            return bool(await self.jet.js.delete_msg((await self._queue(queue)).dlq_stream, letter.ref))
+
+        try:
+            return self._run(delete())
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != _NO_SUCH_SEQUENCE and not isinstance(exc, nats.js.errors.NotFoundError):
+                raise self._translated(exc, f"removing a dead letter of queue {queue!r}") from exc
+            return False  # deleted already
+        except self._client_errors as exc:
+            raise self._translated(exc, f"removing a dead letter of queue {queue!r}") from exc
+
+    def key_value_store(self, queue: str, namespace: str) -> NatsRecords:
+        """Records in the JetStream KV bucket ``fl_kv_<queue>_<namespace>`` (see
+        :mod:`~funboost_like.brokers.nats_records`)."""
+        store = self._records.get((queue, namespace))
+        return store or self._records.setdefault((queue, namespace), NatsRecords(self, queue, namespace))
+
+    def delete_queue(self, queue: str) -> None:
+        """Delete the streams of ``queue`` (its messages, delayed ones and dead letters) and the KV buckets
+        this process opened for it (tests, benchmarks)."""
+        async def delete() -> None:
+            q = self._queues.get(queue) or _Queue(queue)
+            if q.mover is not None:
+                q.mover.cancel()
+                q.mover = None
+            self._ready.discard(queue)
+            q.dlq_made = False
+            buckets = [f"KV_{self._records.pop(key).bucket}" for key in list(self._records) if key[0] == queue]
+            await self.jet.delete_streams([q.stream, q.dlq_stream, *buckets])
+        self._run(delete())
+
+    # -- stopping ------------------------------------------------------------------------------------
+    def _stop_fetching(self, queue: str) -> None:
+        """Stop moving delayed messages; hand back what a late pull left in the stash (a copy each)."""
+        async def stop() -> None:
+            q = self._queues.get(queue)
+            if q is not None:
+                if q.mover is not None:
+                    q.mover.cancel()
+                    q.mover = None
+                left = [_copy_of(msg) for msg in q.ready.take(len(q.ready.stash))]
+                if left:  # never run here: counts unchanged (or crashes, if the server had redelivered them)
+                    await self._copy(queue, left, 0.0)
+        if self._jet is not None:
+            self._run(stop())
+
+    def _close(self) -> None:
+        jet = self._jet
+        if self._wires is not None:
+            self._wires.close()
+        for queue in list(self._queues) if jet is not None else ():
+            try:
+                self._stop_fetching(queue)
+            except Exception:  # noqa: BLE001 - closing anyway; the server delivers them again
+                logger.warning("handing back the prefetched messages of queue %r failed", queue, exc_info=True)
+        try:
+            if jet is not None:
+                self._run(jet.close())
+        except Exception:  # noqa: BLE001 - closing anyway
+            logger.debug("closing the NATS connection failed", exc_info=True)
+        self._after_fork()

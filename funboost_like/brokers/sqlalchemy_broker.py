@@ -1,0 +1,413 @@
+"""SQLACHEMY: queues in any SQL database SQLAlchemy 2 reaches (PostgreSQL, MySQL/MariaDB, SQLite, ...).
+
+Guarantee: at-least-once, the :class:`~funboost_like.brokers.leased_table.LeasedTable` way: a fetched
+message is leased to its consumer process and the lease is renewed every ``lease / 3`` seconds; a
+killed consumer's messages come back after at most ``SQLALCHEMY_LEASE_SECONDS`` (its death counted
+for the poison-message rule). Acked rows are deleted.
+
+Settings: ``SQLALCHEMY_URL`` (environment ``FUNBOOST_LIKE_SQLALCHEMY_URL``; ``SQLACHEMY_ENGINE_URL``,
+the seed's spelling, is an alias at every level; empty: ``sqlite:///<SQLITE_QUEUES_PATH
+folder>/sqlalchemy_queues.sqlite3``, beside the embedded broker's files) and
+``SQLALCHEMY_LEASE_SECONDS``. The URL's password never appears in a log or an error message.
+
+Tables, created on first use of a queue (never at import), named from the queue
+(:func:`table_name`: ``fl_<safe name>_<hash>``): the messages, ``..._dl`` (dead letters with their
+reason) and, when RPC results or task filtering are used, ``..._kv`` (records with expiry). The take
+is one ``UPDATE ... WHERE id IN (SELECT ... ORDER BY priority DESC, id LIMIT n FOR UPDATE SKIP
+LOCKED) RETURNING ...`` where the database can (PostgreSQL; SQLite, whose write lock makes it
+atomic), else a ``SELECT ... FOR UPDATE SKIP LOCKED`` and an ``UPDATE`` in one transaction (MySQL 8,
+MariaDB 10.6+, in READ COMMITTED so publishers never wait on gap locks). The consumer's acks and its
+next take share one transaction. ``publish_many`` is one executemany in one transaction (a ``COPY``
+on PostgreSQL). Emulated routing: bindings in ``fl_bindings``, a routed publish inserts into every
+matching queue's table in one transaction (see :mod:`funboost_like.brokers.sql_records`).
+
+On PostgreSQL an idle consumer ``LISTEN``s: a statement trigger on the messages table notifies at
+every insert, so a published message wakes it within milliseconds; it still looks every 250 ms, for
+delayed messages coming due and leases running out (:mod:`funboost_like.brokers.sql_postgresql`).
+Elsewhere the base polls (2 ms to 50 ms). See docs/sql.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+from funboost_like.brokers.base import Capabilities, DeadLetter
+from funboost_like.brokers.leased_table import Claimed, LeasedTable, claimed
+from funboost_like.brokers.routing import Binding
+from funboost_like.brokers.sql_postgresql import Listener, copy_rows, create_notify_trigger
+from funboost_like.brokers.sql_records import SqlKeyValueStore, add_bindings, bindings_table, kv_table, read_bindings
+from funboost_like.core.config import data_dir_setting, redact_url, settings
+from funboost_like.core.enums import BrokerEnum
+from funboost_like.core.errors import ConfigurationError
+from funboost_like.core.stores import check_namespace
+
+T = TypeVar("T")
+ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite: an INTEGER PRIMARY KEY is the rowid
+BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")  # MySQL's BLOB stops at 64 KiB
+_TRANSIENT_STATES = {"40001", "40P01"}  # PostgreSQL: serialization failure, deadlock
+_TRANSIENT_MYSQL = {1205, 1213}  # lock wait timeout, deadlock
+
+
+def engine_url() -> str:
+    """The configured URL (SQLALCHEMY_URL, alias SQLACHEMY_ENGINE_URL), else the default SQLite file."""
+    url = str(settings.get("SQLALCHEMY_URL") or "")
+    return url or f"sqlite:///{data_dir_setting('SQLITE_QUEUES_PATH', 'sqlite_queues') / 'sqlalchemy_queues.sqlite3'}"
+
+
+def table_name(queue: str) -> str:
+    """``fl_<lower-case queue name, other characters as _, at most 36>_<8 hex of its sha1>``: a plain
+    identifier on every database (at most 48 characters), distinct for distinct queue names."""
+    safe = re.sub(r"[^a-z0-9]+", "_", queue.lower()).strip("_")[:36]
+    return f"fl_{safe}_{hashlib.sha1(queue.encode()).hexdigest()[:8]}"
+
+
+def _transient(exc: sa.exc.DBAPIError) -> bool:
+    """A deadlock or lock timeout (the transaction was rolled back and may simply run again)."""
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in _TRANSIENT_STATES:
+        return True
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return bool(args) and (args[0] in _TRANSIENT_MYSQL or args[0] == "database is locked")
+
+
+class _Queue:
+    """The tables of one queue and the statements on them (compiled once, cached by SQLAlchemy)."""
+
+    def __init__(self, queue: str) -> None:
+        name = self.name = table_name(queue)
+        meta = self.metadata = sa.MetaData()
+        t = self.messages = sa.Table(
+            name, meta, sa.Column("id", ID, primary_key=True, autoincrement=True),
+            sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+            sa.Column("visible_at", sa.Double, nullable=False), sa.Column("owner", sa.String(64)),
+            sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+            sa.Column("crashes", sa.Integer, nullable=False, server_default="0"),
+            sa.Column("body", BLOB, nullable=False), sqlite_autoincrement=True)  # ids never reused
+        take_index = sa.Index(f"{name}_take", t.c.priority.desc(), t.c.id, t.c.visible_at)
+        d = self.dead = sa.Table(
+            f"{name}_dl", meta, sa.Column("id", ID, primary_key=True, autoincrement=True),
+            sa.Column("message_id", sa.BigInteger), sa.Column("body", BLOB, nullable=False),
+            sa.Column("reason", sa.Text, nullable=False), sa.Column("failed_at", sa.Double, nullable=False),
+            sa.Column("attempts", sa.Integer, nullable=False), sqlite_autoincrement=True)
+        self.kv = kv_table(f"{name}_kv", meta, BLOB)
+        self.kv_created = False
+        self.channel = name
+        pick = t.alias("pick")
+        ready = (sa.select(pick.c.id).where(pick.c.visible_at <= sa.bindparam("now"))
+                 .order_by(pick.c.priority.desc(), pick.c.id).limit(sa.bindparam("n")))
+        # crashes first: MySQL evaluates SET assignments left to right, each seeing the ones before
+        claim: tuple[tuple[Any, Any], ...] = (
+            (t.c.crashes, t.c.crashes + sa.case((t.c.owner.is_(None), 0), else_=1)), (t.c.owner, sa.bindparam("me")),
+            (t.c.visible_at, sa.bindparam("until")), (t.c.attempts, t.c.attempts + 1))
+        self.take = (sa.update(t).where(t.c.id.in_(ready.with_for_update(skip_locked=True).scalar_subquery()))
+                     .ordered_values(*claim).returning(t.c.id, t.c.body, t.c.attempts, t.c.priority, t.c.crashes))
+        self.lock_ready = (sa.select(t.c.id, t.c.body, t.c.attempts, t.c.priority, t.c.crashes, t.c.owner)
+                           .where(t.c.visible_at <= sa.bindparam("now")).order_by(t.c.priority.desc(), t.c.id)
+                           .limit(sa.bindparam("n")).with_for_update(skip_locked=True)
+                           # not a full scan and a sort of the queue (MariaDB's choice once the body is selected)
+                           .with_hint(t, f"FORCE INDEX ({take_index.name})", "mysql")
+                           .with_hint(t, f"FORCE INDEX ({take_index.name})", "mariadb"))
+        ids = t.c.id.in_(sa.bindparam("ids", expanding=True))
+        self.mark = sa.update(t).where(ids).ordered_values(*claim)
+        owned = sa.and_(t.c.owner == sa.bindparam("me"), ids)
+        self.delete = sa.delete(t).where(owned)
+        self.renew = sa.update(t).where(owned).values(visible_at=sa.bindparam("at"))
+        self.requeue = sa.update(t).where(owned).values(visible_at=sa.bindparam("at"), owner=None)
+        self.release = sa.update(t).where(owned).values(
+            visible_at=sa.bindparam("at"), owner=None, attempts=sa.case((t.c.attempts > 0, t.c.attempts - 1), else_=0))
+        waiting = sa.or_(t.c.owner.is_(None), t.c.visible_at <= sa.bindparam("now"))
+        self.purge = sa.delete(t).where(waiting)
+        self.count = sa.select(sa.func.count()).select_from(t).where(waiting)
+        self.bury = (sa.delete(t).where(t.c.owner == sa.bindparam("me"), t.c.id == sa.bindparam("row")),
+                     sa.insert(d))
+
+
+class SqlAlchemyBroker(LeasedTable):
+    """At-least-once queues in a SQL database, shared by processes on any host that reaches it.
+
+    One instance serves a whole process; every method is thread-safe (SQLAlchemy's pool gives each
+    call its own connection). A forked child opens its own connections.
+    """
+
+    kind = BrokerEnum.SQLACHEMY
+    capabilities = Capabilities(redelivery="lease", delay="native", max_priority=2**31 - 1, dead_letters=True,
+                                key_value=True, routing="emulated", persistent=True, cross_process=True,
+                                cross_host=True)
+    connection_errors = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError,
+                         sa.exc.TimeoutError)
+    errors = (sa.exc.SQLAlchemyError,)
+    lease_setting = "SQLALCHEMY_LEASE_SECONDS"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._engine: sa.Engine | None = None
+        self._single: sa.Engine | None = None
+        self._psycopg = False
+        self._url = ""
+        self._queues: dict[str, _Queue] = {}
+        self._stores: dict[tuple[str, str], SqlKeyValueStore] = {}
+        self._bindings_table: sa.Table | None = None
+        self._listener = Listener()  # PostgreSQL: each thread's LISTEN connection
+
+    def _where(self) -> str:
+        return f"the SQL database {redact_url(self._url or engine_url())}"
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def engine(self) -> sa.Engine:
+        """The engine for the configured URL, made on first use."""
+        engine = self._engine
+        if engine is None:
+            with self._lock:
+                if self._engine is None:
+                    self._url = engine_url()
+                    engine = _make_engine(self._url)
+                    postgresql = engine.dialect.name == "postgresql"
+                    # PostgreSQL: a lone statement in autocommit mode is one round trip, not three
+                    self._single = engine.execution_options(isolation_level="AUTOCOMMIT") if postgresql else engine
+                    self._psycopg = postgresql and engine.driver == "psycopg"  # LISTEN/NOTIFY and COPY
+                    self._waits = self._psycopg  # the base polls the other databases
+                    self._engine = engine
+                engine = self._engine
+        return engine
+
+    def _queue(self, queue: str) -> _Queue:
+        """The queue's tables, created on first use (by whichever process comes first)."""
+        q = self._queues.get(queue)
+        if q is None:
+            engine = self.engine()
+            with self._lock:
+                q = self._queues.get(queue)
+                if q is None:
+                    q = _Queue(queue)
+                    _create(engine, q.metadata, [q.messages, q.dead])
+                    if engine.dialect.name == "postgresql":
+                        create_notify_trigger(engine, q.name)
+                    self._queues[queue] = q
+        return q
+
+    def _tx(self, work: Callable[[sa.Connection], T], single: bool = False) -> T:
+        """``work(connection)`` in one transaction, run again (up to 3 times) after a deadlock.
+        ``single``: ``work`` runs one statement (autocommit where that saves round trips)."""
+        engine = self.engine()
+        if single and self._single is not None:
+            engine = self._single
+        for attempt in range(3):
+            try:
+                with engine.begin() as conn:
+                    return work(conn)
+            except sa.exc.OperationalError as exc:
+                if attempt == 2 or not _transient(exc):
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def key_value_store(self, queue: str, namespace: str) -> SqlKeyValueStore:
+        """The records of ``namespace`` in the queue's ``..._kv`` table (created on first use)."""
+        key = (queue, check_namespace(namespace))
+        store = self._stores.get(key)
+        if store is None:
+            with self._lock:
+                store = self._stores.setdefault(key, SqlKeyValueStore(self, queue, namespace))
+        return store
+
+    def _kv_table(self, queue: str) -> sa.Table:
+        q = self._queue(queue)
+        if not q.kv_created:
+            _create(self.engine(), q.metadata, [q.kv])
+            q.kv_created = True
+        return q.kv
+
+    # -- storage operations ----------------------------------------------------------------------
+    def _insert(self, queue: str, priority: int, visible_at: float, bodies: Sequence[bytes]) -> None:
+        q = self._queue(queue)
+        if len(bodies) > 1 and self._psycopg:  # COPY: about ten times an executemany
+            self._tx(lambda conn: copy_rows(conn, q.name, [(priority, visible_at, bytes(b)) for b in bodies]))
+            return
+        rows = [{"priority": priority, "visible_at": visible_at, "body": bytes(b)} for b in bodies]
+        self._tx(lambda conn: conn.execute(q.messages.insert(), rows if len(rows) > 1 else rows[0]), len(rows) == 1)
+
+    def _claim(self, queue: str, now: float, lease_until: float, max_n: int) -> list[Claimed]:
+        return self._delete_and_claim(queue, (), now, lease_until, max_n)
+
+    def _delete_and_claim(self, queue: str, ids: Sequence[Any], now: float, lease_until: float,
+                          max_n: int) -> list[Claimed]:
+        """Delete the owned rows ``ids`` and take up to ``max_n``, in one transaction."""
+        q = self._queue(queue)
+        params = {"now": now, "n": max_n, "me": self.owner, "until": lease_until}
+        returning = self.engine().dialect.update_returning
+
+        def delete_and_claim(conn: sa.Connection) -> list[Claimed]:
+            if ids:
+                conn.execute(q.delete, {"me": self.owner, "ids": list(ids)})
+            if returning:
+                return [Claimed(r[0], bytes(r[1]), *r[2:]) for r in conn.execute(q.take, params)]
+            rows = conn.execute(q.lock_ready, params).all()
+            if rows:
+                conn.execute(q.mark, {**params, "ids": [r[0] for r in rows]})
+            return [claimed(*r[:5], had_owner=r[5] is not None) for r in rows]
+
+        return self._tx(delete_and_claim, single=returning and not ids)
+
+    def _delete(self, queue: str, ids: Sequence[Any]) -> None:
+        q = self._queue(queue)
+        self._tx(lambda conn: conn.execute(q.delete, {"me": self.owner, "ids": list(ids)}), single=True)
+
+    def _update_owned(self, queue: str, ids: Sequence[Any], *, visible_at: float, disown: bool,
+                      attempts_delta: int) -> None:
+        q = self._queue(queue)
+        statement = q.renew if not disown else q.requeue if attempts_delta >= 0 else q.release
+        self._tx(lambda conn: conn.execute(statement, {"me": self.owner, "ids": list(ids), "at": visible_at}), True)
+
+    def _bury(self, queue: str, row_id: Any, letter: DeadLetter) -> None:
+        """Delete the owned row and keep the letter, in one transaction (nothing if no longer owned)."""
+        q = self._queue(queue)
+        delete, insert = q.bury
+
+        def bury(conn: sa.Connection) -> None:
+            if conn.execute(delete, {"me": self.owner, "row": row_id}).rowcount:
+                conn.execute(insert, {"message_id": row_id, "body": letter.body, "reason": letter.reason,
+                                      "failed_at": letter.failed_at, "attempts": letter.attempts})
+
+        self._tx(bury)
+
+    def _delete_waiting(self, queue: str, now: float) -> int:
+        q = self._queue(queue)
+        return int(self._tx(lambda conn: conn.execute(q.purge, {"now": now}).rowcount, single=True))
+
+    def _count_waiting(self, queue: str, now: float) -> int:
+        q = self._queue(queue)
+        return int(self._tx(lambda conn: conn.execute(q.count, {"now": now}).scalar_one(), single=True))
+
+    def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        d = self._queue(queue).dead
+        query = (sa.select(d.c.body, d.c.reason, d.c.failed_at, d.c.attempts, d.c.id).order_by(d.c.id.desc())
+                 .limit(max(0, limit)))
+        rows = self._tx(lambda conn: conn.execute(query).all())
+        return [DeadLetter(queue, bytes(body), reason, at, attempts, ref=row_id)
+                for body, reason, at, attempts, row_id in rows]
+
+    def list_delayed(self, queue: str, limit: int = 100) -> list[tuple[float, bytes]]:
+        t = self._queue(queue).messages
+        query = (sa.select(t.c.visible_at, t.c.body).where(t.c.owner.is_(None), t.c.visible_at > time.time())
+                 .order_by(t.c.visible_at, t.c.id).limit(max(0, limit)))
+        return [(float(at), bytes(body)) for at, body in self._tx(lambda conn: conn.execute(query).all())]
+
+    def remove_dead_letter(self, queue: str, letter: DeadLetter) -> bool:
+        d = self._queue(queue).dead
+        return int(self._tx(lambda conn: conn.execute(sa.delete(d).where(d.c.id == letter.ref)).rowcount)) == 1
+
+    def purge_dead_letters(self, queue: str) -> int:
+        d = self._queue(queue).dead
+        return int(self._tx(lambda conn: conn.execute(sa.delete(d)).rowcount))
+
+    def drop_tables(self, queue: str) -> None:
+        """Drop every table of ``queue`` (its messages, dead letters and records are lost). Stop the
+        queue's consumers and publishers first, in every process: they keep using the tables they made."""
+        q = self._queues.pop(queue, None) or _Queue(queue)
+        q.metadata.drop_all(self.engine(), checkfirst=True)
+
+    # -- routing (emulated: DESIGN §9) ------------------------------------------------------------
+    def _routes(self) -> sa.Table:
+        """The bindings table, created on first use."""
+        table = self._bindings_table
+        if table is None:
+            table = bindings_table(sa.MetaData())
+            _create(self.engine(), table.metadata, [table])
+            self._bindings_table = table
+        return table
+
+    def _bind(self, bindings: Sequence[Binding]) -> None:
+        table = self._routes()
+        try:
+            self._tx(lambda conn: add_bindings(conn, table, bindings))
+        except sa.exc.IntegrityError:  # another process added one of them at the same moment
+            self._tx(lambda conn: add_bindings(conn, table, bindings))
+
+    def _bindings(self, exchange: str) -> list[Binding]:
+        table = self._routes()
+        return self._tx(lambda conn: read_bindings(conn, table, exchange))
+
+    def _put_many(self, queues: Sequence[str], bodies: Sequence[bytes], *, priority: int,
+                  not_before: float | None) -> None:
+        """Insert into every queue's table in one transaction: all of them get the messages, or none."""
+        now = time.time()
+        visible_at = float(not_before) if not_before is not None and float(not_before) > now else now
+        rows = [{"priority": int(priority), "visible_at": visible_at, "body": bytes(b)} for b in bodies]
+        tables = [self._queue(queue).messages for queue in sorted(queues)]
+
+        def insert_all(conn: sa.Connection) -> None:
+            for table in tables:
+                conn.execute(table.insert(), rows)
+
+        self._tx(insert_all)
+
+    # -- waiting (PostgreSQL) ----------------------------------------------------------------------
+    def _wait(self, queue: str, timeout: float) -> None:
+        """PostgreSQL with psycopg 3: block until the queue's trigger notifies (a publish), at most 250 ms.
+        Other databases never get here: the base polls them (see :meth:`engine`)."""
+        self._listener.wait(self.engine(), self._queue(queue).channel, timeout)
+
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        if self._engine is not None:
+            self._engine.dispose(close=False)  # the parent's connections stay the parent's
+        self._listener = Listener()  # so does its LISTEN connection
+
+    def _close(self) -> None:
+        with self._lock:
+            engine, self._engine, self._single, self._queues, self._stores = self._engine, None, None, {}, {}
+            self._bindings_table = None
+        self._listener.close()  # this thread's; the others' are closed with their threads
+        self._listener = Listener()
+        if engine is not None:
+            engine.dispose()
+
+
+def _make_engine(url: str) -> sa.Engine:
+    try:
+        parsed = sa.make_url(url)
+        # hide_parameters: bodies never reach an error message or a log; no reset on return: every use
+        # of a connection ends with its own commit or rollback (pymysql would send one more ROLLBACK)
+        options: dict[str, Any] = {"hide_parameters": True, "pool_reset_on_return": None}
+        if parsed.get_backend_name() in ("mysql", "mariadb"):
+            options["isolation_level"] = "READ COMMITTED"  # no gap locks: publishers never wait on a take
+        if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)  # first use: the folder too
+        engine = sa.create_engine(parsed, **options)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError, ValueError) as exc:
+        reason = str(exc).replace(url, redact_url(url)) if isinstance(exc, ImportError) else type(exc).__name__
+        raise ConfigurationError(f"SQLALCHEMY_URL {redact_url(url)!r} cannot be used ({reason}); a driver may be "
+                                 "missing: pip install 'funboost_like[sql]'") from None
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def _create(engine: sa.Engine, metadata: sa.MetaData, tables: list[sa.Table]) -> None:
+    """Create ``tables`` unless they exist; another process creating them at the same time is fine."""
+    for attempt in range(3):
+        try:
+            metadata.create_all(engine, tables=tables, checkfirst=True)
+            return
+        except sa.exc.DBAPIError:
+            if attempt == 2:
+                raise
+            time.sleep(0.05)

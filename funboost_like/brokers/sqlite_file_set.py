@@ -1,0 +1,220 @@
+"""The files of one PERSISTQUEUE queue (``SQLITE_FILES_PER_QUEUE``), as one process sees them.
+
+A queue spread over N files has file 0, ``<stem>.sqlite3`` (the only file when N is 1, so a queue
+keeps its one file), and the extra files ``<stem>+1.sqlite3`` ... (see :func:`queue_file_name`).
+This module holds what the broker needs to treat them as one queue:
+
+* :class:`QueueFile`: one file's path, index and cached earliest due time; it makes the tokens of
+  its rows (the row id in file 0, ``(index, row id)`` in another), so a settlement finds its file;
+* :class:`FileSet`: the files of a queue: those this process is configured for plus any more that
+  file 0 records (``PRAGMA user_version`` of file 0 holds the most files any process spread the
+  queue over), the rotation a publish follows and the order a fetch claims in;
+* :func:`merged_counts` (through :meth:`FileSet.claims`) and :func:`merged`: how many rows a fetch
+  claims from each file so that it takes the first ``max_n`` messages of the files merged by priority
+  (higher first), then time, and the claimed rows in that merged order;
+* :class:`FilesWatch`: waiting for a write to any of the files.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import os
+import random
+import select
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from funboost_like.brokers.base import Delivery
+from funboost_like.brokers.file_watch import (  # one inotify binding for both watches
+    _IN_CLOEXEC,
+    _IN_MODIFY,
+    _IN_NONBLOCK,
+    _LONGEST_WATCHED_WAIT,
+    _POLL_FIRST,
+    _POLL_MAX,
+    FileWatch,
+    _libc,
+)
+from funboost_like.core.config import settings
+from funboost_like.core.errors import ConfigurationError
+from funboost_like.core.sqlite_files import queue_file_name, write_transaction
+
+
+def files_per_queue() -> int:
+    """The ``SQLITE_FILES_PER_QUEUE`` setting (``MIDDLEWARE_NUM`` is its second name), checked."""
+    value = settings.get("SQLITE_FILES_PER_QUEUE")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"SQLITE_FILES_PER_QUEUE must be a whole number of at least 1, not {value!r}")
+    return value
+
+
+class QueueFile:
+    """Process-local state of one file of a queue: the earliest due time of its delayed messages, as last
+    seen (only a cache: a stale value delays a due message by at most the broker's recheck, never loses it)."""
+
+    __slots__ = ("path", "index", "next_due", "due_checked")
+
+    def __init__(self, path: str, index: int = 0) -> None:
+        self.path = path
+        self.index = index
+        self.next_due = math.inf
+        self.due_checked = -math.inf
+
+    def expect_due(self, due: float) -> None:
+        """A delayed message due at ``due`` was written by this process."""
+        if due < self.next_due:
+            self.next_due = due
+
+    def token(self, row_id: int) -> Any:
+        """The delivery token of row ``row_id`` of this file."""
+        return row_id if self.index == 0 else (self.index, row_id)
+
+
+class FileSet:
+    """The files of one queue: ``files[k]`` is file k (see the module docstring). Thread-safe."""
+
+    __slots__ = ("folder", "name", "configured", "files", "checked", "_lock", "_publishes", "_fetches")
+
+    def __init__(self, folder: Path, name: str, configured: int | None = None) -> None:
+        """``configured``: this process's file count (default: the ``SQLITE_FILES_PER_QUEUE`` setting)."""
+        self.folder = folder
+        self.name = name
+        self.configured = configured = files_per_queue() if configured is None else configured
+        self.files = [QueueFile(str(folder / queue_file_name(name, k)), k) for k in range(configured)]
+        self.checked = -math.inf  # when file 0's record of the file count was last read
+        self._lock = threading.Lock()
+        start = random.randrange(configured)  # processes do not all start writing the same file
+        self._publishes = itertools.count(start)
+        self._fetches = itertools.count(start)
+
+    def file(self, index: int) -> QueueFile:
+        """File ``index`` (known to this process from now on)."""
+        if index >= len(self.files):
+            self.seen(index + 1, self.checked)
+        return self.files[index]
+
+    def recount(self, conn: sqlite3.Connection, now: float) -> list[QueueFile]:
+        """Read the file count recorded in file 0 (``conn``), first raising it to this process's count;
+        return the files."""
+        recorded = conn.execute("PRAGMA user_version").fetchall()[0][0]
+        if self.configured > max(recorded, 1):
+            with write_transaction(conn):
+                recorded = conn.execute("PRAGMA user_version").fetchall()[0][0]
+                if self.configured > recorded:
+                    conn.execute(f"PRAGMA user_version = {self.configured}")
+        self.seen(recorded, now)
+        return self.files
+
+    def seen(self, recorded: int, now: float) -> None:
+        """File 0 records ``recorded`` files (read at ``now``): fetches read that many from now on."""
+        with self._lock:
+            known = len(self.files)
+            if recorded > known:
+                self.files = [*self.files, *(QueueFile(str(self.folder / queue_file_name(self.name, k)), k)
+                                             for k in range(known, recorded))]
+            self.checked = now
+
+    def for_publish(self) -> QueueFile:
+        """The file the next publish (or batch) writes: this process's rotation over the configured files."""
+        return self.files[next(self._publishes) % self.configured]
+
+    def claims(self, heads: Sequence[Sequence[tuple[int, float]]], max_n: int) -> list[tuple[int, int]]:
+        """(file index, rows to claim) for a fetch of ``max_n`` whose files' heads are ``heads`` (see
+        :func:`merged_counts`), starting at a rotating file, so that the consumers of a queue do not all
+        take the same file's write lock first."""
+        counts = merged_counts(heads, max_n)
+        start = next(self._fetches)
+        return [(k, counts[k]) for k in ((start + i) % len(counts) for i in range(len(counts))) if counts[k]]
+
+
+def by_file(deliveries: Sequence[Delivery]) -> dict[tuple[str, int], list[int]]:
+    """The row ids of ``deliveries`` grouped by (queue, file index)."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    for delivery in deliveries:
+        token = delivery.token
+        if type(token) is int:
+            groups.setdefault((delivery.queue, 0), []).append(token)
+        else:
+            groups.setdefault((delivery.queue, token[0]), []).append(token[1])
+    return groups
+
+
+def merged_counts(heads: Sequence[Sequence[tuple[int, float]]], max_n: int) -> list[int]:
+    """``heads[k]``: the (priority, visible since) of the first ready rows of file k, in the file's order.
+    Return how many of the first ``max_n`` rows of all files, by priority (higher first) then time, each
+    file holds."""
+    counts = [0] * len(heads)
+    keys = [(-priority, since, k) for k, rows in enumerate(heads) for priority, since in rows]
+    for _, _, k in heapq.nsmallest(max_n, keys):
+        counts[k] += 1
+    return counts
+
+
+def merged(queue: str, files: FileSet, claimed: dict[int, list[Any]], heads: Sequence[Sequence[Any]]) -> list[Delivery]:
+    """The deliveries of the rows ``claimed[k]`` (id, body, attempts, priority, crashes) of each file k,
+    merged by priority (higher first), then the time of the head of ``heads[k]`` each took the place of
+    (in the file's order: priority, then id), then file."""
+    got = [(-priority, head[1], k, row_id, Delivery(queue, body, files.files[k].token(row_id), attempts, priority,
+                                                   crashes))
+           for k, rows in claimed.items()
+           for (row_id, body, attempts, priority, crashes), head  # no more rows than heads (LIMIT counts[k])
+           in zip(sorted(rows, key=lambda row: (-row[3], row[0])), heads[k], strict=False)]
+    got.sort(key=lambda row: row[:4])
+    return [row[4] for row in got]
+
+
+class FilesWatch:
+    """Waits for writes to any of several files (the WAL files of a queue's files), like
+    :class:`FileWatch` for one: on Linux one inotify instance watches them all, so a write to any ends
+    the wait at once and an idle wait costs nothing; elsewhere (or past the watch limit) a poll backing
+    off from 2 ms to 50 ms. Writes between two waits are not lost. A watch belongs to one thread."""
+
+    __slots__ = ("paths", "_fd", "_pause")
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = tuple(paths)
+        self._fd = -1
+        self._pause = _POLL_FIRST
+        self._arm()
+
+    def _arm(self) -> None:
+        if _libc is None:
+            return
+        fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            return
+        if all(_libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) >= 0 for path in self.paths):
+            self._fd = fd
+        else:
+            os.close(fd)
+
+    def wait(self, timeout: float) -> None:
+        """Return when one of the files was written since the last wait, or after ``timeout`` seconds."""
+        if self._fd < 0:
+            self._arm()
+            if self._fd >= 0:  # writes before the watch may be missed: the caller looks again first
+                return
+            time.sleep(min(self._pause, timeout))
+            self._pause = min(self._pause * 2, _POLL_MAX)
+            return
+        if select.select([self._fd], [], [], min(timeout, _LONGEST_WATCHED_WAIT))[0]:
+            try:
+                os.read(self._fd, 65536)
+            except BlockingIOError:
+                pass
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def watch_files(paths: Sequence[str]) -> FileWatch | FilesWatch:
+    """A watch on the files ``paths`` (a :class:`FileWatch` for one)."""
+    return FileWatch(paths[0]) if len(paths) == 1 else FilesWatch(paths)

@@ -1,0 +1,1 @@
+"""Integrations with other frameworks (each imported only when used): ``funboost_like.contrib.django``."""

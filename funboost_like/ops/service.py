@@ -1,0 +1,221 @@
+"""The service layer of operations: what the CLI (and the JSON API and the web pages) ask and do.
+
+Every method returns plain JSON-able values (dicts, lists, numbers, text), so each face only prints
+or serialises them. Errors are :class:`~funboost_like.core.errors.FunboostLikeError`\\ s with a
+sentence fit for a user: :class:`UnknownQueue` for a queue no registry knows, and the broker's own
+:class:`~funboost_like.core.errors.BrokerConnectionError` for a broker that cannot be reached.
+
+Which brokers are looked at: the kind given with ``broker=`` (the CLI's ``--broker``), else the kinds
+given with ``kinds=``, else the kinds this host's processes used (:func:`registry.used_kinds`) plus
+the default embedded SQLite broker. A queue's broker is the kind its registry record names.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from funboost_like.brokers.registry import BrokerKind, get_broker, resolve_kind
+from funboost_like.core.enums import BrokerEnum
+from funboost_like.core.errors import FunboostLikeError
+from funboost_like.ops import registry
+from funboost_like.ops.records import CallRecords
+
+if TYPE_CHECKING:
+    from funboost_like.brokers.base import Broker
+    from funboost_like.core.stores import KeyValueStore
+
+
+class UnknownQueue(FunboostLikeError, LookupError):
+    """No registry of the brokers looked at knows this queue."""
+
+
+class OpsService(CallRecords):
+    """Queues, consumers and control of the brokers looked at (see the module docstring)."""
+
+    def __init__(self, kinds: Sequence[BrokerKind] | None = None, broker: BrokerKind | None = None) -> None:
+        self.explicit = resolve_kind(broker) if broker is not None else None
+        self._kinds = [resolve_kind(kind) for kind in kinds] if kinds else None
+        self.errors: list[str] = []  # brokers a listing could not read (the others were listed)
+        self._records: dict[str, dict[str, Any]] = {}  # queue -> its registry record, once looked up
+
+    # -- where things are ---------------------------------------------------------------------
+    def kinds(self) -> list[BrokerEnum]:
+        if self.explicit is not None:
+            return [self.explicit]
+        if self._kinds is not None:
+            return list(self._kinds)
+        return list(dict.fromkeys([*registry.used_kinds(), BrokerEnum.PERSISTQUEUE]))
+
+    @staticmethod
+    def broker(kind: BrokerKind) -> Broker:
+        return get_broker(kind)
+
+    def store(self, kind: BrokerKind) -> KeyValueStore:
+        return registry.ops_store(self.broker(kind))
+
+    def _each_store(self, read: Callable[[BrokerEnum, KeyValueStore], None]) -> None:
+        """``read`` the store of every kind looked at, once per distinct store (kinds of one server may
+        share one); a broker that fails is named in :attr:`errors`, and raised if every one failed."""
+        kinds = self.kinds()
+        done: set[int] = set()
+        failures: list[FunboostLikeError] = []
+        for kind in kinds:
+            try:
+                store = self.store(kind)
+                if id(store) not in done:
+                    done.add(id(store))
+                    read(kind, store)
+            except FunboostLikeError as exc:
+                failures.append(exc)
+                self.errors.append(f"{kind.name}: {exc}")
+        if failures and len(failures) == len(kinds):
+            raise failures[0]
+
+    def kind_of(self, queue: str) -> BrokerEnum:
+        """The broker kind of ``queue``: ``broker=`` when given, else the kind its registry record names."""
+        if self.explicit is not None:
+            return self.explicit
+        found: list[dict[str, Any]] = []
+
+        def read(_: BrokerEnum, store: KeyValueStore) -> None:
+            found.extend(record for record in registry.queues(store) if record.get("queue") == queue)
+
+        self._each_store(read)
+        if found:
+            self._records[queue] = found[0]
+            return resolve_kind(int(found[0]["kind"]))
+        names = ", ".join(kind.name for kind in self.kinds())
+        unread = f" (not read: {'; '.join(self.errors)})" if self.errors else ""
+        raise UnknownQueue(f"queue {queue!r} is not known on {names}{unread}: nothing was published to it or consumed "
+                           "from it there with the registry on (OPS_REGISTRY); name its broker with --broker KIND")
+
+    # -- reading ------------------------------------------------------------------------------
+    def queue_names(self) -> list[str]:
+        """The names of every known queue (without counting anything)."""
+        names: dict[str, None] = {}
+
+        def read(_: BrokerEnum, store: KeyValueStore) -> None:
+            names.update((str(record.get("queue")), None) for record in registry.queues(store))
+
+        self._each_store(read)
+        return list(names)
+
+    def queues(self) -> list[dict[str, Any]]:
+        """Every known queue with its depth, consumers, rates and control state."""
+        rows: dict[tuple[str, int], dict[str, Any]] = {}
+
+        def read(_: BrokerEnum, store: KeyValueStore) -> None:
+            records = registry.queues(store)
+            workers = registry.workers(store)
+            controls = registry.read_controls(store, [str(record.get("queue")) for record in records])
+            for record in records:
+                key = (str(record.get("queue")), int(record.get("kind", -1)))
+                if key not in rows and key[1] in set(BrokerEnum):
+                    rows[key] = self._summary(store, key[0], BrokerEnum(key[1]), record, workers,
+                                              controls.get(key[0], {}))
+
+        self._each_store(read)
+        return sorted(rows.values(), key=lambda row: (row["queue"], row["broker"]))
+
+    def _summary(self, store: KeyValueStore, queue: str, kind: BrokerEnum, record: dict[str, Any] | None = None,
+                 all_workers: list[dict[str, Any]] | None = None,
+                 control: dict[str, Any] | None = None) -> dict[str, Any]:
+        if all_workers is None:
+            all_workers = registry.workers(store, queue)
+        if control is None:
+            control = registry.read_controls(store, [queue]).get(queue, {})
+        workers = [w for w in all_workers if w.get("queue") == queue and int(w.get("kind", -1)) == kind]
+        live = [w for w in workers if not w["stale"]]
+        try:
+            depth: int | None = self.broker(kind).count(queue)
+            error = None
+        except FunboostLikeError as exc:
+            depth, error = None, str(exc)
+        done = sum(float(w.get("done_per_second", 0.0)) for w in live)
+        row = {
+            "queue": queue, "broker": kind.name, "depth": depth, "consumers": len(live),
+            "stale_consumers": len(workers) - len(live), "done_per_second": round(done, 3),
+            "failed_per_second": round(sum(float(w.get("failed_per_second", 0.0)) for w in live), 3),
+            "in_flight": sum(max(0, int(w.get("in_flight", 0))) for w in live),
+            "paused": bool(control.get("paused", False)), "qps": control.get("qps"),
+            "first_seen": (record or {}).get("first_seen"),
+        }
+        if error is not None:
+            row["error"] = error
+        return row
+
+    def workers(self, queue: str | None = None) -> list[dict[str, Any]]:
+        """Every consumer (of ``queue`` only, when given), live and stale, newest beat first."""
+        found: dict[str, dict[str, Any]] = {}
+
+        def read(_: BrokerEnum, store: KeyValueStore) -> None:
+            for worker in registry.workers(store, queue):
+                found.setdefault(str(worker.get("id")), worker)
+
+        self._each_store(read)
+        return sorted(found.values(), key=lambda w: -float(w.get("beat_at", 0.0)))
+
+    def status(self, queue: str) -> dict[str, Any]:
+        """One queue: depth, in flight, rates, failures (dead letters), time left, control, consumers."""
+        kind = self.kind_of(queue)
+        store = self.store(kind)
+        summary = self._summary(store, queue, kind, self._records.get(queue))
+        broker = self.broker(kind)
+        try:
+            summary["dead_letters"] = len(broker.list_dead_letters(queue, 10_000))
+        except NotImplementedError:
+            summary["dead_letters"] = None
+        rate = summary["done_per_second"]
+        depth = summary["depth"]
+        summary["seconds_left"] = round(depth / rate, 1) if rate > 0 and depth else (0.0 if depth == 0 else None)
+        summary["workers"] = self.workers(queue)
+        return summary
+
+    # -- control ------------------------------------------------------------------------------
+    def pause(self, queue: str) -> dict[str, Any]:
+        return self._control(queue, paused=True)
+
+    def resume(self, queue: str) -> dict[str, Any]:
+        return self._control(queue, paused=False)
+
+    def set_qps(self, queue: str, qps: float | None) -> dict[str, Any]:
+        """Set the queue's qps for its running consumers (None: back to the decorator's)."""
+        if qps is not None and not qps >= 0:
+            raise ValueError(f"qps must be a number >= 0, got {qps!r}")
+        return self._control(queue, qps=qps)
+
+    def _control(self, queue: str, **changes: Any) -> dict[str, Any]:
+        kind = self.kind_of(queue)
+        record = registry.write_control(self.store(kind), queue, **changes)
+        return {"queue": queue, "broker": kind.name, **record}
+
+    def wait_applied(self, queue: str, timeout: float = 3.0) -> dict[str, Any]:
+        """Wait until every live consumer of ``queue`` reports the control record's state (or ``timeout``).
+
+        Returns ``{"consumers", "confirmed"}``: how many live consumers there are and how many apply it.
+        """
+        kind = self.kind_of(queue)
+        store = self.store(kind)
+        deadline = time.monotonic() + timeout
+        while True:
+            control = registry.read_controls(store, [queue]).get(queue, {})
+            live = [w for w in registry.workers(store, queue) if not w["stale"]]
+            confirmed = [w for w in live if _applies(w, control)]
+            if len(confirmed) == len(live) or time.monotonic() >= deadline:
+                return {"consumers": len(live), "confirmed": len(confirmed)}
+            time.sleep(0.05)
+
+    def purge(self, queue: str) -> dict[str, Any]:
+        kind = self.kind_of(queue)
+        return {"queue": queue, "broker": kind.name, "purged": self.broker(kind).purge(queue)}
+
+
+def _applies(worker: dict[str, Any], control: dict[str, Any]) -> bool:
+    if bool(worker.get("paused")) != bool(control.get("paused", False)):
+        return False
+    qps = control.get("qps")
+    wanted = worker.get("params", {}).get("qps", 0) if qps is None else qps
+    return abs(float(worker.get("qps") or 0.0) - float(wanted or 0.0)) < 1e-9
+

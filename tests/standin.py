@@ -1,0 +1,53 @@
+"""A stand-in server process for the tests (SecantusDB, pulsar-lite, Kafka's stand-ins): started, waited
+for until it listens on its port, and stopped by its PID. Also imported by those modules run as scripts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def listening(port: int, host: str = HOST) -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+class ServerProcess:
+    """One server process of this test session, named ``name`` in errors, listening on ``port``."""
+
+    def __init__(self, name: str, port: int) -> None:
+        self.name, self.port = name, port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def launch(self, argv: Sequence[str], log: Path, cwd: Path | None = None, timeout: float = 30.0) -> None:
+        """Start ``argv`` with its output in ``log``; return once the port accepts connections."""
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+        deadline = time.monotonic() + timeout
+        while not listening(self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} did not listen on port {self.port}; see {log}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop it by its PID (SIGTERM, then SIGKILL after 10 s)."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait(10)

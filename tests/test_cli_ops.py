@@ -1,0 +1,158 @@
+"""The operations verbs of the command line: a real consumer process paused and resumed through
+``funboost_like pause/resume``, ``--json`` everywhere, and clear errors with a non-zero exit status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from funboost_like import BrokerEnum, PriorityConsumingControlConfig, patch_frame_config, task_deco
+from funboost_like.cli import main
+from funboost_like.ops import registry
+from tests.conftest import subprocess_env
+from tests.test_ops_registry import wait_for
+
+_WORKER = textwrap.dedent("""
+    import logging, sys
+    from funboost_like import BrokerEnum, task_deco
+
+    @task_deco(sys.argv[1], broker_kind=BrokerEnum.PERSISTQUEUE, log_level=logging.WARNING)
+    def f(x):
+        return x
+
+    f.consume()
+""")
+
+pytestmark = pytest.mark.ops_registry
+
+
+@task_deco("ops_timing_q", broker_kind=BrokerEnum.PERSISTQUEUE)
+def timed(n: int) -> int:
+    return n
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "funboost_like", *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> Any:
+    assert main([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_a_consumer_process_is_paused_and_resumed_from_the_command_line(
+        queue_name: str, isolated_settings: Path, tmp_path: Path, children: list[subprocess.Popen[bytes]]) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = subprocess_env(isolated_settings, FUNBOOST_LIKE_OPS_HEARTBEAT_SECONDS="0.5")
+    children.append(subprocess.Popen([sys.executable, str(script), queue_name], env=env))
+
+    def workers() -> list[dict[str, Any]]:
+        done = cli(env, "workers", queue_name, "--json")
+        assert done.returncode == 0, done.stderr
+        return list(json.loads(done.stdout))
+
+    wait_for(workers, timeout=15, what="the consumer's record")
+    started = time.monotonic()
+    workers()
+    cli_start = time.monotonic() - started  # a CLI process's own cost on this machine now (imports, a listing)
+    started = time.monotonic()
+    done = cli(env, "pause", queue_name, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["confirmed"] == 1
+    assert time.monotonic() - started < 1.0 + 1.5 * cli_start  # within about a second, plus the CLI's own start
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE, log_level=logging.WARNING)
+    def f(x: int) -> None:
+        return None
+
+    for i in range(3):
+        f.push(i)
+    time.sleep(0.3)  # a running consumer would have taken them by now
+    assert f.get_message_count() == 3
+    started = time.monotonic()
+    done = cli(env, "resume", queue_name)
+    assert done.returncode == 0 and "confirmed: 1" in done.stdout, done.stderr
+    wait_for(lambda: f.get_message_count() == 0, what="the messages after resume")
+    assert time.monotonic() - started < 1.0 + 1.5 * cli_start
+    status = json.loads(cli(env, "status", queue_name, "--json").stdout)
+    assert status["paused"] is False and status["consumers"] == 1 and status["depth"] == 0
+
+
+def test_every_verb_answers_in_json_and_in_text(queue_name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE)
+    def f(x: int) -> None:
+        return None
+
+    f.push(1)
+    f.push(2)
+    [row] = [q for q in run_json(capsys, "queues") if q["queue"] == queue_name]
+    assert row["depth"] == 2 and row["broker"] == "PERSISTQUEUE"
+    assert run_json(capsys, "status", queue_name)["depth"] == 2
+    assert isinstance(run_json(capsys, "workers"), list)
+    assert run_json(capsys, "tasks", queue_name) == []
+    assert run_json(capsys, "dead", queue_name) == []
+    assert run_json(capsys, "delayed", queue_name) == []
+    f.publish({"x": 3}, priority_control_config=PriorityConsumingControlConfig(countdown=60))
+    [later] = run_json(capsys, "delayed", queue_name)
+    assert later["body"]["x"] == 3 and later["due_at"] > time.time() + 50
+    assert main(["delayed", queue_name]) == 0 and '{"x": 3' in capsys.readouterr().out
+    assert run_json(capsys, "qps", queue_name, "5")["qps"] == 5.0
+    assert run_json(capsys, "pause", queue_name, "--no-wait")["paused"] is True
+    assert run_json(capsys, "resume", queue_name, "--no-wait")["paused"] is False
+    assert run_json(capsys, "requeue-dead", queue_name, "--all")["requeued"] == 0
+    assert run_json(capsys, "timing")["store"] == "memory"
+    assert main(["queues"]) == 0
+    assert queue_name in capsys.readouterr().out
+    assert main(["purge", queue_name]) == 1
+    assert "--yes" in capsys.readouterr().err and f.get_message_count() == 3
+    assert run_json(capsys, "purge", queue_name, "--yes")["purged"] == 3
+
+
+def test_unknown_queue_and_unreachable_broker_exit_non_zero(queue_name: str, isolated_settings: Path) -> None:
+    env = subprocess_env(isolated_settings)
+    done = cli(env, "status", queue_name)
+    assert done.returncode == 1
+    assert f"queue {queue_name!r} is not known" in done.stderr and "--broker" in done.stderr
+    env["FUNBOOST_LIKE_REDIS_URL"] = "redis://127.0.0.1:1/14"  # nothing listens there
+    done = cli(env, "status", queue_name, "--broker", "REDIS_ACK_ABLE")
+    assert done.returncode == 1 and "unreachable" in done.stderr, done.stderr
+    done = cli(env, "pause", queue_name, "--broker", "NO_SUCH_BROKER")
+    assert done.returncode == 1 and "unknown broker kind" in done.stderr
+
+
+def test_a_listing_shows_what_it_can_read_and_names_the_unreachable_broker(
+        queue_name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE)
+    def f(x: int) -> None:
+        return None
+
+    f.push(1)
+    registry.note_kind(int(BrokerEnum.REDIS_ACK_ABLE))  # this host used Redis once; it is gone now
+    patch_frame_config(REDIS_URL="redis://127.0.0.1:1/14")
+    assert main(["queues"]) == 1
+    out, err = capsys.readouterr()
+    assert queue_name in out and "REDIS_ACK_ABLE" in err and "unreachable" in err
+
+
+def test_timing_lists_the_jobs_of_the_sqlite_job_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from funboost_like.scheduling.timing import FsdfBackgroundScheduler
+
+    patch_frame_config(SCHEDULER_JOB_STORE="sqlite", SCHEDULER_SQLITE_DIR=str(tmp_path / "scheduler"))
+    assert run_json(capsys, "timing") == {"store": "sqlite", "jobs": []}  # no file yet: none made either
+    assert not (tmp_path / "scheduler").exists()
+    scheduler = FsdfBackgroundScheduler()
+    scheduler.add_timing_publish_job(timed, "interval", seconds=30, id="every30", kwargs={"n": 1})
+    scheduler.start(paused=True)
+    scheduler.shutdown()
+    [job] = run_json(capsys, "timing")["jobs"]
+    assert job["id"] == "every30" and "interval" in job["trigger"] and job["next_run_time"]

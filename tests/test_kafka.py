@@ -1,0 +1,155 @@
+"""Kafka (kinds KAFKA and CONFLUENT_KAFKA): what the contract suite does not cover.
+
+On the stand-ins of tests/kafka_server.py: Tansu (127.0.0.1:9092) and librdkafka's mock cluster
+(127.0.0.1:9192). Queues are fresh topics named test_<hex>; the stand-ins keep them in memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from funboost_like import BrokerEnum, task_deco
+from funboost_like.brokers.kafka_confluent import ConfluentKafkaBroker
+from funboost_like.brokers.offset_tracker import OffsetTracker
+from funboost_like.brokers.registry import get_broker
+from funboost_like.core.config import patch_frame_config, settings
+
+from .conftest import require_server, subprocess_env
+
+TANSU, MOCK = ("Tansu", "127.0.0.1", 9092), ("librdkafka mock cluster", "127.0.0.1", 9192)
+WORKER = Path(__file__).with_name("contract_worker.py")
+
+
+def use(server: tuple[str, str, int], **extra: object) -> dict[str, str]:
+    """Point the settings at ``server`` (fast group joins); return them as a child's environment."""
+    require_server(*server)
+    values = {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{server[2]}", "KAFKA_SESSION_TIMEOUT_SECONDS": 2.0,
+              "KAFKA_API_VERSION": "2.0" if server is MOCK else "", **extra}
+    patch_frame_config(**values)
+    return {f"FUNBOOST_LIKE_{name}": str(value) for name, value in values.items()}
+
+
+def test_offset_tracker_commits_the_lowest_unfinished_offset_and_forgets_revoked_partitions() -> None:
+    tracker = OffsetTracker()
+    tracker.assign(0, 10)
+    tracker.assign(1, -1)  # nothing committed yet
+    assert tracker.taken(0, [10, 11, 12, 13]) == [10, 11, 12, 13]
+    assert tracker.taken(1, [0, 1]) == [0, 1]
+    tracker.finished(0, [11, 13])  # out of order: 10 still runs
+    assert tracker.due() == {}  # 10 still runs: nothing moved
+    tracker.finished(0, [10])
+    assert tracker.due()[0] == 12  # 12 is the lowest unfinished
+    tracker.committed({0: 12})
+    assert 0 not in tracker.due()
+    tracker.finished(0, [12])
+    assert tracker.due()[0] == 14  # all taken finished: one past the highest
+    assert tracker.revoke([1]) == {1: 0}  # commit on revoke: 0 and 1 still unfinished
+    assert tracker.finished(1, [0, 1]) is False and tracker.owned() == [0]  # forgotten: ignored
+    assert tracker.skip_to(0, 20, keep=[]) == 0 and tracker.taken(0, [15, 20]) == [20]  # a purge's floor
+
+
+@pytest.mark.parametrize("kind, server", [(BrokerEnum.KAFKA, TANSU), (BrokerEnum.CONFLUENT_KAFKA, MOCK)],
+                         ids=["KAFKA-tansu", "CONFLUENT_KAFKA-mock"])
+def test_one_of_two_consumers_in_a_group_sigkilled_loses_nothing(
+        kind: BrokerEnum, server: tuple[str, str, int], queue_name: str, tmp_path: Path,
+        children: list[subprocess.Popen[bytes]]) -> None:
+    env = subprocess_env(tmp_path / "sqlite_queues", **use(server, KAFKA_PARTITIONS=4),
+                         FUNBOOST_LIKE_GRACEFUL_STOP_SECONDS="2")
+    broker, total, record = get_broker(kind), 40, tmp_path / "record"
+    for i in range(total):  # one publish a call: round robin over the four partitions (two per consumer)
+        broker.publish(queue_name, json.dumps({"i": i, "seconds": 0.4}).encode())
+
+    def start() -> subprocess.Popen[bytes]:
+        with open(tmp_path / f"worker-{len(children)}.log", "wb") as log:
+            children.append(subprocess.Popen([sys.executable, str(WORKER), queue_name, str(int(kind)), str(record),
+                                              "plain"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path))
+        return children[-1]
+
+    def lines() -> list[tuple[str, int, int]]:
+        text = record.read_text() if record.exists() else ""
+        return [(kind, int(i), int(pid)) for kind, i, pid in (line.split() for line in text.splitlines())]
+
+    def wait_for(condition: object, what: str, timeout: float = 40) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():  # type: ignore[operator]
+            if time.monotonic() > deadline:
+                logs = "\n".join(p.read_text("utf-8", "replace")[-1500:] for p in sorted(tmp_path.glob("worker-*")))
+                pytest.fail(f"timed out waiting for {what}\n{logs}")
+            time.sleep(0.05)
+
+    victim, survivor = start(), start()
+    wait_for(lambda: {pid for s, _, pid in lines() if s == "s"} == {victim.pid, survivor.pid}, "both to run calls")
+    victim.kill()  # one of two in the group, with calls in flight
+    victim.wait(10)
+    wait_for(lambda: {i for s, i, _ in lines() if s == "d"} == set(range(total)), "every call to finish")
+    started = collections.Counter(i for s, i, _ in lines() if s == "s")
+    # Run again: at most what was in flight at the kill and at the two rebalances (4 calls each).
+    assert sum(started.values()) - total <= 12, started
+
+
+@pytest.mark.parametrize("kind", [BrokerEnum.CONFLUENT_KAFKA, BrokerEnum.KAFKA], ids=["CONFLUENT_KAFKA", "KAFKA"])
+def test_ordered_runs_one_call_per_partition_and_a_retry_with_backoff_does_not_block_it(
+        kind: BrokerEnum, queue_name: str) -> None:
+    ordered, parallel = queue_name, f"{queue_name}_parallel"
+    use(TANSU, KAFKA_PARTITIONS=1)
+    running, peak, seen = collections.Counter(), collections.Counter(), collections.defaultdict(list)
+    lock, done = threading.Lock(), {ordered: threading.Event(), parallel: threading.Event()}
+    failed_once: set[int] = set()
+
+    def body(queue: str, i: int) -> None:
+        with lock:
+            running[queue] += 1
+            peak[queue] = max(peak[queue], running[queue])
+            seen[queue].append(i)
+        time.sleep(0.05)
+        with lock:
+            running[queue] -= 1
+            if len(set(seen[queue])) == 8 and len(seen[queue]) == 9 - (queue == parallel):
+                done[queue].set()
+        if queue == ordered and i == 0 and i not in failed_once:
+            failed_once.add(i)
+            raise ValueError("fails once, retried after 1.5 s")
+
+    @task_deco(ordered, broker_kind=kind, concurrent_num=4, max_retry_times=1, retry_backoff=1.5, retry_jitter=False,
+               broker_exclusive_config={"ordered": True})
+    def in_order(i: int) -> None:
+        body(ordered, i)
+
+    @task_deco(parallel, broker_kind=kind, concurrent_num=4)
+    def in_parallel(i: int) -> None:
+        body(parallel, i)
+
+    for i in range(8):
+        in_order.push(i)
+        in_parallel.push(i)
+    in_order.consume()
+    in_parallel.consume()
+    assert done[ordered].wait(30) and done[parallel].wait(30)
+    assert peak[ordered] == 1 and seen[ordered][:8] == list(range(8))  # log order, one at a time
+    assert seen[ordered][8] == 0  # the retry came back after the rest: the partition went on meanwhile
+    assert peak[parallel] > 1
+
+
+def test_topics_are_made_with_the_partition_count_and_the_password_stays_out_of_logs(
+        queue_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    use(TANSU, KAFKA_PARTITIONS=3, KAFKA_SASL_PASSWORD="s3cret-pw")
+    broker = ConfluentKafkaBroker()
+    with caplog.at_level(logging.DEBUG):
+        broker.publish(queue_name, b'{"x": 1}')
+        assert broker.count(queue_name) == 1
+    client = broker._client
+    assert sorted(client.partitions(queue_name)) == [0, 1, 2]
+    assert client.partitions(f"{queue_name}.fl-delay") == [0, 1, 2] and client.partitions(f"{queue_name}.dlq") == [0]
+    assert settings.as_dict()["KAFKA_SASL_PASSWORD"] == "***"
+    assert "s3cret-pw" not in caplog.text and "s3cret-pw" not in broker._where()
+    broker.purge(queue_name)
+    broker.close()

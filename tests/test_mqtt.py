@@ -1,0 +1,154 @@
+"""MQTT (kind MQTT): what the contract suite does not cover, on the real Mosquitto at MQTT_URL.
+
+Shared subscriptions across slots, draining a parked slot, the RPC result topic a plain MQTT client
+reads, credentials kept out of errors, and options MQTT cannot honour refused early.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+import pytest
+
+from funboost_like import BrokerEnum, PriorityConsumingControlConfig, task_deco
+from funboost_like.brokers.mqtt_broker import MqttBroker
+from funboost_like.brokers.mqtt_client import topic_part
+from funboost_like.core.config import patch_frame_config, settings
+from funboost_like.core.errors import BrokerConnectionError, ConfigurationError
+
+from .conftest import require_server
+
+URL = os.environ.get("FUNBOOST_LIKE_MQTT_URL", "mqtt://127.0.0.1:1883")
+HOST, PORT = urlsplit(URL).hostname or "127.0.0.1", urlsplit(URL).port or 1883
+
+
+@pytest.fixture
+def brokers(queue_name: str) -> Iterator[list[MqttBroker]]:
+    """Brokers of this test (each one is what one consumer process would have); purged and closed after."""
+    require_server("Mosquitto", HOST, PORT)
+    patch_frame_config(MQTT_SESSION_EXPIRY_SECONDS=600.0)
+    made: list[MqttBroker] = []
+    yield made
+    for broker in made:
+        broker.purge(queue_name)
+        broker.close()
+
+
+def take(broker: MqttBroker, queue: str, expected: int, timeout: float = 5.0) -> list[bytes]:
+    bodies: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while len(bodies) < expected and time.monotonic() < deadline:
+        got = broker.fetch(queue, expected - len(bodies), 0.1)
+        broker.ack(got)
+        bodies += [d.body for d in got]
+    return bodies
+
+
+def test_consumers_share_a_queue_and_never_run_a_message_twice(brokers: list[MqttBroker], queue_name: str) -> None:
+    a, b = MqttBroker(), MqttBroker()
+    brokers += [a, b]
+    assert a.fetch(queue_name, 1, 0) == [] and b.fetch(queue_name, 1, 0) == []  # slots 0 and 1
+    assert {a._slots[queue_name].index, b._slots[queue_name].index} == {0, 1}
+    sent = [f'{{"i":{i}}}'.encode() for i in range(200)]
+    a.publish_many(queue_name, sent)
+    got: dict[MqttBroker, list[bytes]] = {a: [], b: []}
+    deadline = time.monotonic() + 10
+    while sum(map(len, got.values())) < len(sent) and time.monotonic() < deadline:
+        for broker in (a, b):
+            deliveries = broker.fetch(queue_name, 50, 0.05)
+            broker.ack(deliveries)
+            got[broker] += [d.body for d in deliveries]
+    assert sorted(got[a] + got[b]) == sorted(sent)  # each exactly once
+    assert got[a] and got[b]  # both consumers had a share
+    assert a.count(queue_name) == 0
+
+
+def test_a_parked_slot_is_drained_by_the_live_consumer(brokers: list[MqttBroker], queue_name: str) -> None:
+    a, b = MqttBroker(), MqttBroker()
+    brokers += [a, b]
+    a.fetch(queue_name, 1, 0)
+    b.fetch(queue_name, 1, 0)
+    b.close()  # slot 1 is parked: its session stays a member of the shared subscription
+    sent = [f'{{"i":{i}}}'.encode() for i in range(20)]
+    a.publish_many(queue_name, sent)
+    first = take(a, queue_name, len(sent), timeout=0.5)
+    assert 0 < len(first) < len(sent)  # the parked session got its share
+    a.maintain()  # the lowest live slot's holder notes the parked slot (a new consumer may claim it meanwhile),
+    a.maintain()  # and at its next round re-publishes what the slot holds
+    rest = take(a, queue_name, len(sent) - len(first))
+    assert sorted(first + rest) == sorted(sent)
+    slots = a.control.snapshot(f"funboost_like/slots/{topic_part(queue_name)}/+")
+    assert [m.topic.rsplit("/", 1)[1] for m in slots] == ["0"]  # slot 1's session and record ended
+
+
+def test_delayed_messages_move_after_their_records_were_read(brokers: list[MqttBroker], queue_name: str) -> None:
+    broker = MqttBroker()
+    brokers.append(broker)
+    assert broker.fetch(queue_name, 1, 0) == []  # a consumer: it follows the queue's delayed records
+    assert broker.list_delayed(queue_name) == []  # a read of those records leaves the consumer following them
+    broker.publish(queue_name, b'{"late":1}', not_before=time.time() + 0.5)
+    [(due, body)] = broker.list_delayed(queue_name)
+    assert body == b'{"late":1}' and due > time.time()
+    assert take(broker, queue_name, 1, timeout=5) == [b'{"late":1}']
+    assert broker.list_delayed(queue_name) == [] and broker.count(queue_name) == 0
+
+
+def test_rpc_result_is_published_to_a_topic_plain_clients_subscribe_to(brokers: list[MqttBroker],
+                                                                        queue_name: str) -> None:
+    received: list[paho.MQTTMessage] = []
+    arrived = threading.Event()
+    listener = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)  # what a browser does
+
+    def on_message(_c: object, _u: object, message: paho.MQTTMessage) -> None:
+        received.append(message)
+        arrived.set()
+
+    listener.on_message = on_message
+    listener.connect(HOST, PORT)
+    listener.subscribe(f"funboost_like/kv/{queue_name}/results/+", qos=1)
+    listener.loop_start()
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.MQTT, is_using_rpc_mode=True, log_level=logging.WARNING)
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    try:
+        add.consume()
+        result = add.push(1, 2)
+        assert result.get(timeout=15) == 3
+        assert arrived.wait(5)
+    finally:
+        listener.disconnect()
+        listener.loop_stop()
+    [message] = received
+    record = json.loads(message.payload)
+    assert message.topic == f"funboost_like/kv/{queue_name}/results/{result.task_id}"
+    assert record["task_id"] == result.task_id and record["result"] == 3 and record["status"] == "finished"
+
+
+def test_credentials_never_reach_an_error(brokers: list[MqttBroker], queue_name: str) -> None:
+    patch_frame_config(MQTT_URL="mqtt://fluser:s3cret-pw@127.0.0.1:1")  # nothing listens there
+    with pytest.raises(BrokerConnectionError) as raised:
+        MqttBroker().publish(queue_name, b"{}")
+    assert "s3cret" not in str(raised.value) and "fluser:***@127.0.0.1:1" in str(raised.value)
+    assert settings.as_dict()["MQTT_URL"] == "mqtt://fluser:***@127.0.0.1:1"
+
+
+def test_what_mqtt_cannot_do_is_refused_early(brokers: list[MqttBroker], queue_name: str) -> None:
+    with pytest.raises(ConfigurationError, match="routing"):
+        @task_deco(queue_name, broker_kind=BrokerEnum.MQTT,
+                   broker_exclusive_config={"exchange_name": "logs", "exchange_type": "fanout"})
+        def routed(x: int) -> None: ...
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.MQTT)
+    def plain(x: int) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="priority"):
+        plain.publish({"x": 1}, PriorityConsumingControlConfig(priority=3))

@@ -1,0 +1,182 @@
+"""The operations registry: queues known from their first publish, worker records with heartbeats,
+stale records shown as such and then gone, and the setting that turns it all off."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from funboost_like import BrokerEnum, patch_frame_config, task_deco
+from funboost_like.ops import registry
+from funboost_like.ops.service import OpsService
+from tests.conftest import require_server, subprocess_env
+
+REDIS_URL = "redis://127.0.0.1:6379/14"
+
+pytestmark = pytest.mark.ops_registry
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 5.0, what: str = "the condition") -> Any:
+    """Poll ``check`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def fast_beats() -> None:
+    patch_frame_config(OPS_HEARTBEAT_SECONDS=0.2)
+
+
+def test_a_queue_is_known_from_its_first_publish(queue_name: str) -> None:
+    @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE)
+    def f(x: int) -> None:
+        return None
+
+    service = OpsService()
+    assert queue_name not in [q["queue"] for q in service.queues()]
+    for i in range(3):
+        f.push(i)
+    [row] = [q for q in service.queues() if q["queue"] == queue_name]
+    assert row["broker"] == "PERSISTQUEUE" and row["depth"] == 3 and row["consumers"] == 0
+    store = registry.ops_store(f.broker)
+    assert registry.known_queue(store, queue_name)
+    assert service.kind_of(queue_name) == BrokerEnum.PERSISTQUEUE
+    assert BrokerEnum.PERSISTQUEUE in registry.used_kinds()
+
+
+def test_a_running_consumer_registers_and_beats(queue_name: str, fast_beats: None) -> None:
+    @task_deco(queue_name, broker_kind=BrokerEnum.MEMORY, concurrent_num=4, log_level=logging.WARNING)
+    def f(x: int) -> None:
+        return None
+
+    f.consume()
+    service = OpsService(kinds=[BrokerEnum.MEMORY])
+    [worker] = wait_for(lambda: service.workers(queue_name), what="the worker record")
+    assert worker["pid"] == os.getpid() and worker["broker"] == "LOCAL_PYTHON_QUEUE"
+    assert worker["concurrent_num"] == 4 and worker["params"]["function"].endswith("f")
+    assert worker["stale"] is False and worker["paused"] is False
+    assert "password" not in str(worker).lower()
+    first_beat = worker["beat_at"]
+    wait_for(lambda: service.workers(queue_name)[0]["beat_at"] > first_beat, what="a second heartbeat")
+    for i in range(20):
+        f.push(i)
+    wait_for(lambda: service.workers(queue_name)[0]["succeeded"] == 20, what="the counts in the record")
+    assert [q["consumers"] for q in service.queues() if q["queue"] == queue_name] == [1]
+    f.consumer.stop()
+    assert f.consumer.join(5)
+    assert service.workers(queue_name) == []  # a clean stop removes the record at once
+
+
+def test_registration_can_be_turned_off(queue_name: str) -> None:
+    patch_frame_config(OPS_REGISTRY=False)
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.MEMORY, log_level=logging.WARNING)
+    def f(x: int) -> None:
+        return None
+
+    f.push(1)
+    f.consume()
+    assert not [m for m in f.consumer.middlewares if type(m).__name__ == "OpsMiddleware"]
+    time.sleep(0.3)  # a registering consumer would have written its record by now
+    service = OpsService(kinds=[BrokerEnum.MEMORY])
+    assert service.queues() == [] and service.workers() == []
+
+
+_WORKER = textwrap.dedent("""
+    import logging, sys, time
+    from funboost_like import BrokerEnum, task_deco
+
+    @task_deco(sys.argv[1], broker_kind=BrokerEnum.PERSISTQUEUE, log_level=logging.WARNING)
+    def f(x):
+        time.sleep(0.01)
+
+    f.consume()
+""")
+
+
+def test_a_killed_consumer_is_shown_stale_then_expires(queue_name: str, isolated_settings: Path, tmp_path: Path,
+                                                       children: list[subprocess.Popen[bytes]]) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    child = subprocess.Popen([sys.executable, str(script), queue_name],
+                             env=subprocess_env(isolated_settings, FUNBOOST_LIKE_OPS_HEARTBEAT_SECONDS="0.2"))
+    children.append(child)
+    service = OpsService()
+    [worker] = wait_for(lambda: service.workers(queue_name), timeout=15, what="the child's worker record")
+    assert worker["pid"] == child.pid and not worker["stale"]
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+    killed_at = time.monotonic()
+    [stale] = wait_for(lambda: [w for w in service.workers(queue_name) if w["stale"]], what="a stale record")
+    assert time.monotonic() - killed_at < 2.0  # 3 beats of 0.2 s, give or take a beat
+    assert [q["stale_consumers"] for q in service.queues() if q["queue"] == queue_name] == [1]
+    wait_for(lambda: service.workers(queue_name) == [], what="the record to expire")  # 10 beats
+
+
+@pytest.fixture
+def redis_db() -> Iterator[None]:
+    require_server("Redis", "127.0.0.1", 6379)
+    import redis
+
+    patch_frame_config(REDIS_URL=REDIS_URL, OPS_HEARTBEAT_SECONDS=0.2)
+    yield
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"fl:{{{registry.OPS_QUEUE}}}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def test_the_registry_lives_in_redis(queue_name: str, redis_db: None) -> None:
+    @task_deco(queue_name, broker_kind=BrokerEnum.REDIS_ACK_ABLE, log_level=logging.WARNING)
+    def f(x: int) -> None:
+        return None
+
+    f.push(1)
+    f.consume()
+    service = OpsService(kinds=[BrokerEnum.REDIS_ACK_ABLE])
+    [worker] = wait_for(lambda: service.workers(queue_name), what="the worker record in Redis")
+    assert worker["broker"] == "REDIS_ACK_ABLE"
+    assert service.kind_of(queue_name) == BrokerEnum.REDIS_ACK_ABLE
+    assert BrokerEnum.REDIS_ACK_ABLE in registry.used_kinds()  # this host's index names the kind
+    wait_for(lambda: service.status(queue_name)["depth"] == 0, what="the message to be consumed")
+    f.clear()
+
+
+def test_a_broker_without_key_value_records_keeps_its_registry_in_the_embedded_store(
+        isolated_settings: Path) -> None:
+    from funboost_like.brokers.base import Broker, Capabilities
+    from funboost_like.core.stores import SqliteKeyValueStore
+
+    class Plain(Broker):
+        kind = BrokerEnum.MQTT
+        capabilities = Capabilities()
+
+    store = registry.ops_store(Plain())
+    assert isinstance(store, SqliteKeyValueStore) and Path(store.path).parent == isolated_settings
+    registry.index_queue(store, "a", int(BrokerEnum.MQTT))
+    registry.index_queue(store, "b", int(BrokerEnum.MQTT))
+    registry.index_queue(store, "a", int(BrokerEnum.MQTT))  # once only
+    assert [q["queue"] for q in registry.queues(store)] == ["a", "b"]
+    slots = [registry.claim_worker_slot(store, {"id": str(n), "beat_at": time.time(), "interval": 2.0}, 2.0)
+             for n in range(registry.BLOCK + 2)]  # past the first block of slots
+    assert slots == list(range(registry.BLOCK + 2))
+    assert len(registry.workers(store)) == registry.BLOCK + 2
+    registry.release_worker_slot(store, 3, "3")
+    assert registry.claim_worker_slot(store, {"id": "new", "beat_at": time.time()}, 2.0) == 3  # lowest free

@@ -1,0 +1,165 @@
+"""Pulsar (kind PULSAR): what the contract suite does not cover, on pulsar-lite (tests/pulsar_server.py)
+or the server at FUNBOOST_LIKE_PULSAR_URL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pulsar
+import pytest
+
+from funboost_like import BrokerEnum, PriorityConsumingControlConfig, task_deco
+from funboost_like.brokers.base import Broker, Delivery
+from funboost_like.brokers.pulsar_broker import PulsarBroker
+from funboost_like.brokers.registry import get_broker
+from funboost_like.core.config import patch_frame_config, settings
+from funboost_like.core.errors import ConfigurationError
+
+from .conftest import in_forked_child, require_server
+from .pulsar_server import _pulsar_server  # noqa: F401 - starts pulsar-lite when these tests run alone
+
+URL = os.environ.get("FUNBOOST_LIKE_PULSAR_URL", "pulsar://127.0.0.1:6650")
+
+
+@pytest.fixture
+def queue(queue_name: str) -> Iterator[str]:
+    parts = urlsplit(URL)
+    require_server("Pulsar", parts.hostname or "127.0.0.1", parts.port or 6650)
+    patch_frame_config(PULSAR_URL=URL)
+    yield queue_name
+    broker = get_broker(BrokerEnum.PULSAR)
+    broker.purge(queue_name)
+    broker.purge_dead_letters(queue_name)
+
+
+def test_a_plain_pulsar_client_publishing_json_reaches_the_consumer(queue: str) -> None:
+    got, done = [], threading.Event()
+
+    @task_deco(queue, broker_kind=BrokerEnum.PULSAR)
+    def f(x: int) -> None:
+        got.append(x)
+        done.set()
+
+    assert f.get_message_count() == 0  # makes the subscription: the server keeps what is published from now on
+    client = pulsar.Client(URL, logger=logging.getLogger("test.pulsar"))
+    try:
+        client.create_producer(f"persistent://public/default/{queue}").send(json.dumps({"x": 42}).encode())
+    finally:
+        client.close()
+    f.consume()
+    assert done.wait(15) and got == [42]
+
+
+def test_countdown_and_retry_backoff_wait_in_the_delayed_topic(queue: str) -> None:
+    runs: list[tuple[str, float]] = []
+    done = threading.Event()
+
+    @task_deco(queue, broker_kind=BrokerEnum.PULSAR, max_retry_times=2, retry_backoff=0.3, retry_backoff_max=0.3,
+               retry_jitter=False)
+    def f(kind: str) -> None:
+        runs.append((kind, time.time()))
+        if kind == "flaky" and sum(1 for k, _ in runs if k == "flaky") < 3:
+            raise ValueError("not yet")
+        if kind == "flaky":
+            done.set()
+
+    pushed = time.time()
+    f.publish({"kind": "late"}, priority_control_config=PriorityConsumingControlConfig(countdown=1.0))
+    f.push("flaky")
+    f.consume()
+    assert done.wait(20)
+    deadline = time.monotonic() + 10
+    while not any(k == "late" for k, _ in runs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    late = [t for k, t in runs if k == "late"]
+    flaky = [t for k, t in runs if k == "flaky"]
+    assert len(late) == 1 and late[0] - pushed >= 0.95
+    assert len(flaky) == 3 and flaky[1] - flaky[0] >= 0.28 and flaky[2] - flaky[1] >= 0.28  # each retry waited
+
+
+def test_a_retried_message_is_not_taken_for_a_poison_message(queue: str) -> None:
+    """Retries publish a copy with the counts in properties: Pulsar's redelivery count (deaths) stays 0."""
+    broker = get_broker(BrokerEnum.PULSAR)
+    broker.publish(queue, b"{}")
+    [first] = fetch(broker, queue, 1)
+    for attempt in (2, 3, 4):
+        broker.nack(first, requeue=True)
+        [first] = fetch(broker, queue, 1)
+        assert (first.attempts, first.crashes) == (attempt, 0)
+    broker.ack([first])
+
+
+def test_a_dead_consumers_messages_count_as_crashes(queue: str) -> None:
+    """A consumer that goes without settling: the server delivers its messages again, counted as a crash.
+    (The holder closes before the taker starts: pulsar-lite refuses two live consumers with one consumer id,
+    and every client numbers its consumers from 0; see docs/pulsar.md.)"""
+    holder, taker = PulsarBroker(), get_broker(BrokerEnum.PULSAR)
+    holder.publish_many(queue, [b'{"n":1}', b'{"n":2}'])
+    assert len(fetch(holder, queue, 2)) == 2
+    holder.close()  # its connection ends: the server dispatches them again
+    again = fetch(taker, queue, 2)
+    assert sorted(d.body for d in again) == [b'{"n":1}', b'{"n":2}']
+    assert all((d.attempts, d.crashes) == (2, 1) for d in again)
+    taker.ack(again)
+
+
+def fetch(broker: Broker, queue: str, n: int) -> list[Delivery]:
+    got: list[Delivery] = []
+    deadline = time.monotonic() + 10
+    while len(got) < n and time.monotonic() < deadline:
+        got += broker.fetch(queue, n - len(got), 0.5)
+    return got
+
+
+def test_a_malformed_message_is_dead_lettered_with_its_reason(queue: str) -> None:
+    done = threading.Event()
+
+    @task_deco(queue, broker_kind=BrokerEnum.PULSAR)
+    def f(x: int) -> None:
+        done.set()
+
+    broker = get_broker(BrokerEnum.PULSAR)
+    broker.publish(queue, b"not json")
+    broker.publish(queue, json.dumps({"x": 1}).encode())
+    f.consume()
+    assert done.wait(15)
+    deadline = time.monotonic() + 10
+    while not broker.list_dead_letters(queue) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [letter] = broker.list_dead_letters(queue)
+    assert letter.body == b"not json" and "JSON" in letter.reason
+
+
+def test_bad_queue_names_and_unsupported_features_fail_early(queue: str) -> None:
+    with pytest.raises(ConfigurationError, match="Pulsar queue names"):  # at decoration time
+        task_deco("bad name/with slash", broker_kind=BrokerEnum.PULSAR)(lambda: None)
+    with pytest.raises(ConfigurationError, match="Pulsar queue names"):
+        get_broker(BrokerEnum.PULSAR).publish("bad name/with slash", b"{}")
+    with pytest.raises(ValueError):
+        task_deco(f"{queue}_rpc", broker_kind=BrokerEnum.PULSAR, is_using_rpc_mode=True)(lambda: None)
+
+
+def test_the_url_is_redacted_in_settings_and_errors() -> None:
+    patch_frame_config(PULSAR_URL="pulsar+ssl://user:s3cret@pulsar.example:6651")
+    assert "s3cret" not in settings.as_dict()["PULSAR_URL"]
+    assert "s3cret" not in PulsarBroker()._where()
+
+
+def test_a_forked_child_gets_its_own_client(queue: str) -> None:
+    broker = get_broker(BrokerEnum.PULSAR)
+    broker.publish(queue, b'{"from":"parent"}')  # the parent's client is connected before the fork
+
+    def child() -> str:
+        get_broker(BrokerEnum.PULSAR).publish(queue, b'{"from":"child"}')
+        return "published"
+
+    assert in_forked_child(child) == "published"
+    got = fetch(broker, queue, 2)
+    assert sorted(d.body for d in got) == [b'{"from":"child"}', b'{"from":"parent"}']
+    broker.ack(got)

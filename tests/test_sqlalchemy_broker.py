@@ -1,0 +1,237 @@
+"""Behaviour of the SQLACHEMY broker beyond the shared contract suite.
+
+Several consumer processes on one table, the settings (the seed's alias, the default URL), tables
+created on first use and never at import, passwords kept out of logs and errors, and PostgreSQL's
+LISTEN/NOTIFY wake-up. Real servers (DESIGN §8): PostgreSQL and MariaDB skip on a laptop without
+them and fail in CI; SQLite always runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from funboost_like import BrokerEnum, task_deco
+from funboost_like.brokers.base import Delivery
+from funboost_like.brokers.registry import get_broker
+from funboost_like.core.config import patch_frame_config, settings
+from funboost_like.core.errors import BrokerConnectionError, ConfigurationError
+
+from .conftest import require_server, subprocess_env
+
+sa = pytest.importorskip("sqlalchemy")
+
+from funboost_like.brokers.sqlalchemy_broker import SqlAlchemyBroker, engine_url, table_name  # noqa: E402
+
+POSTGRESQL = os.environ.get("FUNBOOST_LIKE_TEST_POSTGRESQL_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MARIADB = os.environ.get("FUNBOOST_LIKE_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+DATABASES = {"postgresql": (POSTGRESQL, ("PostgreSQL", "127.0.0.1", 5432)),
+             "mariadb": (MARIADB, ("MariaDB", "127.0.0.1", 3306)),
+             "sqlite": ("", None)}  # "": a SQLite file in the test's SQLITE_QUEUES_PATH
+
+
+@pytest.fixture(params=list(DATABASES))
+def url(request: pytest.FixtureRequest) -> str:
+    """Each database in turn (its URL set as SQLALCHEMY_URL)."""
+    url, server = DATABASES[request.param]
+    if server is not None:
+        require_server(*server)
+    patch_frame_config(SQLALCHEMY_URL=url)
+    return url
+
+
+@pytest.fixture
+def broker(url: str, queue_name: str) -> Iterator[SqlAlchemyBroker]:
+    b = SqlAlchemyBroker()
+    yield b
+    b.drop_tables(queue_name)
+    b.close()
+
+
+CONSUMER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from funboost_like.brokers.registry import get_broker
+
+    queue, sync = sys.argv[1], Path(sys.argv[2])
+    broker = get_broker(10)
+    broker.count(queue)  # connected, tables there: ready
+    (sync / f"ready-{sys.argv[3]}").touch()
+    while not (sync / "go").exists():
+        time.sleep(0.005)
+    seen, idle_since = [], time.monotonic()
+    while time.monotonic() - idle_since < 1.0:
+        got = broker.fetch(queue, 20, 0.1)
+        if got:
+            seen += [d.body.decode() for d in got]
+            broker.ack(got)
+            idle_since = time.monotonic()
+            time.sleep(0.002)  # a breath between batches: SQLite's busy wait is not fair to the other process
+    print(" ".join(seen))
+    """
+)
+
+
+def test_two_consumer_processes_never_take_one_message_twice(broker: SqlAlchemyBroker, queue_name: str,
+                                                             tmp_path: Path) -> None:
+    total = 600
+    broker.publish_many(queue_name, [str(i).encode() for i in range(total)])
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    env = subprocess_env(tmp_path / "sqlite_queues", FUNBOOST_LIKE_SQLALCHEMY_URL=str(settings.get("SQLALCHEMY_URL")))
+    children = [subprocess.Popen([sys.executable, "-c", CONSUMER, queue_name, str(sync), str(i)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(sync.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (sync / "go").touch()
+        outputs = [child.communicate(timeout=60) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait(5)
+    assert [child.returncode for child in children] == [0, 0], [err for _, err in outputs]
+    per_child = [out.split() for out, _ in outputs]
+    counts = collections.Counter(body for seen in per_child for body in seen)
+    assert set(counts) == {str(i) for i in range(total)}
+    assert set(counts.values()) == {1}
+    assert all(per_child)  # both really took part
+    assert broker.count(queue_name) == 0
+
+
+def test_ack_and_fetch_is_one_transaction_and_keeps_order(broker: SqlAlchemyBroker, queue_name: str) -> None:
+    broker.publish_many(queue_name, [b"1", b"2", b"3"])
+    first = broker.fetch(queue_name, 1, 1.0)
+    second = broker.ack_and_fetch(first, queue_name, 5, 1.0)
+    assert [d.body for d in second] == [b"2", b"3"]
+    broker.ack(second)
+    assert broker.count(queue_name) == 0 and broker.fetch(queue_name, 5, 0.05) == []
+
+
+def test_tables_are_named_from_the_queue() -> None:
+    assert table_name("orders") == f"fl_orders_{table_name('orders')[-8:]}"
+    assert table_name("Orders") != table_name("orders")  # the hash tells case apart
+    long = table_name("x" * 300 + ".y/z")
+    assert len(long) <= 48 and long.isidentifier() and long.startswith("fl_xxxx")
+
+
+def test_seed_spelling_is_an_alias(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert engine_url() == f"sqlite:///{tmp_path / 'sqlite_queues' / 'sqlalchemy_queues.sqlite3'}"  # the default
+    patch_frame_config(SQLACHEMY_ENGINE_URL="sqlite:///seed.db")
+    assert engine_url() == "sqlite:///seed.db" and settings.get("SQLACHEMY_ENGINE_URL") == "sqlite:///seed.db"
+    patch_frame_config(SQLACHEMY_ENGINE_URL="sqlite:///seed.db", SQLALCHEMY_URL="sqlite:///new.db")
+    assert engine_url() == "sqlite:///new.db"  # both at one level: the correct spelling wins
+    settings.reset()
+    monkeypatch.setenv("FUNBOOST_LIKE_SQLACHEMY_ENGINE_URL", "sqlite:///from-env.db")
+    assert engine_url() == "sqlite:///from-env.db"
+
+
+def test_tables_are_created_on_first_use_never_at_import(tmp_path: Path) -> None:
+    folder = tmp_path / "sqlite_queues"
+    code = ("import funboost_like, funboost_like.brokers.sqlalchemy_broker\n"
+            "from funboost_like import task_deco\n"
+            "from funboost_like.brokers.registry import get_broker\n"
+            "get_broker(10)\n"
+            "task_deco('jobs', broker_kind=10)(lambda x: x)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(folder, FUNBOOST_LIKE_SQLALCHEMY_URL=""),
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert not folder.exists()  # no SQLite file, not even its folder
+    broker = get_broker(BrokerEnum.SQLACHEMY)
+    assert isinstance(broker, SqlAlchemyBroker)
+    assert broker.count("jobs") == 0  # first use
+    assert (folder / "sqlalchemy_queues.sqlite3").exists()
+    assert sa.inspect(broker.engine()).has_table(table_name("jobs"))
+
+
+def test_first_use_creates_the_tables_on_a_server(broker: SqlAlchemyBroker, queue_name: str) -> None:
+    inspector = sa.inspect(broker.engine())
+    assert not inspector.has_table(table_name(queue_name))
+    broker.publish(queue_name, b"{}")
+    names = set(sa.inspect(broker.engine()).get_table_names())
+    assert {table_name(queue_name), table_name(queue_name) + "_dl"} <= names
+    assert table_name(queue_name) + "_kv" not in names  # made by the first use of the records
+    broker.key_value_store(queue_name, "results").put("k", b"v", None)
+    assert table_name(queue_name) + "_kv" in set(sa.inspect(broker.engine()).get_table_names())
+
+
+def test_password_never_reaches_a_log_or_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    secret = "s3cretPW"
+    unreachable = f"postgresql+psycopg://postgres:{secret}@127.0.0.1:1/test"
+    patch_frame_config(SQLACHEMY_ENGINE_URL=unreachable)
+    assert secret not in repr(settings.as_dict())
+    broker = SqlAlchemyBroker()
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(BrokerConnectionError) as failed:
+            broker.publish("jobs", b"{}")
+        logging.getLogger("funboost_like").exception("logged with the error: %s", failed.value)
+    assert "127.0.0.1" in str(failed.value) and secret not in str(failed.value)
+    assert secret not in caplog.text
+    patch_frame_config(SQLALCHEMY_URL=f"nosuchdb+driver://user:{secret}@host/db")
+    with pytest.raises(ConfigurationError) as bad:
+        SqlAlchemyBroker().count("jobs")
+    assert secret not in str(bad.value)
+    broker.close()
+
+
+def test_end_to_end_with_rpc_results(url: str, queue_name: str) -> None:
+    @task_deco(queue_name, broker_kind=BrokerEnum.SQLACHEMY, is_using_rpc_mode=True, concurrent_num=2)
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    try:
+        add.consume()
+        assert add.push(1, 2).result == 3  # type: ignore[union-attr]
+    finally:
+        add.stop()
+        broker = get_broker(BrokerEnum.SQLACHEMY)
+        assert isinstance(broker, SqlAlchemyBroker)
+        broker.drop_tables(queue_name)
+
+
+def test_listen_wakes_an_idle_consumer_at_once(queue_name: str) -> None:
+    require_server("PostgreSQL", "127.0.0.1", 5432)
+    patch_frame_config(SQLALCHEMY_URL=POSTGRESQL)
+    broker = SqlAlchemyBroker()
+    broker.count(queue_name)
+    latencies = []
+    try:
+        for _ in range(3):
+            waiting = threading.Event()
+            got: list[Delivery] = []
+
+            def fetch(waiting: threading.Event, got: list[Delivery]) -> None:
+                waiting.set()
+                got.extend(broker.fetch(queue_name, 1, 5.0))
+
+            consumer = threading.Thread(target=fetch, args=(waiting, got))
+            consumer.start()
+            waiting.wait(5)
+            time.sleep(0.3)  # no event says "blocked in LISTEN": give it time to get past its first poll slice
+            sent = time.perf_counter()
+            broker.publish(queue_name, b"{}")
+            consumer.join(10)
+            latencies.append(time.perf_counter() - sent)
+            broker.ack(got)
+        assert statistics.median(latencies) < 0.1, latencies  # polling every 0.25 s would average 0.125 s
+    finally:
+        broker.drop_tables(queue_name)
+        broker.close()
+
+
+def test_registered() -> None:
+    assert type(get_broker(BrokerEnum.SQLACHEMY)) is SqlAlchemyBroker
