@@ -126,6 +126,7 @@ effective settings (passwords are masked).
 
 # OPS_REGISTRY = True  # consumers register and beat, publishers note their queues; False turns it all off
 # OPS_HEARTBEAT_SECONDS = 2.0  # a consumer's record is rewritten this often; stale after 3 beats, gone after 10
+# OPS_STORE_BROKER = ""  # e.g. "REDIS": kinds without key-value records (Kafka, Pulsar, ...) keep their registry there
 
 # ----- Prometheus metrics and OpenTelemetry spans (docs/metrics.md) -----
 

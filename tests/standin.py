@@ -23,6 +23,13 @@ def listening(port: int, host: str = HOST) -> bool:
         return False
 
 
+def free_port(host: str = HOST) -> int:
+    """A TCP port nothing listens on now (the kernel's pick; free until someone binds it)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
 class ServerProcess:
     """One server process of this test session, named ``name`` in errors, listening on ``port``."""
 

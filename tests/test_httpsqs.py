@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import http.client
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -28,15 +27,10 @@ from funboost_like.core.errors import BrokerError
 
 from .conftest import require_server, subprocess_env
 from .httpsqs_server import _httpsqs_server, listening  # noqa: F401 - starts the shared fixture server
+from .standin import free_port
 
 SERVER = FIXTURES[BrokerEnum.HTTPSQS]
 WORKER = Path(__file__).with_name("contract_worker.py")  # concurrent_num=4, records "s|d <i> <pid>" lines
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ endpoints (the `funboost_like metrics` verb, a worker's METRICS_PORT) on the loo
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from funboost_like.observability import metrics, prometheus  # noqa: E402
 
+from .standin import free_port  # noqa: E402
+
 ALLOWED_LABELS = {"queue", "broker", "outcome", "le"}
 
 
@@ -38,12 +39,6 @@ def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_nothing_is_imported_started_or_written_while_off(tmp_path: Path, isolated_settings: Path) -> None:

@@ -20,6 +20,7 @@ from funboost_like import BrokerEnum, patch_frame_config, task_deco
 from funboost_like.ops import registry
 from funboost_like.ops.service import OpsService
 from tests.conftest import require_server, subprocess_env
+from tests.standin import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 
@@ -180,3 +181,48 @@ def test_a_broker_without_key_value_records_keeps_its_registry_in_the_embedded_s
     assert len(registry.workers(store)) == registry.BLOCK + 2
     registry.release_worker_slot(store, 3, "3")
     assert registry.claim_worker_slot(store, {"id": "new", "beat_at": time.time()}, 2.0) == 3  # lowest free
+
+
+_ZEROMQ_WORKER = textwrap.dedent("""
+    import logging, sys
+    from funboost_like import BrokerEnum, task_deco
+
+    @task_deco(sys.argv[1], broker_kind=BrokerEnum.ZEROMQ, log_level=logging.WARNING)
+    def f(x):
+        return x
+
+    f.consume()
+""")
+
+
+def test_a_broker_without_key_value_records_shares_its_registry_through_ops_store_broker(
+        isolated_settings: Path, tmp_path: Path, redis_db: None, children: list[subprocess.Popen[bytes]]) -> None:
+    """A ZeroMQ consumer on "host A" (its own data folder) and the CLI's service on "host B" (another one)
+    meet in the Redis records named by OPS_STORE_BROKER: B finds the kind, the worker, and pauses it."""
+    pytest.importorskip("zmq")
+    port = str(free_port())
+    host_a = tmp_path / "host_a"
+    script = tmp_path / "zeromq_worker.py"
+    script.write_text(_ZEROMQ_WORKER)
+    child = subprocess.Popen([sys.executable, str(script), port],
+                             env=subprocess_env(host_a, FUNBOOST_LIKE_OPS_HEARTBEAT_SECONDS="0.2",
+                                                FUNBOOST_LIKE_OPS_STORE_BROKER="REDIS",
+                                                FUNBOOST_LIKE_REDIS_URL=REDIS_URL))
+    children.append(child)
+    patch_frame_config(OPS_STORE_BROKER="REDIS")  # host B: isolated_settings' folder, never used by the child
+    service = OpsService()  # no kinds named: the shared store says which kinds the hosts used
+    [worker] = wait_for(lambda: BrokerEnum.ZEROMQ in service.kinds() and service.workers(port), timeout=15,
+                        what="the ZeroMQ worker's record in Redis")
+    assert worker["pid"] == child.pid and worker["broker"] == "ZEROMQ" and worker["paused"] is False
+    service.pause(port)
+    wait_for(lambda: service.workers(port)[0]["paused"], what="the child to see the pause")
+    assert not (isolated_settings / f"{registry.OPS_QUEUE}@kind{int(BrokerEnum.ZEROMQ)}.sqlite3").exists()
+
+
+def test_ops_store_broker_must_have_key_value_records(isolated_settings: Path) -> None:
+    from funboost_like.brokers.registry import get_broker
+    from funboost_like.core.errors import ConfigurationError
+
+    patch_frame_config(OPS_STORE_BROKER="ZEROMQ")
+    with pytest.raises(ConfigurationError, match="OPS_STORE_BROKER='ZEROMQ'.*no key-value records"):
+        registry.ops_store(get_broker(BrokerEnum.KAFKA))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,16 +26,11 @@ from funboost_like.core.config import patch_frame_config
 from funboost_like.core.errors import BrokerConnectionError
 
 from .conftest import subprocess_env
+from .standin import free_port
 
 pytest.importorskip("zmq")
 
 WORKER = Path(__file__).with_name("contract_worker.py")  # concurrent_num=4, records "s|d <i> <pid>" lines
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

@@ -107,6 +107,8 @@ DEFAULTS: dict[str, Any] = {
     # Operations (docs/operations.md): consumers register and beat; control records pause them, change qps.
     "OPS_REGISTRY": True,  # False: no worker records, no queue index, no run-time control
     "OPS_HEARTBEAT_SECONDS": 2.0,  # a worker record is rewritten this often; stale after 3 beats, gone after 10
+    "OPS_STORE_BROKER": "",  # kinds without key-value records (Kafka, Pulsar, ...) keep their registry in this
+    # broker kind's records, e.g. "REDIS" (shared by every host); "" means this host's embedded SQLite store
     # Prometheus metrics and OpenTelemetry spans (docs/metrics.md).
     "METRICS": False,  # True: publishers and consumers count for Prometheus (per-process snapshots in METRICS_DIR)
     "METRICS_DIR": "",  # "" means <per-user data dir>/metrics; one folder per host, shared by its processes

@@ -3,9 +3,13 @@
 **Where** (one rule): the records of the queues of broker kind K live in K's own key-value records,
 ``broker.key_value_store("funboost_like_ops", "ops")``, so whoever reaches the broker reaches its
 registry (every host of a Redis or RabbitMQ deployment sees the same one). A broker without
-key-value records (``capabilities.key_value`` false) has its registry in the embedded SQLite store
-of this host instead (:func:`local_store`). Each host also keeps, in that embedded store, the list of
-broker kinds its processes used, so the CLI of that host knows where to look without being told.
+key-value records (``capabilities.key_value`` false: Kafka, Pulsar, ZeroMQ, NSQ, HTTPSQS) has its
+registry in the records of the broker kind named by the setting ``OPS_STORE_BROKER`` (for instance
+``"REDIS"``: every host pointing at that Redis shares it), or, when that setting is empty, in the
+embedded SQLite store of this host (:func:`local_store`: seen and controlled from this host only).
+Each host also keeps, in its embedded store, the list of broker kinds its processes used, so the CLI
+of that host knows where to look without being told; with ``OPS_STORE_BROKER`` set, that list is
+kept in the shared store too, so the CLI of any host finds the kinds every host used.
 
 **Layout** (the store contract has no key listing, so every list is a run of numbered slots):
 
@@ -34,9 +38,11 @@ import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from funboost_like.brokers.registry import get_broker, resolve_kind
 from funboost_like.core import codec
 from funboost_like.core.config import data_dir_setting, settings
 from funboost_like.core.enums import BrokerEnum
+from funboost_like.core.errors import ConfigurationError
 from funboost_like.core.sqlite_files import queue_file_name
 from funboost_like.core.stores import KeyValueStore, SqliteKeyValueStore
 
@@ -81,7 +87,23 @@ def ops_store(broker: Broker) -> KeyValueStore:
     """The store holding the registry of ``broker``'s queues (see the module docstring for the rule)."""
     if broker.capabilities.key_value:
         return broker.key_value_store(OPS_QUEUE, NAMESPACE)
+    shared = shared_broker()
+    if shared is not None:
+        return shared.key_value_store(OPS_QUEUE, f"{NAMESPACE}-kind{int(broker.kind)}")
     return local_store(f"kind{int(broker.kind)}")
+
+
+def shared_broker() -> Broker | None:
+    """The broker named by ``OPS_STORE_BROKER`` (None when it is empty); it must have key-value records."""
+    name = str(settings.get("OPS_STORE_BROKER") or "").strip()
+    if not name:
+        return None
+    kind = resolve_kind(int(name) if name.isdigit() else name)
+    broker = get_broker(kind)
+    if not broker.capabilities.key_value:
+        raise ConfigurationError(f"OPS_STORE_BROKER={name!r}: broker kind {kind.name} has no key-value records "
+                                 "to hold the registry; name one that has (REDIS, SQLACHEMY, MONGOMQ, ...)")
+    return broker
 
 
 def dumps(record: dict[str, Any]) -> bytes:
@@ -150,15 +172,25 @@ def index_queue(store: KeyValueStore, queue: str, kind: int) -> None:
     store.put(f"seen:{queue}", str(slot).encode(), None)
 
 
+def _kind_stores() -> list[KeyValueStore]:
+    """Where the list of used broker kinds is kept: this host's store, and the shared one when set."""
+    shared = shared_broker()
+    return [local_store()] if shared is None else [local_store(), shared.key_value_store(OPS_QUEUE, NAMESPACE)]
+
+
 def note_kind(kind: int) -> None:
-    store = local_store()
-    if store.get(f"kind:{kind}") is None:
-        store.put(f"kind:{kind}", b"1", None)
+    for store in _kind_stores():
+        if store.get(f"kind:{kind}") is None:
+            store.put(f"kind:{kind}", b"1", None)
 
 
 def used_kinds() -> list[BrokerEnum]:
-    """The broker kinds processes of this host used (that reach across processes)."""
-    found = local_store().get_many([f"kind:{int(kind)}" for kind in BrokerEnum])
+    """The broker kinds processes of this host used (that reach across processes), and with
+    ``OPS_STORE_BROKER`` set, those processes of every host sharing that store used."""
+    keys = [f"kind:{int(kind)}" for kind in BrokerEnum]
+    found: set[str] = set()
+    for store in _kind_stores():
+        found.update(store.get_many(keys))
     return [kind for kind in BrokerEnum if f"kind:{int(kind)}" in found]
 
 

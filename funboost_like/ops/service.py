@@ -194,7 +194,9 @@ class OpsService(CallRecords):
     def wait_applied(self, queue: str, timeout: float = 3.0) -> dict[str, Any]:
         """Wait until every live consumer of ``queue`` reports the control record's state (or ``timeout``).
 
-        Returns ``{"consumers", "confirmed"}``: how many live consumers there are and how many apply it.
+        Returns ``{"consumers", "confirmed", "applied_in_seconds"}``: how many live consumers there are,
+        how many apply it, and how long after the record was written the last of them reported it (None
+        when some did not).
         """
         kind = self.kind_of(queue)
         store = self.store(kind)
@@ -204,7 +206,9 @@ class OpsService(CallRecords):
             live = [w for w in registry.workers(store, queue) if not w["stale"]]
             confirmed = [w for w in live if _applies(w, control)]
             if len(confirmed) == len(live) or time.monotonic() >= deadline:
-                return {"consumers": len(live), "confirmed": len(confirmed)}
+                applied = len(confirmed) == len(live) and "updated_at" in control
+                return {"consumers": len(live), "confirmed": len(confirmed),
+                        "applied_in_seconds": round(time.time() - control["updated_at"], 3) if applied else None}
             time.sleep(0.05)
 
     def purge(self, queue: str) -> dict[str, Any]:
