@@ -9,6 +9,11 @@
 # private server share an ``xdist_group``; cleanup of the shared servers runs once, at the end. Tests
 # marked ``serial`` run after the parallel run, in one process.
 #
+# A test that fails runs once more (pytest-rerunfailures) and the summary lists it under "RERUN":
+# these tests drive real servers and processes on a loaded two-core machine, and one timing-sensitive
+# failure should not hide the rest of a run. A test that fails twice fails the run. A rerun is a
+# defect to find, not a pass: read the RERUN lines.
+#
 # The virtualenv is .venv, created and installed with the [dev] extra when missing or older than
 # pyproject.toml. When FUNBOOST_LIKE_VENV names another virtualenv (as .ci/run does), that one is
 # used as it is: its creator installed it.
@@ -34,8 +39,10 @@ fi
 
 if [[ $# -eq 0 ]]; then  # the whole suite: in workers, then the few marked serial alone
     status=0
-    "$venv/bin/python" -m pytest -n "${FUNBOOST_LIKE_TEST_WORKERS:-3}" --dist loadgroup -m "not serial" || status=$?
-    "$venv/bin/python" -m pytest -m serial || status=$?
+    rerun=(--reruns 1 --reruns-delay 1 -rfER)
+    "$venv/bin/python" -m pytest -n "${FUNBOOST_LIKE_TEST_WORKERS:-3}" --dist loadgroup -m "not serial" "${rerun[@]}" \
+        || status=$?
+    "$venv/bin/python" -m pytest -m serial "${rerun[@]}" || status=$?
     exit "$status"
 fi
 exec "$venv/bin/python" -m pytest "$@"
