@@ -32,7 +32,8 @@ Delays (``not_before``, ``nack(delay=...)``, retries with backoff): the record g
 partitions of ``q`` runs a mover thread: it reads its share of that topic (group
 ``funboost_like.q.delay``, joined after the first assignment of ``q``) into memory and appends each
 record to ``q`` when due; a delay record is marked done once appended, so a killed process's delayed
-records are read again by another. Delays never block a partition of ``q``.
+records are read again by another. Delays never block a partition of ``q`` (:mod:`.kafka_delays`;
+the group subscriptions are :mod:`.kafka_groups`).
 
 Dead letters are JSON envelopes in the topic ``q.dlq``; listing reads it from the offset committed
 to the group ``funboost_like.q.dlq-read``, which purging them moves to the end.
@@ -48,7 +49,6 @@ puts messages back in front within the process only.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
@@ -57,13 +57,13 @@ from collections.abc import Mapping, Sequence
 
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.kafka_client import KafkaClient, Record, log_span
-from funboost_like.brokers.kafka_queue import ATTEMPTS, CRASHES, DUE, GroupState, QueueState, counts
+from funboost_like.brokers.kafka_delays import start_mover
+from funboost_like.brokers.kafka_groups import WAIT_SLICE, commit, poll, settle, subscribe
+from funboost_like.brokers.kafka_queue import ATTEMPTS, CRASHES, DUE, QueueState, counts
 from funboost_like.core.config import settings
 from funboost_like.core.errors import ConfigurationError
 
 logger = logging.getLogger("funboost_like.kafka")
-
-WAIT_SLICE = 0.2  # a wait polls at most this long (commits go out between two polls)
 
 
 class KafkaBroker(Broker):
@@ -146,69 +146,8 @@ class KafkaBroker(Broker):
         if q.main is None:
             with q.lock:
                 if q.main is None:
-                    q.main = self._subscribe(queue, q.group, q, delay=False)
+                    q.main = subscribe(self._client, queue, q.group, q, delay=False)
         return q
-
-    def _subscribe(self, topic: str, group_id: str, q: QueueState, *, delay: bool) -> GroupState:
-        group = GroupState()
-
-        def on_revoke(partitions: list[int]) -> None:
-            with q.lock:
-                positions = group.tracker.revoke(partitions)
-                for partition in partitions:
-                    group.buffers.pop(partition, None)
-                    if not delay:
-                        q.generation[partition] = q.generation.get(partition, 0) + 1
-                        q.running.pop(partition, None)
-                if delay:
-                    q.heap = [entry for entry in q.heap if entry[2] not in partitions]
-                    heapq.heapify(q.heap)
-            self._commit(q, group, positions, lower_marks=not delay)
-
-        group.consumer = self._client.group_consumer(topic, group_id, group.fresh.extend, on_revoke)
-        return group
-
-    def _commit(self, q: QueueState, group: GroupState, positions: dict[int, int], *, lower_marks: bool) -> None:
-        if not positions or group.consumer is None:
-            return
-        group.consumer.commit(positions)
-        group.tracker.committed(positions)
-        if lower_marks:  # the records still held were not lost to a death: the next owner runs them as new
-            lowered = {p: pos for p, pos in positions.items() if q.marks.get(p, -1) != pos}
-            if lowered:
-                self._client.commit_offsets(f"{q.group}.delivered", q.queue, lowered)
-                q.marks.update(lowered)
-
-    def _set_up(self, q: QueueState, group: GroupState, *, delay: bool) -> None:
-        """Take over newly assigned partitions: their committed offsets and (main topic) delivered marks."""
-        fresh, group.fresh[:] = list(group.fresh), []
-        assert group.consumer is not None
-        committed = group.consumer.committed(fresh)
-        marks = {} if delay else self._client.group_offsets(f"{q.group}.delivered", q.queue, fresh)
-        with q.lock:
-            for partition in fresh:
-                start = committed.get(partition, -1)
-                group.tracker.assign(partition, start)
-                group.buffers[partition] = deque()
-                if not delay:
-                    mark = marks.get(partition, -1)
-                    q.marks[partition] = mark
-                    if mark > max(start, 0):
-                        q.crash_until[partition] = mark
-
-    def _poll(self, q: QueueState, group: GroupState, max_n: int, timeout: float, *, delay: bool) -> list[Record]:
-        assert group.consumer is not None
-        records = group.consumer.poll(max_n, timeout)
-        if group.fresh:
-            self._set_up(q, group, delay=delay)
-        taken: list[Record] = []
-        by_partition: dict[int, list[Record]] = {}
-        for record in records:
-            by_partition.setdefault(record.partition, []).append(record)
-        for partition, items in by_partition.items():
-            fresh = set(group.tracker.taken(partition, [r.offset for r in items]))
-            taken += [r for r in items if r.offset in fresh]
-        return taken
 
     def _intake(self, q: QueueState, records: list[Record]) -> None:
         """Buffer records for calls; those whose consumer died holding them go back as counted copies."""
@@ -224,7 +163,7 @@ class KafkaBroker(Broker):
             self._client.produce(q.queue, copies)
             for record in dead:
                 group.tracker.finished(record.partition, [record.offset])
-            self._commit(q, group, group.tracker.due(), lower_marks=False)
+            commit(self._client, q, group, group.tracker.due(), lower_marks=False)
             dead_ids = {(r.partition, r.offset) for r in dead}
             records = [r for r in records if (r.partition, r.offset) not in dead_ids]
         with q.lock:
@@ -237,47 +176,9 @@ class KafkaBroker(Broker):
         """Commit what moved and apply purges' seeks (the fetching thread); start the delay mover."""
         group = q.main
         assert group is not None and group.consumer is not None
-        self._settle_group(q, group)
+        settle(self._client, q, group)
         if q.delay is None and group.tracker.owned():  # delayed records move where the queue is consumed
-            q.delay = self._subscribe(q.delayed, f"{q.group}.delay", q, delay=True)
-            q.mover = threading.Thread(target=self._mover, args=(q,), name=f"funboost_like-kafka-delay-{q.queue}",
-                                       daemon=True)
-            q.mover.start()
-
-    def _settle_group(self, q: QueueState, group: GroupState) -> None:
-        assert group.consumer is not None
-        if group.seeks:
-            seeks, group.seeks = group.seeks, {}
-            for partition, offset in seeks.items():
-                group.consumer.seek(partition, offset)
-        self._commit(q, group, group.tracker.due(), lower_marks=False)
-
-    def _mover(self, q: QueueState) -> None:
-        """The delay mover's thread: the only user of the delay group's consumer until close."""
-        while not q.stop.is_set():
-            try:
-                self._move_due(q)
-            except Exception as exc:  # noqa: BLE001 - logged; tried again
-                logger.warning("moving due delayed records of %s failed (%s); retrying", q.queue, exc)
-                q.stop.wait(1.0)
-
-    def _move_due(self, q: QueueState) -> None:
-        group = q.delay
-        assert group is not None
-        wait = min(WAIT_SLICE, max(0.0, q.heap[0][0] - time.time())) if q.heap else WAIT_SLICE
-        for record in self._poll(q, group, 1000, wait, delay=True):
-            with q.lock:
-                heapq.heappush(q.heap, (float(record.headers.get(DUE, 0)), record.offset, record.partition, record))
-        now, due = time.time(), []
-        with q.lock:
-            while q.heap and q.heap[0][0] <= now:
-                due.append(heapq.heappop(q.heap)[3])
-        if due:
-            items = [(r.value, {k: v for k, v in r.headers.items() if k != DUE}, self._partition(q)) for r in due]
-            self._client.produce(q.queue, items)
-            for record in due:
-                group.tracker.finished(record.partition, [record.offset])
-        self._settle_group(q, group)
+            start_mover(self._client, q, self._partition)
 
     def _buffered(self, q: QueueState) -> int:
         return sum(len(buffer) for buffer in q.main.buffers.values()) if q.main else 0
@@ -287,7 +188,7 @@ class KafkaBroker(Broker):
         self._housekeeping(q)
         assert q.main is not None
         if self._buffered(q) < max_n:
-            self._intake(q, self._poll(q, q.main, max(max_n, 64), 0, delay=False))
+            self._intake(q, poll(self._client, q, q.main, max(max_n, 64), 0, delay=False))
         return self._hand_out(q, max_n)
 
     def _wait(self, queue: str, timeout: float) -> None:
@@ -295,7 +196,7 @@ class KafkaBroker(Broker):
         self._housekeeping(q)
         assert q.main is not None
         if not self._buffered(q):
-            self._intake(q, self._poll(q, q.main, 256, min(timeout, WAIT_SLICE), delay=False))
+            self._intake(q, poll(self._client, q, q.main, 256, min(timeout, WAIT_SLICE), delay=False))
 
     def _hand_out(self, q: QueueState, max_n: int) -> list[Delivery]:
         got: list[Delivery] = []
@@ -437,7 +338,7 @@ class KafkaBroker(Broker):
                 if group is None or group.consumer is None:
                     continue
                 try:
-                    self._commit(q, group, group.tracker.clear(), lower_marks=not delay)
+                    commit(self._client, q, group, group.tracker.clear(), lower_marks=not delay)
                 except Exception as exc:  # noqa: BLE001 - the next owner reads from the last commit
                     logger.warning("%s: committing %s on close failed (%s); its finished calls may run again",
                                    self._where(), q.queue, exc)

@@ -29,8 +29,9 @@ Plain queue messages are published on MQTT's wire directly (:mod:`.mqtt_wire`, o
 per publishing thread); everything else goes through paho-mqtt.
 
 Capabilities: native redelivery (the server's sessions), emulated delays, no priorities, no routing;
-dead letters (``funboost_like/dlq/<q>/<id>``) and key-value records are retained messages
-(:mod:`.mqtt_records`; an RPC result is published to ``funboost_like/kv/<q>/results/<task_id>``).
+dead letters (``funboost_like/dlq/<q>/<id>``, :mod:`.mqtt_dead_letters`) and key-value records are
+retained messages (:mod:`.mqtt_records`; an RPC result is published to
+``funboost_like/kv/<q>/results/<task_id>``).
 
 Limits, stated: ``purge`` removes delayed messages, what this process buffers and what parked slots
 hold, not what the server is sending to other live consumers. Two processes claiming one slot at the
@@ -40,7 +41,6 @@ run twice. Prefetched messages go back when the broker closes (the session keeps
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import os
@@ -54,18 +54,10 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
-from funboost_like.brokers.mqtt_client import (
-    Control,
-    MqttRefused,
-    MqttUnreachable,
-    close,
-    parse_url,
-    subscribe,
-    topic_part,
-    user_properties,
-)
+from funboost_like.brokers.mqtt_client import Control, MqttRefused, MqttUnreachable, close, parse_url, subscribe
 from funboost_like.brokers.mqtt_counts import Counts
-from funboost_like.brokers.mqtt_delays import DUE, DelayedMessages, Entry, delayed_record
+from funboost_like.brokers.mqtt_dead_letters import deletions, keep, newest_letters, records, remove, soonest_delayed
+from funboost_like.brokers.mqtt_delays import DelayedMessages, Entry, delayed_record
 from funboost_like.brokers.mqtt_records import MqttRecords
 from funboost_like.brokers.mqtt_sessions import (
     Item,
@@ -302,41 +294,35 @@ class MqttBroker(Broker):
             original = [(mid, delivery.body, delivery.attempts - (0 if count_attempt else 1), delivery.crashes)]
             self._copy(delivery.queue, original, epoch, delay)
 
+    # -- dead letters, delayed records: retained messages (:mod:`.mqtt_dead_letters`) ----------------
     def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
-        topic = f"funboost_like/dlq/{topic_part(delivery.queue)}/{uuid.uuid4().hex}"
-        self.control.publish([(topic, letter.envelope(), True, None)])
+        keep(self.control, delivery.queue, letter)
         self._ack([delivery])
 
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        letters = [dataclasses.replace(DeadLetter.from_envelope(queue, bytes(m.payload)), ref=m.topic)
-                   for m in self._read(queue, "dlq")]
-        return sorted(letters, key=lambda letter: letter.failed_at, reverse=True)[:limit]
+        return newest_letters(queue, self._read(queue, "dlq"), limit)
 
     def list_delayed(self, queue: str, limit: int = 100) -> list[tuple[float, bytes]]:
         """(due time, body) of the delayed records of ``queue``, soonest first."""
-        found = [(float(user_properties(m).get(DUE, 0)), bytes(m.payload)) for m in self._read(queue, "delayed")]
-        return sorted(found, key=lambda entry: entry[0])[:limit]
+        return soonest_delayed(self._read(queue, "delayed"), limit)
 
     def remove_dead_letter(self, queue: str, letter: DeadLetter) -> bool:
         """Delete the retained message of ``letter`` (its ``ref`` is its topic); False when it is gone."""
         try:
-            if not self.control.snapshot(str(letter.ref)):
-                return False
-            self.control.publish([(str(letter.ref), b"", True, None)])
+            return remove(self.control, str(letter.ref))
         except self._client_errors as exc:
             raise self._translated(exc, f"removing a dead letter of queue {queue!r}") from exc
-        return True
 
     def purge_dead_letters(self, queue: str) -> int:
         found = self._read(queue, "dlq")
         if found:
-            self.control.publish([(m.topic, b"", True, None) for m in found])
+            self.control.publish(deletions(found))
         return len(found)
 
     def _read(self, queue: str, kind: str) -> list[paho.MQTTMessage]:
         """The retained records of ``queue`` of one kind (``dlq``, ``delayed``, ``counts``)."""
         try:
-            return self.control.snapshot(f"funboost_like/{kind}/{topic_part(queue)}/+")
+            return records(self.control, queue, kind)
         except self._client_errors as exc:
             raise self._translated(exc, f"reading the {kind} records of queue {queue!r}") from exc
 
@@ -382,7 +368,7 @@ class MqttBroker(Broker):
                 for mid, *_ in items:
                     slot.client.ack(mid, 1)
                 purged += len(items)
-        self.control.publish([*((m.topic, b"", True, None) for m in delayed), self._counted(queue, taken=purged)])
+        self.control.publish([*deletions(delayed), self._counted(queue, taken=purged)])
         for index, alive in self.sessions.presence(queue).items():
             if not alive and (slot is None or index != slot.index):
                 purged += self._drain(queue, index, republish=False)

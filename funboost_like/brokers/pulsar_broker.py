@@ -3,7 +3,8 @@
 Guarantee: at-least-once, persistent, cross-host. docs/pulsar.md says the same for users, and
 which of these behaviours were tested on pulsar-lite only.
 
-Layout, per queue ``q`` (topic names ``persistent://<PULSAR_NAMESPACE>/...``):
+Layout, per queue ``q`` (topic names ``persistent://<PULSAR_NAMESPACE>/...``, made by
+:mod:`.pulsar_topics`):
 
 * topic ``q``, Shared subscription ``fl``, shared by every consumer process: the ready messages.
   Another program publishes a JSON body to ``q`` and it runs. Each consuming process receives
@@ -39,7 +40,6 @@ Capabilities: native redelivery, emulated delay, no priority, dead letters, no k
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Sequence
@@ -60,17 +60,22 @@ from funboost_like.brokers.pulsar_feed import (
     drain,
     token_of,
 )
+from funboost_like.brokers.pulsar_topics import (
+    DELAY_SUBSCRIPTION,
+    DLQ_SUBSCRIPTION,
+    READY_SUBSCRIPTION,
+    QueueTopics,
+    check_queue_name,
+)
 from funboost_like.core.config import redact_url, settings
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import ConfigurationError
 
 logger = logging.getLogger("funboost_like.pulsar")
 
-READY_SUBSCRIPTION, DELAY_SUBSCRIPTION, DLQ_SUBSCRIPTION = "fl", "fl-delay", "fl-dlq"
 RECEIVERS = 1  # zero-queue consumers per queue and process (several receive at once, out of order)
 SETTLE = 0.01  # seconds a fetch waits for a message a receive that just began brings (see Feed.pause)
 ACK_GROUPING = 0.15  # the client sends acks in groups, every 100 ms (a process killed sooner loses them)
-_NAME = re.compile(r"^[A-Za-z0-9_.=:-]+$")
 _ABANDONED: list[Any] = []  # clients inherited from a parent process: kept referenced, never closed here
 
 Copy = tuple[Any, pulsar.Message, int, int]  # (consumer that holds the original, original, attempts before, crashes)
@@ -80,24 +85,6 @@ def _counted(message: pulsar.Message) -> dict[str, str]:
     """The properties of a copy of ``message`` that keeps its counts."""
     attempts, crashes = counts_of(message)
     return {ATTEMPTS: str(attempts), CRASHES: str(crashes)}
-
-
-def check_queue_name(queue: str) -> None:
-    """Refuse a name that is no Pulsar topic name (run at decoration time and at first use)."""
-    if not _NAME.match(queue):
-        raise ConfigurationError(f"Pulsar queue names may hold only letters, digits and _ . = : -, not {queue!r}")
-
-
-class _Queue:
-    """A queue's topic names, and this process's consumers of it."""
-
-    def __init__(self, queue: str, namespace: str) -> None:
-        check_queue_name(queue)
-        base = f"persistent://{namespace}/{queue}"
-        self.queue, self.ready, self.delayed, self.dlq = queue, base, f"{base}-fl-delayed", f"{base}-DLQ"
-        self.feed: Feed | None = None
-        self.mover: Mover | None = None
-        self.dlq_made = False
 
 
 class PulsarBroker(Broker):
@@ -121,7 +108,7 @@ class PulsarBroker(Broker):
         if client is not None:
             _ABANDONED.append(client)
         self._client: pulsar.Client | None = None
-        self._queues: dict[str, _Queue] = {}
+        self._queues: dict[str, QueueTopics] = {}
         self._producers: dict[str, pulsar.Producer] = {}
 
     # -- connection, topics, producers ---------------------------------------------------------------
@@ -140,13 +127,13 @@ class PulsarBroker(Broker):
                                                  connection_timeout_ms=5000, logger=client_logger)
         return self._client
 
-    def _queue(self, queue: str) -> _Queue:
+    def _queue(self, queue: str) -> QueueTopics:
         q = self._queues.get(queue)
         if q is None:
             with self._lock:
                 q = self._queues.get(queue)
                 if q is None:
-                    q = _Queue(queue, str(settings.get("PULSAR_NAMESPACE")))
+                    q = QueueTopics(queue, str(settings.get("PULSAR_NAMESPACE")))
                     for topic, subscription in ((q.ready, READY_SUBSCRIPTION), (q.delayed, DELAY_SUBSCRIPTION)):
                         self._subscription(topic, subscription)  # kept by the server from now on
                     self._queues[queue] = q

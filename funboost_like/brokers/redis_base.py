@@ -23,18 +23,18 @@
   the bindings of an exchange are the HASH ``fl:exchange:{<name>}``: the field ``type`` holds the
   exchange type (set by the first bind: an exchange keeps its first type, a bind asking for another
   one logs a warning), and each binding is a field ``["<queue>", "<binding key>"]`` (JSON). A bind is
-  one Lua script, so concurrent binds never mix types. A routed publish reads the HASH, picks the
-  matching queues in Python, then one Lua script writes the messages to every matching queue in the
-  kind's own layout (the ready key of their priority, ``XADD`` for streams, the delayed ZSET for
-  ``not_before``). Atomic: the script runs alone on the server, so no client ever sees the message in
-  some of the queues and not in the others; it checks the type of every key before writing, so a
-  key of another type fails the publish with nothing written; and Redis persists a script's writes
-  as one transaction (AOF, replicas) or not at all (an RDB snapshot is taken between commands).
-  Redis never rolls a script back, so only a server refusing a write midway (out of memory under
-  ``maxmemory`` with ``noeviction``) could leave some queues without the message. As for every
-  publish, a reply lost on a broken connection makes the client send the script again, which may
-  publish the messages twice. Not Redis-Cluster-safe: the keys of different queues and the
-  exchange's HASH are in different hash slots.
+  one Lua script, so concurrent binds never mix types (:mod:`.redis_bindings`). A routed publish
+  reads the HASH, picks the matching queues in Python, then one Lua script writes the messages to
+  every matching queue in the kind's own layout (the ready key of their priority, ``XADD`` for
+  streams, the delayed ZSET for ``not_before``). Atomic: the script runs alone on the server, so no
+  client ever sees the message in some of the queues and not in the others; it checks the type of
+  every key before writing, so a key of another type fails the publish with nothing written; and
+  Redis persists a script's writes as one transaction (AOF, replicas) or not at all (an RDB snapshot
+  is taken between commands). Redis never rolls a script back, so only a server refusing a write
+  midway (out of memory under ``maxmemory`` with ``noeviction``) could leave some queues without the
+  message. As for every publish, a reply lost on a broken connection makes the client send the script
+  again, which may publish the messages twice. Not Redis-Cluster-safe: the keys of different queues
+  and the exchange's HASH are in different hash slots.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from funboost_like.brokers.base import Broker, DeadLetter
+from funboost_like.brokers.redis_bindings import bind, bindings_of
 from funboost_like.brokers.redis_common import (
     BlockingWaits,
     DirectConnections,
@@ -63,8 +64,6 @@ from funboost_like.brokers.redis_common import (
 )
 from funboost_like.brokers.redis_store import RedisStoresMixin
 from funboost_like.brokers.routing import Binding
-from funboost_like.brokers.routing import logger as routing_logger
-from funboost_like.core import codec
 from funboost_like.core.errors import ConfigurationError
 
 DEAD_LETTER_LIMIT = 10_000  # dead letters kept per queue (the newest)
@@ -126,14 +125,6 @@ return 1
 
 # KEYS: a list; returns its length and deletes it.
 PURGE_LIST = LuaScript("local n = redis.call('LLEN', KEYS[1]) redis.call('DEL', KEYS[1]) return n")
-
-# KEYS: an exchange's HASH; ARGV: exchange type, then the fields of the bindings. Returns the type the
-# exchange was first declared with (see the module docstring).
-_BIND = LuaScript("""
-redis.call('HSETNX', KEYS[1], 'type', ARGV[1])
-for i = 2, #ARGV do redis.call('HSETNX', KEYS[1], ARGV[i], '') end
-return redis.call('HGET', KEYS[1], 'type')
-""")
 
 # KEYS: the key each matching queue gets the messages in; ARGV: delay seconds, the keys' type ('list':
 # LPUSH, 'stream': XADD with the field 'data', 'zset': the delayed ZSET, scored now + delay), then the
@@ -258,19 +249,10 @@ class RedisBroker(RedisStoresMixin, Broker):
         return queue
 
     def _bind(self, bindings: Sequence[Binding]) -> None:
-        first = bindings[0]
-        fields = [codec.dumps([binding.queue, binding.key]) for binding in bindings]
-        declared = _BIND(self._conn(), [f"fl:exchange:{{{first.exchange}}}"], [first.exchange_type, *fields]).decode()
-        if declared != first.exchange_type:
-            routing_logger.warning("exchange %r exists as %s; binding queue %r with keys %r to it as it is, not as %s",
-                                   first.exchange, declared, first.queue, [b.key for b in bindings],
-                                   first.exchange_type)
+        bind(self._conn(), bindings)
 
     def _bindings(self, exchange: str) -> list[Binding]:
-        stored = self._conn().execute_command("HGETALL", f"fl:exchange:{{{exchange}}}")  # a map in RESP3
-        fields = dict(stored.items() if isinstance(stored, dict) else zip(stored[::2], stored[1::2], strict=True))
-        declared = fields.pop(b"type", b"").decode()
-        return [Binding(exchange, declared, *codec.loads(field)) for field in fields]
+        return bindings_of(self._conn(), exchange)
 
     def _put_many(self, queues: Sequence[str], bodies: Sequence[bytes], *, priority: int,
                   not_before: float | None) -> None:

@@ -29,7 +29,8 @@ crash, at the cost of an fsync per commit.
 Layout: one database file per queue, ``<folder>/<safe name>.sqlite3`` (see :func:`queue_file_name`;
 plus ``<safe name>+1.sqlite3`` ... when the queue is spread over several files), each with the tables
 ``messages`` (ready and leased messages), ``delayed`` (messages not due yet, published with
-``not_before`` or nacked with a delay, indexed by due time) and ``dead_letters``. Row ids come from
+``not_before`` or nacked with a delay, indexed by due time) and ``dead_letters`` (the schema and the
+statements are :mod:`.sqlite_tables`). Row ids come from
 AUTOINCREMENT and are never reused, so a stale token can never touch a newer message.
 
 Delayed messages: a fetch moves the due rows of ``delayed`` into ``messages`` (at the back of their
@@ -116,6 +117,7 @@ from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
+from funboost_like.brokers import sqlite_tables as tables
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.file_watch import FileWatch
 from funboost_like.brokers.routing import Binding, added_bindings
@@ -123,60 +125,15 @@ from funboost_like.brokers.sqlite_file_set import FileSet, FilesWatch, QueueFile
 from funboost_like.core.config import data_dir_setting, settings
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import BrokerNotAvailable, ConfigurationError
-from funboost_like.core.sqlite_files import execute_by_ids, open_sqlite, write_transaction
+from funboost_like.core.sqlite_files import execute_by_ids, write_transaction
 from funboost_like.core.stores import SqliteKeyValueStore, check_namespace
 
 logger = logging.getLogger("funboost_like.sqlite")
 
-_WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is truncated back to this after a checkpoint
-_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS messages ("
-    " id INTEGER PRIMARY KEY AUTOINCREMENT, priority INTEGER NOT NULL DEFAULT 0, visible_at REAL NOT NULL,"
-    " attempts INTEGER NOT NULL DEFAULT 0, owner TEXT, body BLOB NOT NULL, crashes INTEGER NOT NULL DEFAULT 0)",
-    "CREATE INDEX IF NOT EXISTS messages_next ON messages (priority DESC, id, visible_at)",
-    "CREATE TABLE IF NOT EXISTS delayed ("
-    " id INTEGER PRIMARY KEY AUTOINCREMENT, priority INTEGER NOT NULL DEFAULT 0, due REAL NOT NULL,"
-    " attempts INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS delayed_due ON delayed (due)",
-    "CREATE TABLE IF NOT EXISTS dead_letters ("
-    " id INTEGER PRIMARY KEY AUTOINCREMENT, message_id INTEGER, body BLOB, reason TEXT, failed_at REAL,"
-    " attempts INTEGER)",
-)
-_INSERT = "INSERT INTO messages (priority, visible_at, body) VALUES (?, ?, ?)"
-_INSERT_DELAYED = "INSERT INTO delayed (priority, due, body) VALUES (?, ?, ?)"
-_NEXT_DUE = "SELECT min(due) FROM delayed"
-# Due rows move to ``messages`` in due order; the two statements select the same rows because they
-# run in one write transaction.
-_DUE_IDS = "SELECT id FROM delayed WHERE due <= :now ORDER BY due, id LIMIT :n"
-_PROMOTE = ("INSERT INTO messages (priority, visible_at, attempts, body)"
-            f" SELECT priority, due, attempts, body FROM delayed WHERE id IN ({_DUE_IDS}) ORDER BY due, id")
-_UNDELAY = f"DELETE FROM delayed WHERE id IN ({_DUE_IDS})"
 _PROMOTE_BATCH = 5000  # rows moved per transaction, so the write lock is held briefly
 _DUE_RECHECK = 0.05  # seconds between reads of the earliest due time (other processes' delayed rows)
 _FILES_RECHECK = 1.0  # seconds between reads of the file count recorded in file 0 (other processes' files)
-_HEADS = "SELECT priority, visible_at FROM messages WHERE visible_at <= ? ORDER BY priority DESC, id LIMIT ?"
-_DELAY = ("INSERT INTO delayed (priority, due, attempts, body)"
-          " SELECT priority, ?, attempts, body FROM messages WHERE owner = ? AND id IN ({ids}) ORDER BY id")
-_DELETE_OWNED = "DELETE FROM messages WHERE owner = ? AND id IN ({ids})"
-# One statement claims the batch under SQLite's write lock, so two processes never claim one row. A
-# row that still has an owner was held by a consumer whose lease ran out: its death is counted.
-_CLAIM = ("UPDATE messages SET visible_at = :lease_until, crashes = crashes + (owner IS NOT NULL), owner = :owner,"
-          " attempts = attempts + 1"
-          " WHERE id IN (SELECT id FROM messages WHERE visible_at <= :now ORDER BY priority DESC, id LIMIT :n)"
-          " RETURNING id, body, attempts, priority, crashes")
-_DELETE = "DELETE FROM messages WHERE id IN ({ids})"
-_REQUEUE = "UPDATE messages SET owner = NULL, visible_at = ? WHERE owner = ? AND id IN ({ids})"
-_RELEASE = ("UPDATE messages SET owner = NULL, visible_at = ?, attempts = max(attempts - 1, 0)"
-            " WHERE owner = ? AND id IN ({ids})")
 _EXCHANGES_FILE = "@exchanges.sqlite3"  # the binding table's file: "@" never starts a queue's or a store's file
-_BINDINGS_SCHEMA = ("CREATE TABLE IF NOT EXISTS bindings (exchange TEXT NOT NULL, exchange_type TEXT NOT NULL,"
-                    " queue TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (exchange, queue, key))",)
-_BINDINGS = "SELECT exchange, exchange_type, queue, key FROM bindings WHERE exchange = ? ORDER BY rowid"
-_RENEW = "UPDATE messages SET visible_at = ? WHERE owner = ? AND id IN ({ids})"
-_WAITING = "owner IS NULL OR visible_at <= ?"  # not held, or held by a consumer whose lease ran out
-_COUNT = f"SELECT (SELECT count(*) FROM messages WHERE {_WAITING}) + (SELECT count(*) FROM delayed)"
 
 
 _ABANDONED: list[Any] = []  # thread-local state inherited from a parent process
@@ -191,28 +148,6 @@ def _lease_seconds() -> float:
     if lease <= 0:
         raise ConfigurationError(f"SQLITE_LEASE_SECONDS must be positive, not {lease!r}")
     return lease
-
-
-def _synchronous() -> str:
-    value = str(settings.get("SQLITE_SYNCHRONOUS")).strip().upper()
-    if value not in _SYNCHRONOUS:
-        raise ConfigurationError(f"SQLITE_SYNCHRONOUS must be one of {', '.join(_SYNCHRONOUS)}, not {value!r}")
-    return value
-
-
-def _connect(path: str, schema: tuple[str, ...] = _SCHEMA) -> sqlite3.Connection:
-    """Open ``path`` in autocommit mode with WAL, the configured synchronous level and ``schema``
-    (adding the ``crashes`` column to queue files written by earlier versions)."""
-    conn = open_sqlite(path, busy_timeout=float(settings.get("SQLITE_BUSY_TIMEOUT_SECONDS")),
-                       synchronous=_synchronous(), schema=schema,
-                       pragmas=[f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}"])
-    if schema is _SCHEMA and not any(row[1] == "crashes" for row in conn.execute("PRAGMA table_info(messages)")):
-        try:
-            conn.execute("ALTER TABLE messages ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
-        except sqlite3.OperationalError as exc:
-            if "duplicate column" not in str(exc):  # another process added it first
-                raise
-    return conn
 
 
 class SqliteBroker(Broker):
@@ -278,14 +213,14 @@ class SqliteBroker(Broker):
             files.recount(self._conn(files.files[0]), time.time())
         return files.for_publish()
 
-    def _conn(self, q: QueueFile, schema: tuple[str, ...] = _SCHEMA) -> sqlite3.Connection:
+    def _conn(self, q: QueueFile, schema: tuple[str, ...] = tables.SCHEMA) -> sqlite3.Connection:
         try:
             conns: dict[str, sqlite3.Connection] = self._local.conns
         except AttributeError:
             conns = self._local.conns = {}
         conn = conns.get(q.path)
         if conn is None:
-            conn = conns[q.path] = _connect(q.path, schema)
+            conn = conns[q.path] = tables.connect(q.path, schema)
         return conn
 
     def path(self, queue: str) -> Path:
@@ -310,8 +245,8 @@ class SqliteBroker(Broker):
         if len(bodies) != 1 or not_before is not None:  # a batch or a delayed message: one transaction
             return self._put_many((queue,), bodies, priority=priority, not_before=not_before)
         body = bodies[0]
-        self._conn(self._publish_file(queue)).execute(_INSERT, (int(priority), time.time(),
-                                                                body if type(body) is bytes else bytes(body)))
+        self._conn(self._publish_file(queue)).execute(tables.INSERT, (int(priority), time.time(),
+                                                                       body if type(body) is bytes else bytes(body)))
 
     def _put_many(self, queues: Sequence[str], bodies: Sequence[bytes], *, priority: int,
                   not_before: float | None) -> None:
@@ -319,7 +254,7 @@ class SqliteBroker(Broker):
         docstring)."""
         now = time.time()
         due = float(not_before) if not_before is not None and float(not_before) > now else None
-        sql, at = (_INSERT, now) if due is None else (_INSERT_DELAYED, due)
+        sql, at = (tables.INSERT, now) if due is None else (tables.INSERT_DELAYED, due)
         rows = [(int(priority), at, body if type(body) is bytes else bytes(body)) for body in bodies]
         targets = [self._publish_file(name) for name in sorted(queues)]
         if len(targets) == 1:  # publish_many or a delayed publish
@@ -335,16 +270,16 @@ class SqliteBroker(Broker):
     def _bind(self, bindings: Sequence[Binding]) -> None:
         """Insert the new rows in one transaction (an exchange keeps the type it was first declared with)."""
         with write_transaction(self._exchanges()) as conn:
-            existing = [Binding(*row) for row in conn.execute(_BINDINGS, (bindings[0].exchange,))]
+            existing = [Binding(*row) for row in conn.execute(tables.BINDINGS, (bindings[0].exchange,))]
             conn.executemany("INSERT INTO bindings VALUES (?,?,?,?)", map(astuple, added_bindings(existing, bindings)))
 
     def _bindings(self, exchange: str) -> list[Binding]:
-        return [Binding(*row) for row in self._exchanges().execute(_BINDINGS, (exchange,))]
+        return [Binding(*row) for row in self._exchanges().execute(tables.BINDINGS, (exchange,))]
 
     def _exchanges(self) -> sqlite3.Connection:
         """This thread's connection to the binding table (its file is created by the first bind or routed publish)."""
         return self._conn(QueueFile(str(data_dir_setting("SQLITE_QUEUES_PATH", "sqlite_queues") / _EXCHANGES_FILE)),
-                          _BINDINGS_SCHEMA)
+                          tables.BINDINGS_SCHEMA)
 
     def _get(self, queue: str, max_n: int) -> list[Delivery]:
         """Claim up to ``max_n`` ready messages, highest priority first, then oldest."""
@@ -358,7 +293,7 @@ class SqliteBroker(Broker):
         if now >= q.next_due or now - q.due_checked >= _DUE_RECHECK:
             self._promote_due(q, now)
         params = {"lease_until": now + _lease_seconds(), "owner": self._owner, "now": now, "n": max_n}
-        rows = self._conn(q).execute(_CLAIM, params).fetchall()
+        rows = self._conn(q).execute(tables.CLAIM, params).fetchall()
         if not rows:
             return []
         rows.sort(key=_order)  # RETURNING order is not guaranteed
@@ -372,9 +307,9 @@ class SqliteBroker(Broker):
         for q in files.files:
             if now >= q.next_due or now - q.due_checked >= _DUE_RECHECK:
                 self._promote_due(q, now)
-            heads.append(self._conn(q).execute(_HEADS, (now, max_n)).fetchall())
+            heads.append(self._conn(q).execute(tables.HEADS, (now, max_n)).fetchall())
         params = {"lease_until": now + _lease_seconds(), "owner": self._owner, "now": now}
-        claimed = {k: self._conn(files.files[k]).execute(_CLAIM, {**params, "n": n}).fetchall()
+        claimed = {k: self._conn(files.files[k]).execute(tables.CLAIM, {**params, "n": n}).fetchall()
                    for k, n in files.claims(heads, max_n)}
         return merged(queue, files, claimed, heads)
 
@@ -384,15 +319,15 @@ class SqliteBroker(Broker):
         conn = self._conn(q)
         if now < q.next_due:  # a periodic re-read, for delayed messages of other processes
             q.due_checked = now
-            first = conn.execute(_NEXT_DUE).fetchall()[0][0]
+            first = conn.execute(tables.NEXT_DUE).fetchall()[0][0]
             q.next_due = math.inf if first is None else float(first)
             if q.next_due > now:
                 return
         params = {"now": now, "n": _PROMOTE_BATCH}
         with write_transaction(conn):
-            conn.execute(_PROMOTE, params)
-            conn.execute(_UNDELAY, params)
-            first = conn.execute(_NEXT_DUE).fetchall()[0][0]
+            conn.execute(tables.PROMOTE, params)
+            conn.execute(tables.UNDELAY, params)
+            first = conn.execute(tables.NEXT_DUE).fetchall()[0][0]
         q.due_checked = now
         q.next_due = math.inf if first is None else float(first)
 
@@ -413,7 +348,7 @@ class SqliteBroker(Broker):
     def _ack(self, deliveries: Sequence[Delivery]) -> None:
         """Delete the messages (whoever holds them now)."""
         for (queue, k), ids in by_file(deliveries).items():
-            execute_by_ids(self._conn(self._files(queue).file(k)), _DELETE, (), ids)
+            execute_by_ids(self._conn(self._files(queue).file(k)), tables.DELETE, (), ids)
 
     def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
         """Visible again (a released or requeued message keeps its id, so its place); skipped for a
@@ -424,11 +359,12 @@ class SqliteBroker(Broker):
             if delay > 0:
                 due = time.time() + delay
                 with write_transaction(conn):
-                    execute_by_ids(conn, _DELAY, (due, self._owner), ids)
-                    execute_by_ids(conn, _DELETE_OWNED, (self._owner,), ids)
+                    execute_by_ids(conn, tables.DELAY, (due, self._owner), ids)
+                    execute_by_ids(conn, tables.DELETE_OWNED, (self._owner,), ids)
                 q.expect_due(due)
             else:
-                execute_by_ids(conn, _REQUEUE if count_attempt else _RELEASE, (time.time(), self._owner), ids)
+                sql = tables.REQUEUE if count_attempt else tables.RELEASE
+                execute_by_ids(conn, sql, (time.time(), self._owner), ids)
 
     def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         """Move the message to ``dead_letters`` with the reason in one transaction (the error is not stored)."""
@@ -445,7 +381,7 @@ class SqliteBroker(Broker):
         deleted = 0
         for q in self._every_file(queue):
             with write_transaction(self._conn(q)) as conn:
-                deleted += conn.execute(f"DELETE FROM messages WHERE {_WAITING}", (time.time(),)).rowcount
+                deleted += conn.execute(f"DELETE FROM messages WHERE {tables.WAITING}", (time.time(),)).rowcount
                 deleted += conn.execute("DELETE FROM delayed").rowcount
             q.next_due = math.inf
         return deleted
@@ -453,7 +389,7 @@ class SqliteBroker(Broker):
     def _size(self, queue: str) -> int:
         """Messages not held by a live consumer: ready, delayed, or left behind by a dead one."""
         now = time.time()
-        return sum(int(self._conn(q).execute(_COUNT, (now,)).fetchall()[0][0]) for q in self._every_file(queue))
+        return sum(int(self._conn(q).execute(tables.COUNT, (now,)).fetchall()[0][0]) for q in self._every_file(queue))
 
     def maintenance_interval(self) -> float:
         return _lease_seconds() / 3
@@ -464,7 +400,7 @@ class SqliteBroker(Broker):
         for (queue, k), ids in by_file(deliveries).items():
             q = self._files(queue).file(k)
             try:
-                execute_by_ids(self._conn(q), _RENEW, (until, self._owner), sorted(ids))
+                execute_by_ids(self._conn(q), tables.RENEW, (until, self._owner), sorted(ids))
             except (sqlite3.Error, OSError):
                 logger.warning("could not renew the leases of %d message(s) in %s", len(ids), q.path, exc_info=True)
 

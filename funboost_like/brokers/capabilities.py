@@ -1,0 +1,55 @@
+"""What a broker can honour (:class:`Capabilities`), declared on its class and read before any use.
+
+Parameter validation and the base read these attributes, never a broker's name: an option the broker
+cannot honour is refused when a task is decorated. Re-exported by :mod:`funboost_like.brokers.base`,
+where brokers import it from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+Redelivery = Literal["none", "native", "lease", "sweep"]
+DelayKind = Literal["none", "native", "emulated"]
+RoutingKind = Literal["none", "native", "emulated"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a broker can honour; the base and parameter validation read these, never the broker's name.
+
+    ``redelivery``: how a dead consumer's messages come back: ``none`` (at-most-once), ``native``
+    (the server does it), ``lease`` (a held message's lease runs out unless renewed), ``sweep``
+    (live consumers reclaim the messages of one whose heartbeat stopped). ``delay``: whether
+    ``publish(not_before=...)`` and ``nack(delay=...)`` hold a message invisible until due.
+    ``max_priority``: the highest priority honoured (0: none). ``key_value``: the broker keeps small
+    expiring records (RPC results, filters). ``fifo``: equal-priority messages come out in order.
+    ``queue_names``: a check of a queue name, raising ConfigurationError for one the broker cannot
+    use (run at decoration time); None when any name works.
+    ``queue_options``: the ``broker_exclusive_config`` keys the broker
+    reads itself (besides routing's), given to :meth:`Broker.configure_queue` before consuming.
+    """
+
+    redelivery: Redelivery = "none"
+    delay: DelayKind = "none"
+    max_priority: int = 0
+    dead_letters: bool = False
+    key_value: bool = False
+    routing: RoutingKind = "none"
+    persistent: bool = False
+    cross_process: bool = False
+    cross_host: bool = False
+    fifo: bool = True
+    queue_names: Callable[[str], object] | None = None
+    queue_options: frozenset[str] = frozenset()  # broker_exclusive_config keys read by configure_queue
+
+    @property
+    def ack(self) -> bool:
+        """At-least-once: a message leaves only when settled, and comes back if its consumer dies."""
+        return self.redelivery != "none"
+
+    @property
+    def priority(self) -> bool:
+        return self.max_priority > 0

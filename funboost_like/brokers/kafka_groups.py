@@ -1,0 +1,101 @@
+"""A Kafka queue's group subscriptions (for :mod:`.kafka_base`): joining a group, taking over the
+partitions it assigns, polling the records not taken yet, and committing what is done.
+
+A queue has two subscriptions in a process that consumes it: its topic ``q`` (group
+``funboost_like.q``) and its delay topic ``q.fl-delay`` (group ``funboost_like.q.delay``, the
+``delay=True`` one). Only the first keeps delivered marks (group ``funboost_like.q.delivered``) and
+so counts deaths; a revoke of the second drops the delayed records of those partitions from memory.
+Each subscription is polled, settled and committed by one thread at a time (its fetcher).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+
+from funboost_like.brokers.kafka_client import KafkaClient, Record
+from funboost_like.brokers.kafka_queue import GroupState, QueueState
+
+WAIT_SLICE = 0.2  # a wait polls at most this long (commits go out between two polls)
+
+
+def subscribe(client: KafkaClient, topic: str, group_id: str, q: QueueState, *, delay: bool) -> GroupState:
+    """Join ``group_id`` on ``topic``. A revoke commits its partitions' progress and forgets them (later
+    acks of their records are ignored: the new owner runs them)."""
+    group = GroupState()
+
+    def on_revoke(partitions: list[int]) -> None:
+        with q.lock:
+            positions = group.tracker.revoke(partitions)
+            for partition in partitions:
+                group.buffers.pop(partition, None)
+                if not delay:
+                    q.generation[partition] = q.generation.get(partition, 0) + 1
+                    q.running.pop(partition, None)
+            if delay:
+                q.heap = [entry for entry in q.heap if entry[2] not in partitions]
+                heapq.heapify(q.heap)
+        commit(client, q, group, positions, lower_marks=not delay)
+
+    group.consumer = client.group_consumer(topic, group_id, group.fresh.extend, on_revoke)
+    return group
+
+
+def commit(client: KafkaClient, q: QueueState, group: GroupState, positions: dict[int, int], *,
+           lower_marks: bool) -> None:
+    """Commit ``positions`` as the group's member; ``lower_marks``: lower the delivered marks to them too."""
+    if not positions or group.consumer is None:
+        return
+    group.consumer.commit(positions)
+    group.tracker.committed(positions)
+    if lower_marks:  # the records still held were not lost to a death: the next owner runs them as new
+        lowered = {p: pos for p, pos in positions.items() if q.marks.get(p, -1) != pos}
+        if lowered:
+            client.commit_offsets(f"{q.group}.delivered", q.queue, lowered)
+            q.marks.update(lowered)
+
+
+def set_up(client: KafkaClient, q: QueueState, group: GroupState, *, delay: bool) -> None:
+    """Take over newly assigned partitions: their committed offsets and (main topic) delivered marks."""
+    fresh, group.fresh[:] = list(group.fresh), []
+    assert group.consumer is not None
+    committed = group.consumer.committed(fresh)
+    marks = {} if delay else client.group_offsets(f"{q.group}.delivered", q.queue, fresh)
+    with q.lock:
+        for partition in fresh:
+            start = committed.get(partition, -1)
+            group.tracker.assign(partition, start)
+            group.buffers[partition] = deque()
+            if not delay:
+                mark = marks.get(partition, -1)
+                q.marks[partition] = mark
+                if mark > max(start, 0):
+                    q.crash_until[partition] = mark
+
+
+def poll(client: KafkaClient, q: QueueState, group: GroupState, max_n: int, timeout: float, *,
+         delay: bool) -> list[Record]:
+    """Up to ``max_n`` records this process has not taken yet, blocking at most ``timeout`` seconds
+    (partitions assigned during the poll are set up first)."""
+    assert group.consumer is not None
+    records = group.consumer.poll(max_n, timeout)
+    if group.fresh:
+        set_up(client, q, group, delay=delay)
+    taken: list[Record] = []
+    by_partition: dict[int, list[Record]] = {}
+    for record in records:
+        by_partition.setdefault(record.partition, []).append(record)
+    for partition, items in by_partition.items():
+        fresh = set(group.tracker.taken(partition, [r.offset for r in items]))
+        taken += [r for r in items if r.offset in fresh]
+    return taken
+
+
+def settle(client: KafkaClient, q: QueueState, group: GroupState) -> None:
+    """Apply the seeks purges asked for, then commit what is done."""
+    assert group.consumer is not None
+    if group.seeks:
+        seeks, group.seeks = group.seeks, {}
+        for partition, offset in seeks.items():
+            group.consumer.seek(partition, offset)
+    commit(client, q, group, group.tracker.due(), lower_marks=False)
