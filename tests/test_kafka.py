@@ -57,6 +57,36 @@ def test_offset_tracker_commits_the_lowest_unfinished_offset_and_forgets_revoked
     assert tracker.skip_to(0, 20, keep=[]) == 0 and tracker.taken(0, [15, 20]) == [20]  # a purge's floor
 
 
+def test_a_busy_group_commits_at_most_every_commit_every_and_an_idle_one_at_once() -> None:
+    from funboost_like.brokers import kafka_groups
+    from funboost_like.brokers.kafka_client import GroupConsumer
+    from funboost_like.brokers.kafka_queue import GroupState, QueueState
+
+    class Recording(GroupConsumer):  # the group member's side of a commit: what settle asked to commit
+        def __init__(self) -> None:
+            self.commits: list[dict[int, int]] = []
+
+        def commit(self, offsets: dict[int, int]) -> None:
+            self.commits.append(dict(offsets))
+
+    member = Recording()
+    group, q = GroupState(member), QueueState("q", [0])
+    group.tracker.assign(0, 0)
+    group.tracker.taken(0, [0, 1, 2])
+    group.tracker.finished(0, [0])
+    kafka_groups.settle(None, q, group)  # type: ignore[arg-type]  # the client is used for marks only
+    assert member.commits == [{0: 1}]
+    group.tracker.finished(0, [1])
+    kafka_groups.settle(None, q, group)  # type: ignore[arg-type]
+    assert member.commits == [{0: 1}]  # 2 still runs and the last commit was just now: it waits
+    time.sleep(kafka_groups.COMMIT_EVERY)
+    kafka_groups.settle(None, q, group)  # type: ignore[arg-type]
+    assert member.commits == [{0: 1}, {0: 2}]
+    group.tracker.finished(0, [2])
+    kafka_groups.settle(None, q, group)  # type: ignore[arg-type]
+    assert member.commits[-1] == {0: 3}  # nothing runs any more: committed at once
+
+
 @pytest.mark.parametrize("kind, server", [(BrokerEnum.KAFKA, TANSU), (BrokerEnum.CONFLUENT_KAFKA, MOCK)],
                          ids=["KAFKA-tansu", "CONFLUENT_KAFKA-mock"])
 def test_one_of_two_consumers_in_a_group_sigkilled_loses_nothing(

@@ -11,12 +11,14 @@ Each subscription is polled, settled and committed by one thread at a time (its 
 from __future__ import annotations
 
 import heapq
+import time
 from collections import deque
 
 from funboost_like.brokers.kafka_client import KafkaClient, Record
 from funboost_like.brokers.kafka_queue import GroupState, QueueState
 
 WAIT_SLICE = 0.2  # a wait polls at most this long (commits go out between two polls)
+COMMIT_EVERY = 0.1  # seconds between two commits of a busy group (an idle one commits at once)
 
 
 def subscribe(client: KafkaClient, topic: str, group_id: str, q: QueueState, *, delay: bool) -> GroupState:
@@ -92,10 +94,17 @@ def poll(client: KafkaClient, q: QueueState, group: GroupState, max_n: int, time
 
 
 def settle(client: KafkaClient, q: QueueState, group: GroupState) -> None:
-    """Apply the seeks purges asked for, then commit what is done."""
+    """Apply the seeks purges asked for, then commit what is done: at once when nothing taken is still
+    running, else at most every ``COMMIT_EVERY`` seconds (one round trip per batch of calls would
+    cost a third of the consume rate; a death repeats at most that much more finished work)."""
     assert group.consumer is not None
     if group.seeks:
         seeks, group.seeks = group.seeks, {}
         for partition, offset in seeks.items():
             group.consumer.seek(partition, offset)
-    commit(client, q, group, group.tracker.due(), lower_marks=False)
+    now = time.monotonic()
+    if now - group.committed_at >= COMMIT_EVERY or not group.tracker.running():
+        due = group.tracker.due()
+        if due:
+            commit(client, q, group, due, lower_marks=False)
+            group.committed_at = now

@@ -51,6 +51,11 @@ class OffsetTracker:
         with self._lock:
             return list(self._partitions)
 
+    def running(self) -> bool:
+        """Whether some offset taken is not finished yet."""
+        with self._lock:
+            return any(state.pending for state in self._partitions.values())
+
     def owns(self, partition: int) -> bool:
         return partition in self._partitions
 
