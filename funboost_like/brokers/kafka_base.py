@@ -7,8 +7,8 @@ same for users.
 Guarantee: at-least-once. A queue ``q`` is the topic ``q``, consumed by the group ``funboost_like.q``.
 A record is taken from the log, handed to a call, and counts as done only when its call ended;
 the group's committed offset of a partition is the lowest record not done yet
-(:class:`~funboost_like.brokers.offset_tracker.OffsetTracker`), committed before each fetch, on a
-revoke (the partition is then forgotten: later acks of its records are ignored, the new owner runs
+(:class:`~funboost_like.brokers.offset_tracker.OffsetTracker`), committed before a fetch (at most every
+100 ms while calls run, at once when none does), on a revoke (the partition is then forgotten: later acks of its records are ignored, the new owner runs
 them) and on close. A killed consumer's partitions go to the group's other members after
 ``KAFKA_SESSION_TIMEOUT_SECONDS``, which read again from the committed offsets.
 
@@ -64,6 +64,8 @@ from funboost_like.core.config import settings
 from funboost_like.core.errors import ConfigurationError
 
 logger = logging.getLogger("funboost_like.kafka")
+
+POLL_RECORDS = 500  # a fetch that finds the buffer short polls this many (a poll costs kafka-python ~0.1 ms)
 
 
 class KafkaBroker(Broker):
@@ -188,7 +190,7 @@ class KafkaBroker(Broker):
         self._housekeeping(q)
         assert q.main is not None
         if self._buffered(q) < max_n:
-            self._intake(q, poll(self._client, q, q.main, max(max_n, 64), 0, delay=False))
+            self._intake(q, poll(self._client, q, q.main, max(max_n, POLL_RECORDS), 0, delay=False))
         return self._hand_out(q, max_n)
 
     def _wait(self, queue: str, timeout: float) -> None:
