@@ -65,6 +65,7 @@ from funboost_like.core.errors import ConfigurationError
 
 logger = logging.getLogger("funboost_like.kafka")
 
+BUSY_WAIT_SLICE = 0.02  # a wait's slice while calls of the queue run (the commit after the last one)
 POLL_RECORDS = 500  # a fetch that finds the buffer short polls this many (a poll costs kafka-python ~0.1 ms)
 
 
@@ -197,8 +198,9 @@ class KafkaBroker(Broker):
         q = self._consuming(queue)
         self._housekeeping(q)
         assert q.main is not None
-        if not self._buffered(q):
-            self._intake(q, poll(self._client, q, q.main, 256, min(timeout, WAIT_SLICE), delay=False))
+        if not self._buffered(q):  # while calls run, a short slice: their commit follows them closely
+            slice_ = BUSY_WAIT_SLICE if q.main.tracker.running() else WAIT_SLICE
+            self._intake(q, poll(self._client, q, q.main, 256, min(timeout, slice_), delay=False))
 
     def _hand_out(self, q: QueueState, max_n: int) -> list[Delivery]:
         got: list[Delivery] = []
