@@ -31,7 +31,9 @@ LOCAL_PYTHON_QUEUE lives in one process's memory, so it cannot be measured acros
 measured in the consumer process, with the publisher as a thread there (label ``(in-process)``; the
 two share the GIL). Its idle CPU is that of the process after the publisher thread has ended.
 
-PERSISTQUEUE uses a temporary ``SQLITE_QUEUES_PATH`` (deleted afterwards). The Redis kinds use
+SQLACHEMY (only when named) uses ``FUNBOOST_LIKE_BENCH_POSTGRESQL_URL`` (default
+``postgresql+psycopg://postgres@127.0.0.1:5432/test``), whose LISTEN/NOTIFY wakes an idle consumer; its
+tables are dropped afterwards. PERSISTQUEUE uses a temporary ``SQLITE_QUEUES_PATH`` (deleted afterwards). The Redis kinds use
 ``FUNBOOST_LIKE_BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/14``); a Redis kind is skipped,
 with a message, when that Redis does not answer a PING. Every process runs with
 ``FUNBOOST_LIKE_NO_USER_CONFIG=1``. About 25 s per broker with the defaults. The package measured is
@@ -64,6 +66,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(1 + len([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), str(REPO_ROOT))
 
 BROKERS = ("LOCAL_PYTHON_QUEUE", "PERSISTQUEUE", "REDIS", "REDIS_ACK_ABLE", "RedisBrpopLpush", "REDIS_STREAM")
+OTHER_BROKERS = ("SQLACHEMY",)  # measured when named (PostgreSQL: LISTEN/NOTIFY wakes the consumer)
+BENCH_POSTGRESQL_URL = os.environ.get("FUNBOOST_LIKE_BENCH_POSTGRESQL_URL",
+                                      "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_BROKERS = {"REDIS", "REDIS_ACK_ABLE", "RedisBrpopLpush", "REDIS_STREAM"}
 IN_PROCESS = {"LOCAL_PYTHON_QUEUE"}  # no cross-process delivery: publisher thread in the consumer process
 BENCH_REDIS_URL = os.environ.get("FUNBOOST_LIKE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -88,6 +93,8 @@ def _setup(cfg: dict[str, Any]):
     patch_frame_config(SQLITE_QUEUES_PATH=cfg["sqlite_dir"])
     if cfg["broker"] in REDIS_BROKERS:
         patch_frame_config(REDIS_URL=BENCH_REDIS_URL)
+    if cfg["broker"] == "SQLACHEMY":
+        patch_frame_config(SQLALCHEMY_URL=BENCH_POSTGRESQL_URL)
     results = cfg["results"]
 
     def f(seq, published_at):
@@ -285,6 +292,11 @@ def _finish(cfg: dict[str, Any], stop, consumer, publisher, problems: list[str])
             delete_redis_keys(cfg["queue"])
         except Exception as exc:
             problems.append(f"cleaning Redis: {exc}")
+    if cfg["broker"] == "SQLACHEMY":
+        try:
+            _setup({**cfg, "results": None}).broker.drop_tables(cfg["queue"])
+        except Exception as exc:
+            problems.append(f"dropping the queue's tables: {exc}")
 
 
 def _next(results, timeout: float):
@@ -361,9 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     by_lower = {b.lower(): b for b in BROKERS}
     brokers = [by_lower.get(b.strip().lower(), b.strip()) for b in args.brokers.split(",") if b.strip()]
-    unknown = [b for b in brokers if b not in BROKERS]
+    unknown = [b for b in brokers if b not in BROKERS + OTHER_BROKERS]
     if unknown:
-        print(f"unknown broker(s) {', '.join(unknown)}; known: {', '.join(BROKERS)}", file=sys.stderr)
+        print(f"unknown broker(s) {', '.join(unknown)}; known: {', '.join(BROKERS + OTHER_BROKERS)}", file=sys.stderr)
         return 0
     args.warmup = max(0, min(args.warmup, args.count - 1))
 
