@@ -33,7 +33,8 @@ two share the GIL). Its idle CPU is that of the process after the publisher thre
 
 SQLACHEMY (only when named) uses ``FUNBOOST_LIKE_BENCH_POSTGRESQL_URL`` (default
 ``postgresql+psycopg://postgres@127.0.0.1:5432/test``), whose LISTEN/NOTIFY wakes an idle consumer; its
-tables are dropped afterwards. PERSISTQUEUE uses a temporary ``SQLITE_QUEUES_PATH`` (deleted afterwards). The Redis kinds use
+tables are dropped afterwards. PERSISTQUEUE uses a temporary ``SQLITE_QUEUES_PATH`` (deleted
+afterwards). The Redis kinds use
 ``FUNBOOST_LIKE_BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/14``); a Redis kind is skipped,
 with a message, when that Redis does not answer a PING. Every process runs with
 ``FUNBOOST_LIKE_NO_USER_CONFIG=1``. About 25 s per broker with the defaults. The package measured is

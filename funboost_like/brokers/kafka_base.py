@@ -7,10 +7,11 @@ same for users.
 Guarantee: at-least-once. A queue ``q`` is the topic ``q``, consumed by the group ``funboost_like.q``.
 A record is taken from the log, handed to a call, and counts as done only when its call ended;
 the group's committed offset of a partition is the lowest record not done yet
-(:class:`~funboost_like.brokers.offset_tracker.OffsetTracker`), committed before a fetch (at most every
-100 ms while calls run, at once when none does), on a revoke (the partition is then forgotten: later acks of its records are ignored, the new owner runs
-them) and on close. A killed consumer's partitions go to the group's other members after
-``KAFKA_SESSION_TIMEOUT_SECONDS``, which read again from the committed offsets.
+(:class:`~funboost_like.brokers.offset_tracker.OffsetTracker`), committed before a fetch (at most
+every 100 ms while calls run, at once when none does), on a revoke (the partition is then
+forgotten: later acks of its records are ignored, the new owner runs them) and on close. A killed
+consumer's partitions go to the group's other members after ``KAFKA_SESSION_TIMEOUT_SECONDS``,
+which read again from the committed offsets.
 
 Calls of one partition run in parallel; a queue with ``broker_exclusive_config={"ordered": True}`` (or
 named in ``KAFKA_ORDERED_QUEUES``) runs one call at a time per partition (records in log order).

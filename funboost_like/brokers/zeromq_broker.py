@@ -327,6 +327,13 @@ class ZeroMqBroker(Broker):
         except self._client_errors as exc:
             raise self._translated(exc, f"purging dead letters of queue {queue!r}") from exc
 
+    def remove_dead_letter(self, queue: str, letter: DeadLetter) -> bool:
+        """Remove the letter whose envelope the hub listed (its ``ref``); False when it is gone."""
+        try:
+            return bool(self._request(queue, wire.REMOVE_DEAD, None, [bytes(letter.ref)])[0]["n"])
+        except self._client_errors as exc:
+            raise self._translated(exc, f"removing a dead letter of queue {queue!r}") from exc
+
     def _close(self) -> None:
         for queue in [q for q, stash in self._stash.items() if stash]:
             if not listening(self._host(), hub_port(queue)):  # its hub stopped: nothing to give back to

@@ -25,7 +25,9 @@ Wire protocol (multipart messages; JSON headers, bodies as raw frames):
 * ``back``: ``{"d": delay, "f": front, "c": count_attempt, "m": [[attempts, priority], ...]}`` +
   bodies: messages a consumer gives back (nack, release);
 * ``dead`` + one dead-letter envelope; ``dead?`` ``{"n": limit}`` (newest envelopes first);
-  ``undead`` (purge the dead letters); ``count``, ``purge`` (answered ``{"n": ...}``); ``ping``
+  ``undead`` (purge the dead letters); ``undead1`` + one envelope as ``dead?`` listed it (remove
+  that letter, answered ``{"n": 1}``, or ``{"n": 0}`` when it is gone); ``count``, ``purge``
+  (answered ``{"n": ...}``); ``ping``
   (``{"pid": ...}``); ``stop`` (answered, then the hub exits).
 
 The hub exits on SIGTERM, on ``stop``, or after ``--idle-seconds`` without any request while none
@@ -52,7 +54,7 @@ from funboost_like.brokers.memory import MemoryBroker
 logger = logging.getLogger("funboost_like.zeromq_hub")
 
 PUT, GET, BACK, DEAD, LIST_DEAD, PURGE_DEAD = b"put", b"get", b"back", b"dead", b"dead?", b"undead"
-COUNT, PURGE, PING, STOP = b"count", b"purge", b"ping", b"stop"
+COUNT, PURGE, PING, STOP, REMOVE_DEAD = b"count", b"purge", b"ping", b"stop", b"undead1"
 OK, ERROR = b"ok", b"error"
 PARKED_POLL_SECONDS = 0.05  # how often waiting requests look for messages that became due
 EXIT_PORT_IN_USE = 3
@@ -102,7 +104,8 @@ class Hub:
         self.running = True
         self.ops: dict[bytes, Callable[[bytes, str, dict[str, Any], list[bytes]], None]] = {
             PUT: self._put, GET: self._get, BACK: self._back, DEAD: self._dead, LIST_DEAD: self._list_dead,
-            PURGE_DEAD: self._purge_dead, COUNT: self._count, PURGE: self._purge, PING: self._ping, STOP: self._stop}
+            PURGE_DEAD: self._purge_dead, REMOVE_DEAD: self._remove_dead, COUNT: self._count, PURGE: self._purge,
+            PING: self._ping, STOP: self._stop}
 
     def serve(self) -> None:
         poller = zmq.Poller()
@@ -206,6 +209,12 @@ class Hub:
 
     def _purge_dead(self, consumer: bytes, queue: str, header: dict[str, Any], bodies: list[bytes]) -> None:
         self._answer_n(consumer, self.queues.purge_dead_letters(queue))
+
+    def _remove_dead(self, consumer: bytes, queue: str, header: dict[str, Any], bodies: list[bytes]) -> None:
+        wanted = bodies[0] if bodies else b""
+        found = next((letter for letter in self.queues.list_dead_letters(queue, 1 << 30)
+                      if letter.envelope() == wanted), None)
+        self._answer_n(consumer, int(found is not None and self.queues.remove_dead_letter(queue, found)))
 
     def _count(self, consumer: bytes, queue: str, header: dict[str, Any], bodies: list[bytes]) -> None:
         self._answer_n(consumer, self.queues.count(queue))
