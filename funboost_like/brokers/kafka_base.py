@@ -37,7 +37,8 @@ records are read again by another. Delays never block a partition of ``q`` (:mod
 the group subscriptions are :mod:`.kafka_groups`).
 
 Dead letters are JSON envelopes in the topic ``q.dlq``; listing reads it from the offset committed
-to the group ``funboost_like.q.dlq-read``, which purging them moves to the end.
+to the group ``funboost_like.q.dlq-read``, which purging them moves to the end; removing one appends a
+tombstone that listing skips (:mod:`.kafka_dead_letters`).
 
 ``count`` is, per partition, the end of the log minus the committed offset (minus what this process
 took from the partitions it owns); a server whose reported end is the base of its last batch
@@ -56,6 +57,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 
+from funboost_like.brokers import kafka_dead_letters as dead_letters
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.kafka_client import KafkaClient, Record, log_span
 from funboost_like.brokers.kafka_delays import start_mover
@@ -272,18 +274,18 @@ class KafkaBroker(Broker):
         self._done([delivery])
 
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        q = self._queue(queue)
-        starts, ends = log_span(self._client, q.dlq, f"{q.group}.dlq-read")
-        records = self._client.read(q.dlq, starts, ends, 5.0) if ends else []
-        letters = [DeadLetter.from_envelope(queue, r.value) for r in records]
+        letters = dead_letters.live_letters(self._client, self._queue(queue))
         return sorted(letters, key=lambda letter: letter.failed_at, reverse=True)[:limit]
 
     def purge_dead_letters(self, queue: str) -> int:
-        q = self._queue(queue)
-        starts, ends = log_span(self._client, q.dlq, f"{q.group}.dlq-read")
-        if ends:
-            self._client.commit_offsets(f"{q.group}.dlq-read", q.dlq, ends)
-        return sum(ends[p] - starts[p] for p in ends)
+        return dead_letters.purge(self._client, self._queue(queue))
+
+    def remove_dead_letter(self, queue: str, letter: DeadLetter) -> bool:
+        """Append a tombstone of ``letter`` to the dead-letter topic (:mod:`.kafka_dead_letters`)."""
+        try:
+            return dead_letters.remove(self._client, self._queue(queue), letter)
+        except self._client_errors as exc:
+            raise self._translated(exc, f"removing a dead letter of queue {queue!r}") from exc
 
     # -- inspection ----------------------------------------------------------------------------------
     def _size(self, queue: str) -> int:
