@@ -36,3 +36,27 @@ class DeadLetter:
                        float(envelope.get("failed_at", 0.0)), int(envelope.get("attempts", 0)), ref=raw)
         except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError):
             return cls(queue, bytes(raw), "unreadable dead-letter envelope", 0.0, 0, ref=raw)
+
+
+# Where a letter cannot be deleted alone (a log, a FIFO read from the front), removing it appends a
+# tombstone naming it, ``{"fl_removed": ref}``, beside the letters; listings skip both.
+_REMOVED = "fl_removed"
+_TOMBSTONE_START = b'{"' + _REMOVED.encode() + b'"'
+
+
+def tombstone(ref: Any) -> bytes:
+    """The record that says the letter ``ref`` (JSON-able: a position, a [partition, offset]) is removed."""
+    return codec.dumps({_REMOVED: ref})
+
+
+def removed_ref(raw: bytes) -> Any:
+    """The ``ref`` a tombstone names (a list comes back as a tuple); None for a letter or anything else."""
+    if not raw.startswith(_TOMBSTONE_START):
+        return None
+    try:
+        ref = codec.loads(raw)[_REMOVED]
+    except codec.DecodeFailure:
+        return None
+    except (KeyError, TypeError):
+        return None
+    return tuple(ref) if isinstance(ref, list) else ref

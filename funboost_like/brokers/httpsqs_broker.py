@@ -29,7 +29,8 @@ What httpsqs lacks is emulated or refused, never pretended:
   messages at a graceful stop) at the end too, without counting one: httpsqs cannot put at the
   front, so those messages lose their place;
 * dead letters: kept in the httpsqs queue ``<queue>.dlq`` as JSON envelopes, listed with
-  ``opt=view`` (newest first) and purged with ``opt=reset``; one letter cannot be removed alone;
+  ``opt=view`` (newest first) and purged with ``opt=reset``; removing one letter puts a tombstone
+  naming its position there (httpsqs reads only from the front), which listings skip;
 * no priorities, no key-value records (no RPC results, no task filtering), no routing: the
   capabilities say so, and parameter validation refuses them at decoration time.
 
@@ -41,6 +42,7 @@ Settings: ``HTTPSQS_URL``, ``HTTPSQS_TIMEOUT_SECONDS`` (one request's answer), `
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import http.client
 import itertools
@@ -52,6 +54,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
+from funboost_like.brokers.dead_letters import removed_ref, tombstone
 from funboost_like.brokers.httpsqs_client import HttpsqsClient, HttpsqsRefused, Reply
 from funboost_like.core.config import redact_url, settings
 from funboost_like.core.enums import BrokerEnum
@@ -62,6 +65,7 @@ HEADER = re.compile(rb"\x1e(\d+) (\d+(?:\.\d+)?)\x1e")
 STATUS = re.compile(rb'"maxqueue":(\d+),"putpos":(\d+),"putlap":\d+,"getpos":(\d+),"getlap":\d+,"unread":(\d+)\}\s*\Z')
 NAME_BYTES = 252
 SCAN_LIMIT = 10_000  # queue positions list_delayed reads
+LIST_PAGE = 500  # dead-letter positions read in one pipelined batch
 
 
 def check_queue_name(queue: str) -> None:
@@ -259,20 +263,51 @@ class HttpsqsBroker(Broker):
         return sorted(found, key=lambda item: item[0])[:limit]
 
     # -- dead letters: the httpsqs queue <queue>.dlq ------------------------------------------------
-    def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        """The newest ``limit`` letters of ``<queue>.dlq``, read with ``opt=view`` (nothing is taken)."""
+    def _live_letters(self, queue: str, limit: int) -> list[DeadLetter]:
+        """The newest ``limit`` live letters of ``<queue>.dlq`` (``opt=view``, nothing is taken), each
+        ``ref`` its position. Read newest first, a tombstone comes before the letter it removes."""
         dlq = f"{queue}.dlq"
+        maxqueue, put, _, unread = self._status(dlq)
+        positions = [(put - i - 1) % maxqueue + 1 for i in range(unread)]
+        client = self._client()
+        letters: list[DeadLetter] = []
+        removed: set[int] = set()
+        for start in range(0, len(positions), LIST_PAGE):
+            page = positions[start:start + LIST_PAGE]
+            for pos, reply in zip(page, client.send([client.request_bytes(dlq, "view", f"&pos={pos}")
+                                                     for pos in page]), strict=True):
+                gone = removed_ref(reply.body)
+                if gone is not None:
+                    removed.add(gone)
+                elif pos not in removed:
+                    letters.append(dataclasses.replace(DeadLetter.from_envelope(queue, reply.body), ref=pos))
+            if len(letters) >= limit:
+                break
+        return letters[:limit]
+
+    def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """The newest ``limit`` letters of ``<queue>.dlq`` that were not removed."""
         try:
-            maxqueue, put, get, unread = self._status(dlq)
-            positions = [(put - i - 1) % maxqueue + 1 for i in range(min(limit, unread))]
-            client = self._client()
-            replies = client.send([client.request_bytes(dlq, "view", f"&pos={pos}") for pos in positions])
+            return self._live_letters(queue, limit)
         except self._client_errors as exc:
             raise self._translated(exc, f"listing the dead letters of {queue!r}") from exc
-        return [DeadLetter.from_envelope(queue, reply.body) for reply in replies]
+
+    def remove_dead_letter(self, queue: str, letter: DeadLetter) -> bool:
+        """Put a tombstone of ``letter`` (its position) in ``<queue>.dlq``: httpsqs reads only from the
+        front, so a letter cannot be deleted alone. False when it is not a live letter any more."""
+        try:
+            if letter.ref not in {live.ref for live in self._live_letters(queue, 1 << 62)}:
+                return False
+            self._store(f"{queue}.dlq", [tombstone(letter.ref)])
+            return True
+        except self._client_errors as exc:
+            raise self._translated(exc, f"removing a dead letter of {queue!r}") from exc
 
     def purge_dead_letters(self, queue: str) -> int:
-        return self.purge(f"{queue}.dlq")
+        """Reset ``<queue>.dlq``; return how many live letters it held."""
+        live = len(self.list_dead_letters(queue, 1 << 62))
+        self.purge(f"{queue}.dlq")
+        return live
 
     def _close(self) -> None:
         for queue in list(self._parked):

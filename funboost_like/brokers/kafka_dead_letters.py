@@ -13,36 +13,20 @@ from __future__ import annotations
 import dataclasses
 
 from funboost_like.brokers.base import DeadLetter
+from funboost_like.brokers.dead_letters import removed_ref, tombstone
 from funboost_like.brokers.kafka_client import KafkaClient, Record, log_span
 from funboost_like.brokers.kafka_queue import QueueState
-from funboost_like.core import codec
-
-REMOVED = "fl_removed"
-_TOMBSTONE_START = b'{"' + REMOVED.encode() + b'"'
-
-
-def _tombstone(raw: bytes) -> tuple[int, int] | None:
-    """The (partition, offset) a tombstone names; None for anything else."""
-    if not raw.startswith(_TOMBSTONE_START):
-        return None
-    try:
-        partition, offset = codec.loads(raw)[REMOVED]
-        return int(partition), int(offset)
-    except codec.DecodeFailure:
-        return None
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def _scan(client: KafkaClient, q: QueueState) -> tuple[dict[int, int], list[DeadLetter]]:
     """(the end of each partition read, the live letters in log order, each ``ref`` its (partition, offset))."""
     starts, ends = log_span(client, q.dlq, f"{q.group}.dlq-read")
     records: list[Record] = client.read(q.dlq, starts, ends, 5.0) if ends else []
-    removed = {mark for record in records if (mark := _tombstone(record.value)) is not None}
+    removed = {mark for record in records if (mark := removed_ref(record.value)) is not None}
     return ends, [dataclasses.replace(DeadLetter.from_envelope(q.queue, record.value),
                                       ref=(record.partition, record.offset))
                   for record in records
-                  if (record.partition, record.offset) not in removed and _tombstone(record.value) is None]
+                  if (record.partition, record.offset) not in removed and removed_ref(record.value) is None]
 
 
 def live_letters(client: KafkaClient, q: QueueState) -> list[DeadLetter]:
@@ -55,7 +39,7 @@ def remove(client: KafkaClient, q: QueueState, letter: DeadLetter) -> bool:
     if letter.ref not in {live.ref for live in live_letters(client, q)}:
         return False
     partition, offset = letter.ref
-    client.produce(q.dlq, [(codec.dumps({REMOVED: [partition, offset]}), None, partition)])
+    client.produce(q.dlq, [(tombstone([partition, offset]), None, partition)])
     return True
 
 

@@ -8,8 +8,7 @@ listing and the deletion is requeued too, because the listing is repeated until 
 before the deletion, at most five times (a letter that lands after that, e.g. from a consumer that
 fails every requeued call at once, is deleted without being requeued, and counted as ``lost``).
 A single dead letter (by its index in the listing, newest first) is published back first and then
-removed with the broker's ``remove_dead_letter`` (every kind but HTTPSQS, where only ``--all``
-works).
+removed with the broker's ``remove_dead_letter`` (every kind has it).
 """
 
 from __future__ import annotations
