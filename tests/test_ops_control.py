@@ -75,6 +75,7 @@ def redis_db() -> Iterator[None]:
     client.close()
 
 
+@pytest.mark.xdist_group("ops-registry-redis")  # these share the ops keys of Redis db 14, deleted at teardown
 def test_pause_and_resume_on_redis(queue_name: str, redis_db: None) -> None:
     _pause_and_resume(BrokerEnum.REDIS_STREAM, queue_name)
 
