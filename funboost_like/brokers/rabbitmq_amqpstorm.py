@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import socket
-import struct
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -24,19 +23,14 @@ from typing import Any, cast
 import amqpstorm
 from amqpstorm.exception import AMQPChannelError, AMQPConnectionError, AMQPError, AMQPMessageError
 from amqpstorm.rpc import Rpc
-from pamqp import commands
-from pamqp import frame as pamqp_frame
-from pamqp.header import ContentHeader
 
 from funboost_like.brokers.amqp import AmqpBroker, Deliver
+from funboost_like.brokers.amqp_frames import content_header, publish_chunks
 from funboost_like.core.enums import BrokerEnum
 
-_PERSISTENT = 2
 _NOT_FOUND = 404
 _PRECONDITION_FAILED = 406
 _POLL = 0.25  # how often a waiter looks for errors nobody signals (a dead socket)
-_BODY_FRAME = struct.Struct(">BHI")
-_BODY_SIZE = struct.Struct(">Q")  # at bytes 11..19 of a content header frame
 _WRITE_CHUNK = 1 << 18
 
 
@@ -234,8 +228,7 @@ class _Session:
 
     def _header(self, **properties: Any) -> bytes:
         """A content header frame of this session's channel (body size 0: patched per message)."""
-        return pamqp_frame.marshal(ContentHeader(0, 0, commands.Basic.Properties(
-            delivery_mode=_PERSISTENT, content_type="application/json", **properties)), self.channel.channel_id)
+        return content_header(self.channel.channel_id, **properties)
 
     def publish(self, exchange: str, routing_key: str, bodies: Sequence[bytes], priority: int,
                 headers: dict[str, Any] | None) -> bool:
@@ -262,26 +255,10 @@ class _Session:
     def _send(self, channel: _Channel, exchange: str, routing_key: str, bodies: Sequence[bytes], header: bytes) -> None:
         """Write the messages as frames (the method frame and content header encoded once, the body size
         patched in) in chunks, then wait for the server's confirms of all of them."""
-        number = channel.channel_id
-        method = pamqp_frame.marshal(commands.Basic.Publish(exchange=exchange, routing_key=routing_key,
-                                                            mandatory=True), number)
-        head, tail = header[:11], header[19:]
-        largest = self.connection.max_frame_size - 8
-        write, pack_size, pack_body = self.connection._io.write_to_socket, _BODY_SIZE.pack, _BODY_FRAME.pack
-        parts: list[bytes] = []
-        pending = 0
-        for body in bodies:
-            size = len(body)
-            parts += (method, head, pack_size(size), tail)
-            for start in range(0, size, largest):
-                piece = body[start:start + largest]
-                parts += (pack_body(3, number, len(piece)), piece, b"\xce")
-            pending += size + 100
-            if pending > _WRITE_CHUNK:
-                write(b"".join(parts))
-                parts, pending = [], 0
-        if parts:
-            write(b"".join(parts))
+        write = self.connection._io.write_to_socket
+        for chunk in publish_chunks(channel.channel_id, exchange, routing_key, bodies, header,
+                                    self.connection.max_frame_size - 8, _WRITE_CHUNK):
+            write(chunk)
         self.connection.heartbeat.register_write()
         channel.published += len(bodies)
         target = channel.published

@@ -10,22 +10,18 @@ consumes. The connections are rabbitpy's, with channels and writes of their own
 from __future__ import annotations
 
 import contextlib
-import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from pamqp import commands
 from pamqp import frame as pamqp_frame
-from pamqp.header import ContentHeader
 from rabbitpy import exceptions
 
 from funboost_like.brokers.amqp import AmqpBroker, Deliver
+from funboost_like.brokers.amqp_frames import content_header, publish_chunks
 from funboost_like.brokers.rabbitpy_link import Channel, Link
 from funboost_like.core.enums import BrokerEnum
 
-_PERSISTENT = 2
-_BODY_FRAME = struct.Struct(">BHI")
-_BODY_SIZE = struct.Struct(">Q")  # at bytes 11..19 of a content header frame
 _WRITE_CHUNK = 1 << 17
 
 
@@ -79,8 +75,7 @@ class _Session(Link):
 
     def _header(self, **properties: Any) -> bytes:
         """A content header frame of this session's channel (body size 0: patched per message)."""
-        return pamqp_frame.marshal(ContentHeader(0, 0, commands.Basic.Properties(
-            delivery_mode=_PERSISTENT, content_type="application/json", **properties)), self.ch.number)
+        return content_header(self.ch.number, **properties)
 
     def publish(self, exchange: str, routing_key: str, bodies: Sequence[bytes], priority: int,
                 headers: dict[str, Any] | None) -> bool:
@@ -107,26 +102,9 @@ class _Session(Link):
     def _send(self, ch: Channel, exchange: str, routing_key: str, bodies: Sequence[bytes], header: bytes) -> None:
         """Write the messages as frames (the method frame and content header encoded once, the body size
         patched in) in chunks, then wait for the server's confirms of all of them."""
-        number = ch.number
-        method = pamqp_frame.marshal(commands.Basic.Publish(exchange=exchange, routing_key=routing_key,
-                                                            mandatory=True), number)
-        head, tail = header[:11], header[19:]
-        largest = self.connection._channel0.maximum_frame_size - 8
-        pack_size, pack_body = _BODY_SIZE.pack, _BODY_FRAME.pack
-        parts: list[bytes] = []
-        pending = 0
-        for body in bodies:
-            size = len(body)
-            parts += (method, head, pack_size(size), tail)
-            for start in range(0, size, largest):
-                piece = body[start:start + largest]
-                parts += (pack_body(3, number, len(piece)), piece, b"\xce")
-            pending += size + 100
-            if pending > _WRITE_CHUNK:
-                ch.write(b"".join(parts))
-                parts, pending = [], 0
-        if parts:
-            ch.write(b"".join(parts))
+        for chunk in publish_chunks(ch.number, exchange, routing_key, bodies, header,
+                                    self.connection._channel0.maximum_frame_size - 8, _WRITE_CHUNK):
+            ch.write(chunk)
         ch.published += len(bodies)
         target = ch.published
         self.wait(lambda: ch.confirmed >= target, ch)
