@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from funboost_like import BrokerEnum, patch_frame_config, task_deco
+from funboost_like import BrokerEnum, PriorityConsumingControlConfig, patch_frame_config, task_deco
 from funboost_like.ops.service import OpsService
 from tests.conftest import in_forked_child, subprocess_env
 
@@ -195,3 +195,32 @@ def test_a_forked_child_counts_from_zero_in_a_file_of_its_own(queue_name: str, t
     published, child_file = json.loads(in_forked_child(child))
     assert published == 1 and child_file != parent_file
     assert metrics.numbers_for(queue_name).snapshot()["published"] == 2
+
+
+def test_wait_time_runs_from_the_due_moment_to_the_first_run(queue_name: str, tmp_path: Path) -> None:
+    """Messages due 2 s ago wait about 2 s, a countdown of 0.3 s waits about nothing after it is due, and a
+    call that sleeps does not add its run time to its wait (the start of the first run ends the wait)."""
+    patch_frame_config(METRICS=True, METRICS_DIR=str(tmp_path / "metrics"))
+    ran = []
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.MEMORY, concurrent_num=4)
+    def f(x: int) -> None:
+        time.sleep(0.2)
+        ran.append(x)
+
+    late = time.time() - 2.0
+    f.publish_many([{"x": i, "extra": {"publish_time": late}} for i in range(3)])
+    f.publish({"x": 3}, priority_control_config=PriorityConsumingControlConfig(countdown=0.3))
+    f.consume()
+    deadline = time.monotonic() + 20
+    while len(ran) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    f.consumer.stop()
+    assert sorted(ran) == [0, 1, 2, 3]
+    snapshot = metrics.numbers_for(queue_name).snapshot()
+    waits = dict(zip((*metrics.WAIT_BUCKETS, "inf"), snapshot["wait"], strict=True))
+    assert sum(waits.values()) == 4
+    assert waits[5.0] == 3, waits  # 2 s late: in (1, 5]
+    assert sum(waits[bound] for bound in metrics.WAIT_BUCKETS if bound <= 0.5) == 1, waits  # the countdown, when due
+    assert 3 * 2.0 <= snapshot["wait_sum"] < 3 * 2.0 + 2.0, snapshot
+    assert 4 * 0.2 <= snapshot["run_sum"] < 4 * 0.2 + 1.0, snapshot

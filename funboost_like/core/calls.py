@@ -65,15 +65,16 @@ STATUS_OF_OUTCOME: Final = {
 class Call:
     """One message's run through the consumer, as the hooks see it."""
 
-    __slots__ = ("consumer", "delivery", "message", "attempts", "started_at", "duration", "result", "exc",
-                 "outcome", "skip_reason")
+    __slots__ = ("consumer", "delivery", "message", "attempts", "started_at", "run_started", "duration", "result",
+                 "exc", "outcome", "skip_reason")
 
     def __init__(self, consumer: Consumer, delivery: Delivery, message: DecodedMessage) -> None:
         self.consumer = consumer
         self.delivery = delivery
         self.message = message
         self.attempts = 0  # runs of the function so far
-        self.started_at = 0.0  # time.time() of the first run
+        self.started_at = 0.0  # time.time() of the first run, set only while some middleware has on_start
+        self.run_started = 0.0  # time.perf_counter() of the first run, always set once it ran (0.0: it did not)
         self.duration = 0.0  # seconds, all runs together
         self.result: Any = None
         self.exc: BaseException | None = None

@@ -68,6 +68,16 @@ def metrics_dir() -> Path:
 DRAIN_SECONDS = 0.25  # how often the pending observations are added into the histograms
 
 
+# ``time.time() - time.perf_counter()``: turns a call's ``run_started`` into wall time with one addition.
+# Refreshed at every drain, since the two clocks drift apart slowly (e.g. under NTP).
+_clock_offset = time.time() - time.perf_counter()
+
+
+def _refresh_clock() -> None:
+    global _clock_offset
+    _clock_offset = time.time() - time.perf_counter()
+
+
 class Histogram:
     """Counts per bucket (the last one +Inf's) and the sum of the observed values."""
 
@@ -181,12 +191,14 @@ class MetricsMiddleware(Middleware):
                 numbers.consumers.append(consumer)
 
     def after_call(self, call: Call) -> None:
-        duration = call.duration
-        if call.attempts:  # it ran
-            self.record_run(duration)
         extra = call.message.extra
         try:  # a body written without extra, or with a time that is not a number: no wait time
-            self.record_wait(_time() - duration - (extra["run_at"] if "run_at" in extra else extra["publish_time"]))
+            if call.attempts:  # it ran: waited until its first run began (a perf_counter time, made wall time)
+                self.record_run(call.duration)
+                self.record_wait(call.run_started + _clock_offset
+                                 - (extra["run_at"] if "run_at" in extra else extra["publish_time"]))
+            else:  # skipped before it ran: waited until now
+                self.record_wait(_time() - (extra["run_at"] if "run_at" in extra else extra["publish_time"]))
         except (KeyError, TypeError, OverflowError):
             pass
 
@@ -217,6 +229,7 @@ class SnapshotWriter:
         next_write = time.monotonic()
         while True:
             time.sleep(DRAIN_SECONDS)
+            _refresh_clock()
             for numbers in list(_queues.values()):
                 numbers.drain()
             if time.monotonic() >= next_write:
