@@ -36,24 +36,30 @@ logger = logging.getLogger("funboost_like.broker")
 
 
 class Signal:
-    """A condition notified only while someone waits on it (a notification costs a lock and a wake-up)."""
+    """A condition notified only while someone waits on it, and once per wait (a notification costs a
+    lock and a wake-up; a burst of puts while the waiter is still waking would pay it each time)."""
 
-    __slots__ = ("_cond", "_waiters")
+    __slots__ = ("_cond", "_waiters", "_notified")
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._waiters = 0
+        self._notified = False
 
     def notify(self) -> None:
-        """Wake the waiters, if any (cheap when there are none)."""
-        if self._waiters:  # a waiter counts itself before it looks: no wake-up is lost
+        """Wake the waiters, if any and not woken already (cheap otherwise)."""
+        # A waiter counts itself and clears _notified before it looks at its condition: whatever was
+        # done before a notify that sees _notified still set (from the previous wait), it sees.
+        if self._waiters and not self._notified:
             with self._cond:
+                self._notified = True
                 self._cond.notify_all()
 
     def wait_until(self, done: Callable[[], bool], timeout: float) -> None:
         """Return when ``done()`` may be true (a notification came), or after ``timeout`` seconds."""
         with self._cond:
             self._waiters += 1
+            self._notified = False
             try:
                 if not done():
                     self._cond.wait(timeout)
@@ -63,6 +69,7 @@ class Signal:
     def wake(self) -> None:
         """Wake every waiter (the connection was lost or the broker closes)."""
         with self._cond:
+            self._notified = True
             self._cond.notify_all()
 
 

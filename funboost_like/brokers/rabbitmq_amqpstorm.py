@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import socket
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -26,6 +25,8 @@ from amqpstorm.rpc import Rpc
 
 from funboost_like.brokers.amqp import AmqpBroker, Deliver
 from funboost_like.brokers.amqp_frames import content_header, publish_chunks
+from funboost_like.brokers.amqp_reader import DeliveryReader
+from funboost_like.brokers.push_buffer import Signal
 from funboost_like.core.enums import BrokerEnum
 
 _NOT_FOUND = 404
@@ -34,34 +35,10 @@ _POLL = 0.25  # how often a waiter looks for errors nobody signals (a dead socke
 _WRITE_CHUNK = 1 << 18
 
 
-class _Signal:
-    """A condition notified only while someone waits on it (a notification costs a lock and a wake-up)."""
-
-    __slots__ = ("cond", "waiting")
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition(threading.Lock())
-        self.waiting = 0
-
-    def notify(self) -> None:
-        if self.waiting:  # a waiter counts itself before it looks: no wake-up is lost
-            with self.cond:
-                self.cond.notify_all()
-
-    def wait_until(self, done: Callable[[], bool], timeout: float) -> None:
-        with self.cond:
-            self.waiting += 1
-            try:
-                if not done():
-                    self.cond.wait(timeout)
-            finally:
-                self.waiting -= 1
-
-
 class _Rpc(Rpc):
     """amqpstorm's request/response bookkeeping, waiting on the connection's condition instead of polling."""
 
-    def __init__(self, channel: _Channel, timeout: float, arrived: _Signal) -> None:
+    def __init__(self, channel: _Channel, timeout: float, arrived: Signal) -> None:
         super().__init__(channel, timeout=timeout)
         self._arrived = arrived
 
@@ -71,7 +48,7 @@ class _Rpc(Rpc):
               self._timeout)
 
 
-def _wait(arrived: _Signal, done: Callable[[], bool], adapter: Any, timeout: float | None = None) -> None:
+def _wait(arrived: Signal, done: Callable[[], bool], adapter: Any, timeout: float | None = None) -> None:
     """Block until ``done()``; raise the channel's or connection's error if it breaks first."""
     waited = 0.0
     while not done():
@@ -87,7 +64,7 @@ def _wait(arrived: _Signal, done: Callable[[], bool], adapter: Any, timeout: flo
 class _Channel(amqpstorm.Channel):
     """A channel whose confirms, returns and deliveries are handled on arrival (see the module docstring)."""
 
-    def __init__(self, channel_id: int, connection: amqpstorm.Connection, arrived: _Signal) -> None:
+    def __init__(self, channel_id: int, connection: amqpstorm.Connection, arrived: Signal) -> None:
         super().__init__(channel_id, connection, 60)
         self.rpc = _Rpc(self, 60, arrived)
         self.arrived = arrived
@@ -129,10 +106,15 @@ class _Channel(amqpstorm.Channel):
     def _received(self, content: list[Any]) -> None:
         method, properties, parts, _ = content
         self._content = None
+        if method.name == "Basic.Deliver":
+            self.delivered(method.delivery_tag, b"".join(parts), properties.headers or {}, properties.priority or 0,
+                           method.redelivered)
+
+    def delivered(self, tag: int, body: bytes, headers: dict[str, Any], priority: int, redelivered: bool) -> None:
+        """A whole delivery (from :meth:`on_frame`, or decoded by the consumer's DeliveryReader)."""
         ready = self.ready
-        if method.name == "Basic.Deliver" and self.deliver is not None and ready is not None:
-            ready.append((self.deliver, method.delivery_tag, b"".join(parts), properties.headers or {},
-                          properties.priority or 0, method.redelivered))
+        if self.deliver is not None and ready is not None:
+            ready.append((self.deliver, tag, body, headers, priority, redelivered))
             self.arrived.notify()
 
 
@@ -161,7 +143,7 @@ def _connect(url: str) -> amqpstorm.UriConnection:
     return connection
 
 
-def _open_channel(connection: amqpstorm.Connection, arrived: _Signal) -> _Channel:
+def _open_channel(connection: amqpstorm.Connection, arrived: Signal) -> _Channel:
     """``connection.channel()``, opening a :class:`_Channel` instead."""
     if connection.is_closed:
         raise AMQPConnectionError("connection closed")
@@ -178,7 +160,7 @@ class _Session:
 
     def __init__(self, url: str) -> None:
         self.connection = _connect(url)
-        self.arrived = _Signal()
+        self.arrived = Signal()
         self._headers: dict[int, bytes] = {}  # priority -> encoded content header (no custom headers)
         try:
             self._open_channel()
@@ -301,13 +283,24 @@ class _Consumer:
 
     def __init__(self, url: str) -> None:
         self.connection = _connect(url)
-        self.arrived = _Signal()
+        self.arrived = Signal()
         self.ready: collections.deque[tuple[Any, ...]] = collections.deque()
         self._woken = False
+        # Deliveries are decoded by hand; every other frame goes through amqpstorm's reader (which
+        # decodes each frame with pamqp and copies the rest of its buffer after each one).
+        self.reader = DeliveryReader(self.connection._read_buffer)
+        register_read = self.connection.heartbeat.register_read
+
+        def read(data: bytes) -> bytes:
+            register_read()
+            return self.reader.feed(data)
+
+        self.connection._io._on_read_impl = read
 
     def subscribe(self, queue: str, prefetch: int, deliver: Deliver) -> Any:
         channel = _open_channel(self.connection, self.arrived)
         channel.queue_name, channel.deliver, channel.ready = queue, deliver, self.ready
+        self.reader.register(channel.channel_id, channel.delivered)
         self._consume(channel, prefetch)
         return channel
 
