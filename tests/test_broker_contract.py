@@ -143,6 +143,28 @@ def test_delayed_messages_are_listed_soonest_first(broker: Broker, queue_name: s
     broker.purge(queue_name)
 
 
+def test_heads_are_the_ready_messages_that_waited_longest(broker: Broker, queue_name: str) -> None:
+    """heads(): read without taking, the oldest ready message of each FIFO; not a delayed or a held one."""
+    if type(broker)._heads is Broker._heads:
+        pytest.skip(f"{type(broker).__name__} cannot read the head of a queue without taking it")
+    assert broker.heads(queue_name) == []
+    if broker.capabilities.delay != "none":
+        broker.publish(queue_name, b'{"delayed":1}', not_before=time.time() + 60)
+        assert broker.heads(queue_name) == []
+    broker.publish_many(queue_name, [b'{"first":1}', b'{"second":1}', b'{"third":1}'])
+    top = 1 if broker.capabilities.priority else 0
+    broker.publish(queue_name, b'{"urgent":1}', priority=top)
+    heads = broker.heads(queue_name)
+    assert b'{"first":1}' in heads and not {b'{"second":1}', b'{"third":1}', b'{"delayed":1}'} & set(heads)
+    assert set(heads) <= {b'{"first":1}', b'{"urgent":1}'}
+    taken = fetch_all(broker, queue_name, 2)  # "urgent" and "first" (or, without priority, "first" and "second")
+    assert b'{"first":1}' in [d.body for d in taken]
+    assert b'{"first":1}' not in broker.heads(queue_name)  # held now: not waiting
+    assert broker.heads(queue_name) in ([b'{"second":1}'], [b'{"third":1}'])
+    broker.ack(taken)
+    broker.purge(queue_name)
+
+
 def test_priority_higher_first(broker: Broker, queue_name: str) -> None:
     if not broker.capabilities.priority:
         pytest.skip("no priority capability")

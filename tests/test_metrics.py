@@ -224,3 +224,25 @@ def test_wait_time_runs_from_the_due_moment_to_the_first_run(queue_name: str, tm
     assert sum(waits[bound] for bound in metrics.WAIT_BUCKETS if bound <= 0.5) == 1, waits  # the countdown, when due
     assert 3 * 2.0 <= snapshot["wait_sum"] < 3 * 2.0 + 2.0, snapshot
     assert 4 * 0.2 <= snapshot["run_sum"] < 4 * 0.2 + 1.0, snapshot
+
+
+@pytest.mark.ops_registry
+def test_oldest_message_age_is_read_from_the_broker_with_no_consumer_running(queue_name: str, tmp_path: Path,
+                                                                           isolated_settings: Path) -> None:
+    """The queue that backs up because no worker runs is the one the gauge must show: read from the broker."""
+    patch_frame_config(METRICS=True, METRICS_DIR=str(tmp_path / "metrics"))
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE)
+    def f(x: int) -> None:
+        return None
+
+    f.publish_many([{"x": 1, "extra": {"publish_time": time.time() - 100}}, {"x": 2}])
+    gauges = {"broker": "PERSISTQUEUE", "queue": queue_name}
+    samples = scrape(prometheus.render_metrics()[0].decode())
+    assert value(samples, "funboost_like_queue_depth", **gauges) == 2
+    age = value(samples, "funboost_like_queue_oldest_message_age_seconds", **gauges)
+    assert age is not None and 100 <= age < 130, age
+    assert OpsService().status(queue_name)["oldest_waiting_seconds"] >= 100
+    f.clear()
+    samples = scrape(prometheus.render_metrics()[0].decode())
+    assert value(samples, "funboost_like_queue_oldest_message_age_seconds", **gauges) == 0

@@ -367,6 +367,19 @@ class Broker(Routing):
         """Delete one letter :meth:`list_dead_letters` returned; False when it is gone already."""
         raise NotImplementedError(f"{type(self).__name__} cannot remove a single dead letter")
 
+    def heads(self, queue: str) -> list[bytes]:
+        """The bodies of the ready messages of ``queue`` that have waited longest, read without taking them
+        (the head of each FIFO the broker keeps for the queue; empty when none is ready). The oldest
+        message's age (Prometheus, ``status``) comes from them. NotImplementedError where a broker
+        cannot read a queue's head without taking it."""
+        try:
+            return self._heads(queue)
+        except self._client_errors as exc:
+            raise self._translated(exc, f"reading the head of queue {queue!r}") from exc
+
+    def _heads(self, queue: str) -> list[bytes]:
+        raise NotImplementedError(f"{type(self).__name__} cannot read the head of a queue without taking it")
+
     def purge(self, queue: str) -> int:
         """Delete every waiting message of ``queue``; return how many were deleted."""
         try:

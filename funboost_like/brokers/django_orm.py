@@ -280,6 +280,12 @@ class DjangoOrmBroker(LeasedTable):
 
         return self._run(letters)
 
+    def _heads(self, queue: str) -> list[bytes]:
+        now = time.time()
+        return self._run(lambda alias, m: [bytes(body) for body in (
+            m.QueuedMessage.objects.using(alias).filter(queue=queue, owner=None, visible_at__lte=now)
+            .order_by("id").values_list("body", flat=True)[:1])])
+
     def list_delayed(self, queue: str, limit: int = 100) -> list[tuple[float, bytes]]:
         now = time.time()
         return self._run(lambda alias, m: [(float(at), bytes(body)) for at, body in (

@@ -201,6 +201,11 @@ class MemoryBroker(Broker):
         with q.lock:
             return list(itertools.islice(q.dead, limit))
 
+    def _heads(self, queue: str) -> list[bytes]:
+        q = self._queue(queue)
+        with q.lock:
+            return [level[0][0] for level in q.ready.values() if level]
+
     def list_delayed(self, queue: str, limit: int = 100) -> list[tuple[float, bytes]]:
         q = self._queue(queue)
         with q.lock:

@@ -253,6 +253,11 @@ class MongoBroker(LeasedTable):
         return [DeadLetter(queue, bytes(d["body"]), d["reason"], d["failed_at"], d["attempts"], ref=d["_id"])
                 for d in found]
 
+    def _heads(self, queue: str) -> list[bytes]:
+        found = self._queue(queue).messages.find({"owner": None, "visible_at": {"$lte": time.time()}}, {"body": 1},
+                                                 sort=[("_id", 1)], limit=1)
+        return [bytes(d["body"]) for d in found]
+
     def list_delayed(self, queue: str, limit: int = 100) -> list[tuple[float, bytes]]:
         if limit <= 0:
             return []

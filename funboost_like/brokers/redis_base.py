@@ -389,6 +389,11 @@ class RedisListLayout(RedisBroker):
     def _ready_key(self, queue: str, priority: int) -> str:
         return self._queue_keys(queue).lists[priority]
 
+    def _heads(self, queue: str) -> list[bytes]:
+        lists = self._queue_keys(queue).lists[:self.capabilities.max_priority + 1]
+        found = raise_first_error(self._conn().pipeline([("LINDEX", key, -1) for key in lists]))  # the popping end
+        return [bytes(body) for body in found if body is not None]
+
     def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
         keys = self._queue_keys(queue)
         level = self._check_priority(priority)

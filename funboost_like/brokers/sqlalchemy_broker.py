@@ -296,6 +296,11 @@ class SqlAlchemyBroker(LeasedTable):
         return [DeadLetter(queue, bytes(body), reason, at, attempts, ref=row_id)
                 for body, reason, at, attempts, row_id in rows]
 
+    def _heads(self, queue: str) -> list[bytes]:
+        t = self._queue(queue).messages
+        query = sa.select(t.c.body).where(t.c.owner.is_(None), t.c.visible_at <= time.time()).order_by(t.c.id).limit(1)
+        return [bytes(body) for (body,) in self._tx(lambda conn: conn.execute(query).all())]
+
     def list_delayed(self, queue: str, limit: int = 100) -> list[tuple[float, bytes]]:
         t = self._queue(queue).messages
         query = (sa.select(t.c.visible_at, t.c.body).where(t.c.owner.is_(None), t.c.visible_at > time.time())

@@ -420,6 +420,11 @@ class SqliteBroker(Broker):
         return [DeadLetter(queue, bytes(body), reason, at, attempts, ref=(path, row_id))
                 for body, reason, at, attempts, row_id, path in rows[:limit]]
 
+    def _heads(self, queue: str) -> list[bytes]:
+        now = time.time()
+        return [bytes(body) for q in self._every_file(queue) for (body,) in self._conn(q).execute(
+            f"SELECT body FROM messages WHERE {tables.WAITING} ORDER BY id LIMIT 1", (now,))]
+
     def list_delayed(self, queue: str, limit: int = 100) -> list[tuple[float, bytes]]:
         rows = [(float(due), bytes(body)) for q in self._every_file(queue) for due, body in self._conn(q).execute(
             "SELECT due, body FROM delayed ORDER BY due, id LIMIT ?", (max(0, limit),))]

@@ -210,3 +210,17 @@ def decode(body: bytes, signature: FunctionSignature) -> DecodedMessage:
         if problem:
             raise DecodeError(f"keys do not fit {_qualname(signature.function)}(): {problem}")
     return DecodedMessage(data, extra)
+
+
+def due_time(body: bytes) -> float | None:
+    """When a message became due: its ``run_at`` (a countdown or eta), else its publish time; None for a
+    body that carries neither (written by hand) or is not a message at all."""
+    try:
+        data = codec.loads(body)
+    except codec.DecodeFailure:
+        return None
+    extra = data.get(EXTRA_KEY) if isinstance(data, dict) else None
+    if not isinstance(extra, dict):
+        return None
+    due = extra.get("run_at", extra.get("publish_time"))
+    return float(due) if isinstance(due, (int, float)) and not isinstance(due, bool) else None

@@ -7,8 +7,9 @@ Needs ``prometheus_client`` (the ``prometheus`` extra); imported only when an en
 * the snapshot files of this host's processes (``METRICS_DIR``, :mod:`.metrics`), summed: published
   and finished totals, the run time and wait time histograms;
 * the operations registry and the brokers (:class:`~funboost_like.ops.service.OpsService`): queue
-  depth, live consumers, paused, the qps limit, and the oldest waiting message's age (estimated from
-  what the consumers finished last; see docs/metrics.md).
+  depth, live consumers, paused, the qps limit, and the oldest waiting message's age (read from the
+  broker's head where it can be read without taking a message, else estimated from what this host's
+  consumers finished last; see docs/metrics.md).
 
 Labels are the queue, the broker kind and the outcome: never a task id or an argument.
 
@@ -146,8 +147,9 @@ class FunboostCollector(Collector):
         labels = ["queue", "broker"]
         depth = GaugeMetricFamily(f"{PREFIX}_queue_depth", "Messages waiting in the queue.", labels=labels)
         age = GaugeMetricFamily(f"{PREFIX}_queue_oldest_message_age_seconds",
-                                "Age of the oldest waiting message (estimated from the consumers of this host; "
-                                "absent when none reports).", labels=labels)
+                                "Age of the ready message that has waited longest (read from the broker; estimated "
+                                "from this host's consumers where the broker cannot read a queue's head).",
+                                labels=labels)
         paused = GaugeMetricFamily(f"{PREFIX}_queue_paused", "1 while the queue is paused.", labels=labels)
         qps = GaugeMetricFamily(f"{PREFIX}_queue_qps_limit", "Calls per second the consumers allow (0: no limit).",
                                 labels=labels)
@@ -158,9 +160,11 @@ class FunboostCollector(Collector):
             if row.get("depth") is not None:
                 depth.add_metric(key, float(row["depth"]))
                 last_due = totals.get(key[0], {}).get("last_due", 0.0)
-                if row["depth"] == 0:
+                if row.get("oldest_waiting_seconds") is not None:  # read from the broker
+                    age.add_metric(key, float(row["oldest_waiting_seconds"]))
+                elif row["depth"] == 0:
                     age.add_metric(key, 0.0)
-                elif last_due > 0:
+                elif last_due > 0:  # the broker cannot read its head: estimated from this host's consumers
                     age.add_metric(key, max(0.0, now - last_due))
             paused.add_metric(key, 1.0 if row.get("paused") else 0.0)
             limit = _qps_limit(row, workers)

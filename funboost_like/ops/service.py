@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from funboost_like.brokers.registry import BrokerKind, get_broker, resolve_kind
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import FunboostLikeError
+from funboost_like.core.message import due_time
 from funboost_like.ops import registry
 from funboost_like.ops.records import CallRecords
 
@@ -128,11 +129,13 @@ class OpsService(CallRecords):
             control = registry.read_controls(store, [queue]).get(queue, {})
         workers = [w for w in all_workers if w.get("queue") == queue and int(w.get("kind", -1)) == kind]
         live = [w for w in workers if not w["stale"]]
+        broker = self.broker(kind)
         try:
-            depth: int | None = self.broker(kind).count(queue)
+            depth: int | None = broker.count(queue)
             error = None
         except FunboostLikeError as exc:
             depth, error = None, str(exc)
+        oldest = self._oldest_waiting(broker, queue) if depth else None
         done = sum(float(w.get("done_per_second", 0.0)) for w in live)
         row = {
             "queue": queue, "broker": kind.name, "depth": depth, "consumers": len(live),
@@ -141,10 +144,24 @@ class OpsService(CallRecords):
             "in_flight": sum(max(0, int(w.get("in_flight", 0))) for w in live),
             "paused": bool(control.get("paused", False)), "qps": control.get("qps"),
             "first_seen": (record or {}).get("first_seen"),
+            # Seconds the ready message that has waited longest has waited (0 when the queue is empty), read
+            # from the broker; None where the broker cannot read a queue's head without taking it.
+            "oldest_waiting_seconds": 0.0 if depth == 0 else oldest,
         }
         if error is not None:
             row["error"] = error
         return row
+
+    @staticmethod
+    def _oldest_waiting(broker: Broker, queue: str) -> float | None:
+        try:
+            heads = broker.heads(queue)
+        except (NotImplementedError, FunboostLikeError):
+            return None
+        if not heads:  # nothing ready (all delayed, or held)
+            return 0.0
+        dues = [due for due in map(due_time, heads) if due is not None]
+        return round(max(0.0, time.time() - min(dues)), 3) if dues else None
 
     def workers(self, queue: str | None = None) -> list[dict[str, Any]]:
         """Every consumer (of ``queue`` only, when given), live and stale, newest beat first."""
