@@ -17,7 +17,7 @@ from funboost_like.brokers.base import Broker
 from funboost_like.brokers.registry import BROKERS, FIXTURES, Fixture, case_id, close, fixture_cases, get_broker
 from funboost_like.core.config import patch_frame_config
 from funboost_like.core.enums import BrokerEnum
-from funboost_like.core.errors import DoubleAckError, UnroutableError
+from funboost_like.core.errors import ConfigurationError, DoubleAckError, UnroutableError
 
 from .conftest import require_server, subprocess_env
 
@@ -132,6 +132,7 @@ def test_delayed_visibility(broker: Broker, queue_name: str) -> None:
 def test_delayed_messages_are_listed_soonest_first(broker: Broker, queue_name: str) -> None:
     if broker.capabilities.delay == "none" or type(broker).list_delayed is Broker.list_delayed:
         pytest.skip(f"{type(broker).__name__} cannot list its delayed messages")
+    with_priorities(broker, queue_name)
     now = time.time()
     broker.publish(queue_name, b'{"later":1}', not_before=now + 60)
     broker.publish(queue_name, b'{"sooner":1}', not_before=now + 30, priority=1 if broker.capabilities.priority else 0)
@@ -147,6 +148,7 @@ def test_heads_are_the_ready_messages_that_waited_longest(broker: Broker, queue_
     """heads(): read without taking, the oldest ready message of each FIFO; not a delayed or a held one."""
     if type(broker)._heads is Broker._heads:
         pytest.skip(f"{type(broker).__name__} cannot read the head of a queue without taking it")
+    with_priorities(broker, queue_name)
     assert broker.heads(queue_name) == []
     if broker.capabilities.delay != "none":
         broker.publish(queue_name, b'{"delayed":1}', not_before=time.time() + 60)
@@ -165,15 +167,27 @@ def test_heads_are_the_ready_messages_that_waited_longest(broker: Broker, queue_
     broker.purge(queue_name)
 
 
+def with_priorities(broker: Broker, queue: str) -> None:
+    """Where priorities are a queue's option (RabbitMQ's x-max-priority), ask for them before the queue's first use."""
+    if broker.capabilities.priority and broker.capabilities.priority_option:
+        broker.configure_queue(queue, {broker.capabilities.priority_option: min(9, broker.capabilities.max_priority)})
+
+
 def test_priority_higher_first(broker: Broker, queue_name: str) -> None:
     if not broker.capabilities.priority:
         pytest.skip("no priority capability")
-    broker.publish(queue_name, b'{"p":0}')
-    broker.publish(queue_name, b'{"p":5}', priority=5)
-    broker.publish(queue_name, b'{"p":1}', priority=1)
-    got = fetch_all(broker, queue_name, 3)
+    queue = f"{queue_name}_prio"  # a queue not used yet (the fixture's may be declared already)
+    with_priorities(broker, queue)
+    broker.publish(queue, b'{"p":0}')
+    broker.publish(queue, b'{"p":5}', priority=5)
+    broker.publish(queue, b'{"p":1}', priority=1)
+    got = fetch_all(broker, queue, 3)
     assert [d.body for d in got] == [b'{"p":5}', b'{"p":1}', b'{"p":0}']
     broker.ack(got)
+    broker.purge(queue)
+    if broker.capabilities.priority_option:  # priorities are asked for: a queue that did not ask has none
+        with pytest.raises(ConfigurationError, match=broker.capabilities.priority_option):
+            broker.publish(f"{queue_name}_plain", b'{"p":1}', priority=1)
 
 
 def test_purge_and_count(broker: Broker, queue_name: str) -> None:
@@ -365,6 +379,7 @@ def test_routing_with_priority(broker: Broker, routes: Callable[[str], str]) -> 
         pytest.skip("no priority capability")
     exchange, queues = routes("prio"), [routes("q1"), routes("q2")]
     for queue in queues:
+        with_priorities(broker, queue)
         broker.bind(queue, exchange, "direct", "k")
     high = min(5, broker.capabilities.max_priority)
     broker.publish_routed(exchange, "k", [b"low"])

@@ -77,7 +77,8 @@ def test_every_kombu_transport_gets_the_class_of_its_guarantees(url: str, cls: t
 def test_capabilities_state_each_transports_promises() -> None:
     amqp, redis, memory = KombuBroker.capabilities, KombuRedisBroker.capabilities, KombuMemoryBroker.capabilities
     sql, sqlite, other = KombuSqlBroker.capabilities, KombuSqliteBroker.capabilities, KombuVirtualBroker.capabilities
-    assert (amqp.redelivery, amqp.delay, amqp.routing, amqp.max_priority) == ("native", "native", "native", 9)
+    assert (amqp.redelivery, amqp.delay, amqp.routing, amqp.max_priority) == ("native", "native", "native", 255)
+    assert amqp.priority_option == "x-max-priority"  # per queue, asked for (docs/rabbitmq.md)
     assert (redis.redelivery, redis.delay, redis.max_priority, redis.key_value) == ("lease", "emulated", 9, True)
     assert redis.cross_host and not memory.cross_process and memory.ack and memory.key_value
     assert not sql.ack and sql.cross_host and not sqlite.cross_host and not sql.key_value and sql.dead_letters
@@ -266,6 +267,8 @@ def test_kombu_and_pika_share_queues_and_attempt_counts(queue: str, brokers: Cal
     patch_frame_config(RABBITMQ_URL="amqp://guest:guest@127.0.0.1:5672/%2F")
     via_kombu, via_pika = brokers(), broker_class(BrokerEnum.RABBITMQ_PIKA)()
     try:
+        for broker in (via_kombu, via_pika):
+            broker.configure_queue(queue, {"x-max-priority": 5})
         via_kombu.publish(queue, b'{"n":1}', priority=3)
         [first] = fetch_n(via_kombu, queue, 1)
         via_kombu.nack(first)

@@ -464,3 +464,44 @@ def test_qps_is_exact_on_rabbitmq(kind, plain) -> None:  # type: ignore[no-untyp
     finally:
         tick.stop()
         plain.queue_delete(queue)
+
+
+def test_priorities_are_a_queues_option_as_in_funboost(kind, plain) -> None:  # type: ignore[no-untyped-def]
+    """broker_exclusive_config={"x-max-priority": n} declares a priority queue (publisher and consumer
+    alike); a task without it has a plain queue, where a priority raises instead of being ignored."""
+    from funboost_like import PriorityConsumingControlConfig
+    from funboost_like.core.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="x-max-priority"):
+        task_deco(unique("badprio"), broker_kind=kind, broker_exclusive_config={"x-max-priority": 0})(print)
+    queue, plain_queue = unique("prio"), unique("noprio")
+    order: list[int] = []
+
+    @task_deco(queue, broker_kind=kind, concurrent_num=1, broker_exclusive_config={"x-max-priority": 5},
+               log_level=logging.WARNING)
+    def ranked(n: int) -> None:
+        order.append(n)
+
+    @task_deco(plain_queue, broker_kind=kind, log_level=logging.WARNING)
+    def unranked(n: int) -> None:
+        return None
+
+    try:
+        for n, priority in ((0, 0), (5, 5), (1, 1), (6, 0)):
+            ranked.publish({"n": n}, priority_control_config=PriorityConsumingControlConfig(priority=priority))
+        declared = plain.queue_declare(queue, durable=True, passive=True)
+        assert declared.method.message_count == 4
+        with pytest.raises(ConfigurationError, match="x-max-priority"):
+            ranked.publish({"n": 9}, priority_control_config=PriorityConsumingControlConfig(priority=6))
+        with pytest.raises(ConfigurationError, match="x-max-priority"):
+            unranked.publish({"n": 1}, priority_control_config=PriorityConsumingControlConfig(priority=1))
+        unranked.push(1)  # priority 0 is fine on a plain queue
+        # A plain program declaring the queue with the same arguments agrees: it is a priority queue.
+        plain.queue_declare(queue, durable=True, arguments={"x-queue-version": 2, "x-max-priority": 5})
+        ranked.consume()
+        wait_for(lambda: len(order) == 4, 15, "the four calls")
+        assert order == [5, 1, 0, 6]
+    finally:
+        ranked.stop()
+        plain.queue_delete(queue)
+        plain.queue_delete(plain_queue)

@@ -29,7 +29,11 @@ class Capabilities:
     ``queue_names``: a check of a queue name, raising ConfigurationError for one the broker cannot
     use (run at decoration time); None when any name works.
     ``queue_options``: the ``broker_exclusive_config`` keys the broker
-    reads itself (besides routing's), given to :meth:`Broker.configure_queue` before consuming.
+    reads itself (besides routing's), given to :meth:`Broker.configure_queue` before consuming and
+    before publishing; ``check_queue_options`` checks them at decoration time (raising
+    ConfigurationError). ``priority_option``: the ``queue_options`` key that gives a queue its
+    priorities (up to the value), when priority is per queue and off by default (RabbitMQ's
+    ``x-max-priority``); empty when every queue of the broker has them.
     """
 
     redelivery: Redelivery = "none"
@@ -44,6 +48,8 @@ class Capabilities:
     fifo: bool = True
     queue_names: Callable[[str], object] | None = None
     queue_options: frozenset[str] = frozenset()  # broker_exclusive_config keys read by configure_queue
+    check_queue_options: Callable[[dict[str, object]], object] | None = None
+    priority_option: str = ""
 
     @property
     def ack(self) -> bool:

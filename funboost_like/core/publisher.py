@@ -55,6 +55,10 @@ class Publisher:
         if broker is None or self._broker_generation != registry.generation:
             broker = self._broker = get_broker(self.params.broker_kind)
             self._broker_generation = registry.generation
+            own = broker.capabilities.queue_options  # e.g. RabbitMQ's x-max-priority: the queue is declared with it
+            options = {k: v for k, v in (self.params.broker_exclusive_config or {}).items() if k in own}
+            if options:
+                broker.configure_queue(self.queue_name, options)
             queue_used(self.queue_name, broker)  # once per broker: the operations registry learns the queue
         return broker
 
