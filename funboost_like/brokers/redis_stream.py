@@ -211,18 +211,26 @@ return n
 # KEYS: stream; ARGV: group. Entries delivered and not acked yet.
 _IN_FLIGHT = LuaScript("local ok, s = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1]) return ok and s[1] or 0")
 
+# Lua function: the XRANGE start of the entries ``group`` has not read yet (after its last-delivered id).
+_LUA_UNREAD_START = """
+local function unread_start(stream, group)
+  local start = '-'
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
+  for _, g in ipairs(ok and groups or {}) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == group then start = '(' .. info['last-delivered-id'] end
+  end
+  return start
+end
+"""
+
 # KEYS: stream, delayed; ARGV: group. Deletes the delayed messages and the entries the group has
 # not read yet (those after its last-delivered id); pending entries stay with their consumers.
-_PURGE = LuaScript("""
+_PURGE = LuaScript(_LUA_UNREAD_START + """
 local n = redis.call('ZCARD', KEYS[2])
 redis.call('DEL', KEYS[2])
-local start = '-'
-local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
-for _, g in ipairs(ok and groups or {}) do
-  local info = {}
-  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-  if info['name'] == ARGV[1] then start = '(' .. info['last-delivered-id'] end
-end
+local start = unread_start(KEYS[1], ARGV[1])
 while true do
   local batch = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 1000)
   if #batch == 0 then return n end
@@ -230,6 +238,17 @@ while true do
   n = n + #batch
   start = '(' .. batch[#batch][1]
 end
+""")
+
+
+# KEYS: stream; ARGV: group. The data of the first entry the group has not read yet (none: {}).
+_HEAD = LuaScript(_LUA_UNREAD_START + """
+local entry = redis.call('XRANGE', KEYS[1], unread_start(KEYS[1], ARGV[1]), '+', 'COUNT', 1)[1]
+if not entry then return {} end
+for i = 1, #entry[2], 2 do
+  if entry[2][i] == 'data' then return {entry[2][i + 1]} end
+end
+return {}
 """)
 
 
@@ -413,6 +432,9 @@ class RedisStreamBroker(RedisConsumers):
 
     def _size(self, queue: str) -> int:
         return int(_COUNT(self._conn(), [queue, self._queue_keys(queue).delayed], [GROUP]))
+
+    def _heads(self, queue: str) -> list[bytes]:
+        return [bytes(data) for data in _HEAD(self._conn(), [queue], [GROUP])]
 
     def _purge(self, queue: str) -> int:
         """Delete the delayed messages and the entries no consumer has read yet; in-flight ones stay."""
