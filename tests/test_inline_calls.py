@@ -247,3 +247,41 @@ def test_a_call_waiting_for_a_result_of_its_own_queue_does_not_deadlock(queue_na
     assert f.push(-1).get(timeout=10) == 8
     f.consumer.stop()
     assert f.consumer.join(10)
+
+
+def test_a_transactional_broker_takes_its_inline_batch_while_fast_calls_run_on_the_fetcher(
+        queue_name: str, tmp_path: Any, monkeypatch: Any) -> None:
+    """SQLACHEMY (a LeasedTable: one transaction per take) takes up to its inline_batch at once while the
+    fetcher runs fast calls itself, not just concurrent_num; every message still runs exactly once."""
+    from funboost_like import patch_frame_config
+    from funboost_like.brokers.leased_table import LeasedTable
+
+    patch_frame_config(SQLALCHEMY_URL=f"sqlite:///{tmp_path / 'q.sqlite3'}")
+    sizes: list[int] = []
+    original = LeasedTable._get, LeasedTable._ack_and_get
+
+    def get(self: LeasedTable, queue: str, max_n: int) -> list[Delivery]:
+        sizes.append(max_n)
+        return original[0](self, queue, max_n)
+
+    def ack_and_get(self: LeasedTable, deliveries: Any, queue: str, max_n: int) -> list[Delivery]:
+        sizes.append(max_n)
+        return original[1](self, deliveries, queue, max_n)
+
+    monkeypatch.setattr(LeasedTable, "_get", get)
+    monkeypatch.setattr(LeasedTable, "_ack_and_get", ack_and_get)
+    seen: list[int] = []
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.SQLACHEMY, concurrent_num=5, log_level=logging.WARNING)
+    def f(x: int) -> None:
+        seen.append(x)
+
+    try:
+        n = warm_up(f, lambda: len(seen))
+        f.publish_many([{"x": i} for i in range(n, n + 1000)])
+        wait_for(lambda: len(seen) == n + 1000, 30)
+        assert sorted(seen) == list(range(n + 1000))  # each once
+        assert max(sizes) == LeasedTable.inline_batch > 5
+    finally:
+        f.consumer.stop()
+        f.consumer.join(10)

@@ -96,6 +96,7 @@ class LeasedTable(Broker):
     """
 
     lease_setting: ClassVar[str]
+    inline_batch: ClassVar[int] = 200  # a take and an ack-and-take are each a transaction (commit, fsync)
 
     def __init__(self) -> None:
         super().__init__()
