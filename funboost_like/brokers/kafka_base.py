@@ -79,6 +79,7 @@ class KafkaBroker(Broker):
                                 key_value=False, routing="none", persistent=True, cross_process=True,
                                 cross_host=True, fifo=False,
                                 queue_options=frozenset({"ordered"}))
+    inline_batch = POLL_RECORDS  # each fetch writes the delivered mark synchronously (see kafka_groups)
     _cannot_create: set[str] = set()  # bootstrap servers that refused to create topics
 
     def __init__(self) -> None:
