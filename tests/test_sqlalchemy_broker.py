@@ -32,7 +32,8 @@ from .conftest import require_server, subprocess_env
 
 sa = pytest.importorskip("sqlalchemy")
 
-from funboost_like.brokers.sqlalchemy_broker import SqlAlchemyBroker, engine_url, table_name  # noqa: E402
+from funboost_like.brokers.sqlalchemy_broker import SqlAlchemyBroker, engine_url  # noqa: E402
+from funboost_like.brokers.sqlalchemy_tables import table_name  # noqa: E402
 
 POSTGRESQL = os.environ.get("FUNBOOST_LIKE_TEST_POSTGRESQL_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MARIADB = os.environ.get("FUNBOOST_LIKE_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")

@@ -62,195 +62,38 @@ from redis.exceptions import ResponseError
 from funboost_like.brokers.base import Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.redis_base import (
     BLOCK_SECONDS,
-    DEAD_LETTER_LIMIT,
-    LUA_COUNTS,
-    LUA_NEXT_DUE,
-    LUA_NOW,
     SCHEDULE,
     dead_letter_envelope,
     delayed_member,
 )
 from funboost_like.brokers.redis_common import (
     DirectConnections,
-    LuaScript,
     Piggyback,
     key_prefix,
     pack_command,
     raise_first_error,
 )
-from funboost_like.brokers.redis_consumers import RedisConsumers, consumer_scripts
+from funboost_like.brokers.redis_consumers import RedisConsumers
+from funboost_like.brokers.redis_stream_scripts import (
+    COUNT,
+    GROUP,
+    HEAD,
+    IN_FLIGHT,
+    MOVE_DUE,
+    PURGE,
+    SCRIPTS,
+    SETTLE,
+)
 from funboost_like.core import codec
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import ConfigurationError
 
 logger = logging.getLogger("funboost_like.redis")
 
-GROUP = "funboost_like"
 MAX_BATCH = 1000  # entries per fetch
 PUBLISH_CHUNK = 10_000  # XADDs per round trip in publish_many...
 PACK_CHUNK = 500  # ... written this many at a time, so Redis works while the rest is packed
 _DATA = b"data"
-
-# Lua: re-add the message of entry ``id`` at the end of ``stream`` (or, given ``due``, into the
-# ``delayed`` ZSET) with ``more`` deliveries and ``crash`` crashes counted; then ack and delete the entry.
-LUA_READD = LUA_COUNTS + f"local G = '{GROUP}'\n" + """
-local function xadd(stream, body, d, c)
-  local args = {'data', body}
-  if d > 0 then args[3] = 'delivered' args[4] = d end
-  if c > 0 then args[#args + 1] = 'crashes' args[#args + 1] = c end
-  redis.call('XADD', stream, '*', unpack(args))
-end
-local function readd(stream, id, more, crash, delayed, due, uid)
-  local entry = redis.call('XRANGE', stream, id, id)[1]
-  if entry then
-    local fields, body, d, c = entry[2], nil, 0, 0
-    for i = 1, #fields, 2 do
-      local k, v = fields[i], fields[i + 1]
-      if k == 'data' then body = v elseif k == 'delivered' then d = tonumber(v) or 0
-      elseif k == 'crashes' then c = tonumber(v) or 0 end
-    end
-    if body == nil then
-      redis.call('XADD', stream, '*', unpack(fields))
-    elseif due then
-      redis.call('ZADD', delayed, due, uid .. ':0:' .. fmt(d + more, c + crash) .. ':' .. body)
-    else
-      xadd(stream, body, d + more, c + crash)
-    end
-  end
-  redis.call('XACK', stream, G, id)
-  redis.call('XDEL', stream, id)
-end
-"""
-
-# KEYS: stream, delayed. Appends the due delayed messages to the stream (with their counts in the
-# fields 'delivered' and 'crashes') and returns the milliseconds until the next one is due (-1: none).
-_MOVE_DUE = LuaScript(LUA_NOW + LUA_READD + LUA_NEXT_DUE + """
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
-for i = 1, #due do
-  local _, stop, seen = string.find(due[i], '^[^:]*:%d:([%d.]+):')
-  local d, c = counts(seen)
-  xadd(KEYS[1], string.sub(due[i], (stop or 0) + 1), d, c)
-end
-if #due > 0 then redis.call('ZREM', KEYS[2], unpack(due)) end
-return next_due_ms(KEYS[2], now)
-""")
-
-# KEYS: stream, delayed, dead letters
-# ARGV: consumer, mode (tail|delay|drop|dead), deliveries to count (tail, delay) or envelope (dead),
-# delay seconds, unique id, entry ids... Only entries still pending under this consumer are settled.
-_SETTLE = LuaScript(LUA_NOW + LUA_READD + """
-local done = 0
-for i = 6, #ARGV do
-  local id = ARGV[i]
-  local entry = redis.call('XPENDING', KEYS[1], G, id, id, 1)[1]
-  if entry and entry[2] == ARGV[1] then
-    if ARGV[2] == 'tail' then
-      readd(KEYS[1], id, tonumber(ARGV[3]), 0)
-    elseif ARGV[2] == 'delay' then
-      readd(KEYS[1], id, tonumber(ARGV[3]), 0, KEYS[2], now + tonumber(ARGV[4]), ARGV[5] .. i)
-    else
-      if ARGV[2] == 'dead' then
-        redis.call('LPUSH', KEYS[3], ARGV[3])
-        redis.call('LTRIM', KEYS[3], 0, DEAD_LETTER_LAST)
-      end
-      redis.call('XACK', KEYS[1], G, id)
-      redis.call('XDEL', KEYS[1], id)
-    end
-    done = done + 1
-  end
-end
-return done
-""".replace("DEAD_LETTER_LAST", str(DEAD_LETTER_LIMIT - 1)))
-
-# The registry's functions (see redis_consumers.consumer_scripts). Dead are also the group's consumers in
-# no heartbeat record and idle for dead_after (killed before their first heartbeat, or records of
-# consumers of older versions); their pending entries go back to the stream.
-_SCRIPTS = consumer_scripts(LUA_READD + """
-local function dead_consumers(before)
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', before, 'LIMIT', 0, 100)
-  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[2], G)
-  if ok then
-    for _, c in ipairs(consumers) do
-      local info = {}
-      for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
-      if info['idle'] > (now - before) * 1000 and not redis.call('ZSCORE', KEYS[1], info['name']) then
-        dead[#dead + 1] = info['name']
-      end
-    end
-  end
-  return dead
-end
-local function pending(cid, n)
-  local ok, entries = pcall(redis.call, 'XPENDING', KEYS[2], G, '-', '+', n, cid)
-  if ok then return entries end
-  return {}
-end
-local function held(cid) return #pending(cid, 1) end
-local function recover(cid)
-  local moved = 0
-  while true do
-    local entries = pending(cid, 100)
-    if #entries == 0 then return moved end
-    for _, entry in ipairs(entries) do readd(KEYS[2], entry[1], 1, 1) end
-    moved = moved + #entries
-  end
-end
-local function forget(cid) pcall(redis.call, 'XGROUP', 'DELCONSUMER', KEYS[2], G, cid) end
-""")
-
-# KEYS: stream, delayed; ARGV: group. Waiting = delayed + stream entries not pending in the group.
-_COUNT = LuaScript("""
-local n = redis.call('ZCARD', KEYS[2])
-if redis.call('EXISTS', KEYS[1]) == 0 then return n end
-n = n + redis.call('XLEN', KEYS[1])
-local ok, summary = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1])
-if ok then n = n - summary[1] end
-return n
-""")
-
-# KEYS: stream; ARGV: group. Entries delivered and not acked yet.
-_IN_FLIGHT = LuaScript("local ok, s = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1]) return ok and s[1] or 0")
-
-# Lua function: the XRANGE start of the entries ``group`` has not read yet (after its last-delivered id).
-_LUA_UNREAD_START = """
-local function unread_start(stream, group)
-  local start = '-'
-  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
-  for _, g in ipairs(ok and groups or {}) do
-    local info = {}
-    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-    if info['name'] == group then start = '(' .. info['last-delivered-id'] end
-  end
-  return start
-end
-"""
-
-# KEYS: stream, delayed; ARGV: group. Deletes the delayed messages and the entries the group has
-# not read yet (those after its last-delivered id); pending entries stay with their consumers.
-_PURGE = LuaScript(_LUA_UNREAD_START + """
-local n = redis.call('ZCARD', KEYS[2])
-redis.call('DEL', KEYS[2])
-local start = unread_start(KEYS[1], ARGV[1])
-while true do
-  local batch = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 1000)
-  if #batch == 0 then return n end
-  for _, entry in ipairs(batch) do redis.call('XDEL', KEYS[1], entry[1]) end
-  n = n + #batch
-  start = '(' .. batch[#batch][1]
-end
-""")
-
-
-# KEYS: stream; ARGV: group. The data of the first entry the group has not read yet (none: {}).
-_HEAD = LuaScript(_LUA_UNREAD_START + """
-local entry = redis.call('XRANGE', KEYS[1], unread_start(KEYS[1], ARGV[1]), '+', 'COUNT', 1)[1]
-if not entry then return {} end
-for i = 1, #entry[2], 2 do
-  if entry[2][i] == 'data' then return {entry[2][i + 1]} end
-end
-return {}
-""")
-
 
 class _Keys:
     __slots__ = ("prefix", "delayed", "dead", "consumers", "attempts", "read_packets")
@@ -279,7 +122,7 @@ class RedisStreamBroker(RedisConsumers):
     kind = BrokerEnum.REDIS_STREAM
     capabilities = Capabilities(redelivery="sweep", delay="native", dead_letters=True, key_value=True,
                                 routing="emulated", persistent=True, cross_process=True, cross_host=True)
-    _scripts = _SCRIPTS
+    _scripts = SCRIPTS
     _keys_class = _Keys
     _ready_type = "stream"
 
@@ -350,7 +193,7 @@ class RedisStreamBroker(RedisConsumers):
         due_ms = math.ceil((score - (int(now[0]) + int(now[1]) / 1e6)) * 1000)
         if due_ms > 0:
             return got, due_ms
-        due_ms = int(_MOVE_DUE(conn, [queue, keys.delayed], []))
+        due_ms = int(MOVE_DUE(conn, [queue, keys.delayed], []))
         if len(got) < n:
             read = conn.execute_command("XREADGROUP", "GROUP", GROUP, self._cid, "COUNT", n - len(got),
                                         "STREAMS", queue, ">")
@@ -422,20 +265,20 @@ class RedisStreamBroker(RedisConsumers):
 
     def _settle_entries(self, queue: str, ids: list[Any], mode: str, value: Any, delay: float = 0.0) -> int:
         keys = self._queue_keys(queue)
-        return int(_SETTLE(self._conn(), [queue, keys.delayed, keys.dead],
+        return int(SETTLE(self._conn(), [queue, keys.delayed, keys.dead],
                            [self._cid, mode, value, repr(delay), uuid.uuid4().hex, *ids]))
 
     # -- inspection --------------------------------------------------------------------------------
     def in_flight(self, queue: str) -> int:
         """Entries of ``queue`` delivered to any consumer of the group and not yet acked."""
-        return int(self._run(f"counting in-flight entries of {queue!r}", _IN_FLIGHT, self._conn(), [queue], [GROUP]))
+        return int(self._run(f"counting in-flight entries of {queue!r}", IN_FLIGHT, self._conn(), [queue], [GROUP]))
 
     def _size(self, queue: str) -> int:
-        return int(_COUNT(self._conn(), [queue, self._queue_keys(queue).delayed], [GROUP]))
+        return int(COUNT(self._conn(), [queue, self._queue_keys(queue).delayed], [GROUP]))
 
     def _heads(self, queue: str) -> list[bytes]:
-        return [bytes(data) for data in _HEAD(self._conn(), [queue], [GROUP])]
+        return [bytes(data) for data in HEAD(self._conn(), [queue], [GROUP])]
 
     def _purge(self, queue: str) -> int:
         """Delete the delayed messages and the entries no consumer has read yet; in-flight ones stay."""
-        return int(_PURGE(self._conn(), [queue, self._queue_keys(queue).delayed], [GROUP]))
+        return int(PURGE(self._conn(), [queue, self._queue_keys(queue).delayed], [GROUP]))

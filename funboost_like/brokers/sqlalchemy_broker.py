@@ -29,31 +29,25 @@ Elsewhere the base polls (2 ms to 50 ms). See docs/sql.md.
 
 from __future__ import annotations
 
-import hashlib
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql
 
 from funboost_like.brokers.base import Capabilities, DeadLetter
 from funboost_like.brokers.leased_table import Claimed, LeasedTable, claimed
 from funboost_like.brokers.routing import Binding
 from funboost_like.brokers.sql_postgresql import Listener, copy_rows, create_notify_trigger
-from funboost_like.brokers.sql_records import SqlKeyValueStore, add_bindings, bindings_table, kv_table, read_bindings
+from funboost_like.brokers.sql_records import SqlKeyValueStore, add_bindings, bindings_table, read_bindings
+from funboost_like.brokers.sqlalchemy_tables import QueueTables, create_tables, make_engine
 from funboost_like.core.config import data_dir_setting, redact_url, settings
 from funboost_like.core.enums import BrokerEnum
-from funboost_like.core.errors import ConfigurationError
 from funboost_like.core.stores import check_namespace
 
 T = TypeVar("T")
-ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite: an INTEGER PRIMARY KEY is the rowid
-BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")  # MySQL's BLOB stops at 64 KiB
 KEPT_CONNECTIONS = 4  # idle autocommit connections kept for lone statements (the pool holds 5 + 10 overflow)
 _TRANSIENT_STATES = {"40001", "40P01"}  # PostgreSQL: serialization failure, deadlock
 _TRANSIENT_MYSQL = {1205, 1213}  # lock wait timeout, deadlock
@@ -65,13 +59,6 @@ def engine_url() -> str:
     return url or f"sqlite:///{data_dir_setting('SQLITE_QUEUES_PATH', 'sqlite_queues') / 'sqlalchemy_queues.sqlite3'}"
 
 
-def table_name(queue: str) -> str:
-    """``fl_<lower-case queue name, other characters as _, at most 36>_<8 hex of its sha1>``: a plain
-    identifier on every database (at most 48 characters), distinct for distinct queue names."""
-    safe = re.sub(r"[^a-z0-9]+", "_", queue.lower()).strip("_")[:36]
-    return f"fl_{safe}_{hashlib.sha1(queue.encode()).hexdigest()[:8]}"
-
-
 def _transient(exc: sa.exc.DBAPIError) -> bool:
     """A deadlock or lock timeout (the transaction was rolled back and may simply run again)."""
     orig = exc.orig
@@ -79,58 +66,6 @@ def _transient(exc: sa.exc.DBAPIError) -> bool:
         return True
     args: tuple[Any, ...] = getattr(orig, "args", ())
     return bool(args) and (args[0] in _TRANSIENT_MYSQL or args[0] == "database is locked")
-
-
-class _Queue:
-    """The tables of one queue and the statements on them (compiled once, cached by SQLAlchemy)."""
-
-    def __init__(self, queue: str) -> None:
-        name = self.name = table_name(queue)
-        meta = self.metadata = sa.MetaData()
-        t = self.messages = sa.Table(
-            name, meta, sa.Column("id", ID, primary_key=True, autoincrement=True),
-            sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
-            sa.Column("visible_at", sa.Double, nullable=False), sa.Column("owner", sa.String(64)),
-            sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-            sa.Column("crashes", sa.Integer, nullable=False, server_default="0"),
-            sa.Column("body", BLOB, nullable=False), sqlite_autoincrement=True)  # ids never reused
-        take_index = sa.Index(f"{name}_take", t.c.priority.desc(), t.c.id, t.c.visible_at)
-        d = self.dead = sa.Table(
-            f"{name}_dl", meta, sa.Column("id", ID, primary_key=True, autoincrement=True),
-            sa.Column("message_id", sa.BigInteger), sa.Column("body", BLOB, nullable=False),
-            sa.Column("reason", sa.Text, nullable=False), sa.Column("failed_at", sa.Double, nullable=False),
-            sa.Column("attempts", sa.Integer, nullable=False), sqlite_autoincrement=True)
-        self.kv = kv_table(f"{name}_kv", meta, BLOB)
-        self.kv_created = False
-        self.channel = name
-        pick = t.alias("pick")
-        ready = (sa.select(pick.c.id).where(pick.c.visible_at <= sa.bindparam("now"))
-                 .order_by(pick.c.priority.desc(), pick.c.id).limit(sa.bindparam("n")))
-        # crashes first: MySQL evaluates SET assignments left to right, each seeing the ones before
-        claim: tuple[tuple[Any, Any], ...] = (
-            (t.c.crashes, t.c.crashes + sa.case((t.c.owner.is_(None), 0), else_=1)), (t.c.owner, sa.bindparam("me")),
-            (t.c.visible_at, sa.bindparam("until")), (t.c.attempts, t.c.attempts + 1))
-        self.take = (sa.update(t).where(t.c.id.in_(ready.with_for_update(skip_locked=True).scalar_subquery()))
-                     .ordered_values(*claim).returning(t.c.id, t.c.body, t.c.attempts, t.c.priority, t.c.crashes))
-        self.lock_ready = (sa.select(t.c.id, t.c.body, t.c.attempts, t.c.priority, t.c.crashes, t.c.owner)
-                           .where(t.c.visible_at <= sa.bindparam("now")).order_by(t.c.priority.desc(), t.c.id)
-                           .limit(sa.bindparam("n")).with_for_update(skip_locked=True)
-                           # not a full scan and a sort of the queue (MariaDB's choice once the body is selected)
-                           .with_hint(t, f"FORCE INDEX ({take_index.name})", "mysql")
-                           .with_hint(t, f"FORCE INDEX ({take_index.name})", "mariadb"))
-        ids = t.c.id.in_(sa.bindparam("ids", expanding=True))
-        self.mark = sa.update(t).where(ids).ordered_values(*claim)
-        owned = sa.and_(t.c.owner == sa.bindparam("me"), ids)
-        self.delete = sa.delete(t).where(owned)
-        self.renew = sa.update(t).where(owned).values(visible_at=sa.bindparam("at"))
-        self.requeue = sa.update(t).where(owned).values(visible_at=sa.bindparam("at"), owner=None)
-        self.release = sa.update(t).where(owned).values(
-            visible_at=sa.bindparam("at"), owner=None, attempts=sa.case((t.c.attempts > 0, t.c.attempts - 1), else_=0))
-        waiting = sa.or_(t.c.owner.is_(None), t.c.visible_at <= sa.bindparam("now"))
-        self.purge = sa.delete(t).where(waiting)
-        self.count = sa.select(sa.func.count()).select_from(t).where(waiting)
-        self.bury = (sa.delete(t).where(t.c.owner == sa.bindparam("me"), t.c.id == sa.bindparam("row")),
-                     sa.insert(d))
 
 
 class SqlAlchemyBroker(LeasedTable):
@@ -157,7 +92,7 @@ class SqlAlchemyBroker(LeasedTable):
         self._kept: deque[sa.Connection] = deque()  # idle autocommit connections (see _autocommit)
         self._psycopg = False
         self._url = ""
-        self._queues: dict[str, _Queue] = {}
+        self._queues: dict[str, QueueTables] = {}
         self._stores: dict[tuple[str, str], SqlKeyValueStore] = {}
         self._bindings_table: sa.Table | None = None
         self._listener = Listener()  # PostgreSQL: each thread's LISTEN connection
@@ -173,7 +108,7 @@ class SqlAlchemyBroker(LeasedTable):
             with self._lock:
                 if self._engine is None:
                     self._url = engine_url()
-                    engine = _make_engine(self._url)
+                    engine = make_engine(self._url)
                     postgresql = engine.dialect.name == "postgresql"
                     # A lone statement in autocommit mode is one round trip, not two or three (SQLite: no
                     # network, and its own transaction handling: left as it is)
@@ -185,7 +120,7 @@ class SqlAlchemyBroker(LeasedTable):
                 engine = self._engine
         return engine
 
-    def _queue(self, queue: str) -> _Queue:
+    def _queue(self, queue: str) -> QueueTables:
         """The queue's tables, created on first use (by whichever process comes first)."""
         q = self._queues.get(queue)
         if q is None:
@@ -193,8 +128,8 @@ class SqlAlchemyBroker(LeasedTable):
             with self._lock:
                 q = self._queues.get(queue)
                 if q is None:
-                    q = _Queue(queue)
-                    _create(engine, q.metadata, [q.messages, q.dead])
+                    q = QueueTables(queue)
+                    create_tables(engine, q.metadata, [q.messages, q.dead])
                     if engine.dialect.name == "postgresql":
                         create_notify_trigger(engine, q.name)
                     self._queues[queue] = q
@@ -249,7 +184,7 @@ class SqlAlchemyBroker(LeasedTable):
     def _kv_table(self, queue: str) -> sa.Table:
         q = self._queue(queue)
         if not q.kv_created:
-            _create(self.engine(), q.metadata, [q.kv])
+            create_tables(self.engine(), q.metadata, [q.kv])
             q.kv_created = True
         return q.kv
 
@@ -350,7 +285,7 @@ class SqlAlchemyBroker(LeasedTable):
     def drop_tables(self, queue: str) -> None:
         """Drop every table of ``queue`` (its messages, dead letters and records are lost). Stop the
         queue's consumers and publishers first, in every process: they keep using the tables they made."""
-        q = self._queues.pop(queue, None) or _Queue(queue)
+        q = self._queues.pop(queue, None) or QueueTables(queue)
         q.metadata.drop_all(self.engine(), checkfirst=True)
 
     # -- routing (emulated: DESIGN §9) ------------------------------------------------------------
@@ -359,7 +294,7 @@ class SqlAlchemyBroker(LeasedTable):
         table = self._bindings_table
         if table is None:
             table = bindings_table(sa.MetaData())
-            _create(self.engine(), table.metadata, [table])
+            create_tables(self.engine(), table.metadata, [table])
             self._bindings_table = table
         return table
 
@@ -412,43 +347,3 @@ class SqlAlchemyBroker(LeasedTable):
         self._listener = Listener()
         if engine is not None:
             engine.dispose()
-
-
-def _make_engine(url: str) -> sa.Engine:
-    try:
-        parsed = sa.make_url(url)
-        # hide_parameters: bodies never reach an error message or a log; no reset on return: every use
-        # of a connection ends with its own commit or rollback (pymysql would send one more ROLLBACK)
-        options: dict[str, Any] = {"hide_parameters": True, "pool_reset_on_return": None}
-        if parsed.get_backend_name() in ("mysql", "mariadb"):
-            options["isolation_level"] = "READ COMMITTED"  # no gap locks: publishers never wait on a take
-        if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)  # first use: the folder too
-        engine = sa.create_engine(parsed, **options)
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError, ValueError) as exc:
-        reason = str(exc).replace(url, redact_url(url)) if isinstance(exc, ImportError) else type(exc).__name__
-        raise ConfigurationError(f"SQLALCHEMY_URL {redact_url(url)!r} cannot be used ({reason}); a driver may be "
-                                 "missing: pip install 'funboost_like[sql]'") from None
-    if engine.dialect.name == "sqlite":
-        sa.event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
-
-
-def _create(engine: sa.Engine, metadata: sa.MetaData, tables: list[sa.Table]) -> None:
-    """Create ``tables`` unless they exist; another process creating them at the same time is fine."""
-    for attempt in range(3):
-        try:
-            metadata.create_all(engine, tables=tables, checkfirst=True)
-            return
-        except sa.exc.DBAPIError:
-            if attempt == 2:
-                raise
-            time.sleep(0.05)
