@@ -200,9 +200,10 @@ class AmqpBroker(PushConsuming, Broker):
 
     # -- publishing --------------------------------------------------------------------------------
     def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
-        if priority and priority > self._priorities.get(queue, 0):
+        levels = self._priorities.get(queue, 0)
+        if priority and priority > levels:
             raise ConfigurationError(
-                f"queue {queue!r} takes priorities 0..{self._priorities.get(queue, 0)} on RabbitMQ; a queue has "
+                f"queue {queue!r} takes priorities 0..{levels} on RabbitMQ; a queue has "
                 f"priorities when its task says so: broker_exclusive_config={{'x-max-priority': n}} (n <= 10 advised)")
         self._declare(queue)
         self._send("", queue, bodies, priority, None, not_before, target=("fl-queue", queue))

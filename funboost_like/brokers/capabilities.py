@@ -7,7 +7,7 @@ where brokers import it from.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +50,10 @@ class Capabilities:
     queue_options: frozenset[str] = frozenset()  # broker_exclusive_config keys read by configure_queue
     check_queue_options: Callable[[dict[str, object]], object] | None = None
     priority_option: str = ""
+
+    def own_options(self, config: Mapping[str, object] | None) -> dict[str, object]:
+        """The keys of a ``broker_exclusive_config`` that the broker reads itself (``queue_options``)."""
+        return {key: value for key, value in (config or {}).items() if key in self.queue_options}
 
     @property
     def ack(self) -> bool:

@@ -359,8 +359,7 @@ class Consumer:
         """Bind the queue to its exchange before ``consume()`` returns, so a routed publish right after it
         reaches this queue; if the broker is unreachable, the fetcher keeps trying (:meth:`_bind_queue`).
         The broker's own ``broker_exclusive_config`` keys (``capabilities.queue_options``) go to it first."""
-        own = self.broker.capabilities.queue_options
-        options = {k: v for k, v in (self.params.broker_exclusive_config or {}).items() if k in own}
+        options = self.broker.capabilities.own_options(self.params.broker_exclusive_config)
         if options:
             self.broker.configure_queue(self.queue_name, options)
         routing = self.publisher_of_same_queue.routing

@@ -55,8 +55,8 @@ class Publisher:
         if broker is None or self._broker_generation != registry.generation:
             broker = self._broker = get_broker(self.params.broker_kind)
             self._broker_generation = registry.generation
-            own = broker.capabilities.queue_options  # e.g. RabbitMQ's x-max-priority: the queue is declared with it
-            options = {k: v for k, v in (self.params.broker_exclusive_config or {}).items() if k in own}
+            # e.g. RabbitMQ's x-max-priority: a publisher declares the queue too, so it must know
+            options = broker.capabilities.own_options(self.params.broker_exclusive_config)
             if options:
                 broker.configure_queue(self.queue_name, options)
             queue_used(self.queue_name, broker)  # once per broker: the operations registry learns the queue

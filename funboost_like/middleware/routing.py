@@ -26,8 +26,7 @@ def check_params(params: ConsumerParams, capabilities: Capabilities) -> None:
     """A malformed ``broker_exclusive_config``, or an exchange on a broker without routing, raises here."""
     config = routing_config(params.broker_exclusive_config, params.queue_name, capabilities.queue_options)
     if capabilities.check_queue_options is not None:
-        capabilities.check_queue_options({k: v for k, v in (params.broker_exclusive_config or {}).items()
-                                          if k in capabilities.queue_options})
+        capabilities.check_queue_options(capabilities.own_options(params.broker_exclusive_config))
     if config is not None and capabilities.routing == "none":
         raise ConfigurationError(f"broker {params.broker.name} has no exchanges or routing keys; "
                                  f"exchange_name={config.exchange!r} needs a broker with routing (DESIGN §9)")
