@@ -246,3 +246,27 @@ def test_oldest_message_age_is_read_from_the_broker_with_no_consumer_running(que
     f.clear()
     samples = scrape(prometheus.render_metrics()[0].decode())
     assert value(samples, "funboost_like_queue_oldest_message_age_seconds", **gauges) == 0
+
+
+def test_drained_observations_land_in_their_buckets_and_a_negative_wait_counts_as_zero() -> None:
+    """Bucketing in bulk: a value on a bound is in that bucket ("le"), values past the last bound are in
+    +Inf, run times all in the first bucket take the shortcut, and a negative wait (two hosts' clocks
+    disagree) counts as 0 in both its bucket and the sum."""
+    numbers = metrics.QueueNumbers("drain-test")
+    for duration in (0.0001, 0.0002, 0.0005):
+        numbers.runs.append(duration)
+    numbers.drain()
+    assert numbers.run.counts[0] == 3 and sum(numbers.run.counts) == 3
+    assert numbers.run.total == pytest.approx(0.0008)
+    for wait in (-3.0, 0.001, 0.002, 5.0, 100_000.0, -0.5):
+        numbers.waits.append(wait)
+    for duration in (0.0005, 0.7, 400.0):
+        numbers.runs.append(duration)
+    numbers.drain()
+    assert numbers.runs == [] and numbers.waits == []
+    waits = dict(zip((*metrics.WAIT_BUCKETS, "inf"), numbers.wait.counts, strict=True))
+    assert waits[0.001] == 3 and waits[0.01] == 1 and waits[5.0] == 1 and waits["inf"] == 1, waits
+    assert numbers.wait.total == pytest.approx(0.001 + 0.002 + 5.0 + 100_000.0)
+    runs = dict(zip((*metrics.RUN_BUCKETS, "inf"), numbers.run.counts, strict=True))
+    assert runs[0.0005] == 4 and runs[1.0] == 1 and runs["inf"] == 1, runs
+    assert numbers.run.total == pytest.approx(0.0008 + 0.0005 + 0.7 + 400.0)
