@@ -17,8 +17,9 @@ subprocess with its own temporary SQLite folder and ``FUNBOOST_LIKE_NO_USER_CONF
 registry on, the consumer registers, beats every ``OPS_HEARTBEAT_SECONDS`` (0.5 s here, four times
 the default rate, so the cost shows) and reads its control record four times a second.
 Prints the median and the best rate of each setting and their ratios on/off, and the messages per
-second of the process's CPU time (all its threads, the registry's included): on a machine shared
-with other work, wall-clock rates vary a lot from run to run, CPU cost much less.
+second of the process's CPU time (all its threads, the registry's included). ``--control`` runs "off"
+in both places: the ratio it prints is the method's own noise, which on this machine (a VM whose
+speed drifts by ±25% between runs) can itself be 15-20% away from 100%.
 
 ``--interleaved`` alternates inside one process instead, because this machine's speed drifts by
 ±25% from one run to the next: one consumer, built with the registry and the metrics on, consumes
@@ -27,8 +28,9 @@ metrics' hooks off or back on (the consumer's gate and after-call lists without 
 "on" and "off" stretches of a fraction of a second follow each other under the same conditions.
 At the end of an "on" stretch the pending metrics are drained on the spot, so their bucketing is
 charged to it. The registry's heartbeat thread beats in both (its cost is per second, not per
-message: see the plain mode). Prints the messages per CPU second of each kind of stretch (median)
-and the median of the on/off ratios of neighbouring stretches.
+message), so it is measured apart: the share of a core an idle consumer's process uses for 10 s,
+all on and all off. Prints the messages per CPU second of each kind of stretch (median), the median
+of the on/off ratios of neighbouring stretches, and the two idle shares.
 A measurement, not a test: exit code 0.
 """
 
@@ -124,21 +126,50 @@ pairs = [on / off for on, off in zip(rates[True], rates[False])]
 print(statistics.median(rates[True]), statistics.median(rates[False]), statistics.median(pairs), len(pairs))
 os._exit(0)
 """
+_IDLE_CHILD = """
+import logging, os, sys, time
+from funboost_like import task_deco
+
+@task_deco("ops_bench", broker_kind=sys.argv[1], concurrent_num=50, log_level=logging.WARNING)
+def f(x, y):
+    return x + y
+
+f.get_message_count()
+f.consume()
+time.sleep(1.0)
+cpu_started, started = time.process_time(), time.perf_counter()
+time.sleep(float(sys.argv[2]))
+print((time.process_time() - cpu_started) / (time.perf_counter() - started))
+os._exit(0)
+"""
+IDLE_SECONDS = 10.0
 INTERLEAVED_N = {"memory": 2_000_000, "sqlite": 400_000}
 SEGMENT = {"memory": 20_000, "sqlite": 5_000}
 
 
+def _child_env(folder: str, on: bool) -> dict[str, str]:
+    flag = "1" if on else "0"
+    return dict(os.environ, FUNBOOST_LIKE_NO_USER_CONFIG="1", FUNBOOST_LIKE_SQLITE_QUEUES_PATH=folder,
+                FUNBOOST_LIKE_STATUS_DB_PATH=folder, FUNBOOST_LIKE_OPS_REGISTRY=flag,
+                FUNBOOST_LIKE_OPS_HEARTBEAT_SECONDS="0.5", FUNBOOST_LIKE_METRICS=flag,
+                FUNBOOST_LIKE_OPENTELEMETRY_TRACING=flag, FUNBOOST_LIKE_METRICS_DIR=os.path.join(folder, "metrics"),
+                PYTHONPATH=str(REPO_ROOT))
+
+
 def run_interleaved(broker: str, n: int, segment: int) -> tuple[float, float, float, int]:
     with tempfile.TemporaryDirectory() as folder:
-        env = dict(os.environ, FUNBOOST_LIKE_NO_USER_CONFIG="1", FUNBOOST_LIKE_SQLITE_QUEUES_PATH=folder,
-                   FUNBOOST_LIKE_STATUS_DB_PATH=folder, FUNBOOST_LIKE_OPS_REGISTRY="1",
-                   FUNBOOST_LIKE_OPS_HEARTBEAT_SECONDS="0.5", FUNBOOST_LIKE_METRICS="1",
-                   FUNBOOST_LIKE_OPENTELEMETRY_TRACING="1", FUNBOOST_LIKE_METRICS_DIR=os.path.join(folder, "metrics"),
-                   PYTHONPATH=str(REPO_ROOT))
         done = subprocess.run([sys.executable, "-c", _INTERLEAVED_CHILD, BROKERS[broker], str(n), str(segment)],
-                              env=env, capture_output=True, text=True, timeout=1800, check=True)
+                              env=_child_env(folder, True), capture_output=True, text=True, timeout=1800, check=True)
         on, off, ratio, pairs = done.stdout.strip().splitlines()[-1].split()
         return float(on), float(off), float(ratio), int(pairs)
+
+
+def idle_cpu(broker: str, on: bool) -> float:
+    """The share of a core an idle consumer's process uses: the registry's and metrics' threads, per second."""
+    with tempfile.TemporaryDirectory() as folder:
+        done = subprocess.run([sys.executable, "-c", _IDLE_CHILD, BROKERS[broker], str(IDLE_SECONDS)],
+                              env=_child_env(folder, on), capture_output=True, text=True, timeout=120, check=True)
+        return float(done.stdout.strip().splitlines()[-1])
 
 
 def run_once(broker: str, n: int, registry_on: bool, with_metrics: bool = False) -> tuple[float, float]:
@@ -163,6 +194,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=0, help="runs (default 5; 1 with --interleaved)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--with-metrics", action="store_true", help="on/off also switch METRICS and tracing")
+    parser.add_argument("--control", action="store_true",
+                        help="'on' runs are 'off' runs too: shows what the alternating runs report for no change")
     parser.add_argument("--interleaved", action="store_true", help="alternate on/off stretches in one process")
     parser.add_argument("--segment", type=int, default=0, help="messages per stretch of --interleaved")
     args = parser.parse_args()
@@ -174,6 +207,10 @@ def main() -> None:
                 print(f"{broker:8} N={n:<8} stretches of {segment:,}: per CPU second, median on {on:10,.0f}  "
                       f"off {off:10,.0f}  on/off {on / off:6.1%}; median of {pairs} neighbouring on/off ratios "
                       f"{ratio:6.1%}", flush=True)
+            busy_off, busy_on = idle_cpu(broker, False), idle_cpu(broker, True)
+            print(f"{broker:8} idle consumer process, share of a core over {IDLE_SECONDS:.0f} s: off {busy_off:.3%}  "
+                  f"on {busy_on:.3%} (the per-second part of the cost, beside the per-message part above)",
+                  flush=True)
         return
     results = {}
     for broker in args.brokers.split(","):
@@ -182,7 +219,7 @@ def main() -> None:
         cpu_rates: dict[str, list[float]] = {"off": [], "on": []}
         for _ in range(args.repeat or 5):
             for setting in ("off", "on"):
-                wall, cpu = run_once(broker, n, setting == "on", args.with_metrics)
+                wall, cpu = run_once(broker, n, setting == "on" and not args.control, args.with_metrics)
                 rates[setting].append(wall)
                 cpu_rates[setting].append(cpu)
         off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
