@@ -7,7 +7,8 @@ calling thread: declare, bind, publish with confirms, count, purge, peek) and a 
 
 Guarantees and layout (docs/rabbitmq.md says the same for users):
 
-* Queues are durable, with ``x-max-priority`` 9; messages are persistent (delivery mode 2), JSON
+* Queues are durable classic queues (version 2), with priorities only when a task asks for them
+  (``broker_exclusive_config={"x-max-priority": n}``); messages are persistent (delivery mode 2), JSON
   bodies (``content_type`` ``application/json``). ``publish`` returns once the server confirmed
   (publisher confirms, ``mandatory``): an unroutable or refused message raises, never vanishes.
 * Consumption: one channel per queue per process, ``basic.qos`` prefetch set to the consumer's
