@@ -27,15 +27,16 @@ REDIS_URL = "redis://127.0.0.1:6379/14"
 pytestmark = pytest.mark.ops_registry
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 5.0, what: str = "the condition") -> Any:
-    """Poll ``check`` until it returns something true; fail after ``timeout`` seconds."""
+def wait_for(check: Callable[[], Any], timeout: float = 5.0, what: str | Callable[[], str] = "the condition") -> Any:
+    """Poll ``check`` until it returns something true; fail after ``timeout`` seconds (``what`` may be a
+    function: it is called then, to describe the state at the failure)."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+            pytest.fail(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
         time.sleep(0.02)
 
 
@@ -206,18 +207,26 @@ def test_a_broker_without_key_value_records_shares_its_registry_through_ops_stor
     host_a = tmp_path / "host_a"
     script = tmp_path / "zeromq_worker.py"
     script.write_text(_ZEROMQ_WORKER)
-    child = subprocess.Popen([sys.executable, str(script), port],
-                             env=subprocess_env(host_a, FUNBOOST_LIKE_OPS_HEARTBEAT_SECONDS="0.2",
-                                                FUNBOOST_LIKE_OPS_STORE_BROKER="REDIS",
-                                                FUNBOOST_LIKE_REDIS_URL=REDIS_URL))
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as output:  # shown if a wait fails: this test was rerun twice in CI, cause unknown
+        child = subprocess.Popen([sys.executable, str(script), port], stdout=output, stderr=subprocess.STDOUT,
+                                 env=subprocess_env(host_a, FUNBOOST_LIKE_OPS_HEARTBEAT_SECONDS="0.2",
+                                                    FUNBOOST_LIKE_OPS_STORE_BROKER="REDIS",
+                                                    FUNBOOST_LIKE_REDIS_URL=REDIS_URL))
     children.append(child)
     patch_frame_config(OPS_STORE_BROKER="REDIS")  # host B: isolated_settings' folder, never used by the child
+
+    def seen(what: str) -> str:
+        return f"{what} (worker {'exited ' + str(child.poll()) if child.poll() is not None else 'running'}; " \
+               f"its output: {log.read_text('utf-8', 'replace')[-1500:]!r})"
+
     service = OpsService()  # no kinds named: the shared store says which kinds the hosts used
-    [worker] = wait_for(lambda: BrokerEnum.ZEROMQ in service.kinds() and service.workers(port), timeout=15,
-                        what="the ZeroMQ worker's record in Redis")
+    [worker] = wait_for(lambda: BrokerEnum.ZEROMQ in service.kinds() and service.workers(port), timeout=30,
+                        what=lambda: seen("the ZeroMQ worker's record in Redis"))
     assert worker["pid"] == child.pid and worker["broker"] == "ZEROMQ" and worker["paused"] is False
     service.pause(port)
-    wait_for(lambda: any(w["paused"] for w in service.workers(port)), timeout=10, what="the child to see the pause")
+    wait_for(lambda: any(w["paused"] for w in service.workers(port)), timeout=15,
+             what=lambda: seen("the child to see the pause"))
     assert not (isolated_settings / f"{registry.OPS_QUEUE}@kind{int(BrokerEnum.ZEROMQ)}.sqlite3").exists()
 
 
