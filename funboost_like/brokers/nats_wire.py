@@ -4,6 +4,8 @@ Publishing one message through nats-py costs a hop to the bridge's event loop an
 switches there (about 0.3 ms on a loaded two-core machine, on top of the server's 0.07 ms); this
 publisher writes ``PUB``/``HPUB`` on the calling thread and reads the server's PubAcks back on the same
 socket, so ``push`` costs one round trip. A batch is written at once and its acks are read together.
+A lone message's PubAck is polled for a moment before the blocking read (:mod:`.socket_spin`), unless
+another thread of the process published through this broker in the last ``SHARED_QUIET_SECONDS``.
 
 It speaks only what it needs: ``CONNECT`` (user and password, or a token, from the URL), ``SUB`` of
 its reply inbox, ``PUB``/``HPUB``, ``PING``/``PONG``; it refuses (:class:`Unsupported`) a server that
@@ -19,15 +21,21 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from funboost_like.brokers.socket_spin import reply_poller, spin
 from funboost_like.core.config import redact_url
 
 logger = logging.getLogger("funboost_like.nats")
 
 HeadersT = dict[str, str] | None
+SPIN_SECONDS = 0.0003
+"""How long a lone publish polls for its PubAck before a blocking read takes over (0: block at once)."""
+SHARED_QUIET_SECONDS = 0.05
+"""A lone publish polls only if no other thread of the process published for this long."""
 
 
 class Unsupported(Exception):
@@ -73,6 +81,7 @@ class WirePublisher:
         else:
             raise error or OSError("no NATS server in the URL")
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._ready = reply_poller(self._sock)
         try:
             self._handshake(parts.username, parts.password)
         except BaseException:
@@ -120,8 +129,9 @@ class WirePublisher:
         del buf[:size + 2]
         return data
 
-    def publish(self, items: Sequence[tuple[str, bytes, HeadersT]]) -> None:
-        """Publish (subject, body, headers) in order; return once the server stored every one."""
+    def publish(self, items: Sequence[tuple[str, bytes, HeadersT]], alone: bool = False) -> None:
+        """Publish (subject, body, headers) in order; return once the server stored every one (``alone``:
+        no other thread publishes now, so a lone message's PubAck may be polled for)."""
         reply = f"{self.inbox}.1".encode()
         out = bytearray()
         for subject, body, headers in items:
@@ -132,6 +142,8 @@ class WirePublisher:
                 out += b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subject.encode(), reply, len(head), len(head) + len(body),
                                                         head, body)
         self._sock.sendall(out)
+        if alone and len(items) == 1 and self._ready is not None and not self._buf:
+            spin(self._ready, SPIN_SECONDS)
         refused = None
         for _ in range(len(items)):
             answer = self._answer()
@@ -172,6 +184,8 @@ class WirePublishers:
         self.unsupported: str | None = None  # why publishing must go through nats-py instead
         self._local = threading.local()
         self._all: list[WirePublisher] = []
+        self._busy: set[WirePublisher] = set()  # publishing now (set.add and discard hold the GIL)
+        self._shared_at = -SHARED_QUIET_SECONDS  # when a publish last found another thread publishing
 
     def publish(self, items: Sequence[tuple[str, bytes, HeadersT]], window: int) -> bool:
         """Publish ``items`` ``window`` at a time; False (nothing sent) when this server needs nats-py."""
@@ -187,16 +201,28 @@ class WirePublishers:
                     self.unsupported = str(exc)
                     return False
                 self._all.append(wire)
+            busy = self._busy
+            busy.add(wire)
             try:
+                alone = self._alone(len(busy))
                 for start in range(0, len(items), window):
-                    wire.publish(items[start:start + window])
+                    wire.publish(items[start:start + window], alone)
                 return True
             except OSError:
                 self._local.wire = None
                 wire.close()
                 if not retry:
                     raise
+            finally:
+                busy.discard(wire)
         return True
+
+    def _alone(self, in_use: int) -> bool:
+        now = time.monotonic()
+        if in_use > 1:
+            self._shared_at = now
+            return False
+        return now - self._shared_at > SHARED_QUIET_SECONDS
 
     def close(self) -> None:
         for wire in self._all:

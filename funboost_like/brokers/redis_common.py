@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import select
-import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -32,6 +30,8 @@ from redis.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from funboost_like.brokers.socket_spin import spin_until_readable
 
 try:  # redis-py's hiredis parser, for reading many replies at C speed (see _read_replies_from_hiredis)
     from redis._parsers import hiredis as _redis_hiredis
@@ -201,26 +201,9 @@ SHARED_QUIET_SECONDS = 0.05
 
 
 def _spin_until_readable(connection: AbstractConnection, budget: float) -> None:
-    """Poll ``connection``'s socket until a reply (or the end of the stream) is there, for ``budget`` seconds at most.
-
-    A loopback round trip is a few tens of microseconds of work, but a thread that blocks for it
-    gives its CPU back, and waking a halted virtual CPU again costs a VM exit: on the 2-core VM of
-    docs/performance.md, blocking reads alone held one-by-one ``push`` to 4-8k/s while the same
-    PING loop polled ran 30-40k/s. The budget bounds the CPU this burns when the server is slow;
-    the read that follows blocks as before. Only the standard library's plain sockets are polled
-    (their class comes from module ``socket``): under gevent or eventlet, whose sockets are their
-    own classes even after monkey-patching, polling would hold up the other greenlets, and a TLS
-    socket may hold a reply in its buffer while nothing is readable, so those wait as before.
-    """
-    sock = getattr(connection, "_sock", None)
-    if not isinstance(sock, socket.socket) or type(sock).__module__ != "socket" or not hasattr(select, "poll"):
-        return
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    ready = poller.poll
-    deadline = time.perf_counter() + budget
-    while not ready(0) and time.perf_counter() < deadline:
-        pass
+    """Poll ``connection``'s socket until a reply (or the end of the stream) is there, for ``budget``
+    seconds at most (:mod:`~funboost_like.brokers.socket_spin` says why and which sockets)."""
+    spin_until_readable(getattr(connection, "_sock", None), budget)
 
 
 def _fresh(connection: AbstractConnection) -> AbstractConnection:
