@@ -15,13 +15,11 @@ import time
 import uuid
 from pathlib import Path
 
+from tests.standin import port_for_another_process
+
 SBIN = Path("/usr/lib/rabbitmq/bin")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def available() -> bool:
@@ -33,8 +31,8 @@ class PrivateRabbitMQ:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.port = free_port()
-        self.dist_port = free_port()
+        self.port = port_for_another_process()
+        self.dist_port = port_for_another_process()
         self.node = f"fltest{uuid.uuid4().hex[:8]}@localhost"
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
         self.process: subprocess.Popen[bytes] | None = None

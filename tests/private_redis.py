@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.standin import port_for_another_process
 
 
 class PrivateRedis:
@@ -23,7 +18,7 @@ class PrivateRedis:
 
     def __init__(self, folder: Path, *, password: str | None = None, persistent: bool = False) -> None:
         self.folder = folder
-        self.port = free_port()
+        self.port = port_for_another_process()
         self.password = password
         self.persistent = persistent
         auth = f":{password}@" if password else ""

@@ -4,6 +4,7 @@ for until it listens on its port, and stopped by its PID. Also imported by those
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,6 +29,29 @@ def free_port(host: str = HOST) -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def port_for_another_process(host: str = HOST) -> int:
+    """A free TCP port for a server that another process binds later (a ZeroMQ hub, say).
+
+    :func:`free_port`'s pick comes from the kernel's ephemeral range, which is also where outgoing
+    connections take their source ports: under a busy test run, one of them (to Redis, RabbitMQ, ...)
+    can take the port before the other process binds it. This one is below that range.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, max(20001, low))
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        return port
+    return free_port(host)
 
 
 class ServerProcess:

@@ -33,7 +33,7 @@ from funboost_like.core.config import patch_frame_config, settings
 from funboost_like.core.errors import BrokerConnectionError
 
 from .conftest import in_forked_child, require_server
-from .standin import free_port
+from .standin import port_for_another_process
 
 URL = os.environ.get("FUNBOOST_LIKE_NATS_URL", "nats://127.0.0.1:4222")
 # Streams of the queues the test suites name test_<12 hex digits> (the contract suite purges its queues but
@@ -260,7 +260,7 @@ def _start_server(port: int, store: str, log: str, children: list[subprocess.Pop
 @pytest.mark.skipif(NATS_SERVER is None, reason="needs the nats-server binary")
 def test_a_killed_and_restarted_server_loses_no_stored_message(
         queue_name: str, tmp_path: Path, children: list[subprocess.Popen[bytes]]) -> None:
-    port, store, log = free_port(), str(tmp_path / "jetstream"), str(tmp_path / "nats-server.log")
+    port, store, log = port_for_another_process(), str(tmp_path / "jetstream"), str(tmp_path / "nats-server.log")
     server = _start_server(port, store, log, children)  # a private server: this test kills it
     patch_frame_config(NATS_URL=f"nats://127.0.0.1:{port}", NATS_ACK_WAIT_SECONDS=1.0)
     broker = NatsBroker()

@@ -20,7 +20,7 @@ from funboost_like import BrokerEnum, patch_frame_config, task_deco
 from funboost_like.ops import registry
 from funboost_like.ops.service import OpsService
 from tests.conftest import require_server, subprocess_env
-from tests.standin import free_port
+from tests.standin import port_for_another_process
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 
@@ -203,7 +203,7 @@ def test_a_broker_without_key_value_records_shares_its_registry_through_ops_stor
     """A ZeroMQ consumer on "host A" (its own data folder) and the CLI's service on "host B" (another one)
     meet in the Redis records named by OPS_STORE_BROKER: B finds the kind, the worker, and pauses it."""
     pytest.importorskip("zmq")
-    port = str(free_port())
+    port = str(port_for_another_process())  # the child's hub binds it
     host_a = tmp_path / "host_a"
     script = tmp_path / "zeromq_worker.py"
     script.write_text(_ZEROMQ_WORKER)

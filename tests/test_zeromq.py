@@ -26,7 +26,7 @@ from funboost_like.core.config import patch_frame_config
 from funboost_like.core.errors import BrokerConnectionError
 
 from .conftest import subprocess_env
-from .standin import free_port
+from .standin import free_port, port_for_another_process
 
 pytest.importorskip("zmq")
 
@@ -37,7 +37,7 @@ WORKER = Path(__file__).with_name("contract_worker.py")  # concurrent_num=4, rec
 def port_queue() -> Iterator[str]:
     """A queue named after a free port; its hub (if one was started) is stopped at the end, after the
     consumers (a consumer starts a hub again when it finds none)."""
-    queue = str(free_port())
+    queue = str(port_for_another_process())  # a hub process binds it
     patch_frame_config(ZEROMQ_HUB_IDLE_SECONDS=30.0)  # a hub left behind by accident goes away soon
     yield queue
     runtime.stop_all(timeout=10)
