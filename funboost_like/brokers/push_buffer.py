@@ -188,6 +188,7 @@ class PushConsuming:
         self._io: threading.Thread | None = None
         self._io_stop = False
         self._consumer: Consumer | None = None
+        self._io_where = ""  # the I/O thread's server, named as in logs (set when the thread starts)
         self._generation = 0
         self._wake_pending = False
         self._acks_lock = threading.Lock()  # appends to a subscription's acks and the I/O thread's swap
@@ -252,7 +253,9 @@ class PushConsuming:
     # -- the I/O thread ----------------------------------------------------------------------------
     def _io_loop(self) -> None:
         pause = 0.5
-        url = self._url()  # the server of this thread's life: settings changed since then do not move it
+        # The server of this thread's life (settings changed since then do not move it), and its name
+        # in logs: read together, since _where() reads the settings of the moment.
+        url, self._io_where = self._url(), self._where()
         while not self._io_stop:
             try:
                 self._consumer = self._open_consumer(url)
@@ -262,7 +265,7 @@ class PushConsuming:
             except Exception as exc:  # noqa: BLE001 - any client error: reconnect
                 if self._io_stop:
                     break
-                logger.warning("consuming from %s stopped (%s); reconnecting in %.1f s", self._where(), exc, pause)
+                logger.warning("consuming from %s stopped (%s); reconnecting in %.1f s", self._io_where, exc, pause)
                 self._lost_connection()
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
@@ -329,7 +332,7 @@ class PushConsuming:
 
     def _channel_closed(self, queue: str, error: str) -> None:
         """Say once why the server closed a channel (brokers name their known causes)."""
-        logger.warning("%s closed the channel of queue %r (%s); subscribing again", self._where(), queue, error)
+        logger.warning("%s closed the channel of queue %r (%s); subscribing again", self._io_where, queue, error)
 
     @staticmethod
     def _consumer_changed(sub: Subscription) -> None:
