@@ -295,7 +295,7 @@ def test_a_lone_push_polls_for_its_puback_and_a_batch_or_a_shared_moment_does_no
     """One-by-one pushes poll the socket for their PubAck (a blocking read alone halves the rate on this
     VM, docs/performance.md); a batch reads its acks blocking, and so does a push while another thread
     of the process is publishing, and for SHARED_QUIET_SECONDS after."""
-    from funboost_like.brokers import nats_wire
+    from funboost_like.brokers import nats_wire, socket_spin
 
     spins: list[float] = []
     real = nats_wire.spin
@@ -306,7 +306,7 @@ def test_a_lone_push_polls_for_its_puback_and_a_batch_or_a_shared_moment_does_no
 
     monkeypatch.setattr(nats_wire, "spin", spy)
     fn = task_deco(queues[0], broker_kind=BrokerEnum.NATS)(lambda x: x)
-    time.sleep(2 * nats_wire.SHARED_QUIET_SECONDS)
+    time.sleep(2 * socket_spin.SHARED_QUIET_SECONDS)
     for i in range(10):
         fn.push(i)
     assert spins == [nats_wire.SPIN_SECONDS] * 10
@@ -314,11 +314,11 @@ def test_a_lone_push_polls_for_its_puback_and_a_batch_or_a_shared_moment_does_no
     assert len(spins) == 10
     wires = broker_of()._wires
     assert wires is not None
-    assert not wires._alone(2)  # another thread publishes right now
-    assert not wires._alone(1)  # alone now, but threads that share tend to go on sharing
+    assert not wires.sharing.alone(2)  # another thread publishes right now
+    assert not wires.sharing.alone(1)  # alone now, but threads that share tend to go on sharing
     fn.push(30)
     assert len(spins) == 10
-    time.sleep(2 * nats_wire.SHARED_QUIET_SECONDS)
+    time.sleep(2 * socket_spin.SHARED_QUIET_SECONDS)
     fn.push(31)
     assert len(spins) == 11
     assert fn.get_message_count() == 32

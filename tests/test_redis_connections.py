@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from funboost_like import BrokerEnum, task_deco
-from funboost_like.brokers import redis_common
+from funboost_like.brokers import redis_common, socket_spin
 from funboost_like.brokers.redis_common import _spin_until_readable, direct_connections
 from tests.test_redis_brokers import client, queue  # noqa: F401  (fixtures)
 
@@ -88,7 +88,7 @@ def polls(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         real(connection, budget)
 
     monkeypatch.setattr(redis_common, "_spin_until_readable", spy)
-    time.sleep(2 * redis_common.SHARED_QUIET_SECONDS)  # no sharing seen recently by an earlier test
+    time.sleep(2 * socket_spin.SHARED_QUIET_SECONDS)  # no sharing seen recently by an earlier test
     return seen
 
 
@@ -122,7 +122,7 @@ def test_push_blocks_while_another_thread_uses_the_connections(client: redis.Red
         assert polls == []
     finally:
         blocker.join()
-    time.sleep(2 * redis_common.SHARED_QUIET_SECONDS)
+    time.sleep(2 * socket_spin.SHARED_QUIET_SECONDS)
     fn.push(11)  # alone again
     assert len(polls) == 1
     assert fn.get_message_count() == 12
@@ -131,10 +131,10 @@ def test_push_blocks_while_another_thread_uses_the_connections(client: redis.Red
 
 def test_sharing_seen_by_a_push_keeps_the_next_pushes_blocking_for_a_while(client: redis.Redis) -> None:  # noqa: F811
     connections = direct_connections()
-    assert not connections._alone(2)  # another thread holds a connection right now
-    assert not connections._alone(1)  # alone now, but threads that share tend to go on sharing
-    time.sleep(2 * redis_common.SHARED_QUIET_SECONDS)
-    assert connections._alone(1)
+    assert not connections.sharing.alone(2)  # another thread holds a connection right now
+    assert not connections.sharing.alone(1)  # alone now, but threads that share tend to go on sharing
+    time.sleep(2 * socket_spin.SHARED_QUIET_SECONDS)
+    assert connections.sharing.alone(1)
 
 
 def test_pipeline_replies_come_straight_from_hiredis_and_errors_stay_in_place(client: redis.Redis, queue: str,  # noqa: F811

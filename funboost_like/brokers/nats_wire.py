@@ -5,7 +5,7 @@ switches there (about 0.3 ms on a loaded two-core machine, on top of the server'
 publisher writes ``PUB``/``HPUB`` on the calling thread and reads the server's PubAcks back on the same
 socket, so ``push`` costs one round trip. A batch is written at once and its acks are read together.
 A lone message's PubAck is polled for a moment before the blocking read (:mod:`.socket_spin`), unless
-another thread of the process published through this broker in the last ``SHARED_QUIET_SECONDS``.
+another thread of the process published through this broker in the last ``socket_spin.SHARED_QUIET_SECONDS``.
 
 It speaks only what it needs: ``CONNECT`` (user and password, or a token, from the URL), ``SUB`` of
 its reply inbox, ``PUB``/``HPUB``, ``PING``/``PONG``; it refuses (:class:`Unsupported`) a server that
@@ -21,12 +21,11 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from funboost_like.brokers.socket_spin import reply_poller, spin
+from funboost_like.brokers.socket_spin import Sharing, reply_poller, spin
 from funboost_like.core.config import redact_url
 
 logger = logging.getLogger("funboost_like.nats")
@@ -34,8 +33,6 @@ logger = logging.getLogger("funboost_like.nats")
 HeadersT = dict[str, str] | None
 SPIN_SECONDS = 0.0003
 """How long a lone publish polls for its PubAck before a blocking read takes over (0: block at once)."""
-SHARED_QUIET_SECONDS = 0.05
-"""A lone publish polls only if no other thread of the process published for this long."""
 
 
 class Unsupported(Exception):
@@ -185,7 +182,7 @@ class WirePublishers:
         self._local = threading.local()
         self._all: list[WirePublisher] = []
         self._busy: set[WirePublisher] = set()  # publishing now (set.add and discard hold the GIL)
-        self._shared_at = -SHARED_QUIET_SECONDS  # when a publish last found another thread publishing
+        self.sharing = Sharing()  # whether a publish is alone: no other thread publishes
 
     def publish(self, items: Sequence[tuple[str, bytes, HeadersT]], window: int) -> bool:
         """Publish ``items`` ``window`` at a time; False (nothing sent) when this server needs nats-py."""
@@ -204,7 +201,7 @@ class WirePublishers:
             busy = self._busy
             busy.add(wire)
             try:
-                alone = self._alone(len(busy))
+                alone = self.sharing.alone(len(busy))
                 for start in range(0, len(items), window):
                     wire.publish(items[start:start + window], alone)
                 return True
@@ -216,13 +213,6 @@ class WirePublishers:
             finally:
                 busy.discard(wire)
         return True
-
-    def _alone(self, in_use: int) -> bool:
-        now = time.monotonic()
-        if in_use > 1:
-            self._shared_at = now
-            return False
-        return now - self._shared_at > SHARED_QUIET_SECONDS
 
     def close(self) -> None:
         for wire in self._all:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,7 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from funboost_like.brokers.socket_spin import spin_until_readable
+from funboost_like.brokers.socket_spin import Sharing, spin_until_readable
 
 try:  # redis-py's hiredis parser, for reading many replies at C speed (see _read_replies_from_hiredis)
     from redis._parsers import hiredis as _redis_hiredis
@@ -82,7 +81,7 @@ class DirectConnections:
         self._connection_kwargs = dict(pool.connection_kwargs)
         self._idle: list[AbstractConnection] = []
         self._busy: set[AbstractConnection] = set()  # taken by a thread right now (set.add is atomic)
-        self._shared_at = -SHARED_QUIET_SECONDS  # when a spin-eligible call last found another thread here
+        self.sharing = Sharing()  # whether a spin-eligible call is alone on these connections
 
     def _new(self) -> AbstractConnection:
         connection: AbstractConnection = self._connection_class(**self._connection_kwargs)
@@ -93,7 +92,7 @@ class DirectConnections:
 
         ``spin``: the caller waits for this reply and nothing else (a ``push``), so wait for it by
         polling the socket for a short while (:func:`_spin_until_readable`) before blocking, unless
-        these connections were shared with another thread in the last :data:`SHARED_QUIET_SECONDS`
+        these connections were shared with another thread in the last ``socket_spin.SHARED_QUIET_SECONDS``
         (threads that publish together, or a consumer's fetch waiting on the server): a polling
         thread would keep the GIL from them.
         """
@@ -112,7 +111,7 @@ class DirectConnections:
                     connection.send_packed_command([packet])
                 else:
                     _send_with(connection, before, packet)
-                if spin and self._alone(len(busy)):
+                if spin and self.sharing.alone(len(busy)):
                     _spin_until_readable(connection, SPIN_SECONDS)
                 reply = connection.read_response()
             except (RedisConnectionError, RedisTimeoutError):
@@ -132,13 +131,6 @@ class DirectConnections:
                 connection.disconnect()
             busy.discard(connection)
             idle.append(connection)
-
-    def _alone(self, in_use: int) -> bool:
-        now = time.monotonic()
-        if in_use > 1:
-            self._shared_at = now
-            return False
-        return now - self._shared_at > SHARED_QUIET_SECONDS
 
     def pipeline(self, commands: list[tuple[Any, ...]], before: Piggyback | None = None) -> list[Any]:
         """Send several commands in one write and read their replies (error replies are returned)."""
@@ -196,8 +188,6 @@ SPIN_SECONDS = 0.0003
 
 Read at each call; ``benchmarks/push_wait.py`` sets it to compare both ways in one process.
 """
-SHARED_QUIET_SECONDS = 0.05
-"""A ``push`` polls only if its connections had no other user for this long (see ``execute_command``)."""
 
 
 def _spin_until_readable(connection: AbstractConnection, budget: float) -> None:

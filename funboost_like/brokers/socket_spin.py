@@ -10,7 +10,9 @@ the publish guarantees changes. Used by ``redis_common.DirectConnections`` and `
 Only the standard library's plain sockets are polled (their class comes from module ``socket``):
 under gevent or eventlet, whose sockets are their own classes even after monkey-patching, polling
 would hold up the other greenlets, and a TLS socket may hold a reply in its buffer while nothing is
-readable, so those wait as before. ``poll`` releases the GIL, so other threads run meanwhile.
+readable, so those wait as before. ``poll`` releases the GIL, so other threads run meanwhile; still,
+a publisher polls only while it is alone on its connections (:class:`Sharing`): several threads
+publishing together, or a consumer waiting on the server in the same process, block as before.
 """
 
 from __future__ import annotations
@@ -22,6 +24,26 @@ from collections.abc import Callable
 from typing import Any
 
 Ready = Callable[[int], list[Any]]
+SHARED_QUIET_SECONDS = 0.05
+"""A publisher polls only if its connections had no other user for this long (see :class:`Sharing`)."""
+
+
+class Sharing:
+    """Whether a thread is alone on connections that several threads may use: not while another thread
+    uses them, nor for ``SHARED_QUIET_SECONDS`` after (threads that share tend to go on sharing)."""
+
+    __slots__ = ("_shared_at",)
+
+    def __init__(self) -> None:
+        self._shared_at = -SHARED_QUIET_SECONDS  # when a caller last found another thread there
+
+    def alone(self, in_use: int) -> bool:
+        """``in_use``: how many threads use the connections now, the caller included."""
+        now = time.monotonic()
+        if in_use > 1:
+            self._shared_at = now
+            return False
+        return now - self._shared_at > SHARED_QUIET_SECONDS
 
 
 def reply_poller(sock: object) -> Ready | None:
