@@ -185,3 +185,28 @@ def test_topics_are_made_with_the_partition_count_and_the_password_stays_out_of_
     assert "s3cret-pw" not in caplog.text and "s3cret-pw" not in broker._where()
     broker.purge(queue_name)
     broker.close()
+
+
+@pytest.mark.parametrize("server", [TANSU, MOCK], ids=["tansu", "mock"])
+def test_publish_many_builds_record_batches_that_split_at_the_size_limit_and_keep_order(
+        queue_name: str, server: tuple[str, str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    from funboost_like.brokers import kafka_python
+
+    use(server, KAFKA_PARTITIONS=2)
+    monkeypatch.setattr(kafka_python, "BATCH_BYTES", 4_000)  # about 100 records of the bodies below
+    broker = get_broker(BrokerEnum.KAFKA)
+    client = broker._client
+    requests: list[int] = []
+    send_batch = client._send_batch
+    monkeypatch.setattr(client, "_send_batch", lambda topic, partition, batch: (
+        requests.append(partition), send_batch(topic, partition, batch))[-1])
+    bodies = [json.dumps({"n": n, "pad": "x" * 20}).encode() for n in range(1_000)]
+    broker.publish_many(queue_name, bodies)
+    broker.publish_many(queue_name, bodies[:3])  # under BATCH_FROM: through the producer
+    assert len(requests) >= 10 and len(set(requests)) == 1, requests
+    assert broker.count(queue_name) == 1_003
+    read = client.read(queue_name, {requests[0]: 0}, {requests[0]: 1_000}, 20.0)
+    assert [json.loads(r.value)["n"] for r in read] == list(range(1_000))
+    assert [r.offset for r in read] == list(range(1_000))
+    broker.purge(queue_name)
+    broker.close()

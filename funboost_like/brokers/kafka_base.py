@@ -210,25 +210,29 @@ class KafkaBroker(Broker):
         got: list[Delivery] = []
         group = q.main
         assert group is not None
+        append, queue, raised = got.append, q.queue, {}
         with q.lock:
             for partition, buffer in group.buffers.items():
-                room = max_n - len(got)
-                if q.ordered:
-                    room = min(room, 0 if q.running.get(partition) else 1)
-                while buffer and room > 0:
+                room = min(max_n - len(got), len(buffer))
+                if q.ordered and q.running.get(partition):
+                    room = 0
+                elif q.ordered:
+                    room = min(room, 1)
+                if room <= 0:
+                    continue
+                generation, highest = q.generation.get(partition, 0), -1
+                for _ in range(room):
                     record = buffer.popleft()
-                    attempts, crashes = counts(record)
-                    token = (partition, record.offset, q.generation.get(partition, 0))
-                    got.append(Delivery(q.queue, record.value, token, attempts + 1, 0, crashes))
-                    q.running[partition] = q.running.get(partition, 0) + 1
-                    room -= 1
+                    offset = record.offset
+                    attempts, crashes = counts(record) if record.headers else (0, 0)
+                    append(Delivery(queue, record.value, (partition, offset, generation), attempts + 1, 0, crashes))
+                    if offset > highest:  # in log order but for released records put back in front
+                        highest = offset
+                q.running[partition] = q.running.get(partition, 0) + room
+                if highest + 1 > q.marks.get(partition, -1):
+                    raised[partition] = highest + 1
                 if len(got) >= max_n:
                     break
-            raised: dict[int, int] = {}
-            for delivery in got:
-                partition, offset, _ = delivery.token
-                if offset + 1 > max(q.marks.get(partition, -1), raised.get(partition, -1)):
-                    raised[partition] = offset + 1
         if raised:  # before any of them runs: a death from now on is counted against them
             self._client.commit_offsets(f"{q.group}.delivered", q.queue, raised)
             q.marks.update(raised)

@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import NamedTuple
 
 Produce = tuple[bytes, dict[str, str] | None, int | None]  # (value, headers, partition)
@@ -18,7 +19,10 @@ class Record(NamedTuple):
     partition: int
     offset: int
     value: bytes
-    headers: dict[str, str]
+    headers: Mapping[str, str]
+
+
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})  # the headers of most records, shared (read-only)
 
 
 class GroupConsumer:

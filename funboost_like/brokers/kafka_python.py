@@ -15,21 +15,35 @@ by ``count`` and dead-letter listing under a lock.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import kafka.errors
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.protocol.producer import ProduceRequest
+from kafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.structs import OffsetAndMetadata
 
 from funboost_like.brokers.kafka_base import KafkaBroker
-from funboost_like.brokers.kafka_client import GroupConsumer, KafkaClient, Listener, Produce, Record, collect, wanted
+from funboost_like.brokers.kafka_client import (
+    NO_HEADERS,
+    GroupConsumer,
+    KafkaClient,
+    Listener,
+    Produce,
+    Record,
+    collect,
+    wanted,
+)
 from funboost_like.core.config import settings
 from funboost_like.core.enums import BrokerEnum
 
 TIMEOUT_MS = 10_000
 JOINING_POLL = 0.05  # seconds a poll waits while the group join is under way
+BATCH_BYTES = 900_000  # under the 1 MiB a server takes in one record batch by default (message.max.bytes)
+BATCH_FROM = 8  # this many records for one partition go out as record batches we build (see produce)
 
 
 def base_config() -> dict[str, Any]:
@@ -47,7 +61,7 @@ def base_config() -> dict[str, Any]:
 
 
 def _record(message: Any) -> Record:
-    headers = {key: (value or b"").decode() for key, value in message.headers or ()}
+    headers = {key: (value or b"").decode() for key, value in message.headers} if message.headers else NO_HEADERS
     return Record(message.partition, message.offset, message.value or b"", headers)
 
 
@@ -98,6 +112,11 @@ class _Member(GroupConsumer):
         self.consumer.close(autocommit=False)
 
 
+def _new_batch() -> DefaultRecordBatchBuilder:
+    return DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False, producer_id=-1,
+                                     producer_epoch=-1, base_sequence=-1, batch_size=BATCH_BYTES)
+
+
 class KafkaPythonClient(KafkaClient):
     def __init__(self) -> None:
         self.producer = KafkaProducer(**base_config(), linger_ms=2, acks="all", batch_size=1 << 20,
@@ -107,6 +126,14 @@ class KafkaPythonClient(KafkaClient):
         self.reader_lock = threading.Lock()
 
     def produce(self, topic: str, items: Sequence[Produce]) -> None:
+        """Many records for one partition (a ``publish_many`` chunk) go out as record batches built here,
+        one ProduceRequest each: ``KafkaProducer.send`` costs about 30 µs per record in Python, which
+        caps a publisher near 30,000/s; the batch builder costs 3-4 µs. Anything else goes through the
+        producer."""
+        partition = items[0][2] if len(items) >= BATCH_FROM else None
+        if partition is not None and all(item[2] == partition for item in items):
+            self._produce_batches(topic, partition, items)
+            return
         send = self.producer.send
         futures = [send(topic, value, partition=partition,
                         headers=[(k, v.encode()) for k, v in headers.items()] if headers else None)
@@ -114,6 +141,42 @@ class KafkaPythonClient(KafkaClient):
         self.producer.flush(TIMEOUT_MS * 3 / 1000)
         for future in futures:
             future.get(TIMEOUT_MS / 1000)  # raises the error of a failed send
+
+    def _produce_batches(self, topic: str, partition: int, items: Sequence[Produce]) -> None:
+        timestamp, batch, offset = int(time.time() * 1000), _new_batch(), 0
+        for value, headers, _ in items:
+            encoded = [(k, v.encode()) for k, v in headers.items()] if headers else []
+            if batch.append(offset, timestamp, None, value, encoded) is None:  # full: send it, start the next
+                self._send_batch(topic, partition, batch)
+                batch, offset = _new_batch(), 0
+                batch.append(offset, timestamp, None, value, encoded)
+            offset += 1
+        self._send_batch(topic, partition, batch)
+
+    def _send_batch(self, topic: str, partition: int, batch: DefaultRecordBatchBuilder) -> None:
+        """One ProduceRequest (acks=all) to the partition's leader; retriable errors (a leader moving, a
+        topic not yet known) are tried again with fresh metadata for up to 3 x TIMEOUT_MS."""
+        topic_data = ProduceRequest.TopicProduceData
+        request = ProduceRequest(transactional_id=None, acks=-1, timeout_ms=TIMEOUT_MS, min_version=3, max_version=9,
+                                 topic_data=[topic_data(name=topic, partition_data=[
+                                     topic_data.PartitionProduceData(index=partition, records=bytes(batch.build()))])])
+        deadline, manager = time.monotonic() + TIMEOUT_MS * 3 / 1000, self.admin._manager
+        while True:
+            try:
+                self.producer.partitions_for(topic)  # metadata of the topic (cached after the first call)
+                leader = self.producer._metadata.leader_for_partition(TopicPartition(topic, partition))
+                if leader is None or leader < 0:
+                    raise kafka.errors.LeaderNotAvailableError(f"no leader for {topic}[{partition}]")
+                response = manager.run(manager.send, request, leader)
+                codes = [p.error_code for t in response.responses for p in t.partition_responses]
+                if codes != [0]:
+                    raise kafka.errors.for_code(codes[0] if codes else -1)()
+                return
+            except kafka.errors.KafkaError as exc:
+                if not exc.retriable or time.monotonic() > deadline:
+                    raise
+                self.producer._metadata.request_update()
+                time.sleep(0.1)
 
     def create_topic(self, topic: str, partitions: int) -> bool:
         try:
