@@ -157,3 +157,32 @@ def test_what_mqtt_cannot_do_is_refused_early(brokers: list[MqttBroker], queue_n
 
     with pytest.raises(ConfigurationError, match="priority"):
         plain.publish({"x": 1}, PriorityConsumingControlConfig(priority=3))
+
+
+def test_a_lone_push_polls_for_its_puback_and_a_batch_or_a_shared_moment_does_not(
+        brokers: list[MqttBroker], queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One-by-one pushes poll the socket for their PUBACK (a blocking read alone cost 40% of the rate on
+    this VM, docs/performance.md); a batch reads its acks blocking, and so does a push while another
+    thread of the process publishes, and for SHARED_QUIET_SECONDS after."""
+    from funboost_like.brokers import mqtt_wire, socket_spin
+
+    spins: list[float] = []
+    real = mqtt_wire.spin
+    monkeypatch.setattr(mqtt_wire, "spin", lambda ready, budget: (spins.append(budget), real(ready, budget))[-1])
+    broker = MqttBroker()
+    brokers.append(broker)
+    time.sleep(2 * socket_spin.SHARED_QUIET_SECONDS)
+    for i in range(10):
+        broker.publish(queue_name, json.dumps({"x": i}).encode())
+    assert spins == [mqtt_wire.SPIN_SECONDS] * 10
+    broker.publish_many(queue_name, [json.dumps({"x": i}).encode() for i in range(10, 30)])
+    assert len(spins) == 10
+    wires = broker._wires
+    assert wires is not None
+    assert not wires.sharing.alone(2)  # another thread publishes right now
+    broker.publish(queue_name, b'{"x": 30}')
+    assert len(spins) == 10
+    time.sleep(2 * socket_spin.SHARED_QUIET_SECONDS)
+    broker.publish(queue_name, b'{"x": 31}')
+    assert len(spins) == 11
+    assert sorted(json.loads(body)["x"] for body in take(broker, queue_name, 32)) == list(range(32))

@@ -9,7 +9,9 @@ still returns once the server acknowledged every message (QoS 1). A reason code 
 raises :class:`~funboost_like.brokers.mqtt_client.MqttRefused`; a broken connection is opened again
 and the unacknowledged messages sent once more (at least once), else it raises
 :class:`~funboost_like.brokers.mqtt_client.MqttUnreachable`. TLS servers (``mqtts://``) are left to paho
-(:meth:`WirePublishers.publish` returns False).
+(:meth:`WirePublishers.publish` returns False). A lone message's PUBACK is polled for a moment before the
+blocking read (:mod:`.socket_spin`), unless another thread of the process published through this
+broker in the last ``socket_spin.SHARED_QUIET_SECONDS``.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import threading
 from collections.abc import Sequence
 
 from funboost_like.brokers.mqtt_client import TIMEOUT, MqttRefused, MqttUnreachable, Server
+from funboost_like.brokers.socket_spin import Sharing, reply_poller, spin
 
 _CONNECT, _CONNACK, _PUBACK, _DISCONNECT = 0x10, 0x20, 0x40, 0xE0
 _PUBLISH_QOS1 = 0x32
 _RECEIVE_MAXIMUM, _USER_PROPERTY = 0x21, 0x26  # property identifiers, and the sizes of the others
 _FIXED = {0x11: 4, 0x13: 2, 0x22: 2, 0x24: 1, 0x25: 1, 0x27: 4, 0x28: 1, 0x29: 1, 0x2A: 1}
 _STRINGS = {0x12, 0x15, 0x16, 0x1A, 0x1C, 0x1F}
+SPIN_SECONDS = 0.0003  # how long a lone push polls for its PUBACK before blocking
 
 
 def _read_varint(data: bytes | bytearray, at: int) -> tuple[int, int]:
@@ -73,6 +77,7 @@ class _Connection:
         if kind != _CONNACK or len(body) < 2 or body[1] >= 0x80:
             raise MqttRefused(f"{server.shown} refused the publishing connection (reason {body[1:2].hex() or '?'})")
         self.window = self._receive_maximum(body)
+        self._ready = reply_poller(self.sock)
 
     @staticmethod
     def _receive_maximum(body: bytes) -> int:
@@ -114,8 +119,9 @@ class _Connection:
                 raise ConnectionError("the server closed the connection")
             buffer += chunk
 
-    def publish(self, topic: str, bodies: Sequence[bytes]) -> None:
-        """PUBLISH each body at QoS 1 and read every PUBACK (at most ``window`` in flight)."""
+    def publish(self, topic: str, bodies: Sequence[bytes], alone: bool = False) -> None:
+        """PUBLISH each body at QoS 1 and read every PUBACK (at most ``window`` in flight); ``alone``: no
+        other thread publishes now, so a lone message's PUBACK may be polled for."""
         head = _string(topic.encode())
         window, sent, acked = self.window, 0, 0
         while acked < len(bodies):
@@ -126,6 +132,8 @@ class _Connection:
                 sent += 1
             if packets:
                 self.sock.sendall(b"".join(packets))
+            if alone and len(bodies) == 1 and self._ready is not None and self.pos == len(self.buffer):
+                spin(self._ready, SPIN_SECONDS)
             while True:  # every acknowledgement already here, at least one
                 kind, body = self._read_packet()
                 if kind == _PUBACK:
@@ -154,6 +162,8 @@ class WirePublishers:
         self._local = threading.local()
         self._all: list[_Connection] = []
         self._lock = threading.Lock()
+        self._busy: set[_Connection] = set()  # publishing now (set.add and discard hold the GIL)
+        self.sharing = Sharing()  # whether a publish is alone: no other thread publishes
 
     def publish(self, topic: str, bodies: Sequence[bytes]) -> bool:
         """Publish ``bodies`` to ``topic`` at QoS 1; False when this server is left to paho (TLS)."""
@@ -166,7 +176,11 @@ class WirePublishers:
                     connection = self._local.connection = _Connection(self.server)
                     with self._lock:
                         self._all.append(connection)
-                connection.publish(topic, bodies)
+                self._busy.add(connection)
+                try:
+                    connection.publish(topic, bodies, self.sharing.alone(len(self._busy)))
+                finally:
+                    self._busy.discard(connection)
                 return True
             except (OSError, ConnectionError) as exc:
                 self._local.connection = None
