@@ -160,7 +160,8 @@ class KafkaBroker(Broker):
         """Buffer records for calls; those whose consumer died holding them go back as counted copies."""
         group = q.main
         assert group is not None
-        dead = [r for r in records if r.offset < q.crash_until.get(r.partition, -1)]
+        crash_until = q.crash_until
+        dead = [r for r in records if r.offset < crash_until.get(r.partition, -1)] if crash_until else []
         if dead:
             copies = []
             for record in dead:
@@ -243,11 +244,16 @@ class KafkaBroker(Broker):
         q = self._queues.get(deliveries[0].queue)
         if q is None or q.main is None:
             return
+        finished: dict[int, list[int]] = {}  # partition: offsets, those of a revoked generation left out
         with q.lock:
+            generation = q.generation
             for delivery in deliveries:
-                partition, offset, generation = delivery.token
-                if q.generation.get(partition, 0) == generation and q.main.tracker.finished(partition, [offset]):
-                    q.running[partition] = max(0, q.running.get(partition, 0) - 1)
+                partition, offset, taken_in = delivery.token
+                if generation.get(partition, 0) == taken_in:
+                    finished.setdefault(partition, []).append(offset)
+            for partition, offsets in finished.items():
+                if q.main.tracker.finished(partition, offsets):
+                    q.running[partition] = max(0, q.running.get(partition, 0) - len(offsets))
 
     def _ack(self, deliveries: Sequence[Delivery]) -> None:
         self._done(deliveries)
