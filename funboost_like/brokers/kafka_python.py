@@ -124,13 +124,14 @@ class KafkaPythonClient(KafkaClient):
         self.admin = KafkaAdminClient(**base_config())
         self.reader = KafkaConsumer(**base_config(), enable_auto_commit=False, fetch_max_wait_ms=100)
         self.reader_lock = threading.Lock()
+        self.batches = self.producer.config["api_version"] >= (0, 11)  # record batches need Produce v3
 
     def produce(self, topic: str, items: Sequence[Produce]) -> None:
         """Many records for one partition (a ``publish_many`` chunk) go out as record batches built here,
         one ProduceRequest each: ``KafkaProducer.send`` costs about 30 µs per record in Python, which
-        caps a publisher near 30,000/s; the batch builder costs 3-4 µs. Anything else goes through the
-        producer."""
-        partition = items[0][2] if len(items) >= BATCH_FROM else None
+        caps a publisher near 30,000/s; the batch builder costs 3-4 µs. Anything else, and everything
+        for a server older than Kafka 0.11, goes through the producer."""
+        partition = items[0][2] if len(items) >= BATCH_FROM and self.batches else None
         if partition is not None and all(item[2] == partition for item in items):
             self._produce_batches(topic, partition, items)
             return
