@@ -688,3 +688,33 @@ def test_a_publish_to_any_file_wakes_a_waiting_fetch_at_once(folder: Path) -> No
     assert len(files_of(folder)) == 3
     for b in (consumer, publisher):
         b.close()
+
+
+def test_a_watch_looks_again_soon_after_a_write_whose_commit_may_not_be_visible_yet(tmp_path: Path) -> None:
+    """SQLite appends to the WAL file before it publishes the commit in the (unwatched) shared memory
+    index, so a fetch woken by the write can find nothing: the next waits are short (1 ms doubling to
+    64 ms), then long again. Seen under load: a message waited 0.5 s for the next long wait."""
+    from funboost_like.brokers.file_watch import FileWatch
+
+    paths = [tmp_path / "a-wal", tmp_path / "b-wal"]
+    for path in paths:
+        path.write_bytes(b"")
+    watch = FileWatch([str(path) for path in paths])
+    if watch._fd < 0:
+        pytest.skip("no inotify here: the watch polls")
+    started = time.monotonic()
+    watch.wait(0.3)  # nothing written: a watched wait lasts its timeout
+    assert time.monotonic() - started >= 0.25
+    with open(paths[1], "ab") as f:
+        f.write(b"x")
+    started = time.monotonic()
+    watch.wait(5.0)
+    assert time.monotonic() - started < 0.2  # the write ends the wait at once
+    started = time.monotonic()
+    for _ in range(7):  # no new write: 1 + 2 + ... + 64 ms
+        watch.wait(5.0)
+    assert time.monotonic() - started < 1.5  # before the fix: 7 waits of 0.5 s
+    started = time.monotonic()
+    watch.wait(0.3)
+    assert time.monotonic() - started >= 0.25  # long again
+    watch.close()

@@ -1,10 +1,17 @@
-"""A cross-process wake-up for brokers kept in local files: wait until a file is written.
+"""A cross-process wake-up for brokers kept in local files: wait until one of some files is written.
 
-On Linux an inotify watch (through ``ctypes``, no dependency) on the file reports every write by any
-process at once, so an idle consumer of the embedded broker starts a message published by another
-process within about a millisecond, and costs nothing while nothing is written. Where inotify is
-missing (other systems, a file system without it, the watch limit reached) :meth:`FileWatch.wait`
-sleeps like a poll, backing off from 2 ms to 50 ms.
+On Linux one inotify instance watching the files (through ``ctypes``, no dependency) reports every
+write by any process at once, so an idle consumer of the embedded broker starts a message published
+by another process within about a millisecond, and costs nothing while nothing is written. Where
+inotify is missing (other systems, a file system without it, the watch limit reached)
+:meth:`FileWatch.wait` sleeps like a poll, backing off from 2 ms to 50 ms.
+
+A write is not yet a commit: SQLite appends a transaction's frames to the WAL file, and only then
+publishes the commit in the wal-index, a shared memory map whose writes inotify does not see. A reader
+woken by the WAL write can look before that and find nothing, and no later event would come; so after
+an event the next waits are short (1 ms doubling to 64 ms) before a watched wait is long again. On
+a loaded machine the writer was seen descheduled between the two for a few milliseconds, and the
+message then waited for the next long wait (0.5 s).
 
 A watch belongs to one thread. Writes between two waits are not lost: the kernel queues their events
 until the next :meth:`FileWatch.wait` drains them.
@@ -19,6 +26,7 @@ import os
 import select
 import sys
 import time
+from collections.abc import Sequence
 
 logger = logging.getLogger("funboost_like.broker")
 
@@ -27,6 +35,7 @@ _IN_NONBLOCK = 0o4000
 _IN_CLOEXEC = 0o2000000
 _POLL_FIRST, _POLL_MAX = 0.002, 0.05
 _LONGEST_WATCHED_WAIT = 0.5  # a watched wait still looks again this often (a missed watch costs no more)
+_AFTER_EVENT_FIRST, _AFTER_EVENT_LAST = 0.001, 0.064  # the short waits after an event (see above)
 
 _libc = None
 if sys.platform.startswith("linux"):
@@ -39,51 +48,50 @@ if sys.platform.startswith("linux"):
 
 
 class FileWatch:
-    """Waits for writes to one file (see the module docstring)."""
+    """Waits for writes to any of ``paths`` (see the module docstring)."""
 
-    __slots__ = ("path", "_fd", "_pause")
+    __slots__ = ("paths", "_fd", "_pause", "_after_event")
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = tuple(paths)
         self._fd = -1
         self._pause = _POLL_FIRST
+        self._after_event = 0.0  # the next short wait after an event (0: none pending)
         self._arm()
 
     def _arm(self) -> None:
-        if _libc is None or not os.path.exists(self.path):
+        if _libc is None or not all(os.path.exists(path) for path in self.paths):
             return
         fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
             return
-        if _libc.inotify_add_watch(fd, os.fsencode(self.path), _IN_MODIFY) < 0:
-            logger.debug("no inotify watch on %s (errno %d); polling", self.path, ctypes.get_errno())
+        if all(_libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) >= 0 for path in self.paths):
+            self._fd = fd
+        else:
+            logger.debug("no inotify watch on %s (errno %d); polling", self.paths, ctypes.get_errno())
             os.close(fd)
-            return
-        self._fd = fd
-
-    @property
-    def watching(self) -> bool:
-        return self._fd >= 0
 
     def wait(self, timeout: float) -> None:
-        """Return when the file was written since the last wait, or after ``timeout`` seconds."""
+        """Return when a file was written since the last wait, or after ``timeout`` seconds (much sooner
+        right after an event: the commit it announced may not be visible yet)."""
         if self._fd < 0:
             self._arm()
-            if self._fd < 0:
-                pause = self._pause
-                time.sleep(min(pause, timeout))
-                self._pause = min(pause * 2, _POLL_MAX)
+            if self._fd >= 0:  # writes before the watch may be missed: the caller looks again first
                 return
-        readable, _, _ = select.select([self._fd], [], [], min(timeout, _LONGEST_WATCHED_WAIT))
-        if readable:  # one read: events left over only end the next wait early (a loop until
-            try:      # BlockingIOError would hang under eventlet, whose os.read waits instead)
-                os.read(self._fd, 65536)
+            pause = self._pause
+            time.sleep(min(pause, timeout))
+            self._pause = min(pause * 2, _POLL_MAX)
+            return
+        short = self._after_event
+        longest = short if short else _LONGEST_WATCHED_WAIT
+        if select.select([self._fd], [], [], min(timeout, longest))[0]:
+            try:  # one read: events left over only end the next wait early (a loop until BlockingIOError
+                os.read(self._fd, 65536)  # would hang under eventlet, whose os.read waits instead)
             except BlockingIOError:
                 pass
-
-    def written(self) -> None:
-        """Something was found: the next poll (without a watch) starts short again."""
-        self._pause = _POLL_FIRST
+            self._after_event = _AFTER_EVENT_FIRST
+        elif short:
+            self._after_event = short * 2 if short < _AFTER_EVENT_LAST else 0.0
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -121,7 +121,7 @@ from funboost_like.brokers import sqlite_tables as tables
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.file_watch import FileWatch
 from funboost_like.brokers.routing import Binding, added_bindings
-from funboost_like.brokers.sqlite_file_set import FileSet, FilesWatch, QueueFile, by_file, merged, watch_files
+from funboost_like.brokers.sqlite_file_set import FileSet, QueueFile, by_file, merged
 from funboost_like.core.config import data_dir_setting, settings
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import BrokerNotAvailable, ConfigurationError
@@ -335,13 +335,13 @@ class SqliteBroker(Broker):
         """Sleep until another process (or thread) writes one of the queue's files, a known delayed message
         is due, or ``timeout``: an inotify watch on each WAL file where the system has one."""
         files = self._files(queue).files
-        watches: dict[tuple[str, ...], FileWatch | FilesWatch] = self._local.__dict__.setdefault("watches", {})
+        watches: dict[tuple[str, ...], FileWatch] = self._local.__dict__.setdefault("watches", {})
         paths = tuple(q.path for q in files)
         watch = watches.get(paths)
         if watch is None:  # the caller fetches again before the next wait, so a write made before this is not missed
             for q in files:
                 self._conn(q)  # the WAL file exists while a connection is open
-            watches[paths] = watch_files([path + "-wal" for path in paths])
+            watches[paths] = FileWatch([path + "-wal" for path in paths])
             return
         watch.wait(max(0.001, min(timeout, min(q.next_due for q in files) - time.time())))
 

@@ -11,8 +11,7 @@ This module holds what the broker needs to treat them as one queue:
   queue over), the rotation a publish follows and the order a fetch claims in;
 * :func:`merged_counts` (through :meth:`FileSet.claims`) and :func:`merged`: how many rows a fetch
   claims from each file so that it takes the first ``max_n`` messages of the files merged by priority
-  (higher first), then time, and the claimed rows in that merged order;
-* :class:`FilesWatch`: waiting for a write to any of the files.
+  (higher first), then time, and the claimed rows in that merged order.
 """
 
 from __future__ import annotations
@@ -20,27 +19,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import os
 import random
-import select
 import sqlite3
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from funboost_like.brokers.base import Delivery
-from funboost_like.brokers.file_watch import (  # one inotify binding for both watches
-    _IN_CLOEXEC,
-    _IN_MODIFY,
-    _IN_NONBLOCK,
-    _LONGEST_WATCHED_WAIT,
-    _POLL_FIRST,
-    _POLL_MAX,
-    FileWatch,
-    _libc,
-)
 from funboost_like.core.config import settings
 from funboost_like.core.errors import ConfigurationError
 from funboost_like.core.sqlite_files import queue_file_name, write_transaction
@@ -167,54 +153,3 @@ def merged(queue: str, files: FileSet, claimed: dict[int, list[Any]], heads: Seq
            in zip(sorted(rows, key=lambda row: (-row[3], row[0])), heads[k], strict=False)]
     got.sort(key=lambda row: row[:4])
     return [row[4] for row in got]
-
-
-class FilesWatch:
-    """Waits for writes to any of several files (the WAL files of a queue's files), like
-    :class:`FileWatch` for one: on Linux one inotify instance watches them all, so a write to any ends
-    the wait at once and an idle wait costs nothing; elsewhere (or past the watch limit) a poll backing
-    off from 2 ms to 50 ms. Writes between two waits are not lost. A watch belongs to one thread."""
-
-    __slots__ = ("paths", "_fd", "_pause")
-
-    def __init__(self, paths: Sequence[str]) -> None:
-        self.paths = tuple(paths)
-        self._fd = -1
-        self._pause = _POLL_FIRST
-        self._arm()
-
-    def _arm(self) -> None:
-        if _libc is None:
-            return
-        fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-        if fd < 0:
-            return
-        if all(_libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) >= 0 for path in self.paths):
-            self._fd = fd
-        else:
-            os.close(fd)
-
-    def wait(self, timeout: float) -> None:
-        """Return when one of the files was written since the last wait, or after ``timeout`` seconds."""
-        if self._fd < 0:
-            self._arm()
-            if self._fd >= 0:  # writes before the watch may be missed: the caller looks again first
-                return
-            time.sleep(min(self._pause, timeout))
-            self._pause = min(self._pause * 2, _POLL_MAX)
-            return
-        if select.select([self._fd], [], [], min(timeout, _LONGEST_WATCHED_WAIT))[0]:
-            try:
-                os.read(self._fd, 65536)
-            except BlockingIOError:
-                pass
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def watch_files(paths: Sequence[str]) -> FileWatch | FilesWatch:
-    """A watch on the files ``paths`` (a :class:`FileWatch` for one)."""
-    return FileWatch(paths[0]) if len(paths) == 1 else FilesWatch(paths)
