@@ -113,6 +113,22 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         _drop_mongo_leftovers()  # xdist workers leave it to the controller (without xdist: tests/mongo_server.py)
 
 
+_first_failures: list[tuple[str, str]] = []  # (test, failure) of tests that passed when run again
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Keep the first failure of a test that pytest-rerunfailures runs again: its summary names the test
+    only, and a flaky test's cause is in that first failure."""
+    if report.outcome == "rerun" and report.longrepr is not None:
+        _first_failures.append((report.nodeid, report.longreprtext[-4000:]))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for nodeid, text in _first_failures:
+        terminalreporter.section(f"first failure of {nodeid} (passed when run again)", sep="-")
+        terminalreporter.write_line(text)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "ops_registry: the test runs with the operations registry on (OPS_REGISTRY)")
     config.addinivalue_line("markers", "serial: scripts/test.sh runs it after the parallel run, alone")
