@@ -212,16 +212,19 @@ def test_a_restart_is_survived_without_a_process_restart(kind, node) -> None:  #
     for i in range(30):
         work.push(i)
     work.consume()
-    wait_for(lambda: len(seen) >= 5, 20, "the first calls")
-    node.stop_app()
-    with pytest.raises(BrokerConnectionError):
-        work.push(-1)  # a clear error during the outage, never a silent loss
-    time.sleep(1.0)
-    node.start_app()
-    for i in range(30, 60):
-        work.push(i)
-    wait_for(lambda: seen >= set(range(60)), 60, "every call, the consumer having reconnected by itself")
-    assert -1 not in seen
+    try:
+        wait_for(lambda: len(seen) >= 5, 20, "the first calls")
+        node.stop_app()
+        with pytest.raises(BrokerConnectionError):
+            work.push(-1)  # a clear error during the outage, never a silent loss
+        time.sleep(1.0)
+        node.start_app()
+        for i in range(30, 60):
+            work.push(i)
+        wait_for(lambda: seen >= set(range(60)), 60, "every call, the consumer having reconnected by itself")
+        assert -1 not in seen
+    finally:
+        work.stop()  # else it retries the private node, stopped at the module's end, until the session ends
 
 
 @pytest.mark.xdist_group("rabbitmq_node")  # one private node, in one worker
