@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 Produce = tuple[bytes, dict[str, str] | None, int | None]  # (value, headers, partition)
 END = -1  # in the ``until`` of :meth:`KafkaClient.read`: as far as the log goes
@@ -21,8 +21,15 @@ class Record(NamedTuple):
     value: bytes
     headers: Mapping[str, str]
 
+    @classmethod
+    def of(cls, partition: int, offset: int, value: bytes | None, pairs: Any) -> Record:
+        """A record from a client's message: header values decoded (a missing one as ""); a record
+        without headers shares one read-only mapping (most records: no dict made per record)."""
+        headers = {key: data.decode() if isinstance(data, bytes) else "" for key, data in pairs} if pairs else _NONE
+        return cls(partition, offset, value or b"", headers)
 
-NO_HEADERS: Mapping[str, str] = MappingProxyType({})  # the headers of most records, shared (read-only)
+
+_NONE: Mapping[str, str] = MappingProxyType({})
 
 
 class GroupConsumer:

@@ -22,16 +22,7 @@ except ImportError:  # older releases keep it in confluent_kafka.admin
     from confluent_kafka.admin import ConsumerGroupTopicPartitions  # type: ignore[attr-defined,no-redef]
 
 from funboost_like.brokers.kafka_base import KafkaBroker
-from funboost_like.brokers.kafka_client import (
-    NO_HEADERS,
-    GroupConsumer,
-    KafkaClient,
-    Listener,
-    Produce,
-    Record,
-    collect,
-    wanted,
-)
+from funboost_like.brokers.kafka_client import GroupConsumer, KafkaClient, Listener, Produce, Record, collect, wanted
 from funboost_like.core.config import settings
 from funboost_like.core.enums import BrokerEnum
 
@@ -51,9 +42,7 @@ def base_config() -> dict[str, Any]:
 
 
 def _record(message: Message) -> Record:
-    pairs: Any = message.headers()  # a list of (key, bytes) pairs on received messages, or None
-    headers = {key: value.decode() if isinstance(value, bytes) else "" for key, value in pairs} if pairs else NO_HEADERS
-    return Record(message.partition() or 0, message.offset() or 0, message.value() or b"", headers)
+    return Record.of(message.partition() or 0, message.offset() or 0, message.value(), message.headers())
 
 
 class _Member(GroupConsumer):

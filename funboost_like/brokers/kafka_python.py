@@ -27,16 +27,7 @@ from kafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.structs import OffsetAndMetadata
 
 from funboost_like.brokers.kafka_base import KafkaBroker
-from funboost_like.brokers.kafka_client import (
-    NO_HEADERS,
-    GroupConsumer,
-    KafkaClient,
-    Listener,
-    Produce,
-    Record,
-    collect,
-    wanted,
-)
+from funboost_like.brokers.kafka_client import GroupConsumer, KafkaClient, Listener, Produce, Record, collect, wanted
 from funboost_like.core.config import settings
 from funboost_like.core.enums import BrokerEnum
 
@@ -61,8 +52,7 @@ def base_config() -> dict[str, Any]:
 
 
 def _record(message: Any) -> Record:
-    headers = {key: (value or b"").decode() for key, value in message.headers} if message.headers else NO_HEADERS
-    return Record(message.partition, message.offset, message.value or b"", headers)
+    return Record.of(message.partition, message.offset, message.value, message.headers)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
