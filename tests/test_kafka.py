@@ -210,3 +210,29 @@ def test_publish_many_builds_record_batches_that_split_at_the_size_limit_and_kee
     assert [r.offset for r in read] == list(range(1_000))
     broker.purge(queue_name)
     broker.close()
+
+
+def test_a_commit_refused_by_a_rebalance_is_not_recorded_and_does_not_raise() -> None:
+    """A member fenced off by a rebalance it missed (unknown member, old generation: seen once on the mock
+    cluster right after a SIGKILL) gets False from its commit. Raising there made every fetch fail before
+    it could poll, so the member never joined again and its calls never ran; now the commit is skipped
+    (nothing is noted as committed, no mark is lowered) and the next poll joins the group again."""
+    from funboost_like.brokers.kafka_client import GroupConsumer
+    from funboost_like.brokers.kafka_groups import commit
+    from funboost_like.brokers.kafka_queue import GroupState, QueueState
+
+    class Fenced(GroupConsumer):
+        def commit(self, offsets: dict[int, int]) -> bool:
+            return False
+
+    class NoAdmin:
+        def commit_offsets(self, *args: object) -> None:
+            raise AssertionError("a mark must not be lowered after a refused commit")
+
+    q, group = QueueState("q", [0]), GroupState(Fenced())
+    group.tracker.assign(0, 5)
+    group.tracker.taken(0, [5, 6])
+    group.tracker.finished(0, [5, 6])
+    q.marks[0] = 9
+    commit(NoAdmin(), q, group, group.tracker.due(), lower_marks=True)  # type: ignore[arg-type]
+    assert group.tracker.due() == {0: 7} and q.marks[0] == 9  # still due: sent again once joined

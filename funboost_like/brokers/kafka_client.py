@@ -38,8 +38,10 @@ class GroupConsumer:
     def poll(self, max_n: int, timeout: float) -> list[Record]:
         raise NotImplementedError
 
-    def commit(self, offsets: dict[int, int]) -> None:
-        """Commit as a member of the group, synchronously."""
+    def commit(self, offsets: dict[int, int]) -> bool:
+        """Commit as a member of the group, synchronously; False when the group fenced this member off
+        (a rebalance it missed: unknown member, old generation), so nothing was committed and the next
+        poll joins the group again."""
         raise NotImplementedError
 
     def committed(self, partitions: list[int]) -> dict[int, int]:

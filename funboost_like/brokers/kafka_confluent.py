@@ -27,6 +27,8 @@ from funboost_like.core.config import settings
 from funboost_like.core.enums import BrokerEnum
 
 _log = logging.getLogger("funboost_like.kafka.librdkafka")
+_FENCED = (KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS,
+           KafkaError.FENCED_INSTANCE_ID)
 TIMEOUT = 10.0
 
 
@@ -68,13 +70,17 @@ class _Member(GroupConsumer):
                 _log.warning("consuming %s: %s", self.topic, error.str())
         return records
 
-    def commit(self, offsets: dict[int, int]) -> None:
+    def commit(self, offsets: dict[int, int]) -> bool:
         try:
             self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in offsets.items()],
                                  asynchronous=False)
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
+            code = exc.args[0].code()
+            if code in _FENCED:
+                return False
+            if code != KafkaError._NO_OFFSET:
                 raise
+        return True
 
     def committed(self, partitions: list[int]) -> dict[int, int]:
         found = self.consumer.committed([TopicPartition(self.topic, p) for p in partitions], timeout=TIMEOUT)

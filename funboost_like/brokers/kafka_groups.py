@@ -11,11 +11,14 @@ Each subscription is polled, settled and committed by one thread at a time (its 
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections import deque
 
 from funboost_like.brokers.kafka_client import KafkaClient, Record
 from funboost_like.brokers.kafka_queue import GroupState, QueueState
+
+logger = logging.getLogger("funboost_like.kafka")
 
 WAIT_SLICE = 0.2  # a wait polls at most this long (commits go out between two polls)
 COMMIT_EVERY = 0.1  # seconds between two commits of a busy group (an idle one commits at once)
@@ -48,7 +51,9 @@ def commit(client: KafkaClient, q: QueueState, group: GroupState, positions: dic
     """Commit ``positions`` as the group's member; ``lower_marks``: lower the delivered marks to them too."""
     if not positions or group.consumer is None:
         return
-    group.consumer.commit(positions)
+    if not group.consumer.commit(positions):  # fenced off: the next poll joins again; the revoke forgets
+        logger.info("queue %r: the group rebalanced before this commit; joining it again", q.queue)
+        return
     group.tracker.committed(positions)
     if lower_marks:  # the records still held were not lost to a death: the next owner runs them as new
         lowered = {p: pos for p, pos in positions.items() if q.marks.get(p, -1) != pos}

@@ -82,8 +82,14 @@ class _Member(GroupConsumer):
         batches = self.consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_n)
         return [_record(message) for messages in batches.values() for message in messages]
 
-    def commit(self, offsets: dict[int, int]) -> None:
-        self.consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
+    def commit(self, offsets: dict[int, int]) -> bool:
+        try:
+            self.consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
+                                  for p, o in offsets.items()})
+        except (kafka.errors.CommitFailedError, kafka.errors.UnknownMemberIdError, kafka.errors.IllegalGenerationError,
+                kafka.errors.RebalanceInProgressError):
+            return False
+        return True
 
     def committed(self, partitions: list[int]) -> dict[int, int]:
         found = {}
