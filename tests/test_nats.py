@@ -322,3 +322,55 @@ def test_a_lone_push_polls_for_its_puback_and_a_batch_or_a_shared_moment_does_no
     fn.push(31)
     assert len(spins) == 11
     assert fn.get_message_count() == 32
+
+
+def test_a_late_status_of_an_earlier_pull_does_not_end_the_current_one(queues: list[str]) -> None:
+    """The status that ends a lingering pull can come after the answer to the next request (seen on
+    nats-server 2.10): the current request must still end on its own status, not wait for its timeout."""
+    from collections import deque
+
+    from funboost_like.brokers.nats_pull import WirePuller
+
+    wire = WirePuller(URL, 5.0, f"$JS.API.CONSUMER.MSG.NEXT.{stream_name(queues[0])}.fl", deque())
+    try:
+        inbox = wire.inbox.encode()
+        wire._rid = 12
+        wire._buf += (b"HMSG %s.12 1 28 28\r\nNATS/1.0 404 No Messages\r\n\r\n\r\n"
+                      b"HMSG %s.11 1 32 32\r\nNATS/1.0 408 Request Timeout\r\n\r\n\r\n"
+                      b"MSG %s 1 $JS.ACK.s.fl.1.7.7.1.0 2\r\n{}\r\nHMSG %s 1 $JS.ACK.s.fl.1.8.8.1.0 28 30\r\n"
+                      b"NATS/1.0\r\nfl-attempts: 2\r\n\r\n{}\r\nMSG %s 1 $JS.ACK.s.fl.1.9.9.1.0 2\r\n{"
+                      % (inbox, inbox, queues[0].encode(), queues[0].encode(), queues[0].encode()))
+        wire._parse()
+        assert wire._ended == 12
+        assert list(wire.stash) == [("$JS.ACK.s.fl.1.7.7.1.0", b"{}", None),
+                                    ("$JS.ACK.s.fl.1.8.8.1.0", b"{}", {"fl-attempts": "2"})]
+        assert wire._buf.startswith(b"MSG ")  # a partial frame waits for the rest
+    finally:
+        wire.close()
+
+
+def test_without_the_wire_publishing_and_pulling_go_through_nats_py(
+        queues: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server the wire cannot speak to (TLS, nkeys): every operation goes through nats-py instead."""
+    from funboost_like.brokers import nats_broker, nats_wire
+
+    def refuse(*args: Any) -> None:
+        raise nats_wire.Unsupported("the server requires TLS or nkeys")
+
+    monkeypatch.setattr(nats_wire.WireConnection, "__init__", refuse)
+    broker, queue = NatsBroker(), queues[0]
+    try:
+        broker.publish_many(queue, [b'{"i": %d}' % i for i in range(5)])
+        broker.publish(queue, b'{"i": 5}')
+        got = broker.fetch(queue, 4, 5.0)
+        got += broker.fetch(queue, 10, 5.0)
+        assert sorted(d.body for d in got) == sorted(b'{"i": %d}' % i for i in range(6))
+        broker.nack(got[0])
+        broker.ack(got[1:])
+        [again] = broker.fetch(queue, 10, 5.0)
+        assert (again.body, again.attempts) == (got[0].body, 2)
+        broker.ack([again])
+        assert broker.count(queue) == 0 and broker.fetch(queue, 1, 0.2) == []
+        assert all(q.wire is None for q in broker._queues.values()) and nats_broker.WirePuller is not None
+    finally:
+        broker.close()

@@ -44,7 +44,9 @@ messages move only while some process consumes the queue.
 Async: nats-py runs on the one event loop thread of :mod:`~funboost_like.brokers.async_bridge`,
 connected lazily; a forked child gets its own loop and connection. Publishing goes through a
 synchronous connection per publishing thread (:mod:`~funboost_like.brokers.nats_wire`: one round
-trip, no thread hop), or through nats-py when the server needs TLS or nkeys.
+trip, no thread hop), and fetching through a synchronous puller per queue on the fetching thread
+(:mod:`~funboost_like.brokers.nats_pull`: the acks and the next pull request in one write), or both
+through nats-py when the server needs TLS or nkeys.
 
 ``count`` is the messages waiting (not held) plus the delayed ones; ``purge`` purges the whole
 stream (held messages too: their acks then do nothing). Capabilities: lease redelivery, native
@@ -63,20 +65,20 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 
 import nats.errors
 import nats.js.errors
-from nats.aio.msg import Msg
 from nats.js import api
 
 from funboost_like.brokers.async_bridge import bridge
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
-from funboost_like.brokers.nats_jetstream import TIMEOUT, WINDOW, JetStream, Puller
+from funboost_like.brokers.nats_jetstream import NO_WAIT_TIMEOUT, TIMEOUT, WINDOW, JetStream, Puller
+from funboost_like.brokers.nats_pull import Pulled, WirePuller
 from funboost_like.brokers.nats_records import NatsRecords
-from funboost_like.brokers.nats_wire import PublishRefused, WirePublishers, redact_nats_url
+from funboost_like.brokers.nats_wire import PublishRefused, Unsupported, WirePublishers, redact_nats_url
 from funboost_like.core.config import settings
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import ConfigurationError
@@ -111,6 +113,7 @@ class _Queue:
         self.ready, self.delay = Puller(self.stream, CONSUMER), Puller(self.stream, DELAY_CONSUMER)
         self.mover: asyncio.Task[None] | None = None
         self.dlq_made = False
+        self.wire: WirePuller | None = None  # pulls ready messages on the fetching thread (into ready.stash)
 
 
 def _numbers(reply: str) -> tuple[int, int]:
@@ -121,13 +124,13 @@ def _numbers(reply: str) -> tuple[int, int]:
     return int(tokens[at]), int(tokens[at + 1])
 
 
-def _copy_of(msg: Msg) -> Copy:
+def _copy_of(pulled: Pulled) -> Copy:
     """The copy of a delivery the server made again (its holder died): every earlier delivery counted
     as a crash, with the de-duplication id shared by every copy of that stream message."""
-    headers = msg.headers or {}
-    attempts, crashes = int(headers.get(ATTEMPTS, 0)), int(headers.get(CRASHES, 0))
-    delivered, seq = _numbers(msg.reply)
-    return msg.reply, msg.data, attempts + delivered - 1, crashes + delivered - 1, f"fl.{seq}.{attempts}"
+    reply, data, headers = pulled
+    attempts, crashes = int((headers or {}).get(ATTEMPTS, 0)), int((headers or {}).get(CRASHES, 0))
+    delivered, seq = _numbers(reply)
+    return reply, data, attempts + delivered - 1, crashes + delivered - 1, f"fl.{seq}.{attempts}"
 
 
 class NatsBroker(Broker):
@@ -217,49 +220,96 @@ class NatsBroker(Broker):
             items: list[tuple[str, bytes, dict[str, str] | None]] = [(q.delayed, body, headers) for body in bodies]
         else:
             items = [(queue, body, None) for body in bodies]
+        if not self._publishers().publish(items, WINDOW):
+            self._run(self.jet.publish(items))
+
+    def _publishers(self) -> WirePublishers:
         wires = self._wires
         if wires is None:
             wires = self._wires = WirePublishers(self._url(), TIMEOUT)
-        if not wires.publish(items, WINDOW):
-            self._run(self.jet.publish(items))
+        return wires
 
     # -- consuming -----------------------------------------------------------------------------------
-    async def _get_async(self, queue: str, max_n: int, acks: Sequence[Delivery] = ()) -> list[Delivery]:
-        jet = self.jet
-        if acks:
-            await jet.ack([d.token for d in acks])
-        q = await self._queue(queue)
-        if q.mover is None or q.mover.done():
-            q.mover = asyncio.get_running_loop().create_task(self._move_due(q))
+    def _consuming(self, queue: str) -> _Queue:
+        """The queue, ready to fetch from: its mover task running, its puller connected."""
+        q = self._queues.get(queue)
+        if q is None or queue not in self._ready or q.mover is None or q.mover.done():
+            async def start() -> _Queue:
+                q = await self._queue(queue)
+                if q.mover is None or q.mover.done():
+                    q.mover = asyncio.get_running_loop().create_task(self._move_due(q))
+                return q
+            q = self._run(start())
+        if q.wire is None and (self._wires is None or self._wires.unsupported is None):
+            try:
+                q.wire = WirePuller(self._url(), TIMEOUT, q.ready.next, q.ready.stash)
+            except Unsupported as exc:
+                logger.info("pulling through nats-py: %s", exc)
+                self._publishers().unsupported = str(exc)
+        return q
+
+    def _pull(self, queue: str, max_n: int, acks: Sequence[Delivery]) -> list[Delivery]:
+        """Ack ``acks``, then take up to ``max_n`` messages: the stash first, then one ``no_wait`` pull."""
+        q = self._consuming(queue)
+        tokens = [d.token for d in acks]
+        if q.wire is None:
+            async def take() -> list[Pulled]:
+                if tokens:
+                    await self.jet.ack(tokens)
+                return await self.jet.take(q.ready, max_n)
+            taken = self._run(take())
+        else:
+            stash = q.ready.stash
+            self._on_wire(q, lambda wire: wire.pull(tokens, {"batch": max_n - len(stash), "no_wait": True}, max_n,
+                                                    NO_WAIT_TIMEOUT) if len(stash) < max_n else wire.ack(tokens))
+            taken = q.ready.take(max_n)
         got, dead = [], []
         first = f"$JS.ACK.{q.stream}.{CONSUMER}.1."  # a first delivery's reply subject starts so
-        for msg in await jet.take(q.ready, max_n):
-            if not msg.reply.startswith(first) and _numbers(msg.reply)[0] > 1:  # its holder died: counted in a
-                dead.append(_copy_of(msg))  # copy, which runs alone later
+        for pulled in taken:
+            reply, data, headers = pulled
+            if not reply.startswith(first) and _numbers(reply)[0] > 1:  # its holder died: counted in a
+                dead.append(_copy_of(pulled))  # copy, which runs alone later
+            elif headers is None:
+                got.append(Delivery(queue, data, reply))
             else:
-                headers = msg.headers
-                if headers is None:
-                    got.append(Delivery(queue, msg.data, msg.reply))
-                else:
-                    got.append(Delivery(queue, msg.data, msg.reply, int(headers.get(ATTEMPTS, 0)) + 1, 0,
-                                        int(headers.get(CRASHES, 0))))
+                got.append(Delivery(queue, data, reply, int(headers.get(ATTEMPTS, 0)) + 1, 0,
+                                    int(headers.get(CRASHES, 0))))
         if dead:  # unless this process still holds it (its lease ran out during a stall): its holder settles it
             mine = {_numbers(token)[1] for held_queue, token in self.held() if held_queue == queue}
             dead = [copy for copy in dead if _numbers(copy[0])[1] not in mine]
             if dead:
-                await self._copy(queue, dead, 0.0)
+                self._run(self._copy(queue, dead, 0.0))
         return got
 
     def _get(self, queue: str, max_n: int) -> list[Delivery]:
-        return list(self._run(self._get_async(queue, max_n)))
+        return self._pull(queue, max_n, ())
 
     def _ack_and_get(self, deliveries: Sequence[Delivery], queue: str, max_n: int) -> list[Delivery]:
-        return list(self._run(self._get_async(queue, max_n, deliveries)))
+        return self._pull(queue, max_n, deliveries)
 
     def _wait(self, queue: str, timeout: float) -> None:
-        async def wait() -> None:
-            await self.jet.long_poll((await self._queue(queue)).ready, timeout)
-        self._run(wait(), timeout + TIMEOUT)
+        q = self._consuming(queue)
+        if q.wire is None:
+            self._run(self.jet.long_poll(q.ready, timeout), timeout + TIMEOUT)
+        elif not q.ready.stash:
+            expires = max(1_000_000, int((timeout - 0.005) * 1e9))
+            self._on_wire(q, lambda wire: wire.pull((), {"batch": 1, "expires": expires}, 1, timeout))
+
+    def _on_wire(self, q: _Queue, use: Callable[[WirePuller], None]) -> None:
+        """``use(q.wire)``; on a broken connection, once more on a new one (a restarted server)."""
+        for retry in (True, False):
+            wire = q.wire
+            if wire is None:
+                wire = q.wire = WirePuller(self._url(), TIMEOUT, q.ready.next, q.ready.stash)
+            with wire.lock:
+                try:
+                    use(wire)
+                    return
+                except OSError:
+                    q.wire = None  # its stash is the queue's: kept
+                    wire.close()
+                    if not retry:
+                        raise
 
     async def _move_due(self, q: _Queue) -> None:
         """Move due delayed messages of ``q`` to its ready subject; ``nak`` the others until due."""
@@ -267,15 +317,15 @@ class NatsBroker(Broker):
         while True:
             try:
                 await jet.long_poll(q.delay, 5.0)
-                for msg in await jet.take(q.delay, 256):
-                    headers = dict(msg.headers or {})
+                for reply, data, got_headers in await jet.take(q.delay, 256):
+                    headers = dict(got_headers or {})
                     left = float(headers.pop(DUE, 0)) - time.time()
                     if left > 0.001:
-                        await jet.ack([msg.reply], verb=b'-NAK {"delay": %d}' % int(left * 1e9))
+                        await jet.ack([reply], verb=b'-NAK {"delay": %d}' % int(left * 1e9))
                         continue
-                    headers[MSG_ID] = f"fl.d.{_numbers(msg.reply)[1]}"
-                    await jet.publish([(q.queue, msg.data, headers)])
-                    await jet.ack([msg.reply], confirm=True)  # so count() stops counting it at once
+                    headers[MSG_ID] = f"fl.d.{_numbers(reply)[1]}"
+                    await jet.publish([(q.queue, data, headers)])
+                    await jet.ack([reply], confirm=True)  # so count() stops counting it at once
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - logged; tried again
@@ -321,8 +371,8 @@ class NatsBroker(Broker):
         """``+WPI`` for what this process holds, and for what a late pull left in a stash."""
         jet = self._jet
         if jet is not None:
-            async def renew() -> None:  # the stashes are read on the loop, which alone changes them
-                stashed = [msg.reply for q in self._queues.values() for msg in q.ready.stash]
+            async def renew() -> None:  # list(): a fetching thread may change a stash meanwhile
+                stashed = [pulled[0] for q in list(self._queues.values()) for pulled in list(q.ready.stash)]
                 await jet.ack([*(d.token for d in deliveries), *stashed], verb=b"+WPI")
             self._run(renew())
 
@@ -401,17 +451,27 @@ class NatsBroker(Broker):
     # -- stopping ------------------------------------------------------------------------------------
     def _stop_fetching(self, queue: str) -> None:
         """Stop moving delayed messages; hand back what a late pull left in the stash (a copy each)."""
+        q = self._queues.get(queue)
+        wire = q.wire if q is not None else None
+        if q is None or self._jet is None:
+            return
+        if wire is not None:
+            with wire.lock:
+                q.wire = None
+                try:
+                    wire.drain(NO_WAIT_TIMEOUT)  # what a late pull sent is read now
+                except OSError:
+                    pass  # lost with the connection: the server delivers it again
+                wire.close()
+
         async def stop() -> None:
-            q = self._queues.get(queue)
-            if q is not None:
-                if q.mover is not None:
-                    q.mover.cancel()
-                    q.mover = None
-                left = [_copy_of(msg) for msg in q.ready.take(len(q.ready.stash))]
-                if left:  # never run here: counts unchanged (or crashes, if the server had redelivered them)
-                    await self._copy(queue, left, 0.0)
-        if self._jet is not None:
-            self._run(stop())
+            if q.mover is not None:
+                q.mover.cancel()
+                q.mover = None
+            left = [_copy_of(pulled) for pulled in q.ready.take(len(q.ready.stash))]
+            if left:  # never run here: counts unchanged (or crashes, if the server had redelivered them)
+                await self._copy(queue, left, 0.0)
+        self._run(stop())
 
     def _close(self) -> None:
         jet = self._jet

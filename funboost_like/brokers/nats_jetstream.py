@@ -44,7 +44,7 @@ class Puller:
     def __init__(self, stream: str, consumer: str) -> None:
         self.next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self.inbox = ""
-        self.stash: deque[Msg] = deque()
+        self.stash: deque[tuple[str, bytes, dict[str, str] | None]] = deque()  # (reply, data, headers)
         self.rids = itertools.count(1)
         self.waiter: tuple[str, int, asyncio.Future[None]] | None = None
         self.lock = asyncio.Lock()
@@ -52,14 +52,14 @@ class Puller:
     async def on_msg(self, msg: Msg) -> None:
         waiter = self.waiter
         if msg.reply:  # a message (of the current request, or a late one of an earlier request)
-            self.stash.append(msg)
+            self.stash.append((msg.reply, msg.data, msg.headers))
             if waiter and len(self.stash) >= waiter[1] and not waiter[2].done():
                 waiter[2].set_result(None)
         elif waiter and msg.subject.endswith(waiter[0]) and (msg.headers or {}).get("Status") != "100":
             if not waiter[2].done():  # 404 no messages, 408 expired, 409 ...: this request is over
                 waiter[2].set_result(None)
 
-    def take(self, max_n: int) -> list[Msg]:
+    def take(self, max_n: int) -> list[tuple[str, bytes, dict[str, str] | None]]:
         stash = self.stash
         return [stash.popleft() for _ in range(min(max_n, len(stash)))]
 
@@ -179,7 +179,7 @@ class JetStream:
                 expires = max(1_000_000, int((timeout - 0.005) * 1e9))
                 await self.pull(puller, {"batch": 1, "expires": expires}, 1, timeout)
 
-    async def take(self, puller: Puller, max_n: int) -> list[Msg]:
+    async def take(self, puller: Puller, max_n: int) -> list[tuple[str, bytes, dict[str, str] | None]]:
         """Up to ``max_n`` messages: the stash first, then one ``no_wait`` pull for the rest."""
         async with puller.lock:
             if len(puller.stash) < max_n:
