@@ -109,6 +109,28 @@ def test_a_dead_consumers_messages_count_as_crashes(queue: str) -> None:
     taker.ack(again)
 
 
+def test_a_message_whose_holders_died_three_times_is_dead_lettered_without_running(queue: str) -> None:
+    """The poison-message rule on Pulsar without the contract test's SIGKILLs (skipped on pulsar-lite, whose
+    reset bug they hit, see the registry): three holders end with the message unsettled, each counted as a
+    death by the server's redelivery count, and the consumer dead-letters it without running it."""
+    broker = get_broker(BrokerEnum.PULSAR)
+    broker.publish(queue, b'{"x": 1}')
+    for crashes in range(3):
+        holder = PulsarBroker()
+        [held] = fetch(holder, queue, 1)
+        assert held.crashes == crashes
+        holder.close()
+    runs: list[int] = []
+    fn = task_deco(queue, broker_kind=BrokerEnum.PULSAR, max_crash_redeliveries=3)(lambda x: runs.append(x))
+    fn.consume()
+    deadline = time.monotonic() + 15
+    while not (letters := broker.list_dead_letters(queue)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [letter] = letters
+    assert "poison" in letter.reason and "died 3 time(s)" in letter.reason and json.loads(letter.body) == {"x": 1}
+    assert runs == [] and broker.count(queue) == 0
+
+
 def fetch(broker: Broker, queue: str, n: int) -> list[Delivery]:
     got: list[Delivery] = []
     deadline = time.monotonic() + 10
