@@ -49,8 +49,8 @@ from typing import Any
 
 from funboost_like.brokers.base import Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.redis_base import (
-    DEAD_LETTER_LIMIT,
     LIST_MAX_PRIORITY,
+    LUA_BURY,
     LUA_COUNTS,
     LUA_MOVE_DUE,
     LUA_NEXT_DUE,
@@ -86,7 +86,7 @@ return out
 # ARGV: mode (tail|head|delay|drop|dead), priority-list prefix, delay seconds or envelope, unique id, tokens...
 # Each message still in flight is moved first and removed from the in-flight hash last, so a failing
 # command leaves it in flight rather than nowhere. Returns how many were still in flight.
-_GIVE_BACK = LuaScript(LUA_NOW + LUA_COUNTS + """
+_GIVE_BACK = LuaScript(LUA_NOW + LUA_COUNTS + LUA_BURY + """
 local mode = ARGV[1]
 local done = 0
 for i = 5, #ARGV do
@@ -105,15 +105,14 @@ for i = 5, #ARGV do
     elseif mode == 'delay' then
       redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[4] .. i .. ':' .. p .. ':' .. fmt(a, c) .. ':' .. body)
     elseif mode == 'dead' then
-      redis.call('LPUSH', KEYS[5], ARGV[3])
-      redis.call('LTRIM', KEYS[5], 0, DEAD_LETTER_LAST)
+      bury(KEYS[5], ARGV[3])
     end
     redis.call('HDEL', KEYS[1], f)
     done = done + 1
   end
 end
 return done
-""".replace("DEAD_LETTER_LAST", str(DEAD_LETTER_LIMIT - 1)))
+""")
 
 # The registry's functions (see redis_consumers.consumer_scripts): a dead consumer's in-flight messages go
 # back to the popping end of their lists, newest first so the oldest runs first, one crash counted.

@@ -81,6 +81,13 @@ local function fmt(a, c)
   return tostring(a)
 end
 """
+# Lua function: keep a dead letter's envelope in the ``dead`` LIST, newest first, the newest DEAD_LETTER_LIMIT.
+LUA_BURY = f"""
+local function bury(dead, envelope)
+  redis.call('LPUSH', dead, envelope)
+  redis.call('LTRIM', dead, 0, {DEAD_LETTER_LIMIT - 1})
+end
+"""
 
 # A delayed member is the body, or ``<uid>:<priority level>:<counts>:<body>`` (see LUA_MOVE_DUE).
 _DELAYED_MEMBER = re.compile(rb"^[^:]*:\d:[\d.]+:")

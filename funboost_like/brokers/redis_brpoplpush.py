@@ -60,7 +60,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from funboost_like.brokers.base import Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.redis_base import (
-    DEAD_LETTER_LIMIT,
+    LUA_BURY,
     LUA_MOVE_DUE,
     LUA_NEXT_DUE,
     LUA_NOW,
@@ -90,7 +90,7 @@ return next_due_ms(KEYS[2], now)
 # value is the counts so far (tail, delay) or the dead-letter envelope (dead).
 # Each body still in flight is handed over first and removed from the in-flight list last, so a
 # failing command leaves it in flight rather than nowhere. Returns how many were in flight.
-_GIVE_BACK = LuaScript(LUA_NOW + """
+_GIVE_BACK = LuaScript(LUA_NOW + LUA_BURY + """
 local mode = ARGV[1]
 local done = 0
 for i = 4, #ARGV, 2 do
@@ -107,17 +107,14 @@ for i = 4, #ARGV, 2 do
       redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[3] .. i .. ':0:' .. ARGV[i + 1] .. ':' .. body)
     else
       redis.call('HDEL', KEYS[4], h)
-      if mode == 'dead' then
-        redis.call('LPUSH', KEYS[5], ARGV[i + 1])
-        redis.call('LTRIM', KEYS[5], 0, DEAD_LETTER_LAST)
-      end
+      if mode == 'dead' then bury(KEYS[5], ARGV[i + 1]) end
     end
     redis.call('LREM', KEYS[1], -1, body)
     done = done + 1
   end
 end
 return done
-""".replace("DEAD_LETTER_LAST", str(DEAD_LETTER_LIMIT - 1)))
+""")
 
 # The registry's functions (see redis_consumers.consumer_scripts): a dead consumer's in-flight list goes
 # back to the popping end of the queue, newest moved first so the oldest is taken first.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from funboost_like.brokers.redis_base import DEAD_LETTER_LIMIT, LUA_COUNTS, LUA_NEXT_DUE, LUA_NOW
+from funboost_like.brokers.redis_base import LUA_BURY, LUA_COUNTS, LUA_NEXT_DUE, LUA_NOW
 from funboost_like.brokers.redis_common import LuaScript
 from funboost_like.brokers.redis_consumers import consumer_scripts
 
@@ -55,7 +55,7 @@ return next_due_ms(KEYS[2], now)
 # KEYS: stream, delayed, dead letters
 # ARGV: consumer, mode (tail|delay|drop|dead), deliveries to count (tail, delay) or envelope (dead),
 # delay seconds, unique id, entry ids... Only entries still pending under this consumer are settled.
-SETTLE = LuaScript(LUA_NOW + LUA_READD + """
+SETTLE = LuaScript(LUA_NOW + LUA_READD + LUA_BURY + """
 local done = 0
 for i = 6, #ARGV do
   local id = ARGV[i]
@@ -66,10 +66,7 @@ for i = 6, #ARGV do
     elseif ARGV[2] == 'delay' then
       readd(KEYS[1], id, tonumber(ARGV[3]), 0, KEYS[2], now + tonumber(ARGV[4]), ARGV[5] .. i)
     else
-      if ARGV[2] == 'dead' then
-        redis.call('LPUSH', KEYS[3], ARGV[3])
-        redis.call('LTRIM', KEYS[3], 0, DEAD_LETTER_LAST)
-      end
+      if ARGV[2] == 'dead' then bury(KEYS[3], ARGV[3]) end
       redis.call('XACK', KEYS[1], G, id)
       redis.call('XDEL', KEYS[1], id)
     end
@@ -77,7 +74,7 @@ for i = 6, #ARGV do
   end
 end
 return done
-""".replace("DEAD_LETTER_LAST", str(DEAD_LETTER_LIMIT - 1)))
+""")
 
 # The registry's functions (see redis_consumers.consumer_scripts). Dead are also the group's consumers in
 # no heartbeat record and idle for dead_after (killed before their first heartbeat, or records of
