@@ -29,6 +29,23 @@ def test_every_built_kind_declares_its_fixture() -> None:
     assert [kind for kind in BUILT if kind not in FIXTURES] == []
 
 
+def test_every_built_kind_outside_the_core_has_its_own_extra_in_pyproject_and_in_all() -> None:
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    core = {BrokerEnum.LOCAL_PYTHON_QUEUE, BrokerEnum.PERSISTQUEUE}  # the embedded brokers need no extra
+    named = {kind: entry[1] for kind, entry in BROKERS.items() if entry is not None and kind not in core}
+    assert {kind: extra for kind, extra in named.items() if extra not in extras} == {}
+
+    def covered(name: str) -> set[str]:  # the extra and those it names (all = [funboost_like[redis,kafka,...]])
+        inner = [one for req in extras[name] if req.startswith("funboost_like[")
+                 for one in req[len("funboost_like["):-1].split(",")]
+        return {name}.union(*(covered(one) for one in inner))
+
+    assert sorted(set(named.values()) - covered("all")) == []
+
+
 @pytest.fixture(params=CASES, ids=[case_id(*case) for case in CASES])
 def case(request: pytest.FixtureRequest) -> tuple[BrokerEnum, Fixture]:
     """The broker kind under test and how to run it."""

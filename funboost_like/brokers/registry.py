@@ -32,8 +32,8 @@ BROKERS: dict[BrokerEnum, tuple[str, str] | None] = {
     BrokerEnum.RABBITMQ_PIKA: ("funboost_like.brokers.rabbitmq_pika:PikaBroker", "rabbitmq"),
     BrokerEnum.MONGOMQ: ("funboost_like.brokers.mongo:MongoBroker", "mongo"),
     BrokerEnum.PERSISTQUEUE: ("funboost_like.brokers.sqlite:SqliteBroker", ""),
-    BrokerEnum.NSQ: ("funboost_like.brokers.nsq_broker:NsqBroker", ""),  # standard library only (nsq_wire.py)
-    BrokerEnum.KAFKA: ("funboost_like.brokers.kafka_python:KafkaPythonBroker", "kafka"),
+    BrokerEnum.NSQ: ("funboost_like.brokers.nsq_broker:NsqBroker", "nsq"),  # standard library only (nsq_wire.py)
+    BrokerEnum.KAFKA: ("funboost_like.brokers.kafka_python:KafkaPythonBroker", "kafka-python"),
     BrokerEnum.REDIS_ACK_ABLE: ("funboost_like.brokers.redis_ack_able:RedisAckAbleBroker", "redis"),
     BrokerEnum.SQLACHEMY: ("funboost_like.brokers.sqlalchemy_broker:SqlAlchemyBroker", "sql"),
     BrokerEnum.ROCKETMQ: None,
@@ -41,9 +41,9 @@ BROKERS: dict[BrokerEnum, tuple[str, str] | None] = {
     BrokerEnum.ZEROMQ: ("funboost_like.brokers.zeromq_broker:ZeroMqBroker", "zeromq"),
     BrokerEnum.RedisBrpopLpush: ("funboost_like.brokers.redis_brpoplpush:RedisBrpopLpushBroker", "redis"),
     BrokerEnum.KOMBU: ("funboost_like.brokers.kombu_virtual:kombu_broker_class", "kombu"),  # a class per KOMBU_URL
-    BrokerEnum.CONFLUENT_KAFKA: ("funboost_like.brokers.kafka_confluent:ConfluentKafkaBroker", "kafka"),
+    BrokerEnum.CONFLUENT_KAFKA: ("funboost_like.brokers.kafka_confluent:ConfluentKafkaBroker", "confluent-kafka"),
     BrokerEnum.MQTT: ("funboost_like.brokers.mqtt_broker:MqttBroker", "mqtt"),
-    BrokerEnum.HTTPSQS: ("funboost_like.brokers.httpsqs_broker:HttpsqsBroker", ""),  # standard library only
+    BrokerEnum.HTTPSQS: ("funboost_like.brokers.httpsqs_broker:HttpsqsBroker", "httpsqs"),  # standard library only
     BrokerEnum.PULSAR: ("funboost_like.brokers.pulsar_broker:PulsarBroker", "pulsar"),
     BrokerEnum.NATS: ("funboost_like.brokers.nats_broker:NatsBroker", "nats"),
     BrokerEnum.DJANGO_ORM: ("funboost_like.brokers.django_orm:DjangoOrmBroker", "django"),
