@@ -43,11 +43,10 @@ bodies waiting again at once may swap counts.
 from __future__ import annotations
 
 import itertools
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from funboost_like.brokers.base import Capabilities, DeadLetter, Delivery
+from funboost_like.brokers.base import Capabilities, Delivery
 from funboost_like.brokers.redis_base import (
     LIST_MAX_PRIORITY,
     LUA_BURY,
@@ -58,7 +57,6 @@ from funboost_like.brokers.redis_base import (
     LUA_TAKE_READY,
     RedisListLayout,
     counts,
-    dead_letter_envelope,
     parse_counts,
     parse_meta,
 )
@@ -82,14 +80,13 @@ if n == 0 then return next_due_ms(KEYS[2], now) end
 return out
 """)
 
-# KEYS: inflight, ready0, delayed, attempts, dead
-# ARGV: mode (tail|head|delay|drop|dead), priority-list prefix, delay seconds or envelope, unique id, tokens...
-# Each message still in flight is moved first and removed from the in-flight hash last, so a failing
-# command leaves it in flight rather than nowhere. Returns how many were still in flight.
+# The give-back script (see RedisConsumers._give_back); the items are in-flight hash fields. Each message
+# still in flight is moved first and removed from the in-flight hash last, so a failing command leaves
+# it in flight rather than nowhere.
 _GIVE_BACK = LuaScript(LUA_NOW + LUA_COUNTS + LUA_BURY + """
 local mode = ARGV[1]
 local done = 0
-for i = 5, #ARGV do
+for i = 7, #ARGV do
   local f = ARGV[i]
   local body = redis.call('HGET', KEYS[1], f)
   if body then
@@ -98,14 +95,14 @@ for i = 5, #ARGV do
     local a, c = counts(seen or '1')
     if mode == 'head' then a = a - 1 end
     local key = KEYS[2]
-    if p ~= '0' then key = ARGV[2] .. p end
+    if p ~= '0' then key = ARGV[2] .. 'p' .. p end
     if mode == 'tail' or mode == 'head' then
       if mode == 'tail' then redis.call('LPUSH', key, body) else redis.call('RPUSH', key, body) end
       if a > 0 or c > 0 then redis.call('HSET', KEYS[4], redis.sha1hex(body), fmt(a, c)) end
     elseif mode == 'delay' then
-      redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[4] .. i .. ':' .. p .. ':' .. fmt(a, c) .. ':' .. body)
+      redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[4] .. i .. ':' .. p .. ':' .. fmt(a, c) .. ':' .. body)
     elseif mode == 'dead' then
-      bury(KEYS[5], ARGV[3])
+      bury(KEYS[5], ARGV[6])
     end
     redis.call('HDEL', KEYS[1], f)
     done = done + 1
@@ -163,6 +160,7 @@ class RedisAckAbleBroker(RedisConsumers, RedisListLayout):
                                 key_value=True, routing="emulated", persistent=True, cross_process=True,
                                 cross_host=True)
     _scripts = _SCRIPTS
+    _give_back_script = _GIVE_BACK
 
     def __init__(self, *, heartbeat_interval: float | None = None, dead_after: float | None = None) -> None:
         self._seq = itertools.count(1)
@@ -219,24 +217,5 @@ class RedisAckAbleBroker(RedisConsumers, RedisListLayout):
     def _acked(self, replies: list[Any], total: int) -> int:
         return sum(replies)
 
-    # -- settling ----------------------------------------------------------------------------------
-    def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
-        if delay > 0:
-            self._give_back(deliveries, "delay", repr(float(delay)))
-        else:  # released ones reversed: the first one is pushed last, so it is the next one popped
-            self._give_back(deliveries[::-1] if front else deliveries, "head" if front else "tail", "")
-
-    def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
-        self._give_back([delivery], "dead", dead_letter_envelope(letter))
-
-    def _give_back(self, deliveries: Sequence[Delivery], mode: str, arg: Any) -> None:
-        groups: dict[tuple[str, str], list[str]] = {}
-        for delivery in deliveries:
-            key, field = delivery.token
-            groups.setdefault((delivery.queue, key), []).append(field)
-        done = 0
-        for (queue, ikey), fields in groups.items():
-            keys = self._queue_keys(queue)
-            done += int(_GIVE_BACK(self._conn(), [ikey, keys.ready, keys.delayed, keys.attempts, keys.dead],
-                                   [mode, keys.prio_prefix, arg, uuid.uuid4().hex, *fields]))
-        self._check_settled(done, len(deliveries))
+    def _in_flight_item(self, delivery: Delivery) -> tuple[Any, ...]:
+        return delivery.token

@@ -52,13 +52,12 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
-from funboost_like.brokers.base import Capabilities, DeadLetter, Delivery
+from funboost_like.brokers.base import Capabilities, Delivery
 from funboost_like.brokers.redis_base import (
     LUA_BURY,
     LUA_MOVE_DUE,
@@ -67,7 +66,6 @@ from funboost_like.brokers.redis_base import (
     ListKeys,
     RedisListLayout,
     counts,
-    dead_letter_envelope,
     parse_counts,
 )
 from funboost_like.brokers.redis_common import DirectConnections, LuaScript, Piggyback, pack_command
@@ -85,15 +83,13 @@ move_due(KEYS[2], KEYS[3], ARGV[2], KEYS[4], now)
 return next_due_ms(KEYS[2], now)
 """)
 
-# KEYS: in-flight list, queue, delayed, attempts, dead letters
-# ARGV: mode (tail|head|delay|drop|dead), delay seconds, unique id, then pairs (body, value) where
-# value is the counts so far (tail, delay) or the dead-letter envelope (dead).
-# Each body still in flight is handed over first and removed from the in-flight list last, so a
-# failing command leaves it in flight rather than nowhere. Returns how many were in flight.
+# The give-back script (see RedisConsumers._give_back); the items are pairs (body, counts so far). Each
+# body still in flight is handed over first and removed from the in-flight list last, so a failing
+# command leaves it in flight rather than nowhere.
 _GIVE_BACK = LuaScript(LUA_NOW + LUA_BURY + """
 local mode = ARGV[1]
 local done = 0
-for i = 4, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local body = ARGV[i]
   if redis.call('LPOS', KEYS[1], body) then
     local h = redis.sha1hex(body)
@@ -104,10 +100,10 @@ for i = 4, #ARGV, 2 do
       redis.call('RPUSH', KEYS[2], body)
     elseif mode == 'delay' then
       redis.call('HDEL', KEYS[4], h)
-      redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[3] .. i .. ':0:' .. ARGV[i + 1] .. ':' .. body)
+      redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[4] .. i .. ':0:' .. ARGV[i + 1] .. ':' .. body)
     else
       redis.call('HDEL', KEYS[4], h)
-      if mode == 'dead' then bury(KEYS[5], ARGV[i + 1]) end
+      if mode == 'dead' then bury(KEYS[5], ARGV[6]) end
     end
     redis.call('LREM', KEYS[1], -1, body)
     done = done + 1
@@ -160,6 +156,7 @@ class RedisBrpopLpushBroker(RedisConsumers, RedisListLayout):
     capabilities = Capabilities(redelivery="sweep", delay="native", dead_letters=True, key_value=True,
                                 routing="emulated", persistent=True, cross_process=True, cross_host=True)
     _scripts = _SCRIPTS
+    _give_back_script = _GIVE_BACK
     _keys_class = _Keys
 
     def _after_fork(self) -> None:
@@ -256,23 +253,5 @@ class RedisBrpopLpushBroker(RedisConsumers, RedisListLayout):
     def _acked(self, replies: list[Any], total: int) -> int:
         return sum(replies[:total])
 
-    def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
-        if front:  # the first one pushed last, so it is taken first
-            self._give_back(deliveries[::-1], "head", 0.0, [""] * len(deliveries))
-        else:
-            self._give_back(deliveries, "delay" if delay > 0 else "tail", delay,
-                            [counts(d.attempts, d.crashes) for d in deliveries])
-
-    def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
-        self._give_back([delivery], "dead", 0.0, [dead_letter_envelope(letter)])
-
-    def _give_back(self, deliveries: Sequence[Delivery], mode: str, delay: float, values: Sequence[Any]) -> None:
-        groups: dict[tuple[str, str], list[Any]] = {}
-        for delivery, value in zip(deliveries, values, strict=True):
-            groups.setdefault((delivery.queue, delivery.token[0]), []).extend((delivery.body, value))
-        done = 0
-        for (queue, unack), pairs in groups.items():
-            keys = self._queue_keys(queue)
-            done += int(_GIVE_BACK(self._conn(), [unack, queue, keys.delayed, keys.attempts, keys.dead],
-                                   [mode, repr(delay), uuid.uuid4().hex, *pairs]))
-        self._check_settled(done, len(deliveries))
+    def _in_flight_item(self, delivery: Delivery) -> tuple[Any, ...]:
+        return delivery.token[0], delivery.body, counts(delivery.attempts, delivery.crashes)

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 from redis.exceptions import RedisError
 
-from funboost_like.brokers.base import Delivery
+from funboost_like.brokers.base import DeadLetter, Delivery
 from funboost_like.brokers.redis_base import LUA_COUNTS, LUA_NOW, RedisBroker
 from funboost_like.brokers.redis_common import LuaScript, Piggyback, raise_first_error
 from funboost_like.core.config import settings
@@ -98,10 +98,12 @@ def consumer_timing(heartbeat_interval: float | None, dead_after: float | None) 
 class RedisConsumers(RedisBroker):
     """The registry and the shared consumer side (see the module docstring), driven by the base's
     maintenance thread: :meth:`_recover` beats for this consumer on the queue and sweeps the dead
-    ones, every ``heartbeat_interval`` seconds. Kinds set ``_scripts`` (from :func:`consumer_scripts`)
-    and implement ``_fetch``, ``_adopt``, ``_ack_commands`` and ``_acked``."""
+    ones, every ``heartbeat_interval`` seconds. Kinds set ``_scripts`` (from :func:`consumer_scripts`) and
+    ``_give_back_script`` (see :meth:`_give_back`), and implement ``_fetch``, ``_adopt``, ``_ack_commands``,
+    ``_acked`` and ``_in_flight_item``."""
 
     _scripts: ClassVar[tuple[LuaScript, LuaScript, LuaScript]]
+    _give_back_script: ClassVar[LuaScript]
     _taken_over = "were settled before, or recovered by another consumer after this one missed its heartbeats"
 
     def __init__(self, *, heartbeat_interval: float | None = None, dead_after: float | None = None) -> None:
@@ -189,6 +191,42 @@ class RedisConsumers(RedisBroker):
     def _check_settled(self, done: int, total: int) -> None:
         if done != total:
             raise DoubleAckError(f"{total - done} of {total} deliveries {self._taken_over}")
+
+    # -- settling otherwise ------------------------------------------------------------------------
+    def _in_flight_item(self, delivery: Delivery) -> tuple[Any, ...]:
+        """The key of ``delivery``'s in-flight record, then what the give-back script reads of it."""
+        raise NotImplementedError
+
+    def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
+        if delay > 0:
+            done = self._give_back(deliveries, "delay", delay)
+        else:  # released ones reversed: the first one is pushed last, so it is the next one popped
+            done = self._give_back(deliveries[::-1] if front else deliveries, "head" if front else "tail")
+        self._check_settled(done, len(deliveries))
+
+    def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        self._check_settled(self._give_back([delivery], "dead", 0.0, letter.envelope()), 1)
+
+    def _give_back(self, deliveries: Sequence[Delivery], mode: str, delay: float = 0.0, envelope: bytes = b"") -> int:
+        """Run the kind's ``_give_back_script`` once per queue and in-flight record; return how many of
+        ``deliveries`` were still in flight (only those are settled).
+
+        The script gets KEYS the in-flight record, the queue, its delayed ZSET, attempts HASH and dead
+        letters; ARGV ``mode`` (``tail``: nacked, to the back; ``head``: released, to the front where the
+        kind has one, no attempt counted; ``delay``; ``dead``), the key prefix, the consumer id, a unique
+        id, ``delay`` seconds, the dead letter's ``envelope``, then each delivery's items (see
+        :meth:`_in_flight_item`), in order."""
+        groups: dict[tuple[str, Any], list[Any]] = {}
+        for delivery in deliveries:
+            record, *items = self._in_flight_item(delivery)
+            groups.setdefault((delivery.queue, record), []).extend(items)
+        done = 0
+        for (queue, record), items in groups.items():
+            keys = self._queue_keys(queue)
+            done += int(self._give_back_script(self._conn(), [record, queue, keys.delayed, keys.attempts, keys.dead],
+                                               [mode, keys.prefix, self._cid, uuid.uuid4().hex, repr(float(delay)),
+                                                envelope, *items]))
+        return done
 
     # -- the registry ------------------------------------------------------------------------------
     def maintenance_interval(self) -> float:

@@ -52,7 +52,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -63,7 +62,6 @@ from funboost_like.brokers.base import Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.redis_base import (
     BLOCK_SECONDS,
     SCHEDULE,
-    dead_letter_envelope,
     delayed_member,
 )
 from funboost_like.brokers.redis_common import (
@@ -123,6 +121,7 @@ class RedisStreamBroker(RedisConsumers):
     capabilities = Capabilities(redelivery="sweep", delay="native", dead_letters=True, key_value=True,
                                 routing="emulated", persistent=True, cross_process=True, cross_host=True)
     _scripts = SCRIPTS
+    _give_back_script = SETTLE
     _keys_class = _Keys
     _ready_type = "stream"
 
@@ -221,7 +220,7 @@ class RedisStreamBroker(RedisConsumers):
             if _DATA not in values:
                 text = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in values.items()}
                 letter = DeadLetter(queue, codec.dumps(text), "stream entry has no 'data' field", time.time(), 1)
-                self._settle_entries(queue, [entry_id], "dead", dead_letter_envelope(letter))
+                self._give_back([Delivery(queue, b"", entry_id)], "dead", 0.0, letter.envelope())
                 logger.warning("queue %r: dead-lettered stream entry %r without a 'data' field", queue, entry_id)
                 continue
             result.append(Delivery(queue, values[_DATA], entry_id, int(values.get(b"delivered", 0)) + 1, 0,
@@ -251,22 +250,12 @@ class RedisStreamBroker(RedisConsumers):
         return sum(replies[::2])
 
     def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
-        """Added again at the end of the stream (or to the delayed messages): a stream has no front."""
-        by_queue: dict[str, list[Any]] = {}
-        for delivery in deliveries:
-            by_queue.setdefault(delivery.queue, []).append(delivery.token)
-        done = sum(self._settle_entries(queue, ids, "delay" if delay > 0 else "tail", int(count_attempt), delay)
-                   for queue, ids in by_queue.items())
-        self._check_settled(done, len(deliveries))
+        """Added again at the end of the stream, in order (or to the delayed messages): a stream has no front."""
+        mode = "delay" if delay > 0 else "tail" if count_attempt else "head"
+        self._check_settled(self._give_back(deliveries, mode, delay), len(deliveries))
 
-    def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
-        done = self._settle_entries(delivery.queue, [delivery.token], "dead", dead_letter_envelope(letter))
-        self._check_settled(done, 1)
-
-    def _settle_entries(self, queue: str, ids: list[Any], mode: str, value: Any, delay: float = 0.0) -> int:
-        keys = self._queue_keys(queue)
-        return int(SETTLE(self._conn(), [queue, keys.delayed, keys.dead],
-                           [self._cid, mode, value, repr(delay), uuid.uuid4().hex, *ids]))
+    def _in_flight_item(self, delivery: Delivery) -> tuple[Any, ...]:
+        return delivery.queue, delivery.token
 
     # -- inspection --------------------------------------------------------------------------------
     def in_flight(self, queue: str) -> int:

@@ -52,21 +52,22 @@ if #due > 0 then redis.call('ZREM', KEYS[2], unpack(due)) end
 return next_due_ms(KEYS[2], now)
 """)
 
-# KEYS: stream, delayed, dead letters
-# ARGV: consumer, mode (tail|delay|drop|dead), deliveries to count (tail, delay) or envelope (dead),
-# delay seconds, unique id, entry ids... Only entries still pending under this consumer are settled.
+# The give-back script (see RedisConsumers._give_back; KEYS[1] is the stream): the items are entry ids.
+# Only entries still pending under this consumer are settled; a released one ('head') is added again
+# at the end, with no attempt counted (a stream has no front).
 SETTLE = LuaScript(LUA_NOW + LUA_READD + LUA_BURY + """
+local mode = ARGV[1]
 local done = 0
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   local id = ARGV[i]
   local entry = redis.call('XPENDING', KEYS[1], G, id, id, 1)[1]
-  if entry and entry[2] == ARGV[1] then
-    if ARGV[2] == 'tail' then
-      readd(KEYS[1], id, tonumber(ARGV[3]), 0)
-    elseif ARGV[2] == 'delay' then
-      readd(KEYS[1], id, tonumber(ARGV[3]), 0, KEYS[2], now + tonumber(ARGV[4]), ARGV[5] .. i)
+  if entry and entry[2] == ARGV[3] then
+    if mode == 'tail' or mode == 'head' then
+      readd(KEYS[1], id, mode == 'tail' and 1 or 0, 0)
+    elseif mode == 'delay' then
+      readd(KEYS[1], id, 1, 0, KEYS[3], now + tonumber(ARGV[5]), ARGV[4] .. i)
     else
-      if ARGV[2] == 'dead' then bury(KEYS[3], ARGV[3]) end
+      if mode == 'dead' then bury(KEYS[5], ARGV[6]) end
       redis.call('XACK', KEYS[1], G, id)
       redis.call('XDEL', KEYS[1], id)
     end
