@@ -187,12 +187,26 @@ def dead_letter_envelope(letter: DeadLetter) -> bytes:
     return letter.envelope()
 
 
+class QueueKeys:
+    """The names of a queue's keys that every Redis kind has, and its fetch commands packed once."""
+
+    __slots__ = ("prefix", "delayed", "attempts", "dead", "consumers", "packets")
+
+    def __init__(self, queue: str) -> None:
+        prefix = self.prefix = key_prefix(queue)
+        self.delayed = prefix + "delayed"
+        self.attempts = prefix + "attempts"  # not used by streams (the registry's scripts take it)
+        self.dead = prefix + "dead"
+        self.consumers = prefix + "consumers"
+        self.packets: dict[tuple[str, int], bytes] = {}  # (consumer, n) -> the fetch pipeline of n messages
+
+
 class RedisBroker(RedisStoresMixin, Broker):
     """Connections, error translation, per-queue keys, dead letters and the idle wait of a Redis kind."""
 
     connection_errors = (RedisConnectionError, RedisTimeoutError)
     errors = (RedisError,)
-    _keys_class: ClassVar[type[Any]]  # the kind's key names of a queue (built from its name)
+    _keys_class: ClassVar[type[Any]] = QueueKeys  # the kind's key names of a queue (built from its name)
     _ready_type: ClassVar[str]  # the Redis type of a queue's ready keys: "list" or "stream"
 
     def __init__(self) -> None:
@@ -371,18 +385,14 @@ return n
 """)
 
 
-class ListKeys:
-    __slots__ = ("ready", "prefix", "prio_prefix", "lists", "delayed", "attempts", "dead", "consumers", "wait")
+class ListKeys(QueueKeys):
+    __slots__ = ("ready", "prio_prefix", "lists", "wait")
 
     def __init__(self, queue: str) -> None:
-        prefix = self.prefix = key_prefix(queue)
+        super().__init__(queue)
         self.ready = queue
-        self.prio_prefix = prefix + "p"
-        self.lists = [queue] + [f"{prefix}p{n}" for n in range(1, LIST_MAX_PRIORITY + 1)]  # index = level
-        self.delayed = prefix + "delayed"
-        self.attempts = prefix + "attempts"
-        self.dead = prefix + "dead"
-        self.consumers = prefix + "consumers"
+        self.prio_prefix = self.prefix + "p"
+        self.lists = [queue] + [f"{self.prefix}p{n}" for n in range(1, LIST_MAX_PRIORITY + 1)]  # index = level
         self.wait = pack_command("BLMOVE", queue, queue, "RIGHT", "RIGHT", BLOCK_SECONDS)
 
 

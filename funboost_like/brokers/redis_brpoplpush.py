@@ -134,13 +134,12 @@ local function forget(cid) end
 
 
 class _Keys(ListKeys):
-    __slots__ = ("unack_prefix", "packets")
+    __slots__ = ("unack_prefix",)
 
     def __init__(self, queue: str) -> None:
         super().__init__(queue)
         self.unack_prefix = self.prefix + "unack:"
         self.consumers = self.prefix + "unack-consumers"
-        self.packets: dict[tuple[str, int], bytes] = {}  # (consumer, n) -> the fetch pipeline of n moves
 
 
 def _sha1(body: bytes) -> str:

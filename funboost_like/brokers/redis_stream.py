@@ -67,7 +67,6 @@ from funboost_like.brokers.redis_base import (
 from funboost_like.brokers.redis_common import (
     DirectConnections,
     Piggyback,
-    key_prefix,
     pack_command,
     raise_first_error,
 )
@@ -93,17 +92,6 @@ PUBLISH_CHUNK = 10_000  # XADDs per round trip in publish_many...
 PACK_CHUNK = 500  # ... written this many at a time, so Redis works while the rest is packed
 _DATA = b"data"
 
-class _Keys:
-    __slots__ = ("prefix", "delayed", "dead", "consumers", "attempts", "read_packets")
-
-    def __init__(self, queue: str) -> None:
-        prefix = self.prefix = key_prefix(queue)
-        self.delayed = prefix + "delayed"
-        self.dead = prefix + "dead"
-        self.consumers = prefix + "consumers"
-        self.attempts = prefix + "attempts"  # not used by streams (the registry's scripts take it)
-        self.read_packets: dict[tuple[str, int], bytes] = {}  # (consumer, count) -> the packed read pipeline
-
 
 def _entries(read: Any) -> list[Any]:
     """The entries of an XREADGROUP reply on one stream: a map in RESP3, ``[[stream, entries]]`` in RESP2."""
@@ -122,7 +110,6 @@ class RedisStreamBroker(RedisConsumers):
                                 routing="emulated", persistent=True, cross_process=True, cross_host=True)
     _scripts = SCRIPTS
     _give_back_script = SETTLE
-    _keys_class = _Keys
     _ready_type = "stream"
 
     def _open(self, queue: str) -> None:
@@ -179,9 +166,9 @@ class RedisStreamBroker(RedisConsumers):
         ``XREADGROUP``; a second one only when a delayed message is due. Returns the deliveries and
         the milliseconds until the next delayed message is due (-1: none)."""
         keys = self._queue_keys(queue)
-        packet = keys.read_packets.get((self._cid, n))
+        packet = keys.packets.get((self._cid, n))
         if packet is None:  # the same bytes for every read of n entries: packed once
-            packet = keys.read_packets[(self._cid, n)] = b"".join([
+            packet = keys.packets[(self._cid, n)] = b"".join([
                 pack_command("TIME"), pack_command("ZRANGE", keys.delayed, 0, 0, "WITHSCORES"),
                 pack_command("XREADGROUP", "GROUP", GROUP, self._cid, "COUNT", n, "STREAMS", queue, ">")])
         now, first, read = raise_first_error(conn.send_packed(packet, 3, before))
