@@ -182,11 +182,6 @@ def delayed_member(priority: int, seen: str, body: bytes) -> bytes:
     return b"%s:%d:%s:" % (uuid.uuid4().hex.encode(), priority, seen.encode()) + bytes(body)
 
 
-def dead_letter_envelope(letter: DeadLetter) -> bytes:
-    """The JSON text kept in ``fl:{<queue>}:dead`` for a message given up on."""
-    return letter.envelope()
-
-
 class QueueKeys:
     """The names of a queue's keys that every Redis kind has, and its fetch commands packed once."""
 

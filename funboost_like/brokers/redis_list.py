@@ -57,7 +57,6 @@ from funboost_like.brokers.redis_base import (
     SCHEDULE,
     RedisListLayout,
     counts,
-    dead_letter_envelope,
     delayed_member,
     parse_meta,
 )
@@ -131,7 +130,7 @@ class RedisListBroker(RedisListLayout):
 
     def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         dead = self._queue_keys(delivery.queue).dead
-        raise_first_error(self._conn().pipeline([("LPUSH", dead, dead_letter_envelope(letter)),
+        raise_first_error(self._conn().pipeline([("LPUSH", dead, letter.envelope()),
                                                  ("LTRIM", dead, 0, DEAD_LETTER_LIMIT - 1)]))
 
     def in_flight(self, queue: str) -> int:
