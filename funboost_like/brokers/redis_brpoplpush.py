@@ -50,7 +50,6 @@ interchangeable (each ack removes one copy), and their attempt counts are shared
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -68,7 +67,7 @@ from funboost_like.brokers.redis_base import (
     counts,
     parse_counts,
 )
-from funboost_like.brokers.redis_common import DirectConnections, LuaScript, Piggyback, pack_command
+from funboost_like.brokers.redis_common import DirectConnections, LuaScript, Piggyback, pack_command, sha1_hex
 from funboost_like.brokers.redis_consumers import RedisConsumers, consumer_scripts
 from funboost_like.core.enums import BrokerEnum
 
@@ -142,10 +141,6 @@ class _Keys(ListKeys):
         self.consumers = self.prefix + "unack-consumers"
 
 
-def _sha1(body: bytes) -> str:
-    return hashlib.sha1(body).hexdigest()
-
-
 class RedisBrpopLpushBroker(RedisConsumers, RedisListLayout):
     """At-least-once Redis broker on LMOVE; see the module docstring for keys, timing and the wire contract.
 
@@ -215,7 +210,7 @@ class RedisBrpopLpushBroker(RedisConsumers, RedisListLayout):
         if not tracked:
             return [Delivery(queue, body, (unack, next(tokens), body)) for body in bodies]
         # Some message is on a later delivery: its counts are in the attempts hash (kept until it ends).
-        seen = conn.execute_command("HMGET", keys.attempts, *[_sha1(body) for body in bodies])
+        seen = conn.execute_command("HMGET", keys.attempts, *[sha1_hex(body) for body in bodies])
         result = []
         for body, value in zip(bodies, seen, strict=True):
             attempts, crashes = parse_counts(value)
@@ -245,7 +240,7 @@ class RedisBrpopLpushBroker(RedisConsumers, RedisListLayout):
         retried: dict[str, list[str]] = {}
         for delivery in deliveries:
             if delivery.attempts > 1:
-                retried.setdefault(self._queue_keys(delivery.queue).attempts, []).append(_sha1(delivery.body))
+                retried.setdefault(self._queue_keys(delivery.queue).attempts, []).append(sha1_hex(delivery.body))
         commands.extend(("HDEL", key, *hashes) for key, hashes in retried.items())
         return commands
 

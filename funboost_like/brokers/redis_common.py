@@ -46,7 +46,7 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the redis
 from funboost_like.core.redis_connection import describe_url, key_prefix, redis_client, redis_url
 
 __all__ = ["BlockingWaits", "DirectConnections", "LuaScript", "Piggyback", "describe_url", "direct_connections",
-           "key_prefix", "pack_command", "raise_first_error", "redis_client"]
+           "key_prefix", "pack_command", "raise_first_error", "redis_client", "sha1_hex"]
 
 _direct: dict[str, DirectConnections] = {}
 _direct_pid = os.getpid()
@@ -298,6 +298,11 @@ def pack_command(*args: Any) -> bytes:
     return b"".join(parts)
 
 
+def sha1_hex(data: bytes) -> str:
+    """The SHA1 of ``data`` in hex, as Lua's ``redis.sha1hex`` gives it (a body's field in an attempts HASH)."""
+    return hashlib.sha1(data).hexdigest()
+
+
 class LuaScript:
     """A Lua script run with EVALSHA, loaded on demand."""
 
@@ -305,7 +310,7 @@ class LuaScript:
 
     def __init__(self, source: str) -> None:
         self.source = source
-        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+        self.sha = sha1_hex(source.encode("utf-8"))
 
     def __call__(self, target: redis.Redis | DirectConnections, keys: list[Any], args: list[Any],
                  before: Piggyback | None = None) -> Any:

@@ -41,7 +41,6 @@ bodies nacked at once may swap counts.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -60,7 +59,7 @@ from funboost_like.brokers.redis_base import (
     delayed_member,
     parse_meta,
 )
-from funboost_like.brokers.redis_common import LuaScript, raise_first_error
+from funboost_like.brokers.redis_common import LuaScript, raise_first_error, sha1_hex
 from funboost_like.core.enums import BrokerEnum
 
 MAX_BATCH = 1000  # messages per fetch
@@ -74,10 +73,6 @@ local out, n = take_ready(tonumber(ARGV[1]), KEYS[1], ARGV[2], KEYS[3], nil, 0)
 if n == 0 then return next_due_ms(KEYS[2], now) end
 return out
 """)
-
-
-def _sha1(body: bytes) -> str:
-    return hashlib.sha1(body).hexdigest()
 
 
 class RedisListBroker(RedisListLayout):
@@ -120,7 +115,7 @@ class RedisListBroker(RedisListLayout):
                                                                   for d, s in zip(deliveries, seen, strict=True)]])
             return
         # Counts first: whoever pops the message next finds them.
-        commands: list[tuple[Any, ...]] = [("HSET", keys.attempts, _sha1(d.body), s)
+        commands: list[tuple[Any, ...]] = [("HSET", keys.attempts, sha1_hex(d.body), s)
                                            for d, s in zip(deliveries, seen, strict=True) if s != "0"]
         # A nack joins the back of the queue; released messages go to the front (the popping end),
         # the first one pushed last so that it is popped first.
