@@ -176,11 +176,16 @@ class DirectConnections:
 
     def close(self) -> None:
         idle, self._idle = self._idle, []
-        for connection in idle:
-            try:
-                connection.disconnect()
-            except (RedisError, OSError):  # pragma: no cover
-                pass
+        _disconnect(idle)
+
+
+def _disconnect(connections: Iterable[AbstractConnection]) -> None:
+    """Close ``connections``, ignoring errors (they are being dropped)."""
+    for connection in connections:
+        try:
+            connection.disconnect()
+        except (RedisError, OSError):  # pragma: no cover
+            pass
 
 
 SPIN_SECONDS = 0.0003
@@ -380,8 +385,4 @@ class BlockingWaits:
 
     def close(self) -> None:
         idle, self._idle = self._idle, {}
-        for connection, _ in [slot for slots in idle.values() for slot in slots]:
-            try:
-                connection.disconnect()
-            except (RedisError, OSError):  # pragma: no cover
-                pass
+        _disconnect([slot[0] for slots in idle.values() for slot in slots])
