@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pulsar
@@ -21,7 +24,7 @@ from funboost_like.brokers.registry import get_broker
 from funboost_like.core.config import patch_frame_config, settings
 from funboost_like.core.errors import ConfigurationError
 
-from .conftest import in_forked_child, require_server
+from .conftest import in_forked_child, require_server, subprocess_env
 from .pulsar_server import _pulsar_server  # noqa: F401 - starts pulsar-lite when these tests run alone
 
 URL = os.environ.get("FUNBOOST_LIKE_PULSAR_URL", "pulsar://127.0.0.1:6650")
@@ -129,6 +132,31 @@ def test_a_message_whose_holders_died_three_times_is_dead_lettered_without_runni
     [letter] = letters
     assert "poison" in letter.reason and "died 3 time(s)" in letter.reason and json.loads(letter.body) == {"x": 1}
     assert runs == [] and broker.count(queue) == 0
+
+
+_PUBLISH_FETCH_EXIT = """
+import sys
+from funboost_like import BrokerEnum
+from funboost_like.brokers.registry import get_broker
+broker = get_broker(BrokerEnum.PULSAR)
+broker.publish(sys.argv[1], b"{}")
+got = []
+while not got:
+    got = broker.fetch(sys.argv[1], 1, 2.0)
+broker.ack(got)
+broker.close()
+"""
+
+
+def test_a_program_that_used_pulsar_exits_cleanly(queue: str, tmp_path: Path) -> None:
+    """With a Python logger handed to pulsar-client, about one such exit in three aborted (exit code 134,
+    ``terminate called without an active exception``: pulsar-client-python#256); the broker gives the
+    client its own console logger instead. Twelve exits: all would pass with the old logger 0.4% of the time."""
+    env = subprocess_env(tmp_path, FUNBOOST_LIKE_PULSAR_URL=URL)
+    for run in range(12):
+        done = subprocess.run([sys.executable, "-c", _PUBLISH_FETCH_EXIT, queue], env=env, capture_output=True,
+                              timeout=60)
+        assert done.returncode == 0, f"run {run}: exit code {done.returncode}: {done.stderr.decode()[-500:]}"
 
 
 def fetch(broker: Broker, queue: str, n: int) -> list[Delivery]:

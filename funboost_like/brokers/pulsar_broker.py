@@ -87,6 +87,18 @@ def _counted(message: pulsar.Message) -> dict[str, str]:
     return {ATTEMPTS: str(attempts), CRASHES: str(crashes)}
 
 
+def _client_logger() -> pulsar.ConsoleLogger:
+    """The C++ client's own console logger, at the level set on the ``funboost_like.pulsar.client`` logger
+    (WARNING unless set). Not a Python logger: the client's threads then log into Python as the process
+    exits, which aborts it about one exit in three (``terminate called without an active exception``,
+    pulsar-client-python#256; tests/test_pulsar.py)."""
+    level = logging.getLogger("funboost_like.pulsar.client").level or logging.WARNING
+    for at_least, name in ((logging.ERROR, "Error"), (logging.WARNING, "Warn"), (logging.INFO, "Info")):
+        if level >= at_least:
+            return pulsar.ConsoleLogger(getattr(pulsar.LoggerLevel, name))
+    return pulsar.ConsoleLogger(pulsar.LoggerLevel.Debug)
+
+
 class PulsarBroker(Broker):
     """At-least-once Pulsar broker; see the module docstring for the layout and counting."""
 
@@ -120,11 +132,8 @@ class PulsarBroker(Broker):
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    client_logger = logging.getLogger("funboost_like.pulsar.client")
-                    if client_logger.level == logging.NOTSET:  # the C++ client's debug lines: one per message
-                        client_logger.setLevel(logging.WARNING)
                     self._client = pulsar.Client(str(settings.get("PULSAR_URL")), operation_timeout_seconds=10,
-                                                 connection_timeout_ms=5000, logger=client_logger)
+                                                 connection_timeout_ms=5000, logger=_client_logger())
         return self._client
 
     def _queue(self, queue: str) -> QueueTopics:
