@@ -104,6 +104,36 @@ def test_a_hub_that_stopped_is_started_again_and_unreachable_hosts_fail_clearly(
         other.close()
 
 
+def test_a_lone_push_polls_for_the_hubs_reply_and_a_batch_or_a_shared_moment_does_not(
+        port_queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One-by-one pushes poll the DEALER socket for the hub's reply for a moment (as the Redis, NATS and
+    MQTT publishers do, docs/performance.md); a batch waits blocking, and so does a push while another
+    thread of the process talks to the hub, and for SHARED_QUIET_SECONDS after."""
+    from funboost_like.brokers import socket_spin, zeromq_broker
+
+    spins: list[float] = []
+    real = zeromq_broker.spin
+    monkeypatch.setattr(zeromq_broker, "spin", lambda ready, budget: (spins.append(budget), real(ready, budget))[-1])
+    broker = ZeroMqBroker()
+    try:
+        broker.ping(port_queue)  # the hub started
+        time.sleep(2 * socket_spin.SHARED_QUIET_SECONDS)
+        for i in range(10):
+            broker.publish(port_queue, json.dumps({"x": i}).encode())
+        assert spins == [zeromq_broker.SPIN_SECONDS] * 10
+        broker.publish_many(port_queue, [json.dumps({"x": i}).encode() for i in range(10, 30)])
+        assert len(spins) == 10
+        [link] = broker._links.values()
+        assert not link.sharing.alone(2)  # another thread talks to the hub right now
+        broker.publish(port_queue, b'{"x": 30}')
+        assert len(spins) == 10
+        time.sleep(2 * socket_spin.SHARED_QUIET_SECONDS)
+        broker.publish(port_queue, b'{"x": 31}')
+        assert len(spins) == 11 and broker.count(port_queue) == 32
+    finally:
+        broker.close()
+
+
 def records(path: Path) -> tuple[collections.Counter[int], dict[int, set[int]], set[int]]:
     """(starts per call, calls started per pid, calls done)."""
     started: collections.Counter[int] = collections.Counter()

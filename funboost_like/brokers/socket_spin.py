@@ -5,7 +5,8 @@ its CPU back, and waking a halted virtual CPU again costs a VM exit: on the 2-co
 docs/performance.md, blocking reads held one-by-one Redis pushes to 4-8k/s while the same PING loop
 polled ran 30-40k/s. So a publisher that waits for one reply (a Redis ``push``, a NATS PubAck) polls
 for up to a small budget first; the blocking read that follows is unchanged, so nothing about what
-the publish guarantees changes. Used by ``redis_common.DirectConnections`` and ``nats_wire``.
+the publish guarantees changes. Used by ``redis_common.DirectConnections``, ``nats_wire``, ``mqtt_wire``
+and ``zeromq_broker`` (whose ZeroMQ sockets are polled with zmq's own ``poll``).
 
 Only the standard library's plain sockets are polled (their class comes from module ``socket``):
 under gevent or eventlet, whose sockets are their own classes even after monkey-patching, polling
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-Ready = Callable[[int], list[Any]]
+Ready = Callable[[int], Any]  # truthy once a reply (or the end of the stream) is there
 SHARED_QUIET_SECONDS = 0.05
 """A publisher polls only if its connections had no other user for this long (see :class:`Sharing`)."""
 

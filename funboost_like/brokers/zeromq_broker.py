@@ -31,6 +31,7 @@ binds; ``0.0.0.0`` to let other hosts publish), ``ZEROMQ_TIMEOUT_SECONDS``, ``ZE
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -50,6 +51,7 @@ import zmq
 
 from funboost_like.brokers import zeromq_hub as wire
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
+from funboost_like.brokers.socket_spin import Sharing, spin
 from funboost_like.core.config import settings
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import ConfigurationError
@@ -58,6 +60,8 @@ logger = logging.getLogger("funboost_like.zeromq")
 
 PORT_MIN, PORT_MAX = 1024, 65535
 PUT_CHUNK = 5000  # bodies per put request
+SPIN_SECONDS = 0.0003
+"""How long a lone push polls for the hub's reply before a blocking poll takes over (0: block at once)."""
 HUB_START_SECONDS = 10.0
 LIVENESS_FIRST, LIVENESS_MAX = 0.1, 1.0  # a request waiting for its answer checks that the hub's port is open
 _LOOPBACK = ("127.", "localhost")
@@ -121,18 +125,26 @@ class _Link:
     def __init__(self, context: zmq.Context[Any], host: str, port: int) -> None:
         self.context, self.host, self.port, self.endpoint = context, host, port, f"tcp://{host}:{port}"
         self.free: list[zmq.Socket[Any]] = []
+        self.busy: set[zmq.Socket[Any]] = set()  # in a request now (set.add and discard hold the GIL)
+        self.sharing = Sharing()
         self.checked = False  # the hub was seen listening (or started) by this process
 
-    def exchange(self, frames: list[bytes], timeout: float) -> list[bytes]:
-        """Send one request and return its reply's frames; HubUnreachable after ``timeout`` seconds."""
+    def exchange(self, frames: list[bytes], timeout: float, lone: bool = False) -> list[bytes]:
+        """Send one request and return its reply's frames; HubUnreachable after ``timeout`` seconds.
+        ``lone``: a quick request (one message published) whose reply is polled for a moment first, when
+        no other thread of the process talks to this hub (:mod:`.socket_spin`)."""
         try:
             sock = self.free.pop()
         except IndexError:
             sock = self.context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(self.endpoint)
+        busy = self.busy
+        busy.add(sock)
         try:
             sock.send_multipart(frames, copy=len(frames) < 8)
+            if lone and self.sharing.alone(len(busy)):
+                spin(functools.partial(sock.poll, flags=zmq.POLLIN), SPIN_SECONDS)
             deadline, check = time.monotonic() + timeout, LIVENESS_FIRST
             while not sock.poll(int(max(0.0, min(check, deadline - time.monotonic())) * 1000), zmq.POLLIN):
                 if time.monotonic() >= deadline or not listening(self.host, self.port):
@@ -142,6 +154,8 @@ class _Link:
         except BaseException:
             sock.close(linger=0)  # a late answer must never reach the next request
             raise
+        finally:
+            busy.discard(sock)
         self.free.append(sock)
         return reply
 
@@ -228,7 +242,8 @@ class ZeroMqBroker(Broker):
             time.sleep(0.02)
 
     def _request(self, queue: str, op: bytes, header: dict[str, Any] | None = None,
-                 bodies: Sequence[bytes] = (), wait: float = 0.0) -> tuple[dict[str, Any], list[bytes]]:
+                 bodies: Sequence[bytes] = (), wait: float = 0.0,
+                 lone: bool = False) -> tuple[dict[str, Any], list[bytes]]:
         """One request to the hub of ``queue``: the reply's header and bodies.
 
         When the hub does not answer and its port is closed (it stopped, and what it held is gone), a
@@ -237,7 +252,7 @@ class ZeroMqBroker(Broker):
         link = self._link(hub_port(queue))
         frames = [op, queue.encode(), b"{}" if header is None else wire.pack(header), *bodies]
         try:
-            reply = link.exchange(frames, wait + self._timeout())
+            reply = link.exchange(frames, wait + self._timeout(), lone)
         except HubUnreachable:
             if listening(link.host, link.port):
                 raise
@@ -260,7 +275,7 @@ class ZeroMqBroker(Broker):
     def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
         header = {"p": priority, "t": not_before if not_before is not None and not_before > time.time() else None}
         for start in range(0, len(bodies), PUT_CHUNK):
-            self._request(queue, wire.PUT, header, bodies[start:start + PUT_CHUNK])
+            self._request(queue, wire.PUT, header, bodies[start:start + PUT_CHUNK], lone=len(bodies) == 1)
 
     def _deliveries(self, queue: str, header: dict[str, Any], bodies: list[bytes]) -> list[Delivery]:
         tokens = self._tokens
