@@ -70,6 +70,24 @@ def test_consumers_share_a_queue_and_never_run_a_message_twice(brokers: list[Mqt
     assert a.count(queue_name) == 0
 
 
+def test_a_queue_whose_sessions_expired_keeps_what_is_published_next(brokers: list[MqttBroker],
+                                                                       queue_name: str) -> None:
+    """Once no process has used a queue for MQTT_SESSION_EXPIRY_SECONDS, the server drops its sessions. Its
+    parked record used to live on, so the next publisher saw a slot, made no session, and the server
+    dropped every message (nobody subscribed) while acknowledging them: the records now go first."""
+    patch_frame_config(MQTT_SESSION_EXPIRY_SECONDS=2.0)
+    first = MqttBroker()
+    brokers.append(first)
+    first.publish(queue_name, b'{"i": 0}')
+    assert take(first, queue_name, 1) == [b'{"i": 0}']
+    first.close()  # parks its slot: the session and the record now expire on their own
+    time.sleep(3.5)  # past the session's expiry (Mosquitto counts whole seconds)
+    publisher, consumer = MqttBroker(), MqttBroker()
+    brokers += [publisher, consumer]
+    publisher.publish_many(queue_name, [b'{"i": %d}' % i for i in range(1, 6)])
+    assert sorted(take(consumer, queue_name, 5)) == [b'{"i": %d}' % i for i in range(1, 6)]
+
+
 def test_a_parked_slot_is_drained_by_the_live_consumer(brokers: list[MqttBroker], queue_name: str) -> None:
     a, b = MqttBroker(), MqttBroker()
     brokers += [a, b]

@@ -84,12 +84,13 @@ def user_properties(message: paho.MQTTMessage) -> dict[str, str]:
 
 
 def connect(server: Server, client_id: str, *, clean_start: bool, session_expiry: float = 0.0,
-            receive_maximum: int = 65535, will: tuple[str, bytes] | None = None, manual_ack: bool = False,
+            receive_maximum: int = 65535, will: tuple[str, bytes, int] | None = None, manual_ack: bool = False,
             on_message: Any = None, on_disconnect: Any = None,
             on_reconnect: Callable[[paho.Client, bool], None] | None = None) -> tuple[paho.Client, bool]:
     """A connected client with its network thread running, and whether the server had its session.
 
-    ``will``: (topic, payload) the server publishes, retained, if the connection dies uncleanly.
+    ``will``: (topic, payload, expiry in seconds) the server publishes, retained, if the connection dies
+    uncleanly.
     paho reconnects by itself after a lost connection; ``on_reconnect(client, session_present)`` then
     runs on its network thread (subscribe again what a session without state lost).
     """
@@ -100,7 +101,8 @@ def connect(server: Server, client_id: str, *, clean_start: bool, session_expiry
     if server.tls:
         client.tls_set_context(ssl.create_default_context())
     if will is not None:
-        client.will_set(will[0], will[1], qos=1, retain=True)
+        client.will_set(will[0], will[1], qos=1, retain=True,
+                        properties=properties(PacketTypes.WILLMESSAGE, MessageExpiryInterval=will[2]))
     client.max_inflight_messages_set(1000)
     client.reconnect_delay_set(1, 5)
     answered = threading.Event()

@@ -12,7 +12,10 @@ The layout of :mod:`funboost_like.brokers.mqtt_broker` (which says what it guara
   connection's will writes it when the holder dies);
 * ``funboost_like/held/<q>/<n>``: the packet ids its holder is running (read by the next holder).
 
-Both records are retained, with the session's expiry.
+Both records are retained, with the session's expiry; a ``parked`` record with a little less (the
+will's too), so it is gone before the session it speaks for: a queue whose sessions expired has no
+presence record left, and the next publish makes slot 0's session again (a record that outlived its
+session made publishers think the queue had one, and MQTT drops what nobody subscribed to).
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ PARKED = json.dumps({"state": "parked"}).encode()
 Item = tuple[int, bytes, int, int, bool]  # (packet id, body, attempts before, crashes, crashed: its holder died)
 Publish = tuple[str, bytes, bool, Any]  # (topic, payload, retain, properties)
 epochs = itertools.count(1)
+
+
+def parked_seconds(session_expiry: float) -> int:
+    """The lifetime of a ``parked`` record: ends before its session's (a tenth less, at most a minute)."""
+    return max(1, int(session_expiry - min(60.0, session_expiry / 10)))
 
 
 def queue_topic(queue: str) -> str:
@@ -144,7 +152,7 @@ class Sessions:
                 logger.warning("another connection took slot %d of queue %r", index, queue)
                 threading.Thread(target=close, args=(client,), daemon=True).start()  # no reconnection war
 
-        will = (f"funboost_like/slots/{topic_part(queue)}/{index}", PARKED)
+        will = (f"funboost_like/slots/{topic_part(queue)}/{index}", PARKED, parked_seconds(self.expiry()))
         return connect(self.control.server, f"funboost_like:{queue}:{index}", clean_start=False,
                        session_expiry=self.expiry(), receive_maximum=int(settings.get("MQTT_RECEIVE_MAXIMUM")),
                        will=will, manual_ack=True, on_message=on_message, on_reconnect=on_reconnect,
@@ -168,9 +176,9 @@ class Sessions:
         """Mark the slot live (held by ``owner``): claims pass it by."""
         self.control.publish([self.record("slots", queue, index, {"state": "live", "at": time.time(), "owner": owner})])
 
-    @staticmethod
-    def parked(queue: str, index: int) -> Publish:
-        return f"funboost_like/slots/{topic_part(queue)}/{index}", PARKED, True, None
+    def parked(self, queue: str, index: int) -> Publish:
+        return (f"funboost_like/slots/{topic_part(queue)}/{index}", PARKED, True,
+                properties(PacketTypes.PUBLISH, MessageExpiryInterval=parked_seconds(self.expiry())))
 
     def park(self, queue: str, index: int) -> None:
         self.control.publish([self.parked(queue, index)])
