@@ -18,7 +18,8 @@ import paho.mqtt.client as paho
 import pytest
 
 from funboost_like import BrokerEnum, PriorityConsumingControlConfig, task_deco
-from funboost_like.brokers.mqtt_broker import MqttBroker
+from funboost_like.brokers.base import Delivery
+from funboost_like.brokers.mqtt_broker import HEARTBEAT, MqttBroker
 from funboost_like.brokers.mqtt_client import topic_part
 from funboost_like.core.config import patch_frame_config, settings
 from funboost_like.core.errors import BrokerConnectionError, ConfigurationError
@@ -86,6 +87,27 @@ def test_a_queue_whose_sessions_expired_keeps_what_is_published_next(brokers: li
     brokers += [publisher, consumer]
     publisher.publish_many(queue_name, [b'{"i": %d}' % i for i in range(1, 6)])
     assert sorted(take(consumer, queue_name, 5)) == [b'{"i": %d}' % i for i in range(1, 6)]
+
+
+def test_the_held_record_shrinks_to_what_is_still_held(brokers: list[MqttBroker], queue_name: str) -> None:
+    """A slot's held record lists what its holder runs, for its next holder to count crashes; once settled,
+    the maintenance round writes it again without them, so a stale list cannot make a redelivery after a
+    reconnection count as a crash."""
+    broker = MqttBroker()
+    brokers.append(broker)
+    broker.publish_many(queue_name, [b'{"i": %d}' % i for i in range(3)])
+    got: list[Delivery] = []
+    deadline = time.monotonic() + 5
+    while len(got) < 3 and time.monotonic() < deadline:
+        got += broker.fetch(queue_name, 3 - len(got), 0.1)
+    slot = broker._slots[queue_name]
+    assert broker.sessions.inherited(queue_name, slot.index) == {d.token[1] for d in got}
+    broker.ack(got[:2])
+    deadline = time.monotonic() + 3 * HEARTBEAT
+    while broker.sessions.inherited(queue_name, slot.index) != {got[2].token[1]} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert broker.sessions.inherited(queue_name, slot.index) == {got[2].token[1]}
+    broker.ack(got[2:])
 
 
 def test_a_parked_slot_is_drained_by_the_live_consumer(brokers: list[MqttBroker], queue_name: str) -> None:

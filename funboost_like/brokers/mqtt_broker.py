@@ -270,10 +270,11 @@ class MqttBroker(Broker):
         got = [Delivery(queue, body, (slot.epoch, mid), attempts + 1, 0, crashes)
                for mid, body, attempts, crashes, dead in items if not dead]
         if got:  # the held record first: if this process dies, the slot's next holder counts the crash
-            held = {token[1] for q, token in self.held() if q == queue and token[0] == slot.epoch}
-            held.update(d.token[1] for d in got)
-            self.control.publish([self.sessions.record("held", queue, slot.index, sorted(held)),
-                                  self._counted(queue, taken=len(got))])
+            with slot.lock:
+                slot.fresh = {d.token[1] for d in got}
+                held = slot.recorded = self._held_by(slot) | slot.fresh
+                self.control.publish([self.sessions.record("held", queue, slot.index, sorted(held)),
+                                      self._counted(queue, taken=len(got))])
         slot.copied.clear()
         return got
 
@@ -331,10 +332,21 @@ class MqttBroker(Broker):
         return store or self._records.setdefault((queue, namespace), MqttRecords(self.control, queue, namespace))
 
     # -- maintenance: heartbeats, draining parked slots ----------------------------------------------
+    def _held_by(self, slot: Slot) -> set[int]:
+        """The packet ids of ``slot``'s session this process holds (fetched, not settled)."""
+        return {token[1] for q, token in self.held() if q == slot.queue and token[0] == slot.epoch}
+
     def _renew(self, deliveries: Sequence[Delivery]) -> None:
+        """Mark the slots live; shrink a slot's held record to what it still holds, so that a stale one does
+        not make the next holder count a redelivery after a reconnection as a crash."""
         for slot in list(self._slots.values()):
             if not slot.lost:
                 self.sessions.beat(slot.queue, slot.index, self._owner)
+                with slot.lock:  # what the last fetch handed out may not be held yet (the base adds it next)
+                    held, slot.fresh = self._held_by(slot) | slot.fresh, set()
+                    if held != slot.recorded:
+                        slot.recorded = held
+                        self.control.publish([self.sessions.record("held", slot.queue, slot.index, sorted(held))])
 
     def _recover(self, queue: str) -> int:
         """The holder of the lowest live slot re-publishes what slots parked since its last round hold (a new
@@ -384,8 +396,8 @@ class MqttBroker(Broker):
         for slot in list(self._slots.values()):
             try:
                 if not slot.lost:  # what it still runs (usually nothing): the slot's next holder counts those
-                    held = sorted(token[1] for q, token in self.held() if q == slot.queue and token[0] == slot.epoch)
-                    self.control.publish([self.sessions.record("held", slot.queue, slot.index, held),
+                    self.control.publish([self.sessions.record("held", slot.queue, slot.index,
+                                                               sorted(self._held_by(slot))),
                                           self.sessions.parked(slot.queue, slot.index)])
                 if slot.client is not None:
                     close(slot.client)

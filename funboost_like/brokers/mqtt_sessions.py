@@ -99,6 +99,9 @@ class Slot:
         self.taken_over: list[bool] = []  # appended to when another connection took this client id
         self.copied: set[int] = set()  # crashed packet ids of the fetch under way, copied already
         self.drops: list[bool] = []  # appended to at each lost connection (the server then resends what it sent)
+        self.recorded: set[int] = set()  # the packet ids its held record lists
+        self.fresh: set[int] = set()  # handed out by the last fetch (until the next maintenance round)
+        self.lock = threading.Lock()  # the held record: written by fetches and by maintenance
 
     @property
     def lost(self) -> bool:
