@@ -89,6 +89,25 @@ def test_a_queue_whose_sessions_expired_keeps_what_is_published_next(brokers: li
     assert sorted(take(consumer, queue_name, 5)) == [b'{"i": %d}' % i for i in range(1, 6)]
 
 
+def test_a_long_running_publisher_keeps_an_unconsumed_queue_alive(brokers: list[MqttBroker],
+                                                                  queue_name: str) -> None:
+    """A publisher that outlives the queue's session expiry (no consumer meanwhile) makes slot 0's session
+    again before it expires: it looks every anchor_seconds, and the parked record ends before the session."""
+    from funboost_like.brokers.mqtt_sessions import anchor_seconds, parked_seconds
+
+    patch_frame_config(MQTT_SESSION_EXPIRY_SECONDS=4.0)
+    assert (parked_seconds(4.0), anchor_seconds()) == (2, 1.0)
+    publisher = MqttBroker()
+    brokers.append(publisher)
+    sent = [b'{"i": %d}' % i for i in range(30)]
+    for body in sent:  # 9 s: more than twice the session expiry
+        publisher.publish(queue_name, body)
+        time.sleep(0.3)
+    consumer = MqttBroker()
+    brokers.append(consumer)
+    assert sorted(take(consumer, queue_name, len(sent))) == sorted(sent)
+
+
 def test_the_held_record_shrinks_to_what_is_still_held(brokers: list[MqttBroker], queue_name: str) -> None:
     """A slot's held record lists what its holder runs, for its next holder to count crashes; once settled,
     the maintenance round writes it again without them, so a stale list cannot make a redelivery after a

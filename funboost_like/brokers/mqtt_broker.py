@@ -64,6 +64,7 @@ from funboost_like.brokers.mqtt_sessions import (
     Publish,
     Sessions,
     Slot,
+    anchor_seconds,
     copies,
     queue_topic,
     shared_filter,
@@ -102,7 +103,7 @@ class MqttBroker(Broker):
         self._counts: Counts | None = None
         self._sessions: Sessions | None = None
         self._slots: dict[str, Slot] = {}
-        self._anchored: set[str] = set()
+        self._anchored: dict[str, float] = {}  # queue -> when this process makes sure again it has a session
         self._records: dict[tuple[str, str], MqttRecords] = {}
         self._lock = threading.RLock()
         self._movers: set[str] = set()  # queues whose delayed messages this process moves (lowest live slot)
@@ -189,25 +190,28 @@ class MqttBroker(Broker):
         return mover
 
     def _anchor(self, queue: str) -> None:
-        """Make sure the queue has a session before its first message (MQTT drops what nobody subscribed to)."""
+        """Make sure the queue has a session (MQTT drops what nobody subscribed to): before the first message,
+        and again every :func:`anchor_seconds`, so that a long-running publisher makes slot 0's session
+        again before the last one expires (its parked record ends :func:`parked_margin` before it)."""
         with self._lock:
-            if queue in self._anchored or queue in self._slots:
+            if time.monotonic() < self._anchored.get(queue, 0.0):
                 return
             sessions = self.sessions
-            if not sessions.presence(queue):
-                client, _ = sessions.open(queue, 0, PushBuffer(), 0, set(), [], tuple)
+            if queue not in self._slots and not sessions.presence(queue):  # a slot of ours: it has one
+                # receive maximum 1: what the session holds stays for its consumers
+                client, _ = sessions.open(queue, 0, PushBuffer(), 0, set(), [], tuple, receive_maximum=1)
                 try:
                     subscribe(client, shared_filter(queue), self._where())
                     sessions.park(queue, 0)
                 finally:
                     close(client)
-            self._anchored.add(queue)
+            self._anchored[queue] = time.monotonic() + anchor_seconds()
 
     # -- publishing ----------------------------------------------------------------------------------
     def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
         if priority:
             raise ConfigurationError("MQTT has no message priorities")
-        if queue not in self._anchored:
+        if time.monotonic() >= self._anchored.get(queue, 0.0):
             self._anchor(queue)
         if not_before is not None and not_before > time.time():
             self.control.publish([delayed_record(queue, body, not_before, 0, 0) for body in bodies])

@@ -54,9 +54,21 @@ Publish = tuple[str, bytes, bool, Any]  # (topic, payload, retain, properties)
 epochs = itertools.count(1)
 
 
+def parked_margin(session_expiry: float) -> float:
+    """How long before its session a ``parked`` record ends: a tenth of the expiry (for short expiries, up
+    to half of it and 3 s), at most a minute."""
+    return min(60.0, max(session_expiry / 10, min(3.0, session_expiry / 2)))
+
+
+def anchor_seconds() -> float:
+    """How often a publishing process makes sure its queues still have a session: within half the margin
+    by which parked records end before their sessions, at least every second, at most every 30 s."""
+    return max(1.0, min(30.0, parked_margin(float(settings.get("MQTT_SESSION_EXPIRY_SECONDS"))) / 2))
+
+
 def parked_seconds(session_expiry: float) -> int:
-    """The lifetime of a ``parked`` record: ends before its session's (a tenth less, at most a minute)."""
-    return max(1, int(session_expiry - min(60.0, session_expiry / 10)))
+    """The lifetime of a ``parked`` record (whole seconds, as MQTT counts them)."""
+    return max(1, int(session_expiry - parked_margin(session_expiry)))
 
 
 def queue_topic(queue: str) -> str:
@@ -126,7 +138,7 @@ class Sessions:
 
     def open(self, queue: str, index: int, buffer: PushBuffer, epoch: int, inherited: set[int], lost: list[bool],
              held: Callable[[], Collection[Any]], *, member: bool = False,
-             drops: list[bool] | None = None) -> tuple[paho.Client, bool]:
+             drops: list[bool] | None = None, receive_maximum: int | None = None) -> tuple[paho.Client, bool]:
         """Connect as slot ``index``: deliveries go to ``buffer`` as :data:`Item`; one the server sends again
         (DUP) is dropped if ``held()`` holds ``(epoch, packet id)`` (its ack will settle it), and counts as
         crashed if its packet id is in ``inherited``. A ``member`` joins the shared subscription again after
@@ -157,7 +169,8 @@ class Sessions:
 
         will = (f"funboost_like/slots/{topic_part(queue)}/{index}", PARKED, parked_seconds(self.expiry()))
         return connect(self.control.server, f"funboost_like:{queue}:{index}", clean_start=False,
-                       session_expiry=self.expiry(), receive_maximum=int(settings.get("MQTT_RECEIVE_MAXIMUM")),
+                       session_expiry=self.expiry(),
+                       receive_maximum=receive_maximum or int(settings.get("MQTT_RECEIVE_MAXIMUM")),
                        will=will, manual_ack=True, on_message=on_message, on_reconnect=on_reconnect,
                        on_disconnect=on_disconnect)
 
