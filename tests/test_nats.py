@@ -25,7 +25,8 @@ import pytest
 from funboost_like import BrokerEnum, ConcurrentModeEnum, task_deco
 from funboost_like.brokers.async_bridge import bridge
 from funboost_like.brokers.maintenance import maintenance
-from funboost_like.brokers.nats_broker import ATTEMPTS, CRASHES, MSG_ID, NatsBroker, stream_name
+from funboost_like.brokers.nats_broker import NatsBroker
+from funboost_like.brokers.nats_queues import ATTEMPTS, CRASHES, MSG_ID, stream_name
 from funboost_like.brokers.nats_wire import redact_nats_url
 from funboost_like.brokers.registry import get_broker
 from funboost_like.core import runtime

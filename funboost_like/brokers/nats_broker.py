@@ -48,6 +48,9 @@ trip, no thread hop), and fetching through a synchronous puller per queue on the
 (:mod:`~funboost_like.brokers.nats_pull`: the acks and the next pull request in one write), or both
 through nats-py when the server needs TLS or nkeys.
 
+The names, what a fetch makes of the messages it took, and the mover of delayed messages live in
+:mod:`~funboost_like.brokers.nats_queues`.
+
 ``count`` is the messages waiting (not held) plus the delayed ones; ``purge`` purges the whole
 stream (held messages too: their acks then do nothing). Capabilities: lease redelivery, native
 delay, no priority, dead letters, key-value records (JetStream KV buckets, see
@@ -61,9 +64,7 @@ the queue name must be a valid subject (no spaces, ``*`` or ``>``).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import re
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
@@ -73,9 +74,10 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from funboost_like.brokers import nats_queues as nq
 from funboost_like.brokers.async_bridge import bridge
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
-from funboost_like.brokers.nats_jetstream import NO_WAIT_TIMEOUT, TIMEOUT, WINDOW, JetStream, Puller
+from funboost_like.brokers.nats_jetstream import NO_WAIT_TIMEOUT, TIMEOUT, WINDOW, JetStream
 from funboost_like.brokers.nats_pull import Pulled, WirePuller
 from funboost_like.brokers.nats_records import NatsRecords
 from funboost_like.brokers.nats_wire import PublishRefused, Unsupported, WirePublishers, redact_nats_url
@@ -84,54 +86,6 @@ from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import ConfigurationError
 
 logger = logging.getLogger("funboost_like.nats")
-
-ATTEMPTS, CRASHES, DUE, MSG_ID = "fl-attempts", "fl-crashes", "fl-due", "Nats-Msg-Id"
-CONSUMER, DELAY_CONSUMER = "fl", "fl-delay"
-MAX_ACK_PENDING = 100_000
-DEAD_LETTER_LIMIT = 10_000
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-_BAD_SUBJECT = re.compile(r"[\s*>]|^\.|\.$|\.\.")
-Copy = tuple[str, bytes, int, int, str]  # (token of the original, body, attempts before, crashes, de-dup id)
-
-
-def stream_name(queue: str) -> str:
-    """``fl_<queue>`` with characters outside ``[A-Za-z0-9_-]`` replaced (plus a hash of the name if any was)."""
-    if not queue or _BAD_SUBJECT.search(queue):
-        raise ConfigurationError(f"NATS queue names must be valid subjects (no spaces, '*', '>'), not {queue!r}")
-    safe = _UNSAFE.sub("_", queue)
-    return f"fl_{safe}" if safe == queue else f"fl_{safe}_{hashlib.sha1(queue.encode()).hexdigest()[:8]}"
-
-_NO_SUCH_SEQUENCE = 10043  # JetStream's error code for a message sequence a stream does not hold
-
-
-class _Queue:
-    """A queue's names on the server, and this process's pullers for it."""
-
-    def __init__(self, queue: str) -> None:
-        self.queue, self.stream = queue, stream_name(queue)
-        self.dlq_stream, self.delayed, self.dlq = f"{self.stream}_dlq", f"{queue}.fl-delayed", f"{queue}.dlq"
-        self.ready, self.delay = Puller(self.stream, CONSUMER), Puller(self.stream, DELAY_CONSUMER)
-        self.mover: asyncio.Task[None] | None = None
-        self.dlq_made = False
-        self.wire: WirePuller | None = None  # pulls ready messages on the fetching thread (into ready.stash)
-
-
-def _numbers(reply: str) -> tuple[int, int]:
-    """(num_delivered, stream sequence) from a JetStream reply subject: ``$JS.ACK.<stream>.<consumer>.
-    <delivered>.<stream seq>...``, or the form with a domain and an account hash after ``$JS.ACK``."""
-    tokens = reply.split(".")
-    at = 4 if len(tokens) == 9 else 6
-    return int(tokens[at]), int(tokens[at + 1])
-
-
-def _copy_of(pulled: Pulled) -> Copy:
-    """The copy of a delivery the server made again (its holder died): every earlier delivery counted
-    as a crash, with the de-duplication id shared by every copy of that stream message."""
-    reply, data, headers = pulled
-    attempts, crashes = int((headers or {}).get(ATTEMPTS, 0)), int((headers or {}).get(CRASHES, 0))
-    delivered, seq = _numbers(reply)
-    return reply, data, attempts + delivered - 1, crashes + delivered - 1, f"fl.{seq}.{attempts}"
-
 
 class NatsBroker(Broker):
     """At-least-once NATS JetStream broker; see the module docstring for the layout and counting."""
@@ -151,7 +105,7 @@ class NatsBroker(Broker):
 
     def _after_fork(self) -> None:  # the parent's connection lives on the parent's loop: dropped, never closed
         self._jet: JetStream | None = None
-        self._queues: dict[str, _Queue] = {}
+        self._queues: dict[str, nq.Queue] = {}
         self._ready: set[str] = set()
         self._records: dict[tuple[str, str], NatsRecords] = {}
         self._wires: WirePublishers | None = None
@@ -179,22 +133,22 @@ class NatsBroker(Broker):
             self._jet = JetStream(self._url(), lambda exc: logger.warning("%s: %s", where, type(exc).__name__))
         return self._jet
 
-    async def _queue(self, queue: str) -> _Queue:
+    async def _queue(self, queue: str) -> nq.Queue:
         """The queue's streams and consumers, created (or updated) at first use in this process."""
         q = self._queues.get(queue)
         if q is not None and queue in self._ready:
             return q
-        q = self._queues.setdefault(queue, _Queue(queue))
+        q = self._queues.setdefault(queue, nq.Queue(queue))
         jet, ack_wait = self.jet, self._ack_wait()
         await jet.connect()
         await self._add_stream(api.StreamConfig(
             name=q.stream, subjects=[queue, q.delayed], retention=api.RetentionPolicy.WORK_QUEUE,
             storage=api.StorageType.FILE, duplicate_window=max(120.0, 4 * ack_wait)))
-        for puller, name, subject, wait in ((q.ready, CONSUMER, queue, ack_wait),
-                                            (q.delay, DELAY_CONSUMER, q.delayed, 30.0)):
+        for puller, name, subject, wait in ((q.ready, nq.CONSUMER, queue, ack_wait),
+                                            (q.delay, nq.DELAY_CONSUMER, q.delayed, 30.0)):
             await jet.js.add_consumer(q.stream, api.ConsumerConfig(
                 durable_name=name, filter_subject=subject, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=wait,
-                max_deliver=-1, max_ack_pending=MAX_ACK_PENDING, max_waiting=512))
+                max_deliver=-1, max_ack_pending=nq.MAX_ACK_PENDING, max_waiting=512))
             await jet.subscribe(puller)
         self._ready.add(queue)
         return q
@@ -216,7 +170,7 @@ class NatsBroker(Broker):
         if q is None or queue not in self._ready:
             q = self._run(self._queue(queue))
         if not_before is not None and not_before > time.time():
-            headers = {DUE: repr(float(not_before))}
+            headers = {nq.DUE: repr(float(not_before))}
             items: list[tuple[str, bytes, dict[str, str] | None]] = [(q.delayed, body, headers) for body in bodies]
         else:
             items = [(queue, body, None) for body in bodies]
@@ -230,14 +184,14 @@ class NatsBroker(Broker):
         return wires
 
     # -- consuming -----------------------------------------------------------------------------------
-    def _consuming(self, queue: str) -> _Queue:
+    def _consuming(self, queue: str) -> nq.Queue:
         """The queue, ready to fetch from: its mover task running, its puller connected."""
         q = self._queues.get(queue)
         if q is None or queue not in self._ready or q.mover is None or q.mover.done():
-            async def start() -> _Queue:
+            async def start() -> nq.Queue:
                 q = await self._queue(queue)
                 if q.mover is None or q.mover.done():
-                    q.mover = asyncio.get_running_loop().create_task(self._move_due(q))
+                    q.mover = asyncio.get_running_loop().create_task(nq.move_due(self.jet, q))
                 return q
             q = self._run(start())
         if q.wire is None and (self._wires is None or self._wires.unsupported is None):
@@ -263,20 +217,10 @@ class NatsBroker(Broker):
             self._on_wire(q, lambda wire: wire.pull(tokens, {"batch": max_n - len(stash), "no_wait": True}, max_n,
                                                     NO_WAIT_TIMEOUT) if len(stash) < max_n else wire.ack(tokens))
             taken = q.ready.take(max_n)
-        got, dead = [], []
-        first = f"$JS.ACK.{q.stream}.{CONSUMER}.1."  # a first delivery's reply subject starts so
-        for pulled in taken:
-            reply, data, headers = pulled
-            if not reply.startswith(first) and _numbers(reply)[0] > 1:  # its holder died: counted in a
-                dead.append(_copy_of(pulled))  # copy, which runs alone later
-            elif headers is None:
-                got.append(Delivery(queue, data, reply))
-            else:
-                got.append(Delivery(queue, data, reply, int(headers.get(ATTEMPTS, 0)) + 1, 0,
-                                    int(headers.get(CRASHES, 0))))
+        got, dead = nq.sort_out(queue, q, taken)
         if dead:  # unless this process still holds it (its lease ran out during a stall): its holder settles it
-            mine = {_numbers(token)[1] for held_queue, token in self.held() if held_queue == queue}
-            dead = [copy for copy in dead if _numbers(copy[0])[1] not in mine]
+            mine = {nq.numbers(token)[1] for held_queue, token in self.held() if held_queue == queue}
+            dead = [copy for copy in dead if nq.numbers(copy[0])[1] not in mine]
             if dead:
                 self._run(self._copy(queue, dead, 0.0))
         return got
@@ -295,7 +239,7 @@ class NatsBroker(Broker):
             expires = max(1_000_000, int((timeout - 0.005) * 1e9))
             self._on_wire(q, lambda wire: wire.pull((), {"batch": 1, "expires": expires}, 1, timeout))
 
-    def _on_wire(self, q: _Queue, use: Callable[[WirePuller], None]) -> None:
+    def _on_wire(self, q: nq.Queue, use: Callable[[WirePuller], None]) -> None:
         """``use(q.wire)``; on a broken connection, once more on a new one (a restarted server)."""
         for retry in (True, False):
             wire = q.wire
@@ -311,47 +255,26 @@ class NatsBroker(Broker):
                     if not retry:
                         raise
 
-    async def _move_due(self, q: _Queue) -> None:
-        """Move due delayed messages of ``q`` to its ready subject; ``nak`` the others until due."""
-        jet = self.jet
-        while True:
-            try:
-                await jet.long_poll(q.delay, 5.0)
-                for reply, data, got_headers in await jet.take(q.delay, 256):
-                    headers = dict(got_headers or {})
-                    left = float(headers.pop(DUE, 0)) - time.time()
-                    if left > 0.001:
-                        await jet.ack([reply], verb=b'-NAK {"delay": %d}' % int(left * 1e9))
-                        continue
-                    headers[MSG_ID] = f"fl.d.{_numbers(reply)[1]}"
-                    await jet.publish([(q.queue, data, headers)])
-                    await jet.ack([reply], confirm=True)  # so count() stops counting it at once
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - logged; tried again
-                logger.warning("moving due delayed messages of queue %r failed (%s); retrying", q.queue, exc)
-                await asyncio.sleep(1.0)
-
     # -- settling ------------------------------------------------------------------------------------
     def _ack(self, deliveries: Sequence[Delivery]) -> None:
         self._run(self.jet.ack([d.token for d in deliveries]))
 
-    async def _copy(self, queue: str, copies: Sequence[Copy], delay: float) -> None:
+    async def _copy(self, queue: str, copies: Sequence[nq.Copy], delay: float) -> None:
         """Publish each copy with its counts (delayed: to the delayed subject), then ack the originals,
         confirmed, so they are gone before anything else runs."""
         q = await self._queue(queue)
         items = []
         for _, body, attempts, crashes, dedup in copies:
-            headers = {ATTEMPTS: str(attempts), CRASHES: str(crashes), MSG_ID: dedup}
+            headers = {nq.ATTEMPTS: str(attempts), nq.CRASHES: str(crashes), nq.MSG_ID: dedup}
             if delay > 0:
-                headers[DUE] = repr(time.time() + delay)
+                headers[nq.DUE] = repr(time.time() + delay)
             items.append((q.delayed if delay > 0 else queue, body, headers))
         await self.jet.publish(items)
         await self.jet.ack([token for token, *_ in copies], confirm=True)
 
     def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
         copies = [(d.token, d.body, d.attempts if count_attempt else d.attempts - 1, d.crashes,
-                   f"fl.{_numbers(d.token)[1]}.{d.attempts - 1}") for d in deliveries]
+                   f"fl.{nq.numbers(d.token)[1]}.{d.attempts - 1}") for d in deliveries]
         self._run(self._copy(deliveries[0].queue, copies, delay))
 
     def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
@@ -360,8 +283,8 @@ class NatsBroker(Broker):
         async def send() -> None:
             q = await self._queue(delivery.queue)
             if not q.dlq_made:  # made by the first dead letter; before it, listing and purging find none
-                await self._add_stream(api.StreamConfig(name=q.dlq_stream, subjects=[q.dlq], max_msgs=DEAD_LETTER_LIMIT,
-                                                        storage=api.StorageType.FILE))
+                await self._add_stream(api.StreamConfig(name=q.dlq_stream, subjects=[q.dlq],
+                                                        storage=api.StorageType.FILE, max_msgs=nq.DEAD_LETTER_LIMIT))
                 q.dlq_made = True
             await self.jet.publish([(q.dlq, envelope, None)])
             await self.jet.ack([delivery.token], confirm=True)
@@ -380,8 +303,8 @@ class NatsBroker(Broker):
     def _size(self, queue: str) -> int:
         async def size() -> int:
             q, js = await self._queue(queue), self.jet.js
-            ready, delayed = await asyncio.gather(js.consumer_info(q.stream, CONSUMER),
-                                                  js.consumer_info(q.stream, DELAY_CONSUMER))
+            ready, delayed = await asyncio.gather(js.consumer_info(q.stream, nq.CONSUMER),
+                                                  js.consumer_info(q.stream, nq.DELAY_CONSUMER))
             return int(ready.num_pending + delayed.num_pending + delayed.num_ack_pending)
         return int(self._run(size()))
 
@@ -422,7 +345,7 @@ class NatsBroker(Broker):
         try:
             return self._run(delete())
         except nats.js.errors.APIError as exc:
-            if exc.err_code != _NO_SUCH_SEQUENCE and not isinstance(exc, nats.js.errors.NotFoundError):
+            if exc.err_code != nq.NO_SUCH_SEQUENCE and not isinstance(exc, nats.js.errors.NotFoundError):
                 raise self._translated(exc, f"removing a dead letter of queue {queue!r}") from exc
             return False  # deleted already
         except self._client_errors as exc:
@@ -438,7 +361,7 @@ class NatsBroker(Broker):
         """Delete the streams of ``queue`` (its messages, delayed ones and dead letters) and the KV buckets
         this process opened for it (tests, benchmarks)."""
         async def delete() -> None:
-            q = self._queues.get(queue) or _Queue(queue)
+            q = self._queues.get(queue) or nq.Queue(queue)
             if q.mover is not None:
                 q.mover.cancel()
                 q.mover = None
@@ -468,7 +391,7 @@ class NatsBroker(Broker):
             if q.mover is not None:
                 q.mover.cancel()
                 q.mover = None
-            left = [_copy_of(pulled) for pulled in q.ready.take(len(q.ready.stash))]
+            left = [nq.copy_of(pulled) for pulled in q.ready.take(len(q.ready.stash))]
             if left:  # never run here: counts unchanged (or crashes, if the server had redelivered them)
                 await self._copy(queue, left, 0.0)
         self._run(stop())

@@ -49,7 +49,7 @@ class NatsRecords(KeyValueStore):
     """The records of one (queue, namespace) in a JetStream KV bucket (see the module docstring)."""
 
     def __init__(self, broker: NatsBroker, queue: str, namespace: str) -> None:
-        from funboost_like.brokers.nats_broker import stream_name
+        from funboost_like.brokers.nats_queues import stream_name
 
         self._broker = broker
         self.bucket = f"fl_kv_{stream_name(queue)[3:]}_{check_namespace(namespace)}"
