@@ -97,28 +97,23 @@ class WirePuller(WireConnection):
         pos, size = 0, len(buf)
         while (end := buf.find(b"\r\n", pos)) >= 0:
             op = buf[pos:pos + 4]
-            if op == b"MSG ":
+            if op == b"MSG " or op == b"HMSG":  # MSG <subject> <sid> [reply] <size>, HMSG ... <header size> <size>
                 fields = buf[pos + 4:end].split()
                 start = end + 2
                 stop = start + int(fields[-1])
                 if stop + 2 > size:
                     break
-                if len(fields) == 4:  # subject sid reply size: a pulled message
-                    stash.append((fields[2].decode(), bytes(buf[start:stop]), None))
                 pos = stop + 2
-            elif op == b"HMSG":
-                fields = buf[pos + 5:end].split()
-                start = end + 2
-                stop = start + int(fields[-1])
-                if stop + 2 > size:
-                    break
+                if op == b"MSG ":
+                    if len(fields) == 4:  # with a reply subject: a pulled message
+                        stash.append((fields[2].decode(), bytes(buf[start:stop]), None))
+                    continue
                 split = start + int(fields[-2])
                 status, headers = _parse_headers(bytes(buf[start:split]))
                 if len(fields) == 5:
                     stash.append((fields[2].decode(), bytes(buf[split:stop]), headers))
                 elif status and status != "100":  # the end of a request (heartbeats, 100, do not end one)
                     self._ended = max(self._ended, int(fields[0].rsplit(b".", 1)[1]))
-                pos = stop + 2
             else:
                 line = buf[pos:end]
                 pos = end + 2
