@@ -71,7 +71,6 @@ from funboost_like.brokers.mqtt_sessions import (
     take_until_idle,
 )
 from funboost_like.brokers.mqtt_wire import WirePublishers
-from funboost_like.brokers.push_buffer import PushBuffer
 from funboost_like.core.config import redact_url, settings
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import ConfigurationError
@@ -198,13 +197,7 @@ class MqttBroker(Broker):
                 return
             sessions = self.sessions
             if queue not in self._slots and not sessions.presence(queue):  # a slot of ours: it has one
-                # receive maximum 1: what the session holds stays for its consumers
-                client, _ = sessions.open(queue, 0, PushBuffer(), 0, set(), [], tuple, receive_maximum=1)
-                try:
-                    subscribe(client, shared_filter(queue), self._where())
-                    sessions.park(queue, 0)
-                finally:
-                    close(client)
+                sessions.anchor(queue, self._where())
             self._anchored[queue] = time.monotonic() + anchor_seconds()
 
     # -- publishing ----------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from funboost_like.brokers.mqtt_client import (
     close,
     connect,
     properties,
+    subscribe,
     topic_part,
     user_properties,
 )
@@ -198,6 +199,16 @@ class Sessions:
 
     def park(self, queue: str, index: int) -> None:
         self.control.publish([self.parked(queue, index)])
+
+    def anchor(self, queue: str, where: str) -> None:
+        """Make (or keep) slot 0's session, subscribed and parked; receive maximum 1, so what the session
+        holds stays for its consumers (one message may come back to them marked DUP)."""
+        client, _ = self.open(queue, 0, PushBuffer(), 0, set(), [], tuple, receive_maximum=1)
+        try:
+            subscribe(client, shared_filter(queue), where)
+            self.park(queue, 0)
+        finally:
+            close(client)
 
     def drain(self, queue: str, index: int, owner: str, counted: Callable[[int, int], Publish], *, republish: bool,
               idle: float) -> int:
