@@ -389,15 +389,17 @@ def test_a_forked_child_writes_with_its_own_connection(queue_name: str) -> None:
     store.flush()
     pid = os.fork()
     if pid == 0:  # the child: never return into pytest
-        code = 1
+        code = 1  # an exception
         try:
             child_store = open_status_store(queue_name)
             child_store.record(StatusEvent("child", queue_name, FINISHED, time.time(), pid=os.getpid()))
-            code = 0 if child_store.flush(5) and child_store.get("parent") is not None else 1
+            code = 2 if not child_store.flush(5) else 3 if child_store.get("parent") is None else 0
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert os.WIFEXITED(status), status
+    assert os.WEXITSTATUS(status) == 0, {1: "the child raised", 2: "its flush timed out (5 s)",
+                                         3: "it did not find the parent's record"}.get(os.WEXITSTATUS(status))
     store.record(StatusEvent("parent2", queue_name, FINISHED, time.time()))
     record = store.get("child")
     assert record is not None and record.pid == pid
