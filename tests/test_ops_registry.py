@@ -186,10 +186,12 @@ def test_a_broker_without_key_value_records_keeps_its_registry_in_the_embedded_s
 
 
 _ZEROMQ_WORKER = textwrap.dedent("""
-    import logging, sys
+    import faulthandler, logging, signal, sys
     from funboost_like import BrokerEnum, task_deco
 
-    @task_deco(sys.argv[1], broker_kind=BrokerEnum.ZEROMQ, log_level=logging.WARNING)
+    faulthandler.register(signal.SIGUSR1)  # the test asks for every thread's stack when a wait fails
+
+    @task_deco(sys.argv[1], broker_kind=BrokerEnum.ZEROMQ, log_level=logging.INFO)
     def f(x):
         return x
 
@@ -208,7 +210,7 @@ def test_a_broker_without_key_value_records_shares_its_registry_through_ops_stor
     script = tmp_path / "zeromq_worker.py"
     script.write_text(_ZEROMQ_WORKER)
     log = tmp_path / "worker.log"
-    with open(log, "wb") as output:  # shown if a wait fails: this test was rerun twice in CI, cause unknown
+    with open(log, "wb") as output:  # shown if a wait fails: this test was rerun three times in CI
         child = subprocess.Popen([sys.executable, str(script), port], stdout=output, stderr=subprocess.STDOUT,
                                  env=subprocess_env(host_a, FUNBOOST_LIKE_OPS_HEARTBEAT_SECONDS="0.2",
                                                     FUNBOOST_LIKE_OPS_STORE_BROKER="REDIS",
@@ -217,8 +219,11 @@ def test_a_broker_without_key_value_records_shares_its_registry_through_ops_stor
     patch_frame_config(OPS_STORE_BROKER="REDIS")  # host B: isolated_settings' folder, never used by the child
 
     def seen(what: str) -> str:
+        if child.poll() is None:  # where its threads are (this test was rerun in CI: the pause never showed)
+            child.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
         return f"{what} (worker {'exited ' + str(child.poll()) if child.poll() is not None else 'running'}; " \
-               f"its output: {log.read_text('utf-8', 'replace')[-1500:]!r})"
+               f"its output: {log.read_text('utf-8', 'replace')[-6000:]!r})"
 
     service = OpsService()  # no kinds named: the shared store says which kinds the hosts used
     [worker] = wait_for(lambda: BrokerEnum.ZEROMQ in service.kinds() and service.workers(port), timeout=30,
