@@ -8,6 +8,8 @@ first use, so APScheduler is imported only by programs that schedule.
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from funboost_like.concurrency.greenlets import EventletPool, GeventPool
+from funboost_like.concurrency.threads import ThreadPool
 from funboost_like.core.booster import Booster, boost, get_consumer, run_consumer_with_multi_process, task_deco
 from funboost_like.core.config import patch_frame_config
 from funboost_like.core.enums import BrokerEnum, ConcurrentModeEnum
@@ -26,11 +28,14 @@ from funboost_like.core.errors import (
 from funboost_like.core.params import FunctionResultStatusPersistanceConfig, PriorityConsumingControlConfig
 from funboost_like.core.results import AsyncResult
 from funboost_like.discovery import Tasks, autodiscover, discover_and_mount_ts
+from funboost_like.middleware.heartbeat import active_consumers
 
 if TYPE_CHECKING:
     from funboost_like.scheduling.timing import FsdfBackgroundScheduler as FsdfBackgroundScheduler
     from funboost_like.scheduling.timing import fsdf_background_scheduler as fsdf_background_scheduler
     from funboost_like.scheduling.timing import timing_publish_deco as timing_publish_deco
+
+ThreadPoolExecutorShrinkAble = ThreadPool  # the seed's name for the framework's own pool
 
 __version__ = "0.1.0"
 
@@ -41,17 +46,22 @@ __all__ = [
     "BrokerNotAvailable",
     "ConcurrentModeEnum",
     "ConfigurationError",
+    "EventletPool",
     "ExceptionForRequeue",
     "ExceptionForRetry",
     "FunboostLikeError",
     "FunctionFailedError",
     "FunctionResultStatusPersistanceConfig",
+    "GeventPool",
     "PriorityConsumingControlConfig",
     "PublishError",
     "ResultNotAvailable",
     "TaskSkippedError",
     "Tasks",
+    "ThreadPool",
+    "ThreadPoolExecutorShrinkAble",
     "UnroutableError",
+    "active_consumers",
     "autodiscover",
     "boost",
     "discover_and_mount_ts",

@@ -62,11 +62,6 @@ def test_unbuilt_broker_fails_at_decoration(queue_name: str) -> None:
         task_deco(queue_name, broker_kind="REDIS_STREEM")
 
 
-def test_features_not_built_yet_raise_instead_of_being_ignored(queue_name: str) -> None:
-    with pytest.raises(ValueError, match="not built yet"):
-        task_deco(queue_name, is_send_consumer_hearbeat_to_redis=True)
-
-
 def test_pool_shrinks_after_keep_alive(queue_name: str) -> None:
     patch_frame_config(THREAD_KEEP_ALIVE_SECONDS=0.3)
     gate = threading.Barrier(6, timeout=5)

@@ -6,7 +6,8 @@ the framework checks that the patch is there and refuses to start without it, be
 ``time.sleep`` or socket call would block every greenlet at once.
 
 Greenlets are cheap, so a call starts at once in a new greenlet (the fetcher already bounds how many
-are in flight to ``concurrent_num``): nothing ever waits in the pool, and there is nothing to grow.
+are in flight to ``concurrent_num``), and there is nothing to grow; calls wait in the pool only when
+several consumers share it (``specify_concurrent_pool``), whose size then caps them all.
 A ``function_timeout`` raises the library's own timeout in the greenlet, which stops it at its next
 cooperative switch (blocking I/O and sleep, with the patch).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -52,50 +54,81 @@ def check_eventlet_patched() -> None:
         )
 
 
-class GeventPool(Pool):
-    def __init__(self, max_workers: int) -> None:
-        from gevent.pool import Group
+class _GreenPool(Pool):
+    """At most ``max_workers`` greenlets at once; a call submitted while all are busy waits in order.
 
+    A consumer never has more calls outstanding than its pool's size, so calls wait here only when
+    several consumers share one pool (``specify_concurrent_pool``). Greenlets of one hub never run at
+    the same time, so the counts need no lock. A greenlet that finishes a call takes the next waiting one.
+    """
+
+    def __init__(self, max_workers: int) -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be >= 1")
         self.max_workers = max_workers
-        self._group = Group()
+        self._waiting: deque[tuple[Callable[[Any], None], Any]] = deque()
+        self._running = 0
         self._closed = False
 
     @property
     def worker_count(self) -> int:
-        return len(self._group)
+        return self._running
 
     def submit(self, fn: Callable[[Any], None], arg: Any) -> None:
         if self._closed:
             raise RuntimeError("pool is shut down")
-        self._group.spawn(fn, arg)
+        if self._running >= self.max_workers:
+            self._waiting.append((fn, arg))
+            return
+        self._running += 1
+        self._spawn(self._work, fn, arg)
+
+    def _work(self, fn: Callable[[Any], None], arg: Any) -> None:
+        try:
+            while True:
+                try:
+                    fn(arg)
+                except BaseException:  # the submitted callable handles its own errors
+                    logger.exception("unhandled error in a greenlet of the pool")
+                if not self._waiting:
+                    return
+                fn, arg = self._waiting.popleft()
+        finally:
+            self._running -= 1
+
+    def _spawn(self, work: Callable[..., None], fn: Callable[[Any], None], arg: Any) -> None:
+        raise NotImplementedError
 
     def drain(self) -> list[Any]:
-        return []  # every submitted call started at once
+        drained = [arg for _, arg in self._waiting]
+        self._waiting.clear()
+        return drained
+
+
+class GeventPool(_GreenPool):
+    def __init__(self, max_workers: int) -> None:
+        from gevent.pool import Group
+
+        super().__init__(max_workers)
+        self._group = Group()
+
+    def _spawn(self, work: Callable[..., None], fn: Callable[[Any], None], arg: Any) -> None:
+        self._group.spawn(work, fn, arg)
 
     def shutdown(self, timeout: float | None = None) -> bool:
         self._closed = True
         return bool(self._group.join(timeout=timeout))
 
 
-class EventletPool(Pool):
+class EventletPool(_GreenPool):
     def __init__(self, max_workers: int) -> None:
         import eventlet
 
-        self.max_workers = max_workers
+        super().__init__(max_workers)
         self._pool = eventlet.GreenPool(max_workers)
-        self._closed = False
 
-    @property
-    def worker_count(self) -> int:
-        return int(self._pool.running())
-
-    def submit(self, fn: Callable[[Any], None], arg: Any) -> None:
-        if self._closed:
-            raise RuntimeError("pool is shut down")
-        self._pool.spawn_n(fn, arg)
-
-    def drain(self) -> list[Any]:
-        return []
+    def _spawn(self, work: Callable[..., None], fn: Callable[[Any], None], arg: Any) -> None:
+        self._pool.spawn_n(work, fn, arg)
 
     def shutdown(self, timeout: float | None = None) -> bool:
         import eventlet

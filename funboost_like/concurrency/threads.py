@@ -7,14 +7,19 @@ most doubles the pool, so blocking calls reach hundreds of threads in a few step
 calls are served by one or two threads. With ``grow_after=0`` (a rate-limited owner that submits
 exactly when a call must start) any call that finds no idle worker gets one at once. The owner calls
 :meth:`ThreadPool.grow_if_stalled` periodically. A thread idle for ``keep_alive`` seconds exits.
+
+Several consumers may share one pool (``specify_concurrent_pool``, see
+:mod:`funboost_like.concurrency.shared`); a forked child starts with an empty copy of every pool.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -23,6 +28,7 @@ from funboost_like.concurrency.base import Pool
 logger = logging.getLogger("funboost_like.pool")
 
 _STOP = object()
+_pools: weakref.WeakSet[ThreadPool] = weakref.WeakSet()
 _Item = tuple[Callable[[Any], None], Any]
 
 
@@ -35,14 +41,20 @@ class ThreadPool(Pool):
         self.keep_alive = keep_alive
         self.grow_after = grow_after
         self.name = name
+        self._closed = False
+        self._serial = 0
+        self._empty()
+        _pools.add(self)
+
+    def _empty(self) -> None:
+        """No worker and no work: a new pool, or a forked child's copy (the parent's threads do not exist
+        there, and the calls queued were the parent's consumers')."""
         self._work: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
         self._idle = 0
         self._starting = 0  # threads started whose loop has not begun: capacity already on its way
         self._backlog_since = time.monotonic()  # when the work queue was last seen empty
-        self._closed = False
-        self._serial = 0
 
     @property
     def worker_count(self) -> int:
@@ -160,3 +172,12 @@ class ThreadPool(Pool):
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             thread.join(remaining)
         return not any(t.is_alive() for t in threads)
+
+
+def _empty_pools_in_child() -> None:
+    for pool in list(_pools):
+        pool._empty()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_empty_pools_in_child)

@@ -106,6 +106,7 @@ DEFAULTS: dict[str, Any] = {
     "STATS_LOG_INTERVAL_SECONDS": 60.0,
     # Operations (docs/operations.md): consumers register and beat; control records pause them, change qps.
     "OPS_REGISTRY": True,  # False: no worker records, no queue index, no run-time control
+    "CONSUMER_HEARTBEAT_SECONDS": 5.0,  # is_send_consumer_hearbeat_to_redis: a beat this often; dead after 3 missed
     "OPS_HEARTBEAT_SECONDS": 2.0,  # a worker record is rewritten this often; stale after 3 beats, gone after 10
     "OPS_STORE_BROKER": "",  # kinds without key-value records (Kafka, Pulsar, ...) keep their registry in this
     # broker kind's records, e.g. "REDIS" (shared by every host); "" means this host's embedded SQLite store

@@ -24,6 +24,7 @@ from funboost_like.brokers.registry import get_broker
 from funboost_like.concurrency import greenlets
 from funboost_like.concurrency.asyncio_loop import AsyncLoopPool
 from funboost_like.concurrency.base import Pool
+from funboost_like.concurrency.shared import share
 from funboost_like.concurrency.threads import ThreadPool
 from funboost_like.concurrency.timeouts import TimedRun, watchdog
 from funboost_like.core import runtime
@@ -194,19 +195,22 @@ class Consumer:
         """The pool of the concurrency mode; also picks how a timed call is stopped in that mode."""
         mode = self.params.concurrent_mode
         size = self.params.concurrent_num
+        shared = self.params.specify_concurrent_pool
         self._submit_target: Callable[[Any], Any] = self._process
         if mode == ConcurrentModeEnum.GEVENT:
             greenlets.check_gevent_patched()
             self._timed_call, self._green_deadline = self._green_timed_call, greenlets.gevent_deadline
-            return greenlets.GeventPool(size)
+            return share(shared, mode) if shared is not None else greenlets.GeventPool(size)
         if mode == ConcurrentModeEnum.EVENTLET:
             greenlets.check_eventlet_patched()
             self._timed_call, self._green_deadline = self._green_timed_call, greenlets.eventlet_deadline
-            return greenlets.EventletPool(size)
+            return share(shared, mode) if shared is not None else greenlets.EventletPool(size)
         if mode == ConcurrentModeEnum.ASYNC:
             self._submit_target = self._process_async
             return AsyncLoopPool(size, self.params.specify_async_loop, name=f"asyncio-{self.queue_name}")
         self._timed_call = self._thread_timed_call
+        if shared is not None:
+            return share(shared, mode)
         return ThreadPool(
             size,
             keep_alive=float(settings.get("THREAD_KEEP_ALIVE_SECONDS")),
@@ -218,9 +222,11 @@ class Consumer:
 
     def _make_inline_runner(self, pool: Pool) -> InlineRunner | None:
         """Fast calls may run on the fetcher thread (see core/inline.py): THREADING mode only, without a
-        rate limit (which paces each start) or a decorator-level timeout (which needs a worker thread)."""
+        rate limit (which paces each start), a decorator-level timeout (which needs a worker thread) or a
+        shared pool (whose size caps every call of the consumers sharing it)."""
         params = self.params
-        if params.concurrent_mode != ConcurrentModeEnum.THREADING or params.qps or params.function_timeout:
+        if (params.concurrent_mode != ConcurrentModeEnum.THREADING or params.qps or params.function_timeout
+                or params.specify_concurrent_pool is not None):
             return None
         return InlineRunner(self._process, self.signature, pool, self.logger, f"funboost_like-{self.queue_name}",
                             self._hand_over_fetching)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from funboost_like.concurrency.shared import check_shared_pool
 from funboost_like.core import timezones
 from funboost_like.core.enums import BrokerEnum, ConcurrentModeEnum
 from funboost_like.core.errors import ConfigurationError
@@ -98,13 +99,6 @@ ALIASES = {
 
 PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(ConsumerParams))
 
-# Parameters this version accepts by name but whose feature is not built yet: a non-default value
-# raises instead of being silently ignored. Each later feature removes its line.
-NOT_BUILT_YET: dict[str, str] = {
-    "is_send_consumer_hearbeat_to_redis": "consumer heartbeats in Redis",
-    "specify_concurrent_pool": "shared concurrency pools",
-}
-
 _BUILT_CONCURRENT_MODES = set(ConcurrentModeEnum)
 
 
@@ -142,10 +136,6 @@ def build_params(queue_name: str, consuming_function: Callable[..., Any] | None,
         values[canonical] = value
     params = ConsumerParams(queue_name=queue_name, consuming_function=consuming_function, **values)
     _normalise(params, brokers, checks)
-    defaults = ConsumerParams(queue_name=queue_name)
-    for name, feature in NOT_BUILT_YET.items():
-        if getattr(params, name) != getattr(defaults, name):
-            raise ConfigurationError(f"{name}={getattr(params, name)!r}: {feature} are not built yet in this version")
     return params
 
 
@@ -166,6 +156,8 @@ def _normalise(params: ConsumerParams, brokers: BrokerTable, checks: Iterable[Pa
             f"concurrent_mode={ConcurrentModeEnum(params.concurrent_mode).name} is not built yet in this version; "
             "use THREADING"
         )
+    if params.specify_concurrent_pool is not None:  # the seed: the pool's size, not concurrent_num, counts
+        params.concurrent_num = check_shared_pool(params.specify_concurrent_pool, params.concurrent_mode)
     concurrent_num = params.concurrent_num
     if not isinstance(concurrent_num, int) or isinstance(concurrent_num, bool) or concurrent_num < 1:
         raise ConfigurationError(f"concurrent_num must be an int >= 1, got {params.concurrent_num!r}")

@@ -45,6 +45,7 @@ FEATURES = [
     "funboost_like.middleware.routing",
     "funboost_like.middleware.cache",
     "funboost_like.ops.agent",
+    "funboost_like.middleware.heartbeat",
     "funboost_like.observability.metrics",
     "funboost_like.observability.tracing",  # last: its span starts just before the call
 ]
