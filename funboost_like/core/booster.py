@@ -147,7 +147,8 @@ class Booster(Generic[P, R]):
         return self.publisher.publish_many(msgs)
 
     def consume(self) -> None:
-        """Start consuming in the background and return at once."""
+        """Start consuming in the background and return at once (with ``schedule_tasks_on_main_thread=True``:
+        block until the consumer stops)."""
         self.consumer.start_consuming_message()
 
     start_consuming_message = consume
@@ -221,7 +222,7 @@ def _consume_in_child(booster: Booster[Any, Any]) -> None:
     stale = booster._consumer
     if stale is not None and not stale.is_running:  # a copy forked from a parent that consumed itself
         booster._consumer = None
-    booster.consume()
+    booster.consumer.start_consuming_message(wait=False)  # this function waits, below
     # consume() installed the process-wide handlers; in a child only the supervisor's SIGTERM stops it.
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, on_sigterm)

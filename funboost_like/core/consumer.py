@@ -42,7 +42,13 @@ from funboost_like.core.calls import (
 from funboost_like.core.config import settings
 from funboost_like.core.distributed_ratelimit import DistributedRateLimiter
 from funboost_like.core.enums import ConcurrentModeEnum
-from funboost_like.core.errors import DecodeError, ExceptionForRequeue, ExceptionForRetry, FunctionTimeoutError
+from funboost_like.core.errors import (
+    ConfigurationError,
+    DecodeError,
+    ExceptionForRequeue,
+    ExceptionForRetry,
+    FunctionTimeoutError,
+)
 from funboost_like.core.inline import HAND_OVER_AFTER_SECONDS, InlineRunner
 from funboost_like.core.log import ensure_console_handler, get_logger
 from funboost_like.core.message import DecodedMessage, FunctionSignature, decode
@@ -163,12 +169,29 @@ class Consumer:
             self._broker_generation = registry.generation
         return self._broker
 
-    def start_consuming_message(self) -> None:
+    def start_consuming_message(self, *, wait: bool | None = None) -> None:
         """Start consuming in the background and return at once (idempotent).
 
         The fetcher thread is not a daemon: the process keeps consuming after the main thread ends,
-        until SIGINT/SIGTERM or :meth:`stop`.
+        until SIGINT/SIGTERM or :meth:`stop`. With ``schedule_tasks_on_main_thread=True`` (or
+        ``wait=True``) the call instead blocks the calling thread until the consumer has stopped, so
+        that thread can start no other consumer (the seed's meaning of the parameter).
         """
+        if wait is None:
+            wait = bool(self.params.schedule_tasks_on_main_thread)
+        if wait:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+            else:
+                raise ConfigurationError(f"queue {self.queue_name!r}: schedule_tasks_on_main_thread blocks the "
+                                         "calling thread, which here runs an event loop; start it from a plain thread")
+        self._start()
+        while wait and not self.join(1.0):
+            pass
+
+    def _start(self) -> None:
         with self._lock:
             if self._thread is not None:
                 if self._thread.is_alive():

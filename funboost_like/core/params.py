@@ -161,6 +161,9 @@ def _normalise(params: ConsumerParams, brokers: BrokerTable, checks: Iterable[Pa
     concurrent_num = params.concurrent_num
     if not isinstance(concurrent_num, int) or isinstance(concurrent_num, bool) or concurrent_num < 1:
         raise ConfigurationError(f"concurrent_num must be an int >= 1, got {params.concurrent_num!r}")
+    if not isinstance(params.schedule_tasks_on_main_thread, bool):
+        raise ConfigurationError(f"schedule_tasks_on_main_thread must be True or False, got "
+                                 f"{params.schedule_tasks_on_main_thread!r}")
     if not isinstance(params.max_retry_times, int) or params.max_retry_times < 0:
         raise ConfigurationError(f"max_retry_times must be an int >= 0, got {params.max_retry_times!r}")
     for name in ("qps", "msg_schedule_time_intercal", "function_timeout", "retry_backoff", "retry_backoff_max"):
