@@ -99,8 +99,6 @@ ALIASES = {
 
 PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(ConsumerParams))
 
-_BUILT_CONCURRENT_MODES = set(ConcurrentModeEnum)
-
 
 class BrokerTable(Protocol):
     """Where :func:`build_params` finds the broker class of a kind: :mod:`funboost_like.brokers.registry`,
@@ -145,25 +143,7 @@ def _normalise(params: ConsumerParams, brokers: BrokerTable, checks: Iterable[Pa
     capabilities = brokers.broker_class(params.broker_kind).capabilities
     if capabilities.queue_names is not None:
         capabilities.queue_names(params.queue_name)
-    try:
-        params.concurrent_mode = ConcurrentModeEnum(int(params.concurrent_mode))
-    except ValueError:
-        raise ConfigurationError(
-            f"concurrent_mode must be one of {list(ConcurrentModeEnum)}, got {params.concurrent_mode!r}"
-        ) from None
-    if params.concurrent_mode not in _BUILT_CONCURRENT_MODES:
-        raise ConfigurationError(
-            f"concurrent_mode={ConcurrentModeEnum(params.concurrent_mode).name} is not built yet in this version; "
-            "use THREADING"
-        )
-    if params.specify_concurrent_pool is not None:  # the seed: the pool's size, not concurrent_num, counts
-        params.concurrent_num = check_shared_pool(params.specify_concurrent_pool, params.concurrent_mode)
-    concurrent_num = params.concurrent_num
-    if not isinstance(concurrent_num, int) or isinstance(concurrent_num, bool) or concurrent_num < 1:
-        raise ConfigurationError(f"concurrent_num must be an int >= 1, got {params.concurrent_num!r}")
-    if not isinstance(params.schedule_tasks_on_main_thread, bool):
-        raise ConfigurationError(f"schedule_tasks_on_main_thread must be True or False, got "
-                                 f"{params.schedule_tasks_on_main_thread!r}")
+    check_concurrency(params)
     if not isinstance(params.max_retry_times, int) or params.max_retry_times < 0:
         raise ConfigurationError(f"max_retry_times must be an int >= 0, got {params.max_retry_times!r}")
     for name in ("qps", "msg_schedule_time_intercal", "function_timeout", "retry_backoff", "retry_backoff_max"):
@@ -181,6 +161,25 @@ def _normalise(params: ConsumerParams, brokers: BrokerTable, checks: Iterable[Pa
     if params.consuming_function is not None and not callable(params.consuming_function):
         raise ConfigurationError(f"consuming_function must be callable, got {params.consuming_function!r}")
     check_mode_fits_function(params)
+
+
+def check_concurrency(params: ConsumerParams) -> None:
+    """``concurrent_mode``, ``concurrent_num`` (the shared pool's size when one is given) and
+    ``schedule_tasks_on_main_thread``."""
+    try:
+        params.concurrent_mode = ConcurrentModeEnum(int(params.concurrent_mode))
+    except ValueError:
+        raise ConfigurationError(
+            f"concurrent_mode must be one of {list(ConcurrentModeEnum)}, got {params.concurrent_mode!r}"
+        ) from None
+    if params.specify_concurrent_pool is not None:  # the seed: the pool's size, not concurrent_num, counts
+        params.concurrent_num = check_shared_pool(params.specify_concurrent_pool, params.concurrent_mode)
+    concurrent_num = params.concurrent_num
+    if not isinstance(concurrent_num, int) or isinstance(concurrent_num, bool) or concurrent_num < 1:
+        raise ConfigurationError(f"concurrent_num must be an int >= 1, got {params.concurrent_num!r}")
+    if not isinstance(params.schedule_tasks_on_main_thread, bool):
+        raise ConfigurationError(f"schedule_tasks_on_main_thread must be True or False, got "
+                                 f"{params.schedule_tasks_on_main_thread!r}")
 
 
 def check_redelivery_limits(params: ConsumerParams, capabilities: Any) -> None:
