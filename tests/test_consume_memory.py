@@ -141,6 +141,23 @@ def test_final_failure_goes_to_dead_letter_and_join_reraises(queue_name: str) ->
     assert codec.loads(letter.body)["x"] == 7
 
 
+def test_a_message_may_turn_tracebacks_on_or_off_for_itself(queue_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    @task_deco(queue_name, broker_kind=MEMORY, max_retry_times=0)  # tracebacks on, the seed's default
+    def fails(x: int) -> None:
+        raise KeyError(f"boom {x}")
+
+    fails.publish({"x": 1}, priority_control_config=PriorityConsumingControlConfig(is_print_detail_exception=False))
+    fails.push(2)
+    fails.consume()
+    with caplog.at_level("ERROR", logger=f"funboost_like.{queue_name}"):
+        memory().join(queue_name, timeout=5, fail_fast=False)
+    letters = {codec.loads(letter.body)["x"]: letter.reason for letter in memory().list_dead_letters(queue_name)}
+    assert "Traceback" not in letters[1] and "Traceback" in letters[2]
+    failed = {record.getMessage().split("boom ")[1][0]: record.exc_info for record in caplog.records
+              if "failed for good" in record.getMessage()}
+    assert failed["1"] is None and failed["2"] is not None
+
+
 def test_requeue_hands_the_message_back(queue_name: str) -> None:
     calls: list[int] = []
 

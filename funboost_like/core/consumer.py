@@ -752,7 +752,7 @@ class Consumer:
                 call.outcome, call.duration = REQUEUED, call.duration + time.perf_counter() - started
                 return REQUEUED, call.delivery, "", None, delay
         elif call.attempts <= retries:
-            self._log_failure(call.task_id, exc, call.attempts, final=False)
+            self._log_failure(call, exc, final=False)
             return None
         return self._failed(call, exc, call.duration + time.perf_counter() - started)
 
@@ -763,10 +763,10 @@ class Consumer:
             return self.function(**kwargs) if self.signature.multi_params else self.function(kwargs)
 
     def _failed(self, call: Call, exc: Exception, duration: float) -> Outcome:
-        self._log_failure(call.task_id, exc, call.attempts, final=True)
+        self._log_failure(call, exc, final=True)
         call.exc, call.outcome, call.duration = exc, FAILED, duration
         runs = call.delivery.attempts - 1 + call.attempts  # earlier deliveries ran (or died) too
-        return FAILED, call.delivery, self._failure_reason(exc, runs), exc, runs
+        return FAILED, call.delivery, self._failure_reason(call, exc, runs), exc, runs
 
     def _thread_timed_call(self, call: Call, timeout: float) -> Any:
         """One run under a deadline (see concurrency/timeouts.py for what stopping a thread means)."""
@@ -806,7 +806,7 @@ class Consumer:
             exc = FunctionTimeoutError(f"the call took longer than function_timeout={timeout}s")
             retries = call.message.extra.get("max_retry_times", self.params.max_retry_times)
             if call.attempts <= retries:
-                self._log_failure(call.task_id, exc, call.attempts, final=False)
+                self._log_failure(call, exc, final=False)
                 outcome = self._finish(call, self._call_with_retries(call))
             else:
                 outcome = self._finish(call, self._failed(call, exc, call.duration))
@@ -826,17 +826,21 @@ class Consumer:
         self.logger.exception("middleware %s failed in %s for task %s", owner, getattr(hook, "__name__", hook),
                               call.task_id)
 
-    def _log_failure(self, task_id: str | None, exc: Exception, attempt: int, *, final: bool) -> None:
-        detail = self.params.is_print_detail_exception and not isinstance(exc, ExceptionForRetry)
+    def _detailed(self, call: Call) -> bool:
+        """Whether failures of this call show their traceback (the message's own setting, else the decorator's)."""
+        return bool(call.message.extra.get("is_print_detail_exception", self.params.is_print_detail_exception))
+
+    def _log_failure(self, call: Call, exc: Exception, *, final: bool) -> None:
+        detail = self._detailed(call) and not isinstance(exc, ExceptionForRetry)
         if final:
             self.logger.error("task %s of queue %r failed for good after %d attempt(s): %r; dead-lettered",
-                              task_id, self.queue_name, attempt, exc, exc_info=exc if detail else None)
+                              call.task_id, self.queue_name, call.attempts, exc, exc_info=exc if detail else None)
         else:
             self.logger.warning("task %s of queue %r failed (attempt %d): %r; retrying",
-                                task_id, self.queue_name, attempt, exc, exc_info=exc if detail else None)
+                                call.task_id, self.queue_name, call.attempts, exc, exc_info=exc if detail else None)
 
-    def _failure_reason(self, exc: BaseException, attempt: int) -> str:
+    def _failure_reason(self, call: Call, exc: BaseException, attempt: int) -> str:
         reason = f"failed {attempt} time(s); last error: {type(exc).__name__}: {exc}"
-        if self.params.is_print_detail_exception:
+        if self._detailed(call):
             reason = reason + "\n" + "".join(traceback.format_exception(exc))[-4000:]
         return reason
