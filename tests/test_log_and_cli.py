@@ -320,3 +320,34 @@ def test_import_prints_nothing_and_writes_nothing(tmp_path: Path) -> None:
     assert result.stderr == ""
     assert list(workdir.iterdir()) == []
     assert list(home.iterdir()) == []
+
+
+def test_each_successful_run_is_one_debug_line_at_the_default_level_and_none_at_info(
+        queue_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    from funboost_like import BrokerEnum, task_deco
+    from funboost_like.brokers.registry import get_broker
+    from funboost_like.middleware.run_log import RunLog
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE)  # log_level DEBUG, the seed's default
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @task_deco(queue_name + "_info", broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, log_level=logging.INFO)
+    def quiet(x: int) -> int:
+        return x
+
+    assert any(isinstance(m, RunLog) for m in add.consumer.middlewares)
+    assert not any(isinstance(m, RunLog) for m in quiet.consumer.middlewares)  # nothing to pay per message
+    with caplog.at_level(logging.DEBUG, logger="funboost_like"):
+        add.push(1, y="x" * 500)  # fails: int + str, no retry line expected at DEBUG
+        add.push(2, y=3)
+        quiet.push(4)
+        add.consume()
+        quiet.consume()
+        broker = get_broker(BrokerEnum.LOCAL_PYTHON_QUEUE)
+        broker.join(queue_name, timeout=10, fail_fast=False)
+        broker.join(queue_name + "_info", timeout=10)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG and "succeeded in" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert re.search(r"add\(x=2, y=3\) succeeded in \d+\.\d{4}s \(run 1\), result 5$", lines[0]), lines[0]
+    assert all(len(r.getMessage()) < 2000 for r in caplog.records)  # a large argument is abbreviated

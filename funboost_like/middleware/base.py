@@ -44,6 +44,7 @@ FEATURES = [
     "funboost_like.middleware.status",
     "funboost_like.middleware.routing",
     "funboost_like.middleware.cache",
+    "funboost_like.middleware.run_log",
     "funboost_like.ops.agent",
     "funboost_like.middleware.heartbeat",
     "funboost_like.observability.metrics",
