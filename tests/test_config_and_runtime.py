@@ -100,3 +100,71 @@ def test_consumer_logs_rate_and_time_left(queue_name: str, caplog: pytest.LogCap
     assert "waiting; estimated time left" in lines[-1]
     rate = float(lines[-1].split(": ", 1)[1].split(" calls/s")[0])
     assert 35 <= rate <= 60
+
+
+def test_on_off_parameters_must_be_true_or_false(queue_name: str) -> None:
+    def f(x: int) -> None:
+        pass
+
+    for name in ("is_do_not_run_by_specify_time_effect", "do_task_filtering", "create_logger_file",
+                 "is_using_rpc_mode", "is_consuming_function_use_multi_params", "use_cache"):
+        with pytest.raises(ConfigurationError, match=f"{name} must be True or False, got 'False'"):
+            task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, **{name: "False"})(f)
+    with pytest.raises(ConfigurationError, match="is_print_detail_exception must be True or False, got None"):
+        task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, is_print_detail_exception=None)(f)
+    booster = task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, is_print_detail_exception=0,
+                        do_task_filtering=1)(f)  # the seed writes 0 and 1
+    assert booster.params.is_print_detail_exception is False and booster.params.do_task_filtering is True
+
+
+def test_logging_parameters_are_checked_at_decoration(queue_name: str) -> None:
+    def f(x: int) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match="log_level must be a logging level"):
+        task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, log_level=None)(f)
+    with pytest.raises(ConfigurationError, match="log_level must be a logging level"):
+        task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, log_level="LOUD")(f)
+    with pytest.raises(ConfigurationError, match="logger_prefix must be a string"):
+        task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, logger_prefix=None)(f)
+    assert task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, log_level="info")(f).params.log_level == 20
+
+
+def test_the_status_config_may_be_a_dict_or_none(queue_name: str) -> None:
+    from funboost_like import FunctionResultStatusPersistanceConfig
+
+    def f(x: int) -> None:
+        pass
+
+    conf = {"is_save_status": True, "is_save_result": True, "expire_seconds": 10}
+    booster = task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE,
+                        function_result_status_persistance_conf=conf)(f)
+    assert booster.params.function_result_status_persistance_conf == FunctionResultStatusPersistanceConfig(True, True, 10)
+    off = task_deco(queue_name + "_off", broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE,
+                    function_result_status_persistance_conf=None)(f)
+    assert off.params.function_result_status_persistance_conf == FunctionResultStatusPersistanceConfig()
+    with pytest.raises(ConfigurationError, match="unexpected keyword argument 'is_save'"):
+        task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE,
+                  function_result_status_persistance_conf={"is_save": True})(f)
+    with pytest.raises(ConfigurationError, match="must be a FunctionResultStatusPersistanceConfig"):
+        task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, function_result_status_persistance_conf=True)(f)
+    with pytest.raises(ConfigurationError, match="expire_seconds must be a number >= 0"):
+        task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE,
+                  function_result_status_persistance_conf=FunctionResultStatusPersistanceConfig(True, False, -1))(f)
+
+
+def test_a_method_decorated_in_its_class_is_refused_with_the_reason(queue_name: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"B\.m is a method \(its first parameter is 'self'\)"):
+        class B:
+            @task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE)
+            def m(self, y: int) -> None:
+                pass
+
+    def outer() -> object:
+        @task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE)
+        def inner(self: int, y: int) -> None:  # a plain function may name its parameter self
+            pass
+
+        return inner
+
+    assert outer() is not None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from funboost_like import BrokerEnum, run_consumer_with_multi_process, task_deco
+from funboost_like import BrokerEnum, ConfigurationError, run_consumer_with_multi_process, task_deco
 from funboost_like.brokers.registry import get_broker
 from funboost_like.concurrency.multiprocess import ProcessSupervisor
 from funboost_like.core.reference import BoosterReferenceError, booster_reference, resolve_booster
@@ -326,6 +326,20 @@ def test_booster_pickles_by_reference() -> None:
         booster_reference(local)
     with pytest.raises(BoosterReferenceError):
         run_consumer_with_multi_process(local, 2, start_method="spawn")
+
+
+def test_a_broker_whose_queues_live_in_one_process_is_refused_at_once() -> None:
+    @task_deco("test_multiprocess_local_only", broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE)
+    def local(i: int) -> None:
+        return None
+
+    local.push(1)
+    with pytest.raises(ConfigurationError, match="LOCAL_PYTHON_QUEUE, whose queues live in one process"):
+        run_consumer_with_multi_process(local, 2, start_method="fork")
+    with pytest.raises(ConfigurationError, match="PERSISTQUEUE"):
+        local.multi_process_consume(1, start_method="fork")
+    assert local.get_message_count() == 1  # nothing started, nothing taken
+    local.clear()
 
 
 def test_bad_arguments_fail_at_once() -> None:

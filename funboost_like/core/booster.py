@@ -20,6 +20,7 @@ from funboost_like.brokers import registry
 from funboost_like.concurrency.multiprocess import ProcessSupervisor
 from funboost_like.core import runtime
 from funboost_like.core.consumer import Consumer
+from funboost_like.core.errors import ConfigurationError
 from funboost_like.core.log import get_logger
 from funboost_like.core.message import FunctionSignature
 from funboost_like.core.params import (
@@ -245,6 +246,11 @@ def _supervisor_for(booster: Booster[Any, Any], process_num: int, start_method: 
                                    log=get_logger(params.queue_name, params.log_level, params.logger_prefix))
     if supervisor.start_method != "fork":
         booster_reference(booster)  # a booster the child could not import fails here, with the reason
+    if not registry.broker_class(params.broker_kind).capabilities.cross_process:
+        raise ConfigurationError(
+            f"queue {params.queue_name!r} is on {params.broker.name}, whose queues live in one process: consumer "
+            "processes would never see what this process published; use a broker shared by processes, such as "
+            "PERSISTQUEUE (the default) or REDIS")
     return supervisor
 
 

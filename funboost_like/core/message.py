@@ -52,6 +52,18 @@ def format_publish_time(now: float) -> str:
     return text
 
 
+def _refuse_methods(function: Callable[..., Any], sig: inspect.Signature) -> None:
+    """A method decorated in its class body (first parameter ``self`` or ``cls``) cannot run from a queue:
+    the instance is not in the message (seed 5.8). Say so at decoration, not as a missing argument later."""
+    first = next(iter(sig.parameters), None)
+    owner, _, _ = getattr(function, "__qualname__", "").rpartition(".")
+    if first in ("self", "cls") and owner and not owner.endswith("<locals>"):
+        raise ConfigurationError(
+            f"{_qualname(function)} is a method (its first parameter is {first!r}): a message cannot carry the "
+            f"object it runs on. Decorate a plain function instead, which makes the object and calls the method"
+        )
+
+
 class FunctionSignature:
     """What a consuming function accepts, precomputed so checks cost a few set operations."""
 
@@ -59,6 +71,7 @@ class FunctionSignature:
         self.function = function
         self.multi_params = multi_params
         sig = inspect.signature(function)
+        _refuse_methods(function, sig)
         names: list[str] = []
         required: set[str] = set()
         self.accepts_any_keyword = False

@@ -143,7 +143,10 @@ def _normalise(params: ConsumerParams, brokers: BrokerTable, checks: Iterable[Pa
     capabilities = brokers.broker_class(params.broker_kind).capabilities
     if capabilities.queue_names is not None:
         capabilities.queue_names(params.queue_name)
+    check_flags(params)
     check_concurrency(params)
+    check_logging(params)
+    params.function_result_status_persistance_conf = status_config(params.function_result_status_persistance_conf)
     if not isinstance(params.max_retry_times, int) or params.max_retry_times < 0:
         raise ConfigurationError(f"max_retry_times must be an int >= 0, got {params.max_retry_times!r}")
     for name in ("qps", "msg_schedule_time_intercal", "function_timeout", "retry_backoff", "retry_backoff_max"):
@@ -153,19 +156,63 @@ def _normalise(params: ConsumerParams, brokers: BrokerTable, checks: Iterable[Pa
         params.qps = 1.0 / params.msg_schedule_time_intercal
     for check in checks:
         check(params, capabilities)
-    if isinstance(params.log_level, str):
-        level = logging.getLevelName(params.log_level.upper())
-        if not isinstance(level, int):
-            raise ConfigurationError(f"log_level {params.log_level!r} is not a logging level")
-        params.log_level = level
     if params.consuming_function is not None and not callable(params.consuming_function):
         raise ConfigurationError(f"consuming_function must be callable, got {params.consuming_function!r}")
     check_mode_fits_function(params)
 
 
+_FLAGS = tuple(f.name for f in dataclasses.fields(ConsumerParams) if f.type == "bool")
+
+
+def check_flags(params: ConsumerParams) -> None:
+    """Every on/off parameter is True or False (the seed's 0 and 1 are taken too): a string such as
+    ``"False"`` would otherwise turn a feature on."""
+    for name in _FLAGS:
+        value = getattr(params, name)
+        if not isinstance(value, bool):
+            if type(value) is not int or value not in (0, 1):
+                raise ConfigurationError(f"{name} must be True or False, got {value!r}")
+            setattr(params, name, bool(value))
+
+
+def check_logging(params: ConsumerParams) -> None:
+    """``log_level`` is a level number or name (made a number); ``logger_prefix`` is a string."""
+    level = params.log_level
+    if isinstance(level, str):
+        level = logging.getLevelName(level.upper())
+    if not isinstance(level, int) or isinstance(level, bool) or level < 0:
+        raise ConfigurationError(f"log_level must be a logging level such as logging.INFO (20) or 'INFO', "
+                                 f"got {params.log_level!r}")
+    params.log_level = level
+    if not isinstance(params.logger_prefix, str):
+        raise ConfigurationError(f"logger_prefix must be a string, got {params.logger_prefix!r}")
+
+
+def status_config(conf: Any) -> FunctionResultStatusPersistanceConfig:
+    """``function_result_status_persistance_conf``: the config object, a dict of its fields, or None (off)."""
+    if conf is None:
+        return FunctionResultStatusPersistanceConfig()
+    if isinstance(conf, dict):
+        try:
+            conf = FunctionResultStatusPersistanceConfig(**conf)
+        except TypeError as exc:
+            raise ConfigurationError(f"function_result_status_persistance_conf: {exc}") from None
+    if not isinstance(conf, FunctionResultStatusPersistanceConfig):
+        raise ConfigurationError("function_result_status_persistance_conf must be a "
+                                 f"FunctionResultStatusPersistanceConfig, a dict of its fields or None, got {conf!r}")
+    for name in ("is_save_status", "is_save_result"):
+        if not isinstance(getattr(conf, name), (bool, int)):
+            raise ConfigurationError(f"function_result_status_persistance_conf.{name} must be True or False, "
+                                     f"got {getattr(conf, name)!r}")
+    expire = conf.expire_seconds
+    if isinstance(expire, bool) or not isinstance(expire, (int, float)) or expire < 0:
+        raise ConfigurationError("function_result_status_persistance_conf.expire_seconds must be a number >= 0, "
+                                 f"got {expire!r}")
+    return conf
+
+
 def check_concurrency(params: ConsumerParams) -> None:
-    """``concurrent_mode``, ``concurrent_num`` (the shared pool's size when one is given) and
-    ``schedule_tasks_on_main_thread``."""
+    """``concurrent_mode`` and ``concurrent_num`` (the shared pool's size when one is given)."""
     try:
         params.concurrent_mode = ConcurrentModeEnum(int(params.concurrent_mode))
     except ValueError:
@@ -177,9 +224,6 @@ def check_concurrency(params: ConsumerParams) -> None:
     concurrent_num = params.concurrent_num
     if not isinstance(concurrent_num, int) or isinstance(concurrent_num, bool) or concurrent_num < 1:
         raise ConfigurationError(f"concurrent_num must be an int >= 1, got {params.concurrent_num!r}")
-    if not isinstance(params.schedule_tasks_on_main_thread, bool):
-        raise ConfigurationError(f"schedule_tasks_on_main_thread must be True or False, got "
-                                 f"{params.schedule_tasks_on_main_thread!r}")
 
 
 def check_redelivery_limits(params: ConsumerParams, capabilities: Any) -> None:

@@ -11,12 +11,9 @@ from typing import TYPE_CHECKING
 
 from funboost_like.core import arg_cache
 from funboost_like.core.calls import REQUEUED, Call, Middleware
-from funboost_like.core.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from funboost_like.brokers.base import Capabilities
     from funboost_like.core.consumer import Consumer
-    from funboost_like.core.params import ConsumerParams
 
 
 class CacheAgain(Middleware):
@@ -24,11 +21,6 @@ class CacheAgain(Middleware):
         reference = call.extra.get(arg_cache.CACHE_KEY)
         if call.outcome == REQUEUED and isinstance(reference, dict):
             arg_cache.put_back(reference, call.kwargs)
-
-
-def check_params(params: ConsumerParams, capabilities: Capabilities) -> None:
-    if not isinstance(params.use_cache, bool):
-        raise ConfigurationError(f"use_cache must be True or False, got {params.use_cache!r}")
 
 
 def build(consumer: Consumer) -> Middleware | None:

@@ -95,10 +95,7 @@ def interval() -> float:
 
 
 def check_params(params: ConsumerParams, capabilities: Capabilities) -> None:
-    flag = params.is_send_consumer_hearbeat_to_redis
-    if not isinstance(flag, bool):
-        raise ConfigurationError(f"is_send_consumer_hearbeat_to_redis must be True or False, got {flag!r}")
-    if flag:
+    if params.is_send_consumer_hearbeat_to_redis:
         interval()
         try:
             import redis  # noqa: F401
