@@ -131,3 +131,35 @@ def test_a_forked_child_starts_with_an_empty_cache() -> None:
 def test_use_cache_must_be_a_bool(queue_name: str) -> None:
     with pytest.raises(ValueError, match="use_cache"):
         task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, use_cache="yes")(lambda: None)
+
+
+def test_a_datetime_or_dataclass_argument_is_refused_not_turned_into_a_string_and_cached_in_cache_mode(
+        queue_name: str) -> None:
+    import dataclasses
+    import datetime
+
+    @dataclasses.dataclass
+    class Point:
+        x: int
+
+    got = Received()
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE)
+    def plain(when: Any) -> None:
+        pass
+
+    @task_deco(queue_name + "_cached", broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, use_cache=True)
+    def cached(when: Any, where: Any) -> None:
+        got.add(when=when, where=where)
+
+    now = datetime.datetime.now()
+    for value in (now, now.date(), now.time(), Point(1)):  # the function would get a str or a dict instead
+        with pytest.raises(PublishError, match="is not JSON serializable"):
+            plain.push(value)
+        with pytest.raises(PublishError, match="is not JSON serializable"):
+            plain.publish_many([{"when": value}])
+    cached.push(now, Point(2))
+    cached.consume()
+    [call] = got.wait(1)
+    assert call["when"] is now and call["where"] == Point(2)  # by reference, the very objects
+    cached.stop()

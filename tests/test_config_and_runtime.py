@@ -139,7 +139,8 @@ def test_the_status_config_may_be_a_dict_or_none(queue_name: str) -> None:
     conf = {"is_save_status": True, "is_save_result": True, "expire_seconds": 10}
     booster = task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE,
                         function_result_status_persistance_conf=conf)(f)
-    assert booster.params.function_result_status_persistance_conf == FunctionResultStatusPersistanceConfig(True, True, 10)
+    expected = FunctionResultStatusPersistanceConfig(True, True, 10)
+    assert booster.params.function_result_status_persistance_conf == expected
     off = task_deco(queue_name + "_off", broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE,
                     function_result_status_persistance_conf=None)(f)
     assert off.params.function_result_status_persistance_conf == FunctionResultStatusPersistanceConfig()
@@ -147,7 +148,8 @@ def test_the_status_config_may_be_a_dict_or_none(queue_name: str) -> None:
         task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE,
                   function_result_status_persistance_conf={"is_save": True})(f)
     with pytest.raises(ConfigurationError, match="must be a FunctionResultStatusPersistanceConfig"):
-        task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, function_result_status_persistance_conf=True)(f)
+        task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE,
+                  function_result_status_persistance_conf=True)(f)
     with pytest.raises(ConfigurationError, match="expire_seconds must be a number >= 0"):
         task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE,
                   function_result_status_persistance_conf=FunctionResultStatusPersistanceConfig(True, False, -1))(f)

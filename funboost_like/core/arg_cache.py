@@ -52,7 +52,7 @@ def stash(kwargs: dict[str, Any]) -> dict[str, Any] | None:
     kept: dict[str, Any] = {}
     for name, value in kwargs.items():
         try:
-            codec.dumps(value)
+            codec.dumps_arguments(value)
         except (TypeError, ValueError):
             kept[name] = value
     if not kept:

@@ -40,16 +40,24 @@ def _reject_non_finite(obj: Any) -> None:
 if _orjson is not None:
     _orjson_dumps = _orjson.dumps
     _orjson_error = _orjson.JSONEncodeError
+    # A call's arguments: datetimes and dataclasses are refused, as the stdlib does, rather than turned
+    # into strings and dicts the consuming function would receive in their place.
+    _ARGUMENTS = _orjson.OPT_PASSTHROUGH_DATETIME | _orjson.OPT_PASSTHROUGH_DATACLASS
 
-    def dumps_transient(obj: Any) -> bytes:
+    def dumps_transient(obj: Any, option: int = 0) -> bytes:
         """Like :func:`dumps`, for bytes that are copied into others at once (no exact-size copy)."""
         try:
-            encoded = _orjson_dumps(obj)
+            encoded = _orjson_dumps(obj, option=option)
         except _orjson_error:
-            return _stdlib_dumps(obj)  # e.g. ints beyond 64 bits; raises its own clear TypeError
+            return _stdlib_dumps(obj)  # e.g. ints beyond 64 bits, a datetime; raises its own clear TypeError
         if b"null" in encoded:  # orjson writes NaN and infinities as null: refuse them like the stdlib
             _reject_non_finite(obj)
         return encoded  # type: ignore[no-any-return]
+
+    def dumps_arguments(obj: Any) -> bytes:
+        """:func:`dumps_transient` for a call's arguments: only what the consuming function gets back as it was
+        passed (JSON's types); a datetime, date, time or dataclass raises TypeError."""
+        return dumps_transient(obj, _ARGUMENTS)
 
     def dumps(obj: Any) -> bytes:
         """Serialise to UTF-8 JSON bytes; raises TypeError/ValueError for what JSON cannot hold.
@@ -63,7 +71,7 @@ if _orjson is not None:
     loads = _orjson.loads
     DecodeFailure: tuple[type[Exception], ...] = (ValueError, UnicodeDecodeError)
 else:
-    dumps = dumps_transient = _stdlib_dumps
+    dumps = dumps_transient = dumps_arguments = _stdlib_dumps
 
     def loads(data: bytes | str) -> Any:
         return json.loads(data)

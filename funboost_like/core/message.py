@@ -151,7 +151,7 @@ def encode(kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> tuple
     message = kwargs
     message[EXTRA_KEY] = meta
     try:
-        return task_id, codec.dumps(message)
+        return task_id, bytes(memoryview(codec.dumps_arguments(message)))
     except (TypeError, ValueError) as exc:
         raise PublishError(f"the call's arguments cannot be encoded as JSON: {exc}{_CACHE_HINT}") from exc
 
@@ -172,7 +172,7 @@ def batch_encoder() -> Callable[[dict[str, Any]], tuple[str, bytes]]:
     tail = b'",' + shared[1:] + b"}"  # closes the task id, adds the shared keys, closes extra and the body
     prefix = _id_prefix
     counter = _id_counter
-    dumps = codec.dumps_transient
+    dumps = codec.dumps_arguments
 
     def encode_call(kwargs: dict[str, Any]) -> tuple[str, bytes]:
         task_id = f"{prefix}{next(counter):08x}"
