@@ -125,6 +125,7 @@ effective settings (passwords are masked).
 # ----- Operations: registry and run-time control (docs/operations.md) -----
 
 # OPS_REGISTRY = True  # consumers register and beat, publishers note their queues; False turns it all off
+# CONSUMER_HEARTBEAT_SECONDS = 5.0  # is_send_consumer_hearbeat_to_redis=True: a beat to REDIS_URL this often
 # OPS_HEARTBEAT_SECONDS = 2.0  # a consumer's record is rewritten this often; stale after 3 beats, gone after 10
 # OPS_STORE_BROKER = ""  # e.g. "REDIS": kinds without key-value records (Kafka, Pulsar, ...) keep their registry there
 

@@ -351,3 +351,28 @@ def test_each_successful_run_is_one_debug_line_at_the_default_level_and_none_at_
     assert len(lines) == 1, lines
     assert re.search(r"add\(x=2, y=3\) succeeded in \d+\.\d{4}s \(run 1\), result 5$", lines[0]), lines[0]
     assert all(len(r.getMessage()) < 2000 for r in caplog.records)  # a large argument is abbreviated
+
+
+def test_create_logger_file_writes_the_queue_log_and_says_where(queue_name: str, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    from funboost_like import BrokerEnum, task_deco
+    from funboost_like.brokers.registry import get_broker
+
+    patch_frame_config(LOG_DIR=str(tmp_path / "logs"))
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, create_logger_file=True, logger_prefix="p_")
+    def double(x: int) -> int:
+        return 2 * x
+
+    with caplog.at_level(logging.DEBUG, logger="funboost_like"):
+        double.push(21)
+        double.consume()
+        get_broker(BrokerEnum.LOCAL_PYTHON_QUEUE).join(queue_name, timeout=10)
+    path = tmp_path / "logs" / f"p_{queue_name}.log"
+    [started] = [r.getMessage() for r in caplog.records if "consuming queue" in r.getMessage()]
+    assert started.endswith(f"; log file {path}")
+    deadline = time.monotonic() + 5
+    while "double(x=21) succeeded" not in (path.read_text() if path.exists() else ""):
+        assert time.monotonic() < deadline, "the run's line never reached the file"
+        time.sleep(0.02)
+    double.stop()

@@ -199,10 +199,12 @@ class Consumer:
                 self._stop = threading.Event()  # restarting after stop(): fresh signals
                 self._capacity_freed = threading.Event()
             ensure_console_handler()
+            log_file = ""
             if self.params.create_logger_file:
                 from funboost_like.core.log import add_file_handler
 
-                add_file_handler(self.logger, f"{self.params.logger_prefix}{self.queue_name}.log")
+                handler = add_file_handler(self.logger, f"{self.params.logger_prefix}{self.queue_name}.log")
+                log_file = f"; log file {getattr(handler, 'baseFilename', '')}"
             self._bind_now()
             self._pool = self._make_pool()
             self._inline = self._make_inline_runner(self._pool)
@@ -210,9 +212,9 @@ class Consumer:
             self._thread = threading.Thread(target=self._fetch_loop, name=f"funboost_like-fetch-{self.queue_name}")
             runtime.register(self)
             self._thread.start()
-        self.logger.info("consuming queue %r on %s with up to %d concurrent calls%s", self.queue_name,
+        self.logger.info("consuming queue %r on %s with up to %d concurrent calls%s%s", self.queue_name,
                          self.params.broker.name, self.params.concurrent_num,
-                         f" at {self.params.qps:g} calls/s" if self.params.qps else "")
+                         f" at {self.params.qps:g} calls/s" if self.params.qps else "", log_file)
 
     def _make_pool(self) -> Pool:
         """The pool of the concurrency mode; also picks how a timed call is stopped in that mode."""
