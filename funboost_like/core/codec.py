@@ -19,7 +19,8 @@ _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allo
 _json_decoder = json.JSONDecoder()
 
 
-def _stdlib_dumps(obj: Any) -> bytes:
+def _stdlib_dumps(obj: Any, option: int = 0) -> bytes:
+    """The stdlib's encoding (``option``, orjson's, is ignored: the stdlib refuses datetimes and dataclasses)."""
     return _json_encoder.encode(obj).encode("utf-8")
 
 
