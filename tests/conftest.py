@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+if sys.platform != "win32":
+    import fcntl
 
 os.environ.setdefault("FUNBOOST_LIKE_NO_USER_CONFIG", "1")
 
@@ -183,6 +188,55 @@ def subprocess_env(queues: Path, **extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+def lock_path(resource: str) -> Path:
+    """The file of :func:`exclusive`'s lock of ``resource``."""
+    return Path(tempfile.gettempdir()) / f"funboost_like_tests_{resource}.lock"
+
+
+@contextlib.contextmanager
+def exclusive(resource: str) -> Iterator[None]:
+    """Hold this machine's lock of ``resource`` (a file lock in the temp folder) for the ``with`` block.
+
+    Tests that share records on a shared server and delete them all at teardown take it, so they run
+    one at a time across pytest-xdist workers and across test sessions on the machine. An
+    ``xdist_group`` mark is no substitute: it keeps tests in one worker of one session only, and with
+    pytest 9.2 and pytest-xdist 3.8 it is silently ignored (pytest-dev/pytest-xdist#1386). The lock
+    goes with its holder: a killed test session never leaves it taken. (No lock on Windows.)
+    """
+    with open(lock_path(resource), "ab") as handle:
+        if sys.platform != "win32":
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+OPS_REDIS_URL = "redis://127.0.0.1:6379/14"
+OPS_REDIS_LOCK = "ops-registry-redis"
+
+
+@pytest.fixture
+def ops_registry_in_redis() -> Iterator[str]:
+    """The operations registry in Redis db 14 (the Redis brokers', and ``OPS_STORE_BROKER="REDIS"``'s) for
+    this test alone. Every registry record is deleted at teardown (one test's cannot be picked out: its
+    slots form unbroken runs), so the fixture holds the :func:`exclusive` lock ``OPS_REDIS_LOCK`` from
+    setup to teardown. Yields the Redis URL, set as ``REDIS_URL``."""
+    require_server("Redis", "127.0.0.1", 6379)
+    import redis
+
+    from funboost_like.ops.registry import OPS_QUEUE
+
+    with exclusive(OPS_REDIS_LOCK):
+        patch_frame_config(REDIS_URL=OPS_REDIS_URL)
+        yield OPS_REDIS_URL
+        runtime.stop_all(timeout=10)  # the test's consumers write no record once the records are gone
+        client = redis.Redis.from_url(OPS_REDIS_URL)
+        try:
+            keys = list(client.scan_iter(match=f"fl:{{{OPS_QUEUE}}}:*"))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
 
 
 @pytest.fixture

@@ -6,17 +6,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from funboost_like import BrokerEnum, FunctionResultStatusPersistanceConfig, patch_frame_config, task_deco
 from funboost_like.core.errors import FunboostLikeError
-from funboost_like.ops import registry
 from funboost_like.ops.records import TaskNotFound
 from funboost_like.ops.service import OpsService, UnknownQueue
-from tests.conftest import require_server
-from tests.test_ops_registry import REDIS_URL, wait_for
+from tests.test_ops_registry import wait_for
 
 pytestmark = pytest.mark.ops_registry
 
@@ -61,22 +58,7 @@ def test_pause_and_resume_on_sqlite(queue_name: str) -> None:
     _pause_and_resume(BrokerEnum.PERSISTQUEUE, queue_name)
 
 
-@pytest.fixture
-def redis_db() -> Iterator[None]:
-    require_server("Redis", "127.0.0.1", 6379)
-    import redis
-
-    patch_frame_config(REDIS_URL=REDIS_URL)
-    yield
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"fl:{{{registry.OPS_QUEUE}}}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
-
-
-@pytest.mark.xdist_group("ops-registry-redis")  # these share the ops keys of Redis db 14, deleted at teardown
-def test_pause_and_resume_on_redis(queue_name: str, redis_db: None) -> None:
+def test_pause_and_resume_on_redis(queue_name: str, ops_registry_in_redis: str) -> None:
     _pause_and_resume(BrokerEnum.REDIS_STREAM, queue_name)
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,8 @@ import pytest
 from funboost_like import BrokerEnum, patch_frame_config, task_deco
 from funboost_like.ops import registry
 from funboost_like.ops.service import OpsService
-from tests.conftest import require_server, subprocess_env
+from tests.conftest import OPS_REDIS_LOCK, in_forked_child, lock_path, subprocess_env
 from tests.standin import port_for_another_process
-
-REDIS_URL = "redis://127.0.0.1:6379/14"
 
 pytestmark = pytest.mark.ops_registry
 
@@ -131,22 +129,26 @@ def test_a_killed_consumer_is_shown_stale_then_expires(queue_name: str, isolated
     wait_for(lambda: service.workers(queue_name) == [], what="the record to expire")  # 10 beats
 
 
-@pytest.fixture
-def redis_db() -> Iterator[None]:
-    require_server("Redis", "127.0.0.1", 6379)
-    import redis
+def test_tests_of_the_registry_in_redis_run_one_at_a_time(ops_registry_in_redis: str) -> None:
+    """Each test using ``ops_registry_in_redis`` deletes every registry record at its teardown, so no other
+    process may hold the fixture meanwhile: no other pytest-xdist worker, no other test session. (An
+    ``xdist_group`` mark, ignored by pytest 9.2 with pytest-xdist 3.8, was all that kept them apart: the
+    teardown of one deleted the control record another had just written, and the ZeroMQ worker of
+    the ops-store test below resumed before it had reported the pause.)"""
+    fcntl = pytest.importorskip("fcntl")  # no lock on Windows
 
-    patch_frame_config(REDIS_URL=REDIS_URL, OPS_HEARTBEAT_SECONDS=0.2)
-    yield
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"fl:{{{registry.OPS_QUEUE}}}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    def try_the_lock() -> str:
+        with open(lock_path(OPS_REDIS_LOCK), "ab") as handle:  # a new open file: its own flock
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return "held"
+            return "taken"
+
+    assert in_forked_child(try_the_lock) == "held"
 
 
-@pytest.mark.xdist_group("ops-registry-redis")  # these share the ops keys of Redis db 14, deleted at teardown
-def test_the_registry_lives_in_redis(queue_name: str, redis_db: None) -> None:
+def test_the_registry_lives_in_redis(queue_name: str, ops_registry_in_redis: str, fast_beats: None) -> None:
     @task_deco(queue_name, broker_kind=BrokerEnum.REDIS_ACK_ABLE, log_level=logging.WARNING)
     def f(x: int) -> None:
         return None
@@ -199,9 +201,9 @@ _ZEROMQ_WORKER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xdist_group("ops-registry-redis")  # these share the ops keys of Redis db 14, deleted at teardown
 def test_a_broker_without_key_value_records_shares_its_registry_through_ops_store_broker(
-        isolated_settings: Path, tmp_path: Path, redis_db: None, children: list[subprocess.Popen[bytes]]) -> None:
+        isolated_settings: Path, tmp_path: Path, ops_registry_in_redis: str, fast_beats: None,
+        children: list[subprocess.Popen[bytes]]) -> None:
     """A ZeroMQ consumer on "host A" (its own data folder) and the CLI's service on "host B" (another one)
     meet in the Redis records named by OPS_STORE_BROKER: B finds the kind, the worker, and pauses it."""
     pytest.importorskip("zmq")
@@ -214,7 +216,7 @@ def test_a_broker_without_key_value_records_shares_its_registry_through_ops_stor
         child = subprocess.Popen([sys.executable, str(script), port], stdout=output, stderr=subprocess.STDOUT,
                                  env=subprocess_env(host_a, FUNBOOST_LIKE_OPS_HEARTBEAT_SECONDS="0.2",
                                                     FUNBOOST_LIKE_OPS_STORE_BROKER="REDIS",
-                                                    FUNBOOST_LIKE_REDIS_URL=REDIS_URL))
+                                                    FUNBOOST_LIKE_REDIS_URL=ops_registry_in_redis))
     children.append(child)
     patch_frame_config(OPS_STORE_BROKER="REDIS")  # host B: isolated_settings' folder, never used by the child
 
