@@ -7,9 +7,10 @@
 # The whole suite runs in pytest-xdist workers: most tests wait on servers, sockets and consumer
 # processes, so three workers on two cores finish in about half the time of one. Tests of one
 # private server share an ``xdist_group``; cleanup of the shared servers runs once, at the end. Tests
-# marked ``serial`` run after the parallel run, in one process. No test may rely on an ``xdist_group``:
-# with pytest 9.2 and pytest-xdist 3.8 it is ignored (pytest-dev/pytest-xdist#1386), so tests that
-# must not overlap hold a lock instead (``exclusive`` in tests/conftest.py).
+# marked ``serial`` run after the parallel run, in one process. pytest-xdist 3.8 ignores
+# ``xdist_group`` under pytest 9.2 (pytest-dev/pytest-xdist#1386), so pyproject.toml keeps pytest
+# below 9.2; and a group only keeps tests apart within one session, so tests that must not overlap
+# with another session on the same servers hold a lock instead (``exclusive`` in tests/conftest.py).
 #
 # A test that fails runs once more (pytest-rerunfailures) and the summary lists it under "RERUN":
 # these tests drive real servers and processes on a loaded two-core machine, and one timing-sensitive
