@@ -38,7 +38,7 @@ def test_dead_letter_records_every_run(queue_name: str) -> None:
     assert letter.attempts == 3  # the first run and two retries, not one delivery
 
 
-def test_retry_backoff_waits_in_the_broker_not_in_a_worker(queue_name: str) -> None:
+def test_retry_backoff_waits_in_the_broker_not_in_a_worker(queue_name: str, caplog: pytest.LogCaptureFixture) -> None:
     runs: list[float] = []
     others: list[float] = []
 
@@ -64,6 +64,8 @@ def test_retry_backoff_waits_in_the_broker_not_in_a_worker(queue_name: str) -> N
     assert 0.28 <= gaps[0] < 1.0 and 0.58 <= gaps[1] < 1.5  # 0.3 s, then doubled
     [letter] = memory().list_dead_letters(queue_name)
     assert letter.attempts == 3 and "failed 3 time(s)" in letter.reason
+    [final] = [r.getMessage() for r in caplog.records if "failed for good" in r.getMessage()]
+    assert "after 3 run(s)" in final  # the runs of every delivery, as the dead letter says
 
 
 def test_backoff_delay_is_capped_and_jittered(queue_name: str) -> None:

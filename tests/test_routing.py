@@ -225,6 +225,19 @@ def test_bad_exchange_type_and_unknown_options_raise_at_decoration(queue_name: s
         decorate({"exchange_name": "logs", "routing_key_for_bind": ["a", 3]})
     with pytest.raises(ConfigurationError, match=r"unknown broker_exclusive_config option\(s\) \['ordered'\]"):
         decorate({"ordered": True})  # a Kafka option (Capabilities.queue_options): not the memory broker's
+    with pytest.raises(ConfigurationError, match="routing_key_for_bind must be a string or a list of strings, got 5"):
+        decorate({"exchange_name": "logs", "exchange_type": "direct", "routing_key_for_bind": 5})
+
+
+def test_a_routing_key_that_is_not_a_string_raises_at_publish(queue_name: str) -> None:
+    @task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE,
+               broker_exclusive_config={"exchange_name": f"{queue_name}_x", "exchange_type": "fanout"})
+    def f(x: int) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match="routing_key must be a string, got 5"):
+        f.publish({"x": 1}, routing_key=5)  # type: ignore[arg-type]
+    assert f.get_message_count() == 0
 
 
 def test_an_exchange_on_a_broker_without_routing_raises_at_decoration(queue_name: str,

@@ -97,6 +97,8 @@ def binding_keys(exchange_type: str, keys: str | Sequence[str] | None, queue: st
         return ("",)
     if keys is None or keys == []:
         return (queue,)
+    if not isinstance(keys, (str, list, tuple)):
+        raise ConfigurationError(f"routing_key_for_bind must be a string or a list of strings, got {keys!r}")
     items = (keys,) if isinstance(keys, str) else tuple(keys)
     for key in items:
         if not isinstance(key, str):

@@ -765,9 +765,9 @@ class Consumer:
             return self.function(**kwargs) if self.signature.multi_params else self.function(kwargs)
 
     def _failed(self, call: Call, exc: Exception, duration: float) -> Outcome:
-        self._log_failure(call, exc, final=True)
-        call.exc, call.outcome, call.duration = exc, FAILED, duration
         runs = call.delivery.attempts - 1 + call.attempts  # earlier deliveries ran (or died) too
+        self._log_failure(call, exc, final=True, runs=runs)
+        call.exc, call.outcome, call.duration = exc, FAILED, duration
         return FAILED, call.delivery, self._failure_reason(call, exc, runs), exc, runs
 
     def _thread_timed_call(self, call: Call, timeout: float) -> Any:
@@ -832,11 +832,11 @@ class Consumer:
         """Whether failures of this call show their traceback (the message's own setting, else the decorator's)."""
         return bool(call.message.extra.get("is_print_detail_exception", self.params.is_print_detail_exception))
 
-    def _log_failure(self, call: Call, exc: Exception, *, final: bool) -> None:
+    def _log_failure(self, call: Call, exc: Exception, *, final: bool, runs: int = 0) -> None:
         detail = self._detailed(call) and not isinstance(exc, ExceptionForRetry)
         if final:
-            self.logger.error("task %s of queue %r failed for good after %d attempt(s): %r; dead-lettered",
-                              call.task_id, self.queue_name, call.attempts, exc, exc_info=exc if detail else None)
+            self.logger.error("task %s of queue %r failed for good after %d run(s): %r; dead-lettered",
+                              call.task_id, self.queue_name, runs, exc, exc_info=exc if detail else None)
         else:
             self.logger.warning("task %s of queue %r failed (attempt %d): %r; retrying",
                                 call.task_id, self.queue_name, call.attempts, exc, exc_info=exc if detail else None)

@@ -112,6 +112,8 @@ class Publisher:
             use_cache = None
         if self.params.use_cache if use_cache is None else use_cache:
             extra.update(self._cache(kwargs) or {})
+        if routing_key is not None and not isinstance(routing_key, str):
+            raise ConfigurationError(f"routing_key must be a string, got {routing_key!r}")
         if routing_key is not None and self.routing is None:
             raise ConfigurationError(f"routing_key={routing_key!r} needs an exchange: queue {self.queue_name!r} has no "
                                      "exchange_name in broker_exclusive_config")
