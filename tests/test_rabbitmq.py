@@ -185,6 +185,23 @@ def test_dead_letters_go_to_a_durable_queue_with_their_reason(kind, plain) -> No
         plain.queue_delete(f"{queue}.dlq")
 
 
+def test_reading_a_queue_that_does_not_exist_leaves_nothing_on_the_server(kind, plain) -> None:  # type: ignore[no-untyped-def]
+    queue = unique("typo")  # what `funboost_like status typo --broker ...` does
+    broker = broker_class(kind)()
+    try:
+        assert broker.count(queue) == 0 and broker.purge(queue) == 0
+        assert broker.list_dead_letters(queue) == [] and broker.purge_dead_letters(queue) == 0
+        for name in (queue, f"{queue}.dlq"):
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+                plain.connection.channel().queue_declare(name, passive=True)  # 404: never declared
+        broker.publish(queue, b'{"x":1}')  # the same broker goes on after the server's 404s
+        assert broker.count(queue) == 1
+    finally:
+        broker.close()
+        plain.queue_delete(queue)
+        plain.queue_delete(f"{queue}.dlq")  # made by an older version
+
+
 # -- a private node: restarts and crashes -----------------------------------------------------------
 
 @pytest.fixture(scope="module")

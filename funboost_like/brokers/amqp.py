@@ -331,29 +331,39 @@ class AmqpBroker(PushConsuming, Broker):
                    target=("fl-queue", delivery.queue))
 
     # -- counting, purging, dead letters -----------------------------------------------------------
+    # Reading, purging and dead letters never declare: a mistyped queue name (``funboost_like status typo``)
+    # leaves nothing on the server. A queue that does not exist holds nothing (AMQP's 404; ``peek`` gives []).
     def _size(self, queue: str) -> int:
-        self._declare(queue)
-        return int(self._with_session(lambda s: s.message_count(queue)))
+        return int(self._unless_missing(lambda s: s.message_count(queue)))
 
     def _purge(self, queue: str) -> int:
-        self._declare(queue)
-        return int(self._with_session(lambda s: s.purge(queue)))
+        return int(self._unless_missing(lambda s: s.purge(queue)))
 
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        self._declare(f"{queue}.dlq")
         bodies = self._run(lambda s: s.peek(f"{queue}.dlq", limit), f"listing dead letters of queue {queue!r}")
         return [DeadLetter.from_envelope(queue, raw) for raw in reversed(bodies)]
 
     def remove_dead_letter(self, queue: str, letter: DeadLetter) -> bool:
         """Scans the dead-letter queue from its head for the letter's stored bytes (see :meth:`Session.peek`)."""
-        self._declare(f"{queue}.dlq")
         seen = self._run(lambda s: s.peek(f"{queue}.dlq", 1_000_000, take=letter.ref),
                          f"removing a dead letter of queue {queue!r}")
         return bool(seen) and seen[-1] == letter.ref
 
     def purge_dead_letters(self, queue: str) -> int:
-        self._declare(f"{queue}.dlq")
-        return int(self._run(lambda s: s.purge(f"{queue}.dlq"), f"purging dead letters of queue {queue!r}"))
+        try:
+            return int(self._unless_missing(lambda s: s.purge(f"{queue}.dlq")))
+        except self._client_errors as exc:
+            raise self._translated(exc, f"purging dead letters of queue {queue!r}") from exc
+
+    def _unless_missing(self, action: Callable[[Session], Any]) -> Any:
+        """``action(session)`` on a queue that may not exist: 0 when the server says it does not."""
+        try:
+            return self._with_session(action)
+        except Exception as exc:
+            if getattr(exc, "reply_code", None) == 404 or getattr(exc, "error_code", None) == 404 \
+                    or type(exc).__name__ == "AMQPNotFound":  # pika, amqpstorm, rabbitpy
+                return 0
+            raise
 
     def key_value_store(self, queue: str, namespace: str) -> AmqpRecords:
         """Records kept on RabbitMQ itself, one small queue each (see :mod:`~funboost_like.brokers.amqp_records`)."""
