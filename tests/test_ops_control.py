@@ -86,6 +86,21 @@ def test_a_new_qps_rebuilds_the_rate_limiter(queue_name: str) -> None:
         service.set_qps(queue_name, -1)
 
 
+def test_a_queue_shows_the_qps_its_consumers_apply_until_a_control_record_sets_another(queue_name: str) -> None:
+    @task_deco(queue_name, broker_kind=BrokerEnum.MEMORY, qps=20, log_level=logging.WARNING)
+    def f(x: int) -> None:
+        pass
+
+    service = OpsService(kinds=[BrokerEnum.MEMORY])
+    f.consume()
+    wait_for(lambda: service.workers(queue_name), what="the worker record")
+    assert service.status(queue_name)["qps"] == 20  # the decorator's, as the consumer applies it
+    service.set_qps(queue_name, 5)
+    assert service.status(queue_name)["qps"] == 5
+    service.set_qps(queue_name, 0)  # no limit
+    assert service.status(queue_name)["qps"] is None
+
+
 def test_unknown_queue_is_refused(queue_name: str) -> None:
     with pytest.raises(UnknownQueue, match="--broker"):
         OpsService().pause(queue_name)

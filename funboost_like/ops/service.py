@@ -142,7 +142,7 @@ class OpsService(CallRecords):
             "stale_consumers": len(workers) - len(live), "done_per_second": round(done, 3),
             "failed_per_second": round(sum(float(w.get("failed_per_second", 0.0)) for w in live), 3),
             "in_flight": sum(max(0, int(w.get("in_flight", 0))) for w in live),
-            "paused": bool(control.get("paused", False)), "qps": control.get("qps"),
+            "paused": bool(control.get("paused", False)), "qps": _qps_limit(control, live),
             "first_seen": (record or {}).get("first_seen"),
             # Seconds the ready message that has waited longest has waited (0 when the queue is empty), read
             # from the broker; None where the broker cannot read a queue's head without taking it.
@@ -240,3 +240,13 @@ def _applies(worker: dict[str, Any], control: dict[str, Any]) -> bool:
     wanted = worker.get("params", {}).get("qps", 0) if qps is None else qps
     return abs(float(worker.get("qps") or 0.0) - float(wanted or 0.0)) < 1e-9
 
+
+
+def _qps_limit(control: dict[str, Any], live: list[dict[str, Any]]) -> float | None:
+    """The queue's qps limit: the control record's, else the highest its live consumers apply (their
+    decorator's); None for no limit."""
+    qps = control.get("qps")
+    if qps is None:
+        applied = [float(w.get("qps") or 0.0) for w in live]
+        qps = max(applied) if applied else None
+    return float(qps) if qps else None
