@@ -55,6 +55,32 @@ def test_bad_settings_raise() -> None:
         settings.reset()
 
 
+def test_settings_in_code_or_in_the_config_file_are_checked_when_given(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="did you mean SQLITE_LEASE_SECONDS"):
+        patch_frame_config(SQLITE_LEASE_SECOND=3)
+    with pytest.raises(ConfigurationError, match=r"LEASE_SECONDS='abc' \(from patch_frame_config\) must be a number"):
+        patch_frame_config(SQLITE_LEASE_SECONDS="abc")
+    with pytest.raises(ConfigurationError, match="LOG_CONSOLE='no' .* must be True or False"):
+        patch_frame_config(LOG_CONSOLE="no")
+    patch_frame_config(SQLITE_LEASE_SECONDS="7", LOG_CONSOLE=0, SQLITE_FILES_PER_QUEUE="2")  # read as the env would
+    assert (settings.get("SQLITE_LEASE_SECONDS"), settings.get("LOG_CONSOLE"),
+            settings.get("SQLITE_FILES_PER_QUEUE")) == (7.0, False, 2)
+    (tmp_path / "distributed_frame_config.py").write_text("SQLITE_LEASE_SECONDS = 'soon'\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNBOOST_LIKE_")}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, "-c", "from funboost_like.core.config import settings\n"
+                          "settings.get('REDIS_URL')"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode != 0
+    assert "SQLITE_LEASE_SECONDS='soon' (from " in out.stderr and "distributed_frame_config.py) must be a number" \
+        in out.stderr
+    (tmp_path / "distributed_frame_config.py").write_text("SQLITE_LEASE_SECONDS = 7 +\n")
+    out = subprocess.run([sys.executable, "-m", "funboost_like", "show-config"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "distributed_frame_config.py failed to load: SyntaxError" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_unbuilt_broker_fails_at_decoration(queue_name: str) -> None:
     with pytest.raises(ValueError, match=r"ROCKETMQ \(11\) is not built yet"):
         task_deco(queue_name, broker_kind=BrokerEnum.ROCKETMQ)

@@ -11,6 +11,7 @@ Nothing is read until a setting is first needed, and nothing is ever written: ru
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import sys
@@ -168,11 +169,15 @@ class _Settings:
         if module is None:
             module = importlib.util.module_from_spec(spec)
             assert spec.loader is not None
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:  # a typo in the user's file: say which file, not a bare traceback
+                raise ConfigurationError(f"the settings file {spec.origin} failed to load: "
+                                         f"{type(exc).__name__}: {exc}") from exc
         self.source_file = spec.origin
         found = {name: getattr(module, alias) for alias, name in ALIASES.items() if hasattr(module, alias)}
         found.update({name: getattr(module, name) for name in DEFAULTS if hasattr(module, name)})
-        return found
+        return {name: _checked(name, value, spec.origin) for name, value in found.items()}
 
     def get(self, name: str) -> Any:
         values = self._values
@@ -193,9 +198,11 @@ class _Settings:
         settings = {**{ALIASES[name]: value for name, value in settings.items() if name in ALIASES}, **own}
         unknown = sorted(set(settings) - set(DEFAULTS))
         if unknown:
-            raise ConfigurationError(
-                f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(DEFAULTS))}"
-            )
+            hints = [f"{name} (did you mean {guess[0]}?)" if (guess := difflib.get_close_matches(name, DEFAULTS, n=1))
+                     else name for name in unknown]
+            raise ConfigurationError(f"unknown setting(s) {', '.join(hints)}; the settings are listed in "
+                                     "docs/configuration.md and `python -m funboost_like show-config`")
+        settings = {name: _checked(name, value, "patch_frame_config") for name, value in settings.items()}
         with self._lock:
             self._patched.update(settings)
             self._values = None
@@ -217,6 +224,29 @@ class _Settings:
 
 def _may_look_for_user_module() -> bool:
     return os.environ.get(ENV_PREFIX + "NO_USER_CONFIG", "") in ("", "0")
+
+
+def _checked(name: str, value: Any, source: str) -> Any:
+    """A setting given in code or in the config file, of its default's type: an on/off setting True or
+    False (or 1, 0), a number a number (or a string that reads as one, as in an environment variable).
+    Other settings are taken as given."""
+    default = DEFAULTS[name]
+    if isinstance(default, bool):
+        if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+            return bool(value)
+    elif isinstance(default, (int, float)):
+        if isinstance(value, str):
+            try:
+                value = type(default)(value)
+            except ValueError:
+                pass
+        if not isinstance(value, bool) and isinstance(value, (int, float)) and \
+                (isinstance(default, float) or isinstance(value, int)):
+            return float(value) if isinstance(default, float) else value
+    else:
+        return value
+    kind = "True or False" if isinstance(default, bool) else f"a number ({type(default).__name__})"
+    raise ConfigurationError(f"setting {name}={value!r} (from {source}) must be {kind}")
 
 
 def _parse_env(name: str, raw: str, default: Any) -> Any:
