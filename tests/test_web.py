@@ -208,6 +208,8 @@ def test_delayed_messages_are_listed_with_their_due_time(server: DashboardServer
     status, _, page = client.get(f"/queues/{quote(queue_name)}/delayed")
     assert status == 200 and "&lt;b&gt;later&lt;/b&gt;" in page and "<b>later</b>" not in page
     assert f'href="/queues/{quote(queue_name)}/delayed"' in client.get(f"/queues/{quote(queue_name)}")[2]
+    status, _, text = client.get(f"/api/queues/{quote(queue_name)}/delayed?limit=ten")
+    assert status == 400 and "limit must be an integer, got 'ten'" in text  # not Python's own message
 
 
 def test_read_only_mode_refuses_every_action(queue_name: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import resources
@@ -210,9 +210,9 @@ class Dashboard:
         if len(parts) == 2 and parts[0] == "queues":
             return data.queue_status(service, parts[1])
         if len(parts) == 3 and parts[0] == "queues" and parts[2] == "dead":
-            return service.dead(parts[1], int(query.get("limit", 50)))
+            return service.dead(parts[1], _integer(query, "limit", 200))  # what the page shows
         if len(parts) == 3 and parts[0] == "queues" and parts[2] == "delayed":
-            return service.delayed(parts[1], int(query.get("limit", 50)))
+            return service.delayed(parts[1], _integer(query, "limit", 50))
         raise HttpError(404, f"no such API path: {path}")
 
     def _action(self, request: Request) -> Response:
@@ -247,8 +247,19 @@ class Dashboard:
             return service.purge(queue)
         method = service.requeue_dead if action == "requeue-dead" else service.delete_dead
         if "index" in form:  # one letter, from the dead letters page
-            return method(queue, index=int(form["index"]), task_id=form.get("task_id") or None)
+            return method(queue, index=_integer(form, "index", 0), task_id=form.get("task_id") or None)
         return method(queue, all_letters=True)
+
+
+def _integer(values: Mapping[str, str], name: str, default: int) -> int:
+    """The integer parameter ``name`` (``default`` when absent); 400 with its name when it is not one."""
+    raw = values.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise HttpError(400, f"{name} must be an integer, got {raw!r}") from None
 
 
 def _check_origin(request: Request) -> None:
