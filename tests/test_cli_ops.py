@@ -104,6 +104,13 @@ def test_every_verb_answers_in_json_and_in_text(queue_name: str, capsys: pytest.
     assert later["body"]["x"] == 3 and later["due_at"] > time.time() + 50
     assert main(["delayed", queue_name]) == 0 and '{"x": 3' in capsys.readouterr().out
     assert run_json(capsys, "qps", queue_name, "5")["qps"] == 5.0
+    with pytest.raises(SystemExit) as usage:  # a usage error (2) that says what N must be
+        main(["qps", queue_name, "abc"])
+    assert usage.value.code == 2 and "'abc' is not a number of calls per second" in capsys.readouterr().err
+    assert run_json(capsys, "qps", queue_name, "default")["qps"] is None
+    with pytest.raises(SystemExit) as usage:
+        main(["tasks", queue_name, "--limit", "0"])
+    assert usage.value.code == 2 and "give 1 or more" in capsys.readouterr().err
     assert run_json(capsys, "pause", queue_name, "--no-wait")["paused"] is True
     assert run_json(capsys, "resume", queue_name, "--no-wait")["paused"] is False
     assert run_json(capsys, "requeue-dead", queue_name, "--all")["requeued"] == 0

@@ -45,7 +45,7 @@ def add_ops_commands(commands: Any) -> None:
                  "list a queue's call records, newest first")
     tasks.add_argument("--state", help="only calls in this status (not_started, running, finished, failed, ...)")
     tasks.add_argument("--search", help="only calls whose id, arguments or error contain this text")
-    tasks.add_argument("--limit", type=int, default=50)
+    tasks.add_argument("--limit", type=_positive, default=50)
     verb("task", lambda s, a: s.task(a.task_id, a.queue), _print_mapping, "show one call record",
          queue=False).add_argument("task_id", metavar="ID")
     retry = verb("retry", lambda s, a: s.retry(a.task_id, a.queue), _print_mapping,
@@ -54,9 +54,9 @@ def add_ops_commands(commands: Any) -> None:
     for parser in (commands.choices["task"], retry):
         parser.add_argument("--queue", help="the task's queue (default: look in every known queue)")
     verb("dead", lambda s, a: s.dead(a.queue, a.limit), _print_dead, "list a queue's dead letters, newest first",
-         ).add_argument("--limit", type=int, default=50)
+         ).add_argument("--limit", type=_positive, default=50)
     verb("delayed", lambda s, a: s.delayed(a.queue, a.limit), _print_delayed,
-         "list a queue's messages not due yet, soonest first").add_argument("--limit", type=int, default=50)
+         "list a queue's messages not due yet, soonest first").add_argument("--limit", type=_positive, default=50)
     for name, method in (("requeue-dead", "requeue_dead"), ("delete-dead", "delete_dead")):
         parser = verb(name, _dead_action(method), _print_mapping, f"{name.split('-')[0]} dead letters of a queue")
         which = parser.add_mutually_exclusive_group(required=True)
@@ -68,7 +68,8 @@ def add_ops_commands(commands: Any) -> None:
         verb(name, _control(name), _print_mapping, f"{name} a queue's consumers").add_argument(
             "--no-wait", action="store_true", help="do not wait for the consumers to confirm")
     qps = verb("qps", _control("qps"), _print_mapping, "set the qps of a queue's consumers")
-    qps.add_argument("qps", metavar="N", help="calls per second (0: no limit; 'default': the decorator's)")
+    qps.add_argument("qps", metavar="N", type=_qps_argument,
+                     help="calls per second (0: no limit; 'default': the decorator's)")
     qps.add_argument("--no-wait", action="store_true", help="do not wait for the consumers to confirm")
     verb("timing", lambda s, a: s.timing(), _print_timing, "list the timing jobs of the persistent job store",
          queue=False)
@@ -105,8 +106,7 @@ def _purge(service: OpsService, args: argparse.Namespace) -> Any:
 def _control(name: str) -> Run:
     def action(service: OpsService, args: argparse.Namespace) -> Any:
         if name == "qps":
-            raw = str(args.qps).strip().lower()
-            result = service.set_qps(args.queue, None if raw == "default" else float(raw))
+            result = service.set_qps(args.queue, args.qps)
         else:
             result = service.pause(args.queue) if name == "pause" else service.resume(args.queue)
         if not args.no_wait:
@@ -205,3 +205,27 @@ def _print_timing(result: dict[str, Any]) -> None:
     if result["jobs"]:
         _table([(j["id"], j["name"], j["trigger"], j["next_run_time"]) for j in result["jobs"]],
                ("ID", "NAME", "TRIGGER", "NEXT RUN"))
+
+
+def _qps_argument(text: str) -> float | None:
+    """``N`` of ``qps``: a number >= 0, or ``default`` (None: the decorator's qps)."""
+    if text.strip().lower() == "default":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of calls per second (or 'default')") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the qps must be >= 0")
+    return value
+
+
+def _positive(text: str) -> int:
+    """``--limit``: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 or more")
+    return value
