@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from importlib import metadata, resources
 from pathlib import Path
 
-from funboost_like.core.config import USER_CONFIG_MODULE, settings
+from funboost_like.core.config import USER_CONFIG_MODULE, data_dir_setting, settings
 from funboost_like.core.errors import FunboostLikeError
 from funboost_like.observability.command import add_metrics_command
 from funboost_like.ops.commands import add_ops_commands
@@ -126,5 +126,13 @@ def _show_config(args: argparse.Namespace) -> int:
     source = settings.source_file or f"none ({USER_CONFIG_MODULE}.py not found on sys.path)"
     print(f"# config file: {source}")
     for name, value in values.items():
-        print(f"{name} = {value!r}")
+        folder = _DATA_FOLDERS.get(name)
+        used = f"  # {data_dir_setting(name, folder)}" if folder is not None and not value else ""
+        print(f"{name} = {value!r}{used}")
     return 0
+
+
+# Folder settings whose empty default means a folder under the per-user data directory: show-config
+# names the folder in use.
+_DATA_FOLDERS = {"SQLITE_QUEUES_PATH": "sqlite_queues", "STATUS_DB_PATH": "status", "LOG_DIR": "logs",
+                 "METRICS_DIR": "metrics", "SCHEDULER_SQLITE_DIR": "scheduler"}

@@ -247,6 +247,16 @@ def test_show_config_never_prints_a_password(capsys: pytest.CaptureFixture[str])
     assert "redis://user:***@host:6379/0" in out
 
 
+def test_show_config_names_the_folder_an_empty_folder_setting_means(capsys: pytest.CaptureFixture[str]) -> None:
+    from funboost_like.core.config import default_data_dir
+
+    patch_frame_config(LOG_DIR="", STATUS_DB_PATH="/tmp/elsewhere")
+    assert main(["show-config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"LOG_DIR = ''  # {default_data_dir() / 'logs'}" in lines
+    assert "STATUS_DB_PATH = '/tmp/elsewhere'" in lines  # set: shown as it is
+
+
 # ----- init-config and the template -----
 
 
