@@ -386,3 +386,9 @@ def test_create_logger_file_writes_the_queue_log_and_says_where(queue_name: str,
         assert time.monotonic() < deadline, "the run's line never reached the file"
         time.sleep(0.02)
     double.stop()
+
+
+def test_every_setting_is_in_the_configuration_table() -> None:
+    table = (REPO_ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    missing = [name for name in DEFAULTS if f"`{name}`" not in table]
+    assert missing == [], f"add these settings to docs/configuration.md: {missing}"
