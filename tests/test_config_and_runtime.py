@@ -62,7 +62,9 @@ def test_settings_in_code_or_in_the_config_file_are_checked_when_given(tmp_path:
         patch_frame_config(SQLITE_LEASE_SECONDS="abc")
     with pytest.raises(ConfigurationError, match="LOG_CONSOLE='no' .* must be True or False"):
         patch_frame_config(LOG_CONSOLE="no")
-    patch_frame_config(SQLITE_LEASE_SECONDS="7", LOG_CONSOLE=0, SQLITE_FILES_PER_QUEUE="2")  # read as the env would
+    with pytest.raises(ConfigurationError, match=r"SQLITE_FILES_PER_QUEUE='2' .* must be a number \(int\)"):
+        patch_frame_config(SQLITE_FILES_PER_QUEUE="2")  # in code, the type itself (environment variables are text)
+    patch_frame_config(SQLITE_LEASE_SECONDS=7, LOG_CONSOLE=0, SQLITE_FILES_PER_QUEUE=2)
     assert (settings.get("SQLITE_LEASE_SECONDS"), settings.get("LOG_CONSOLE"),
             settings.get("SQLITE_FILES_PER_QUEUE")) == (7.0, False, 2)
     (tmp_path / "distributed_frame_config.py").write_text("SQLITE_LEASE_SECONDS = 'soon'\n")

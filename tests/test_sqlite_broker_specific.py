@@ -641,9 +641,9 @@ def test_middleware_num_is_the_seeds_name_of_the_setting(folder: Path, monkeypat
     monkeypatch.setenv("FUNBOOST_LIKE_SQLITE_FILES_PER_QUEUE", "2")
     settings.reset()
     assert settings.get("SQLITE_FILES_PER_QUEUE") == 2
-    for wrong in (0, -1, 1.5, "2"):
-        patch_frame_config(SQLITE_QUEUES_PATH=str(folder), MIDDLEWARE_NUM=wrong)
+    for wrong in (0, -1, 1.5, "2"):  # 1.5 and "2" are refused as soon as they are given, 0 and -1 when used
         with pytest.raises(ConfigurationError, match="SQLITE_FILES_PER_QUEUE"):
+            patch_frame_config(SQLITE_QUEUES_PATH=str(folder), MIDDLEWARE_NUM=wrong)
             SqliteBroker().publish(Q, b"x")
 
 

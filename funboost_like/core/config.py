@@ -228,18 +228,13 @@ def _may_look_for_user_module() -> bool:
 
 def _checked(name: str, value: Any, source: str) -> Any:
     """A setting given in code or in the config file, of its default's type: an on/off setting True or
-    False (or 1, 0), a number a number (or a string that reads as one, as in an environment variable).
-    Other settings are taken as given."""
+    False (or 1, 0), a whole-number setting an int, any other number an int or a float. Other settings
+    are taken as given. (Environment variables are text, and are read by :func:`_parse_env` instead.)"""
     default = DEFAULTS[name]
     if isinstance(default, bool):
         if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
             return bool(value)
     elif isinstance(default, (int, float)):
-        if isinstance(value, str):
-            try:
-                value = type(default)(value)
-            except ValueError:
-                pass
         if not isinstance(value, bool) and isinstance(value, (int, float)) and \
                 (isinstance(default, float) or isinstance(value, int)):
             return float(value) if isinstance(default, float) else value
