@@ -406,6 +406,39 @@ def test_a_forked_child_writes_with_its_own_connection(queue_name: str) -> None:
     assert {r.task_id for r in store.query()} == {"parent", "parent2", "child"}
 
 
+FORKS = """
+import os, sys, time
+from funboost_like.core import status_store
+from funboost_like.core.status_store import FINISHED, StatusEvent, open_status_store
+
+status_store.IDLE_WRITER_EXIT_SECONDS = 0.0  # each writer closes its connection right after its batch
+stuck = 0
+for i in range(20):
+    store = open_status_store(f"{sys.argv[1]}_{i}")
+    store.record(StatusEvent("parent", store.queue_name, FINISHED, time.time()))
+    store.flush()
+    pid = os.fork()  # while the writer may be closing its connection, inside SQLite
+    if pid == 0:
+        child = open_status_store(f"{sys.argv[1]}_{i}")  # the same file as the parent's writer
+        child.record(StatusEvent("child", child.queue_name, FINISHED, time.time()))
+        os._exit(0 if child.flush(2) else 2)
+    stuck += os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0
+print("STUCK", stuck)
+"""
+
+
+def test_a_child_forked_while_a_writer_is_inside_sqlite_can_still_write(isolated_settings: Path,
+                                                                       queue_name: str) -> None:
+    """A fork while a writer thread was inside SQLite left SQLite's mutexes locked in the child, whose
+    first connection to that file then waited forever (10 of these 20 forks without the fork guard)."""
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    proc = subprocess.run([sys.executable, "-c", FORKS, queue_name], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env(isolated_settings))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "STUCK 0" in proc.stdout, proc.stdout
+
+
 def test_flush_and_close_write_everything(queue_name: str) -> None:
     store = open_status_store(queue_name)
     for i in range(5000):

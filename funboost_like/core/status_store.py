@@ -317,13 +317,14 @@ class StatusStore:
                 if self._pending:
                     idle_since = time.monotonic()
                 try:
-                    if self._pending:
-                        if conn is None:
-                            conn = _connect(self.path)
-                        self._write_pending(conn)
-                    if conn is not None and time.monotonic() >= next_expiry:
-                        next_expiry = time.monotonic() + EXPIRY_INTERVAL_SECONDS
-                        _delete_expired(conn, time.time())
+                    with _no_fork_now:
+                        if self._pending:
+                            if conn is None:
+                                conn = _connect(self.path)
+                            self._write_pending(conn)
+                        if conn is not None and time.monotonic() >= next_expiry:
+                            next_expiry = time.monotonic() + EXPIRY_INTERVAL_SECONDS
+                            _delete_expired(conn, time.time())
                     failures, self._failing = 0, False
                 except Exception:
                     failures += 1
@@ -340,7 +341,8 @@ class StatusStore:
                     return
         finally:
             if conn is not None:
-                conn.close()
+                with _no_fork_now:
+                    conn.close()
 
     def _retire(self) -> bool:
         """Let an idle writer exit, unless a record arrived meanwhile (see :meth:`record`)."""
@@ -546,12 +548,22 @@ def _register_atexit() -> None:
         atexit.register(close_all_status_stores)
 
 
+# Held by a writer thread around each of its SQLite calls (open, writes, close), and taken before a fork:
+# a child must not be made while a writer of this process is inside SQLite. SQLite's own mutexes (the
+# VFS's, taken to open and close a file) would stay locked in the child, whose first sqlite3.connect would
+# then wait forever; and a write transaction's WAL lock, kept for every connection of the process in one
+# per-file structure the child inherits, would make every write of the child to that file wait in vain.
+_no_fork_now = threading.Lock()
+
+
 def _reset_in_child() -> None:
-    global _stores_lock
+    global _stores_lock, _no_fork_now
     _stores_lock = threading.Lock()
+    _no_fork_now = threading.Lock()
     for store in list(_stores.values()):
         store._reset()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_in_child)
+    os.register_at_fork(before=lambda: _no_fork_now.acquire(), after_in_parent=lambda: _no_fork_now.release(),
+                        after_in_child=_reset_in_child)
