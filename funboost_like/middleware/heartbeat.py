@@ -28,7 +28,6 @@ import logging
 import os
 import socket
 import sys
-import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from funboost_like.core.calls import Middleware
 from funboost_like.core.config import settings
 from funboost_like.core.errors import ConfigurationError
+from funboost_like.core.member_thread import MemberThread
 from funboost_like.core.redis_connection import describe_url, key_prefix, redis_client
 
 if TYPE_CHECKING:
@@ -153,33 +153,13 @@ class HeartbeatMiddleware(Middleware):
             beater.remove(self)
 
 
-class Beater:
+class Beater(MemberThread[HeartbeatMiddleware]):
     """The process's heartbeat thread (started with the first consumer, ends with the last)."""
 
-    def __init__(self) -> None:
-        self.reset_in_child()
-
-    def reset_in_child(self) -> None:
-        """Empty: a new beater, or a forked child's (which runs none of its parent's consumers)."""
-        self._members: list[HeartbeatMiddleware] = []
-        self._lock = threading.Lock()
-        self._io = threading.Lock()  # a removal waits for a beat under way, which could write the record again
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._failing = False
-
-    def add(self, member: HeartbeatMiddleware) -> None:
-        with self._lock:
-            self._members.append(member)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="funboost_like-heartbeat", daemon=True)
-                self._thread.start()
-        self._wake.set()  # the first beat at once
+    thread_name = "funboost_like-heartbeat"
 
     def remove(self, member: HeartbeatMiddleware) -> None:
-        with self._lock:
-            if member in self._members:
-                self._members.remove(member)
+        self._discard(member)
         try:
             with self._io:
                 pipe = redis_client().pipeline(transaction=False)
@@ -192,11 +172,9 @@ class Beater:
 
     def _run(self) -> None:
         while True:
-            with self._lock:
-                members = list(self._members)
-                if not members:
-                    self._thread = None
-                    return
+            members = self._members_or_end()
+            if not members:
+                return
             seconds = interval()
             try:
                 with self._io:

@@ -23,12 +23,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 import time
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from funboost_like.core.calls import DEAD_LETTERED, FAILED, SKIPPED, SUCCEEDED, Middleware
+from funboost_like.core.member_thread import MemberThread
 from funboost_like.ops import registry
 
 if TYPE_CHECKING:
@@ -123,40 +123,13 @@ class OpsMiddleware(Middleware):
         }
 
 
-class Agent:
+class Agent(MemberThread[OpsMiddleware]):
     """The process's registration thread (started with the first consumer, ends with the last)."""
 
-    def __init__(self) -> None:
-        self._members: list[OpsMiddleware] = []
-        self._lock = threading.Lock()
-        self._io = threading.Lock()  # one member's record is written or removed at a time
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._failing = False
-
-    def add(self, member: OpsMiddleware) -> None:
-        with self._lock:
-            self._members.append(member)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="funboost_like-ops", daemon=True)
-                self._thread.start()
-        self._wake.set()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def reset_in_child(self) -> None:
-        """A forked child runs none of its parent's consumers: forget them (their records are the parent's)."""
-        self._members = []
-        self._lock = threading.Lock()
-        self._io = threading.Lock()
-        self._wake = threading.Event()
-        self._thread = None
+    thread_name = "funboost_like-ops"
 
     def remove(self, member: OpsMiddleware) -> None:
-        with self._lock:
-            if member in self._members:
-                self._members.remove(member)
+        self._discard(member)
         with self._io:
             member.active = False
             if member.slot is not None:
@@ -173,11 +146,9 @@ class Agent:
     def _run(self) -> None:
         next_beat = 0.0
         while True:
-            with self._lock:
-                members = list(self._members)
-                if not members:
-                    self._thread = None
-                    return
+            members = self._members_or_end()
+            if not members:
+                return
             interval = registry.heartbeat_seconds()
             failures: list[Exception] = []
             changed = self._apply_controls(members, failures) or any(m.reported != m.state() for m in members)
