@@ -56,6 +56,7 @@ def _delete_old_test_streams() -> Iterator[None]:
 
 async def _delete_streams_older_than(age: datetime.timedelta) -> None:
     import nats
+    from nats.js.errors import NotFoundError
 
     nc = await nats.connect(URL)
     try:
@@ -66,7 +67,10 @@ async def _delete_streams_older_than(age: datetime.timedelta) -> None:
         for info in infos:
             name = info.config.name or ""
             if _TEST_STREAM.match(name) and info.created and now - info.created > age:
-                await js.delete_stream(name)
+                try:
+                    await js.delete_stream(name)
+                except NotFoundError:  # another worker or session deleted it first
+                    pass
     finally:
         await nc.close()
 
