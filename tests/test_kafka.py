@@ -234,5 +234,49 @@ def test_a_commit_refused_by_a_rebalance_is_not_recorded_and_does_not_raise() ->
     group.tracker.taken(0, [5, 6])
     group.tracker.finished(0, [5, 6])
     q.marks[0] = 9
-    commit(NoAdmin(), q, group, group.tracker.due(), lower_marks=True)  # type: ignore[arg-type]
+    commit(NoAdmin(), q, group, group.tracker.due())  # type: ignore[arg-type]
     assert group.tracker.due() == {0: 7} and q.marks[0] == 9  # still due: sent again once joined
+
+
+def test_a_hand_over_refused_by_a_rebalance_counts_no_death_and_resumes_where_this_process_was() -> None:
+    """Seen on the mock cluster under load: the group refused every commit for seconds (a slow member kept
+    it rebalancing), including the one on revoke. The marks stayed above the committed offsets, so the
+    same process, given its partitions back, ran its own finished calls again as deaths, one by one; a
+    few such rebalances would dead-letter healthy messages. Now the marks come down to what the group
+    holds, and the process resumes at its own position when the partitions come back."""
+    from funboost_like.brokers.kafka_client import GroupConsumer
+    from funboost_like.brokers.kafka_groups import hand_over, set_up
+    from funboost_like.brokers.kafka_queue import GroupState, QueueState
+
+    class Refusing(GroupConsumer):  # the group is rebalancing: every commit refused, nothing committed yet
+        def commit(self, offsets: dict[int, int]) -> bool:
+            return False
+
+        def committed(self, partitions: list[int]) -> dict[int, int]:
+            return dict.fromkeys(partitions, -1)
+
+    class Marks:  # the delivered marks' group, read and written from outside it
+        def __init__(self) -> None:
+            self.marks: dict[int, int] = {}
+
+        def commit_offsets(self, group: str, topic: str, offsets: dict[int, int]) -> None:
+            self.marks.update(offsets)
+
+        def group_offsets(self, group: str, topic: str, partitions: list[int]) -> dict[int, int]:
+            return {p: self.marks.get(p, -1) for p in partitions}
+
+    client, q, group = Marks(), QueueState("q", [0, 1]), GroupState(Refusing())
+    for partition in (0, 1):
+        group.tracker.assign(partition, -1)
+    group.tracker.taken(0, range(10))
+    group.tracker.finished(0, range(10))  # all done here
+    group.tracker.taken(1, range(10))
+    group.tracker.finished(1, range(7))  # 7, 8 and 9 still run at the revoke
+    client.marks, q.marks = {0: 10, 1: 10}, {0: 10, 1: 10}
+    hand_over(client, q, group, [0, 1], delay=False)  # type: ignore[arg-type]
+    assert client.marks == {0: 0, 1: 0}  # another owner runs them again as new work, not as deaths
+    group.fresh[:] = [0, 1]  # the same partitions come back to this process
+    set_up(client, q, group, delay=False)  # type: ignore[arg-type]
+    assert q.crash_until == {}
+    assert group.tracker.taken(0, range(12)) == [10, 11] and group.tracker.taken(1, range(10)) == [7, 8, 9]
+    assert group.tracker.due() == {0: 10, 1: 7}  # sent by the next settle

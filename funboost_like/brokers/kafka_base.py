@@ -61,7 +61,7 @@ from funboost_like.brokers import kafka_dead_letters as dead_letters
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.kafka_client import KafkaClient, Record, log_span
 from funboost_like.brokers.kafka_delays import start_mover
-from funboost_like.brokers.kafka_groups import WAIT_SLICE, commit, poll, settle, subscribe
+from funboost_like.brokers.kafka_groups import WAIT_SLICE, commit, hand_over, poll, settle, subscribe
 from funboost_like.brokers.kafka_queue import ATTEMPTS, CRASHES, DUE, QueueState, counts
 from funboost_like.core.config import settings
 from funboost_like.core.errors import ConfigurationError
@@ -171,7 +171,7 @@ class KafkaBroker(Broker):
             self._client.produce(q.queue, copies)
             for record in dead:
                 group.tracker.finished(record.partition, [record.offset])
-            commit(self._client, q, group, group.tracker.due(), lower_marks=False)
+            commit(self._client, q, group, group.tracker.due())
             dead_ids = {(r.partition, r.offset) for r in dead}
             records = [r for r in records if (r.partition, r.offset) not in dead_ids]
         with q.lock:
@@ -356,7 +356,7 @@ class KafkaBroker(Broker):
                 if group is None or group.consumer is None:
                     continue
                 try:
-                    commit(self._client, q, group, group.tracker.clear(), lower_marks=not delay)
+                    hand_over(self._client, q, group, group.tracker.owned(), delay=delay)
                 except Exception as exc:  # noqa: BLE001 - the next owner reads from the last commit
                     logger.warning("%s: committing %s on close failed (%s); its finished calls may run again",
                                    self._where(), q.queue, exc)

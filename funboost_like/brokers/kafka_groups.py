@@ -25,13 +25,12 @@ COMMIT_EVERY = 0.1  # seconds between two commits of a busy group (an idle one c
 
 
 def subscribe(client: KafkaClient, topic: str, group_id: str, q: QueueState, *, delay: bool) -> GroupState:
-    """Join ``group_id`` on ``topic``. A revoke commits its partitions' progress and forgets them (later
-    acks of their records are ignored: the new owner runs them)."""
+    """Join ``group_id`` on ``topic``. A revoke hands its partitions over (:func:`hand_over`): later acks
+    of their records are ignored, the new owner runs them."""
     group = GroupState()
 
     def on_revoke(partitions: list[int]) -> None:
         with q.lock:
-            positions = group.tracker.revoke(partitions)
             for partition in partitions:
                 group.buffers.pop(partition, None)
                 if not delay:
@@ -40,26 +39,51 @@ def subscribe(client: KafkaClient, topic: str, group_id: str, q: QueueState, *, 
             if delay:
                 q.heap = [entry for entry in q.heap if entry[2] not in partitions]
                 heapq.heapify(q.heap)
-        commit(client, q, group, positions, lower_marks=not delay)
+        hand_over(client, q, group, partitions, delay=delay)
 
     group.consumer = client.group_consumer(topic, group_id, group.fresh.extend, on_revoke)
     return group
 
 
-def commit(client: KafkaClient, q: QueueState, group: GroupState, positions: dict[int, int], *,
-           lower_marks: bool) -> None:
-    """Commit ``positions`` as the group's member; ``lower_marks``: lower the delivered marks to them too."""
+def hand_over(client: KafkaClient, q: QueueState, group: GroupState, partitions: list[int], *, delay: bool) -> None:
+    """Give up ``partitions`` (a revoke, a close): commit their progress and forget them.
+
+    The group refuses that commit when it rebalanced meanwhile (a slow member, a coordinator under
+    load). Then what the group holds stays the position: the delivered marks come down to it, so the
+    next owner runs the rest again as new work rather than as deaths (a rebalance must never count
+    towards ``max_crash_redeliveries``), and this process keeps its positions as owed: if the
+    partitions come back to it, it resumes there instead of running its finished calls again.
+    """
+    with q.lock:
+        held = group.tracker.committed_positions(partitions)
+        positions = group.tracker.revoke(partitions)
+    logger.debug("queue %r%s: partitions %s handed over at %s", q.queue, " (delays)" if delay else "", partitions,
+                 positions)
+    landed = positions if commit(client, q, group, positions) else held
+    if landed is held:
+        group.owed.update(positions)
+    if not delay:
+        lower_marks(client, q, landed)
+
+
+def commit(client: KafkaClient, q: QueueState, group: GroupState, positions: dict[int, int]) -> bool:
+    """Commit ``positions`` as the group's member; False when the group fenced this member off."""
     if not positions or group.consumer is None:
-        return
-    if not group.consumer.commit(positions):  # fenced off: the next poll joins again; the revoke forgets
+        return True
+    if not group.consumer.commit(positions):  # fenced off: the next poll joins again
         logger.info("queue %r: the group rebalanced before this commit; joining it again", q.queue)
-        return
+        return False
     group.tracker.committed(positions)
-    if lower_marks:  # the records still held were not lost to a death: the next owner runs them as new
-        lowered = {p: pos for p, pos in positions.items() if q.marks.get(p, -1) != pos}
-        if lowered:
-            client.commit_offsets(f"{q.group}.delivered", q.queue, lowered)
-            q.marks.update(lowered)
+    return True
+
+
+def lower_marks(client: KafkaClient, q: QueueState, positions: dict[int, int]) -> None:
+    """Bring the delivered marks down to ``positions``: the records still held were not lost to a death,
+    so the next owner runs them as new."""
+    lowered = {p: pos for p, pos in positions.items() if q.marks.get(p, -1) != pos}
+    if lowered:
+        client.commit_offsets(f"{q.group}.delivered", q.queue, lowered)
+        q.marks.update(lowered)
 
 
 def set_up(client: KafkaClient, q: QueueState, group: GroupState, *, delay: bool) -> None:
@@ -70,14 +94,19 @@ def set_up(client: KafkaClient, q: QueueState, group: GroupState, *, delay: bool
     marks = {} if delay else client.group_offsets(f"{q.group}.delivered", q.queue, fresh)
     with q.lock:
         for partition in fresh:
-            start = committed.get(partition, -1)
+            start, owed = committed.get(partition, -1), group.owed.pop(partition, -1)
             group.tracker.assign(partition, start)
+            if owed > start:  # this process finished up to there before a refused hand-over: settle commits it
+                group.tracker.skip_to(partition, owed)
+                start = owed
             group.buffers[partition] = deque()
             if not delay:
                 mark = marks.get(partition, -1)
                 q.marks[partition] = mark
                 if mark > max(start, 0):
                     q.crash_until[partition] = mark
+    logger.debug("queue %r%s: partitions %s assigned at %s (delivered marks %s)", q.queue, " (delays)" if delay else "",
+                 fresh, committed, marks)
 
 
 def poll(client: KafkaClient, q: QueueState, group: GroupState, max_n: int, timeout: float, *,
@@ -111,5 +140,5 @@ def settle(client: KafkaClient, q: QueueState, group: GroupState) -> None:
     if now - group.committed_at >= COMMIT_EVERY or not group.tracker.running():
         due = group.tracker.due()
         if due:
-            commit(client, q, group, due, lower_marks=False)
+            commit(client, q, group, due)
             group.committed_at = now

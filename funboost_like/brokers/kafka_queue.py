@@ -23,6 +23,7 @@ class GroupState:
         self.fresh: list[int] = []  # assigned, not set up yet
         self.buffers: dict[int, deque[Record]] = {}
         self.seeks: dict[int, int] = {}
+        self.owed: dict[int, int] = {}  # positions a refused hand-over could not commit: resumed if reassigned
         self.committed_at = 0.0  # time.monotonic() of the last commit that settle sent
 
 

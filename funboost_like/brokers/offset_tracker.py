@@ -115,6 +115,11 @@ class OffsetTracker:
                 if state is not None:
                     state.committed = offset
 
+    def committed_positions(self, partitions: Iterable[int]) -> dict[int, int]:
+        """The last position committed (or read at assignment) of each owned partition of ``partitions``."""
+        with self._lock:
+            return {p: self._partitions[p].committed for p in partitions if p in self._partitions}
+
     def revoke(self, partitions: Iterable[int]) -> dict[int, int]:
         """Forget ``partitions``; return the position of each, to commit before it moves to another owner."""
         with self._lock:
