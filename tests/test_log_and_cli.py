@@ -363,6 +363,30 @@ def test_each_successful_run_is_one_debug_line_at_the_default_level_and_none_at_
     assert all(len(r.getMessage()) < 2000 for r in caplog.records)  # a large argument is abbreviated
 
 
+def test_the_debug_line_counts_the_runs_of_earlier_deliveries(queue_name: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A retry with backoff goes back through the broker: its second run is a new delivery, and the line
+    gave "(run 1)" for it (as for a call run again after its consumer died)."""
+    from funboost_like import BrokerEnum, task_deco
+    from funboost_like.brokers.registry import get_broker
+
+    failed: list[int] = []
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, max_retry_times=1, retry_backoff=0.05)
+    def flaky(x: int) -> int:
+        if not failed:
+            failed.append(x)
+            raise ValueError("first run fails")
+        return x
+
+    with caplog.at_level(logging.DEBUG, logger="funboost_like"):
+        flaky.push(7)
+        flaky.consume()
+        get_broker(BrokerEnum.LOCAL_PYTHON_QUEUE).join(queue_name, timeout=10, fail_fast=False)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG and "succeeded in" in r.getMessage()]
+    assert len(lines) == 1 and "(run 2)" in lines[0], lines
+
+
 def test_create_logger_file_writes_the_queue_log_and_says_where(queue_name: str, tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     from funboost_like import BrokerEnum, task_deco
