@@ -49,6 +49,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
+from funboost_like.core import sqlite_fork
 from funboost_like.core.config import settings
 from funboost_like.core.log import ensure_console_handler
 
@@ -171,6 +172,8 @@ class ProcessSupervisor:
         if self._started:
             raise RuntimeError(f"{self!r} was already started")
         self._started = True
+        if self.start_method == "fork":
+            sqlite_fork.arm()  # from now on, no child is forked while a thread here is inside SQLite
         ensure_console_handler()
         self._install_signal_handlers()
         try:

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from funboost_like.core import sqlite_fork
+
 logger = logging.getLogger("funboost_like.sqlite")
 
 _SQLITE_BUSY = 5  # SQLITE_BUSY; SQLITE_BUSY_SNAPSHOT etc. share the low byte
@@ -82,7 +84,7 @@ def open_sqlite(path: str | Path, *, busy_timeout: float, synchronous: str = "NO
     """Open ``path`` (creating its folder) in autocommit mode with WAL, ``synchronous`` and ``schema``."""
     path = str(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=check_same_thread)
+    conn = sqlite_fork.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=check_same_thread)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         enable_wal(conn, path, busy_timeout)
@@ -99,15 +101,17 @@ def open_sqlite(path: str | Path, *, busy_timeout: float, synchronous: str = "NO
 
 @contextmanager
 def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` on an autocommit connection, rolled back on any error."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` on an autocommit connection, rolled back on any error (and no
+    fork of this process meanwhile: :mod:`.sqlite_fork`)."""
+    with sqlite_fork.passage():
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
 
 def execute_by_ids(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...], ids: Sequence[Any]) -> int:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from funboost_like.core import codec
+from funboost_like.core import codec, sqlite_fork
 from funboost_like.core.calls import Status
 from funboost_like.core.config import data_dir_setting, settings
 from funboost_like.core.sqlite_files import open_sqlite, queue_file_name
@@ -317,7 +317,7 @@ class StatusStore:
                 if self._pending:
                     idle_since = time.monotonic()
                 try:
-                    with _no_fork_now:
+                    with sqlite_fork.passage():
                         if self._pending:
                             if conn is None:
                                 conn = _connect(self.path)
@@ -341,7 +341,7 @@ class StatusStore:
                     return
         finally:
             if conn is not None:
-                with _no_fork_now:
+                with sqlite_fork.passage():
                     conn.close()
 
     def _retire(self) -> bool:
@@ -548,22 +548,12 @@ def _register_atexit() -> None:
         atexit.register(close_all_status_stores)
 
 
-# Held by a writer thread around each of its SQLite calls (open, writes, close), and taken before a fork:
-# a child must not be made while a writer of this process is inside SQLite. SQLite's own mutexes (the
-# VFS's, taken to open and close a file) would stay locked in the child, whose first sqlite3.connect would
-# then wait forever; and a write transaction's WAL lock, kept for every connection of the process in one
-# per-file structure the child inherits, would make every write of the child to that file wait in vain.
-_no_fork_now = threading.Lock()
-
-
 def _reset_in_child() -> None:
-    global _stores_lock, _no_fork_now
+    global _stores_lock
     _stores_lock = threading.Lock()
-    _no_fork_now = threading.Lock()
     for store in list(_stores.values()):
         store._reset()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=lambda: _no_fork_now.acquire(), after_in_parent=lambda: _no_fork_now.release(),
-                        after_in_child=_reset_in_child)
+    os.register_at_fork(after_in_child=_reset_in_child)
