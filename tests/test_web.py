@@ -150,6 +150,18 @@ def test_nothing_without_the_token_and_a_signed_httponly_cookie_with_it(server: 
     client.cookie = tampered.cookie = None
 
 
+def test_head_answers_as_get_without_a_body(server: DashboardServer) -> None:
+    """An uptime probe's HEAD got 405; HTTP servers must answer HEAD like GET, without the body."""
+    client = Client(server)
+    status, headers, body = client.request("HEAD", "/login")
+    assert status == 200 and body == "" and int(headers["content-length"]) == len(client.get("/login")[2].encode())
+    status, headers, body = client.request("HEAD", "/")
+    assert status == 303 and headers["location"] == "/login" and body == ""
+    bearer = {"Authorization": f"Bearer {server.dashboard.credentials.token}"}
+    assert client.request("HEAD", "/api/queues")[0] == 401
+    assert client.request("HEAD", "/api/queues", headers=bearer)[:3:2] == (200, "")
+
+
 def test_a_configured_user_logs_in_with_its_password() -> None:
     stored = hash_password("correct horse")
     assert verify_password("correct horse", stored) and not verify_password("wrong", stored)

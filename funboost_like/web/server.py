@@ -50,10 +50,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._serve("POST")
 
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._send(Response(405, b"method HEAD is not allowed", "text/plain"))
+    def do_HEAD(self) -> None:  # noqa: N802 - a GET's status and headers, without its body (uptime probes)
+        self._serve("GET", head=True)
 
-    def _serve(self, method: str) -> None:
+    def _serve(self, method: str, *, head: bool = False) -> None:
         url = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
@@ -65,16 +65,17 @@ class _Handler(BaseHTTPRequestHandler):
         request = Request(method=method, path=url.path, query=dict(parse_qsl(url.query, keep_blank_values=True)),
                           headers={k.lower(): v for k, v in self.headers.items()}, form=form,
                           client=str(self.client_address[0]))
-        self._send(self.server.dashboard.handle(request))
+        self._send(self.server.dashboard.handle(request), head=head)
 
-    def _send(self, response: Response) -> None:
+    def _send(self, response: Response, *, head: bool = False) -> None:
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
         for name, value in response.headers:
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(response.body)
+        if not head:
+            self.wfile.write(response.body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         pass  # no access log on stderr (a token in a query would land there)
