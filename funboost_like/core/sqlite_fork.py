@@ -82,50 +82,30 @@ def passage() -> Iterator[None]:
         _leave()
 
 
+def _guarded(name: str) -> Any:
+    """``sqlite3.Cursor``'s method ``name`` as a passage."""
+    plain = getattr(sqlite3.Cursor, name)
+
+    def method(self: sqlite3.Cursor, *args: Any) -> Any:
+        _enter()
+        try:
+            return plain(self, *args)
+        finally:
+            _leave()
+
+    method.__name__ = name
+    return method
+
+
 class _Cursor(sqlite3.Cursor):
     """A cursor of an armed process: each call into SQLite is a passage."""
 
-    def execute(self, *args: Any) -> _Cursor:
-        _enter()
-        try:
-            return super().execute(*args)
-        finally:
-            _leave()
-
-    def executemany(self, *args: Any) -> _Cursor:
-        _enter()
-        try:
-            return super().executemany(*args)
-        finally:
-            _leave()
-
-    def fetchone(self) -> Any:
-        _enter()
-        try:
-            return super().fetchone()
-        finally:
-            _leave()
-
-    def fetchmany(self, *args: Any) -> list[Any]:
-        _enter()
-        try:
-            return super().fetchmany(*args)
-        finally:
-            _leave()
-
-    def fetchall(self) -> list[Any]:
-        _enter()
-        try:
-            return super().fetchall()
-        finally:
-            _leave()
-
-    def __next__(self) -> Any:
-        _enter()
-        try:
-            return super().__next__()
-        finally:
-            _leave()
+    execute = _guarded("execute")
+    executemany = _guarded("executemany")
+    fetchone = _guarded("fetchone")
+    fetchmany = _guarded("fetchmany")
+    fetchall = _guarded("fetchall")
+    __next__ = _guarded("__next__")
 
 
 class Connection(sqlite3.Connection):
@@ -134,12 +114,14 @@ class Connection(sqlite3.Connection):
     def execute(self, *args: Any) -> sqlite3.Cursor:
         if not _armed:
             return super().execute(*args)
-        return self.cursor(_Cursor).execute(*args)
+        cursor: sqlite3.Cursor = self.cursor(_Cursor)
+        return cursor.execute(*args)
 
     def executemany(self, *args: Any) -> sqlite3.Cursor:
         if not _armed:
             return super().executemany(*args)
-        return self.cursor(_Cursor).executemany(*args)
+        cursor: sqlite3.Cursor = self.cursor(_Cursor)
+        return cursor.executemany(*args)
 
     def close(self) -> None:
         with passage():
