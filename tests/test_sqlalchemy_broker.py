@@ -236,3 +236,36 @@ def test_listen_wakes_an_idle_consumer_at_once(queue_name: str) -> None:
 
 def test_registered() -> None:
     assert type(get_broker(BrokerEnum.SQLACHEMY)) is SqlAlchemyBroker
+
+
+def test_an_ack_sent_again_after_an_outage_keeps_its_lease_meanwhile(queue_name: str) -> None:
+    """A consumer whose link to the database drops while a call finishes defers the ack until its next fetch,
+    which may be in back-off for 30 s. The row was no longer renewed meanwhile: its lease ran out and
+    another consumer ran the finished call again, counted as a death of a live process (three such
+    outages dead-lettered a healthy message as poison). Now a deferred settlement is renewed until sent."""
+    from .tcp_cut import CuttableLink
+
+    require_server("PostgreSQL", "127.0.0.1", 5432)
+    link = CuttableLink(5432)
+    patch_frame_config(SQLALCHEMY_URL=POSTGRESQL.replace(":5432/", f":{link.port}/"), SQLALCHEMY_LEASE_SECONDS=1.5)
+    a = SqlAlchemyBroker()  # through the link
+    a.count(queue_name)  # its engine is made now, on the link's URL
+    patch_frame_config(SQLALCHEMY_URL=POSTGRESQL)
+    b = SqlAlchemyBroker()  # another consumer, direct
+    try:
+        b.publish(queue_name, b'{"x": 1}')
+        (held,) = a.fetch(queue_name, 1, timeout=5)
+        link.cut()
+        with pytest.raises(BrokerConnectionError):
+            a.ack([held])  # the call finished; the ack is kept to be sent again
+        link.restore()
+        deadline = time.monotonic() + 3 * 1.5  # three leases: the lease would have run out twice
+        while time.monotonic() < deadline:
+            assert b.fetch(queue_name, 1, timeout=0.3) == [], "another consumer took a finished call"
+        assert a.fetch(queue_name, 1, timeout=0) == []  # sends the ack first
+        assert b.count(queue_name) == 0 and b.in_flight(queue_name) == 0
+    finally:
+        link.close()
+        b.drop_tables(queue_name)
+        a.close()
+        b.close()

@@ -115,7 +115,8 @@ class Broker(Routing):
     def _process_state(self) -> None:
         self._held: dict[str, set[Any]] = {}  # queue -> tokens this process holds
         self._held_lock = threading.Lock()
-        self._deferred: list[Callable[[], object]] = []  # settlements to send again after an outage
+        # settlements to send again after an outage, with their deliveries (renewed meanwhile)
+        self._deferred: list[tuple[Callable[[list[Delivery]], object], list[Delivery]]] = []
         self._fetched: set[str] = set()  # queues this process fetched from (recovered by maintenance)
 
     # -- primitives ------------------------------------------------------------------------------
@@ -239,7 +240,7 @@ class Broker(Routing):
             got = self._get(queue, max_n) if acks is None else self._ack_and_get(acks, queue, max_n)
         except self._client_errors as exc:
             if acks and isinstance(exc, self.connection_errors):  # the acks may not have arrived: sent
-                self._deferred.append(functools.partial(self._ack, list(acks)))  # again before the next fetch
+                self._deferred.append((self._ack, list(acks)))  # sent again before the next fetch
             raise self._translated(exc, f"fetching from queue {queue!r}") from exc
         if queue not in self._fetched:
             self._first_fetch(queue)
@@ -314,7 +315,7 @@ class Broker(Routing):
                 send(live)
             except self._client_errors as exc:
                 if isinstance(exc, self.connection_errors):  # sent again before the next fetch
-                    self._deferred.append(functools.partial(send, live))
+                    self._deferred.append((send, live))
                 raise self._translated(exc, f"settling {len(live)} message(s)") from exc
         if rejected:
             first = next(d for d in deliveries if d not in live)
@@ -342,8 +343,9 @@ class Broker(Routing):
     def _send_deferred(self, action: str) -> None:
         """Send again the settlements that failed on a connection error, in order."""
         while self._deferred:
+            send, deliveries = self._deferred[0]
             try:
-                self._deferred[0]()
+                send(deliveries)
             except self.connection_errors as exc:
                 raise self._translated(exc, action) from exc
             except Exception:
@@ -419,9 +421,12 @@ class Broker(Routing):
 
     def maintain(self) -> None:
         """One maintenance round (the maintenance thread's job; tests call it directly): renew what
-        this process holds, then recover the messages of dead consumers of the queues it fetches."""
+        this process holds, and what it settled during an outage until that settlement is sent again
+        (else its lease ran out meanwhile and another consumer ran a finished call again, as a death),
+        then recover the messages of dead consumers of the queues it fetches."""
         with self._held_lock:
             held = [Delivery(queue, b"", token) for queue, tokens in self._held.items() for token in tokens]
+        held += [delivery for _, deliveries in list(self._deferred) for delivery in deliveries]
         self._renew(held)
         for queue in list(self._fetched):
             try:
