@@ -27,7 +27,7 @@ from funboost_like.brokers.registry import get_broker
 from funboost_like.brokers.sqlite import SqliteBroker
 from funboost_like.core.config import patch_frame_config, settings
 from funboost_like.core.enums import BrokerEnum
-from funboost_like.core.errors import ConfigurationError, DoubleAckError
+from funboost_like.core.errors import BrokerError, ConfigurationError, DoubleAckError
 from funboost_like.core.sqlite_files import queue_file_name
 
 PACKAGE_ROOT = Path(funboost_like.__file__).resolve().parent.parent
@@ -529,7 +529,10 @@ def test_a_lease_that_ran_out_counts_a_crash_and_settled_returns_do_not(folder: 
     alive.release([after_nack])
     [after_release] = alive.fetch(Q, 1, 1.0)
     assert (after_release.attempts, after_release.crashes) == (3, 1)
-    alive.ack([after_release])
+    alive.nack(after_release, delay=0.2)  # a retry with backoff waits in the delayed table
+    [after_delay] = alive.fetch(Q, 1, 3.0)
+    assert (after_delay.attempts, after_delay.crashes) == (4, 1)  # the delay kept the death (it lost it)
+    alive.ack([after_delay])
     alive.close()
 
 
@@ -541,10 +544,16 @@ def test_files_of_earlier_versions_get_the_crashes_column(folder: Path) -> None:
                      "DEFAULT 0, visible_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, owner TEXT, "
                      "body BLOB NOT NULL)")
         conn.execute("INSERT INTO messages (priority, visible_at, body) VALUES (0, 0, x'7b7d')")
+        conn.execute("CREATE TABLE delayed (id INTEGER PRIMARY KEY AUTOINCREMENT, priority INTEGER NOT NULL "
+                     "DEFAULT 0, due REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL)")
+        conn.execute("INSERT INTO delayed (priority, due, attempts, body) VALUES (0, 0, 2, x'5b5d')")
     broker = SqliteBroker()
-    [d] = broker.fetch(Q, 1, 1.0)
-    assert (d.body, d.attempts, d.crashes) == (b"{}", 1, 0)
-    broker.ack([d])
+    got = sorted(fetch_n(broker, Q, 2), key=lambda d: d.body)
+    assert [(d.body, d.attempts, d.crashes) for d in got] == [(b"[]", 3, 0), (b"{}", 1, 0)]
+    broker.nack(got[0], delay=0.1)
+    [d] = broker.fetch(Q, 1, 2.0)
+    assert (d.body, d.attempts, d.crashes) == (b"[]", 4, 0)
+    broker.ack([got[1], d])
     broker.close()
 
 
@@ -718,3 +727,29 @@ def test_a_watch_looks_again_soon_after_a_write_whose_commit_may_not_be_visible_
     watch.wait(0.3)
     assert time.monotonic() - started >= 0.25  # long again
     watch.close()
+
+
+def test_an_ack_refused_while_another_process_holds_the_file_is_sent_again(folder: Path) -> None:
+    """A long write of another process (a big publish_many, a purge) held the queue file past the busy
+    timeout while a call finished: its ack failed with "database is locked" and was dropped, the row was no
+    longer renewed, and after the lease the same live process ran its finished call again, counted as its
+    own death. Now the ack is sent again before the next fetch, the lease renewed meanwhile."""
+    patch_frame_config(SQLITE_BUSY_TIMEOUT_SECONDS=0.2, SQLITE_LEASE_SECONDS=1.5)
+    a, other = SqliteBroker(), SqliteBroker()  # two consumers (two owners) on one file
+    try:
+        a.publish(Q, b'{"x": 1}')
+        (held,) = fetch_n(a, Q, 1)
+        locker = sqlite3.connect(a.path(Q), timeout=5, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(BrokerError, match="locked"):
+            a.ack([held])  # the call finished; the file is held by someone else
+        locker.execute("COMMIT")
+        locker.close()
+        deadline = time.monotonic() + 3 * 1.5  # the lease would have run out twice
+        while time.monotonic() < deadline:
+            assert other.fetch(Q, 1, 0.3) == [], "a consumer took a finished call back"
+        assert a.fetch(Q, 1, 0) == []  # sends the ack first
+        assert a.count(Q) == 0 and rows_in(a.path(Q)) == 0
+    finally:
+        a.close()
+        other.close()

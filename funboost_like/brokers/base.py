@@ -239,7 +239,7 @@ class Broker(Routing):
         try:
             got = self._get(queue, max_n) if acks is None else self._ack_and_get(acks, queue, max_n)
         except self._client_errors as exc:
-            if acks and isinstance(exc, self.connection_errors):  # the acks may not have arrived: sent
+            if acks and self._retryable(exc):  # the acks may not have arrived: sent
                 self._deferred.append((self._ack, list(acks)))  # sent again before the next fetch
             raise self._translated(exc, f"fetching from queue {queue!r}") from exc
         if queue not in self._fetched:
@@ -314,7 +314,7 @@ class Broker(Routing):
             try:
                 send(live)
             except self._client_errors as exc:
-                if isinstance(exc, self.connection_errors):  # sent again before the next fetch
+                if self._retryable(exc):  # sent again before the next fetch
                     self._deferred.append((send, live))
                 raise self._translated(exc, f"settling {len(live)} message(s)") from exc
         if rejected:
@@ -346,9 +346,9 @@ class Broker(Routing):
             send, deliveries = self._deferred[0]
             try:
                 send(deliveries)
-            except self.connection_errors as exc:
-                raise self._translated(exc, action) from exc
-            except Exception:
+            except Exception as exc:
+                if self._retryable(exc):
+                    raise self._translated(exc, action) from exc
                 logger.exception("%s refused a settlement sent again after an outage; its message comes back "
                                  "when this process ends", self._where())
             del self._deferred[0]
@@ -460,6 +460,11 @@ class Broker(Routing):
         self._close()
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _retryable(self, exc: BaseException) -> bool:
+        """Whether a settlement that raised ``exc`` is to be sent again later (an outage), rather than
+        given up: a connection error; a broker adds its own transient errors."""
+        return isinstance(exc, self.connection_errors)
+
     def _where(self) -> str:
         """How to name the server in an error message (no password)."""
         return type(self).__name__

@@ -125,7 +125,7 @@ from funboost_like.brokers.sqlite_file_set import FileSet, QueueFile, by_file, m
 from funboost_like.core.config import data_dir_setting, settings
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import BrokerNotAvailable, ConfigurationError
-from funboost_like.core.sqlite_files import execute_by_ids, write_transaction
+from funboost_like.core.sqlite_files import execute_by_ids, is_busy, write_transaction
 from funboost_like.core.stores import SqliteKeyValueStore, check_namespace
 
 logger = logging.getLogger("funboost_like.sqlite")
@@ -170,6 +170,11 @@ class SqliteBroker(Broker):
         self._lock = threading.Lock()
         super().__init__()
         self._after_fork()
+
+    def _retryable(self, exc: BaseException) -> bool:
+        """A settlement refused with "database is locked" (another process held the file's write lock past
+        the busy timeout) is sent again before the next fetch, its lease renewed meanwhile."""
+        return isinstance(exc, sqlite3.OperationalError) and is_busy(exc)
 
     def _after_fork(self) -> None:
         """A new identity and new thread-local connections. The parent's connections stay referenced,

@@ -24,7 +24,7 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS messages_next ON messages (priority DESC, id, visible_at)",
     "CREATE TABLE IF NOT EXISTS delayed ("
     " id INTEGER PRIMARY KEY AUTOINCREMENT, priority INTEGER NOT NULL DEFAULT 0, due REAL NOT NULL,"
-    " attempts INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL)",
+    " attempts INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL, crashes INTEGER NOT NULL DEFAULT 0)",
     "CREATE INDEX IF NOT EXISTS delayed_due ON delayed (due)",
     "CREATE TABLE IF NOT EXISTS dead_letters ("
     " id INTEGER PRIMARY KEY AUTOINCREMENT, message_id INTEGER, body BLOB, reason TEXT, failed_at REAL,"
@@ -36,12 +36,12 @@ NEXT_DUE = "SELECT min(due) FROM delayed"
 # Due rows move to ``messages`` in due order; the two statements select the same rows because they
 # run in one write transaction.
 _DUE_IDS = "SELECT id FROM delayed WHERE due <= :now ORDER BY due, id LIMIT :n"
-PROMOTE = ("INSERT INTO messages (priority, visible_at, attempts, body)"
-           f" SELECT priority, due, attempts, body FROM delayed WHERE id IN ({_DUE_IDS}) ORDER BY due, id")
+PROMOTE = ("INSERT INTO messages (priority, visible_at, attempts, body, crashes)"
+           f" SELECT priority, due, attempts, body, crashes FROM delayed WHERE id IN ({_DUE_IDS}) ORDER BY due, id")
 UNDELAY = f"DELETE FROM delayed WHERE id IN ({_DUE_IDS})"
 HEADS = "SELECT priority, visible_at FROM messages WHERE visible_at <= ? ORDER BY priority DESC, id LIMIT ?"
-DELAY = ("INSERT INTO delayed (priority, due, attempts, body)"
-         " SELECT priority, ?, attempts, body FROM messages WHERE owner = ? AND id IN ({ids}) ORDER BY id")
+DELAY = ("INSERT INTO delayed (priority, due, attempts, body, crashes)"
+         " SELECT priority, ?, attempts, body, crashes FROM messages WHERE owner = ? AND id IN ({ids}) ORDER BY id")
 DELETE_OWNED = "DELETE FROM messages WHERE owner = ? AND id IN ({ids})"
 # One statement claims the batch under SQLite's write lock, so two processes never claim one row. A
 # row that still has an owner was held by a consumer whose lease ran out: its death is counted.
@@ -70,14 +70,15 @@ def _synchronous() -> str:
 
 def connect(path: str, schema: tuple[str, ...] = SCHEMA) -> sqlite3.Connection:
     """Open ``path`` in autocommit mode with WAL, the configured synchronous level and ``schema``
-    (adding the ``crashes`` column to queue files written by earlier versions)."""
+    (adding the ``crashes`` columns to queue files written by earlier versions)."""
     conn = open_sqlite(path, busy_timeout=float(settings.get("SQLITE_BUSY_TIMEOUT_SECONDS")),
                        synchronous=_synchronous(), schema=schema,
                        pragmas=[f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}"])
-    if schema is SCHEMA and not any(row[1] == "crashes" for row in conn.execute("PRAGMA table_info(messages)")):
-        try:
-            conn.execute("ALTER TABLE messages ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
-        except sqlite3.OperationalError as exc:
-            if "duplicate column" not in str(exc):  # another process added it first
-                raise
+    for table in ("messages", "delayed") if schema is SCHEMA else ():
+        if not any(row[1] == "crashes" for row in conn.execute(f"PRAGMA table_info({table})")):
+            try:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):  # another process added it first
+                    raise
     return conn
