@@ -19,10 +19,12 @@ Guarantees and layout (docs/rabbitmq.md says the same for users):
   process's socket closes at once). Deliveries are counted in headers: ``fl-attempts`` (deliveries
   before this one) and ``fl-crashes`` (deliveries that ended with the consumer's death). A nack,
   a release or a delay re-publishes the message with its counts and acks the original; so a
-  message the server marks ``redelivered`` was held by a consumer that died (or lost its
-  connection), and the next fetch re-publishes it with one more crash before anyone runs it: the
-  poison-message rule (DESIGN §3.3) reads exact counts. Re-published messages join the back of
-  their queue.
+  message the server marks ``redelivered`` was held by a consumer that died or lost its channel,
+  and the next fetch re-publishes it with one more crash before anyone runs it: the
+  poison-message rule (DESIGN §3.3) reads the counts. A message this live process held when its
+  own channel or connection dropped is not counted when it comes back here (the push adapter
+  notes them); delivered to another process first, it is (RabbitMQ does not say who held it).
+  Re-published messages join the back of their queue.
 * Delays without plugins and without a held message: 32 levels of durable queues
   ``fl.delay.q<k>`` whose ``x-message-ttl`` is 2**k ms, each behind a headers exchange
   ``fl.delay.x<k>``. A delayed message carries one header per bit of its delay (``fl-delay-<k>``)
@@ -284,7 +286,7 @@ class AmqpBroker(PushConsuming, Broker):
         for epoch, tag, body, headers, priority, redelivered in self._take_pushed(queue, max_n):
             delivery = Delivery(queue, body, (epoch, queue, tag), int(headers.get(ATTEMPTS, 0)) + 1, priority,
                                 int(headers.get(CRASHES, 0)))
-            (crashed if redelivered else got).append(delivery)
+            (crashed if redelivered and not self._given_back_here(queue, body) else got).append(delivery)
         if crashed:
             self._count_crashes(crashed)
         if any(d.crashes for d in got):
@@ -298,7 +300,7 @@ class AmqpBroker(PushConsuming, Broker):
         pauses (the next fetch resumes it) and what arrived before the server stopped sending goes
         back to the queue, uncounted."""
         back = [Delivery(queue, body, (epoch, queue, tag), int(headers.get(ATTEMPTS, 0)) + 1, priority,
-                         int(headers.get(CRASHES, 0)) + redelivered)
+                         int(headers.get(CRASHES, 0)) + (redelivered and not self._given_back_here(queue, body)))
                 for epoch, tag, body, headers, priority, redelivered in self._pause(queue)]
         if back:
             self._requeue(back, delay=0.0, front=True, count_attempt=False)
@@ -385,9 +387,9 @@ class AmqpBroker(PushConsuming, Broker):
     def _channel_closed(self, queue: str, error: str) -> None:
         if "timed out" in error or "consumer_timeout" in error:
             logger.error("RabbitMQ closed the channel of queue %r: a call held its message longer than the server's "
-                         "consumer_timeout (%s). Its messages go back to the queue and run again (each counted "
-                         "as a crash). Raise consumer_timeout in rabbitmq.conf above your longest call, or bound "
-                         "calls with function_timeout (docs/rabbitmq.md).", queue, error)
+                         "consumer_timeout (%s). Its messages go back to the queue and run again (counted as a "
+                         "crash where another process gets them). Raise consumer_timeout in rabbitmq.conf above "
+                         "your longest call, or bound calls with function_timeout (docs/rabbitmq.md).", queue, error)
         else:
             super()._channel_closed(queue, error)
 

@@ -15,7 +15,10 @@ deliver messages to a callback on an I/O thread rather than answering a fetch. :
   acks on their way), so a slow consumer never hoards messages another one could run;
 * acks are queued by any thread and sent by the I/O thread, contiguous ones as one ``multiple`` ack;
   a delivery's token names its channel, so an ack after a reconnection is dropped (the server
-  delivers that message again) instead of acking another message with the same number.
+  delivers that message again) instead of acking another message with the same number;
+* what a lost channel held (running, finished with its ack unsent, buffered) is noted by body, so
+  the broker can tell those messages, when the server delivers them to this process again, from
+  messages whose consumer died (:meth:`PushConsuming._given_back_here`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -139,6 +142,7 @@ class Consumer(Protocol):
 
 
 _epochs = itertools.count()
+_GIVEN_BACK_KEPT = 10_000  # bodies noted per queue at most
 
 
 class Subscription:
@@ -159,7 +163,7 @@ class Subscription:
         self.channel: Any = None
         self.generation = -1  # the connection generation its channel belongs to
         self.epoch = -1  # which channel: delivery tags are numbers of one channel, so tokens carry it
-        self.outstanding: set[int] = set()  # delivered, not yet acked (I/O thread only)
+        self.outstanding: dict[int, bytes] = {}  # tag: body, delivered and not acked yet (I/O thread only)
         self.acks: list[int] = []  # tags to ack, appended by any thread, sent by the I/O thread
         self.acking = 0  # how many the last ack call settled (on their way to the server)
         self.retry_at = 0.0  # when a channel the server closed may be opened again (monotonic)
@@ -194,6 +198,8 @@ class PushConsuming:
         self._acks_lock = threading.Lock()  # appends to a subscription's acks and the I/O thread's swap
         self._passes = 0  # rounds of the I/O thread completed (acks written), for :meth:`_flush_acks`
         self._passes_changed = threading.Condition(threading.Lock())
+        self._given_back: dict[str, Counter[bytes]] = {}  # queue: bodies a lost channel of this process held
+        self._given_back_lock = threading.Lock()
 
     def _take_pushed(self, queue: str, max_n: int) -> list[tuple[int, int, bytes, dict[str, Any], int, bool]]:
         """Up to ``max_n`` buffered deliveries of ``queue`` as (epoch, tag, body, headers, priority, redelivered),
@@ -308,6 +314,7 @@ class PushConsuming:
             # Paused (prefetch 0) stays paused: consume with 1, and the next round stops it again.
             sub.channel = consumer.subscribe(sub.queue, max(1, sub.prefetch), self._deliverer(sub, sub.epoch))
             sub.generation = generation
+            self._note_given_back(sub.queue, sub.outstanding.values())
             sub.outstanding.clear()
             sub.qos_sent = max(1, sub.prefetch)
             sub.boundary = sub.last_tag = 0
@@ -345,7 +352,7 @@ class PushConsuming:
         put, outstanding = sub.buffer.put, sub.outstanding
 
         def deliver(tag: int, body: bytes, headers: dict[str, Any], priority: int, redelivered: bool) -> None:
-            outstanding.add(tag)
+            outstanding[tag] = body
             sub.last_tag = tag
             put((epoch, tag, body, headers, priority, redelivered))
 
@@ -356,7 +363,8 @@ class PushConsuming:
         with self._acks_lock:
             tags, sub.acks = sub.acks, []
         outstanding = sub.outstanding
-        outstanding.difference_update(tags)
+        for tag in tags:
+            outstanding.pop(tag, None)
         lowest = min(outstanding) if outstanding else None
         tags.sort()
         below = [tag for tag in tags if lowest is None or tag < lowest]
@@ -364,6 +372,27 @@ class PushConsuming:
             consumer.ack(sub.channel, below[-1], True)
         for tag in itertools.islice(tags, len(below), None):
             consumer.ack(sub.channel, tag, False)
+
+    def _note_given_back(self, queue: str, bodies: Collection[bytes]) -> None:
+        """The server takes back what a channel of this process held unacked (it is gone): note it."""
+        if bodies:
+            with self._given_back_lock:
+                noted = self._given_back.setdefault(queue, Counter())
+                noted.update(bodies)
+                while len(noted) > _GIVEN_BACK_KEPT:  # delivered to other consumers meanwhile: forget the oldest
+                    del noted[next(iter(noted))]
+
+    def _given_back_here(self, queue: str, body: bytes) -> bool:
+        """Whether a message the server delivers again (``redelivered``) is one a lost channel of this live
+        process held, rather than one whose consumer died (each noted body answers True once)."""
+        with self._given_back_lock:
+            noted = self._given_back.get(queue)
+            if not noted or not noted[body]:
+                return False
+            noted[body] -= 1
+            if not noted[body]:
+                del noted[body]
+            return True
 
     def _lost_connection(self) -> None:
         consumer, self._consumer = self._consumer, None
