@@ -386,9 +386,10 @@ class AmqpBroker(PushConsuming, Broker):
 
     def _channel_closed(self, queue: str, error: str) -> None:
         if "timed out" in error or "consumer_timeout" in error:
+            self._forget_given_back(queue)  # a call held its message too long: counted, so it cannot loop forever
             logger.error("RabbitMQ closed the channel of queue %r: a call held its message longer than the server's "
-                         "consumer_timeout (%s). Its messages go back to the queue and run again (counted as a "
-                         "crash where another process gets them). Raise consumer_timeout in rabbitmq.conf above "
+                         "consumer_timeout (%s). Its messages go back to the queue and run again (each counted as "
+                         "a crash). Raise consumer_timeout in rabbitmq.conf above "
                          "your longest call, or bound calls with function_timeout (docs/rabbitmq.md).", queue, error)
         else:
             super()._channel_closed(queue, error)

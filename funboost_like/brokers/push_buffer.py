@@ -314,7 +314,6 @@ class PushConsuming:
             # Paused (prefetch 0) stays paused: consume with 1, and the next round stops it again.
             sub.channel = consumer.subscribe(sub.queue, max(1, sub.prefetch), self._deliverer(sub, sub.epoch))
             sub.generation = generation
-            self._note_given_back(sub.queue, sub.outstanding.values())
             sub.outstanding.clear()
             sub.qos_sent = max(1, sub.prefetch)
             sub.boundary = sub.last_tag = 0
@@ -330,6 +329,7 @@ class PushConsuming:
         """A channel the server closed (the connection still up) is opened again by the next round; its
         unacked messages come back to the queue."""
         if error is not None:
+            self._note_given_back(sub.queue, sub.outstanding.values())
             sub.generation = -1
             now = time.monotonic()
             # Closed again soon after opening (a deleted queue, say): wait longer each time, up to 5 s.
@@ -382,6 +382,11 @@ class PushConsuming:
                 while len(noted) > _GIVEN_BACK_KEPT:  # delivered to other consumers meanwhile: forget the oldest
                     del noted[next(iter(noted))]
 
+    def _forget_given_back(self, queue: str) -> None:
+        """Count them after all (a channel the server closed because of a call: consumer_timeout)."""
+        with self._given_back_lock:
+            self._given_back.pop(queue, None)
+
     def _given_back_here(self, queue: str, body: bytes) -> bool:
         """Whether a message the server delivers again (``redelivered``) is one a lost channel of this live
         process held, rather than one whose consumer died (each noted body answers True once)."""
@@ -397,6 +402,7 @@ class PushConsuming:
     def _lost_connection(self) -> None:
         consumer, self._consumer = self._consumer, None
         for sub in self._subs.values():
+            self._note_given_back(sub.queue, sub.outstanding.values())
             sub.buffer.clear()
             sub.acks = []
             sub.generation = -1
