@@ -245,3 +245,22 @@ def test_a_lone_push_polls_for_its_puback_and_a_batch_or_a_shared_moment_does_no
     broker.publish(queue_name, b'{"x": 31}')
     assert len(spins) == 11
     assert sorted(json.loads(body)["x"] for body in take(broker, queue_name, 32)) == list(range(32))
+
+
+def test_a_script_that_pushes_and_ends_leaves_the_count_right(brokers: list[MqttBroker], queue_name: str) -> None:
+    """A publisher writes its totals 0.1 s after a publish, on a daemon timer: a script that pushed and
+    ended at once never wrote them, so ``count`` said 0 for messages waiting (and stayed low for good)."""
+    import subprocess
+    import sys
+
+    reader = MqttBroker()
+    brokers.append(reader)
+    assert reader.count(queue_name) == 0  # subscribes the queue, so what is published next waits
+    script = ("import sys\nfrom funboost_like.brokers.mqtt_broker import MqttBroker\n"
+              "broker = MqttBroker()\nfor i in range(10):\n    broker.publish(sys.argv[1], b'{\"i\": %d}' % i)\n")
+    env = {**os.environ, "FUNBOOST_LIKE_MQTT_URL": URL, "FUNBOOST_LIKE_MQTT_SESSION_EXPIRY_SECONDS": "600"}
+    done = subprocess.run([sys.executable, "-c", script, queue_name], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert reader.count(queue_name) == 10
+    assert len(take(reader, queue_name, 10)) == 10

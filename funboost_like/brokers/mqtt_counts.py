@@ -5,12 +5,14 @@ Each process writes, for each queue it used, the retained record ``funboost_like
 messages it took from it (handed to its consumer, copied, drained or purged). The queue's count is the
 sum over the records, this process's own totals taken fresh. A record is written with the operation
 that changes it (a fetch, a copy, a purge), or at most :data:`DELAY` seconds after a publish, so a push
-stays one round trip: a process killed within that moment leaves the count that much low. A record
+stays one round trip: a process killed within that moment leaves the count that much low; one that
+exits normally writes them at exit (a script that pushes and ends, the usual publisher). A record
 stays after its process ended (one small retained message per process and queue).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -37,6 +39,7 @@ class Counts:
         self._sent: Counter[str] = Counter()
         self._taken: Counter[str] = Counter()
         self._unwritten: set[str] = set()
+        self._at_exit = False  # write() registered to run at interpreter exit
         self._timer: threading.Timer | None = None
 
     def record(self, queue: str, sent: int = 0, taken: int = 0) -> tuple[str, bytes, bool, Any]:
@@ -53,6 +56,9 @@ class Counts:
         with self._lock:
             self._sent[queue] += sent
             self._unwritten.add(queue)
+            if not self._at_exit:  # a script that pushes and ends: its daemon timer dies unwritten
+                self._at_exit = True
+                atexit.register(self.write)
             if self._timer is None:
                 self._timer = threading.Timer(DELAY, self.write)
                 self._timer.daemon = True
