@@ -1,4 +1,7 @@
-"""A TCP relay to a real server whose link the test can cut and restore (an outage, the server alive)."""
+"""A TCP relay to a real server whose link the test can cut and restore (an outage, the server alive).
+
+Cut, it accepts and resets; for a server that refuses connections, point the client at a free port and
+start the relay there later (``listen_port``)."""
 
 from __future__ import annotations
 
@@ -10,9 +13,9 @@ class CuttableLink:
     """Relays 127.0.0.1:<port> to ``target``. :meth:`cut` resets every relayed connection and refuses new
     ones; :meth:`restore` accepts again."""
 
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1", listen_port: int = 0) -> None:
         self.target = (target_host, target_port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", listen_port))
         self.port = self.listener.getsockname()[1]
         self.up = True
         self.lock = threading.Lock()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -264,3 +265,42 @@ def test_a_script_that_pushes_and_ends_leaves_the_count_right(brokers: list[Mqtt
     assert done.returncode == 0, done.stderr
     assert reader.count(queue_name) == 10
     assert len(take(reader, queue_name, 10)) == 10
+
+
+@pytest.mark.ops_registry
+def test_a_consumer_started_while_the_server_is_down_registers_once_it_is_up(queue_name: str) -> None:
+    """The operations thread made its store (an MQTT connection) outside its error handling: a consumer
+    started while Mosquitto was down killed that thread for good, so it could never be listed, paused or
+    resumed once the server was back."""
+    from funboost_like.ops.service import OpsService
+
+    from .tcp_cut import CuttableLink
+
+    require_server("Mosquitto", HOST, PORT)
+    with socket.socket() as probe:  # a free port: nothing listens there until the relay starts
+        probe.bind(("127.0.0.1", 0))
+        down = probe.getsockname()[1]
+    patch_frame_config(MQTT_URL=f"mqtt://127.0.0.1:{down}", OPS_HEARTBEAT_SECONDS=0.2,
+                       MQTT_SESSION_EXPIRY_SECONDS=600.0)
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.MQTT, log_level=logging.CRITICAL)
+    def f(x: int) -> None:
+        return None
+
+    link = None
+    try:
+        f.consume()
+        time.sleep(3.0)  # the operations thread's first rounds fail: connection refused
+        link = CuttableLink(PORT, HOST, listen_port=down)  # the server is up
+        service = OpsService(kinds=[BrokerEnum.MQTT])
+        deadline = time.monotonic() + 20
+        while not service.workers(queue_name):
+            assert time.monotonic() < deadline, "the consumer never registered once the server was up"
+            time.sleep(0.1)
+        assert any(t.name == "funboost_like-ops" for t in threading.enumerate())
+    finally:
+        f.consumer.stop()
+        f.consumer.join(10)
+        if link is not None:
+            f.broker.purge(queue_name)
+            link.close()

@@ -168,7 +168,11 @@ class Agent(MemberThread[OpsMiddleware]):
         changed = False
         by_store: dict[int, tuple[KeyValueStore, list[OpsMiddleware]]] = {}
         for member in members:
-            store = self._store(member)
+            try:  # making a store may connect (MQTT): a server down at start must not end this thread
+                store = self._store(member)
+            except Exception as exc:  # noqa: BLE001 - retried on the next round
+                failures.append(exc)
+                continue
             by_store.setdefault(id(store), (store, []))[1].append(member)
         for store, group in by_store.values():
             try:
