@@ -237,6 +237,15 @@ def test_redact_url_masks_the_password_only() -> None:
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
+def test_redact_url_keeps_a_url_without_secrets_as_given() -> None:
+    """show-config printed sqlite:////tmp/x.db as sqlite://tmp/x.db (a host named tmp) and sqlite:///q.db
+    as sqlite:/q.db: rebuilding the URL dropped its empty authority."""
+    assert redact_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    assert redact_url("sqlite:///q.db") == "sqlite:///q.db"
+    assert redact_url("sqlite:///q.db?password=s3cret&x=1") == "sqlite:///q.db?password=***&x=1"
+    assert redact_url("mysql+pymysql://root@127.0.0.1:3306/test") == "mysql+pymysql://root@127.0.0.1:3306/test"
+
+
 def test_show_config_never_prints_a_password(capsys: pytest.CaptureFixture[str]) -> None:
     patch_frame_config(REDIS_URL="redis://user:s3cret@host:6379/0")
     assert settings.as_dict()["REDIS_URL"] == "redis://user:***@host:6379/0"

@@ -274,16 +274,21 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "***"
+    redacted = parts
     if parts.scheme in ("nats", "tls") and parts.username and parts.password is None:
-        parts = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1])
+        redacted = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1])
     elif parts.password is not None:
         netloc = parts.netloc.rsplit("@", 1)[1]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
-    if parts.query:
-        pairs = [(k, "***" if k.lower() in ("password", "pass", "pwd", "auth") else v)
-                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-        parts = parts._replace(query=urlencode(pairs, safe="*"))
-    return urlunsplit(parts)
+        redacted = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k.lower() in ("password", "pass", "pwd", "auth") for k, _ in pairs):
+        redacted = redacted._replace(query=urlencode(
+            [(k, "***" if k.lower() in ("password", "pass", "pwd", "auth") else v) for k, v in pairs], safe="*"))
+    if redacted is parts:
+        return url  # nothing secret: as given (urlunsplit would drop the "//" of sqlite:////abs/path.db)
+    if not redacted.netloc:  # sqlite:///x.db?password=... keeps its empty authority
+        return url.split("?", 1)[0] + ("?" + redacted.query if redacted.query else "")
+    return urlunsplit(redacted)
 
 
 settings = _Settings()
