@@ -25,7 +25,6 @@ against a private server: they publish, consume, and exit on SIGTERM.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import os
 import shutil
@@ -347,8 +346,8 @@ def test_deferred_settlements_keep_what_met_a_dead_server_and_drop_what_redis_re
             raise redis.exceptions.ConnectionError("Connection refused")
         sent.append(name)
 
-    for name in ("first", "refused", "second", "third"):
-        broker._deferred.append(functools.partial(send, name))
+    for name in ("first", "refused", "second", "third"):  # (send, its deliveries): these need none
+        broker._deferred.append((lambda _deliveries, name=name: send(name), []))
     with pytest.raises(BrokerConnectionError):
         broker._send_deferred("fetching")
     assert sent == ["first"] and broker._deferred  # "second" and "third" wait for the next fetch
