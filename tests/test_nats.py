@@ -379,3 +379,13 @@ def test_without_the_wire_publishing_and_pulling_go_through_nats_py(
         assert all(q.wire is None for q in broker._queues.values()) and nats_broker.WirePuller is not None
     finally:
         broker.close()
+
+
+def test_a_queue_name_nats_cannot_use_is_refused_at_decoration() -> None:
+    """It raised at push, but a consumer of it retried its fetch forever ("failed; retrying")."""
+    from funboost_like.core.errors import ConfigurationError
+
+    for bad in ("two words", "a.*", "end.", "a..b"):
+        with pytest.raises(ConfigurationError, match="NATS queue names"):
+            task_deco(bad, broker_kind=BrokerEnum.NATS)(lambda: None)
+    task_deco("orders.eu-1_x", broker_kind=BrokerEnum.NATS)(lambda: None)  # a valid subject is fine
