@@ -564,3 +564,15 @@ def test_a_message_held_when_the_connection_dropped_is_no_crash_when_it_comes_ba
     finally:
         broker.close()
         link.close()
+
+
+def test_a_queue_name_rabbitmq_refuses_is_refused_at_decoration() -> None:
+    """The server refuses 'amq.' names and names over 255 bytes (the queue's '.dlq' too); a consumer of one
+    retried its first fetch forever."""
+    from funboost_like.core.errors import ConfigurationError
+
+    for kind in KINDS:
+        for bad in ("amq.orders", "q" * 252, "é" * 126):
+            with pytest.raises(ConfigurationError, match="RabbitMQ queue names"):
+                task_deco(bad, broker_kind=kind)(lambda: None)
+        task_deco("q" * 251, broker_kind=kind)(lambda: None)

@@ -117,6 +117,14 @@ def check_queue_options(options: dict[str, object]) -> None:
                                      f"at most 10), not {n!r}")
 
 
+def check_queue_name(queue: str) -> None:
+    """A name RabbitMQ accepts for the queue and its ``.dlq`` (checked at decoration: the server's refusal
+    would otherwise come at the first fetch, retried forever)."""
+    if not queue or queue.startswith("amq.") or len(f"{queue}.dlq".encode()) > 255:
+        raise ConfigurationError(f"RabbitMQ queue names must be non-empty, not start with 'amq.' (reserved) and "
+                                 f"take at most 251 bytes in UTF-8, not {queue[:80]!r}")
+
+
 def url_setting(name: str = "RABBITMQ_URL") -> str:
     return str(settings.get(name) or settings.get("RABBITMQ_URL"))
 
@@ -127,7 +135,8 @@ class AmqpBroker(PushConsuming, Broker):
     capabilities = Capabilities(redelivery="native", delay="native", max_priority=MAX_PRIORITY, dead_letters=True,
                                 key_value=True, routing="native", persistent=True, cross_process=True,
                                 cross_host=True, queue_options=frozenset({PRIORITY_OPTION}),
-                                check_queue_options=check_queue_options, priority_option=PRIORITY_OPTION)
+                                check_queue_options=check_queue_options, priority_option=PRIORITY_OPTION,
+                                queue_names=check_queue_name)
     url_setting: ClassVar[str] = "RABBITMQ_URL"
 
     def __init__(self) -> None:
