@@ -160,3 +160,20 @@ def test_timing_lists_the_jobs_of_the_sqlite_job_store(tmp_path: Path, capsys: p
     scheduler.shutdown()
     [job] = run_json(capsys, "timing")["jobs"]
     assert job["id"] == "every30" and "interval" in job["trigger"] and job["next_run_time"]
+
+
+def test_a_command_on_a_found_queue_does_not_fail_for_an_unreachable_unrelated_broker(
+        queue_name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`purge Q --yes` purged Q, then printed the errors of every other broker kind this host once used and
+    exited 1, as if it had failed."""
+    @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE)
+    def f(x: int) -> None:
+        return None
+
+    f.push(1)
+    registry.note_kind(int(BrokerEnum.REDIS_ACK_ABLE))  # this host used Redis once; it is gone now
+    patch_frame_config(REDIS_URL="redis://127.0.0.1:1/14")
+    assert main(["purge", queue_name, "--yes"]) == 0
+    out, err = capsys.readouterr()
+    assert "purged" in out and err == ""
+    assert f.get_message_count() == 0

@@ -79,12 +79,14 @@ class OpsService(CallRecords):
         if self.explicit is not None:
             return self.explicit
         found: list[dict[str, Any]] = []
+        before = len(self.errors)
 
         def read(_: BrokerEnum, store: KeyValueStore) -> None:
             found.extend(record for record in registry.queues(store) if record.get("queue") == queue)
 
         self._each_store(read)
-        if found:
+        if found:  # brokers that could not be read did not matter: no error for a command that worked
+            del self.errors[before:]
             self._records[queue] = found[0]
             return resolve_kind(int(found[0]["kind"]))
         names = ", ".join(kind.name for kind in self.kinds())
