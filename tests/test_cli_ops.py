@@ -134,15 +134,21 @@ def test_unknown_queue_and_unreachable_broker_exit_non_zero(queue_name: str, iso
     assert done.returncode == 1 and "unknown broker kind" in done.stderr
 
 
-def test_a_listing_shows_what_it_can_read_and_names_the_unreachable_broker(
-        queue_name: str, capsys: pytest.CaptureFixture[str]) -> None:
+def a_queue_beside_a_gone_broker(queue_name: str) -> Any:
+    """A PERSISTQUEUE queue holding one message, on a host that used Redis once (unreachable now)."""
     @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE)
     def f(x: int) -> None:
         return None
 
     f.push(1)
-    registry.note_kind(int(BrokerEnum.REDIS_ACK_ABLE))  # this host used Redis once; it is gone now
+    registry.note_kind(int(BrokerEnum.REDIS_ACK_ABLE))
     patch_frame_config(REDIS_URL="redis://127.0.0.1:1/14")
+    return f
+
+
+def test_a_listing_shows_what_it_can_read_and_names_the_unreachable_broker(
+        queue_name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    a_queue_beside_a_gone_broker(queue_name)
     assert main(["queues"]) == 1
     out, err = capsys.readouterr()
     assert queue_name in out and "REDIS_ACK_ABLE" in err and "unreachable" in err
@@ -166,13 +172,7 @@ def test_a_command_on_a_found_queue_does_not_fail_for_an_unreachable_unrelated_b
         queue_name: str, capsys: pytest.CaptureFixture[str]) -> None:
     """`purge Q --yes` purged Q, then printed the errors of every other broker kind this host once used and
     exited 1, as if it had failed."""
-    @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE)
-    def f(x: int) -> None:
-        return None
-
-    f.push(1)
-    registry.note_kind(int(BrokerEnum.REDIS_ACK_ABLE))  # this host used Redis once; it is gone now
-    patch_frame_config(REDIS_URL="redis://127.0.0.1:1/14")
+    f = a_queue_beside_a_gone_broker(queue_name)
     assert main(["purge", queue_name, "--yes"]) == 0
     out, err = capsys.readouterr()
     assert "purged" in out and err == ""
