@@ -295,7 +295,7 @@ class AmqpBroker(PushConsuming, Broker):
         for epoch, tag, body, headers, priority, redelivered in self._take_pushed(queue, max_n):
             delivery = Delivery(queue, body, (epoch, queue, tag), int(headers.get(ATTEMPTS, 0)) + 1, priority,
                                 int(headers.get(CRASHES, 0)))
-            (crashed if redelivered and not self._given_back_here(queue, body) else got).append(delivery)
+            (crashed if redelivered and not self._given_back.take(queue, body) else got).append(delivery)
         if crashed:
             self._count_crashes(crashed)
         if any(d.crashes for d in got):
@@ -309,7 +309,7 @@ class AmqpBroker(PushConsuming, Broker):
         pauses (the next fetch resumes it) and what arrived before the server stopped sending goes
         back to the queue, uncounted."""
         back = [Delivery(queue, body, (epoch, queue, tag), int(headers.get(ATTEMPTS, 0)) + 1, priority,
-                         int(headers.get(CRASHES, 0)) + (redelivered and not self._given_back_here(queue, body)))
+                         int(headers.get(CRASHES, 0)) + (redelivered and not self._given_back.take(queue, body)))
                 for epoch, tag, body, headers, priority, redelivered in self._pause(queue)]
         if back:
             self._requeue(back, delay=0.0, front=True, count_attempt=False)
@@ -395,7 +395,7 @@ class AmqpBroker(PushConsuming, Broker):
 
     def _channel_closed(self, queue: str, error: str) -> None:
         if "timed out" in error or "consumer_timeout" in error:
-            self._forget_given_back(queue)  # a call held its message too long: counted, so it cannot loop forever
+            self._given_back.forget(queue)  # a call held its message too long: counted, so it cannot loop forever
             logger.error("RabbitMQ closed the channel of queue %r: a call held its message longer than the server's "
                          "consumer_timeout (%s). Its messages go back to the queue and run again (each counted as "
                          "a crash). Raise consumer_timeout in rabbitmq.conf above "

@@ -18,7 +18,7 @@ deliver messages to a callback on an I/O thread rather than answering a fetch. :
   delivers that message again) instead of acking another message with the same number;
 * what a lost channel held (running, finished with its ack unsent, buffered) is noted by body, so
   the broker can tell those messages, when the server delivers them to this process again, from
-  messages whose consumer died (:meth:`PushConsuming._given_back_here`).
+  messages whose consumer died (:mod:`.given_back`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ import itertools
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
+
+from funboost_like.brokers.given_back import GivenBack
 
 if TYPE_CHECKING:
     from funboost_like.brokers.base import Delivery
@@ -142,7 +144,6 @@ class Consumer(Protocol):
 
 
 _epochs = itertools.count()
-_GIVEN_BACK_KEPT = 10_000  # bodies noted per queue at most
 
 
 class Subscription:
@@ -198,8 +199,7 @@ class PushConsuming:
         self._acks_lock = threading.Lock()  # appends to a subscription's acks and the I/O thread's swap
         self._passes = 0  # rounds of the I/O thread completed (acks written), for :meth:`_flush_acks`
         self._passes_changed = threading.Condition(threading.Lock())
-        self._given_back: dict[str, Counter[bytes]] = {}  # queue: bodies a lost channel of this process held
-        self._given_back_lock = threading.Lock()
+        self._given_back = GivenBack()  # what lost channels held: a redelivery here is no death
 
     def _take_pushed(self, queue: str, max_n: int) -> list[tuple[int, int, bytes, dict[str, Any], int, bool]]:
         """Up to ``max_n`` buffered deliveries of ``queue`` as (epoch, tag, body, headers, priority, redelivered),
@@ -329,7 +329,7 @@ class PushConsuming:
         """A channel the server closed (the connection still up) is opened again by the next round; its
         unacked messages come back to the queue."""
         if error is not None:
-            self._note_given_back(sub.queue, sub.outstanding.values())
+            self._given_back.note(sub.queue, sub.outstanding.values())
             sub.generation = -1
             now = time.monotonic()
             # Closed again soon after opening (a deleted queue, say): wait longer each time, up to 5 s.
@@ -373,36 +373,10 @@ class PushConsuming:
         for tag in itertools.islice(tags, len(below), None):
             consumer.ack(sub.channel, tag, False)
 
-    def _note_given_back(self, queue: str, bodies: Collection[bytes]) -> None:
-        """The server takes back what a channel of this process held unacked (it is gone): note it."""
-        if bodies:
-            with self._given_back_lock:
-                noted = self._given_back.setdefault(queue, Counter())
-                noted.update(bodies)
-                while len(noted) > _GIVEN_BACK_KEPT:  # delivered to other consumers meanwhile: forget the oldest
-                    del noted[next(iter(noted))]
-
-    def _forget_given_back(self, queue: str) -> None:
-        """Count them after all (a channel the server closed because of a call: consumer_timeout)."""
-        with self._given_back_lock:
-            self._given_back.pop(queue, None)
-
-    def _given_back_here(self, queue: str, body: bytes) -> bool:
-        """Whether a message the server delivers again (``redelivered``) is one a lost channel of this live
-        process held, rather than one whose consumer died (each noted body answers True once)."""
-        with self._given_back_lock:
-            noted = self._given_back.get(queue)
-            if not noted or not noted[body]:
-                return False
-            noted[body] -= 1
-            if not noted[body]:
-                del noted[body]
-            return True
-
     def _lost_connection(self) -> None:
         consumer, self._consumer = self._consumer, None
         for sub in self._subs.values():
-            self._note_given_back(sub.queue, sub.outstanding.values())
+            self._given_back.note(sub.queue, sub.outstanding.values())
             sub.buffer.clear()
             sub.acks = []
             sub.generation = -1
