@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 
 try:
-    from .standin import ServerProcess, listening
+    from .standin import ServerProcess, listening, relay
 except ImportError:  # run as a script (.ci/run): tests/ is the first entry of sys.path
-    from standin import ServerProcess, listening  # type: ignore[no-redef]
+    from standin import ServerProcess, listening, relay  # type: ignore[no-redef]
 
 HOST, TANSU_PORT, MOCK_PORT = "127.0.0.1", 9092, 9192
 
@@ -103,20 +103,6 @@ def _kafka_servers(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 # -- the mock cluster's process ----------------------------------------------------------------------
 
 
-def _pipe(source: socket.socket, target: socket.socket) -> None:
-    try:
-        while data := source.recv(65536):
-            target.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for sock in (source, target):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
 def _librdkafka() -> ctypes.CDLL:
     """The librdkafka that the confluent-kafka wheel ships (its mock cluster API is not wrapped in Python)."""
     spec = importlib.util.find_spec("confluent_kafka")
@@ -154,7 +140,7 @@ def serve_mock(port: int, rebalance_delay_ms: int = 600) -> None:
         client, _ = listener.accept()
         upstream = socket.create_connection((host, int(broker_port)))
         for source, target in ((client, upstream), (upstream, client)):
-            threading.Thread(target=_pipe, args=(source, target), daemon=True).start()
+            threading.Thread(target=relay, args=(source, target), daemon=True).start()
 
 
 def _background(log: str) -> None:

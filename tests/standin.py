@@ -24,6 +24,22 @@ def listening(port: int, host: str = HOST) -> bool:
         return False
 
 
+def relay(source: socket.socket, target: socket.socket) -> None:
+    """Copy what ``source`` sends to ``target`` until either end closes, then shut both down (one direction
+    of a TCP relay: run one per direction, each on its own thread)."""
+    try:
+        while data := source.recv(65536):
+            target.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, target):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 def free_port(host: str = HOST) -> int:
     """A TCP port nothing listens on now (the kernel's pick; free until someone binds it)."""
     with socket.socket() as probe:

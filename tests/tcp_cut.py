@@ -8,6 +8,8 @@ from __future__ import annotations
 import socket
 import threading
 
+from .standin import relay
+
 
 class CuttableLink:
     """Relays 127.0.0.1:<port> to ``target``. :meth:`cut` resets every relayed connection and refuses new
@@ -39,21 +41,7 @@ class CuttableLink:
             with self.lock:
                 self.pairs.append((client, server))
             for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                try:
-                    end.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                threading.Thread(target=relay, args=(a, b), daemon=True).start()
 
     def cut(self) -> None:
         self.up = False

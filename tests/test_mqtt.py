@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -274,12 +273,11 @@ def test_a_consumer_started_while_the_server_is_down_registers_once_it_is_up(que
     resumed once the server was back."""
     from funboost_like.ops.service import OpsService
 
+    from .standin import free_port
     from .tcp_cut import CuttableLink
 
     require_server("Mosquitto", HOST, PORT)
-    with socket.socket() as probe:  # a free port: nothing listens there until the relay starts
-        probe.bind(("127.0.0.1", 0))
-        down = probe.getsockname()[1]
+    down = free_port()  # nothing listens there until the relay starts
     patch_frame_config(MQTT_URL=f"mqtt://127.0.0.1:{down}", OPS_HEARTBEAT_SECONDS=0.2,
                        MQTT_SESSION_EXPIRY_SECONDS=600.0)
 

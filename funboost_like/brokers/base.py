@@ -341,7 +341,7 @@ class Broker(Routing):
         return live
 
     def _send_deferred(self, action: str) -> None:
-        """Send again the settlements that failed on a connection error, in order."""
+        """Send again, in order, the settlements that failed on a retryable error (:meth:`_retryable`)."""
         while self._deferred:
             send, deliveries = self._deferred[0]
             try:

@@ -59,8 +59,10 @@ def hand_over(client: KafkaClient, q: QueueState, group: GroupState, partitions:
         positions = group.tracker.revoke(partitions)
     logger.debug("queue %r%s: partitions %s handed over at %s", q.queue, " (delays)" if delay else "", partitions,
                  positions)
-    landed = positions if commit(client, q, group, positions) else held
-    if landed is held:
+    if commit(client, q, group, positions):
+        landed = positions
+    else:  # refused: the group keeps what it held; this process resumes at its positions if they come back
+        landed = held
         group.owed.update(positions)
     if not delay:
         lower_marks(client, q, landed)
