@@ -261,6 +261,9 @@ def _parse_env(name: str, raw: str, default: Any) -> Any:
     return raw
 
 
+_SECRET_PARAMETERS = frozenset({"password", "pass", "pwd", "auth"})  # query parameters redact_url masks
+
+
 def redact_url(url: str) -> str:
     """``redis://user:secret@host/0?password=x`` -> ``redis://user:***@host/0?password=***``.
 
@@ -281,9 +284,9 @@ def redact_url(url: str) -> str:
         netloc = parts.netloc.rsplit("@", 1)[1]
         redacted = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
     pairs = parse_qsl(parts.query, keep_blank_values=True)
-    if any(k.lower() in ("password", "pass", "pwd", "auth") for k, _ in pairs):
+    if any(k.lower() in _SECRET_PARAMETERS for k, _ in pairs):
         redacted = redacted._replace(query=urlencode(
-            [(k, "***" if k.lower() in ("password", "pass", "pwd", "auth") else v) for k, v in pairs], safe="*"))
+            [(k, "***" if k.lower() in _SECRET_PARAMETERS else v) for k, v in pairs], safe="*"))
     if redacted is parts:
         return url  # nothing secret: as given (urlunsplit would drop the "//" of sqlite:////abs/path.db)
     if not redacted.netloc:  # sqlite:///x.db?password=... keeps its empty authority
