@@ -1,5 +1,5 @@
 """The machinery the base owns for every broker (brokers/base.py): the wait of fetch, held tokens,
-settlements re-sent after an outage, error translation, fork safety and the one maintenance thread.
+settlements re-sent after an outage, error translation, fork safety and the maintenance threads.
 
 The brokers here are the memory broker with one primitive changed, so each test shows what the base
 does around a primitive, whatever the broker.
@@ -7,10 +7,11 @@ does around a primitive, whatever the broker.
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -89,7 +90,7 @@ def test_a_broker_without_a_native_wait_is_polled_within_the_timeout() -> None:
     assert d.body == b"late" and time.monotonic() - started < 0.2  # the poll backs off to 50 ms at most
 
 
-def test_one_maintenance_thread_renews_and_recovers_for_every_broker() -> None:
+def test_a_maintenance_thread_renews_and_recovers_for_each_broker() -> None:
     renewed: dict[str, list[object]] = {"a": [], "b": []}
     recovered: list[str] = []
 
@@ -113,7 +114,7 @@ def test_one_maintenance_thread_renews_and_recovers_for_every_broker() -> None:
     [held] = a.fetch(Q, 1, 1.0)
     assert b.fetch("other", 1, 0) == []
     time.sleep(0.3)
-    assert [t.name for t in threading.enumerate()].count("funboost_like-broker-maintenance") == 1
+    assert [t.name for t in threading.enumerate()].count("funboost_like-maintenance-Leased") == 2
     assert [held.token] in renewed["a"] and [] in renewed["b"]
     assert "a:base_q" in recovered and "b:other" in recovered
     a.close()
@@ -121,6 +122,89 @@ def test_one_maintenance_thread_renews_and_recovers_for_every_broker() -> None:
     count = len(renewed["a"])
     time.sleep(0.2)
     assert len(renewed["a"]) == count  # a closed broker is no longer maintained
+
+
+def test_a_broker_whose_server_stops_answering_holds_up_no_other_brokers_renewals() -> None:
+    """A round blocked on a black-holed server (no answer, no reset) stalls its own broker only."""
+    released = threading.Event()
+    renewed: list[str] = []
+
+    class Leased(MemoryBroker):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def maintenance_interval(self) -> float:
+            return 0.05
+
+        def _renew(self, deliveries: Sequence[Delivery]) -> None:
+            if self.name == "stuck":
+                released.wait(10)
+            renewed.append(self.name)
+
+    stuck, healthy = Leased("stuck"), Leased("healthy")
+    try:
+        assert stuck.fetch(Q, 1, 0) == []  # its thread is now blocked in its first round
+        time.sleep(0.1)
+        assert healthy.fetch(Q, 1, 0) == []
+        time.sleep(0.5)
+        assert renewed.count("healthy") >= 5 and "stuck" not in renewed
+    finally:
+        released.set()
+        stuck.close()
+        healthy.close()
+
+
+def test_a_queue_fetched_for_the_first_time_gets_a_round_at_once() -> None:
+    recovered: list[str] = []
+
+    class Swept(MemoryBroker):
+        def maintenance_interval(self) -> float:
+            return 30.0
+
+        def _recover(self, queue: str) -> int:
+            recovered.append(queue)
+            return 0
+
+    broker = Swept()
+    try:
+        assert broker.fetch("first", 1, 0) == []
+        assert _eventually(lambda: recovered == ["first"])
+        assert broker.fetch("second", 1, 0) == []  # not 30 s later: what died there is swept now
+        assert _eventually(lambda: "second" in recovered)
+    finally:
+        broker.close()
+
+
+def test_the_maintenance_thread_of_a_closed_or_forgotten_broker_ends() -> None:
+    class Leased(MemoryBroker):
+        def maintenance_interval(self) -> float:
+            return 0.05
+
+        def _renew(self, deliveries: Sequence[Delivery]) -> None:
+            pass
+
+    def threads() -> int:
+        return [t.name for t in threading.enumerate()].count("funboost_like-maintenance-Leased")
+
+    closed, forgotten = Leased(), Leased()
+    closed.fetch(Q, 1, 0)
+    forgotten.fetch(Q, 1, 0)
+    assert threads() == 2
+    closed.close()
+    assert _eventually(lambda: threads() == 1)
+    del forgotten
+    gc.collect()
+    assert _eventually(lambda: threads() == 0)
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -18,8 +18,8 @@ are written once here. The base owns:
   :class:`~funboost_like.core.errors.BrokerError`, the cause chained;
 * fork safety: in a forked child every live broker forgets its parent's held tokens and calls
   :meth:`Broker._after_fork` (drop sockets, connections, identities) before any use;
-* one maintenance thread per process for every broker that renews leases or beats (:meth:`_renew`)
-  or recovers dead consumers' messages (:meth:`_recover`).
+* a maintenance thread (:mod:`~funboost_like.brokers.maintenance`) for each broker that renews leases
+  or beats (:meth:`_renew`) or recovers dead consumers' messages (:meth:`_recover`).
 
 A broker implements the primitives (see ``docs/writing-a-broker.md``):
 

@@ -1,22 +1,24 @@
-"""The one maintenance thread per process: lease renewals, heartbeats and sweeps of every broker.
+"""The maintenance threads: lease renewals, heartbeats and sweeps, one thread per maintained broker.
 
 A broker whose class defines ``_renew`` or ``_recover`` is added here at its first fetch (see
-:class:`~funboost_like.brokers.base.Broker`); the thread calls its ``maintain()`` at once and then every
+:class:`~funboost_like.brokers.base.Broker`); its thread calls its ``maintain()`` at once and then every
 ``maintenance_interval()`` seconds, until the broker is closed or garbage-collected. A failing round is
-logged and tried again at the next interval. A forked child starts with no thread and no brokers.
+logged and tried again at the next interval. A forked child starts with no threads and no brokers.
+
+A thread per broker, not one per process: a server that stops answering without closing the
+connection (a network partition) blocks a round until the client's socket timeout, and no other
+broker's leases may wait for it meanwhile, or their messages would be taken for a dead consumer's and
+run again. A process normally holds one broker, so it normally has one maintenance thread.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 import weakref
 from typing import Protocol
 
 logger = logging.getLogger("funboost_like.broker")
-
-_LONGEST_SLEEP = 60.0
 
 
 class Maintained(Protocol):
@@ -25,53 +27,66 @@ class Maintained(Protocol):
     def _where(self) -> str: ...
 
 
+class _Rounds:
+    """One broker's thread's controls: ``poke`` starts a round now (a queue fetched for the first time
+    is swept at once), ``stopped`` ends the thread after the round running now."""
+
+    __slots__ = ("poke", "stopped")
+
+    def __init__(self) -> None:
+        self.poke = threading.Event()
+        self.stopped = False
+
+
 class Maintenance:
-    """Runs ``maintain()`` of each added broker every ``maintenance_interval()`` seconds, on one thread."""
+    """Runs ``maintain()`` of each added broker every ``maintenance_interval()`` seconds, on a thread of its own."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._due: weakref.WeakKeyDictionary[Maintained, float] = weakref.WeakKeyDictionary()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._rounds: weakref.WeakKeyDictionary[Maintained, _Rounds] = weakref.WeakKeyDictionary()
 
     def add(self, broker: Maintained) -> None:
+        """Maintain ``broker`` from now on, with a round at once (sweep what died before we came)."""
         with self._lock:
-            self._due[broker] = time.monotonic()  # a first round at once: sweep what died before we came
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="funboost_like-broker-maintenance",
-                                                daemon=True)
-                self._thread.start()
-        self._wake.set()
+            rounds = self._rounds.get(broker)
+            started = rounds is not None
+            if rounds is None:
+                rounds = self._rounds[broker] = _Rounds()
+        if started:
+            rounds.poke.set()
+        else:
+            threading.Thread(target=_run, args=(weakref.ref(broker), rounds), daemon=True,
+                             name=f"funboost_like-maintenance-{type(broker).__name__}").start()
 
     def discard(self, broker: Maintained) -> None:
+        """Stop ``broker``'s rounds (a round running now ends first)."""
         with self._lock:
-            self._due.pop(broker, None)
-
-    def _run(self) -> None:
-        while True:
-            self._wake.clear()  # before reading the brokers: an add from now on ends the sleep below
-            with self._lock:
-                brokers = list(self._due.items())
-            next_round = time.monotonic() + _LONGEST_SLEEP
-            for broker, due in brokers:
-                if due <= time.monotonic():
-                    try:
-                        broker.maintain()
-                    except Exception:
-                        logger.warning("maintenance of %s failed; retrying", broker._where(), exc_info=True)
-                    due = time.monotonic() + broker.maintenance_interval()
-                    with self._lock:
-                        if broker in self._due:  # not discarded meanwhile
-                            self._due[broker] = due
-                next_round = min(next_round, due)
-            self._wake.wait(max(0.0, next_round - time.monotonic()))
+            rounds = self._rounds.pop(broker, None)
+        if rounds is not None:
+            rounds.stopped = True
+            rounds.poke.set()
 
     def reset_in_child(self) -> None:
-        """In a forked child: the parent's thread does not exist here, nor do its brokers' rounds."""
+        """In a forked child: the parent's threads do not exist here, nor do its brokers' rounds."""
         self._lock = threading.Lock()
-        self._due = weakref.WeakKeyDictionary()
-        self._wake = threading.Event()
-        self._thread = None
+        self._rounds = weakref.WeakKeyDictionary()
+
+
+def _run(ref: weakref.ref[Maintained], rounds: _Rounds) -> None:
+    """Rounds until stopped; no strong reference to the broker is kept between them, so a forgotten
+    broker is collected and its thread ends."""
+    while True:
+        rounds.poke.clear()  # before the round: a poke from now on ends the wait below
+        broker = ref()
+        if broker is None or rounds.stopped:
+            return
+        try:
+            broker.maintain()
+        except Exception:
+            logger.warning("maintenance of %s failed; retrying", broker._where(), exc_info=True)
+        interval = broker.maintenance_interval()
+        del broker
+        rounds.poke.wait(interval)
 
 
 maintenance = Maintenance()
