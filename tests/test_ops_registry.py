@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from funboost_like import BrokerEnum, patch_frame_config, task_deco
+from funboost_like.core.errors import BrokerConnectionError
 from funboost_like.ops import registry
 from funboost_like.ops.service import OpsService
 from tests.conftest import OPS_REDIS_LOCK, in_forked_child, lock_path, subprocess_env
@@ -244,3 +246,62 @@ def test_ops_store_broker_must_have_key_value_records(isolated_settings: Path) -
     patch_frame_config(OPS_STORE_BROKER="ZEROMQ")
     with pytest.raises(ConfigurationError, match="OPS_STORE_BROKER='ZEROMQ'.*no key-value records"):
         registry.ops_store(get_broker(BrokerEnum.KAFKA))
+
+
+def test_a_queue_is_indexed_after_its_first_publish_that_reached_the_server(
+        queue_name: str, ops_registry_in_redis: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not before it: a publish to an unreachable server then waits out one timeout, not two (one for the
+    registry's write, one for the publish)."""
+    from .tcp_cut import CuttableLink
+
+    writes: list[str] = []
+    index_queue = registry.index_queue
+    monkeypatch.setattr(registry, "index_queue",
+                        lambda store, queue, kind: (writes.append(queue), index_queue(store, queue, kind)))
+    link = CuttableLink(6379)
+    try:
+        patch_frame_config(REDIS_URL=f"redis://127.0.0.1:{link.port}/14")
+        link.cut()
+
+        @task_deco(queue_name, broker_kind=BrokerEnum.REDIS_ACK_ABLE)
+        def f(x: int) -> None:
+            return None
+
+        with pytest.raises(BrokerConnectionError):
+            f.push(1)
+        assert writes == [] and registry.retries.pending() == []
+        link.restore()
+        f.push(2)
+        f.push(3)
+        assert writes == [queue_name]
+        assert registry.known_queue(registry.ops_store(f.broker), queue_name)
+    finally:
+        link.close()
+
+
+def test_a_queue_whose_record_failed_is_recorded_once_the_store_is_back(
+        queue_name: str, ops_registry_in_redis: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A consumer (or publisher) that met its store down records its queue later, without waiting for it."""
+    from funboost_like.brokers.registry import get_broker
+
+    from .tcp_cut import CuttableLink
+
+    monkeypatch.setattr(registry, "RETRY_SECONDS", 0.05)
+    link = CuttableLink(6379)
+    try:
+        patch_frame_config(REDIS_URL=f"redis://127.0.0.1:{link.port}/14")
+        broker = get_broker(BrokerEnum.REDIS_ACK_ABLE)
+        link.cut()
+        with caplog.at_level(logging.WARNING, logger="funboost_like.ops"):
+            registry.note_queue(broker, queue_name)  # never raises
+        assert "trying again in the background" in caplog.text
+        time.sleep(0.3)  # retries meanwhile fail
+        assert registry.retries.pending() == [queue_name]
+        link.restore()
+        wait_for(lambda: registry.known_queue(registry.ops_store(broker), queue_name), what="the retried record")
+        assert registry.retries.pending() == []
+        wait_for(lambda: not any(t.name == "funboost_like-ops-retries" for t in threading.enumerate()),
+                 what="the retry thread to end")
+    finally:
+        link.close()

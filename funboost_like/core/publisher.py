@@ -48,6 +48,7 @@ class Publisher:
         self.routing: RoutingConfig | None = routing_config(params.broker_exclusive_config, params.queue_name,
                                                             own_options)
         self._bound_to: Broker | None = None  # the broker this queue's binding was declared on
+        self._unindexed: Broker | None = None  # a broker resolved, not yet told to the operations registry
 
     @property
     def broker(self) -> Broker:
@@ -59,8 +60,24 @@ class Publisher:
             options = broker.capabilities.own_options(self.params.broker_exclusive_config)
             if options:
                 broker.configure_queue(self.queue_name, options)
-            queue_used(self.queue_name, broker)  # once per broker: the operations registry learns the queue
+            self._unindexed = broker  # the operations registry learns the queue at its first publish
         return broker
+
+    def _sent(self, task_id: str | None, span: PublishSpan | None) -> None:
+        """One message reached the broker: end its publish span, count it, index the queue once."""
+        if self._unindexed is not None:
+            self._index()
+        if span is not None:
+            span.end(task_id)
+        if self._counter is not None:
+            self._counter.add_published(1)
+
+    def _index(self) -> None:
+        """After the first publish that reached the broker (not before: a publish to an unreachable server
+        then waits out one timeout, not two), the operations registry learns the queue; once per broker."""
+        broker, self._unindexed = self._unindexed, None
+        if broker is not None:
+            queue_used(self.queue_name, broker)
 
     def push(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """Publish ``fn(*args, **kwargs)``; a call that does not fit the signature raises at once."""
@@ -78,10 +95,7 @@ class Publisher:
             if span is not None:
                 span.end(task_id, exc)
             raise
-        if span is not None:
-            span.end(task_id)
-        if self._counter is not None:
-            self._counter.add_published(1)
+        self._sent(task_id, span)
         if self._hooks:
             self._after_publish(task_id, message)
         if self.params.is_using_rpc_mode:
@@ -129,10 +143,7 @@ class Publisher:
             if span is not None:
                 span.end(task_id, exc)
             raise
-        if span is not None:
-            span.end(task_id)
-        if self._counter is not None:
-            self._counter.add_published(1)
+        self._sent(task_id, span)
         if self._hooks:
             self._after_publish(task_id, kwargs)
         rpc = extra.get("is_using_rpc_mode")  # a per-message choice; None: the decorator's
@@ -191,6 +202,8 @@ class Publisher:
             for span, task_id in zip(spans or (), task_ids, strict=False):
                 span.end(task_id, exc)
             raise
+        if self._unindexed is not None:
+            self._index()
         for span, task_id in zip(spans or (), task_ids, strict=False):
             span.end(task_id)
         if self._counter is not None:

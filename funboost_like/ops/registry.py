@@ -57,6 +57,8 @@ BLOCK = 64  # slots read in one get_many
 STALE_BEATS = 3
 WORKER_TTL_BEATS = 10
 HOST = socket.gethostname()
+RETRY_SECONDS = 5.0  # the first retry of a queue record that failed; doubled up to RETRY_MAX_SECONDS
+RETRY_MAX_SECONDS = 60.0
 
 _local_stores: dict[str, SqliteKeyValueStore] = {}
 _noted: weakref.WeakKeyDictionary[Broker, set[str]] = weakref.WeakKeyDictionary()
@@ -142,7 +144,11 @@ def _claim(store: KeyValueStore, prefix: str, value: bytes, ttl: float | None, s
 
 
 def note_queue(broker: Broker, queue: str) -> None:
-    """Record that ``queue`` exists on ``broker`` (once per process, broker and queue; never raises)."""
+    """Record that ``queue`` exists on ``broker`` (once per process, broker and queue; never raises).
+
+    A record that fails (the store is unreachable) is tried again by :data:`retries`, on a thread of
+    its own, so neither a publish nor a consumer ever waits for it again.
+    """
     noted = _noted.get(broker)
     if noted is not None and queue in noted:
         return
@@ -152,11 +158,71 @@ def note_queue(broker: Broker, queue: str) -> None:
             return
         noted.add(queue)
     try:
-        index_queue(ops_store(broker), queue, int(broker.kind))
-        if broker.capabilities.cross_process:
-            note_kind(int(broker.kind))
+        _record_queue(broker, queue)
     except Exception as exc:  # noqa: BLE001 - the registry never stops a publish or a consumer
-        logger.warning("could not record queue %r in the operations registry: %s", queue, exc)
+        logger.warning("could not record queue %r in the operations registry (trying again in the "
+                       "background): %s", queue, exc)
+        retries.add(broker, queue)
+
+
+def _record_queue(broker: Broker, queue: str) -> None:
+    index_queue(ops_store(broker), queue, int(broker.kind))
+    if broker.capabilities.cross_process:
+        note_kind(int(broker.kind))
+
+
+class Retries:
+    """Queues whose record failed, written again every ``RETRY_SECONDS`` (doubling up to
+    ``RETRY_MAX_SECONDS``) on a daemon thread that ends once all are written."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: weakref.WeakKeyDictionary[Broker, set[str]] = weakref.WeakKeyDictionary()
+        self._thread: threading.Thread | None = None
+
+    def add(self, broker: Broker, queue: str) -> None:
+        with self._lock:
+            self._pending.setdefault(broker, set()).add(queue)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="funboost_like-ops-retries", daemon=True)
+                self._thread.start()
+
+    def pending(self) -> list[str]:
+        with self._lock:
+            return sorted(queue for queues in self._pending.values() for queue in queues)
+
+    def _run(self) -> None:
+        pause = RETRY_SECONDS
+        while True:
+            time.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX_SECONDS)
+            with self._lock:
+                work = [(broker, queue) for broker, queues in self._pending.items() for queue in queues]
+            for broker, queue in work:
+                try:
+                    _record_queue(broker, queue)
+                except Exception as exc:  # noqa: BLE001 - tried again later
+                    logger.debug("recording queue %r in the operations registry failed again: %s", queue, exc)
+                    continue
+                logger.info("recorded queue %r in the operations registry", queue)
+                with self._lock:
+                    self._pending.get(broker, set()).discard(queue)
+            with self._lock:
+                if not any(self._pending.values()):
+                    self._pending.clear()
+                    self._thread = None
+                    return
+
+    def reset_in_child(self) -> None:
+        """In a forked child: the parent's thread does not exist here; its pending records stay the parent's."""
+        self._lock = threading.Lock()
+        self._pending = weakref.WeakKeyDictionary()
+        self._thread = None
+
+
+retries = Retries()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=retries.reset_in_child)
 
 
 def index_queue(store: KeyValueStore, queue: str, kind: int) -> None:
