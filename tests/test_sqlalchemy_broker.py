@@ -26,7 +26,7 @@ from funboost_like import BrokerEnum, task_deco
 from funboost_like.brokers.base import Delivery
 from funboost_like.brokers.registry import get_broker
 from funboost_like.core.config import patch_frame_config, settings
-from funboost_like.core.errors import BrokerConnectionError, ConfigurationError
+from funboost_like.core.errors import BrokerConnectionError, ConfigurationError, MessageTooLargeError
 
 from .conftest import require_server, subprocess_env
 
@@ -269,3 +269,29 @@ def test_an_ack_sent_again_after_an_outage_keeps_its_lease_meanwhile(queue_name:
         b.drop_tables(queue_name)
         a.close()
         b.close()
+
+
+def test_a_message_over_max_allowed_packet_is_refused_as_too_large_not_as_an_outage(queue_name: str) -> None:
+    """MariaDB drops the connection of a statement over its max_allowed_packet (16 MiB by default), which
+    the driver reports as "server has gone away": the publisher was told the database was unreachable."""
+    require_server("MariaDB", "127.0.0.1", 3306)
+    patch_frame_config(SQLALCHEMY_URL=MARIADB)
+    broker = SqlAlchemyBroker()
+    try:
+        with broker.engine().connect() as conn:
+            limit = int(conn.exec_driver_sql("SELECT @@max_allowed_packet").scalar())
+        huge = b'{"x": "' + b"y" * limit + b'"}'
+        broker.bind(queue_name, f"{queue_name}_x", "direct", ["k"])
+        for publish in (lambda: broker.publish(queue_name, huge),
+                        lambda: broker.publish_many(queue_name, [b"{}", huge]),
+                        lambda: broker.publish_routed(f"{queue_name}_x", "k", [huge])):
+            with pytest.raises(MessageTooLargeError, match=f"max_allowed_packet of {limit:,} bytes"):
+                publish()
+        broker.publish(queue_name, b'{"small": 1}')  # the broker goes on
+        assert broker.count(queue_name) == 1
+        with pytest.raises(BrokerConnectionError):  # a real outage of a large publish is still one
+            patch_frame_config(SQLALCHEMY_URL="mysql+pymysql://root@127.0.0.1:1/test")
+            SqlAlchemyBroker().publish(queue_name, b"y" * (2 << 20))
+    finally:
+        broker.drop_tables(queue_name)
+        broker.close()

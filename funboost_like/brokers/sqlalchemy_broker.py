@@ -45,6 +45,7 @@ from funboost_like.brokers.sql_records import SqlKeyValueStore, add_bindings, bi
 from funboost_like.brokers.sqlalchemy_tables import QueueTables, create_tables, make_engine
 from funboost_like.core.config import data_dir_setting, redact_url, settings
 from funboost_like.core.enums import BrokerEnum
+from funboost_like.core.errors import MessageTooLargeError
 from funboost_like.core.stores import check_namespace
 
 T = TypeVar("T")
@@ -190,6 +191,31 @@ class SqlAlchemyBroker(LeasedTable):
 
     # -- storage operations ----------------------------------------------------------------------
     def _insert(self, queue: str, priority: int, visible_at: float, bodies: Sequence[bytes]) -> None:
+        try:
+            self._insert_rows(queue, priority, visible_at, bodies)
+        except sa.exc.OperationalError:
+            self._check_size(bodies)
+            raise
+
+    def _check_size(self, bodies: Sequence[bytes]) -> None:
+        """After a failed insert: MySQL and MariaDB drop the connection of a statement longer than their
+        ``max_allowed_packet``, which reads as an outage; raise MessageTooLargeError when that was it."""
+        engine = self.engine()
+        largest = max(bodies, key=len)
+        if engine.dialect.name not in ("mysql", "mariadb") or len(largest) < 1 << 20:
+            return
+        escaped = len(largest) + sum(largest.count(c) for c in (b"\\", b"'", b'"', b"\0", b"\n", b"\r", b"\x1a"))
+        try:
+            with engine.connect() as conn:
+                limit = int(conn.exec_driver_sql("SELECT @@max_allowed_packet").scalar() or 0)
+        except sa.exc.SQLAlchemyError:
+            return  # the server is in fact unreachable: the caller's error says so
+        if escaped + 1024 > limit:
+            raise MessageTooLargeError(f"{self._where()} refused a message of {len(largest):,} bytes ({escaped:,} as "
+                                       f"sent): over the server's max_allowed_packet of {limit:,} bytes; raise it "
+                                       "on the server or publish a smaller message")
+
+    def _insert_rows(self, queue: str, priority: int, visible_at: float, bodies: Sequence[bytes]) -> None:
         q = self._queue(queue)
         if len(bodies) > 1 and self._psycopg:  # COPY: about ten times an executemany
             self._tx(lambda conn: copy_rows(conn, q.name, [(priority, visible_at, bytes(b)) for b in bodies]))
@@ -321,7 +347,11 @@ class SqlAlchemyBroker(LeasedTable):
             for table in tables:
                 conn.execute(table.insert(), rows)
 
-        self._tx(insert_all)
+        try:
+            self._tx(insert_all)
+        except sa.exc.OperationalError:
+            self._check_size(bodies)
+            raise
 
     # -- waiting (PostgreSQL) ----------------------------------------------------------------------
     def _wait(self, queue: str, timeout: float) -> None:

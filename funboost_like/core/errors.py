@@ -24,6 +24,10 @@ class BrokerConnectionError(BrokerError):
     """The broker cannot be reached."""
 
 
+class MessageTooLargeError(BrokerError, ValueError):
+    """The server refused a message for its size (a setting of the server's); nothing was published."""
+
+
 class BrokerNotAvailable(FunboostLikeError, ValueError):
     """The chosen broker kind is not built yet, or its client library is not installed."""
 
