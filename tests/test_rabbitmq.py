@@ -576,3 +576,21 @@ def test_a_queue_name_rabbitmq_refuses_is_refused_at_decoration() -> None:
             with pytest.raises(ConfigurationError, match="RabbitMQ queue names"):
                 task_deco(bad, broker_kind=kind)(lambda: None)
         task_deco("q" * 251, broker_kind=kind)(lambda: None)
+
+
+def test_a_refused_connection_fails_at_once_and_says_why(kind) -> None:  # type: ignore[no-untyped-def]
+    """rabbitpy waited out its whole open timeout (6 s) for a refused connection, then blamed a timeout;
+    pika's error read as nothing after the colon."""
+    from .standin import free_port
+
+    patch_frame_config(RABBITMQ_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F")
+    broker = broker_class(kind)()
+    try:
+        started = time.monotonic()
+        with pytest.raises(BrokerConnectionError) as caught:
+            broker.publish(unique("refused"), b"{}")
+        assert time.monotonic() - started < 2.0
+        detail = str(caught.value).partition("is unreachable while publishing to queue")[2].partition(": ")[2]
+        assert detail and "Timeout" not in detail, str(caught.value)
+    finally:
+        broker.close()

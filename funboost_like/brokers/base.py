@@ -471,9 +471,10 @@ class Broker(Routing):
 
     def _translated(self, exc: BaseException, action: str) -> BrokerError:
         """The framework's error for a client error raised while ``action`` (raise it ``from exc``)."""
+        detail = str(exc) or repr(exc)  # some clients' errors say nothing as text (pika's)
         if isinstance(exc, self.connection_errors):
-            return BrokerConnectionError(f"{self._where()} is unreachable while {action}: {exc}")
-        return BrokerError(f"{self._where()} failed {action}: {exc}")
+            return BrokerConnectionError(f"{self._where()} is unreachable while {action}: {detail}")
+        return BrokerError(f"{self._where()} failed {action}: {detail}")
 
     def _reset_after_fork(self) -> None:
         self._process_state()

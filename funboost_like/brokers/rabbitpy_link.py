@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -41,6 +42,7 @@ from funboost_like.brokers.amqp import Deliver
 from funboost_like.brokers.push_buffer import Signal
 
 POLL = 0.25  # how often a waiter looks for errors nobody signals
+CONNECT_POLL = 0.05  # how often opening a connection looks for the IO thread's error
 
 
 class _Connection(rabbitpy.Connection):
@@ -54,11 +56,27 @@ class _Connection(rabbitpy.Connection):
                 cast(Any, self._io)._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return set_event(event_id)
 
+        wait = self._events.wait
+
+        def wait_or_fail(event_id: int, timeout: float = 1) -> bool | None:
+            """rabbitpy looks for its IO thread's error (a refused connection) only after a whole wait:
+            look every CONNECT_POLL seconds instead, so a refused connection fails at once."""
+            deadline = time.monotonic() + timeout
+            while True:
+                done = wait(event_id, min(CONNECT_POLL, max(deadline - time.monotonic(), 0)))
+                if done is not False or time.monotonic() >= deadline:
+                    return done
+                if not self._exceptions.empty():
+                    raise self._exceptions.get()
+
         self._events.set = set_then_configure  # type: ignore[method-assign]
+        self._events.wait = wait_or_fail  # type: ignore[method-assign]
         try:
             super().connect()
         except RuntimeError as exc:  # rabbitpy's timeouts while opening
             raise exceptions.ConnectionException(str(exc)) from exc
+        finally:
+            del self._events.wait
 
 
 class Channel:
