@@ -305,3 +305,28 @@ def test_a_queue_whose_record_failed_is_recorded_once_the_store_is_back(
                  what="the retry thread to end")
     finally:
         link.close()
+
+
+def test_a_command_on_a_queue_is_not_held_up_by_a_broker_that_does_not_answer(queue_name: str) -> None:
+    """This host once used MongoDB, whose server now accepts connections and says nothing: looking a queue
+    up read every used broker in turn, so every command waited out MongoDB's timeout first."""
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does), never answers
+    try:
+        patch_frame_config(MONGO_URL=f"mongodb://127.0.0.1:{silent.getsockname()[1]}/t?serverSelectionTimeoutMS=6000")
+        registry.note_kind(int(BrokerEnum.MONGOMQ))
+
+        @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE)
+        def f(x: int) -> None:
+            return None
+
+        f.push(1)
+        service = OpsService()
+        assert BrokerEnum.MONGOMQ in service.kinds()
+        started = time.monotonic()
+        assert service.kind_of(queue_name) == BrokerEnum.PERSISTQUEUE
+        assert time.monotonic() - started < 3.0
+        assert service.status(queue_name)["depth"] == 1
+    finally:
+        silent.close()

@@ -12,6 +12,8 @@ the default embedded SQLite broker. A queue's broker is the kind its registry re
 
 from __future__ import annotations
 
+import queue as queue_module
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,16 @@ from funboost_like.ops.records import CallRecords
 if TYPE_CHECKING:
     from funboost_like.brokers.base import Broker
     from funboost_like.core.stores import KeyValueStore
+
+
+LOOKUP_GRACE = 1.0  # seconds the other stores get to answer once one knows a queue (see OpsService.kind_of)
+
+
+def _ask(answers: queue_module.SimpleQueue[tuple[int, Any]], index: int, store: KeyValueStore, queue: str) -> None:
+    try:
+        answers.put((index, registry.known_queue(store, queue)))
+    except Exception as exc:  # noqa: BLE001 - a store's error is an answer too (named in the errors)
+        answers.put((index, exc))
 
 
 class UnknownQueue(FunboostLikeError, LookupError):
@@ -75,24 +87,57 @@ class OpsService(CallRecords):
             raise failures[0]
 
     def kind_of(self, queue: str) -> BrokerEnum:
-        """The broker kind of ``queue``: ``broker=`` when given, else the kind its registry record names."""
+        """The broker kind of ``queue``: ``broker=`` when given, else the kind its registry record names.
+
+        The stores are asked at once, each on a thread of its own; once one knows the queue, the others
+        get ``LOOKUP_GRACE`` seconds more. So a broker this host once used that is down now (30 s to
+        fail, for MongoDB) does not hold up a command on a queue of another broker.
+        """
         if self.explicit is not None:
             return self.explicit
-        found: list[dict[str, Any]] = []
         before = len(self.errors)
-
-        def read(_: BrokerEnum, store: KeyValueStore) -> None:
-            found.extend(record for record in registry.queues(store) if record.get("queue") == queue)
-
-        self._each_store(read)
-        if found:  # brokers that could not be read did not matter: no error for a command that worked
+        stores = self._distinct_stores()
+        answers: queue_module.SimpleQueue[tuple[int, Any]] = queue_module.SimpleQueue()
+        for index, (_, store) in enumerate(stores):
+            threading.Thread(target=_ask, args=(answers, index, store, queue), daemon=True,
+                             name="funboost_like-ops-lookup").start()
+        known: dict[int, Any] = {}
+        deadline = None  # once a store knows the queue, the others get LOOKUP_GRACE seconds more
+        while len(known) < len(stores):
+            try:
+                index, answer = answers.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
+            except queue_module.Empty:
+                break
+            known[index] = answer
+            if answer is True and deadline is None:
+                deadline = time.monotonic() + LOOKUP_GRACE
+        for index, (kind, _) in enumerate(stores):
+            if isinstance(known.get(index), Exception):
+                self.errors.append(f"{kind.name}: {known[index]}")
+        holders = [index for index in sorted(known) if known[index] is True]
+        if holders:  # brokers not read did not matter: no error for a command that worked
             del self.errors[before:]
-            self._records[queue] = found[0]
-            return resolve_kind(int(found[0]["kind"]))
+            kind, store = stores[holders[0]]  # a name on two brokers: the first kind, as listings show them
+            records = [record for record in registry.queues(store) if record.get("queue") == queue]
+            self._records[queue] = records[0] if records else {"queue": queue, "kind": int(kind)}
+            return resolve_kind(int(self._records[queue]["kind"]))
         names = ", ".join(kind.name for kind in self.kinds())
         unread = f" (not read: {'; '.join(self.errors)})" if self.errors else ""
         raise UnknownQueue(f"queue {queue!r} is not known on {names}{unread}: nothing was published to it or consumed "
                            "from it there with the registry on (OPS_REGISTRY); name its broker with --broker KIND")
+
+    def _distinct_stores(self) -> list[tuple[BrokerEnum, KeyValueStore]]:
+        """Each store of the kinds looked at once (kinds of one server may share one); a kind whose store
+        cannot be made is named in :attr:`errors`."""
+        stores: dict[int, tuple[BrokerEnum, KeyValueStore]] = {}
+        for kind in self.kinds():
+            try:
+                store = self.store(kind)
+            except FunboostLikeError as exc:
+                self.errors.append(f"{kind.name}: {exc}")
+                continue
+            stores.setdefault(id(store), (kind, store))
+        return list(stores.values())
 
     # -- reading ------------------------------------------------------------------------------
     def queue_names(self) -> list[str]:
