@@ -95,7 +95,12 @@ class Publisher:
             if span is not None:
                 span.end(task_id, exc)
             raise
-        self._sent(task_id, span)
+        if self._unindexed is not None:  # inline, like the rest: push is the hottest publish path
+            self._index()
+        if span is not None:
+            span.end(task_id)
+        if self._counter is not None:
+            self._counter.add_published(1)
         if self._hooks:
             self._after_publish(task_id, message)
         if self.params.is_using_rpc_mode:
