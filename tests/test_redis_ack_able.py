@@ -279,8 +279,8 @@ def test_lost_fetch_reply_is_replayed(broker, queue, client):
     ikey = broker._inflight[queue]
     base = "987000"
     # The script runs on the server but its reply is lost on the way back:
-    taken = redis_ack_able._FETCH(client, [keys.ready, keys.delayed, ikey, keys.consumers, keys.attempts],
-                                  [5, base, broker.consumer_id, keys.prio_prefix])
+    taken = redis_ack_able.TAKE(client, [keys.ready, keys.delayed, keys.attempts, ikey, keys.consumers],
+                                [5, keys.prio_prefix, base, broker.consumer_id])
     assert taken[1:] == [b"b", b"c", b"d"]
     broker._suspect.add(queue)  # what fetch records when the call raised
     got = broker.fetch(queue, 2, 0)  # asks for fewer than the lost call took: the rest comes next time

@@ -46,7 +46,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from funboost_like.brokers.capabilities import Capabilities as Capabilities  # re-exported: part of the contract
 from funboost_like.brokers.dead_letters import DeadLetter as DeadLetter  # re-exported: part of the contract
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from funboost_like.core.stores import KeyValueStore
 
 logger = logging.getLogger("funboost_like.broker")
+T = TypeVar("T")
 
 POLL_FIRST, POLL_MAX = 0.002, 0.05  # the idle poll of a broker without a native wait
 
@@ -110,6 +111,7 @@ class Broker(Routing):
         self._waits = cls._wait is not Broker._wait
         self._combined = cls._ack_and_get is not Broker._ack_and_get
         self._maintained = cls._renew is not Broker._renew or cls._recover is not Broker._recover
+        self._kv_stores: dict[Any, KeyValueStore] = {}
         _live.add(self)
 
     def _process_state(self) -> None:
@@ -242,8 +244,10 @@ class Broker(Routing):
             if acks and self._retryable(exc):  # the acks may not have arrived: sent
                 self._deferred.append((self._ack, list(acks)))  # sent again before the next fetch
             raise self._translated(exc, f"fetching from queue {queue!r}") from exc
-        if queue not in self._fetched:
-            self._first_fetch(queue)
+        if queue not in self._fetched:  # maintenance starts with the first fetch
+            self._fetched.add(queue)
+            if self._maintained and self.maintenance_interval() > 0:
+                _maintenance.add(self)
         if got:
             held = self._held.get(queue)
             if held is None:
@@ -269,11 +273,6 @@ class Broker(Routing):
             got = self._take(queue, max_n, None)
             if got:
                 return got
-
-    def _first_fetch(self, queue: str) -> None:
-        self._fetched.add(queue)
-        if self._maintained and self.maintenance_interval() > 0:
-            _maintenance.add(self)
 
     # -- settling --------------------------------------------------------------------------------
     def ack(self, deliveries: Sequence[Delivery]) -> None:
@@ -378,27 +377,18 @@ class Broker(Routing):
         (the head of each FIFO the broker keeps for the queue; empty when none is ready). The oldest
         message's age (Prometheus, ``status``) comes from them. NotImplementedError where a broker
         cannot read a queue's head without taking it."""
-        try:
-            return self._heads(queue)
-        except self._client_errors as exc:
-            raise self._translated(exc, f"reading the head of queue {queue!r}") from exc
+        return self._guard(f"reading the head of queue {queue!r}", self._heads, queue)
 
     def _heads(self, queue: str) -> list[bytes]:
         raise NotImplementedError(f"{type(self).__name__} cannot read the head of a queue without taking it")
 
     def purge(self, queue: str) -> int:
         """Delete every waiting message of ``queue``; return how many were deleted."""
-        try:
-            return self._purge(queue)
-        except self._client_errors as exc:
-            raise self._translated(exc, f"purging queue {queue!r}") from exc
+        return self._guard(f"purging queue {queue!r}", self._purge, queue)
 
     def count(self, queue: str) -> int:
         """How many messages wait in ``queue`` (ready or delayed; not those held by a consumer)."""
-        try:
-            return self._size(queue)
-        except self._client_errors as exc:
-            raise self._translated(exc, f"counting queue {queue!r}") from exc
+        return self._guard(f"counting queue {queue!r}", self._size, queue)
 
     def in_flight(self, queue: str) -> int:
         """Messages this process fetched from ``queue`` and has not settled yet."""
@@ -418,6 +408,14 @@ class Broker(Routing):
         """
         raise NotImplementedError(f"broker {type(self).__name__} keeps no key-value records (needed by RPC "
                                   "results and task filtering)")
+
+    def _kv_store(self, key: Any, make: Callable[[], KeyValueStore]) -> Any:
+        """The store this broker keeps under ``key``, made by ``make()`` the first time."""
+        store = self._kv_stores.get(key)
+        if store is None:
+            with self._held_lock:
+                store = self._kv_stores.get(key) or self._kv_stores.setdefault(key, make())
+        return store
 
     def maintain(self) -> None:
         """One maintenance round (the maintenance thread's job; tests call it directly): renew what
@@ -441,10 +439,7 @@ class Broker(Routing):
     def stop_fetching(self, queue: str) -> None:
         """This process stops fetching from ``queue`` (a consumer's graceful stop): a broker that prefetched
         messages for it hands them back without counting a delivery."""
-        try:
-            self._stop_fetching(queue)
-        except self._client_errors as exc:
-            raise self._translated(exc, f"handing back what was prefetched from queue {queue!r}") from exc
+        self._guard(f"handing back what was prefetched from queue {queue!r}", self._stop_fetching, queue)
 
     def close(self) -> None:
         """Send deferred settlements if possible, stop maintenance and release connections. The broker
@@ -460,6 +455,13 @@ class Broker(Routing):
         self._close()
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _guard(self, action: str, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` with client errors translated (for what the public methods do not wrap)."""
+        try:
+            return call(*args)
+        except self._client_errors as exc:
+            raise self._translated(exc, action) from exc
+
     def _retryable(self, exc: BaseException) -> bool:
         """Whether a settlement that raised ``exc`` is to be sent again later (an outage), rather than
         given up: a connection error; a broker adds its own transient errors."""
@@ -476,15 +478,12 @@ class Broker(Routing):
             return BrokerConnectionError(f"{self._where()} is unreachable while {action}: {detail}")
         return BrokerError(f"{self._where()} failed {action}: {detail}")
 
-    def _reset_after_fork(self) -> None:
-        self._process_state()
-        self._after_fork()
-
 
 def _after_fork_in_child() -> None:
     _maintenance.reset_in_child()
     for broker in list(_live):
-        broker._reset_after_fork()
+        broker._process_state()
+        broker._after_fork()
 
 
 if hasattr(os, "register_at_fork"):

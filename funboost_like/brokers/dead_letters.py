@@ -55,8 +55,6 @@ def removed_ref(raw: bytes) -> Any:
         return None
     try:
         ref = codec.loads(raw)[_REMOVED]
-    except codec.DecodeFailure:
-        return None
-    except (KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):  # codec.DecodeFailure is ValueError
         return None
     return tuple(ref) if isinstance(ref, list) else ref

@@ -211,7 +211,3 @@ class LeasedTable(Broker):
 
     def _size(self, queue: str) -> int:
         return self._count_waiting(queue, time.time())
-
-    def renew_leases(self) -> None:
-        """Renew now what the maintenance thread renews every lease / 3 seconds."""
-        self.maintain()

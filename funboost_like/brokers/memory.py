@@ -71,7 +71,6 @@ class MemoryBroker(Broker):
         self._queues: dict[str, _MemoryQueue] = {}
         self._lock = threading.Lock()
         self._tokens = itertools.count(1)
-        self._stores: dict[tuple[str, str], MemoryKeyValueStore] = {}
         self._exchanges: dict[str, list[Binding]] = {}
 
     def _queue(self, name: str) -> _MemoryQueue:
@@ -230,12 +229,7 @@ class MemoryBroker(Broker):
 
     def key_value_store(self, queue: str, namespace: str) -> MemoryKeyValueStore:
         """A process-local store per (queue, namespace), living as long as this broker."""
-        key = (queue, check_namespace(namespace))
-        store = self._stores.get(key)
-        if store is None:
-            with self._lock:
-                store = self._stores.setdefault(key, MemoryKeyValueStore())
-        return store
+        return self._kv_store((queue, check_namespace(namespace)), MemoryKeyValueStore)
 
     def in_flight(self, queue: str) -> int:
         return self._queue(queue).taken

@@ -51,34 +51,17 @@ from funboost_like.brokers.redis_base import (
     LIST_MAX_PRIORITY,
     LUA_BURY,
     LUA_COUNTS,
-    LUA_MOVE_DUE,
-    LUA_NEXT_DUE,
     LUA_NOW,
-    LUA_TAKE_READY,
     RedisListLayout,
     counts,
     parse_counts,
-    parse_meta,
 )
 from funboost_like.brokers.redis_common import LuaScript, Piggyback
 from funboost_like.brokers.redis_consumers import RedisConsumers, consumer_scripts
+from funboost_like.brokers.redis_list import TAKE
 from funboost_like.core.enums import BrokerEnum
 
 MAX_BATCH = 1000  # messages per fetch; also the stride of delivery numbers between fetches
-
-# KEYS: ready0, delayed, inflight, consumers, attempts
-# ARGV: max_n, base, consumer id, priority-list prefix ("fl:{q}:p")
-# Heartbeat, move due delayed messages and take ready ones into the in-flight hash, level by level.
-# Reply: see take_ready; or, when nothing is ready, the milliseconds until the next delayed message
-# is due (-1: none).
-_FETCH = LuaScript(LUA_NOW + LUA_TAKE_READY + LUA_MOVE_DUE + LUA_NEXT_DUE + """
-local base = tonumber(ARGV[2])
-redis.call('ZADD', KEYS[4], now, ARGV[3])
-move_due(KEYS[2], KEYS[1], ARGV[4], KEYS[5], now)
-local out, n = take_ready(tonumber(ARGV[1]), KEYS[1], ARGV[4], KEYS[5], KEYS[3], base)
-if n == 0 then return next_due_ms(KEYS[2], now) end
-return out
-""")
 
 # The give-back script (see RedisConsumers._give_back); the items are in-flight hash fields. Each message
 # still in flight is moved first and removed from the in-flight hash last, so a failing command leaves
@@ -143,15 +126,6 @@ local function forget(cid) redis.call('DEL', inflight_key(cid)) end
 """)
 
 
-def _fields_by_hash(deliveries: Sequence[Delivery]) -> dict[str, list[str]]:
-    """The in-flight hash fields of ``deliveries``, by hash key."""
-    groups: dict[str, list[str]] = {}
-    for delivery in deliveries:
-        key, field = delivery.token
-        groups.setdefault(key, []).append(field)
-    return groups
-
-
 class RedisAckAbleBroker(RedisConsumers, RedisListLayout):
     """At-least-once Redis broker; see the module docstring for keys, timing and the wire contract."""
 
@@ -178,22 +152,12 @@ class RedisAckAbleBroker(RedisConsumers, RedisListLayout):
         keys = self._queue_keys(queue)
         ikey = self._inflight[queue]
         base = next(self._seq) * MAX_BATCH
-        args = ([keys.ready, keys.delayed, ikey, keys.consumers, keys.attempts],
-                [min(max_n, MAX_BATCH), base, self._cid, keys.prio_prefix])
-        out = _FETCH(self._conn(), *args, before)
-        if isinstance(out, int):
-            self._due_in(queue, out)
-            return []
-        bodies = itertools.islice(out, 1, None)
-        if not out[0]:
-            return [Delivery(queue, body, (ikey, str(number))) for number, body in enumerate(bodies, base + 1)]
-        special = parse_meta(out[0])
-        result = []
-        for index, body in enumerate(bodies, 1):
-            level, attempts, crashes = special.get(index, (0, 1, 0))
-            field = str(base + index) if index not in special else f"{base + index}:{level}:{counts(attempts, crashes)}"
-            result.append(Delivery(queue, body, (ikey, field), attempts, level, crashes))
-        return result
+        out = TAKE(self._conn(), [keys.ready, keys.delayed, keys.attempts, ikey, keys.consumers],
+                   [min(max_n, MAX_BATCH), keys.prio_prefix, base, self._cid], before)
+        got, special = self._taken(queue, out, zip(itertools.repeat(ikey), map(str, itertools.count(base + 1))))
+        for index, (level, attempts, crashes) in special.items():  # their in-flight fields say so
+            got[index - 1].token = (ikey, f"{base + index}:{level}:{counts(attempts, crashes)}")
+        return got
 
     def _adopt(self, before: Piggyback | None, queue: str, max_n: int, held: set[Any]) -> list[Delivery]:
         ikey = self._inflight[queue]
@@ -212,7 +176,11 @@ class RedisAckAbleBroker(RedisConsumers, RedisListLayout):
         return result
 
     def _ack_commands(self, deliveries: Sequence[Delivery]) -> list[tuple[Any, ...]]:
-        return [("HDEL", key, *fields) for key, fields in _fields_by_hash(deliveries).items()]
+        fields: dict[str, list[str]] = {}  # the in-flight hash fields of ``deliveries``, by hash key
+        for delivery in deliveries:
+            key, field = delivery.token
+            fields.setdefault(key, []).append(field)
+        return [("HDEL", key, *group) for key, group in fields.items()]
 
     def _acked(self, replies: list[Any], total: int) -> int:
         return sum(replies)

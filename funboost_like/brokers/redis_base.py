@@ -42,7 +42,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 from redis.connection import AbstractConnection
@@ -50,8 +50,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from funboost_like.brokers.base import Broker, DeadLetter
-from funboost_like.brokers.redis_bindings import bind, bindings_of
+from funboost_like.brokers.base import Broker, DeadLetter, Delivery
 from funboost_like.brokers.redis_common import (
     BlockingWaits,
     DirectConnections,
@@ -62,8 +61,10 @@ from funboost_like.brokers.redis_common import (
     pack_command,
     raise_first_error,
 )
-from funboost_like.brokers.redis_store import RedisStoresMixin
+from funboost_like.brokers.redis_store import RedisKeyValueStore
 from funboost_like.brokers.routing import Binding
+from funboost_like.brokers.routing import logger as routing_logger
+from funboost_like.core import codec
 from funboost_like.core.errors import ConfigurationError
 
 DEAD_LETTER_LIMIT = 10_000  # dead letters kept per queue (the newest)
@@ -154,6 +155,19 @@ return #KEYS
 """)
 
 
+# KEYS: an exchange's HASH (see the module docstring); ARGV: exchange type, then the fields of the
+# bindings. Returns the type the exchange was first declared with.
+_BIND = LuaScript("""
+redis.call('HSETNX', KEYS[1], 'type', ARGV[1])
+for i = 2, #ARGV do redis.call('HSETNX', KEYS[1], ARGV[i], '') end
+return redis.call('HGET', KEYS[1], 'type')
+""")
+
+
+def _exchange_key(exchange: str) -> str:
+    return f"fl:exchange:{{{exchange}}}"
+
+
 def counts(attempts: int, crashes: int) -> str:
     """``<deliveries>`` or ``<deliveries>.<crashes>``: a message's counts as the Redis brokers keep them."""
     return f"{attempts}.{crashes}" if crashes else str(attempts)
@@ -196,7 +210,7 @@ class QueueKeys:
         self.packets: dict[tuple[str, int], bytes] = {}  # (consumer, n) -> the fetch pipeline of n messages
 
 
-class RedisBroker(RedisStoresMixin, Broker):
+class RedisBroker(Broker):
     """Connections, error translation, per-queue keys, dead letters and the idle wait of a Redis kind."""
 
     connection_errors = (RedisConnectionError, RedisTimeoutError)
@@ -230,13 +244,6 @@ class RedisBroker(RedisStoresMixin, Broker):
             keys = self._keys[queue] = self._keys_class(queue)
         return keys
 
-    def _run(self, action: str, call: Callable[..., Any], *args: Any) -> Any:
-        """``call(*args)`` with redis-py errors translated (for the methods the base does not wrap)."""
-        try:
-            return call(*args)
-        except self._client_errors as exc:
-            raise self._translated(exc, action) from exc
-
     def _due_in(self, queue: str, due_ms: int) -> None:
         """Note when the first delayed message of ``queue`` is due (``due_ms`` from now; -1: none)."""
         self._next_due[queue] = time.monotonic() + due_ms / 1000 if due_ms >= 0 else float("inf")
@@ -253,6 +260,10 @@ class RedisBroker(RedisStoresMixin, Broker):
         if wait > 0:
             self._blocking.wait(self._conn(), queue, wait, command)
 
+    def key_value_store(self, queue: str, namespace: str) -> RedisKeyValueStore:
+        """Records as Redis strings ``fl:{<queue>}:<namespace>:<key>`` with PX expiry."""
+        return self._kv_store((queue, namespace), lambda: RedisKeyValueStore(queue, namespace))
+
     def _check_priority(self, priority: int) -> int:
         top = self.capabilities.max_priority
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= top:
@@ -265,10 +276,21 @@ class RedisBroker(RedisStoresMixin, Broker):
         return queue
 
     def _bind(self, bindings: Sequence[Binding]) -> None:
-        bind(self._conn(), bindings)
+        """Add ``bindings`` (all of one exchange and queue) to their exchange's HASH."""
+        first = bindings[0]
+        fields = [codec.dumps([binding.queue, binding.key]) for binding in bindings]
+        declared = _BIND(self._conn(), [_exchange_key(first.exchange)], [first.exchange_type, *fields]).decode()
+        if declared != first.exchange_type:
+            routing_logger.warning("exchange %r exists as %s; binding queue %r with keys %r to it as it is, not as %s",
+                                   first.exchange, declared, first.queue, [b.key for b in bindings],
+                                   first.exchange_type)
 
     def _bindings(self, exchange: str) -> list[Binding]:
-        return bindings_of(self._conn(), exchange)
+        """Every binding of ``exchange``, with the type it was first declared with ([] when it has none)."""
+        stored = self._conn().execute_command("HGETALL", _exchange_key(exchange))  # a map in RESP3
+        fields = dict(stored.items() if isinstance(stored, dict) else zip(stored[::2], stored[1::2], strict=True))
+        declared = fields.pop(b"type", b"").decode()
+        return [Binding(exchange, declared, *codec.loads(field)) for field in fields]
 
     def _put_many(self, queues: Sequence[str], bodies: Sequence[bytes], *, priority: int,
                   not_before: float | None) -> None:
@@ -288,25 +310,25 @@ class RedisBroker(RedisStoresMixin, Broker):
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         if limit <= 0:
             return []
-        items = self._run(f"listing dead letters of queue {queue!r}", self._conn().execute_command, "LRANGE",
+        items = self._guard(f"listing dead letters of queue {queue!r}", self._conn().execute_command, "LRANGE",
                           key_prefix(queue) + "dead", 0, limit - 1)
         return [DeadLetter.from_envelope(queue, item) for item in items]
 
     def purge_dead_letters(self, queue: str) -> int:
-        return int(self._run(f"purging dead letters of queue {queue!r}", PURGE_LIST, self._conn(),
+        return int(self._guard(f"purging dead letters of queue {queue!r}", PURGE_LIST, self._conn(),
                              [key_prefix(queue) + "dead"], []))
 
     def list_delayed(self, queue: str, limit: int = 100) -> list[tuple[float, bytes]]:
         if limit <= 0:
             return []
-        found = self._run(f"listing delayed messages of queue {queue!r}", self._conn().execute_command, "ZRANGE",
-                          key_prefix(queue) + "delayed", 0, limit - 1, "WITHSCORES")
+        found = self._guard(f"listing delayed messages of queue {queue!r}", self._conn().execute_command, "ZRANGE",
+                            key_prefix(queue) + "delayed", 0, limit - 1, "WITHSCORES")
         pairs = found if found and isinstance(found[0], list | tuple) else zip(found[::2], found[1::2], strict=True)
         return [(float(score), _DELAYED_MEMBER.sub(b"", member, count=1)) for member, score in pairs]
 
     def remove_dead_letter(self, queue: str, letter: DeadLetter) -> bool:
-        return bool(self._run(f"removing a dead letter of queue {queue!r}", self._conn().execute_command, "LREM",
-                              key_prefix(queue) + "dead", 1, letter.ref))
+        return bool(self._guard(f"removing a dead letter of queue {queue!r}", self._conn().execute_command, "LREM",
+                                key_prefix(queue) + "dead", 1, letter.ref))
 
     def _close(self) -> None:
         """Forget the connections (shared per process) and close the blocking waits' own."""
@@ -319,54 +341,6 @@ class RedisBroker(RedisStoresMixin, Broker):
 LIST_MAX_PRIORITY = 9
 LIST_PUSH_BATCH = 1000  # values per LPUSH command of publish_many
 PRIORITY_LOOK = 0.2  # an idle fetch waits on the priority-0 list and looks at the others this often
-
-# Lua function of the fetch scripts: pop up to ``want`` ready messages, highest priority first, with
-# their counts (taken out of the ``attempts`` HASH). With an ``inflight`` HASH, each level's messages
-# are recorded there as soon as they are popped, under the field ``<base + index>[:level:counts]``
-# (so a failure at a later level leaves them recorded). Returns ``{meta, body1, body2, ...}`` and how
-# many: meta lists "index:level:counts" for each message not at level 0 or not on its first delivery.
-LUA_TAKE_READY = LUA_COUNTS + """
-local function take_ready(want, ready, prio_prefix, attempts, inflight, base)
-  local track = redis.call('HLEN', attempts) > 0
-  local out, meta, n = {''}, {}, 0
-  for level = 9, 0, -1 do
-    local key = ready
-    if level > 0 then key = prio_prefix .. level end
-    local got = redis.call('RPOP', key, want - n)
-    if got then
-      local hset = {}
-      for i = 1, #got do
-        local body, a, c = got[i], 1, 0
-        if track then
-          local h = redis.sha1hex(body)
-          local prev = redis.call('HGET', attempts, h)
-          if prev then
-            a, c = counts(prev)
-            a = a + 1
-            redis.call('HDEL', attempts, h)
-          end
-        end
-        n = n + 1
-        out[n + 1] = body
-        local suffix = ''
-        if level ~= 0 or a ~= 1 or c ~= 0 then
-          suffix = ':' .. level .. ':' .. fmt(a, c)
-          meta[#meta + 1] = n .. suffix
-        end
-        if inflight then
-          hset[i * 2 - 1] = (base + n) .. suffix
-          hset[i * 2] = body
-        end
-      end
-      -- Level by level: should a later level fail, what was popped already stays in flight.
-      if inflight then redis.call('HSET', inflight, unpack(hset)) end
-      if n >= want then break end
-    end
-  end
-  out[1] = table.concat(meta, ',')
-  return out, n
-end
-"""
 
 # KEYS: ready0, delayed, attempts; ARGV: priority-list prefix, '1' to delete
 _COUNT_OR_PURGE = LuaScript("""
@@ -400,6 +374,19 @@ class RedisListLayout(RedisBroker):
 
     def _ready_key(self, queue: str, priority: int) -> str:
         return self._queue_keys(queue).lists[priority]
+
+    def _taken(self, queue: str, out: Any, tokens: Iterator[Any]) -> tuple[list[Delivery], dict[int, Any]]:
+        """The deliveries of a reply of ``redis_list.TAKE`` (named in order by ``tokens``) and its special
+        ones (see :func:`parse_meta`); none when nothing was ready (then the next due time is noted)."""
+        if isinstance(out, int):
+            self._due_in(queue, out)
+            return [], {}
+        got = [Delivery(queue, body, token) for body, token in zip(out[1:], tokens, strict=False)]
+        special = parse_meta(out[0]) if out[0] else {}
+        for index, (level, attempts, crashes) in special.items():
+            delivery = got[index - 1]
+            delivery.priority, delivery.attempts, delivery.crashes = level, attempts, crashes
+        return got, special
 
     def _heads(self, queue: str) -> list[bytes]:
         lists = self._queue_keys(queue).lists[:self.capabilities.max_priority + 1]

@@ -107,19 +107,13 @@ class DirectConnections:
         packet = pack_command(*args)
         try:
             try:
-                if before is None:
-                    connection.send_packed_command([packet])
-                else:
-                    _send_with(connection, before, packet)
+                _send_with(connection, before, packet)
                 if spin and self.sharing.alone(len(busy)):
                     _spin_until_readable(connection, SPIN_SECONDS)
                 reply = connection.read_response()
             except (RedisConnectionError, RedisTimeoutError):
                 connection.disconnect()
-                if before is None:
-                    connection.send_packed_command([packet])
-                else:  # sent again too (acks are idempotent): its replies are then known
-                    _send_with(connection, before, packet)
+                _send_with(connection, before, packet)  # ``before`` sent again too (acks are idempotent)
                 reply = connection.read_response()
             clean = True
             return reply
@@ -152,11 +146,8 @@ class DirectConnections:
         clean = False
         try:
             for packet in packets:
-                if before is None:
-                    connection.send_packed_command([packet])
-                else:
-                    _send_with(connection, before, packet)
-                    before = None
+                _send_with(connection, before, packet)
+                before = None
             replies = _read_replies(connection, count)
             clean = True
             return replies
@@ -231,10 +222,13 @@ class Piggyback:
         self.replies: list[Any] | None = None
 
 
-def _send_with(connection: AbstractConnection, before: Piggyback, packet: bytes) -> None:
-    """Send ``before`` and ``packet`` in one write and read ``before``'s replies."""
-    connection.send_packed_command([before.packet + packet])
-    before.replies = _read_replies(connection, before.count)
+def _send_with(connection: AbstractConnection, before: Piggyback | None, packet: bytes) -> None:
+    """Send ``before`` (if any) and ``packet`` in one write and read ``before``'s replies."""
+    if before is None:
+        connection.send_packed_command([packet])
+    else:
+        connection.send_packed_command([before.packet + packet])
+        before.replies = _read_replies(connection, before.count)
 
 
 def _read_replies(connection: AbstractConnection, count: int) -> list[Any]:

@@ -41,12 +41,6 @@ from funboost_like.core.errors import ConfigurationError, DoubleAckError
 
 logger = logging.getLogger("funboost_like.redis")
 
-def new_consumer_id() -> str:
-    """A consumer id unique across hosts and processes: ``<host>-<pid>-<random>`` (no ``:{}``)."""
-    host = socket.gethostname().replace(":", "_").replace("{", "_").replace("}", "_") or "host"
-    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-
-
 _DEAD_CONSUMERS = """
 local function dead_consumers(before)
   return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', before, 'LIMIT', 0, 100)
@@ -85,16 +79,6 @@ return n
     return sweep, retire, in_flight
 
 
-def consumer_timing(heartbeat_interval: float | None, dead_after: float | None) -> tuple[float, float]:
-    """Heartbeat interval and death threshold: the given values, else the ``REDIS_HEARTBEAT_SECONDS``
-    and ``REDIS_DEAD_AFTER_SECONDS`` settings; raises ConfigurationError unless 0 < interval < dead_after."""
-    interval = float(settings.get("REDIS_HEARTBEAT_SECONDS") if heartbeat_interval is None else heartbeat_interval)
-    dead = float(settings.get("REDIS_DEAD_AFTER_SECONDS") if dead_after is None else dead_after)
-    if not 0 < interval < dead:
-        raise ConfigurationError(f"need 0 < heartbeat interval < dead-after time, got {interval} and {dead} seconds")
-    return interval, dead
-
-
 class RedisConsumers(RedisBroker):
     """The registry and the shared consumer side (see the module docstring), driven by the base's
     maintenance thread: :meth:`_recover` beats for this consumer on the queue and sweeps the dead
@@ -107,12 +91,20 @@ class RedisConsumers(RedisBroker):
     _taken_over = "were settled before, or recovered by another consumer after this one missed its heartbeats"
 
     def __init__(self, *, heartbeat_interval: float | None = None, dead_after: float | None = None) -> None:
-        self.heartbeat_interval, self.dead_after = consumer_timing(heartbeat_interval, dead_after)
+        """``heartbeat_interval`` and ``dead_after``: else the ``REDIS_HEARTBEAT_SECONDS`` and
+        ``REDIS_DEAD_AFTER_SECONDS`` settings; ConfigurationError unless 0 < interval < dead_after."""
+        interval = float(settings.get("REDIS_HEARTBEAT_SECONDS") if heartbeat_interval is None else heartbeat_interval)
+        dead = float(settings.get("REDIS_DEAD_AFTER_SECONDS") if dead_after is None else dead_after)
+        if not 0 < interval < dead:
+            raise ConfigurationError(
+                f"need 0 < heartbeat interval < dead-after time, got {interval} and {dead} seconds")
+        self.heartbeat_interval, self.dead_after = interval, dead
         super().__init__()
 
     def _after_fork(self) -> None:
         super()._after_fork()
-        self._cid = new_consumer_id()
+        host = socket.gethostname().replace(":", "_").replace("{", "_").replace("}", "_") or "host"
+        self._cid = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"  # unique across hosts and processes; no ":{}"
         self._registered: set[str] = set()  # queues this consumer fetched from (and beats on)
         self._lock = threading.Lock()
         self._fetching: collections.Counter[str] = collections.Counter()  # queue -> fetches running now
@@ -243,11 +235,11 @@ class RedisConsumers(RedisBroker):
 
     def recover_dead_consumers(self, queue: str) -> int:
         """Sweep ``queue`` once now; return how many messages of dead consumers were put back."""
-        return int(self._run(f"sweeping queue {queue!r}", self._recover, queue))
+        return int(self._guard(f"sweeping queue {queue!r}", self._recover, queue))
 
     def in_flight(self, queue: str) -> int:
         """Messages of ``queue`` fetched by any consumer and not settled yet."""
-        return int(self._run(f"counting in-flight messages of queue {queue!r}", self._registry_call,
+        return int(self._guard(f"counting in-flight messages of queue {queue!r}", self._registry_call,
                              self._scripts[2], queue, ""))
 
     def _close(self) -> None:

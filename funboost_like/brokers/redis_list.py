@@ -49,27 +49,77 @@ from funboost_like.brokers.base import Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.redis_base import (
     DEAD_LETTER_LIMIT,
     LIST_MAX_PRIORITY,
+    LUA_COUNTS,
     LUA_MOVE_DUE,
     LUA_NEXT_DUE,
     LUA_NOW,
-    LUA_TAKE_READY,
     SCHEDULE,
     RedisListLayout,
     counts,
     delayed_member,
-    parse_meta,
 )
 from funboost_like.brokers.redis_common import LuaScript, raise_first_error, sha1_hex
 from funboost_like.core.enums import BrokerEnum
 
 MAX_BATCH = 1000  # messages per fetch
 
-# KEYS: ready0, delayed, attempts; ARGV: max_n, priority-list prefix
-# Reply: see take_ready; or, when nothing is ready, the milliseconds until the next delayed message
-# is due (-1: none).
-_POP = LuaScript(LUA_NOW + LUA_TAKE_READY + LUA_MOVE_DUE + LUA_NEXT_DUE + """
+# Lua function of the fetch scripts: pop up to ``want`` ready messages, highest priority first, with
+# their counts (taken out of the ``attempts`` HASH). With an ``inflight`` HASH, each level's messages
+# are recorded there as soon as they are popped, under the field ``<base + index>[:level:counts]``
+# (so a failure at a later level leaves them recorded). Returns ``{meta, body1, body2, ...}`` and how
+# many: meta lists "index:level:counts" for each message not at level 0 or not on its first delivery.
+LUA_TAKE_READY = LUA_COUNTS + """
+local function take_ready(want, ready, prio_prefix, attempts, inflight, base)
+  local track = redis.call('HLEN', attempts) > 0
+  local out, meta, n = {''}, {}, 0
+  for level = 9, 0, -1 do
+    local key = ready
+    if level > 0 then key = prio_prefix .. level end
+    local got = redis.call('RPOP', key, want - n)
+    if got then
+      local hset = {}
+      for i = 1, #got do
+        local body, a, c = got[i], 1, 0
+        if track then
+          local h = redis.sha1hex(body)
+          local prev = redis.call('HGET', attempts, h)
+          if prev then
+            a, c = counts(prev)
+            a = a + 1
+            redis.call('HDEL', attempts, h)
+          end
+        end
+        n = n + 1
+        out[n + 1] = body
+        local suffix = ''
+        if level ~= 0 or a ~= 1 or c ~= 0 then
+          suffix = ':' .. level .. ':' .. fmt(a, c)
+          meta[#meta + 1] = n .. suffix
+        end
+        if inflight then
+          hset[i * 2 - 1] = (base + n) .. suffix
+          hset[i * 2] = body
+        end
+      end
+      -- Level by level: should a later level fail, what was popped already stays in flight.
+      if inflight then redis.call('HSET', inflight, unpack(hset)) end
+      if n >= want then break end
+    end
+  end
+  out[1] = table.concat(meta, ',')
+  return out, n
+end
+"""
+
+# KEYS: ready0, delayed, attempts, then (at-least-once kinds) the consumer's in-flight HASH and the
+# consumers ZSET; ARGV: max_n, priority-list prefix, then the first delivery number and the consumer id.
+# Heartbeat (with a consumer), move due delayed messages, then take ready ones (into the in-flight hash,
+# level by level). Reply: see take_ready; or, when nothing is ready, the milliseconds until the next
+# delayed message is due (-1: none).
+TAKE = LuaScript(LUA_NOW + LUA_TAKE_READY + LUA_MOVE_DUE + LUA_NEXT_DUE + """
+if KEYS[4] then redis.call('ZADD', KEYS[5], now, ARGV[4]) end
 move_due(KEYS[2], KEYS[1], ARGV[2], KEYS[3], now)
-local out, n = take_ready(tonumber(ARGV[1]), KEYS[1], ARGV[2], KEYS[3], nil, 0)
+local out, n = take_ready(tonumber(ARGV[1]), KEYS[1], ARGV[2], KEYS[3], KEYS[4], tonumber(ARGV[3] or 0))
 if n == 0 then return next_due_ms(KEYS[2], now) end
 return out
 """)
@@ -89,19 +139,8 @@ class RedisListBroker(RedisListLayout):
 
     def _get(self, queue: str, max_n: int) -> list[Delivery]:
         keys = self._queue_keys(queue)
-        out = _POP(self._conn(), [queue, keys.delayed, keys.attempts], [min(max_n, MAX_BATCH), keys.prio_prefix])
-        if isinstance(out, int):
-            self._due_in(queue, out)
-            return []
-        tokens = self._tokens
-        if not out[0]:
-            return [Delivery(queue, body, next(tokens)) for body in itertools.islice(out, 1, None)]
-        special = parse_meta(out[0])
-        result = []
-        for index, body in enumerate(itertools.islice(out, 1, None), 1):
-            level, attempts, crashes = special.get(index, (0, 1, 0))
-            result.append(Delivery(queue, body, next(tokens), attempts, level, crashes))
-        return result
+        out = TAKE(self._conn(), [queue, keys.delayed, keys.attempts], [min(max_n, MAX_BATCH), keys.prio_prefix])
+        return self._taken(queue, out, self._tokens)[0]
 
     def _ack(self, deliveries: Sequence[Delivery]) -> None:
         """Nothing to tell Redis: the messages left it when fetched."""

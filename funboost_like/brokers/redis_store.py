@@ -28,8 +28,10 @@ RESERVED_NAMESPACES = frozenset({"delayed", "inflight", "consumers", "attempts",
                                  "unack-consumers", "qps_next_slot", *(f"p{n}" for n in range(10))})
 
 
-def _ms(ttl: float) -> int:
-    return max(1, math.ceil(ttl * 1000))
+def _px(ttl: float | None) -> tuple[Any, ...]:
+    """``SET``'s expiry arguments for ``ttl`` seconds (checked): PX milliseconds, none for no expiry."""
+    ttl = check_ttl(ttl)
+    return () if ttl is None else ("PX", max(1, math.ceil(ttl * 1000)))
 
 
 class RedisKeyValueStore(KeyValueStore):
@@ -53,11 +55,7 @@ class RedisKeyValueStore(KeyValueStore):
             raise BrokerError(f"Redis at {describe_url()} failed while {action} in {self.prefix}*: {exc}") from exc
 
     def put(self, key: str, value: bytes, ttl: float | None) -> None:
-        ttl = check_ttl(ttl)
-        if ttl is None:
-            self._run("writing a record", "SET", self.prefix + key, bytes(value))
-        else:
-            self._run("writing a record", "SET", self.prefix + key, bytes(value), "PX", _ms(ttl))
+        self._run("writing a record", "SET", self.prefix + key, bytes(value), *_px(ttl))
 
     def get(self, key: str) -> bytes | None:
         value = self._run("reading a record", "GET", self.prefix + key)
@@ -72,29 +70,10 @@ class RedisKeyValueStore(KeyValueStore):
         return found
 
     def add_if_absent(self, key: str, value: bytes, ttl: float | None) -> bool:
-        ttl = check_ttl(ttl)
-        if ttl is None:
-            reply = self._run("writing a record", "SET", self.prefix + key, bytes(value), "NX")
-        else:
-            reply = self._run("writing a record", "SET", self.prefix + key, bytes(value), "NX", "PX", _ms(ttl))
-        return reply is not None
+        return self._run("writing a record", "SET", self.prefix + key, bytes(value), "NX", *_px(ttl)) is not None
 
     def delete(self, key: str) -> None:
         self._run("deleting a record", "DEL", self.prefix + key)
 
     def exists(self, key: str) -> bool:
         return bool(self._run("checking a record", "EXISTS", self.prefix + key))
-
-
-class RedisStoresMixin:
-    """``key_value_store()`` for every Redis broker: records beside the queue's own keys."""
-
-    _kv_stores: dict[tuple[str, str], RedisKeyValueStore]
-
-    def key_value_store(self, queue: str, namespace: str) -> RedisKeyValueStore:
-        """Records as Redis strings ``fl:{<queue>}:<namespace>:<key>`` with PX expiry."""
-        stores = self.__dict__.setdefault("_kv_stores", {})
-        store = stores.get((queue, namespace))
-        if store is None:
-            store = stores.setdefault((queue, namespace), RedisKeyValueStore(queue, namespace))
-        return store

@@ -247,7 +247,7 @@ class RedisStreamBroker(RedisConsumers):
     # -- inspection --------------------------------------------------------------------------------
     def in_flight(self, queue: str) -> int:
         """Entries of ``queue`` delivered to any consumer of the group and not yet acked."""
-        return int(self._run(f"counting in-flight entries of {queue!r}", IN_FLIGHT, self._conn(), [queue], [GROUP]))
+        return int(self._guard(f"counting in-flight entries of {queue!r}", IN_FLIGHT, self._conn(), [queue], [GROUP]))
 
     def _size(self, queue: str) -> int:
         return int(COUNT(self._conn(), [queue, self._queue_keys(queue).delayed], [GROUP]))

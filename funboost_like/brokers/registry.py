@@ -191,10 +191,7 @@ def resolve_kind(kind: BrokerKind) -> BrokerEnum:
             known = ", ".join(f"{k.name}={k.value}" for k in BROKERS)
             raise BrokerNotAvailable(f"there is no broker kind number {kind}; known kinds: {known}") from None
     if isinstance(kind, str):
-        members = BrokerEnum.__members__
-        if kind in members:
-            return members[kind]
-        upper = {name.upper(): member for name, member in members.items()}
+        upper = {name.upper(): member for name, member in BrokerEnum.__members__.items()}
         if kind.upper() in upper:
             return upper[kind.upper()]
         guess = difflib.get_close_matches(kind.upper(), list(upper), n=1)

@@ -166,7 +166,6 @@ class SqliteBroker(Broker):
         if sqlite3.sqlite_version_info < (3, 35, 0):
             raise BrokerNotAvailable("the PERSISTQUEUE broker needs SQLite 3.35 or newer (for RETURNING); "
                                      f"this Python has {sqlite3.sqlite_version}")
-        self._kv_stores: dict[str, SqliteKeyValueStore] = {}
         self._lock = threading.Lock()
         super().__init__()
         self._after_fork()
@@ -239,11 +238,7 @@ class SqliteBroker(Broker):
         """
         queue_path = self.path(queue)
         path = str(queue_path.with_name(f"{queue_path.name[:-len('.sqlite3')]}@{check_namespace(namespace)}.sqlite3"))
-        store = self._kv_stores.get(path)
-        if store is None:
-            with self._lock:
-                store = self._kv_stores.setdefault(path, SqliteKeyValueStore(path))
-        return store
+        return self._kv_store(path, lambda: SqliteKeyValueStore(path))
 
     # -- primitives ------------------------------------------------------------------------------
     def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
@@ -408,10 +403,6 @@ class SqliteBroker(Broker):
                 execute_by_ids(self._conn(q), tables.RENEW, (until, self._owner), sorted(ids))
             except (sqlite3.Error, OSError):
                 logger.warning("could not renew the leases of %d message(s) in %s", len(ids), q.path, exc_info=True)
-
-    def renew_leases(self) -> None:
-        """Renew now what :meth:`_renew` renews every lease / 3 seconds."""
-        self.maintain()
 
     # -- dead letters ---------------------------------------------------------------------------
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
