@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from funboost_like import BrokerEnum, ConfigurationError, task_deco
+from funboost_like import BrokerEnum, ConfigurationError, PriorityConsumingControlConfig, task_deco
 from funboost_like.brokers.base import Delivery
 from funboost_like.brokers.memory import MemoryBroker
 from funboost_like.brokers.registry import get_broker
@@ -66,6 +66,29 @@ def test_retry_backoff_waits_in_the_broker_not_in_a_worker(queue_name: str, capl
     assert letter.attempts == 3 and "failed 3 time(s)" in letter.reason
     [final] = [r.getMessage() for r in caplog.records if "failed for good" in r.getMessage()]
     assert "after 3 run(s)" in final  # the runs of every delivery, as the dead letter says
+
+
+@pytest.mark.parametrize("option", ["msg_expire_senconds", "misfire_grace_time"])
+def test_a_retry_with_backoff_is_never_dropped_as_expired_or_misfired(queue_name: str, option: str) -> None:
+    """Expiry and misfire grace are checked at a message's first turn only: its retry, due after the
+    limit, was acknowledged unrun as "expired" and the RPC caller told the call never ran."""
+    runs: list[int] = []
+
+    @task_deco(queue_name, broker_kind=MEMORY, max_retry_times=2, retry_backoff=1.3, retry_jitter=False,
+               is_using_rpc_mode=True, is_print_detail_exception=False)
+    def flaky(x: int) -> int:
+        runs.append(x)
+        if len(runs) == 1:
+            raise ValueError("not yet")
+        return x * 2
+
+    limits = {"msg_expire_senconds": PriorityConsumingControlConfig(msg_expire_senconds=1),
+              "misfire_grace_time": PriorityConsumingControlConfig(countdown=0.05, misfire_grace_time=1)}
+    result = flaky.publish({"x": 21}, priority_control_config=limits[option])
+    flaky.consume()
+    assert result.get(timeout=10) == 42
+    assert runs == [21, 21]
+    assert result.status_and_result["attempts"] == 2  # both runs, though the retry was another delivery
 
 
 def test_backoff_delay_is_capped_and_jittered(queue_name: str) -> None:

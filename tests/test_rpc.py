@@ -59,6 +59,31 @@ def test_push_returns_an_async_result_whose_result_is_the_return_value(queue_nam
     assert record["task_id"]
 
 
+def test_a_task_id_given_in_a_hand_written_extra_is_the_one_the_result_is_read_by(queue_name: str) -> None:
+    """The body carried the caller's task id, but publish() returned a handle for a generated one, so
+    the result was never found."""
+    from funboost_like import PublishError
+
+    @task_deco(queue_name, is_using_rpc_mode=True, broker_kind=MEMORY)
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    add.consume()
+    result = add.publish({"a": 1, "b": 2, "extra": {"task_id": "my-own-id-1"}})
+    assert result.task_id == "my-own-id-1" and result.get(timeout=10) == 3
+    [task_id] = add.publish_many([{"a": 2, "b": 2, "extra": {"task_id": "my-own-id-2"}}])
+    assert task_id == "my-own-id-2" and AsyncResult(task_id, add.publisher.results_store()).get(timeout=10) == 4
+    for bad in (7, ""):
+        with pytest.raises(PublishError, match="task_id"):
+            add.publish({"a": 1, "b": 2, "extra": {"task_id": bad}})
+
+
+def test_msg_expire_seconds_is_accepted_per_message_too() -> None:
+    assert PriorityConsumingControlConfig(msg_expire_seconds=3).msg_expire_senconds == 3
+    with pytest.raises(ValueError, match="one option"):
+        PriorityConsumingControlConfig(msg_expire_seconds=3, msg_expire_senconds=4)
+
+
 def test_a_failed_call_raises_with_the_remote_exception_type(queue_name: str) -> None:
     @task_deco(queue_name, is_using_rpc_mode=True, max_retry_times=2, broker_kind=MEMORY,
                is_print_detail_exception=False)

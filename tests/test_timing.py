@@ -69,6 +69,11 @@ def persisted_func(n: int) -> None:
     raise AssertionError("nothing consumes this queue")
 
 
+@task_deco("test_timing_other_persisted_queue", broker_kind=BrokerEnum.PERSISTQUEUE)
+def other_persisted_func(n: int) -> None:
+    raise AssertionError("nothing consumes this queue")
+
+
 @pytest.fixture(autouse=True)
 def scheduler_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "scheduler"
@@ -249,8 +254,8 @@ def test_two_scheduler_processes_on_one_store_publish_each_fire_time_once(
     assert "Traceback" not in output, output
 
     with sqlite3.connect(scheduler_dir / "fire_locks.sqlite3") as conn:
-        claims = conn.execute("SELECT fire_time, owner FROM fire_locks WHERE job_id = 'shared'"
-                              " ORDER BY fire_time").fetchall()
+        claims = conn.execute("SELECT fire_time, owner FROM fire_locks WHERE job_id = ? ORDER BY fire_time",
+                              (f"shared@{queue}",)).fetchall()
 
     @task_deco(queue, broker_kind=BrokerEnum.PERSISTQUEUE)
     def record(n: int) -> None:
@@ -327,10 +332,82 @@ def test_redis_job_store_and_lock_from_the_settings(schedulers: list[FsdfBackgro
         scheduler.remove_job(job_id)
         scheduler.shutdown()
         client = RedisFireTimeLock(REDIS_TEST_URL)._redis()
-        keys = client.keys(f"funboost_like:fire_lock:{job_id}:*")
+        keys = client.keys(f"funboost_like:fire_lock:{job_id}@*")
         if keys:
             client.delete(*keys)
         client.close()
+
+
+def test_a_scheduler_given_a_redis_job_store_claims_fire_times_in_that_redis(
+        schedulers: list[FsdfBackgroundScheduler]) -> None:
+    """The "auto" lock followed the SCHEDULER_JOB_STORE setting, not the store given to the constructor: a
+    hand-built scheduler on a shared Redis store got a SQLite lock per host, so every host published every
+    fire time."""
+    require_server("Redis", "127.0.0.1", 6379)
+    store = RedisJobStore(REDIS_TEST_URL, jobs_key=f"test_{uuid.uuid4().hex[:8]}")
+    scheduler = new_scheduler(schedulers, jobstores={"default": store})
+    scheduler.start(paused=True)
+    try:
+        lock = scheduler._executors["default"].fire_lock
+        assert isinstance(lock, RedisFireTimeLock) and lock.url == REDIS_TEST_URL
+    finally:
+        scheduler.shutdown()
+        store._redis().delete(store.jobs_key, store.run_times_key)
+
+
+@pytest.mark.timeout(30)
+def test_unrelated_jobs_that_share_an_id_each_publish_while_copies_of_one_job_publish_once(
+        schedulers: list[FsdfBackgroundScheduler]) -> None:
+    """The fire-time lock's key was (job id, fire time): two projects on one host that both named a job
+    'daily_report' took each other's fire times, and each queue lost publishes in silence."""
+    persisted_func.clear()
+    other_persisted_func.clear()
+    at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1)
+    for func in (persisted_func, other_persisted_func, persisted_func):  # the third: a copy of the first
+        scheduler = new_scheduler(schedulers)  # memory stores, one SQLite fire-time lock on this host
+        scheduler.add_timing_publish_job(func, "date", run_date=at, kwargs={"n": 1}, id="daily_report")
+        scheduler.start()
+    assert wait_for(lambda: persisted_func.get_message_count() and other_persisted_func.get_message_count(), 10)
+    time.sleep(0.5)  # the copy's fire time has passed too
+    assert (persisted_func.get_message_count(), other_persisted_func.get_message_count()) == (1, 1)
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_modify_job_takes_the_calls_arguments(schedulers: list[FsdfBackgroundScheduler], store: str) -> None:
+    """``modify_job(args=...)`` of a timing publish job replaced the stored (reference, args, kwargs) with the
+    call's arguments: every later fire failed (memory store) or raised about internals (SQLite store)."""
+    from funboost_like.brokers.registry import get_broker
+    from funboost_like.core.errors import PublishError
+
+    patch_frame_config(SCHEDULER_JOB_STORE=store)
+    persisted_func.clear()
+    scheduler = new_scheduler(schedulers)
+    scheduler.add_timing_publish_job(persisted_func, "interval", seconds=0.2, kwargs={"n": 1}, id="modified")
+    scheduler.start()
+    scheduler.modify_job("modified", args=(5,), kwargs={})
+    with pytest.raises(PublishError):
+        scheduler.modify_job("modified", kwargs={"nope": 1})  # a call that does not fit fails now
+    scheduler.get_job("modified").modify(args=(), kwargs={"n": 7})
+    published: list[dict[str, Any]] = []
+    broker = get_broker(BrokerEnum.PERSISTQUEUE)
+
+    def read() -> bool:
+        got = broker.fetch(persisted_func.queue_name, 10, 0.1)
+        broker.ack(got)
+        published.extend({k: v for k, v in json.loads(d.body).items() if k != "extra"} for d in got)
+        return {"n": 7} in published
+
+    assert wait_for(read, 10), published
+    assert all(call in ({"n": 1}, {"n": 5}, {"n": 7}) for call in published), published
+
+
+def test_an_unknown_timezone_fails_with_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from funboost_like.scheduling import timing
+
+    monkeypatch.setattr(timing, "_default_scheduler", None)
+    patch_frame_config(TIMEZONE="Asia/Shangai")
+    with pytest.raises(ConfigurationError, match="Asia/Shangai"):
+        timing.get_fsdf_background_scheduler()
 
 
 # -- JSON job state (job_codec.py) ----------------------------------------------------------------------

@@ -82,6 +82,11 @@ class Call:
         self.skip_reason = ""
 
     @property
+    def runs(self) -> int:
+        """Runs of the function, earlier deliveries included (a retry with backoff, a consumer that died)."""
+        return self.delivery.attempts - 1 + self.attempts
+
+    @property
     def task_id(self) -> str | None:
         return self.message.task_id
 

@@ -746,7 +746,7 @@ class Consumer:
             return REQUEUED, call.delivery, "", None, 0.0
         retries = call.message.extra.get("max_retry_times", self.params.max_retry_times)
         if self.params.retry_backoff:  # a retry waits in the broker, not in a worker
-            runs = call.delivery.attempts - 1 + call.attempts
+            runs = call.runs
             if runs <= retries:
                 delay = backoff_delay(self.params, runs)
                 self.logger.warning("task %s of queue %r failed (run %d): %r; retrying in %.2fs", call.task_id,
@@ -765,7 +765,7 @@ class Consumer:
             return self.function(**kwargs) if self.signature.multi_params else self.function(kwargs)
 
     def _failed(self, call: Call, exc: Exception, duration: float) -> Outcome:
-        runs = call.delivery.attempts - 1 + call.attempts  # earlier deliveries ran (or died) too
+        runs = call.runs
         self._log_failure(call, exc, final=True, runs=runs)
         call.exc, call.outcome, call.duration = exc, FAILED, duration
         return FAILED, call.delivery, self._failure_reason(call, exc, runs), exc, runs

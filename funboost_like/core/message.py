@@ -148,6 +148,10 @@ def encode(kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> tuple
     meta = {"task_id": task_id, "publish_time": now, "publish_time_format": format_publish_time(now)}
     if extra:
         meta.update(extra)
+        given = meta["task_id"]  # a hand-written extra may name its own
+        if not isinstance(given, str) or not given:
+            raise PublishError(f"extra's task_id must be a non-empty string, not {given!r}")
+        task_id = given
     message = kwargs
     message[EXTRA_KEY] = meta
     try:

@@ -277,8 +277,13 @@ class PriorityConsumingControlConfig:
     priority: int = 0
     routing_key: str | None = None  # through the queue's exchange (broker_exclusive_config), not in ``extra``
     use_cache: bool | None = None  # cache mode for this message (None: the decorator's use_cache)
+    msg_expire_seconds: float | None = None  # the spelling the decorator accepts too: sets msg_expire_senconds
 
     def __post_init__(self) -> None:
+        if self.msg_expire_seconds is not None:
+            if self.msg_expire_senconds not in (None, self.msg_expire_seconds):
+                raise ConfigurationError("msg_expire_seconds and msg_expire_senconds are one option; give one")
+            self.msg_expire_senconds = self.msg_expire_seconds
         if self.countdown is not None and self.eta is not None:
             raise ConfigurationError("countdown and eta cannot both be set")
         if self.countdown is not None and (isinstance(self.countdown, bool) or self.countdown < 0):

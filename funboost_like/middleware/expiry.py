@@ -2,7 +2,8 @@
 
 A message older than its expiry when its turn comes, or a delayed message whose due time passed
 more than ``misfire_grace_time`` seconds ago, is dropped: acknowledged without running, counted as
-skipped and logged. Both can also be given per message at publish time.
+skipped and logged. Both can also be given per message at publish time. Only a message's first
+delivery is checked: a retry with backoff, or a call run again after its consumer died, had its turn.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class PublishTimeLimits(Middleware):
         self.expire_seconds = expire_seconds
 
     def before_call(self, call: Call) -> str | None:
+        if call.delivery.attempts > 1:  # its turn came before: a retry (or a rerun after a death) is never dropped
+            return None
         extra = call.message.extra
         limit = extra.get("msg_expire_senconds", self.expire_seconds)
         if limit:

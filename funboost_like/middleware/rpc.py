@@ -64,7 +64,7 @@ class RpcResults(Middleware):
             "result_is_repr": False,
             "exception": {"type": type(exc).__name__, "message": str(exc)} if exc is not None else None,
             "skip_reason": call.skip_reason or None,
-            "attempts": call.attempts,
+            "attempts": call.runs,
             "duration": round(call.duration, 6),
             "host": _HOST,
             "pid": os.getpid(),

@@ -31,7 +31,7 @@ class RunLog(Middleware):
     def after_call(self, call: Call) -> None:
         if call.outcome == SUCCEEDED:
             arguments = ", ".join([f"{name}={_short.repr(value)}" for name, value in call.message.kwargs.items()])
-            runs = call.delivery.attempts - 1 + call.attempts  # earlier deliveries ran (or died) too
+            runs = call.runs
             self.logger.debug("task %s: %s(%s) succeeded in %.4fs (run %d), result %s", call.task_id,
                               self.function_name, arguments, call.duration, runs, _short.repr(call.result))
 

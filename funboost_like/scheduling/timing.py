@@ -59,6 +59,7 @@ from funboost_like.core.config import settings
 from funboost_like.core.errors import ConfigurationError
 from funboost_like.core.reference import BoosterReferenceError, booster_reference, resolve_booster
 from funboost_like.core.results import AsyncResult
+from funboost_like.core.timezones import configured_zone
 from funboost_like.scheduling import job_codec, jobstores
 from funboost_like.scheduling.fire_lock import FireTimeLock, RedisFireTimeLock, SqliteFireTimeLock
 
@@ -86,6 +87,21 @@ def timing_publish_deco(booster: Booster[Any, Any]) -> Callable[..., AsyncResult
 def publish_by_reference(ref: str, args: Iterable[Any] = (), kwargs: Mapping[str, Any] | None = None) -> AsyncResult:
     """The function every stored timing publish job runs: find the booster by ``ref`` and push the call."""
     return resolve_booster(ref).push(*tuple(args), **dict(kwargs or {}))
+
+
+def lock_id(job: Any) -> str:
+    """A job's name in the fire-time lock: its id and the queue it publishes to (or the function it runs),
+    so unrelated jobs that happen to share an id (two projects on one host) never take each other's
+    fire times, while copies of one job (a shared store, or each process's own copy) still do."""
+    if job.func is publish_by_reference and job.args:
+        try:
+            target = resolve_booster(job.args[0]).queue_name
+        except BoosterReferenceError:
+            target = str(job.args[0])
+    else:
+        booster = getattr(job.func, BOOSTER_ATTRIBUTE, None)
+        target = booster.queue_name if isinstance(booster, Booster) else (job.func_ref or job.func.__qualname__)
+    return f"{job.id}@{target}"
 
 
 class TimingJobExecutor(BaseExecutor):
@@ -126,7 +142,7 @@ class TimingJobExecutor(BaseExecutor):
     def _claim(self, job: Any, run_time: datetime) -> bool:
         assert self.fire_lock is not None
         try:
-            won = self.fire_lock.claim(job.id, run_time)
+            won = self.fire_lock.claim(lock_id(job), run_time)
         except Exception:
             logger.exception("claiming fire time %s of job %r in %r failed; running it anyway", run_time, job.id,
                              self.fire_lock)
@@ -199,6 +215,19 @@ class FsdfBackgroundScheduler(BackgroundScheduler):
                 raise
         return job
 
+    def modify_job(self, job_id: str, jobstore: str | None = None, **changes: Any) -> Any:
+        """APScheduler's ``modify_job`` (``Job.modify`` too); new ``args`` or ``kwargs`` of a timing publish
+        job are the call's, checked against the function's signature like :meth:`add_job`'s."""
+        if "args" in changes or "kwargs" in changes:
+            job = self.get_job(job_id, jobstore)
+            if job is not None and job.func is publish_by_reference and len(job.args) == 3:
+                ref, args, kwargs = job.args
+                args = tuple(changes.pop("args", args) or ())
+                kwargs = dict(changes.pop("kwargs", kwargs) or {})
+                resolve_booster(ref).signature.bind(args, kwargs)  # a call that does not fit fails now
+                changes["args"], changes["kwargs"] = (ref, args, kwargs), {}
+        return super().modify_job(job_id, jobstore, **changes)
+
     def add_timing_publish_job(self, booster: Booster[Any, Any], trigger: Any = None, args: Any = None,
                                kwargs: Any = None, **options: Any) -> Any:
         """``add_job(timing_publish_deco(booster), trigger, args, kwargs, **options)`` (seed 2.5)."""
@@ -230,9 +259,14 @@ class FsdfBackgroundScheduler(BackgroundScheduler):
         kind = str(option or settings.get("SCHEDULER_FIRE_LOCK") or "auto").strip().lower()
         if kind not in FIRE_LOCK_KINDS:
             raise ValueError(f"SCHEDULER_FIRE_LOCK={kind!r} is not one of {', '.join(FIRE_LOCK_KINDS)}")
-        if kind == "auto":
-            kind = "redis" if jobstores.job_store_kind() == jobstores.REDIS else "sqlite"
         retention = float(settings.get("SCHEDULER_FIRE_LOCK_RETENTION_SECONDS"))
+        if kind == "auto":
+            with self._jobstores_lock:  # a store given to the constructor is there already (executors start first)
+                store = self._jobstores.get("default")
+            if isinstance(store, jobstores.RedisJobStore):
+                return RedisFireTimeLock(store.url, retention)  # the Redis every scheduler of that store reaches
+            redis_store = store is None and jobstores.job_store_kind() == jobstores.REDIS
+            kind = "redis" if redis_store else "sqlite"
         if kind == "sqlite":
             return SqliteFireTimeLock(jobstores.scheduler_sqlite_dir() / "fire_locks.sqlite3", retention,
                                       busy_timeout=float(settings.get("SQLITE_BUSY_TIMEOUT_SECONDS")))
@@ -308,7 +342,7 @@ def get_fsdf_background_scheduler() -> FsdfBackgroundScheduler:
     global _default_scheduler
     with _default_lock:
         if _default_scheduler is None:
-            zone = str(settings.get("TIMEZONE") or "")
+            zone = configured_zone()  # a name this machine does not know raises ConfigurationError
             _default_scheduler = FsdfBackgroundScheduler(timezone=zone) if zone else FsdfBackgroundScheduler()
         return _default_scheduler
 
