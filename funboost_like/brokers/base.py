@@ -414,7 +414,9 @@ class Broker(Routing):
         store = self._kv_stores.get(key)
         if store is None:
             with self._held_lock:
-                store = self._kv_stores.get(key) or self._kv_stores.setdefault(key, make())
+                store = self._kv_stores.get(key)
+                if store is None:
+                    store = self._kv_stores[key] = make()
         return store
 
     def maintain(self) -> None:

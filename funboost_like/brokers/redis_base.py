@@ -23,7 +23,7 @@
   the bindings of an exchange are the HASH ``fl:exchange:{<name>}``: the field ``type`` holds the
   exchange type (set by the first bind: an exchange keeps its first type, a bind asking for another
   one logs a warning), and each binding is a field ``["<queue>", "<binding key>"]`` (JSON). A bind is
-  one Lua script, so concurrent binds never mix types (:mod:`.redis_bindings`). A routed publish
+  one Lua script, so concurrent binds never mix types (``_BIND``). A routed publish
   reads the HASH, picks the matching queues in Python, then one Lua script writes the messages to
   every matching queue in the kind's own layout (the ready key of their priority, ``XADD`` for
   streams, the delayed ZSET for ``not_before``). Atomic: the script runs alone on the server, so no
