@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -248,6 +249,16 @@ def children() -> Iterator[list[subprocess.Popen[bytes]]]:
         if child.poll() is None:
             child.kill()
             child.wait(10)
+
+
+def until(check: Callable[[], object], timeout: float = 2.0) -> bool:
+    """Poll ``check`` every 10 ms until it returns something true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def in_forked_child(action: Callable[[], str]) -> str:

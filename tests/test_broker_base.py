@@ -19,7 +19,7 @@ from funboost_like.brokers.base import Delivery
 from funboost_like.brokers.memory import MemoryBroker
 from funboost_like.core.errors import BrokerConnectionError, BrokerError, DoubleAckError
 
-from .conftest import in_forked_child
+from .conftest import in_forked_child, until
 
 Q = "base_q"
 
@@ -90,31 +90,45 @@ def test_a_broker_without_a_native_wait_is_polled_within_the_timeout() -> None:
     assert d.body == b"late" and time.monotonic() - started < 0.2  # the poll backs off to 50 ms at most
 
 
+class Leased(MemoryBroker):
+    """A memory broker with maintenance rounds every ``interval`` seconds, which call ``renew(name, deliveries)``
+    and ``recover(name, queue)``."""
+
+    def __init__(self, name: str = "", renew: Callable[[str, Sequence[Delivery]], object] | None = None,
+                 recover: Callable[[str, str], object] | None = None, interval: float = 0.05) -> None:
+        super().__init__()
+        self.name, self.on_renew, self.on_recover, self.interval = name, renew, recover, interval
+
+    def maintenance_interval(self) -> float:
+        return self.interval
+
+    def _renew(self, deliveries: Sequence[Delivery]) -> None:
+        if self.on_renew is not None:
+            self.on_renew(self.name, deliveries)
+
+    def _recover(self, queue: str) -> int:
+        if self.on_recover is not None:
+            self.on_recover(self.name, queue)
+        return 0
+
+
+def maintenance_threads() -> int:
+    return [t.name for t in threading.enumerate()].count("funboost_like-maintenance-Leased")
+
+
 def test_a_maintenance_thread_renews_and_recovers_for_each_broker() -> None:
     renewed: dict[str, list[object]] = {"a": [], "b": []}
     recovered: list[str] = []
 
-    class Leased(MemoryBroker):
-        def __init__(self, name: str) -> None:
-            super().__init__()
-            self.name = name
+    def renew(name: str, deliveries: Sequence[Delivery]) -> None:
+        renewed[name].append(sorted(d.token for d in deliveries))
 
-        def maintenance_interval(self) -> float:
-            return 0.05
-
-        def _renew(self, deliveries: Sequence[Delivery]) -> None:
-            renewed[self.name].append(sorted(d.token for d in deliveries))
-
-        def _recover(self, queue: str) -> int:
-            recovered.append(f"{self.name}:{queue}")
-            return 0
-
-    a, b = Leased("a"), Leased("b")
+    a, b = (Leased(name, renew, lambda name, queue: recovered.append(f"{name}:{queue}")) for name in "ab")
     a.publish(Q, b"x")
     [held] = a.fetch(Q, 1, 1.0)
     assert b.fetch("other", 1, 0) == []
     time.sleep(0.3)
-    assert [t.name for t in threading.enumerate()].count("funboost_like-maintenance-Leased") == 2
+    assert maintenance_threads() == 2
     assert [held.token] in renewed["a"] and [] in renewed["b"]
     assert "a:base_q" in recovered and "b:other" in recovered
     a.close()
@@ -129,20 +143,12 @@ def test_a_broker_whose_server_stops_answering_holds_up_no_other_brokers_renewal
     released = threading.Event()
     renewed: list[str] = []
 
-    class Leased(MemoryBroker):
-        def __init__(self, name: str) -> None:
-            super().__init__()
-            self.name = name
+    def renew(name: str, deliveries: Sequence[Delivery]) -> None:
+        if name == "stuck":
+            released.wait(10)
+        renewed.append(name)
 
-        def maintenance_interval(self) -> float:
-            return 0.05
-
-        def _renew(self, deliveries: Sequence[Delivery]) -> None:
-            if self.name == "stuck":
-                released.wait(10)
-            renewed.append(self.name)
-
-    stuck, healthy = Leased("stuck"), Leased("healthy")
+    stuck, healthy = Leased("stuck", renew), Leased("healthy", renew)
     try:
         assert stuck.fetch(Q, 1, 0) == []  # its thread is now blocked in its first round
         time.sleep(0.1)
@@ -157,54 +163,26 @@ def test_a_broker_whose_server_stops_answering_holds_up_no_other_brokers_renewal
 
 def test_a_queue_fetched_for_the_first_time_gets_a_round_at_once() -> None:
     recovered: list[str] = []
-
-    class Swept(MemoryBroker):
-        def maintenance_interval(self) -> float:
-            return 30.0
-
-        def _recover(self, queue: str) -> int:
-            recovered.append(queue)
-            return 0
-
-    broker = Swept()
+    broker = Leased(recover=lambda name, queue: recovered.append(queue), interval=30.0)
     try:
         assert broker.fetch("first", 1, 0) == []
-        assert _eventually(lambda: recovered == ["first"])
+        assert until(lambda: recovered == ["first"])
         assert broker.fetch("second", 1, 0) == []  # not 30 s later: what died there is swept now
-        assert _eventually(lambda: "second" in recovered)
+        assert until(lambda: "second" in recovered)
     finally:
         broker.close()
 
 
 def test_the_maintenance_thread_of_a_closed_or_forgotten_broker_ends() -> None:
-    class Leased(MemoryBroker):
-        def maintenance_interval(self) -> float:
-            return 0.05
-
-        def _renew(self, deliveries: Sequence[Delivery]) -> None:
-            pass
-
-    def threads() -> int:
-        return [t.name for t in threading.enumerate()].count("funboost_like-maintenance-Leased")
-
     closed, forgotten = Leased(), Leased()
     closed.fetch(Q, 1, 0)
     forgotten.fetch(Q, 1, 0)
-    assert threads() == 2
+    assert maintenance_threads() == 2
     closed.close()
-    assert _eventually(lambda: threads() == 1)
+    assert until(lambda: maintenance_threads() == 1)
     del forgotten
     gc.collect()
-    assert _eventually(lambda: threads() == 0)
-
-
-def _eventually(check: Callable[[], bool], timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    assert until(lambda: maintenance_threads() == 0)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

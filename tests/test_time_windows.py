@@ -16,21 +16,13 @@ import pytest
 from funboost_like import BrokerEnum, get_consumer, patch_frame_config, task_deco
 from funboost_like.core.errors import ConfigurationError
 from funboost_like.middleware.time_window import TimeWindow, parse_window, seconds_inside
+from tests.conftest import until
 
 T = datetime.time
 
 
 def hms(moment: datetime.datetime) -> str:
     return moment.strftime("%H:%M:%S")
-
-
-def wait_for(condition: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # -- the window's format ------------------------------------------------------------------------------
@@ -114,7 +106,7 @@ def test_not_active_unless_enabled(queue_name: str) -> None:
     assert not any(isinstance(m, TimeWindow) for m in f.consumer.middlewares)
     f.push(1)
     f.consume()
-    assert wait_for(lambda: ran == [1], 3)
+    assert until(lambda: ran == [1], 3)
 
 
 @pytest.mark.parametrize("kind", [BrokerEnum.LOCAL_PYTHON_QUEUE, BrokerEnum.PERSISTQUEUE], ids=lambda k: k.name)
@@ -134,7 +126,7 @@ def test_messages_wait_in_the_queue_until_the_window_ends(kind: BrokerEnum, queu
     time.sleep(1.0)
     assert ran == []
     assert f.get_message_count() == 2  # nothing fetched, nothing prefetched
-    assert wait_for(lambda: len(ran) == 2, 6)
+    assert until(lambda: len(ran) == 2, 6)
     assert min(ran) >= end.timestamp() - 0.05
 
 
@@ -151,7 +143,7 @@ def test_outside_the_window_runs_at_once(queue_name: str) -> None:
 
     f.push(1)
     f.consume()
-    assert wait_for(lambda: ran == [1], 3)
+    assert until(lambda: ran == [1], 3)
 
 
 def test_the_window_is_read_in_the_timezone_setting(queue_name: str) -> None:
