@@ -39,6 +39,7 @@ def test_pure_python_call_is_stopped_and_dead_lettered(queue_name: str) -> None:
     assert time.monotonic() - started < 2.0
     [letter] = memory().list_dead_letters(queue_name)
     assert "FunctionTimeoutError" in letter.reason and "failed 2 time(s)" in letter.reason
+    assert "longer than function_timeout=0.2s" in letter.reason  # the interrupted run says which limit too
 
 
 def test_call_blocked_in_c_is_abandoned_and_its_slot_freed(queue_name: str) -> None:

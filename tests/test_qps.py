@@ -86,6 +86,7 @@ def test_consumer_at_qps_0_01_runs_one_call_then_waits(queue_name: str) -> None:
     f.stop()
     assert f.consumer.join(5)  # the stop interrupts the limiter's wait
     assert f.get_message_count() == 1  # the waiting message went back to the queue
+    assert f.consumer.stats.as_dict()["released"] == 1  # and is counted so (it was not)
 
 
 def test_slow_calls_at_qps_20_grow_the_pool_to_what_the_rate_needs(queue_name: str) -> None:

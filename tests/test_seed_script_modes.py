@@ -101,3 +101,63 @@ def test_a_seed_script_keeps_consuming_after_its_last_line(isolated_settings: Pa
     assert code == 0, f"exit code {code} after {signal.Signals(sig).name}\n{output}"
     assert "Traceback" not in output, output
     assert f"stopped consuming queue {queue_name!r}" in output, output  # the graceful stop ran
+
+
+MULTI_PROCESS_SCRIPT = """
+{patch}
+import sys
+from funboost_like import task_deco, ConcurrentModeEnum, run_consumer_with_multi_process
+
+@task_deco(sys.argv[1], concurrent_mode=ConcurrentModeEnum.{mode})
+{define} f(x):
+    print("ran", x, flush=True)
+
+if __name__ == "__main__":
+    for i in range(4):
+        f.push(i)
+    run_consumer_with_multi_process(f, 2)
+    print("returned", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("mode", "sig"), [*[(mode, signal.SIGTERM) for mode in MODES], ("EVENTLET", signal.SIGINT)],
+                         ids=lambda value: value if isinstance(value, str) else signal.Signals(value).name)
+def test_a_signal_to_a_multi_process_script_stops_its_children_and_returns(
+        isolated_settings: Path, tmp_path: Path, queue_name: str, mode: str, sig: int) -> None:
+    """Under eventlet's monkey patch the supervisor took its own main thread for another one and installed
+    no signal handler: SIGTERM killed it at once (its children orphaned), SIGINT ended in a traceback."""
+    patch, define = MODES[mode]
+    if patch:
+        pytest.importorskip(mode.lower())
+    script = tmp_path / "multi_process_script.py"
+    script.write_text(textwrap.dedent(MULTI_PROCESS_SCRIPT.format(patch=patch, mode=mode, define=define)))
+    logs = tmp_path / "stderr.txt"
+    with logs.open("w") as stderr:
+        child = subprocess.Popen([sys.executable, "-W", "ignore", str(script), queue_name], stdout=subprocess.PIPE,
+                                 stderr=stderr, text=True, env=subprocess_env(isolated_settings))
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=read_lines, args=(child.stdout, lines), daemon=True).start()
+    seen: list[str] = []
+    try:
+        while len({line for line in seen if line.startswith("ran ")}) < 4:
+            try:
+                line = lines.get(timeout=LINE_TIMEOUT)
+            except queue.Empty:
+                pytest.fail(f"the calls did not all run within {LINE_TIMEOUT:.0f}s: {seen}\n{logs.read_text()}")
+            if line is None:
+                pytest.fail(f"the script ended (exit code {child.wait(5)}): {seen}\n{logs.read_text()}")
+            seen.append(line)
+        child.send_signal(sig)
+        code = child.wait(20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(5)
+    output = logs.read_text()
+    rest = []
+    while (line := lines.get(timeout=5)) is not None:
+        rest.append(line)
+    assert code == 0, f"exit code {code} after {signal.Signals(sig).name}\n{output}"
+    assert "returned" in rest and "Traceback" not in output, output
+    assert "stopping the children" in output and "supervisor of" not in output, output  # not its error path

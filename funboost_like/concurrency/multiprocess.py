@@ -298,8 +298,8 @@ class ProcessSupervisor:
 
     # -- signals -----------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
+        """In the main thread (elsewhere ``signal.signal`` refuses; no ``threading.main_thread()`` test,
+        which eventlet's monkey patch answers wrongly even in the main thread)."""
         for signum in _SIGNALS:
             try:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
@@ -307,11 +307,12 @@ class ProcessSupervisor:
                 self.logger.debug("cannot install a handler for signal %s", signum)
 
     def _restore_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
         for signum, previous in list(self._previous_handlers.items()):
-            if signal.getsignal(signum) == self._on_signal:
-                signal.signal(signum, previous)
+            try:
+                if signal.getsignal(signum) == self._on_signal:
+                    signal.signal(signum, previous)
+            except (ValueError, OSError):  # not the main thread: the handler stays, and passes signals on
+                self.logger.debug("cannot restore the handler of signal %s", signum)
             del self._previous_handlers[signum]
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -451,6 +451,7 @@ class Consumer:
                 break
             if self._stop.is_set():
                 broker.release([suspect])
+                self.stats.counts[RELEASED] += 1
                 return started, finished
             pool.submit(self._submit_target, suspect)
             started += 1
@@ -462,8 +463,9 @@ class Consumer:
         started (on stop, the others go back to the broker)."""
         process = self._submit_target
         for index, delivery in enumerate(deliveries):
-            if limiter is not None and not limiter.wait(self._stop):
+            if limiter is not None and not limiter.wait(self._stop):  # stopping: the rest go back unstarted
                 broker.release(deliveries[index:])
+                self.stats.counts[RELEASED] += len(deliveries) - index
                 return index
             pool.submit(process, delivery)
         return len(deliveries)
@@ -777,9 +779,12 @@ class Consumer:
         kwargs = call.message.kwargs
         try:
             result = self.function(**kwargs) if self.signature.multi_params else self.function(kwargs)
-        except BaseException:
+        except BaseException as exc:
             if run.finish():
                 raise _Abandoned() from None
+            if type(exc) is FunctionTimeoutError and not exc.args:  # the watchdog's (a class): say which limit
+                raise FunctionTimeoutError(f"the call took longer than function_timeout={timeout}s").with_traceback(
+                    exc.__traceback__) from None
             raise
         if run.finish():
             raise _Abandoned()
