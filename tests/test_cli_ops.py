@@ -122,6 +122,42 @@ def test_every_verb_answers_in_json_and_in_text(queue_name: str, capsys: pytest.
     assert run_json(capsys, "purge", queue_name, "--yes")["purged"] == 3
 
 
+def test_one_dead_letter_is_taken_by_index_only_if_it_is_still_the_listed_task(
+        queue_name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Index 0 is the newest letter, so a failure between the listing and the command shifted every index
+    and the CLI silently took another call: it now names the task it took and takes --task-id."""
+    @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE, max_retry_times=0, is_print_detail_exception=False,
+               log_level=logging.CRITICAL)
+    def f(x: int) -> None:
+        raise ValueError(x)
+
+    f.push(1)
+    f.push(2)
+    f.consume()
+    wait_for(lambda: len(run_json(capsys, "dead", queue_name)) == 2, what="two dead letters")
+    listed = run_json(capsys, "dead", queue_name)
+    f.push(3)  # one more failure: every index moves
+    wait_for(lambda: len(run_json(capsys, "dead", queue_name)) == 3, what="the third dead letter")
+    assert main(["delete-dead", queue_name, "--index", "1", "--task-id", listed[1]["task_id"]]) == 1
+    assert "no longer task" in capsys.readouterr().err
+    taken = run_json(capsys, "delete-dead", queue_name, "--index", "2", "--task-id", listed[1]["task_id"])
+    assert (taken["deleted"], taken["task_id"]) == (1, listed[1]["task_id"])
+    assert listed[1]["task_id"] not in [row["task_id"] for row in run_json(capsys, "dead", queue_name)]
+
+
+def test_a_broker_kind_number_and_an_infinite_qps(queue_name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE)
+    def f(x: int) -> None:
+        return None
+
+    f.push(1)
+    number = str(int(BrokerEnum.PERSISTQUEUE))
+    assert run_json(capsys, "status", queue_name, "--broker", number)["depth"] == 1  # "a kind name or number"
+    with pytest.raises(SystemExit) as usage:
+        main(["qps", queue_name, "inf"])
+    assert usage.value.code == 2 and "finite number" in capsys.readouterr().err
+
+
 def test_unknown_queue_and_unreachable_broker_exit_non_zero(queue_name: str, isolated_settings: Path) -> None:
     env = subprocess_env(isolated_settings)
     done = cli(env, "status", queue_name)

@@ -50,6 +50,73 @@ def _pause_and_resume(kind: BrokerEnum, queue_name: str) -> None:
     assert time.monotonic() - started < 1.5
 
 
+def test_a_consumer_started_on_a_paused_or_throttled_queue_obeys_from_its_first_call(queue_name: str) -> None:
+    """It ran a whole batch (paused) or an unlimited burst (qps lowered) before the agent's first round read
+    the control record."""
+    ran: list[int] = []
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE, concurrent_num=20, log_level=logging.WARNING)
+    def f(x: int) -> None:
+        ran.append(x)
+
+    for i in range(40):
+        f.push(i)  # the queue is known to the registry from here
+    service = OpsService(kinds=[BrokerEnum.PERSISTQUEUE])
+    service.pause(queue_name)
+    service.set_qps(queue_name, 2)
+    f.consume()
+    time.sleep(1.0)
+    assert ran == [] and f.get_message_count() == 40
+    service.resume(queue_name)
+    wait_for(lambda: ran, what="the first call after resume")
+    time.sleep(1.0)
+    assert 1 <= len(ran) <= 4  # 2 per second, not a burst of 20 or more
+
+
+def test_time_left_counts_the_calls_that_fail_for_good_too(queue_name: str) -> None:
+    """They leave the queue as well: a queue whose calls all failed showed no time left while emptying."""
+    @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE, qps=10, max_retry_times=0,
+               is_print_detail_exception=False, log_level=logging.CRITICAL)
+    def f(x: int) -> None:
+        raise ValueError(x)
+
+    f.publish_many([{"x": i} for i in range(200)])
+    f.consume()
+    service = OpsService(kinds=[BrokerEnum.PERSISTQUEUE])
+    status = wait_for(lambda: (s := service.status(queue_name))["failed_per_second"] > 0 and s, timeout=10,
+                      what="a failure rate")
+    assert status["done_per_second"] == 0 and status["seconds_left"] is not None
+    assert status["seconds_left"] == round(status["depth"] / status["failed_per_second"], 1)
+
+
+def test_a_pause_is_confirmed_while_every_slot_runs_a_long_call(queue_name: str) -> None:
+    """The fetcher asks before its next fetch, so the pause holds at once; it was reported as not applied
+    until a running call ended."""
+    release = threading.Event()
+    ran: list[int] = []
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE, concurrent_num=1, log_level=logging.WARNING)
+    def f(x: int) -> None:
+        ran.append(x)
+        release.wait(20)
+
+    f.push(1)
+    f.push(2)
+    f.consume()
+    service = OpsService(kinds=[BrokerEnum.PERSISTQUEUE])
+    wait_for(lambda: ran == [1] and service.workers(queue_name), what="the first call running")
+    try:
+        service.pause(queue_name)
+        applied = service.wait_applied(queue_name, timeout=3)
+        assert (applied["consumers"], applied["confirmed"]) == (1, 1)
+    finally:
+        release.set()
+    time.sleep(0.5)
+    assert ran == [1]  # and it holds: the second call waits
+    service.resume(queue_name)
+    wait_for(lambda: ran == [1, 2], what="the second call after resume")
+
+
 def test_pause_and_resume_on_memory(queue_name: str) -> None:
     _pause_and_resume(BrokerEnum.MEMORY, queue_name)
 
@@ -148,6 +215,59 @@ def test_dead_letters_requeued_and_deleted(kind: BrokerEnum, queue_name: str) ->
     assert service.dead(queue_name) == []
 
 
+def test_a_requeued_dead_letter_is_published_anew(queue_name: str) -> None:
+    """It kept its first publish time: on a queue with msg_expire_senconds, requeuing an older letter only
+    had it skipped as expired, and the queue's oldest-message age counted from its first publish."""
+    from funboost_like.core.message import due_time
+
+    broken = threading.Event()
+    broken.set()
+    ran: list[int] = []
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE, max_retry_times=0, msg_expire_senconds=1,
+               is_print_detail_exception=False, log_level=logging.CRITICAL)
+    def f(x: int) -> None:
+        if broken.is_set():
+            raise ValueError(x)
+        ran.append(x)
+
+    f.push(1)
+    f.consume()
+    service = OpsService(kinds=[BrokerEnum.PERSISTQUEUE])
+    [letter] = wait_for(lambda: service.dead(queue_name), what="the dead letter")
+    time.sleep(1.2)  # older than its expiry now
+    f.stop()
+    f.consumer.join(5)
+    assert service.requeue_dead(queue_name, all_letters=True)["requeued"] == 1
+    [head] = f.broker.heads(queue_name)
+    assert time.time() - (due_time(head) or 0) < 1.0  # waiting since the requeue
+    broken.clear()
+    f.consume()
+    wait_for(lambda: ran == [1], what="the requeued call to run")
+
+
+def test_a_text_search_of_call_records_goes_past_its_first_scan(queue_name: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """It looked at the newest SEARCH_SCAN_LIMIT records only and said there were none."""
+    from funboost_like.ops import records
+
+    @task_deco(queue_name, log_level=logging.CRITICAL,
+               function_result_status_persistance_conf=FunctionResultStatusPersistanceConfig(is_save_status=True))
+    def f(note: str) -> None:
+        return None
+
+    f.push("the needle")
+    for i in range(14):
+        f.push(f"hay {i}")
+    f.consume()
+    service = OpsService()
+    wait_for(lambda: len(service.tasks(queue_name, state="finished", limit=100)) == 15, what="15 records")
+    monkeypatch.setattr(records, "SEARCH_SCAN_LIMIT", 10)
+    [row] = service.tasks(queue_name, search="NEEDLE")
+    assert row["kwargs"] == {"note": "the needle"}
+    assert len(service.tasks(queue_name, search="hay", limit=12)) == 12
+
+
 def test_retry_a_failed_call_from_its_record_and_purge(queue_name: str) -> None:
     broken = threading.Event()
     broken.set()
@@ -171,6 +291,7 @@ def test_retry_a_failed_call_from_its_record_and_purge(queue_name: str) -> None:
     broken.clear()
     retried = service.retry(failed_id)
     assert retried["retry_of"] == failed_id and retried["task_id"] != failed_id
+    assert service.task(retried["task_id"])["kwargs"] == {"x": 7}  # its record exists at once (it did not)
     wait_for(lambda: ran == [7], what="the retried call")
     with pytest.raises(TaskNotFound):
         service.task("no-such-task")

@@ -207,6 +207,13 @@ def test_actions_need_the_csrf_token_and_work_with_it(server: DashboardServer, q
     assert client.api(f"/api/queues/{quote(queue_name)}")["qps"] == 7
     assert client.request("POST", f"{page}/resume", {"csrf": csrf})[0] == 303
     assert client.api(f"/api/queues/{quote(queue_name)}")["paused"] is False
+    for action, form in (("pause", {"wait": "abc"}), ("qps", {"qps": "inf"}), ("qps", {"qps": "x"})):
+        # refused before anything is changed (a bad wait answered 400 once the queue was paused already)
+        answer = client.request("POST", f"/api/queues/{quote(queue_name)}/{action}", form,
+                                headers={"X-CSRF-Token": csrf})
+        assert answer[0] == 400 and "must be a" in answer[2]
+    status = client.api(f"/api/queues/{quote(queue_name)}")
+    assert (status["paused"], status["qps"]) == (False, 7)
 
 
 def test_delayed_messages_are_listed_with_their_due_time(server: DashboardServer, queue_name: str) -> None:

@@ -184,6 +184,8 @@ def resolve_kind(kind: BrokerKind) -> BrokerEnum:
         return kind
     if isinstance(kind, bool):
         raise BrokerNotAvailable(f"broker_kind must be a BrokerEnum, int or name, not {kind!r}")
+    if isinstance(kind, str) and kind.strip().isdigit():  # a number given as text (--broker 6)
+        kind = int(kind)
     if isinstance(kind, int):
         try:
             return BrokerEnum(kind)

@@ -299,6 +299,11 @@ class Consumer:
         return self._pool.worker_count if self._pool is not None else 0
 
     @property
+    def waiting_for_a_slot(self) -> bool:
+        """The fetcher waits for a free slot (every one busy); it asks its gates before its next fetch."""
+        return self._fetcher_waiting
+
+    @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -330,6 +335,7 @@ class Consumer:
         assert pool is not None
         queue = self.queue_name
         capacity = self.params.concurrent_num
+        self._first_look()
         qps, limiter, batch, inline = self._pacing(capacity)
         stop = self._stop
         handed_over = False
@@ -480,6 +486,11 @@ class Consumer:
         except Exception:
             self.logger.exception("fetching from queue %r failed; retrying", self.queue_name)
             return None
+
+    def _first_look(self) -> None:
+        """The gates' first look, before the pace is set: it may change it (a control record read at start)."""
+        if self._gates:
+            self._paused(False, [])
 
     def _pacing(self, capacity: int, current: _Pace | None = None) -> _Pace:
         """The fetcher's pace at the target qps: (qps, rate limiter, batch size, inline runner); ``current``

@@ -229,6 +229,23 @@ def decode(body: bytes, signature: FunctionSignature) -> DecodedMessage:
     return DecodedMessage(data, extra)
 
 
+def republished(body: bytes, now: float) -> bytes:
+    """``body`` published again at ``now`` (a dead letter requeued): its publish time is ``now`` (the first
+    one kept as ``first_publish_time``) and its countdown or eta is dropped, so it is not taken for expired
+    or misfired, nor counted as waiting since its first publish. A body that is no message is kept as is."""
+    try:
+        data = codec.loads(body)
+    except codec.DecodeFailure:
+        return body
+    extra = data.get(EXTRA_KEY) if isinstance(data, dict) else None
+    if not isinstance(extra, dict):
+        return body
+    extra = {key: value for key, value in extra.items() if key not in ("run_at", "countdown", "eta")}
+    extra.setdefault("first_publish_time", extra.get("publish_time"))
+    extra.update(publish_time=now, publish_time_format=format_publish_time(now))
+    return bytes(codec.dumps({**data, EXTRA_KEY: extra}))
+
+
 def due_time(body: bytes) -> float | None:
     """When a message became due: its ``run_at`` (a countdown or eta), else its publish time; None for a
     body that carries neither (written by hand) or is not a message at all."""

@@ -77,11 +77,23 @@ class OpsMiddleware(Middleware):
             self.active = True
             self.started_at = time.time()
             self.worker_id = registry.worker_id()
+            self._read_control()
             agent.add(self)
         if self.observed is not self.paused:
             self.observed = self.paused
             agent.wake()
         return self.pause
+
+    def _read_control(self) -> None:
+        """Before the first fetch: a consumer started on a paused or throttled queue obeys from its first
+        call, not from the agent's first round (it ran a whole batch, or an unlimited burst, before)."""
+        queue = self.consumer.queue_name
+        try:
+            control = registry.read_controls(registry.ops_store(self.consumer.broker), [queue]).get(queue, {})
+        except Exception as exc:  # noqa: BLE001 - the agent applies it once the registry answers
+            logger.warning("could not read the control record of queue %r before consuming (%s)", queue, exc)
+            return
+        apply_control(self, control)
 
     def close(self) -> None:
         agent.remove(self)
@@ -92,7 +104,13 @@ class OpsMiddleware(Middleware):
 
     def state(self) -> tuple[bool, float]:
         """(paused, qps) as the fetcher applies them now."""
-        return self.observed, self.consumer.qps_in_effect
+        return self.applied_pause(), self.consumer.qps_in_effect
+
+    def applied_pause(self) -> bool:
+        """The pause in effect: what the fetcher last saw, or what is asked while every slot is busy (the
+        fetcher asks before its next fetch, so no call starts meanwhile: confirmed at once, not when a
+        long call ends)."""
+        return self.paused if self.consumer.waiting_for_a_slot else self.observed
 
     def record(self, interval: float) -> dict[str, Any]:
         """This consumer's worker record now (computes the rates since the previous record)."""
@@ -119,7 +137,7 @@ class OpsMiddleware(Middleware):
             "rate_last_minute": round(consumer.stats.rate(), 3), "succeeded": counts[SUCCEEDED],
             "failed": counts[FAILED] + counts[DEAD_LETTERED], "in_flight": in_flight,
             "threads": consumer.worker_count, "concurrent_num": params.concurrent_num,
-            "qps": consumer.qps_in_effect, "paused": self.observed, "params": public_params(consumer),
+            "qps": consumer.qps_in_effect, "paused": self.applied_pause(), "params": public_params(consumer),
         }
 
 

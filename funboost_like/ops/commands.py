@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -62,6 +63,8 @@ def add_ops_commands(commands: Any) -> None:
         which = parser.add_mutually_exclusive_group(required=True)
         which.add_argument("--all", action="store_true", help="every dead letter")
         which.add_argument("--index", type=int, help="the one at this index of `dead QUEUE` (0: the newest)")
+        parser.add_argument("--task-id", metavar="ID", help="with --index: only if that letter is still this "
+                                                           "task (a newer failure shifts every index)")
     verb("purge", _purge, _print_mapping, "delete every waiting message of a queue").add_argument(
         "--yes", action="store_true", help="really delete them")
     for name in ("pause", "resume"):
@@ -92,7 +95,10 @@ def _run(args: argparse.Namespace, run: Run, printer: Callable[[Any], None]) -> 
 
 def _dead_action(method: str) -> Run:
     def action(service: OpsService, args: argparse.Namespace) -> Any:
-        return getattr(service, method)(args.queue, all_letters=args.all, index=args.index or 0)
+        if args.task_id is not None and args.index is None:
+            raise ValueError("--task-id goes with --index")
+        return getattr(service, method)(args.queue, all_letters=args.all, index=args.index or 0,
+                                        task_id=args.task_id)
 
     return action
 
@@ -215,8 +221,8 @@ def _qps_argument(text: str) -> float | None:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of calls per second (or 'default')") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: the qps must be >= 0")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: the qps must be a finite number >= 0 (0: no limit)")
     return value
 
 

@@ -20,8 +20,15 @@ from typing import TYPE_CHECKING, Any
 from funboost_like.core import codec
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import FunboostLikeError
-from funboost_like.core.message import EXTRA_KEY, encode
-from funboost_like.core.status_store import STATUSES, StatusRecord, open_status_store
+from funboost_like.core.message import EXTRA_KEY, encode, republished
+from funboost_like.core.status_store import (
+    NOT_STARTED,
+    STATUSES,
+    StatusEvent,
+    StatusRecord,
+    open_status_store,
+    to_json,
+)
 from funboost_like.ops import task_search
 
 if TYPE_CHECKING:
@@ -64,12 +71,24 @@ class CallRecords:
             return [_row(r) for r in store.query(status=state, limit=limit)]
         needle = search.lower()
         found: list[dict[str, Any]] = []
-        for record in store.query(status=state, limit=SEARCH_SCAN_LIMIT):
+        records = store.query(status=state, limit=SEARCH_SCAN_LIMIT)
+        for record in records:
             text = f"{record.task_id}\n{codec.dumps(record.kwargs).decode()}\n{record.exception or ''}".lower()
             if needle in text:
                 found.append(_row(record))
                 if len(found) >= limit:
-                    break
+                    return found
+        if len(records) < SEARCH_SCAN_LIMIT:
+            return found
+        seen = {row["task_id"] for row in found}  # older records: the files' keyset search goes on to the end
+        cursor = None
+        while len(found) < limit:
+            page = self.search_tasks(queue, state=state, search=search, cursor=cursor, limit=limit)
+            found += [row for row in page["rows"] if row["task_id"] not in seen][:limit - len(found)]
+            seen.update(row["task_id"] for row in page["rows"])
+            cursor = page["next"]
+            if cursor is None:
+                break
         return found
 
     def search_tasks(self, queue: str, *, state: str | None = None, search: str | None = None,
@@ -117,6 +136,14 @@ class CallRecords:
         kind = self.kind_of(name)
         new_id, body = encode(dict(record.kwargs), {"retry_of": task_id})
         self.broker(kind).publish(name, body)
+        # Its own not_started record, as a publisher's would write: its page exists at once (it 404ed
+        # until a consumer ran it), kept as long as the old record was
+        now = time.time()
+        span = None if record.expires_at is None else record.expires_at - (record.publish_time or record.updated_at)
+        store = open_status_store(name)
+        store.record(StatusEvent(new_id, name, NOT_STARTED, now, kwargs=to_json(record.kwargs),
+                                 publish_time=now, expires_at=None if span is None else now + span))
+        store.flush()
         return {"queue": name, "broker": kind.name, "retry_of": task_id, "task_id": new_id}
 
     # -- delayed messages and dead letters -------------------------------------------------------
@@ -166,7 +193,7 @@ class CallRecords:
             if requeue:
                 fresh = letters[:len(letters) - done]  # newest first: the ones not yet published
                 for letter in reversed(fresh):
-                    broker.publish(queue, letter.body)
+                    broker.publish(queue, republished(letter.body, time.time()))
             done = len(letters)
             letters = _listing(broker, queue, _ALL)
             if len(letters) == done:
@@ -188,16 +215,17 @@ class CallRecords:
         if index < 0 or index >= len(letters):
             raise FunboostLikeError(f"queue {queue!r} has no dead letter at index {index} ({len(letters)} listed)")
         letter = letters[index]
-        if task_id is not None and _letter(index, letter)["task_id"] != task_id:
+        found = _letter(index, letter)["task_id"]
+        if task_id is not None and found != task_id:
             raise FunboostLikeError(f"dead letter {index} of queue {queue!r} is no longer task {task_id!r}: "
                                     "the listing changed; list the dead letters again")
         if requeue:
-            broker.publish(queue, letter.body)
+            broker.publish(queue, republished(letter.body, time.time()))
         removed = broker.remove_dead_letter(queue, letter)
         if requeue and not removed:
             logger.warning("dead letter %d of queue %r was requeued, and someone else took it out meanwhile: "
                            "its call may run twice", index, queue)
-        return {"queue": queue, "broker": kind.name, verb: 1 if requeue or removed else 0}
+        return {"queue": queue, "broker": kind.name, verb: 1 if requeue or removed else 0, "task_id": found}
 
     # -- timing jobs --------------------------------------------------------------------------
     @staticmethod

@@ -12,6 +12,7 @@ the default embedded SQLite broker. A queue's broker is the kind its registry re
 
 from __future__ import annotations
 
+import math
 import queue as queue_module
 import threading
 import time
@@ -231,7 +232,7 @@ class OpsService(CallRecords):
             summary["dead_letters"] = len(broker.list_dead_letters(queue, 10_000))
         except NotImplementedError:
             summary["dead_letters"] = None
-        rate = summary["done_per_second"]
+        rate = summary["done_per_second"] + summary["failed_per_second"]  # a failure for good leaves the queue too
         depth = summary["depth"]
         summary["seconds_left"] = round(depth / rate, 1) if rate > 0 and depth else (0.0 if depth == 0 else None)
         summary["workers"] = self.workers(queue)
@@ -246,8 +247,8 @@ class OpsService(CallRecords):
 
     def set_qps(self, queue: str, qps: float | None) -> dict[str, Any]:
         """Set the queue's qps for its running consumers (None: back to the decorator's)."""
-        if qps is not None and not qps >= 0:
-            raise ValueError(f"qps must be a number >= 0, got {qps!r}")
+        if qps is not None and not 0 <= qps < math.inf:
+            raise ValueError(f"qps must be a finite number >= 0 (0: no limit), got {qps!r}")
         return self._control(queue, qps=qps)
 
     def _control(self, queue: str, **changes: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ Every page and every ``/api/...`` answer comes from :class:`~funboost_like.ops.s
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -234,12 +235,13 @@ class Dashboard:
     @staticmethod
     def _queue_action(service: OpsService, queue: str, action: str, form: dict[str, str]) -> dict[str, Any]:
         if action in ("pause", "resume", "qps"):
+            wait = _number(form, "wait", 2.0)  # every parameter checked before anything is changed
             if action == "qps":
                 raw = form.get("qps", "").strip().lower()
-                result = service.set_qps(queue, None if raw in ("", "default") else float(raw))
+                result = service.set_qps(queue, None if raw in ("", "default") else _number(form, "qps", 0.0))
             else:
                 result = service.pause(queue) if action == "pause" else service.resume(queue)
-            result.update(service.wait_applied(queue, timeout=float(form.get("wait", 2.0))))
+            result.update(service.wait_applied(queue, timeout=wait))
             return result
         if action == "purge":
             if form.get("confirm") != queue:
@@ -249,6 +251,20 @@ class Dashboard:
         if "index" in form:  # one letter, from the dead letters page
             return method(queue, index=_integer(form, "index", 0), task_id=form.get("task_id") or None)
         return method(queue, all_letters=True)
+
+
+def _number(values: Mapping[str, str], name: str, default: float) -> float:
+    """The finite number parameter ``name`` (``default`` when absent); 400 with its name when it is not one."""
+    raw = values.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise HttpError(400, f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise HttpError(400, f"{name} must be a finite number, got {raw!r}")
+    return value
 
 
 def _integer(values: Mapping[str, str], name: str, default: int) -> int:
