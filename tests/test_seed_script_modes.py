@@ -23,17 +23,19 @@ from .conftest import subprocess_env
 SEED_SCRIPT = """
 {patch}
 import sys
-from funboost_like import task_deco, ConcurrentModeEnum
+from funboost_like import task_deco, ConcurrentModeEnum, run_consumer_with_multi_process
 
 @task_deco(sys.argv[1], concurrent_mode=ConcurrentModeEnum.{mode})
 {define} f(x):
     print("ran", x, flush=True)
 
 if __name__ == "__main__":
-    for i in range(5):
+    for i in range({calls}):
         f.push(i)
-    f.consume()
+    {run}
 """
+SINGLE = {"calls": 5, "run": "f.consume()"}
+MULTI_PROCESS = {"calls": 4, "run": 'run_consumer_with_multi_process(f, 2); print("returned", flush=True)'}
 
 MODES = {
     "THREADING": ("", "def"),
@@ -48,6 +50,23 @@ def read_lines(stream: object, lines: queue.Queue[str | None]) -> None:
     for line in stream:  # type: ignore[attr-defined]
         lines.put(line.strip())
     lines.put(None)  # end of output: the process closed its stdout
+
+
+def start_script(tmp_path: Path, isolated_settings: Path, queue_name: str, mode: str, shape: dict[str, object]
+                 ) -> tuple[subprocess.Popen[str], queue.Queue[str | None], Path]:
+    """Write the seed-shaped script in ``mode`` and start it; its stdout lines arrive in the queue."""
+    patch, define = MODES[mode]
+    if patch:
+        pytest.importorskip(mode.lower())
+    script = tmp_path / "seed_script.py"
+    script.write_text(textwrap.dedent(SEED_SCRIPT.format(patch=patch, mode=mode, define=define, **shape)))
+    logs = tmp_path / "stderr.txt"
+    with logs.open("w") as stderr:
+        child = subprocess.Popen([sys.executable, "-W", "ignore", str(script), queue_name], stdout=subprocess.PIPE,
+                                 stderr=stderr, text=True, env=subprocess_env(isolated_settings))
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=read_lines, args=(child.stdout, lines), daemon=True).start()
+    return child, lines, logs
 
 
 def wait_for_line(lines: queue.Queue[str | None], wanted: str, child: subprocess.Popen[str], logs: Path) -> None:
@@ -67,17 +86,7 @@ def wait_for_line(lines: queue.Queue[str | None], wanted: str, child: subprocess
 @pytest.mark.parametrize("mode", list(MODES))
 def test_a_seed_script_keeps_consuming_after_its_last_line(isolated_settings: Path, tmp_path: Path, queue_name: str,
                                                            mode: str, sig: int) -> None:
-    patch, define = MODES[mode]
-    if patch:
-        pytest.importorskip(mode.lower())
-    script = tmp_path / "seed_script.py"
-    script.write_text(textwrap.dedent(SEED_SCRIPT.format(patch=patch, mode=mode, define=define)))
-    logs = tmp_path / "stderr.txt"
-    with logs.open("w") as stderr:
-        child = subprocess.Popen([sys.executable, "-W", "ignore", str(script), queue_name], stdout=subprocess.PIPE,
-                                 stderr=stderr, text=True, env=subprocess_env(isolated_settings))
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=read_lines, args=(child.stdout, lines), daemon=True).start()
+    child, lines, logs = start_script(tmp_path, isolated_settings, queue_name, mode, SINGLE)
     try:
         for i in range(5):
             wait_for_line(lines, f"ran {i}", child, logs)
@@ -103,23 +112,6 @@ def test_a_seed_script_keeps_consuming_after_its_last_line(isolated_settings: Pa
     assert f"stopped consuming queue {queue_name!r}" in output, output  # the graceful stop ran
 
 
-MULTI_PROCESS_SCRIPT = """
-{patch}
-import sys
-from funboost_like import task_deco, ConcurrentModeEnum, run_consumer_with_multi_process
-
-@task_deco(sys.argv[1], concurrent_mode=ConcurrentModeEnum.{mode})
-{define} f(x):
-    print("ran", x, flush=True)
-
-if __name__ == "__main__":
-    for i in range(4):
-        f.push(i)
-    run_consumer_with_multi_process(f, 2)
-    print("returned", flush=True)
-"""
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("mode", "sig"), [*[(mode, signal.SIGTERM) for mode in MODES], ("EVENTLET", signal.SIGINT)],
                          ids=lambda value: value if isinstance(value, str) else signal.Signals(value).name)
@@ -127,17 +119,7 @@ def test_a_signal_to_a_multi_process_script_stops_its_children_and_returns(
         isolated_settings: Path, tmp_path: Path, queue_name: str, mode: str, sig: int) -> None:
     """Under eventlet's monkey patch the supervisor took its own main thread for another one and installed
     no signal handler: SIGTERM killed it at once (its children orphaned), SIGINT ended in a traceback."""
-    patch, define = MODES[mode]
-    if patch:
-        pytest.importorskip(mode.lower())
-    script = tmp_path / "multi_process_script.py"
-    script.write_text(textwrap.dedent(MULTI_PROCESS_SCRIPT.format(patch=patch, mode=mode, define=define)))
-    logs = tmp_path / "stderr.txt"
-    with logs.open("w") as stderr:
-        child = subprocess.Popen([sys.executable, "-W", "ignore", str(script), queue_name], stdout=subprocess.PIPE,
-                                 stderr=stderr, text=True, env=subprocess_env(isolated_settings))
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=read_lines, args=(child.stdout, lines), daemon=True).start()
+    child, lines, logs = start_script(tmp_path, isolated_settings, queue_name, mode, MULTI_PROCESS)
     seen: list[str] = []
     try:
         while len({line for line in seen if line.startswith("ran ")}) < 4:

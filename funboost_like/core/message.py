@@ -229,17 +229,24 @@ def decode(body: bytes, signature: FunctionSignature) -> DecodedMessage:
     return DecodedMessage(data, extra)
 
 
+def _with_extra(body: bytes) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A message body as (data, its ``extra``), or None for a body that is no message with an ``extra``."""
+    try:
+        data = codec.loads(body)
+    except codec.DecodeFailure:
+        return None
+    extra = data.get(EXTRA_KEY) if isinstance(data, dict) else None
+    return (data, extra) if isinstance(extra, dict) else None
+
+
 def republished(body: bytes, now: float) -> bytes:
     """``body`` published again at ``now`` (a dead letter requeued): its publish time is ``now`` (the first
     one kept as ``first_publish_time``) and its countdown or eta is dropped, so it is not taken for expired
     or misfired, nor counted as waiting since its first publish. A body that is no message is kept as is."""
-    try:
-        data = codec.loads(body)
-    except codec.DecodeFailure:
+    found = _with_extra(body)
+    if found is None:
         return body
-    extra = data.get(EXTRA_KEY) if isinstance(data, dict) else None
-    if not isinstance(extra, dict):
-        return body
+    data, extra = found
     extra = {key: value for key, value in extra.items() if key not in ("run_at", "countdown", "eta")}
     extra.setdefault("first_publish_time", extra.get("publish_time"))
     extra.update(publish_time=now, publish_time_format=format_publish_time(now))
@@ -249,12 +256,9 @@ def republished(body: bytes, now: float) -> bytes:
 def due_time(body: bytes) -> float | None:
     """When a message became due: its ``run_at`` (a countdown or eta), else its publish time; None for a
     body that carries neither (written by hand) or is not a message at all."""
-    try:
-        data = codec.loads(body)
-    except codec.DecodeFailure:
+    found = _with_extra(body)
+    if found is None:
         return None
-    extra = data.get(EXTRA_KEY) if isinstance(data, dict) else None
-    if not isinstance(extra, dict):
-        return None
+    extra = found[1]
     due = extra.get("run_at", extra.get("publish_time"))
     return float(due) if isinstance(due, (int, float)) and not isinstance(due, bool) else None
