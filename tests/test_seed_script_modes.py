@@ -6,12 +6,14 @@ consuming until SIGINT/SIGTERM, then stop gracefully and exit cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -70,15 +72,31 @@ def start_script(tmp_path: Path, isolated_settings: Path, queue_name: str, mode:
 
 
 def wait_for_line(lines: queue.Queue[str | None], wanted: str, child: subprocess.Popen[str], logs: Path) -> None:
-    while True:
+    wait_for_lines(lines, {wanted}, child, logs)
+
+
+def wait_for_lines(lines: queue.Queue[str | None], wanted: set[str], child: subprocess.Popen[str], logs: Path) -> None:
+    """Read lines until each of ``wanted`` came, in any order (children of one script print in any order)."""
+    missing = set(wanted)
+    while missing:
         try:
             line = lines.get(timeout=LINE_TIMEOUT)
         except queue.Empty:
-            pytest.fail(f"no {wanted!r} within {LINE_TIMEOUT:.0f}s\n{logs.read_text()}")
+            pytest.fail(f"no {sorted(missing)} within {LINE_TIMEOUT:.0f}s\n{logs.read_text()}")
         if line is None:
-            pytest.fail(f"the script ended (exit code {child.wait(5)}) before printing {wanted!r}\n{logs.read_text()}")
-        if line == wanted:
-            return
+            pytest.fail(f"the script ended (exit code {child.wait(5)}) before printing {sorted(missing)}\n"
+                        f"{logs.read_text()}")
+        missing.discard(line)
+
+
+@contextlib.contextmanager
+def killed_at_the_end(child: subprocess.Popen[str]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(5)
 
 
 @pytest.mark.timeout(60)
@@ -87,7 +105,7 @@ def wait_for_line(lines: queue.Queue[str | None], wanted: str, child: subprocess
 def test_a_seed_script_keeps_consuming_after_its_last_line(isolated_settings: Path, tmp_path: Path, queue_name: str,
                                                            mode: str, sig: int) -> None:
     child, lines, logs = start_script(tmp_path, isolated_settings, queue_name, mode, SINGLE)
-    try:
+    with killed_at_the_end(child):
         for i in range(5):
             wait_for_line(lines, f"ran {i}", child, logs)
 
@@ -102,10 +120,6 @@ def test_a_seed_script_keeps_consuming_after_its_last_line(isolated_settings: Pa
 
         child.send_signal(sig)
         code = child.wait(15)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(5)
     output = logs.read_text()
     assert code == 0, f"exit code {code} after {signal.Signals(sig).name}\n{output}"
     assert "Traceback" not in output, output
@@ -120,22 +134,10 @@ def test_a_signal_to_a_multi_process_script_stops_its_children_and_returns(
     """Under eventlet's monkey patch the supervisor took its own main thread for another one and installed
     no signal handler: SIGTERM killed it at once (its children orphaned), SIGINT ended in a traceback."""
     child, lines, logs = start_script(tmp_path, isolated_settings, queue_name, mode, MULTI_PROCESS)
-    seen: list[str] = []
-    try:
-        while len({line for line in seen if line.startswith("ran ")}) < 4:
-            try:
-                line = lines.get(timeout=LINE_TIMEOUT)
-            except queue.Empty:
-                pytest.fail(f"the calls did not all run within {LINE_TIMEOUT:.0f}s: {seen}\n{logs.read_text()}")
-            if line is None:
-                pytest.fail(f"the script ended (exit code {child.wait(5)}): {seen}\n{logs.read_text()}")
-            seen.append(line)
+    with killed_at_the_end(child):
+        wait_for_lines(lines, {f"ran {i}" for i in range(4)}, child, logs)
         child.send_signal(sig)
         code = child.wait(20)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(5)
     output = logs.read_text()
     rest = []
     while (line := lines.get(timeout=5)) is not None:
