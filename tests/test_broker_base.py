@@ -185,6 +185,24 @@ def test_the_maintenance_thread_of_a_closed_or_forgotten_broker_ends() -> None:
     assert until(lambda: maintenance_threads() == 0)
 
 
+def test_a_maintenance_thread_that_died_is_started_again_by_the_next_first_fetch() -> None:
+    renewed: list[int] = []
+
+    def renew(name: str, deliveries: Sequence[Delivery]) -> None:
+        renewed.append(1)
+        if len(renewed) == 1:
+            raise SystemExit  # not an Exception: it ends the thread (as a greenlet's kill would)
+
+    broker = Leased(renew=renew)
+    try:
+        broker.fetch(Q, 1, 0)
+        assert until(lambda: maintenance_threads() == 0 and renewed == [1])
+        broker.fetch("another", 1, 0)
+        assert until(lambda: len(renewed) >= 3)
+    finally:
+        broker.close()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_forgets_the_parents_held_tokens() -> None:
     forks: list[int] = []

@@ -31,11 +31,12 @@ class _Rounds:
     """One broker's thread's controls: ``poke`` starts a round now (a queue fetched for the first time
     is swept at once), ``stopped`` ends the thread after the round running now."""
 
-    __slots__ = ("poke", "stopped")
+    __slots__ = ("poke", "stopped", "thread")
 
     def __init__(self) -> None:
         self.poke = threading.Event()
         self.stopped = False
+        self.thread: threading.Thread | None = None
 
 
 class Maintenance:
@@ -49,14 +50,14 @@ class Maintenance:
         """Maintain ``broker`` from now on, with a round at once (sweep what died before we came)."""
         with self._lock:
             rounds = self._rounds.get(broker)
-            started = rounds is not None
             if rounds is None:
                 rounds = self._rounds[broker] = _Rounds()
-        if started:
-            rounds.poke.set()
-        else:
-            threading.Thread(target=_run, args=(weakref.ref(broker), rounds), daemon=True,
-                             name=f"funboost_like-maintenance-{type(broker).__name__}").start()
+            if rounds.thread is not None and rounds.thread.is_alive():
+                rounds.poke.set()
+                return
+            rounds.thread = threading.Thread(target=_run, args=(weakref.ref(broker), rounds), daemon=True,
+                                             name=f"funboost_like-maintenance-{type(broker).__name__}")
+            rounds.thread.start()  # under the lock: a second add meanwhile sees it alive
 
     def discard(self, broker: Maintained) -> None:
         """Stop ``broker``'s rounds (a round running now ends first)."""
