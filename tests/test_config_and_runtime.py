@@ -55,6 +55,26 @@ def test_bad_settings_raise() -> None:
         settings.reset()
 
 
+@pytest.mark.parametrize(("name", "value"), [
+    ("SQLITE_LEASE_SECONDS", 0), ("SQLITE_LEASE_SECONDS", -1), ("SQLITE_LEASE_SECONDS", float("nan")),
+    ("THREAD_KEEP_ALIVE_SECONDS", -1), ("GRACEFUL_STOP_SECONDS", float("inf")), ("KAFKA_PARTITIONS", 0),
+])
+def test_a_number_setting_out_of_range_raises_when_given(name: str, value: float) -> None:
+    """A lease of 0 was taken: the consumer then logged its error every second and never consumed; a
+    negative keep-alive crashed worker threads."""
+    with pytest.raises(ConfigurationError, match=f"{name}=.*must be a finite number"):
+        patch_frame_config(**{name: value})
+    os.environ[f"FUNBOOST_LIKE_{name}"] = str(value)
+    try:
+        settings.reset()
+        with pytest.raises(ConfigurationError, match=f"FUNBOOST_LIKE_{name}\\) must be a finite number"):
+            settings.get(name)
+    finally:
+        del os.environ[f"FUNBOOST_LIKE_{name}"]
+        settings.reset()
+    patch_frame_config(GRACEFUL_STOP_SECONDS=0, ZEROMQ_PORT=0)  # 0 where 0 means something
+
+
 def test_settings_in_code_or_in_the_config_file_are_checked_when_given(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="did you mean SQLITE_LEASE_SECONDS"):
         patch_frame_config(SQLITE_LEASE_SECOND=3)

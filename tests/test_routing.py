@@ -296,6 +296,8 @@ def test_an_exchange_declared_again_with_another_type_keeps_its_first_type(
     ("*", "a", True), ("*", "a.b", False), ("*.*", "a", False), ("a.*", "a", False), ("a.*", "a.b", True),
     ("*.orange.*", "quick.orange.rabbit", True), ("*.orange.*", "quick.orange.male.rabbit", False),
     ("lazy.#", "lazy", True), ("a.b", "a.b", True), ("a.b", "a.c", False),
+    # the empty key has no word at all, as on RabbitMQ (compared there: *, *.# and #.* took it for one)
+    ("*", "", False), ("*.#", "", False), ("#.*", "", False), ("", "", True), ("", "a", False), ("#.#", "", True),
 ])
 def test_topic_matches(binding: str, key: str, expected: bool) -> None:
     assert topic_matches(binding, key) is expected
@@ -448,3 +450,19 @@ def test_redis_routed_priority_out_of_range_raises(redis_broker: Broker, names: 
     with pytest.raises(ConfigurationError, match="priorities"):
         redis_broker.publish_routed(names.exchange, "k", [b"x"], priority=10)
     assert redis_broker.count(queue) == 0
+
+
+def test_cache_mode_and_an_exchange_are_refused_together(queue_name: str) -> None:
+    """A routed copy ran from the cache and took the objects out: every other queue's copy of a fanout
+    message was dead-lettered as "no longer in this process" (lost work)."""
+    from funboost_like.core.errors import ConfigurationError
+
+    exchange = {"exchange_name": f"{queue_name}_x", "exchange_type": "fanout"}
+    with pytest.raises(ConfigurationError, match="use_cache"):
+        task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, use_cache=True,
+                  broker_exclusive_config=exchange)(lambda x: x)
+    f = task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, broker_exclusive_config=exchange)(
+        lambda x: x)
+    with pytest.raises(ConfigurationError, match="use_cache"):
+        f.publish({"x": 1}, PriorityConsumingControlConfig(use_cache=True))
+    assert f.get_message_count() == 0

@@ -108,13 +108,13 @@ def binding_keys(exchange_type: str, keys: str | Sequence[str] | None, queue: st
 
 @functools.lru_cache(maxsize=4096)
 def _words(key: str) -> tuple[str, ...]:
-    return tuple(key.split("."))
+    return tuple(key.split(".")) if key else ()  # "": no word at all, as on RabbitMQ
 
 
 def topic_matches(binding_key: str, routing_key: str) -> bool:
     """Whether ``routing_key`` matches the topic ``binding_key`` (RabbitMQ's semantics): word by word,
     ``*`` one word, ``#`` zero or more words."""
-    pattern, words = _words(binding_key), routing_key.split(".")
+    pattern, words = _words(binding_key), routing_key.split(".") if routing_key else []  # "": no word at all
     # reachable[j]: the pattern read so far can consume exactly the first j words.
     reachable = [True] + [False] * len(words)
     for part in pattern:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import os
 import sys
 import threading
@@ -157,7 +158,7 @@ class _Settings:
         for env_name, name in [*ALIASES.items(), *((name, name) for name in DEFAULTS)]:  # aliases first: own names win
             raw = os.environ.get(ENV_PREFIX + env_name)
             if raw is not None:
-                values[name] = _parse_env(env_name, raw, DEFAULTS[name])
+                values[name] = _in_range(name, _parse_env(env_name, raw, DEFAULTS[name]), f"{ENV_PREFIX}{env_name}")
         values.update(self._patched)
         return values
 
@@ -237,11 +238,30 @@ def _checked(name: str, value: Any, source: str) -> Any:
     elif isinstance(default, (int, float)):
         if not isinstance(value, bool) and isinstance(value, (int, float)) and \
                 (isinstance(default, float) or isinstance(value, int)):
-            return float(value) if isinstance(default, float) else value
+            return _in_range(name, float(value) if isinstance(default, float) else value, source)
     else:
         return value
     kind = "True or False" if isinstance(default, bool) else f"a number ({type(default).__name__})"
     raise ConfigurationError(f"setting {name}={value!r} (from {source}) must be {kind}")
+
+
+# Number settings that must be more than 0 (every number setting must be finite and at least 0)
+_POSITIVE = frozenset({"SQLITE_LEASE_SECONDS", "SQLALCHEMY_LEASE_SECONDS", "MONGO_LEASE_SECONDS",
+                       "DJANGO_LEASE_SECONDS", "SQLITE_FILES_PER_QUEUE", "REDIS_HEARTBEAT_SECONDS",
+                       "REDIS_DEAD_AFTER_SECONDS",
+                       "NATS_ACK_WAIT_SECONDS", "NSQ_MSG_TIMEOUT_SECONDS", "KAFKA_PARTITIONS", "MQTT_RECEIVE_MAXIMUM",
+                       "HTTPSQS_PIPELINE"})
+
+
+def _in_range(name: str, value: Any, source: str) -> Any:
+    """A number setting's value, if it is in range: a wrong one fails here, not in a consumer that retries
+    its fetch forever (a lease of 0) or in a worker thread (a negative keep-alive)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        positive = name in _POSITIVE
+        if not (0 < value if positive else 0 <= value) or value == math.inf:
+            need = "more than 0" if positive else "0 or more"
+            raise ConfigurationError(f"setting {name}={value!r} (from {source}) must be a finite number, {need}")
+    return value
 
 
 def _parse_env(name: str, raw: str, default: Any) -> Any:

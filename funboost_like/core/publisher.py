@@ -49,6 +49,8 @@ class Publisher:
                                                             own_options)
         self._bound_to: Broker | None = None  # the broker this queue's binding was declared on
         self._unindexed: Broker | None = None  # a broker resolved, not yet told to the operations registry
+        if self.routing is not None and params.use_cache:
+            raise ConfigurationError(_CACHE_AND_ROUTING)
 
     @property
     def broker(self) -> Broker:
@@ -130,6 +132,8 @@ class Publisher:
         else:
             use_cache = None
         if self.params.use_cache if use_cache is None else use_cache:
+            if self.routing is not None:
+                raise ConfigurationError(_CACHE_AND_ROUTING)
             extra.update(self._cache(kwargs) or {})
         if routing_key is not None and not isinstance(routing_key, str):
             raise ConfigurationError(f"routing_key must be a string, got {routing_key!r}")
@@ -295,6 +299,10 @@ class Publisher:
 
     def get_message_count(self) -> int:
         return self.broker.count(self.queue_name)
+
+
+_CACHE_AND_ROUTING = ("use_cache passes a call's arguments by reference to the one run that takes them; a message "
+                      "through an exchange may reach several queues, so the two cannot go together")
 
 
 def _bind_one_dict(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
