@@ -66,7 +66,7 @@ def names(queue_name: str) -> Iterator[Names]:
         client = redis.Redis.from_url(REDIS_URL)
         for queue in made.queues:
             client.delete(queue, *client.scan_iter(match=f"fl:{{{queue}}}:*", count=1000))
-        client.delete(f"fl:exchange:{{{made.exchange}}}")
+        client.delete(f"fl:exchange:{{{made.exchange}}}", f"fl:exchange:{{{made.exchange}}}:layout")
         client.close()
 
 
@@ -420,6 +420,20 @@ def redis_broker() -> Iterator[Broker]:
     require_server("Redis", "127.0.0.1", 6379)
     patch_frame_config(REDIS_URL=REDIS_URL)
     yield get_broker(BrokerEnum.REDIS_ACK_ABLE)
+
+
+def test_redis_queues_of_another_layout_are_refused_on_one_exchange(redis_broker: Broker, names: Names) -> None:
+    """A stream kind's publish wrote XADD into an empty list queue's key (no key, so no type to check): that
+    queue failed with WRONGTYPE from then on, and its copy of the message never ran."""
+    from funboost_like.core.errors import ConfigurationError
+
+    lists, stream = names.queue("list"), names.queue("stream")
+    redis_broker.bind(lists, names.exchange, "fanout")
+    get_broker(BrokerEnum.RedisBrpopLpush).bind(names.queue("list2"), names.exchange, "fanout")  # a list too
+    with pytest.raises(ConfigurationError, match="kinds of one layout"):
+        get_broker(BrokerEnum.REDIS_STREAM).bind(stream, names.exchange, "fanout")
+    assert redis_broker.publish_routed(names.exchange, "", [b"x"]) == 2
+    assert redis_broker.count(lists) == 1
 
 
 def test_redis_bindings_hash_and_a_key_of_another_type_changes_nothing(redis_broker: Broker, names: Names) -> None:

@@ -23,7 +23,8 @@
   the bindings of an exchange are the HASH ``fl:exchange:{<name>}``: the field ``type`` holds the
   exchange type (set by the first bind: an exchange keeps its first type, a bind asking for another
   one logs a warning), and each binding is a field ``["<queue>", "<binding key>"]`` (JSON). A bind is
-  one Lua script, so concurrent binds never mix types (``_BIND``). A routed publish
+  one Lua script, so concurrent binds never mix types (``_BIND``); the string ``fl:exchange:{<name>}:layout``
+  (``list`` or ``stream``) is set by the first bind, and a bind of a queue of the other layout is refused. A routed publish
   reads the HASH, picks the matching queues in Python, then one Lua script writes the messages to
   every matching queue in the kind's own layout (the ready key of their priority, ``XADD`` for
   streams, the delayed ZSET for ``not_before``). Atomic: the script runs alone on the server, so no
@@ -47,7 +48,7 @@ from typing import Any, ClassVar
 
 from redis.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from funboost_like.brokers.base import Broker, DeadLetter, Delivery
@@ -158,8 +159,11 @@ return #KEYS
 # KEYS: an exchange's HASH (see the module docstring); ARGV: exchange type, then the fields of the
 # bindings. Returns the type the exchange was first declared with.
 _BIND = LuaScript("""
+local layout = redis.call('GET', KEYS[2])
+if layout and layout ~= ARGV[2] then return redis.error_reply('FL_LAYOUT ' .. layout) end
+redis.call('SET', KEYS[2], ARGV[2])
 redis.call('HSETNX', KEYS[1], 'type', ARGV[1])
-for i = 2, #ARGV do redis.call('HSETNX', KEYS[1], ARGV[i], '') end
+for i = 3, #ARGV do redis.call('HSETNX', KEYS[1], ARGV[i], '') end
 return redis.call('HGET', KEYS[1], 'type')
 """)
 
@@ -279,7 +283,17 @@ class RedisBroker(Broker):
         """Add ``bindings`` (all of one exchange and queue) to their exchange's HASH."""
         first = bindings[0]
         fields = [codec.dumps([binding.queue, binding.key]) for binding in bindings]
-        declared = _BIND(self._conn(), [_exchange_key(first.exchange)], [first.exchange_type, *fields]).decode()
+        try:
+            key = _exchange_key(first.exchange)
+            declared = _BIND(self._conn(), [key, key + ":layout"], [first.exchange_type, self._ready_type, *fields]
+                             ).decode()
+        except ResponseError as exc:  # a list kind's queue would get a stream's XADD (or the other way round)
+            if not str(exc).startswith("FL_LAYOUT"):
+                raise
+            kept = str(exc).split()[1]
+            raise ConfigurationError(f"exchange {first.exchange!r} routes to Redis queues kept as {kept}s; queue "
+                                     f"{first.queue!r} of {type(self).__name__} is a {self._ready_type}: bind the "
+                                     "queues of one exchange in kinds of one layout") from None
         if declared != first.exchange_type:
             routing_logger.warning("exchange %r exists as %s; binding queue %r with keys %r to it as it is, not as %s",
                                    first.exchange, declared, first.queue, [b.key for b in bindings],
