@@ -19,23 +19,24 @@
   RIGHT RIGHT`` (which leaves the list as it was) and looks at the other lists every 0.2 s.
 * :class:`~funboost_like.brokers.redis_consumers.RedisConsumers` (in its own module): the consumer
   registry of the at-least-once kinds.
-* Routing (exchanges and routing keys, emulated the same way on the four kinds; see docs/routing.md):
-  the bindings of an exchange are the HASH ``fl:exchange:{<name>}``: the field ``type`` holds the
-  exchange type (set by the first bind: an exchange keeps its first type, a bind asking for another
-  one logs a warning), and each binding is a field ``["<queue>", "<binding key>"]`` (JSON). A bind is
-  one Lua script, so concurrent binds never mix types (``_BIND``); the string ``fl:exchange:{<name>}:layout``
-  (``list`` or ``stream``) is set by the first bind, and a bind of a queue of the other layout is refused. A routed publish
-  reads the HASH, picks the matching queues in Python, then one Lua script writes the messages to
-  every matching queue in the kind's own layout (the ready key of their priority, ``XADD`` for
-  streams, the delayed ZSET for ``not_before``). Atomic: the script runs alone on the server, so no
-  client ever sees the message in some of the queues and not in the others; it checks the type of
-  every key before writing, so a key of another type fails the publish with nothing written; and
-  Redis persists a script's writes as one transaction (AOF, replicas) or not at all (an RDB snapshot
-  is taken between commands). Redis never rolls a script back, so only a server refusing a write
-  midway (out of memory under ``maxmemory`` with ``noeviction``) could leave some queues without the
-  message. As for every publish, a reply lost on a broken connection makes the client send the script
-  again, which may publish the messages twice. Not Redis-Cluster-safe: the keys of different queues
-  and the exchange's HASH are in different hash slots.
+* Routing (exchanges and routing keys, emulated the same way on the four kinds; see
+  docs/routing.md): the bindings of an exchange are the HASH ``fl:exchange:{<name>}``: the field
+  ``type`` holds the exchange type (set by the first bind: an exchange keeps its first type, a bind
+  asking for another one logs a warning), and each binding is a field ``["<queue>",
+  "<binding key>"]`` (JSON). A bind is one Lua script, so concurrent binds never mix types
+  (``_BIND``); the string ``fl:exchange:{<name>}:layout`` (``list`` or ``stream``) is set by the
+  first bind, and a bind of a queue of the other layout is refused. A routed publish reads the HASH,
+  picks the matching queues in Python, then one Lua script writes the messages to every matching
+  queue in the kind's own layout (the ready key of their priority, ``XADD`` for streams, the delayed
+  ZSET for ``not_before``). Atomic: the script runs alone on the server, so no client ever sees the
+  message in some of the queues and not in the others; it checks the type of every key before
+  writing, so a key of another type fails the publish with nothing written; and Redis persists a
+  script's writes as one transaction (AOF, replicas) or not at all (an RDB snapshot is taken between
+  commands). Redis never rolls a script back, so only a server refusing a write midway (out of
+  memory under ``maxmemory`` with ``noeviction``) could leave some queues without the message. As
+  for every publish, a reply lost on a broken connection makes the client send the script again,
+  which may publish the messages twice. Not Redis-Cluster-safe: the keys of different queues and the
+  exchange's HASH are in different hash slots.
 """
 
 from __future__ import annotations
