@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -24,7 +27,7 @@ from funboost_like.brokers.mqtt_client import topic_part
 from funboost_like.core.config import patch_frame_config, settings
 from funboost_like.core.errors import BrokerConnectionError, ConfigurationError
 
-from .conftest import require_server
+from .conftest import require_server, until
 
 URL = os.environ.get("FUNBOOST_LIKE_MQTT_URL", "mqtt://127.0.0.1:1883")
 HOST, PORT = urlsplit(URL).hostname or "127.0.0.1", urlsplit(URL).port or 1883
@@ -302,3 +305,44 @@ def test_a_consumer_started_while_the_server_is_down_registers_once_it_is_up(que
         if link is not None:
             f.broker.purge(queue_name)
             link.close()
+
+
+def test_messages_the_server_drops_from_a_full_queue_are_reported(queue_name: str, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Mosquitto acknowledges a publish to a session whose queue is full (max_queued_messages) and drops
+    it: nothing told the user, the messages were simply gone. The server's $SYS total of dropped
+    messages is now watched and every growth is logged as an error."""
+    from .standin import free_port
+
+    require_server("Mosquitto", HOST, PORT)  # the same binary, started here with a queue of 3 messages
+    port = free_port()
+    config = tmp_path / "mosquitto.conf"
+    config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 3\nsys_interval 1\n")
+    server = subprocess.Popen(["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    consumer = publisher = None
+    try:
+        assert until(lambda: _listening(port), 10)
+        patch_frame_config(MQTT_URL=f"mqtt://127.0.0.1:{port}", MQTT_RECEIVE_MAXIMUM=1,
+                           MQTT_SESSION_EXPIRY_SECONDS=600.0)
+        consumer, publisher = MqttBroker(), MqttBroker()
+        assert consumer.fetch(queue_name, 1, 0) == []  # its session subscribes; it then reads nothing
+        with caplog.at_level(logging.WARNING, logger="funboost_like.mqtt"):
+            publisher.publish_many(queue_name, [b'{"i": %d}' % i for i in range(20)])  # told: all delivered
+            assert until(lambda: any("LOST" in r.getMessage() for r in caplog.records), 10)
+        error = next(r for r in caplog.records if "LOST" in r.getMessage())
+        assert error.levelno == logging.ERROR and "max_queued_messages" in error.getMessage()
+        assert f"127.0.0.1:{port}" in error.getMessage()
+    finally:
+        for broker in (consumer, publisher):
+            if broker is not None:
+                broker.close()
+        server.terminate()
+        server.wait(10)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.2).close()
+    except OSError:
+        return False
+    return True

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import ssl
 import threading
 import time
@@ -33,6 +34,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from funboost_like.core.config import redact_url
 from funboost_like.core.errors import ConfigurationError
 
+logger = logging.getLogger("funboost_like.mqtt")
+
+DROPPED = "$SYS/broker/publish/messages/dropped"  # Mosquitto's total of the messages it dropped (full queues)
 TIMEOUT = 10.0  # seconds to wait for the server's answer (CONNACK, PUBACK, SUBACK, a snapshot's marker)
 SESSION_TAKEN_OVER = 142  # DISCONNECT reason: another connection took this client id
 
@@ -188,6 +192,7 @@ class Control:
         self.client, _ = connect(server, self._id, clean_start=True, on_message=self._on_message,
                                  on_reconnect=self._subscribe_again)
         subscribe(self.client, self._marker_topic + "/#", server.shown)
+        self.watch(DROPPED, DropWatch(server.shown))
 
     def _subscribe_again(self, client: paho.Client, _present: bool) -> None:
         for pattern in [self._marker_topic + "/#", *self._watches]:
@@ -244,3 +249,29 @@ class Control:
 
     def close(self) -> None:
         close(self.client)
+
+
+class DropWatch:
+    """Logs the messages the server says it dropped: Mosquitto acknowledges a publish to a session whose
+    queue is full (``max_queued_messages``, 1000 by default) and then drops it, telling nobody but its
+    ``$SYS`` total, which it publishes every ``sys_interval`` (10 s by default). A server without that
+    topic never calls this."""
+
+    def __init__(self, shown: str) -> None:
+        self.shown = shown
+        self.seen: int | None = None
+
+    def __call__(self, message: paho.MQTTMessage) -> None:
+        try:
+            total = int(message.payload)
+        except ValueError:
+            return
+        seen, self.seen = self.seen, total
+        advice = "set max_queued_messages 0 in mosquitto.conf (docs/mqtt.md, The server)"
+        if seen is None and total > 0:
+            logger.warning("%s has dropped %d messages since it started, because a session's queue was full "
+                           "(its publishers were told they were delivered): %s", self.shown, total, advice)
+        elif seen is not None and total > seen:
+            logger.error("%s dropped %d messages just now (%d since it started) because a session's queue was "
+                         "full: they are LOST, though their publishers were told they were delivered; %s",
+                         self.shown, total - seen, total, advice)
