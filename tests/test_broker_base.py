@@ -224,3 +224,23 @@ def test_a_forked_child_forgets_the_parents_held_tokens() -> None:
 
     assert in_forked_child(child) == "held=0 forks=True double-ack"
     broker.ack([held])  # still the parent's to settle
+
+
+def test_a_broker_that_renews_without_an_interval_is_refused_when_its_class_is_made() -> None:
+    """The base runs ``_renew`` and ``_recover`` every ``maintenance_interval()`` seconds, and its default of
+    0 meant never: a broker that forgot the interval lost every lease without a word."""
+    with pytest.raises(TypeError, match="maintenance_interval"):
+        class Forgetful(MemoryBroker):
+            def _renew(self, deliveries: Sequence[Delivery]) -> None:
+                pass
+
+
+def test_an_ack_and_fetch_with_acks_of_another_queue_settles_them_in_their_own() -> None:
+    broker = MemoryBroker()
+    broker.publish("base_q1", b"1")
+    broker.publish("base_q2", b"2")
+    [one], [two] = broker.fetch("base_q1", 1, 0), broker.fetch("base_q2", 1, 0)
+    assert broker.ack_and_fetch([two, one], "base_q1", 1, 0) == []
+    assert broker.in_flight("base_q1") == broker.in_flight("base_q2") == 0
+    broker.join("base_q1", 1)
+    broker.join("base_q2", 1)

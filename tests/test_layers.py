@@ -34,7 +34,7 @@ CORE_MODULES = sorted(m.name for m in pkgutil.iter_modules(funboost_like.core.__
 ENGINE = {"booster", "consumer", "publisher"}
 ENGINE_MAY_IMPORT = {  # the broker contract (the base, its maintenance thread, routing words) and the registry
     "funboost_like.brokers", "funboost_like.brokers.base", "funboost_like.brokers.capabilities",
-    "funboost_like.brokers.dead_letters",
+    "funboost_like.brokers.dead_letters", "funboost_like.brokers.optional",
     "funboost_like.brokers.maintenance",
     "funboost_like.brokers.routing", "funboost_like.brokers.registry",
     "funboost_like.middleware", "funboost_like.middleware.base",

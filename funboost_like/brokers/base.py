@@ -24,9 +24,12 @@ are written once here. The base owns:
 A broker implements the primitives (see ``docs/writing-a-broker.md``):
 
 ``_put`` (required), ``_get`` (required, never blocks), ``_ack`` (required), ``_requeue``,
-``_purge`` and ``_size`` (required), and optionally ``_wait``, ``_renew``, ``_recover``,
-``_dead_letter`` / ``_dead_letters`` / ``_purge_dead_letters``, ``_ack_and_get``, ``_after_fork``
-and ``_close``.
+``_purge`` and ``_size`` (required), and optionally ``_wait``, ``_renew`` and ``_recover`` (with
+``maintenance_interval``), ``_dead_letter``, ``_heads``, ``_ack_and_get``, ``_stop_fetching``,
+``_after_fork`` and ``_close``; where the broker has them, it also overrides the public
+``list_dead_letters``, ``purge_dead_letters``, ``remove_dead_letter``, ``list_delayed``,
+``configure_queue`` and ``key_value_store``. A settling primitive (``_ack``, ``_requeue``,
+``_dead_letter``, the acks of ``_ack_and_get``) always gets deliveries of one queue.
 
 Thread safety: one broker instance serves every publisher and consumer of its kind in a process,
 so every primitive must be safe to call from several threads at once.
@@ -41,16 +44,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from itertools import groupby
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from funboost_like.brokers.capabilities import Capabilities as Capabilities  # re-exported: part of the contract
 from funboost_like.brokers.dead_letters import DeadLetter as DeadLetter  # re-exported: part of the contract
 from funboost_like.brokers.maintenance import maintenance as _maintenance
+from funboost_like.brokers.optional import OptionalOperations
 from funboost_like.brokers.routing import Routing
 from funboost_like.core.errors import BrokerConnectionError, BrokerError, DoubleAckError
 
@@ -59,6 +65,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("funboost_like.broker")
 T = TypeVar("T")
+S = TypeVar("S", bound="KeyValueStore")
 
 POLL_FIRST, POLL_MAX = 0.002, 0.05  # the idle poll of a broker without a native wait
 
@@ -87,9 +94,10 @@ class Delivery:
 
 
 _live: weakref.WeakSet[Broker] = weakref.WeakSet()
+_queue_of = operator.attrgetter("queue")
 
 
-class Broker(Routing):
+class Broker(Routing, OptionalOperations):
     """Base class of every broker: the public methods and the shared bookkeeping.
 
     Subclasses set ``kind`` and ``capabilities`` and implement the primitives.
@@ -103,6 +111,13 @@ class Broker(Routing):
     # (its inline runner), when that is more than its free capacity: for brokers whose every fetch is
     # a transaction that costs about the same for 50 rows as for 200. 0: the free capacity only.
     inline_batch: ClassVar[int] = 0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        maintained = cls._renew is not Broker._renew or cls._recover is not Broker._recover
+        if maintained and cls.maintenance_interval is Broker.maintenance_interval:
+            raise TypeError(f"{cls.__name__} defines _renew or _recover but not maintenance_interval(), "
+                            "so the maintenance thread would never run them")
 
     def __init__(self) -> None:
         self._process_state()
@@ -232,7 +247,14 @@ class Broker(Routing):
         if len(live) != len(deliveries):
             logger.warning("%d of %d message(s) were settled before this ack", len(deliveries) - len(live),
                            len(deliveries))
-        got = self._take(queue, max_n, live)
+        if live and (live[0].queue != queue or live[-1].queue != queue):  # acks of other queues: apart
+            try:
+                self._send_settlement(self._ack, live)
+            except BrokerError:
+                logger.warning("acknowledging %d message(s) failed; the broker will deliver them again",
+                               len(live), exc_info=True)
+            live = []
+        got = self._take(queue, max_n, live or None)
         if got or timeout <= 0:
             return got
         return self._wait_and_take(queue, max_n, time.monotonic() + timeout)
@@ -310,18 +332,29 @@ class Broker(Routing):
         live = self._unhold(deliveries)
         rejected = len(deliveries) - len(live)
         if live:
-            try:
-                send(live)
-            except self._client_errors as exc:
-                if self._retryable(exc):  # sent again before the next fetch
-                    self._deferred.append((send, live))
-                raise self._translated(exc, f"settling {len(live)} message(s)") from exc
+            self._send_settlement(send, live)
         if rejected:
             first = next(d for d in deliveries if d not in live)
             raise DoubleAckError(f"{first!r} was already acknowledged or rejected ({rejected} in all)")
 
+    def _send_settlement(self, send: Callable[[list[Delivery]], object], live: list[Delivery]) -> None:
+        """``send`` each queue's deliveries (``live`` comes from :meth:`_unhold`: one queue, or sorted by
+        queue); one that fails on a retryable error is kept to be sent again before the next fetch."""
+        groups = [live] if live[0].queue == live[-1].queue else [list(g) for _, g in groupby(live, _queue_of)]
+        failure: BaseException | None = None
+        for group in groups:
+            try:
+                send(group)
+            except self._client_errors as exc:
+                if self._retryable(exc):
+                    self._deferred.append((send, group))
+                failure = failure or exc
+        if failure is not None:
+            raise self._translated(failure, f"settling {len(live)} message(s)") from failure
+
     def _unhold(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
-        """Stop holding these deliveries; return those that were held (the others were settled before)."""
+        """Stop holding these deliveries; return those that were held (the others were settled before),
+        sorted by queue when they belong to several."""
         queue = deliveries[0].queue
         tokens = {d.token for d in deliveries if d.queue == queue}
         with self._held_lock:
@@ -337,6 +370,8 @@ class Broker(Routing):
                 if held is not None and delivery.token in held:
                     held.remove(delivery.token)
                     live.append(delivery)
+        if live and any(d.queue != live[0].queue for d in live):
+            live.sort(key=_queue_of)  # stable: each queue's deliveries keep their order
         return live
 
     def _send_deferred(self, action: str) -> None:
@@ -353,34 +388,13 @@ class Broker(Routing):
             del self._deferred[0]
             logger.info("sent again a settlement that failed while %s was unreachable", self._where())
 
-    # -- dead letters, inspection ------------------------------------------------------------------
-    def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        """The most recent dead letters of ``queue``, newest first."""
-        raise NotImplementedError(f"{type(self).__name__} cannot list dead letters")
-
-    def purge_dead_letters(self, queue: str) -> int:
-        raise NotImplementedError(f"{type(self).__name__} cannot purge dead letters")
-
-    def configure_queue(self, queue: str, options: Mapping[str, object]) -> None:
-        """Apply the ``broker_exclusive_config`` keys of ``capabilities.queue_options`` to ``queue``."""
-
-    def list_delayed(self, queue: str, limit: int = 100) -> list[tuple[float, bytes]]:
-        """(due time, body) of messages of ``queue`` not due yet (countdowns, delayed retries), soonest first."""
-        raise NotImplementedError(f"{type(self).__name__} cannot list its delayed messages")
-
-    def remove_dead_letter(self, queue: str, letter: DeadLetter) -> bool:
-        """Delete one letter :meth:`list_dead_letters` returned; False when it is gone already."""
-        raise NotImplementedError(f"{type(self).__name__} cannot remove a single dead letter")
-
+    # -- inspection ------------------------------------------------------------------------------
     def heads(self, queue: str) -> list[bytes]:
         """The bodies of the ready messages of ``queue`` that have waited longest, read without taking them
         (the head of each FIFO the broker keeps for the queue; empty when none is ready). The oldest
         message's age (Prometheus, ``status``) comes from them. NotImplementedError where a broker
         cannot read a queue's head without taking it."""
         return self._guard(f"reading the head of queue {queue!r}", self._heads, queue)
-
-    def _heads(self, queue: str) -> list[bytes]:
-        raise NotImplementedError(f"{type(self).__name__} cannot read the head of a queue without taking it")
 
     def purge(self, queue: str) -> int:
         """Delete every waiting message of ``queue``; return how many were deleted."""
@@ -399,17 +413,7 @@ class Broker(Routing):
         with self._held_lock:
             return [(queue, token) for queue, tokens in self._held.items() for token in tokens]
 
-    def key_value_store(self, queue: str, namespace: str) -> KeyValueStore:
-        """The store of small expiring records kept beside ``queue`` (RPC results, task filters, ...).
-
-        ``namespace`` (``[A-Za-z0-9_-]{1,64}``) separates features. The same (queue, namespace)
-        returns the same store; see :mod:`funboost_like.core.stores` for the contract. Brokers whose
-        ``capabilities.key_value`` is true override this.
-        """
-        raise NotImplementedError(f"broker {type(self).__name__} keeps no key-value records (needed by RPC "
-                                  "results and task filtering)")
-
-    def _kv_store(self, key: Any, make: Callable[[], KeyValueStore]) -> Any:
+    def _kv_store(self, key: Any, make: Callable[[], S]) -> S:
         """The store this broker keeps under ``key``, made by ``make()`` the first time."""
         store = self._kv_stores.get(key)
         if store is None:
@@ -417,7 +421,7 @@ class Broker(Routing):
                 store = self._kv_stores.get(key)
                 if store is None:
                     store = self._kv_stores[key] = make()
-        return store
+        return store  # type: ignore[return-value]  # made by this key's make()
 
     def maintain(self) -> None:
         """One maintenance round (the maintenance thread's job; tests call it directly): renew what
