@@ -156,3 +156,36 @@ def test_a_suspect_runs_alone_and_a_poison_message_is_dead_lettered(queue_name: 
     assert most_at_once[1] == 1 and most_at_once[2] == 1  # the suspects ran alone
     [letter] = broker.list_dead_letters(queue_name)
     assert codec.loads(letter.body) == {"i": 0} and "died 3 time(s)" in letter.reason
+
+
+def test_a_failure_of_the_framework_on_a_message_dead_letters_it_rather_than_looping(
+        queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception that escaped the consumer's own code (not the function's) handed the message back, so
+    it failed the same way at once, again and again (45 runs a second, found with a bad option value)."""
+    runs: list[int] = []
+
+    @task_deco(queue_name, broker_kind=MEMORY, log_level=50)
+    def fails(x: int) -> None:
+        runs.append(x)
+        raise KeyError("boom")
+
+    def broken(*_args: object) -> None:
+        raise TypeError("a defect in the consumer")
+
+    monkeypatch.setattr(fails.consumer, "_after_exception", broken)
+    fails.push(1)
+    fails.consume()
+    try:
+        memory().join(queue_name, timeout=5, fail_fast=False)
+        [letter] = memory().list_dead_letters(queue_name)
+        assert runs == [1] and "TypeError: a defect in the consumer" in letter.reason
+    finally:
+        fails.consumer.stop()
+
+
+@pytest.mark.parametrize("options", [{"max_retry_times": "2"}, {"max_retry_times": -3}, {"function_timeout": "abc"},
+                                     {"msg_expire_senconds": -3}, {"countdown": "5"}, {"misfire_grace_time": "x"},
+                                     {"misfire_grace_time": 0.5}, {"is_using_rpc_mode": "yes"}])
+def test_a_publish_option_of_the_wrong_type_raises_when_it_is_given(options: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError, match=next(iter(options))):
+        PriorityConsumingControlConfig(**options)  # type: ignore[arg-type]

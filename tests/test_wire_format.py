@@ -54,7 +54,7 @@ def test_push_and_publish_many_write_the_same_layout(two_args) -> None:  # noqa:
     pushed = two_args.push(1, y="é")
     check_layout(raw_bodies(two_args, 1)[0], pushed.task_id, {"x": 1, "y": "é"})
 
-    calls = [{"x": i, "y": [i, None, {"z": 2**70}]} for i in range(5)] + [{"x": 9}]
+    calls = [{"x": i, "y": [i, None, {"z": 2**64 - 1}]} for i in range(5)] + [{"x": 9}]
     before = [dict(call) for call in calls]
     started = time.time()
     task_ids = two_args.publish_many(calls)
@@ -82,9 +82,49 @@ def test_a_message_with_its_own_extra_keeps_it(two_args) -> None:  # noqa: ANN00
 
 
 @pytest.mark.parametrize("bad", [{"x": 1, "y": math.nan}, {"x": 1, "y": [math.inf]}, {"x": 1, "y": object()},
-                                 {"y": 2}, {"x": 1, "w": 2}],
-                         ids=["nan", "nested-infinity", "not-json", "missing-argument", "unknown-argument"])
+                                 {"y": 2}, {"x": 1, "w": 2}, {"x": 1, "y": [2**64]}, {"x": 1, "y": {1: "a"}}],
+                         ids=["nan", "nested-infinity", "not-json", "missing-argument", "unknown-argument",
+                              "int-beyond-64-bits", "int-dict-key"])
 def test_a_bad_message_in_a_batch_raises_and_publishes_nothing(two_args, bad: dict[str, object]) -> None:  # noqa: ANN001
     with pytest.raises(PublishError):
         two_args.publish_many([{"x": 0}, bad, {"x": 2}])
     assert two_args.get_message_count() == 0
+
+
+@pytest.mark.parametrize("value", [2**64, -(2**63) - 1, {"k": [{5: 1}]}], ids=["wide", "wide-negative", "int-key"])
+def test_an_argument_that_would_arrive_changed_is_refused_at_push(two_args, value: object) -> None:  # noqa: ANN001
+    """orjson reads an integer beyond 64 bits back as a float, and JSON makes an int key a string: the
+    function got 1.2e+21 or {"5": 1} in place of what was pushed, with nothing said."""
+    with pytest.raises(PublishError, match="64 bits|keys must be strings"):
+        two_args.push(1, y=value)
+    two_args.push(1, y=[2**64 - 1, -(2**63)])  # the widest that arrive unchanged
+    assert codec.loads(raw_bodies(two_args, 1)[0])["y"] == [2**64 - 1, -(2**63)]
+
+
+@pytest.mark.parametrize(("option", "value"), [("max_retry_times", "2"), ("max_retry_times", None),
+                                               ("max_retry_times", -1), ("function_timeout", "abc"),
+                                               ("msg_expire_senconds", "abc"), ("misfire_grace_time", "x"),
+                                               ("is_using_rpc_mode", "yes")])
+def test_a_hand_written_option_of_the_wrong_type_is_dead_lettered(queue_name: str, option: str,
+                                                                  value: object) -> None:
+    """A "max_retry_times": "2" made every failure raise TypeError inside the consumer, which handed the
+    message back: it ran about 45 times a second, forever. Other bad options made the consumer log a
+    traceback and run the call with the option ignored."""
+    runs: list[int] = []
+
+    @task_deco(queue_name, broker_kind=MEMORY, log_level=50)
+    def g(x: int) -> None:
+        runs.append(x)
+        raise ValueError("boom")
+
+    g.broker.publish(queue_name, codec.dumps({"x": 1, "extra": {option: value}}))
+    g.broker.publish(queue_name, codec.dumps({"x": 2, "extra": {"max_retry_times": 0}}))  # a good one after it
+    g.consume()
+    try:
+        g.broker.join(queue_name, 10, fail_fast=False)
+        assert runs == [2]
+        letters = {json.loads(letter.body)["x"]: letter.reason for letter in g.broker.list_dead_letters(queue_name)}
+        assert set(letters) == {1, 2} and option in letters[1] and "boom" in letters[2]
+    finally:
+        g.consumer.stop()
+        g.clear()

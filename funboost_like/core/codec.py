@@ -44,12 +44,19 @@ if _orjson is not None:
     # A call's arguments: datetimes and dataclasses are refused, as the stdlib does, rather than turned
     # into strings and dicts the consuming function would receive in their place.
     _ARGUMENTS = _orjson.OPT_PASSTHROUGH_DATETIME | _orjson.OPT_PASSTHROUGH_DATACLASS
+    _ARGUMENT_ERRORS = {  # orjson's refusals of what would otherwise arrive as something else
+        "Integer exceeds 64-bit range": "an integer beyond 64 bits would reach the consuming function as a "
+                                        "float; pass it as a string",
+        "Dict key must be str": "dict keys must be strings (JSON would make the key 1 the string '1')",
+    }
 
     def dumps_transient(obj: Any, option: int = 0) -> bytes:
         """Like :func:`dumps`, for bytes that are copied into others at once (no exact-size copy)."""
         try:
             encoded = _orjson_dumps(obj, option=option)
-        except _orjson_error:
+        except _orjson_error as exc:
+            if option & _ARGUMENTS:  # what the stdlib would write instead reaches the function changed
+                raise TypeError(_ARGUMENT_ERRORS.get(str(exc), str(exc))) from None
             return _stdlib_dumps(obj)  # e.g. ints beyond 64 bits, a datetime; raises its own clear TypeError
         if b"null" in encoded:  # orjson writes NaN and infinities as null: refuse them like the stdlib
             _reject_non_finite(obj)

@@ -632,9 +632,18 @@ class Consumer:
         outcome: Outcome | None = (REQUEUED, delivery, "", None, 0.0)  # if the call escapes with SystemExit & co.
         try:
             outcome = self._run(delivery, message)
+        except Exception as exc:
+            outcome = self._internal_failure(delivery, exc)
         finally:
             if outcome is not None:  # None: abandoned after a timeout, and settled by its continuation
                 self._settle(outcome)
+
+    def _internal_failure(self, delivery: Delivery, exc: Exception) -> Outcome:
+        """The framework itself failed on a message (not the function): dead-lettered with the error, since
+        handing it back would fail the same way at once, again and again."""
+        self.logger.exception("dead-lettering a message of queue %r: handling it failed", self.queue_name)
+        return DEAD_LETTERED, delivery, f"handling the message failed: {type(exc).__name__}: {exc}", exc, \
+            delivery.attempts - 1
 
     def _settle(self, outcome: Outcome) -> None:
         self._completed.append(outcome)
@@ -720,6 +729,8 @@ class Consumer:
         try:
             call = self._prepare(delivery)
             outcome = call if not isinstance(call, Call) else self._finish(call, await self._await_with_retries(call))
+        except Exception as exc:
+            outcome = self._internal_failure(delivery, exc)
         finally:
             if outcome is not None:
                 self._settle(outcome)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -141,6 +142,35 @@ def _qualname(function: Callable[..., Any]) -> str:
     return getattr(function, "__qualname__", repr(function))
 
 
+def _number(low: float, *, null: bool = True) -> Callable[[Any], bool]:
+    return lambda v: (v is None and null) or (type(v) in (int, float) and math.isfinite(v) and v >= low)
+
+
+def _flag(value: Any) -> bool:
+    return value is None or isinstance(value, bool)
+
+
+# The options ``extra`` may carry that the consumer acts on, each with its check and what it wants.
+_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "function_timeout": (_number(0), "a number >= 0 or None"),
+    "max_retry_times": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "msg_expire_senconds": (_number(0), "a number >= 0 or None"),
+    "misfire_grace_time": (_number(1), "a number >= 1 or None"),
+    "countdown": (_number(0), "a number >= 0 or None"),
+    "is_print_detail_exception": (_flag, "True, False or None"),
+    "is_using_rpc_mode": (_flag, "True, False or None"),
+}
+_OPTION_NAMES = frozenset(_OPTIONS)
+
+
+def option_problem(name: str, value: Any) -> str:
+    """Why ``value`` cannot be the message option ``name`` ("" when it can, or when ``name`` is none)."""
+    entry = _OPTIONS.get(name)
+    if entry is None or entry[0](value):
+        return ""
+    return f"{name} must be {entry[1]}, got {value!r}"
+
+
 def encode(kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> tuple[str, bytes]:
     """Build the wire body for one call; return ``(task_id, body)``. Takes ownership of ``kwargs``."""
     now = time.time()
@@ -219,6 +249,11 @@ def decode(body: bytes, signature: FunctionSignature) -> DecodedMessage:
     elif not isinstance(extra, dict):
         raise DecodeError(f"the reserved key {EXTRA_KEY!r} must hold an object, got {type(extra).__name__}")
     else:
+        if not _OPTION_NAMES.isdisjoint(extra):  # a hand-written or foreign message may carry anything
+            for name in _OPTION_NAMES.intersection(extra):
+                problem = option_problem(name, extra[name])
+                if problem:
+                    raise DecodeError(f"option in {EXTRA_KEY!r}: {problem}")
         cached = extra.get(arg_cache.CACHE_KEY)
         if cached is not None:  # cache mode: the arguments JSON could not carry are in this process
             arg_cache.take(data, cached)

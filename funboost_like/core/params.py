@@ -23,6 +23,7 @@ from funboost_like.concurrency.shared import check_shared_pool
 from funboost_like.core import timezones
 from funboost_like.core.enums import BrokerEnum, ConcurrentModeEnum
 from funboost_like.core.errors import ConfigurationError
+from funboost_like.core.message import option_problem
 
 if TYPE_CHECKING:
     from funboost_like.brokers.base import Broker, Capabilities
@@ -258,6 +259,10 @@ def check_mode_fits_function(params: ConsumerParams) -> None:
         raise ConfigurationError("specify_async_loop is only used with concurrent_mode=ASYNC")
 
 
+_MESSAGE_OPTIONS = ("function_timeout", "max_retry_times", "msg_expire_senconds", "misfire_grace_time", "countdown",
+                    "is_print_detail_exception", "is_using_rpc_mode")
+
+
 @dataclass
 class PriorityConsumingControlConfig:
     """Publish-time options for one message (seed name kept). Use with ``publish(..., priority_control_config=)``.
@@ -286,12 +291,13 @@ class PriorityConsumingControlConfig:
             self.msg_expire_senconds = self.msg_expire_seconds
         if self.countdown is not None and self.eta is not None:
             raise ConfigurationError("countdown and eta cannot both be set")
-        if self.countdown is not None and (isinstance(self.countdown, bool) or self.countdown < 0):
-            raise ConfigurationError(f"countdown must be >= 0, got {self.countdown!r}")
+        for name in _MESSAGE_OPTIONS:  # checked again by the consumer (a hand-written message)
+            value = getattr(self, name)
+            problem = option_problem(name, value) if value is not None else ""
+            if problem:
+                raise ConfigurationError(problem)
         if self.eta is not None and not isinstance(self.eta, datetime.datetime):
             raise ConfigurationError(f"eta must be a datetime, got {type(self.eta).__name__}")
-        if self.misfire_grace_time is not None and self.misfire_grace_time < 1:
-            raise ConfigurationError("misfire_grace_time must be None or a number >= 1")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             raise ConfigurationError(f"priority must be an int, got {self.priority!r}")
         if self.routing_key is not None and not isinstance(self.routing_key, str):
