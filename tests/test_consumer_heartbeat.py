@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -127,3 +128,25 @@ def test_a_wrong_flag_raises_at_decoration(queue_name: str) -> None:
         task_deco(queue_name, broker_kind=MEMORY, is_send_consumer_hearbeat_to_redis="yes")
     with pytest.raises(ValueError, match="either queue_name or host"):
         active_consumers()
+
+
+def test_each_consumer_is_judged_by_the_interval_it_beats_at(queue_name: str) -> None:
+    """A consumer beating every 20 s (another process's setting), read by a process whose setting says
+    0.2 s, was taken for dead and its record deleted between its beats; and a faster consumer's beat cut
+    the life of the keys they share to six of its own beats."""
+    require_server("Redis", "127.0.0.1", 6379)
+    from funboost_like.core.redis_connection import redis_client
+    from funboost_like.middleware.heartbeat import _BEAT, queue_keys
+
+    client = redis_client()
+    beat = client.register_script(_BEAT)
+    keys = queue_keys(queue_name)
+    try:
+        beat(keys, ["slow-host:1:a", json.dumps({"id": "slow-host:1:a", "interval": 20.0}), 120_000])
+        beat(keys, ["fast-host:2:b", json.dumps({"id": "fast-host:2:b", "interval": 0.2}), 1_200])
+        assert client.pttl(keys[0]) > 100_000 and client.pttl(keys[1]) > 100_000  # not cut to 1.2 s
+        time.sleep(1.0)  # five of the reader's (and the fast consumer's) intervals: the fast one is dead
+        assert [r["id"] for r in active_consumers(queue_name)] == ["slow-host:1:a"]
+        assert client.hexists(keys[1], "slow-host:1:a") and not client.hexists(keys[1], "fast-host:2:b")
+    finally:
+        client.delete(*keys)

@@ -2,7 +2,8 @@
 
 With ``is_send_consumer_hearbeat_to_redis=True``, every consumer of the function writes a heartbeat
 to the Redis of the ``REDIS_URL`` setting every ``CONSUMER_HEARTBEAT_SECONDS`` (5) while it
-consumes, whatever its broker; a consumer silent for three heartbeats is dead. Anyone reaching that
+consumes, whatever its broker; a consumer silent for three of its heartbeats is dead (each judged by
+the interval it beats at, which its record names, not the reader's setting). Anyone reaching that
 Redis can list the live consumers of a queue, or of a host, with :func:`active_consumers` (the seed:
 "some features need to count the active consumers, because some brokers are not real message
 queues"). A graceful stop removes the consumer's record at once.
@@ -48,30 +49,38 @@ logger = logging.getLogger("funboost_like.heartbeat")
 DEAD_AFTER_BEATS = 3
 HOST = socket.gethostname()
 
-# KEYS: beats, info; ARGV: id, record, ttl ms
+# KEYS: beats, info; ARGV: id, record, ttl ms (never shortened: a consumer beating slower shares the keys)
 _BEAT = """
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+for _, key in ipairs(KEYS) do
+  if redis.call('PTTL', key) < tonumber(ARGV[3]) then redis.call('PEXPIRE', key, ARGV[3]) end
+end
 """
-# KEYS: beats, info; ARGV: seconds after which a silent consumer is dead
-# Drops the dead, returns {id, last beat, record, ...} of the live.
+# KEYS: beats, info; ARGV: beats a consumer may miss, the interval of a record that names none
+# Drops the dead (each judged by the interval in its own record), returns {id, last beat, record, ...} of the live.
 _READ = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[1])))
-for _, id in ipairs(dead) do
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('HDEL', KEYS[2], id)
-end
 local out = {}
-local live = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-for i = 1, #live, 2 do
-  out[#out + 1] = live[i]
-  out[#out + 1] = live[i + 1]
-  out[#out + 1] = redis.call('HGET', KEYS[2], live[i]) or '{}'
+local all = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+for i = 1, #all, 2 do
+  local id = all[i]
+  local info = redis.call('HGET', KEYS[2], id)
+  local every = tonumber(ARGV[2])
+  if info then
+    local ok, record = pcall(cjson.decode, info)
+    if ok and type(record) == 'table' and tonumber(record['interval']) then every = tonumber(record['interval']) end
+  end
+  if tonumber(all[i + 1]) < now - tonumber(ARGV[1]) * every then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+  else
+    out[#out + 1] = id
+    out[#out + 1] = all[i + 1]
+    out[#out + 1] = info or '{}'
+  end
 end
 return out
 """
@@ -118,7 +127,7 @@ def active_consumers(queue_name: str | None = None, *, host: str | None = None) 
         raise ValueError("give either queue_name or host")
     keys = queue_keys(queue_name) if queue_name is not None else host_keys(str(host))
     client = redis_client()
-    reply = client.register_script(_READ)(keys, [DEAD_AFTER_BEATS * interval()])
+    reply = client.register_script(_READ)(keys, [DEAD_AFTER_BEATS, interval()])
     consumers = []
     for i in range(0, len(reply), 3):
         record = json.loads(reply[i + 2])
@@ -175,10 +184,11 @@ class Beater(MemberThread[HeartbeatMiddleware]):
             members = self._members_or_end()
             if not members:
                 return
-            seconds = interval()
+            active = [m for m in members if m.active]
+            seconds = min([m.record["interval"] for m in active] or [interval()])  # none beats slower than it says
             try:
                 with self._io:
-                    self._beat([m for m in members if m.active], seconds)
+                    self._beat(active, seconds)
             except Exception as exc:  # noqa: BLE001 - retried at the next beat
                 if not self._failing:
                     logger.warning("sending consumer heartbeats to Redis at %s failed (%s); retrying every %gs",
