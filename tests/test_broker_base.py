@@ -244,3 +244,13 @@ def test_an_ack_and_fetch_with_acks_of_another_queue_settles_them_in_their_own()
     assert broker.in_flight("base_q1") == broker.in_flight("base_q2") == 0
     broker.join("base_q1", 1)
     broker.join("base_q2", 1)
+
+
+@pytest.mark.parametrize("body", [b'{"x": "\xff"}', b"\x80\x81 not text", b'{"x": "caf\xc3\xa9"}', b""])
+def test_a_dead_letter_envelope_keeps_the_very_bytes_of_its_body(body: bytes) -> None:
+    """A body that was not UTF-8 came back from its envelope with U+FFFD in place of its bytes."""
+    from funboost_like.brokers.dead_letters import DeadLetter
+
+    letter = DeadLetter("q", body, "reason", 1.5, 2)
+    back = DeadLetter.from_envelope("q", letter.envelope())
+    assert (back.body, back.reason, back.failed_at, back.attempts) == (body, "reason", 1.5, 2)

@@ -1,8 +1,11 @@
-"""A dead letter, and the JSON envelope ``{"body", "reason", "failed_at", "attempts"}`` that brokers
-without a native dead-letter record keep it as (a ``<queue>.dlq`` queue, a Redis list, a stream)."""
+"""A dead letter, and the JSON envelope ``{"body", "reason", "failed_at", "attempts"}`` that brokers without
+a native dead-letter record keep it as (a ``<queue>.dlq`` queue, a Redis list, a stream); a body that is
+not UTF-8 is kept in base64 as ``body_base64`` in place of ``body``."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,18 +26,24 @@ class DeadLetter:
     ref: Any = field(default=None, compare=False, repr=False)
 
     def envelope(self) -> bytes:
-        """The letter as JSON text (the error is not kept; the body as text, undecodable bytes replaced)."""
-        return codec.dumps({"body": self.body.decode("utf-8", "replace"), "reason": self.reason,
-                            "failed_at": self.failed_at, "attempts": self.attempts})
+        """The letter as JSON text (the error is not kept): the body as text, or in base64 as ``body_base64``
+        when it is not UTF-8, so the letter keeps the very bytes that failed."""
+        try:
+            body: dict[str, str] = {"body": self.body.decode("utf-8")}
+        except UnicodeDecodeError:
+            body = {"body_base64": base64.b64encode(self.body).decode("ascii")}
+        return codec.dumps({**body, "reason": self.reason, "failed_at": self.failed_at, "attempts": self.attempts})
 
     @classmethod
     def from_envelope(cls, queue: str, raw: bytes) -> DeadLetter:
         """The letter an :meth:`envelope` holds; anything else is kept whole, as an unreadable envelope."""
         try:
             envelope = codec.loads(raw)
-            return cls(queue, str(envelope["body"]).encode(), str(envelope.get("reason", "")),
+            body = (base64.b64decode(envelope["body_base64"], validate=True) if "body_base64" in envelope
+                    else str(envelope["body"]).encode())
+            return cls(queue, body, str(envelope.get("reason", "")),
                        float(envelope.get("failed_at", 0.0)), int(envelope.get("attempts", 0)), ref=raw)
-        except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError):
+        except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError, binascii.Error):
             return cls(queue, bytes(raw), "unreadable dead-letter envelope", 0.0, 0, ref=raw)
 
 
