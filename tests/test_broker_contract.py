@@ -7,13 +7,14 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from funboost_like.brokers.base import Broker
+from funboost_like.brokers.base import Broker, Delivery
 from funboost_like.brokers.registry import BROKERS, FIXTURES, Fixture, case_id, close, fixture_cases, get_broker
 from funboost_like.core.config import patch_frame_config
 from funboost_like.core.enums import BrokerEnum
@@ -133,6 +134,112 @@ def test_release_does_not_count_an_attempt(broker: Broker, queue_name: str) -> N
     broker.ack([again])
 
 
+def one_at_a_time(broker: Broker, queue: str, n: int) -> list[Delivery]:
+    """``n`` messages fetched one per fetch (so a batch's own ordering cannot hide the queue's)."""
+    got: list[Delivery] = []
+    for _ in range(n):
+        got += fetch_all(broker, queue, 1)
+    return got
+
+
+def test_a_nack_goes_to_the_back_and_a_release_to_the_front(broker: Broker, queue_name: str) -> None:
+    """SQLite put a nacked message first again (it kept its row id), so a call that asked to be requeued
+    ran before the whole queue; its two-file layout put a released message last in a batch."""
+    if not broker.capabilities.fifo:
+        pytest.skip("not FIFO (capabilities.fifo)")
+    a, b, c = b'{"m":"a"}', b'{"m":"b"}', b'{"m":"c"}'
+    broker.publish_many(queue_name, [a, b, c])
+    [first] = fetch_all(broker, queue_name, 1)
+    assert first.body == a
+    broker.nack(first)
+    got = one_at_a_time(broker, queue_name, 3)
+    assert [d.body for d in got] == [b, c, a]
+    broker.ack(got)
+    broker.publish_many(queue_name, [a, b, c])
+    taken = fetch_all(broker, queue_name, 2)
+    assert [d.body for d in taken] == [a, b]
+    broker.release(taken)
+    if not broker.capabilities.release_front:
+        got = fetch_all(broker, queue_name, 3)
+        assert sorted(d.body for d in got) == [a, b, c]
+    else:
+        assert [d.body for d in fetch_all(broker, queue_name, 1)] == [a]  # the front, in their order
+        got = fetch_all(broker, queue_name, 2)
+        assert [d.body for d in got] == [b, c]
+        broker.ack(got)
+        broker.publish_many(queue_name, [a, b, c])
+        taken = fetch_all(broker, queue_name, 2)
+        broker.release(taken)
+        got = fetch_all(broker, queue_name, 3)
+        assert [d.body for d in got] == [a, b, c]  # one batch, in the same order
+    broker.ack(got)
+
+
+def test_a_requeued_message_keeps_its_priority(broker: Broker, queue_name: str) -> None:
+    if not broker.capabilities.priority:
+        pytest.skip("no priority capability")
+    queue = f"{queue_name}_prio"
+    with_priorities(broker, queue)
+    try:
+        broker.publish(queue, b'{"p":"high"}', priority=5)
+        [high] = fetch_all(broker, queue, 1)
+        assert high.priority == 5
+        broker.publish(queue, b'{"p":"low"}')
+        broker.nack(high)
+        [again] = fetch_all(broker, queue, 1)
+        assert (again.body, again.priority) == (b'{"p":"high"}', 5)
+        broker.ack([again])
+    finally:
+        broker.purge(queue)
+
+
+def test_a_delayed_nack_counts_an_attempt(broker: Broker, queue_name: str) -> None:
+    if broker.capabilities.delay == "none":
+        pytest.skip("no delay capability")
+    broker.publish(queue_name, b"{}")
+    [d] = fetch_all(broker, queue_name, 1)
+    broker.nack(d, delay=0.3)
+    [again] = fetch_all(broker, queue_name, 1, timeout=5)
+    assert again.attempts == 2
+    broker.ack([again])
+
+
+def test_dead_letters_keep_their_runs_and_are_listed_newest_first(broker: Broker, queue_name: str) -> None:
+    if not broker.capabilities.dead_letters:
+        pytest.skip("dead letters are not listed (capabilities.dead_letters)")
+    broker.publish_many(queue_name, [b'{"n":0}', b'{"n":1}', b'{"n":2}'])
+    first, second, third = fetch_all(broker, queue_name, 3)
+    broker.dead_letter(first, "r0", attempts=7)
+    time.sleep(0.01)  # distinct failure times
+    broker.dead_letter(second, "r1")
+    time.sleep(0.01)
+    broker.dead_letter(third, "r2")
+    letters = broker.list_dead_letters(queue_name)
+    assert [(letter.body, letter.attempts) for letter in letters] == [(b'{"n":2}', third.attempts),
+                                                                       (b'{"n":1}', second.attempts),
+                                                                       (b'{"n":0}', 7)]
+    assert [letter.body for letter in broker.list_dead_letters(queue_name, 1)] == [b'{"n":2}']
+
+
+def test_an_idle_fetch_wakes_for_a_publish_and_a_due_message_and_costs_little(broker: Broker,
+                                                                              queue_name: str) -> None:
+    assert broker.fetch(queue_name, 1, 0.05) == []  # consuming from the queue has started
+    cpu = time.process_time()
+    assert broker.fetch(queue_name, 1, 1.0) == []
+    assert time.process_time() - cpu < 0.2  # no busy loop (the process's other threads count too)
+    threading.Timer(0.3, broker.publish, (queue_name, b'{"w":1}')).start()
+    started = time.monotonic()
+    [woken] = broker.fetch(queue_name, 1, 5.0)
+    assert time.monotonic() - started < 2.5  # the Kafka stand-ins take about a second
+    broker.ack([woken])
+    if broker.capabilities.delay != "none":
+        broker.publish(queue_name, b'{"w":2}', not_before=time.time() + 0.5)
+        started = time.monotonic()
+        [due] = broker.fetch(queue_name, 1, 5.0)
+        assert 0.4 <= time.monotonic() - started < 3.0
+        broker.ack([due])
+
+
 def test_delayed_visibility(broker: Broker, queue_name: str) -> None:
     if broker.capabilities.delay == "none":
         pytest.skip("no delay capability")
@@ -200,6 +307,9 @@ def test_priority_higher_first(broker: Broker, queue_name: str) -> None:
     broker.publish(queue, b'{"p":1}', priority=1)
     got = fetch_all(broker, queue, 3)
     assert [d.body for d in got] == [b'{"p":5}', b'{"p":1}', b'{"p":0}']
+    broker.release(got)
+    got = one_at_a_time(broker, queue, 3)  # each fetch takes the highest priority waiting, not just any row
+    assert [(d.body, d.priority) for d in got] == [(b'{"p":5}', 5), (b'{"p":1}', 1), (b'{"p":0}', 0)]
     broker.ack(got)
     broker.purge(queue)
     if broker.capabilities.priority_option:  # priorities are asked for: a queue that did not ask has none

@@ -26,6 +26,7 @@ class Capabilities:
     ``publish(not_before=...)`` and ``nack(delay=...)`` hold a message invisible until due.
     ``max_priority``: the highest priority honoured (0: none). ``key_value``: the broker keeps small
     expiring records (RPC results, filters). ``fifo``: equal-priority messages come out in order.
+    ``release_front``: a released message comes back before the others (else at the back).
     ``queue_names``: a check of a queue name, raising ConfigurationError for one the broker cannot
     use (run at decoration time); None when any name works.
     ``queue_options``: the ``broker_exclusive_config`` keys the broker
@@ -46,6 +47,7 @@ class Capabilities:
     cross_process: bool = False
     cross_host: bool = False
     fifo: bool = True
+    release_front: bool = True
     queue_names: Callable[[str], object] | None = None
     queue_options: frozenset[str] = frozenset()  # broker_exclusive_config keys read by configure_queue
     check_queue_options: Callable[[dict[str, object]], object] | None = None

@@ -250,6 +250,16 @@ class DjangoOrmBroker(LeasedTable):
         self._run(lambda alias, m: m.QueuedMessage.objects.using(alias).filter(
             pk__in=list(ids), owner=self.owner).update(**values))
 
+    def _move_back(self, queue: str, ids: Sequence[Any], visible_at: float) -> None:
+        def move(alias: str, m: Any) -> None:
+            owned = m.QueuedMessage.objects.using(alias).filter(pk__in=list(ids), owner=self.owner)
+            rows = list(owned.order_by("id").values("priority", "attempts", "crashes", "body", "created"))
+            m.QueuedMessage.objects.using(alias).bulk_create([m.QueuedMessage(queue=queue, visible_at=visible_at,
+                                                                               **row) for row in rows])
+            owned.delete()
+
+        self._run(move, atomic=True)
+
     def _bury(self, queue: str, row_id: Any, letter: DeadLetter) -> None:
         """Delete the owned row and keep the letter, in one transaction (nothing if no longer owned)."""
         def bury(alias: str, m: Any) -> None:

@@ -103,7 +103,7 @@ class KombuVirtualBroker(Broker):
     are not thread-safe); see the module docstring."""
 
     kind = BrokerEnum.KOMBU
-    capabilities = Capabilities(redelivery="none", delay="emulated", cross_process=True)
+    capabilities = Capabilities(redelivery="none", delay="emulated", cross_process=True, release_front=False)
     connection_errors = (TransportUnreachable,)
     errors = (TransportFailed,)
     default_options: ClassVar[dict[str, Any]] = {}
@@ -317,7 +317,8 @@ class KombuVirtualBroker(Broker):
 class KombuMemoryBroker(KombuVirtualBroker):
     """``memory://``: kombu's queues in this process."""
 
-    capabilities = Capabilities(redelivery="native", delay="emulated", dead_letters=True, key_value=True)
+    capabilities = Capabilities(redelivery="native", delay="emulated", dead_letters=True, key_value=True,
+                                release_front=False)
 
     def _peek(self, channel: Any, queue: str, limit: int) -> list[tuple[Any, dict[str, Any]]]:
         return [(payload, payload) for payload in list(channel._queue_for(queue).queue)[::-1][:limit]]
@@ -341,7 +342,7 @@ class KombuSqlBroker(KombuVirtualBroker):
     """``sqla+<SQLAlchemy URL>``: kombu's tables ``kombu_queue`` and ``kombu_message``."""
 
     capabilities = Capabilities(redelivery="none", delay="emulated", dead_letters=True, persistent=True,
-                                cross_process=True, cross_host=True)
+                                cross_process=True, cross_host=True, release_front=False)
 
     def _peek(self, channel: Any, queue: str, limit: int) -> list[tuple[Any, dict[str, Any]]]:
         table = channel.message_cls
@@ -374,7 +375,8 @@ class KombuRedisBroker(KombuVirtualBroker):
     """``redis://``: kombu's lists, with leases on its ``unacked`` index (see the module docstring)."""
 
     capabilities = Capabilities(redelivery="lease", delay="emulated", max_priority=9, dead_letters=True,
-                                key_value=True, persistent=True, cross_process=True, cross_host=True)
+                                key_value=True, persistent=True, cross_process=True, cross_host=True,
+                                release_front=False)
     # kombu's restore mutex outlives a consumer killed while restoring: 300 s by default would stop every
     # restore that long. Restores are safe without it (each is a WATCH transaction), so it only saves work.
     default_options: ClassVar[dict[str, Any]] = {"visibility_timeout": 20, "unacked_mutex_expire": 1}

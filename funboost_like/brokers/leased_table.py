@@ -144,6 +144,11 @@ class LeasedTable(Broker):
                       attempts_delta: int) -> None:
         raise NotImplementedError
 
+    def _move_back(self, queue: str, ids: Sequence[Any], visible_at: float) -> None:
+        """The owned rows ``ids`` written anew at the back (new ids; priority, attempts, crashes and body
+        kept), disowned and ready at ``visible_at``; the old rows deleted. Nothing for a row no longer owned."""
+        raise NotImplementedError
+
     def _bury(self, queue: str, row_id: Any, letter: DeadLetter) -> None:
         raise NotImplementedError
 
@@ -189,12 +194,15 @@ class LeasedTable(Broker):
         return _deliveries(queue, rows)
 
     def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
-        """Visible again after ``delay`` (a row keeps its id, so its place among equal priorities);
-        a release gives back the attempt its take counted."""
+        """Visible again after ``delay``: a released row keeps its id, so its place at the front among
+        equal priorities, and gives back the attempt its take counted; a nacked one moves to the back."""
         visible_at = time.time() + max(0.0, delay)
         for queue, ids in _by_queue(deliveries).items():
-            self._update_owned(queue, sorted(ids), visible_at=visible_at, disown=True,
-                               attempts_delta=0 if count_attempt else -1)
+            if front:
+                self._update_owned(queue, sorted(ids), visible_at=visible_at, disown=True,
+                                   attempts_delta=0 if count_attempt else -1)
+            else:
+                self._move_back(queue, sorted(ids), visible_at)
 
     def _renew(self, deliveries: Sequence[Delivery]) -> None:
         """Push the lease of every row this process holds to now + lease (the heartbeat)."""

@@ -231,6 +231,16 @@ class MongoBroker(LeasedTable):
         attempts = {"$max": [0, {"$add": ["$attempts", attempts_delta]}]}
         messages.update_many(owned, [{"$set": {"visible_at": visible_at, "owner": None, "attempts": attempts}}])
 
+    def _move_back(self, queue: str, ids: Sequence[Any], visible_at: float) -> None:
+        """Copied first, then deleted (no transaction here): a death in between leaves both, never neither."""
+        q = self._queue(queue)
+        owned = {"_id": {"$in": list(ids)}, "owner": self.owner}
+        docs = list(q.messages.find(owned, sort=[("_id", 1)]))
+        if docs:
+            q.messages.insert_many([{**doc, "_id": new, "owner": None, "visible_at": visible_at}
+                                    for doc, new in zip(docs, self._next_ids(q.name, len(docs)), strict=True)])
+            q.messages.delete_many({"_id": {"$in": [doc["_id"] for doc in docs]}, "owner": self.owner})
+
     def _bury(self, queue: str, row_id: Any, letter: DeadLetter) -> None:
         """Keep the letter, then delete the owned message; withdraw the letter if it was no longer owned."""
         q = self._queue(queue)

@@ -88,7 +88,7 @@ class MqttBroker(Broker):
     kind = BrokerEnum.MQTT
     capabilities = Capabilities(redelivery="native", delay="emulated", max_priority=0, dead_letters=True,
                                 key_value=True, routing="none", persistent=True, cross_process=True,
-                                cross_host=True)
+                                cross_host=True, release_front=False)
     connection_errors = (MqttUnreachable, OSError, TimeoutError)
     errors = (MqttRefused,)
 

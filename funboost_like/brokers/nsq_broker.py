@@ -395,7 +395,7 @@ class NsqBroker(Broker):
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         check_queue_name(queue)
         try:
-            found = self._browse(f"{queue}.dlq", limit)
+            found = self._browse(f"{queue}.dlq", max(limit, 2500))  # read from the oldest: the newest are later
         except self._client_errors as exc:
             raise self._translated(exc, f"listing dead letters of queue {queue!r}") from exc
         letters = [DeadLetter.from_envelope(queue, msg.body) for msg in found]

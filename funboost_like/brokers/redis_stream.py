@@ -107,7 +107,8 @@ class RedisStreamBroker(RedisConsumers):
 
     kind = BrokerEnum.REDIS_STREAM
     capabilities = Capabilities(redelivery="sweep", delay="native", dead_letters=True, key_value=True,
-                                routing="emulated", persistent=True, cross_process=True, cross_host=True)
+                                routing="emulated", persistent=True, cross_process=True, cross_host=True,
+                                release_front=False)
     _scripts = SCRIPTS
     _give_back_script = SETTLE
     _ready_type = "stream"

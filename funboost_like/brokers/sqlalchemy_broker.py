@@ -258,8 +258,13 @@ class SqlAlchemyBroker(LeasedTable):
     def _update_owned(self, queue: str, ids: Sequence[Any], *, visible_at: float, disown: bool,
                       attempts_delta: int) -> None:
         q = self._queue(queue)
-        statement = q.renew if not disown else q.requeue if attempts_delta >= 0 else q.release
+        statement = q.renew if not disown else q.disown if attempts_delta >= 0 else q.release
         self._tx(lambda conn: conn.execute(statement, {"me": self.owner, "ids": list(ids), "at": visible_at}), True)
+
+    def _move_back(self, queue: str, ids: Sequence[Any], visible_at: float) -> None:
+        copy, delete = self._queue(queue).requeue
+        values = {"me": self.owner, "ids": list(ids), "at": visible_at}
+        self._tx(lambda conn: (conn.execute(copy, values), conn.execute(delete, values)))
 
     def _bury(self, queue: str, row_id: Any, letter: DeadLetter) -> None:
         """Delete the owned row and keep the letter, in one transaction (nothing if no longer owned)."""

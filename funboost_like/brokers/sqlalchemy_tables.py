@@ -73,7 +73,12 @@ class QueueTables:
         owned = sa.and_(t.c.owner == sa.bindparam("me"), ids)
         self.delete = sa.delete(t).where(owned)
         self.renew = sa.update(t).where(owned).values(visible_at=sa.bindparam("at"))
-        self.requeue = sa.update(t).where(owned).values(visible_at=sa.bindparam("at"), owner=None)
+        self.disown = sa.update(t).where(owned).values(visible_at=sa.bindparam("at"), owner=None)
+        columns = ("priority", "attempts", "crashes", "body")
+        self.requeue = (  # at the back: the owned rows copied under new ids, then deleted
+            sa.insert(t).from_select(["visible_at", *columns], sa.select(
+                sa.bindparam("at", type_=sa.Float), *(t.c[name] for name in columns)).where(owned).order_by(t.c.id)),
+            sa.delete(t).where(owned))
         self.release = sa.update(t).where(owned).values(
             visible_at=sa.bindparam("at"), owner=None, attempts=sa.case((t.c.attempts > 0, t.c.attempts - 1), else_=0))
         waiting = sa.or_(t.c.owner.is_(None), t.c.visible_at <= sa.bindparam("now"))

@@ -78,8 +78,8 @@ one-file layout and a queue made before keeps its messages; the extra files are
   ``max_n`` (each file's claim is the usual one-statement claim of its first rows, so no two
   consumers ever claim one row), starting at a rotating file; the batch comes back in the merged
   order. So, for one consumer, **messages come out highest priority first, then in order of the time
-  they became ready** (publish time; due time for a delayed message; the time of the nack or release
-  for one given back, which within its own file keeps its place), whichever files hold them: the
+  they became ready** (publish time; due time for a delayed message; the time of the nack for a
+  nacked one; a released one comes first, as with one file), whichever files hold them: the
   order of one file is kept, and across files the order is that of the publish clocks of the
   processes (one host, so one clock). Consumers fetching at the same time share the first messages
   between them, as with one file. A fetch costs N reads and one claim per file that has a share, and
@@ -351,20 +351,21 @@ class SqliteBroker(Broker):
             execute_by_ids(self._conn(self._files(queue).file(k)), tables.DELETE, (), ids)
 
     def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
-        """Visible again (a released or requeued message keeps its id, so its place); skipped for a
-        message whose lease ran out and that another consumer took meanwhile."""
+        """Visible again: a released message keeps its id, so its place at the front; a nacked one is
+        written anew at the back (or into ``delayed``). Skipped for a message whose lease ran out and
+        that another consumer took meanwhile."""
         for (queue, k), ids in by_file(deliveries).items():
             q = self._files(queue).file(k)
             conn = self._conn(q)
+            if front and not count_attempt and delay <= 0:
+                execute_by_ids(conn, tables.RELEASE, (self._owner,), ids)
+                continue
+            due = time.time() + delay
+            with write_transaction(conn):
+                execute_by_ids(conn, tables.DELAY if delay > 0 else tables.REQUEUE, (due, self._owner), ids)
+                execute_by_ids(conn, tables.DELETE_OWNED, (self._owner,), ids)
             if delay > 0:
-                due = time.time() + delay
-                with write_transaction(conn):
-                    execute_by_ids(conn, tables.DELAY, (due, self._owner), ids)
-                    execute_by_ids(conn, tables.DELETE_OWNED, (self._owner,), ids)
                 q.expect_due(due)
-            else:
-                sql = tables.REQUEUE if count_attempt else tables.RELEASE
-                execute_by_ids(conn, sql, (time.time(), self._owner), ids)
 
     def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         """Move the message to ``dead_letters`` with the reason in one transaction (the error is not stored)."""

@@ -50,8 +50,11 @@ CLAIM = ("UPDATE messages SET visible_at = :lease_until, crashes = crashes + (ow
          " WHERE id IN (SELECT id FROM messages WHERE visible_at <= :now ORDER BY priority DESC, id LIMIT :n)"
          " RETURNING id, body, attempts, priority, crashes")
 DELETE = "DELETE FROM messages WHERE id IN ({ids})"
-REQUEUE = "UPDATE messages SET owner = NULL, visible_at = ? WHERE owner = ? AND id IN ({ids})"
-RELEASE = ("UPDATE messages SET owner = NULL, visible_at = ?, attempts = max(attempts - 1, 0)"
+# A nacked message goes to the back: a new row (a new id); a released one keeps its id, so its place at
+# the front, and is visible since time 0, so the merge of several files puts it first too.
+REQUEUE = ("INSERT INTO messages (priority, visible_at, attempts, body, crashes)"
+           " SELECT priority, ?, attempts, body, crashes FROM messages WHERE owner = ? AND id IN ({ids}) ORDER BY id")
+RELEASE = ("UPDATE messages SET owner = NULL, visible_at = 0, attempts = max(attempts - 1, 0)"
            " WHERE owner = ? AND id IN ({ids})")
 BINDINGS_SCHEMA = ("CREATE TABLE IF NOT EXISTS bindings (exchange TEXT NOT NULL, exchange_type TEXT NOT NULL,"
                    " queue TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (exchange, queue, key))",)
