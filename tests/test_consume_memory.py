@@ -384,6 +384,30 @@ def test_consumer_restarts_after_stop_and_follows_a_reopened_broker(queue_name: 
     assert done == [1, 2]
 
 
+def test_consume_right_after_stop_starts_again_once_the_stop_is_over(queue_name: str) -> None:
+    """consume() while the stop() before it was still under way returned at once and did nothing: the
+    next messages waited in the queue with no consumer and nothing said."""
+    done: list[int] = []
+    started = threading.Event()
+
+    @task_deco(queue_name, broker_kind=MEMORY)
+    def f(x: int) -> None:
+        started.set()
+        time.sleep(0.3 if x == 1 else 0)
+        done.append(x)
+
+    f.push(1)
+    f.consume()
+    assert started.wait(5)
+    f.stop()  # the call of 1 is still running: the stop is under way
+    f.push(2)
+    f.consume()
+    memory().join(queue_name, timeout=5)
+    assert done == [1, 2]
+    f.stop()
+    f.consumer.join(5)
+
+
 def test_a_queued_message_costs_its_body_not_a_whole_page(tmp_path) -> None:
     """orjson hands back bodies sitting in 4 KiB allocations; a queue of them must not keep those."""
     import subprocess

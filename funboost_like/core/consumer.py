@@ -192,6 +192,14 @@ class Consumer:
             pass
 
     def _start(self) -> None:
+        while True:
+            with self._lock:
+                stopping = self._thread
+                if stopping is None or not stopping.is_alive():
+                    break
+                if not self._stop.is_set():
+                    return  # consuming already
+            stopping.join()  # a consume() right after stop(): once that graceful stop is over, start again
         with self._lock:
             if self._thread is not None:
                 if self._thread.is_alive():

@@ -23,6 +23,7 @@ from django.urls import reverse
 
 from funboost_like.contrib.django import conf
 from funboost_like.contrib.django.models import DeadLetter, Queue, QueuedMessage
+from funboost_like.core.message import republished
 
 STATES = {  # state -> (label, condition at time `now`)
     "waiting": ("waiting (ready)", lambda now: Q(owner__isnull=True, visible_at__lte=now)),
@@ -139,7 +140,8 @@ class DeadLetterAdmin(_QueueTableAdmin):
             letters = list(queryset.select_for_update())
             now = time.time()
             QueuedMessage.objects.using(alias).bulk_create(
-                [QueuedMessage(queue=letter.queue, visible_at=now, body=bytes(letter.body)) for letter in letters])
+                [QueuedMessage(queue=letter.queue, visible_at=now, body=republished(bytes(letter.body), now))
+                 for letter in letters])
             queryset.filter(pk__in=[letter.pk for letter in letters]).delete()
         self.message_user(request, f"{len(letters)} dead letter(s) requeued.", messages.SUCCESS)
 
