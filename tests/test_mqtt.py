@@ -346,3 +346,53 @@ def _listening(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_consumers_that_claim_at_the_same_moment_get_slots_of_their_own(brokers: list[MqttBroker],
+                                                                        queue_name: str) -> None:
+    """Processes started together (multi_process_consume) all saw slot 0 free and took it from each other
+    all run long: Mosquitto 2.0 closes the taken connection without the reason code the broker waited
+    for, so paho reconnected and took it back, and every takeover sent the messages in flight again."""
+    consumers = [MqttBroker() for _ in range(3)]
+    brokers += consumers
+    threads = [threading.Thread(target=c.fetch, args=(queue_name, 1, 0)) for c in consumers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(c._slots[queue_name].index for c in consumers) == [0, 1, 2]
+    sent = [f'{{"i":{i}}}'.encode() for i in range(150)]
+    consumers[0].publish_many(queue_name, sent)
+    got: list[bytes] = []
+    deadline = time.monotonic() + 15
+    while len(got) < len(sent) and time.monotonic() < deadline:
+        for consumer in consumers:
+            deliveries = consumer.fetch(queue_name, 50, 0.05)
+            consumer.ack(deliveries)
+            got += [d.body for d in deliveries]
+    time.sleep(2.0)  # a takeover would send what was in flight again
+    for consumer in consumers:
+        got += [d.body for d in consumer.fetch(queue_name, 50, 0.2)]
+    assert sorted(got) == sorted(sent)  # each exactly once
+    assert not any(c._slots[queue_name].lost for c in consumers)
+
+
+def test_a_slot_taken_by_another_connection_is_given_up_without_a_reconnection_war(brokers: list[MqttBroker],
+                                                                                    queue_name: str) -> None:
+    from funboost_like.brokers.mqtt_client import connect, parse_url
+
+    holder = MqttBroker()
+    brokers.append(holder)
+    assert holder.fetch(queue_name, 1, 0) == []
+    slot = holder._slots[queue_name]
+    sessions = holder.sessions
+    sessions.beat(queue_name, slot.index, "another-process")  # what the taker's claim writes
+    taker, _ = connect(parse_url(URL), f"funboost_like:{queue_name}:{slot.index}", clean_start=False,
+                       session_expiry=600)
+    try:
+        assert until(lambda: slot.lost, 5)  # Mosquitto closed the holder's socket: its record names another owner
+        time.sleep(3.0)  # past paho's reconnection delay: the holder must not take the slot back
+        assert taker.is_connected()
+    finally:
+        taker.disconnect()
+        taker.loop_stop()

@@ -41,7 +41,6 @@ run twice. Prefetched messages go back when the broker closes (the session keeps
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import socket
@@ -164,11 +163,10 @@ class MqttBroker(Broker):
 
     def _claim(self, queue: str, avoid: set[int]) -> Slot:
         sessions = self.sessions
-        live = sessions.presence(queue)
-        index = next(i for i in itertools.count() if i not in avoid and not live.get(i))
+        index, live = sessions.claim(queue, avoid, self._owner)
         slot = Slot(queue, index, sessions.inherited(queue, index))
         slot.client, _ = sessions.open(queue, index, slot.buffer, slot.epoch, slot.inherited, slot.taken_over,
-                                       self._held_of(queue), member=True, drops=slot.drops)
+                                       self._held_of(queue), member=True, owner=self._owner, drops=slot.drops)
         try:
             subscribe(slot.client, shared_filter(queue), self._where())
             sessions.beat(queue, index, self._owner)

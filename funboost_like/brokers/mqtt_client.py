@@ -90,7 +90,8 @@ def user_properties(message: paho.MQTTMessage) -> dict[str, str]:
 def connect(server: Server, client_id: str, *, clean_start: bool, session_expiry: float = 0.0,
             receive_maximum: int = 65535, will: tuple[str, bytes, int] | None = None, manual_ack: bool = False,
             on_message: Any = None, on_disconnect: Any = None,
-            on_reconnect: Callable[[paho.Client, bool], None] | None = None) -> tuple[paho.Client, bool]:
+            on_reconnect: Callable[[paho.Client, bool], None] | None = None,
+            reconnect_delay: int = 1) -> tuple[paho.Client, bool]:
     """A connected client with its network thread running, and whether the server had its session.
 
     ``will``: (topic, payload, expiry in seconds) the server publishes, retained, if the connection dies
@@ -108,7 +109,7 @@ def connect(server: Server, client_id: str, *, clean_start: bool, session_expiry
         client.will_set(will[0], will[1], qos=1, retain=True,
                         properties=properties(PacketTypes.WILLMESSAGE, MessageExpiryInterval=will[2]))
     client.max_inflight_messages_set(1000)
-    client.reconnect_delay_set(1, 5)
+    client.reconnect_delay_set(reconnect_delay, max(5, reconnect_delay))
     answered = threading.Event()
     outcome: dict[str, Any] = {}
 

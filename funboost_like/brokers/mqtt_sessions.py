@@ -49,6 +49,8 @@ logger = logging.getLogger("funboost_like.mqtt")
 
 ATTEMPTS, CRASHES = "fl-attempts", "fl-crashes"
 STALE = 30.0  # a "live" record older than this belongs to nobody (a server restart kept it)
+SETTLE = 0.2  # seconds a claim waits for a concurrent claim of the same slot to show in its record
+TAKEOVER_CHECK = 1.5  # seconds a slot whose connection dropped looks for another owner before reconnecting
 PARKED = json.dumps({"state": "parked"}).encode()
 Item = tuple[int, bytes, int, int, bool]  # (packet id, body, attempts before, crashes, crashed: its holder died)
 Publish = tuple[str, bytes, bool, Any]  # (topic, payload, retain, properties)
@@ -138,13 +140,15 @@ class Sessions:
             (topic, b"", True, None)
 
     def open(self, queue: str, index: int, buffer: PushBuffer, epoch: int, inherited: set[int], lost: list[bool],
-             held: Callable[[], Collection[Any]], *, member: bool = False,
+             held: Callable[[], Collection[Any]], *, member: bool = False, owner: str = "",
              drops: list[bool] | None = None, receive_maximum: int | None = None) -> tuple[paho.Client, bool]:
         """Connect as slot ``index``: deliveries go to ``buffer`` as :data:`Item`; one the server sends again
         (DUP) is dropped if ``held()`` holds ``(epoch, packet id)`` (its ack will settle it), and counts as
         crashed if its packet id is in ``inherited``. A ``member`` joins the shared subscription again after
         a reconnection to a server that lost the session. ``lost`` gets an entry if another connection
-        takes the client id (this one then stops)."""
+        takes the client id (this one then stops): the server says so (reason 142), or, for an ``owner``
+        (Mosquitto 2.0 just closes the socket), the slot's presence record names another owner within
+        :data:`TAKEOVER_CHECK` seconds of a dropped connection, before paho reconnects."""
         def on_message(_c: Any, _u: Any, message: paho.MQTTMessage) -> None:
             mid, crashed = message.mid, False
             if message.dup:  # sent again: after our reconnection, or to us as the slot's next holder
@@ -158,22 +162,13 @@ class Sessions:
             if member and not present:
                 client.subscribe(shared_filter(queue), qos=1)
 
-        def on_disconnect(client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-            buffer.clear()  # the server sends them again on reconnection
-            if drops is not None:
-                drops.append(True)
-            if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
-                lost.append(True)
-                buffer.wake()
-                logger.warning("another connection took slot %d of queue %r", index, queue)
-                threading.Thread(target=close, args=(client,), daemon=True).start()  # no reconnection war
-
         will = (f"funboost_like/slots/{topic_part(queue)}/{index}", PARKED, parked_seconds(self.expiry()))
         return connect(self.control.server, f"funboost_like:{queue}:{index}", clean_start=False,
                        session_expiry=self.expiry(),
                        receive_maximum=receive_maximum or int(settings.get("MQTT_RECEIVE_MAXIMUM")),
                        will=will, manual_ack=True, on_message=on_message, on_reconnect=on_reconnect,
-                       on_disconnect=on_disconnect)
+                       on_disconnect=self._on_disconnect(queue, index, owner, buffer, lost, drops),
+                       reconnect_delay=int(TAKEOVER_CHECK) + 1 if owner else 1)
 
     def presence(self, queue: str) -> dict[int, bool]:
         """Slot number -> whether a live process holds it, from the retained presence records."""
@@ -182,6 +177,59 @@ class Sessions:
             record = json.loads(message.payload)
             found[int(message.topic.rsplit("/", 1)[1])] = record.get("state") == "live" and record["at"] > now - STALE
         return found
+
+    def _on_disconnect(self, queue: str, index: int, owner: str, buffer: PushBuffer, lost: list[bool],
+                       drops: list[bool] | None) -> Callable[..., None]:
+        """paho's ``on_disconnect`` of a slot's client (see :meth:`open` on takeovers)."""
+        def taken(client: paho.Client) -> None:
+            if not lost:
+                lost.append(True)
+                buffer.wake()
+                logger.warning("another connection took slot %d of queue %r", index, queue)
+                threading.Thread(target=close, args=(client,), daemon=True).start()  # no reconnection war
+
+        def check(client: paho.Client) -> None:
+            deadline = time.monotonic() + TAKEOVER_CHECK
+            while time.monotonic() < deadline and not lost:
+                try:
+                    other = self.owner_of(queue, index) not in ("", owner)
+                except Exception:  # noqa: BLE001 - the server is away: no takeover to see; paho reconnects
+                    return
+                if other:
+                    taken(client)
+                time.sleep(0.1)
+
+        def on_disconnect(client: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+            buffer.clear()  # the server sends them again on reconnection
+            if drops is not None:
+                drops.append(True)
+            if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+                taken(client)
+            elif owner and not getattr(flags, "is_disconnect_packet_from_server", True):
+                threading.Thread(target=check, args=(client,), daemon=True).start()
+
+        return on_disconnect
+
+    def claim(self, queue: str, avoid: set[int], owner: str) -> tuple[int, dict[int, bool]]:
+        """The lowest slot that is neither live nor in ``avoid``, claimed for ``owner`` (and the presence read
+        for it): its record is written first and read again :data:`SETTLE` seconds later, and a slot another
+        process claimed meanwhile is passed by (processes started together all saw slot 0 free, and took it
+        from each other, each takeover sending the messages in flight again)."""
+        avoid = set(avoid)
+        while True:
+            live = self.presence(queue)
+            index = next(i for i in itertools.count() if i not in avoid and not live.get(i))
+            self.beat(queue, index, owner)
+            time.sleep(SETTLE)
+            if self.owner_of(queue, index) == owner:
+                return index, live
+            avoid.add(index)
+
+    def owner_of(self, queue: str, index: int) -> str:
+        """The owner a slot's presence record names ("" when none, or parked)."""
+        for message in self.control.snapshot(f"funboost_like/slots/{topic_part(queue)}/{index}"):
+            return str(json.loads(message.payload).get("owner", ""))
+        return ""
 
     def inherited(self, queue: str, index: int) -> set[int]:
         """The packet ids the last holder of the slot was running (from its ``held`` record)."""
