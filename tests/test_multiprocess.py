@@ -420,3 +420,40 @@ def test_a_child_whose_supervisor_died_before_it_started_stops_too(tmp_path: Pat
     out = subprocess.run([sys.executable, "-c", script], env=subprocess_env(tmp_path), capture_output=True,
                          text=True, timeout=30).stdout
     assert out.strip() == "stopped" and time.monotonic() - started < 10
+
+
+def test_one_sigterm_stops_every_supervisor_of_the_process(tmp_path: Path) -> None:
+    """A script that starts two supervisors (one in the background, one in the main thread, as a pipeline
+    of two steps does) stopped only the last one's children on SIGTERM; the first one's kept running and
+    the script never ended."""
+    script = tmp_path / "two_supervisors.py"
+    script.write_text(
+        "import time\n"
+        "from funboost_like.concurrency.multiprocess import ProcessSupervisor\n"
+        "def forever():\n"
+        "    while True:\n"
+        "        time.sleep(0.05)\n"
+        "if __name__ == '__main__':\n"
+        "    first = ProcessSupervisor(forever, (), 2, start_method='fork', name='first').start()\n"
+        "    second = ProcessSupervisor(forever, (), 1, start_method='fork', name='second')\n"
+        "    print('ready', flush=True)\n"
+        "    second.run()\n"
+        "    print('first stopped:', first.join(10), flush=True)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], env=subprocess_env(tmp_path), stdout=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 15
+        while len(children_of(proc.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        descendants = children_of(proc.pid)
+        assert len(descendants) == 3
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+        assert proc.returncode == 0 and "first stopped: True" in out
+        assert not any(alive(pid) for pid in descendants)
+    finally:
+        if proc.poll() is None:
+            for child in children_of(proc.pid):
+                os.kill(child, signal.SIGKILL)
+            proc.kill()

@@ -318,14 +318,18 @@ class ProcessSupervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """Runs in the main thread: first signal stops gracefully, a second one kills."""
         name = signal.Signals(signum).name
+        previous = self._previous_handlers.get(signum, signal.SIG_DFL)
         if self._done.is_set():  # the children are gone: behave as before us
-            _run_handler(self._previous_handlers.get(signum, signal.SIG_DFL), signum, frame)
-        elif self._stop_requested.is_set():
+            _run_handler(previous, signum, frame)
+            return
+        if self._stop_requested.is_set():
             self.logger.warning("second signal %s: killing the children of %s now", name, self.name)
             self.kill()
         else:
             self.logger.info("signal %s: stopping the children of %s gracefully", name, self.name)
             self.stop()
+        if isinstance(getattr(previous, "__self__", None), ProcessSupervisor):
+            previous(signum, frame)  # another supervisor of this process: it stops its children at the same time
 
 
 def _run_handler(handler: Any, signum: int, frame: FrameType | None) -> None:
