@@ -82,12 +82,9 @@ class Delivery:
 
     def __init__(self, queue: str, body: bytes, token: Any, attempts: int = 1, priority: int = 0,
                  crashes: int = 0) -> None:
-        self.queue = queue
-        self.body = body
-        self.token = token  # row id, stream id, delivery tag, ...: hashable, unique within the queue
-        self.attempts = attempts
-        self.priority = priority
-        self.crashes = crashes
+        # token: row id, stream id, delivery tag, ...: hashable, unique within the queue
+        self.queue, self.body, self.token, self.attempts, self.priority, self.crashes = (
+            queue, body, token, attempts, priority, crashes)
 
     def __repr__(self) -> str:
         return f"Delivery(queue={self.queue!r}, token={self.token!r}, attempts={self.attempts})"
@@ -114,8 +111,8 @@ class Broker(Routing, OptionalOperations):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        maintained = cls._renew is not Broker._renew or cls._recover is not Broker._recover
-        if maintained and cls.maintenance_interval is Broker.maintenance_interval:
+        if (cls._renew is not Broker._renew or cls._recover is not Broker._recover) and \
+                cls.maintenance_interval is Broker.maintenance_interval:
             raise TypeError(f"{cls.__name__} defines _renew or _recover but not maintenance_interval(), "
                             "so the maintenance thread would never run them")
 
@@ -415,12 +412,10 @@ class Broker(Routing, OptionalOperations):
 
     def _kv_store(self, key: Any, make: Callable[[], S]) -> S:
         """The store this broker keeps under ``key``, made by ``make()`` the first time."""
-        store = self._kv_stores.get(key)
-        if store is None:
-            with self._held_lock:
-                store = self._kv_stores.get(key)
-                if store is None:
-                    store = self._kv_stores[key] = make()
+        with self._held_lock:  # callers keep their store: this runs once per feature and queue
+            store = self._kv_stores.get(key)
+            if store is None:
+                store = self._kv_stores[key] = make()
         return store  # type: ignore[return-value]  # made by this key's make()
 
     def maintain(self) -> None:
