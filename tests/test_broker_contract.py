@@ -571,6 +571,41 @@ def crash_setup(broker: Broker, case: tuple[BrokerEnum, Fixture], tmp_path: Path
     return subprocess_env(tmp_path / "sqlite_queues", **env)
 
 
+def test_acknowledged_messages_stay_gone_when_their_holder_stops_renewing(
+        broker: Broker, case: tuple[BrokerEnum, Fixture], queue_name: str) -> None:
+    """Two consumers in one process (two broker instances): the holder acks three of four messages in one
+    batch, then stops renewing its leases or beating, as a dead process does; the other consumer gets the
+    fourth back, counted as one crash, and never the three acknowledged ones (an ack that deleted nothing,
+    or a skipped renewal, was caught before only by the slow poison-message test)."""
+    if broker.capabilities.redelivery not in ("lease", "sweep"):
+        pytest.skip("redelivery is not by lease or heartbeat (a real death is the SIGKILL tests')")
+    from funboost_like.brokers.maintenance import maintenance
+
+    patch_frame_config(**case[1].fast_recovery)
+    holder, taker = type(broker)(), type(broker)()
+    try:
+        bodies = [f'{{"n":{i}}}'.encode() for i in range(4)]
+        broker.publish_many(queue_name, bodies)
+        got = fetch_all(holder, queue_name, 4)
+        assert [d.body for d in got] == bodies
+        holder.ack(got[:3])
+        holder.fetch(queue_name, 1, 0)  # acks some brokers send with the next fetch go out now
+        holder.stop_fetching(queue_name)  # a push broker's server sends it nothing more (NSQ: RDY 0)
+        maintenance.discard(holder)  # no more renewals or beats: dead, as far as the others can tell
+        back: list[Delivery] = []
+        deadline = time.monotonic() + 20
+        while not back and time.monotonic() < deadline:
+            taker.maintain()
+            back = taker.fetch(queue_name, 10, 0.2)
+        assert [(d.body, d.crashes) for d in back] == [(bodies[3], 1)]
+        taker.ack(back)
+        taker.maintain()
+        assert taker.fetch(queue_name, 10, 1.0) == [] and broker.count(queue_name) == 0
+    finally:
+        maintenance.discard(holder)
+        taker.close()
+
+
 def records(path: Path) -> tuple[collections.Counter[int], collections.Counter[int]]:
     started: collections.Counter[int] = collections.Counter()
     done: collections.Counter[int] = collections.Counter()
