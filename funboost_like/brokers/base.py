@@ -234,27 +234,28 @@ class Broker(Routing, OptionalOperations):
         if not deliveries:
             return self.fetch(queue, max_n, timeout)
         if not self._combined or self._deferred or max_n <= 0:
-            try:
-                self.ack(deliveries)
-            except Exception:
-                logger.warning("acknowledging %d message(s) failed; the broker will deliver them again",
-                               len(deliveries), exc_info=True)
+            self._ack_logged(self.ack, deliveries)
             return self.fetch(queue, max_n, timeout)
         live = self._unhold(deliveries)
         if len(live) != len(deliveries):
             logger.warning("%d of %d message(s) were settled before this ack", len(deliveries) - len(live),
                            len(deliveries))
         if live and (live[0].queue != queue or live[-1].queue != queue):  # acks of other queues: apart
-            try:
-                self._send_settlement(self._ack, live)
-            except BrokerError:
-                logger.warning("acknowledging %d message(s) failed; the broker will deliver them again",
-                               len(live), exc_info=True)
+            self._ack_logged(functools.partial(self._send_settlement, self._ack), live)
             live = []
         got = self._take(queue, max_n, live or None)
         if got or timeout <= 0:
             return got
         return self._wait_and_take(queue, max_n, time.monotonic() + timeout)
+
+    @staticmethod
+    def _ack_logged(send: Callable[[Any], object], deliveries: Sequence[Delivery]) -> None:
+        """``send(deliveries)``, an ack that must not stop the fetch after it: a failure is logged only."""
+        try:
+            send(deliveries)
+        except Exception:
+            logger.warning("acknowledging %d message(s) failed; the broker will deliver them again",
+                           len(deliveries), exc_info=True)
 
     def _take(self, queue: str, max_n: int, acks: Sequence[Delivery] | None) -> list[Delivery]:
         try:

@@ -174,17 +174,12 @@ class LeasedTable(Broker):
             self._delete(queue, sorted(ids))
 
     def _ack_and_get(self, deliveries: Sequence[Delivery], queue: str, max_n: int) -> list[Delivery]:
-        """Delete and take in one transaction; should that fail, the acks are sent alone before raising."""
-        groups = _by_queue(deliveries)
-        if list(groups) != [queue]:
-            try:
-                self._ack(deliveries)
-            except Exception:
-                logger.warning("acknowledging %d message(s) failed", len(deliveries), exc_info=True)
-            return self._get(queue, max_n)
+        """Delete and take in one transaction (the base gives acks of ``queue`` only); should that fail, the
+        acks are sent alone before raising."""
         now = time.time()
         try:
-            rows = self._delete_and_claim(queue, sorted(groups[queue]), now, now + self.lease_seconds(), max_n)
+            rows = self._delete_and_claim(queue, sorted(d.token for d in deliveries), now, now + self.lease_seconds(),
+                                          max_n)
         except Exception:
             try:
                 self._ack(deliveries)
