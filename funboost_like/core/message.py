@@ -160,7 +160,7 @@ _OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "is_print_detail_exception": (_flag, "True, False or None"),
     "is_using_rpc_mode": (_flag, "True, False or None"),
 }
-_OPTION_NAMES = frozenset(_OPTIONS)
+OPTION_NAMES = frozenset(_OPTIONS)
 
 
 def option_problem(name: str, value: Any) -> str:
@@ -249,8 +249,8 @@ def decode(body: bytes, signature: FunctionSignature) -> DecodedMessage:
     elif not isinstance(extra, dict):
         raise DecodeError(f"the reserved key {EXTRA_KEY!r} must hold an object, got {type(extra).__name__}")
     else:
-        if not _OPTION_NAMES.isdisjoint(extra):  # a hand-written or foreign message may carry anything
-            for name in _OPTION_NAMES.intersection(extra):
+        if not OPTION_NAMES.isdisjoint(extra):  # a hand-written or foreign message may carry anything
+            for name in OPTION_NAMES.intersection(extra):
                 problem = option_problem(name, extra[name])
                 if problem:
                     raise DecodeError(f"option in {EXTRA_KEY!r}: {problem}")

@@ -23,7 +23,7 @@ from funboost_like.concurrency.shared import check_shared_pool
 from funboost_like.core import timezones
 from funboost_like.core.enums import BrokerEnum, ConcurrentModeEnum
 from funboost_like.core.errors import ConfigurationError
-from funboost_like.core.message import option_problem
+from funboost_like.core.message import OPTION_NAMES, option_problem
 
 if TYPE_CHECKING:
     from funboost_like.brokers.base import Broker, Capabilities
@@ -259,10 +259,6 @@ def check_mode_fits_function(params: ConsumerParams) -> None:
         raise ConfigurationError("specify_async_loop is only used with concurrent_mode=ASYNC")
 
 
-_MESSAGE_OPTIONS = ("function_timeout", "max_retry_times", "msg_expire_senconds", "misfire_grace_time", "countdown",
-                    "is_print_detail_exception", "is_using_rpc_mode")
-
-
 @dataclass
 class PriorityConsumingControlConfig:
     """Publish-time options for one message (seed name kept). Use with ``publish(..., priority_control_config=)``.
@@ -291,7 +287,7 @@ class PriorityConsumingControlConfig:
             self.msg_expire_senconds = self.msg_expire_seconds
         if self.countdown is not None and self.eta is not None:
             raise ConfigurationError("countdown and eta cannot both be set")
-        for name in _MESSAGE_OPTIONS:  # checked again by the consumer (a hand-written message)
+        for name in sorted(OPTION_NAMES):  # checked again by the consumer (a hand-written message)
             value = getattr(self, name)
             problem = option_problem(name, value) if value is not None else ""
             if problem:
