@@ -606,6 +606,34 @@ def test_acknowledged_messages_stay_gone_when_their_holder_stops_renewing(
         taker.close()
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_acknowledged_messages_stay_gone_when_their_holder_dies(
+        broker: Broker, case: tuple[BrokerEnum, Fixture], queue_name: str, tmp_path: Path,
+        children: list[subprocess.Popen[bytes]]) -> None:
+    """The same on brokers whose server redelivers: a real process acks three of four messages, stops
+    fetching and is killed holding the fourth, which alone comes back, counted as one crash."""
+    env = crash_setup(broker, case, tmp_path)
+    if broker.capabilities.redelivery != "native":
+        pytest.skip("redelivery by lease or heartbeat: the test above")
+    record = tmp_path / "record"
+    bodies = [f'{{"n":{i}}}'.encode() for i in range(4)]
+    broker.publish_many(queue_name, bodies)
+    holder = start(queue_name, broker.kind, record, "hold", env, tmp_path, children)
+    assert holder.wait(60) == -signal.SIGKILL
+    assert record.read_text() == "held 4\n"
+    taker = type(broker)()
+    try:
+        back: list[Delivery] = []
+        deadline = time.monotonic() + 30
+        while not back and time.monotonic() < deadline:
+            back = taker.fetch(queue_name, 10, 0.5)
+        assert [(d.body, d.crashes) for d in back] == [(bodies[3], 1)]
+        taker.ack(back)
+        assert taker.fetch(queue_name, 10, 1.0) == [] and broker.count(queue_name) == 0
+    finally:
+        taker.close()
+
+
 def records(path: Path) -> tuple[collections.Counter[int], collections.Counter[int]]:
     started: collections.Counter[int] = collections.Counter()
     done: collections.Counter[int] = collections.Counter()
