@@ -17,9 +17,13 @@ from funboost_like.brokers.memory import MemoryBroker
 from funboost_like.brokers.registry import get_broker
 from funboost_like.core.errors import FunctionTimeoutError
 
-from .conftest import subprocess_env
+from .conftest import require_server, subprocess_env
 
 MEMORY = BrokerEnum.LOCAL_PYTHON_QUEUE
+GREEN_MODES = [
+    pytest.param("GEVENT", "from gevent import monkey; monkey.patch_all()", id="GEVENT"),
+    pytest.param("EVENTLET", "import eventlet; eventlet.monkey_patch()", id="EVENTLET"),
+]
 
 
 def memory() -> MemoryBroker:
@@ -146,10 +150,7 @@ f.stop()
 """
 
 
-@pytest.mark.parametrize("mode, patch", [
-    ("GEVENT", "from gevent import monkey; monkey.patch_all()"),
-    ("EVENTLET", "import eventlet; eventlet.monkey_patch()"),
-])
+@pytest.mark.parametrize("mode, patch", GREEN_MODES)
 def test_green_modes_run_blocking_calls_concurrently(isolated_settings: Path, tmp_path: Path, mode: str,
                                                      patch: str) -> None:
     pytest.importorskip(mode.lower())
@@ -163,6 +164,55 @@ def test_green_modes_run_blocking_calls_concurrently(isolated_settings: Path, tm
     _, count, stuck_finished, seconds = line.split()
     assert count == "300" and stuck_finished == "False"  # the timed-out greenlet really stopped
     assert float(seconds) < 4.0  # 300 x 0.5 s sleeps at once, not one after another
+
+
+GREEN_STOP_SCRIPT = """
+{patch}
+import time
+from funboost_like import task_deco, BrokerEnum, ConcurrentModeEnum
+
+done = []
+
+@task_deco("{queue}", broker_kind=BrokerEnum.{kind}, concurrent_mode=ConcurrentModeEnum.{mode})
+def f(x):
+    done.append(x)
+
+f.consume()
+f.publish_many([{{"x": i}} for i in range(5)])
+deadline = time.monotonic() + 20
+while len(done) < 5 and time.monotonic() < deadline:
+    time.sleep(0.02)
+started = time.monotonic()
+f.stop()
+f.consumer.join(30)
+print("STOPPED", len(done), round(time.monotonic() - started, 2))
+"""
+
+
+@pytest.mark.parametrize("kind", ["RABBITMQ_PIKA", "RABBITMQ_AMQPSTORM"])
+@pytest.mark.parametrize("mode, patch", GREEN_MODES)
+def test_green_modes_stop_a_rabbitmq_consumer_at_once(isolated_settings: Path, tmp_path: Path, queue_name: str,
+                                                      mode: str, patch: str, kind: str) -> None:
+    """A stop pauses the consumer: it waits for the I/O greenlet to stop the server's consumer, and that wait
+    must let the greenlet run (it spun until its 5 s deadline)."""
+    pytest.importorskip(mode.lower())
+    pytest.importorskip("amqpstorm" if kind == "RABBITMQ_AMQPSTORM" else "pika")
+    pika = pytest.importorskip("pika")  # to delete the queue
+    require_server("RabbitMQ", "127.0.0.1", 5672)
+    script = tmp_path / "green_stop.py"
+    script.write_text(textwrap.dedent(GREEN_STOP_SCRIPT.format(patch=patch, queue=queue_name, kind=kind, mode=mode)))
+    try:
+        proc = subprocess.run([sys.executable, "-W", "ignore", str(script)], env=subprocess_env(isolated_settings),
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        connection = pika.BlockingConnection(pika.URLParameters("amqp://guest:guest@127.0.0.1:5672/%2F"))
+        connection.channel().queue_delete(queue_name)
+        connection.close()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("STOPPED")][0]
+    _, count, seconds = line.split()
+    assert count == "5"
+    assert float(seconds) < 3.0  # an idle fetch ends within 1 s; the pause itself takes milliseconds
 
 
 def test_async_mode_with_rpc_and_filtering(queue_name: str) -> None:

@@ -147,8 +147,8 @@ _epochs = itertools.count()
 
 
 class Subscription:
-    __slots__ = ("queue", "buffer", "prefetch", "qos_sent", "qos_applied", "boundary", "last_tag", "channel",
-                 "generation", "epoch", "outstanding", "acks", "acking", "retry_at", "retry_delay")
+    __slots__ = ("queue", "buffer", "prefetch", "qos_sent", "qos_applied", "qos_changed", "boundary", "last_tag",
+                 "channel", "generation", "epoch", "outstanding", "acks", "acking", "retry_at", "retry_delay")
 
     def __init__(self, queue: str, prefetch: int) -> None:
         self.queue = queue
@@ -157,8 +157,8 @@ class Subscription:
         # 0 while paused. RabbitMQ fixes a consumer's prefetch when it starts, so a change starts it again.
         self.prefetch = prefetch
         self.qos_sent = prefetch
-        self.qos_applied = threading.Event()  # set while no change of consumer is under way
-        self.qos_applied.set()
+        self.qos_applied = True  # no change of consumer under way (False from its sending to its confirmation)
+        self.qos_changed = Signal()  # notified by the I/O thread when a change of consumer is confirmed
         self.boundary = 0  # tags up to this one were delivered to earlier consumers of the channel
         self.last_tag = 0
         self.channel: Any = None
@@ -223,10 +223,17 @@ class PushConsuming:
         """Stop consuming ``queue`` until the next fetch, and return what was buffered when the server stopped."""
         sub = self._subs[queue]
         sub.prefetch = 0
+
+        def stopped() -> bool:
+            return sub.qos_sent == 0 and sub.qos_applied
+
+        # Until the I/O thread sends the change, qos_applied still holds from the last one: waiting on a flag
+        # that is up returns at once, a busy loop that under gevent or eventlet starves the I/O greenlet
+        # till the deadline. The signal blocks; waking again every 10 ms covers a wake dropped mid-round.
         deadline = time.monotonic() + 5.0
-        while not (sub.qos_sent == 0 and sub.qos_applied.is_set()) and time.monotonic() < deadline:
+        while not stopped() and (left := deadline - time.monotonic()) > 0:
             self._wake()
-            sub.qos_applied.wait(0.01)
+            sub.qos_changed.wait_until(stopped, min(left, 0.01))
         return [item for item in sub.buffer.take(len(sub.buffer.items)) if item[0] == sub.epoch]
 
     def _subscribe(self, queue: str, prefetch: int) -> Subscription:
@@ -317,9 +324,9 @@ class PushConsuming:
             sub.outstanding.clear()
             sub.qos_sent = max(1, sub.prefetch)
             sub.boundary = sub.last_tag = 0
-            sub.qos_applied.set()
-        if sub.qos_sent != sub.prefetch and sub.qos_applied.is_set():
-            sub.qos_applied.clear()
+            sub.qos_applied = True
+        if sub.qos_sent != sub.prefetch and sub.qos_applied:
+            sub.qos_applied = False
             sub.qos_sent = sub.prefetch
             consumer.set_prefetch(sub.channel, sub.prefetch, functools.partial(self._consumer_changed, sub))
         if sub.acks:
@@ -346,7 +353,8 @@ class PushConsuming:
         """On the I/O thread, once the new consumer started (or the old one stopped): every delivery so far
         was to an earlier consumer, which the new prefetch does not count."""
         sub.boundary = sub.last_tag
-        sub.qos_applied.set()
+        sub.qos_applied = True
+        sub.qos_changed.notify()
 
     def _deliverer(self, sub: Subscription, epoch: int) -> Deliver:
         put, outstanding = sub.buffer.put, sub.outstanding
