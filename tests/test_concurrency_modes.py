@@ -215,6 +215,33 @@ def test_green_modes_stop_a_rabbitmq_consumer_at_once(isolated_settings: Path, t
     assert float(seconds) < 3.0  # an idle fetch ends within 1 s; the pause itself takes milliseconds
 
 
+REFUSED_SCRIPT = """
+{patch}
+from funboost_like import ConfigurationError, task_deco, BrokerEnum
+
+try:
+    task_deco("q", broker_kind=BrokerEnum.RABBITMQ_RABBITPY)(print)
+except ConfigurationError as exc:
+    print("REFUSED", exc)
+"""
+
+
+@pytest.mark.parametrize("mode, patch", GREEN_MODES)
+def test_a_client_that_cannot_run_on_greenlets_is_refused_at_decoration(isolated_settings: Path, tmp_path: Path,
+                                                                         mode: str, patch: str) -> None:
+    """rabbitpy's I/O thread runs asyncio.run(): as greenlets of one OS thread, its second connection failed
+    and the consumer reconnected forever. Refused for the green modes, and for threads the script patched."""
+    pytest.importorskip(mode.lower())
+    pytest.importorskip("rabbitpy")
+    with pytest.raises(ConfigurationError, match="RABBITMQ_RABBITPY does not work under gevent or eventlet"):
+        task_deco("q", broker_kind=BrokerEnum.RABBITMQ_RABBITPY, concurrent_mode=ConcurrentModeEnum[mode])(print)
+    script = tmp_path / "refused.py"
+    script.write_text(textwrap.dedent(REFUSED_SCRIPT.format(patch=patch)))
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(script)], env=subprocess_env(isolated_settings),
+                          capture_output=True, text=True, timeout=60)
+    assert "REFUSED RABBITMQ_RABBITPY does not work" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_async_mode_with_rpc_and_filtering(queue_name: str) -> None:
     @task_deco(queue_name, broker_kind=MEMORY, concurrent_mode=ConcurrentModeEnum.ASYNC, is_using_rpc_mode=True,
                do_task_filtering=True)

@@ -27,6 +27,7 @@ class Capabilities:
     ``max_priority``: the highest priority honoured (0: none). ``key_value``: the broker keeps small
     expiring records (RPC results, filters). ``fifo``: equal-priority messages come out in order.
     ``release_front``: a released message comes back before the others (else at the back).
+    ``green_threads``: the client works under gevent's or eventlet's monkey patch (GEVENT, EVENTLET).
     ``queue_names``: a check of a queue name, raising ConfigurationError for one the broker cannot
     use (run at decoration time); None when any name works.
     ``queue_options``: the ``broker_exclusive_config`` keys the broker
@@ -48,6 +49,7 @@ class Capabilities:
     cross_host: bool = False
     fifo: bool = True
     release_front: bool = True
+    green_threads: bool = True
     queue_names: Callable[[str], object] | None = None
     queue_options: frozenset[str] = frozenset()  # broker_exclusive_config keys read by configure_queue
     check_queue_options: Callable[[dict[str, object]], object] | None = None

@@ -10,6 +10,7 @@ consumes. The connections are rabbitpy's, with channels and writes of their own
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -195,6 +196,9 @@ class _Consumer(Link):
 
 class RabbitpyBroker(AmqpBroker):
     kind = BrokerEnum.RABBITMQ_RABBITPY
+    # rabbitpy's IO thread runs asyncio.run(): patched threads are greenlets of one OS thread, where the
+    # second connection's asyncio.run() finds the first one's loop running and fails.
+    capabilities = dataclasses.replace(AmqpBroker.capabilities, green_threads=False)
     connection_errors = (exceptions.ConnectionException, exceptions.RemoteClosedException,
                          exceptions.AMQPConnectionForced, OSError)
     errors = (exceptions.RabbitpyException,)

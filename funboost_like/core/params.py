@@ -24,6 +24,7 @@ from funboost_like.core import timezones
 from funboost_like.core.enums import BrokerEnum, ConcurrentModeEnum
 from funboost_like.core.errors import ConfigurationError
 from funboost_like.core.message import OPTION_NAMES, option_problem
+from funboost_like.core.runtime import threads_are_green
 
 if TYPE_CHECKING:
     from funboost_like.brokers.base import Broker, Capabilities
@@ -153,6 +154,7 @@ def _normalise(params: ConsumerParams, brokers: BrokerTable, checks: Iterable[Pa
     for name in ("qps", "msg_schedule_time_intercal", "function_timeout", "retry_backoff", "retry_backoff_max"):
         check_non_negative(params, name)
     check_redelivery_limits(params, capabilities)
+    check_green_threads(params, capabilities)
     if params.msg_schedule_time_intercal and not params.qps:
         params.qps = 1.0 / params.msg_schedule_time_intercal
     for check in checks:
@@ -225,6 +227,15 @@ def check_concurrency(params: ConsumerParams) -> None:
     concurrent_num = params.concurrent_num
     if not isinstance(concurrent_num, int) or isinstance(concurrent_num, bool) or concurrent_num < 1:
         raise ConfigurationError(f"concurrent_num must be an int >= 1, got {params.concurrent_num!r}")
+
+
+def check_green_threads(params: ConsumerParams, capabilities: Any) -> None:
+    """GEVENT and EVENTLET, or threading patched by either, need a broker client that runs on green threads."""
+    green = params.concurrent_mode in (ConcurrentModeEnum.GEVENT, ConcurrentModeEnum.EVENTLET) or threads_are_green()
+    if green and not capabilities.green_threads:
+        raise ConfigurationError(f"{params.broker.name} does not work under gevent or eventlet (its client's I/O "
+                                 f"thread cannot run as a greenlet); use another client of the same server, or "
+                                 f"threads without monkey-patching")
 
 
 def check_redelivery_limits(params: ConsumerParams, capabilities: Any) -> None:

@@ -100,6 +100,12 @@ def _eventlet_patched_threads() -> bool:
     return patcher is not None and bool(patcher.is_monkey_patched("thread"))
 
 
+def threads_are_green() -> bool:
+    """Whether gevent or eventlet patched threading here (a new thread is a greenlet of this OS thread)."""
+    monkey = sys.modules.get("gevent.monkey")  # never imports gevent
+    return _eventlet_patched_threads() or (monkey is not None and bool(monkey.is_module_patched("threading")))
+
+
 def _join_green_threads() -> None:
     """At exit, in the main greenlet: join every non-daemon thread, as CPython's exit does for real ones.
 
