@@ -219,10 +219,7 @@ class Broker(Routing, OptionalOperations):
             return []
         if self._deferred:
             self._send_deferred(f"fetching from queue {queue!r}")
-        got = self._take(queue, max_n, None)
-        if got or timeout <= 0:
-            return got
-        return self._wait_and_take(queue, max_n, time.monotonic() + timeout)
+        return self._take_or_wait(queue, max_n, timeout, None)
 
     def ack_and_fetch(self, deliveries: Sequence[Delivery], queue: str, max_n: int,
                       timeout: float) -> list[Delivery]:
@@ -243,10 +240,7 @@ class Broker(Routing, OptionalOperations):
         if live and (live[0].queue != queue or live[-1].queue != queue):  # acks of other queues: apart
             self._ack_logged(functools.partial(self._send_settlement, self._ack), live)
             live = []
-        got = self._take(queue, max_n, live or None)
-        if got or timeout <= 0:
-            return got
-        return self._wait_and_take(queue, max_n, time.monotonic() + timeout)
+        return self._take_or_wait(queue, max_n, timeout, live or None)
 
     @staticmethod
     def _ack_logged(send: Callable[[Any], object], deliveries: Sequence[Delivery]) -> None:
@@ -276,7 +270,12 @@ class Broker(Routing, OptionalOperations):
                 held.update([d.token for d in got])
         return got
 
-    def _wait_and_take(self, queue: str, max_n: int, deadline: float) -> list[Delivery]:
+    def _take_or_wait(self, queue: str, max_n: int, timeout: float, acks: Sequence[Delivery] | None) -> list[Delivery]:
+        """:meth:`_take` (with ``acks``); when nothing came, wait and take again until ``timeout``."""
+        got = self._take(queue, max_n, acks)
+        if got or timeout <= 0:
+            return got
+        deadline = time.monotonic() + timeout
         pause = POLL_FIRST
         while True:
             remaining = deadline - time.monotonic()
