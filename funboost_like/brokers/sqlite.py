@@ -287,35 +287,27 @@ class SqliteBroker(Broker):
         now = time.time()
         if now - files.checked >= _FILES_RECHECK:
             files.recount(self._conn(files.files[0]), now)
-        if len(files.files) > 1:
-            return self._get_merged(queue, files, max_n, now)
-        q = files.files[0]
-        if now >= q.next_due or now - q.due_checked >= _DUE_RECHECK:
+        for q in files.files:
             self._promote_due(q, now)
         params = {"lease_until": now + _lease_seconds(), "owner": self._owner, "now": now, "n": max_n}
-        rows = self._conn(q).execute(tables.CLAIM, params).fetchall()
-        if not rows:
-            return []
-        rows.sort(key=_order)  # RETURNING order is not guaranteed
-        return [Delivery(queue, body, token, attempts, priority, crashes)
-                for token, body, attempts, priority, crashes in rows]
-
-    def _get_merged(self, queue: str, files: FileSet, max_n: int, now: float) -> list[Delivery]:
-        """Read the first ``max_n`` ready rows' keys of every file, then claim from each file as many as it
-        has among the first ``max_n`` of them all (see the module docstring)."""
-        heads = []
-        for q in files.files:
-            if now >= q.next_due or now - q.due_checked >= _DUE_RECHECK:
-                self._promote_due(q, now)
-            heads.append(self._conn(q).execute(tables.HEADS, (now, max_n)).fetchall())
-        params = {"lease_until": now + _lease_seconds(), "owner": self._owner, "now": now}
+        if len(files.files) == 1:
+            rows = self._conn(files.files[0]).execute(tables.CLAIM, params).fetchall()
+            rows.sort(key=_order)  # RETURNING order is not guaranteed
+            return [Delivery(queue, body, token, attempts, priority, crashes)
+                    for token, body, attempts, priority, crashes in rows]
+        # Several files: read the first ``max_n`` ready rows' keys of every file, then claim from each file as
+        # many as it has among the first ``max_n`` of them all (see the module docstring).
+        heads = [self._conn(q).execute(tables.HEADS, (now, max_n)).fetchall() for q in files.files]
         claimed = {k: self._conn(files.files[k]).execute(tables.CLAIM, {**params, "n": n}).fetchall()
                    for k, n in files.claims(heads, max_n)}
         return merged(queue, files, claimed, heads)
 
     def _promote_due(self, q: QueueFile, now: float) -> None:
         """Move the delayed messages due by ``now`` into ``messages``; take the write lock only when
-        the earliest due time (an index lookup) says something is due."""
+        the earliest due time (an index lookup) says something is due. Nothing to do before the cached
+        earliest due time, unless it is time to re-read it (other processes' delayed messages)."""
+        if now < q.next_due and now - q.due_checked < _DUE_RECHECK:
+            return
         conn = self._conn(q)
         if now < q.next_due:  # a periodic re-read, for delayed messages of other processes
             q.due_checked = now
