@@ -9,7 +9,7 @@ This module holds what the broker needs to treat them as one queue:
 * :class:`FileSet`: the files of a queue: those this process is configured for plus any more that
   file 0 records (``PRAGMA user_version`` of file 0 holds the most files any process spread the
   queue over), the rotation a publish follows and the order a fetch claims in;
-* :func:`merged_counts` (through :meth:`FileSet.claims`) and :func:`merged`: how many rows a fetch
+* :meth:`FileSet.claims` and :func:`merged`: how many rows a fetch
   claims from each file so that it takes the first ``max_n`` messages of the files merged by priority
   (higher first), then time, and the claimed rows in that merged order.
 """
@@ -30,14 +30,6 @@ from funboost_like.brokers.base import Delivery
 from funboost_like.core.config import settings
 from funboost_like.core.errors import ConfigurationError
 from funboost_like.core.sqlite_files import queue_file_name, write_transaction
-
-
-def files_per_queue() -> int:
-    """The ``SQLITE_FILES_PER_QUEUE`` setting (``MIDDLEWARE_NUM`` is its second name), checked."""
-    value = settings.get("SQLITE_FILES_PER_QUEUE")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"SQLITE_FILES_PER_QUEUE must be a whole number of at least 1, not {value!r}")
-    return value
 
 
 class QueueFile:
@@ -67,11 +59,15 @@ class FileSet:
 
     __slots__ = ("folder", "name", "configured", "files", "checked", "_lock", "_publishes", "_fetches")
 
-    def __init__(self, folder: Path, name: str, configured: int | None = None) -> None:
-        """``configured``: this process's file count (default: the ``SQLITE_FILES_PER_QUEUE`` setting)."""
+    def __init__(self, folder: Path, name: str) -> None:
+        """This process's file count is the ``SQLITE_FILES_PER_QUEUE`` setting (``MIDDLEWARE_NUM`` is its
+        second name)."""
+        configured = settings.get("SQLITE_FILES_PER_QUEUE")
+        if isinstance(configured, bool) or not isinstance(configured, int) or configured < 1:
+            raise ConfigurationError(f"SQLITE_FILES_PER_QUEUE must be a whole number of at least 1, not {configured!r}")
         self.folder = folder
         self.name = name
-        self.configured = configured = files_per_queue() if configured is None else configured
+        self.configured = configured
         self.files = [QueueFile(str(folder / queue_file_name(name, k)), k) for k in range(configured)]
         self.checked = -math.inf  # when file 0's record of the file count was last read
         self._lock = threading.Lock()
@@ -111,10 +107,16 @@ class FileSet:
         return self.files[next(self._publishes) % self.configured]
 
     def claims(self, heads: Sequence[Sequence[tuple[int, float]]], max_n: int) -> list[tuple[int, int]]:
-        """(file index, rows to claim) for a fetch of ``max_n`` whose files' heads are ``heads`` (see
-        :func:`merged_counts`), starting at a rotating file, so that the consumers of a queue do not all
-        take the same file's write lock first."""
-        counts = merged_counts(heads, max_n)
+        """(file index, rows to claim) for a fetch of ``max_n`` whose files' heads are ``heads``, starting
+        at a rotating file, so that the consumers of a queue do not all take the same file's write lock first.
+
+        ``heads[k]``: the (priority, visible since) of the first ready rows of file k, in the file's order;
+        each file claims as many rows as it holds among the first ``max_n`` rows of all files, by priority
+        (higher first) then time."""
+        counts = [0] * len(heads)
+        keys = [(-priority, since, k) for k, rows in enumerate(heads) for priority, since in rows]
+        for _, _, k in heapq.nsmallest(max_n, keys):
+            counts[k] += 1
         start = next(self._fetches)
         return [(k, counts[k]) for k in ((start + i) % len(counts) for i in range(len(counts))) if counts[k]]
 
@@ -129,17 +131,6 @@ def by_file(deliveries: Sequence[Delivery]) -> dict[tuple[str, int], list[int]]:
         else:
             groups.setdefault((delivery.queue, token[0]), []).append(token[1])
     return groups
-
-
-def merged_counts(heads: Sequence[Sequence[tuple[int, float]]], max_n: int) -> list[int]:
-    """``heads[k]``: the (priority, visible since) of the first ready rows of file k, in the file's order.
-    Return how many of the first ``max_n`` rows of all files, by priority (higher first) then time, each
-    file holds."""
-    counts = [0] * len(heads)
-    keys = [(-priority, since, k) for k, rows in enumerate(heads) for priority, since in rows]
-    for _, _, k in heapq.nsmallest(max_n, keys):
-        counts[k] += 1
-    return counts
 
 
 def merged(queue: str, files: FileSet, claimed: dict[int, list[Any]], heads: Sequence[Sequence[Any]]) -> list[Delivery]:
