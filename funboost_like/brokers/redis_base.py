@@ -127,19 +127,13 @@ local function next_due_ms(delayed, now)
 end
 """
 
-# KEYS: delayed ZSET; ARGV: delay in seconds (from now, server clock), members...
-SCHEDULE = LuaScript(LUA_NOW + """
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
-return 1
-""")
-
 # KEYS: a list; returns its length and deletes it.
 PURGE_LIST = LuaScript("local n = redis.call('LLEN', KEYS[1]) redis.call('DEL', KEYS[1]) return n")
 
 # KEYS: the key each matching queue gets the messages in; ARGV: delay seconds, the keys' type ('list':
 # LPUSH, 'stream': XADD with the field 'data', 'zset': the delayed ZSET, scored now + delay), then the
 # bodies (or delayed members). Every key's type is checked first: a key of another type changes nothing.
-_PUT_MANY = LuaScript(LUA_NOW + """
+PUT_MANY = LuaScript(LUA_NOW + """
 for i = 1, #KEYS do
   local t = redis.call('TYPE', KEYS[i])['ok']
   if t ~= 'none' and t ~= ARGV[2] then
@@ -275,6 +269,15 @@ class RedisBroker(Broker):
             raise ConfigurationError(f"{type(self).__name__} takes priorities 0..{top} (integers), not {priority!r}")
         return priority
 
+    def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
+        if not_before is not None and not_before > time.time():  # into the delayed ZSET, as a routed publish does
+            return self._put_many((queue,), bodies, priority=priority, not_before=not_before)
+        self._push(queue, bodies, self._check_priority(priority))
+
+    def _push(self, queue: str, bodies: Sequence[bytes], level: int) -> None:
+        """Append ``bodies`` to the ready messages of priority ``level`` of ``queue``."""
+        raise NotImplementedError
+
     # -- routing (emulated; see the module docstring) ------------------------------------------------
     def _ready_key(self, queue: str, priority: int) -> str:
         """The key a message of ``priority`` waits in: the queue's own key (the list kinds override)."""
@@ -317,7 +320,7 @@ class RedisBroker(Broker):
             bodies = [delayed_member(priority, "0", body) for body in bodies]
         else:
             keys, kind = [self._ready_key(queue, priority) for queue in queues], self._ready_type
-        _PUT_MANY(self._conn(), keys, [repr(max(delay, 0.0)), kind, *bodies])
+        PUT_MANY(self._conn(), keys, [repr(max(delay, 0.0)), kind, *bodies])
         for queue in queues if delay > 0 else ():
             self._expect_due(queue, delay)
 
@@ -408,15 +411,10 @@ class RedisListLayout(RedisBroker):
         found = raise_first_error(self._conn().pipeline([("LINDEX", key, -1) for key in lists]))  # the popping end
         return [bytes(body) for body in found if body is not None]
 
-    def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
+    def _push(self, queue: str, bodies: Sequence[bytes], level: int) -> None:
         keys = self._queue_keys(queue)
-        level = self._check_priority(priority)
         conn = self._conn()
-        delay = 0.0 if not_before is None else not_before - time.time()
-        if delay > 0:
-            SCHEDULE(conn, [keys.delayed], [repr(delay), *[delayed_member(level, "0", body) for body in bodies]])
-            self._expect_due(queue, delay)
-        elif len(bodies) == 1:
+        if len(bodies) == 1:
             conn.execute_command("LPUSH", keys.lists[level], bodies[0], spin=True)
         elif len(bodies) <= LIST_PUSH_BATCH:
             conn.execute_command("LPUSH", keys.lists[level], *bodies)

@@ -53,7 +53,7 @@ from funboost_like.brokers.redis_base import (
     LUA_MOVE_DUE,
     LUA_NEXT_DUE,
     LUA_NOW,
-    SCHEDULE,
+    PUT_MANY,
     RedisListLayout,
     counts,
     delayed_member,
@@ -150,8 +150,8 @@ class RedisListBroker(RedisListLayout):
         conn = self._conn()
         seen = [counts(d.attempts if count_attempt else d.attempts - 1, d.crashes) for d in deliveries]
         if delay > 0:
-            SCHEDULE(conn, [keys.delayed], [repr(float(delay)), *[delayed_member(d.priority, s, d.body)
-                                                                  for d, s in zip(deliveries, seen, strict=True)]])
+            members = [delayed_member(d.priority, s, d.body) for d, s in zip(deliveries, seen, strict=True)]
+            PUT_MANY(conn, [keys.delayed], [repr(float(delay)), "zset", *members])
             return
         # Counts first: whoever pops the message next finds them.
         commands: list[tuple[Any, ...]] = [("HSET", keys.attempts, sha1_hex(d.body), s)

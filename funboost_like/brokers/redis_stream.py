@@ -59,11 +59,7 @@ from redis.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
 from funboost_like.brokers.base import Capabilities, DeadLetter, Delivery
-from funboost_like.brokers.redis_base import (
-    BLOCK_SECONDS,
-    SCHEDULE,
-    delayed_member,
-)
+from funboost_like.brokers.redis_base import BLOCK_SECONDS
 from funboost_like.brokers.redis_common import (
     DirectConnections,
     Piggyback,
@@ -83,7 +79,6 @@ from funboost_like.brokers.redis_stream_scripts import (
 )
 from funboost_like.core import codec
 from funboost_like.core.enums import BrokerEnum
-from funboost_like.core.errors import ConfigurationError
 
 logger = logging.getLogger("funboost_like.redis")
 
@@ -122,16 +117,9 @@ class RedisStreamBroker(RedisConsumers):
                 raise
 
     # -- publishing --------------------------------------------------------------------------------
-    def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
-        if priority:
-            raise ConfigurationError("REDIS_STREAM has no priorities (REDIS_ACK_ABLE has)")
+    def _push(self, queue: str, bodies: Sequence[bytes], level: int) -> None:
         conn = self._conn()
-        delay = 0.0 if not_before is None else not_before - time.time()
-        if delay > 0:
-            members = [delayed_member(0, "0", body) for body in bodies]
-            SCHEDULE(conn, [self._queue_keys(queue).delayed], [repr(delay), *members])
-            self._expect_due(queue, delay)
-        elif len(bodies) == 1:
+        if len(bodies) == 1:
             conn.execute_command("XADD", queue, "*", _DATA, bodies[0], spin=True)
         else:  # plain XADDs packed by hand: a Lua script adding a batch costs Redis 2.5 times as much
             name = queue.encode("utf-8")
