@@ -190,11 +190,10 @@ class RedisConsumers(RedisBroker):
         raise NotImplementedError
 
     def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
-        if delay > 0:
-            done = self._give_back(deliveries, "delay", delay)
-        else:  # released ones reversed: the first one is pushed last, so it is the next one popped
-            done = self._give_back(deliveries[::-1] if front else deliveries, "head" if front else "tail")
-        self._check_settled(done, len(deliveries))
+        mode = "delay" if delay > 0 else "head" if front else "tail"
+        if mode == "head" and self.capabilities.release_front:  # the first one pushed last: the next one popped
+            deliveries = deliveries[::-1]
+        self._check_settled(self._give_back(deliveries, mode, delay), len(deliveries))
 
     def _dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         self._check_settled(self._give_back([delivery], "dead", 0.0, letter.envelope()), 1)

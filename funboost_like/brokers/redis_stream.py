@@ -225,11 +225,6 @@ class RedisStreamBroker(RedisConsumers):
     def _acked(self, replies: list[Any], total: int) -> int:
         return sum(replies[::2])
 
-    def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
-        """Added again at the end of the stream, in order (or to the delayed messages): a stream has no front."""
-        mode = "delay" if delay > 0 else "tail" if count_attempt else "head"
-        self._check_settled(self._give_back(deliveries, mode, delay), len(deliveries))
-
     def _in_flight_item(self, delivery: Delivery) -> tuple[Any, ...]:
         return delivery.queue, delivery.token
 
