@@ -135,12 +135,9 @@ class RedisConsumers(RedisBroker):
     def _open(self, queue: str) -> None:
         """Before the first fetch of ``queue`` in this process (and after a close)."""
 
-    def _get(self, queue: str, max_n: int) -> list[Delivery]:
-        return self._guarded(None, queue, max_n)
-
     def _ack_and_get(self, deliveries: Sequence[Delivery], queue: str, max_n: int) -> list[Delivery]:
         before = Piggyback(self._ack_commands(deliveries))
-        got = self._guarded(before, queue, max_n)
+        got = self._get(queue, max_n, before)
         replies = before.replies or []
         errors = [reply for reply in replies if isinstance(reply, Exception)]
         if errors:
@@ -150,7 +147,8 @@ class RedisConsumers(RedisBroker):
             logger.warning("some of %d deliveries %s", len(deliveries), self._taken_over)
         return got
 
-    def _guarded(self, before: Piggyback | None, queue: str, max_n: int) -> list[Delivery]:
+    def _get(self, queue: str, max_n: int, before: Piggyback | None = None) -> list[Delivery]:
+        """A fetch (``before``: acks sent ahead in the same write), or the messages of a lost fetch reply."""
         if queue not in self._registered:
             self._open(queue)
             self._registered.add(queue)
