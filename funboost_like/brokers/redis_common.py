@@ -49,15 +49,12 @@ __all__ = ["BlockingWaits", "DirectConnections", "LuaScript", "Piggyback", "desc
            "key_prefix", "pack_command", "raise_first_error", "redis_client", "sha1_hex"]
 
 _direct: dict[str, DirectConnections] = {}
-_direct_pid = os.getpid()
+if hasattr(os, "register_at_fork"):  # a forked child: the parent's sockets are not ours (never closed there)
+    os.register_at_fork(after_in_child=_direct.clear)
 
 
 def direct_connections() -> DirectConnections:
     """The process-wide :class:`DirectConnections` for the current ``REDIS_URL`` setting."""
-    global _direct_pid
-    if os.getpid() != _direct_pid:  # a forked child: the parent's sockets are not ours (never closed here)
-        _direct.clear()
-        _direct_pid = os.getpid()
     url = redis_url()
     direct = _direct.get(url)
     if direct is None:
