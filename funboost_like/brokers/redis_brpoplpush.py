@@ -185,7 +185,7 @@ class RedisBrpopLpushBroker(RedisConsumers, RedisListLayout):
                              self._cid, keys.prio_prefix),
                 pack_command("LMOVE", queue, unack, "RIGHT", "LEFT") * n,
                 pack_command("HLEN", keys.attempts)])
-        replies = conn.send_packed(packet, n + 2, before)
+        replies = conn.send_packets((packet,), n + 2, before)
         prepared = replies[0]
         bodies = []
         error = None

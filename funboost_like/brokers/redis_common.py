@@ -5,7 +5,7 @@
   database), used without its pool's per-command bookkeeping, which costs about three times the
   round trip itself (measured: 9k PING/s through ``redis.Redis`` against 33k/s direct). Commands are
   packed by :func:`pack_command`, several times faster than redis-py's packer;
-  :meth:`DirectConnections.send_packed` sends a pipeline packed once and cached by the caller, and
+  :meth:`DirectConnections.send_packets` sends a pipeline packed once and cached by the caller, and
   a :class:`Piggyback` rides ahead of a command in the same write (a consumer's acks ahead of its
   next fetch). A forked child builds its own; the parent's sockets are never used there.
 * :class:`LuaScript` runs a Lua script by its SHA1 and loads it on the first ``NOSCRIPT`` reply
@@ -125,13 +125,14 @@ class DirectConnections:
 
     def pipeline(self, commands: list[tuple[Any, ...]], before: Piggyback | None = None) -> list[Any]:
         """Send several commands in one write and read their replies (error replies are returned)."""
-        return self.send_packed(b"".join([pack_command(*command) for command in commands]), len(commands), before)
+        return self.send_packets((b"".join([pack_command(*command) for command in commands]),), len(commands), before)
 
     def send_packets(self, packets: Iterable[bytes], count: int, before: Piggyback | None = None) -> list[Any]:
         """Send each packet as ``packets`` yields it, then read the ``count`` replies of all of them.
 
-        Redis runs the first commands while the next packets are still being packed. Error replies
-        are returned, not raised. ``before`` is sent ahead of the first packet in the same write.
+        A packet is one or more commands packed by :func:`pack_command` (and joined); callers may cache
+        one they send often. Redis runs the first commands while the next packets are still being packed.
+        Error replies are returned, not raised. ``before`` is sent ahead of the first packet in the same write.
         """
         idle = self._idle
         try:
@@ -153,14 +154,6 @@ class DirectConnections:
                 connection.disconnect()
             busy.discard(connection)
             idle.append(connection)
-
-    def send_packed(self, packet: bytes, count: int, before: Piggyback | None = None) -> list[Any]:
-        """Send ``count`` commands packed by :func:`pack_command` (and joined) in one write; read their replies.
-
-        Error replies are returned, not raised. Callers may cache a packet they send often. ``before``
-        is sent ahead of them in the same write.
-        """
-        return self.send_packets((packet,), count, before)
 
     def close(self) -> None:
         idle, self._idle = self._idle, []

@@ -160,7 +160,7 @@ class RedisStreamBroker(RedisConsumers):
             packet = keys.packets[(self._cid, n)] = b"".join([
                 pack_command("TIME"), pack_command("ZRANGE", keys.delayed, 0, 0, "WITHSCORES"),
                 pack_command("XREADGROUP", "GROUP", GROUP, self._cid, "COUNT", n, "STREAMS", queue, ">")])
-        now, first, read = raise_first_error(conn.send_packed(packet, 3, before))
+        now, first, read = raise_first_error(conn.send_packets((packet,), 3, before))
         got = self._deliveries(queue, _entries(read)) if read else []
         if not first:
             return got, -1
