@@ -251,7 +251,7 @@ class RedisBroker(Broker):
         """This process delayed a message of ``queue`` by ``delay`` seconds."""
         self._next_due[queue] = min(self._next_due.get(queue, float("inf")), time.monotonic() + delay)
 
-    def _wait_for(self, queue: str, timeout: float, command: Callable[[AbstractConnection], bytes | None],
+    def _wait_for(self, queue: str, timeout: float, command: Callable[[AbstractConnection], bytes],
                   look: float = 1.0) -> None:
         """The blocking wait of an idle fetch, cut short when a delayed message is due and after ``look``
         seconds (to look at what the blocking command does not watch)."""

@@ -336,9 +336,9 @@ class BlockingWaits:
         self._idle: dict[str, list[list[Any]]] = {}  # queue -> idle [connection, command pending]
 
     def wait(self, direct: DirectConnections, queue: str, timeout: float,
-             command: Callable[[AbstractConnection], bytes | None]) -> bool:
+             command: Callable[[AbstractConnection], bytes]) -> bool:
         """Wait at most ``timeout`` seconds for the reply of ``command(connection)`` (a packed
-        command, or None for no wait); True if it came. An error reply is read and ignored (the
+        command); True if it came. An error reply is read and ignored (the
         fetch that follows meets the error itself); a connection error is raised."""
         idle = self._idle.setdefault(queue, [])
         try:
@@ -348,10 +348,7 @@ class BlockingWaits:
         connection = slot[0]
         try:
             if not slot[1]:
-                packet = command(connection)
-                if packet is None:
-                    return False
-                connection.send_packed_command([packet], check_health=False)
+                connection.send_packed_command([command(connection)], check_health=False)
                 slot[1] = True
             if not connection.can_read(timeout=timeout):
                 return False
