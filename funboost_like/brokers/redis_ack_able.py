@@ -53,7 +53,6 @@ from funboost_like.brokers.redis_base import (
     LUA_COUNTS,
     LUA_NOW,
     RedisListLayout,
-    counts,
     parse_counts,
 )
 from funboost_like.brokers.redis_common import LuaScript, Piggyback
@@ -155,8 +154,8 @@ class RedisAckAbleBroker(RedisConsumers, RedisListLayout):
         out = TAKE(self._conn(), [keys.ready, keys.delayed, keys.attempts, ikey, keys.consumers],
                    [min(max_n, MAX_BATCH), keys.prio_prefix, base, self._cid], before)
         got, special = self._taken(queue, out, zip(itertools.repeat(ikey), map(str, itertools.count(base + 1))))
-        for index, (level, attempts, crashes) in special.items():  # their in-flight fields say so
-            got[index - 1].token = (ikey, f"{base + index}:{level}:{counts(attempts, crashes)}")
+        for index, rest in special.items():  # their in-flight fields say so
+            got[index - 1].token = (ikey, f"{base + index}:{rest}")
         return got
 
     def _adopt(self, before: Piggyback | None, queue: str, max_n: int, held: set[Any]) -> list[Delivery]:

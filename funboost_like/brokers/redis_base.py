@@ -180,16 +180,6 @@ def parse_counts(value: bytes | str | None) -> tuple[int, int]:
     return int(attempts), int(crashes or 0)
 
 
-def parse_meta(meta: bytes) -> dict[int, tuple[int, int, int]]:
-    """``index:level:counts,...`` (a fetch script's list of the messages not at priority 0 or not on their
-    first delivery) as index -> (level, attempts, crashes)."""
-    special = {}
-    for item in meta.decode().split(","):
-        index, level, seen = item.split(":")
-        special[int(index)] = (int(level), *parse_counts(seen))
-    return special
-
-
 def delayed_member(priority: int, seen: str, body: bytes) -> bytes:
     """The member of a delayed ZSET for ``body``: unique, carrying its priority and counts so far."""
     return b"%s:%d:%s:" % (uuid.uuid4().hex.encode(), priority, seen.encode()) + bytes(body)
@@ -393,17 +383,20 @@ class RedisListLayout(RedisBroker):
     def _ready_key(self, queue: str, priority: int) -> str:
         return self._queue_keys(queue).lists[priority]
 
-    def _taken(self, queue: str, out: Any, tokens: Iterator[Any]) -> tuple[list[Delivery], dict[int, Any]]:
+    def _taken(self, queue: str, out: Any, tokens: Iterator[Any]) -> tuple[list[Delivery], dict[int, str]]:
         """The deliveries of a reply of ``redis_list.TAKE`` (named in order by ``tokens``) and its special
-        ones (see :func:`parse_meta`); none when nothing was ready (then the next due time is noted)."""
+        ones: those not at priority 0 or not on their first delivery, listed ``index:level:counts,...``,
+        as index -> ``level:counts``. None when nothing was ready (then the next due time is noted)."""
         if isinstance(out, int):
             self._due_in(queue, out)
             return [], {}
         got = [Delivery(queue, body, token) for body, token in zip(out[1:], tokens, strict=False)]
-        special = parse_meta(out[0]) if out[0] else {}
-        for index, (level, attempts, crashes) in special.items():
-            delivery = got[index - 1]
-            delivery.priority, delivery.attempts, delivery.crashes = level, attempts, crashes
+        special: dict[int, str] = {}
+        for item in out[0].decode().split(",") if out[0] else ():
+            index, level, seen = item.split(":")
+            delivery = got[int(index) - 1]
+            delivery.priority, (delivery.attempts, delivery.crashes) = int(level), parse_counts(seen)
+            special[int(index)] = f"{level}:{seen}"
         return got, special
 
     def _heads(self, queue: str) -> list[bytes]:
