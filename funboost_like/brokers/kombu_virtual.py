@@ -438,7 +438,7 @@ def _redis_records(broker: KombuRedisBroker, queue: str, namespace: str) -> KeyV
             except (TransportUnreachable, TransportFailed) as exc:
                 raise broker._translated(exc, f"{action} in {self.prefix}*") from exc
 
-    return KombuRedisRecords(queue, namespace)
+    return KombuRedisRecords(queue, namespace, broker)
 
 
 _CLASSES: dict[str, type[KombuVirtualBroker]] = {

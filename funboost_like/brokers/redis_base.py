@@ -251,7 +251,7 @@ class RedisBroker(Broker):
 
     def key_value_store(self, queue: str, namespace: str) -> RedisKeyValueStore:
         """Records as Redis strings ``fl:{<queue>}:<namespace>:<key>`` with PX expiry."""
-        return self._kv_store((queue, namespace), lambda: RedisKeyValueStore(queue, namespace))
+        return self._kv_store((queue, namespace), lambda: RedisKeyValueStore(queue, namespace, self))
 
     def _check_priority(self, priority: int) -> int:
         top = self.capabilities.max_priority

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from funboost_like.brokers.redis_common import describe_url, direct_connections
-from funboost_like.core.errors import BrokerConnectionError, BrokerError
+from funboost_like.brokers.redis_common import direct_connections
 from funboost_like.core.stores import KeyValueStore, check_namespace, check_ttl
+
+if TYPE_CHECKING:
+    from funboost_like.brokers.base import Broker
 
 _MGET_CHUNK = 1000
 # Names the Redis brokers use under ``fl:{<queue>}:`` themselves.
@@ -37,22 +35,18 @@ def _px(ttl: float | None) -> tuple[Any, ...]:
 class RedisKeyValueStore(KeyValueStore):
     """One (queue, namespace) of records in Redis; see the module docstring for the key layout."""
 
-    def __init__(self, queue: str, namespace: str) -> None:
+    def __init__(self, queue: str, namespace: str, broker: Broker) -> None:
+        """``broker``: the Redis kind the store belongs to, which translates the client's errors."""
         if namespace in RESERVED_NAMESPACES:
             raise ValueError(f"{namespace!r} names keys of the Redis brokers; choose another namespace")
         self.prefix = f"fl:{{{queue}}}:{check_namespace(namespace)}:"
+        self._broker = broker
 
     def __repr__(self) -> str:
         return f"RedisKeyValueStore(prefix={self.prefix!r})"
 
     def _run(self, action: str, *args: Any) -> Any:
-        try:
-            return direct_connections().execute_command(*args)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise BrokerConnectionError(f"Redis at {describe_url()} is unreachable while {action} in "
-                                        f"{self.prefix}*: {exc}") from exc
-        except RedisError as exc:
-            raise BrokerError(f"Redis at {describe_url()} failed while {action} in {self.prefix}*: {exc}") from exc
+        return self._broker._guard(f"{action} in {self.prefix}*", direct_connections().execute_command, *args)
 
     def put(self, key: str, value: bytes, ttl: float | None) -> None:
         self._run("writing a record", "SET", self.prefix + key, bytes(value), *_px(ttl))
