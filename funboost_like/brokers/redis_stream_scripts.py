@@ -116,8 +116,7 @@ local function forget(cid) pcall(redis.call, 'XGROUP', 'DELCONSUMER', KEYS[2], G
 # KEYS: stream, delayed; ARGV: group. Waiting = delayed + stream entries not pending in the group.
 COUNT = LuaScript("""
 local n = redis.call('ZCARD', KEYS[2])
-if redis.call('EXISTS', KEYS[1]) == 0 then return n end
-n = n + redis.call('XLEN', KEYS[1])
+n = n + redis.call('XLEN', KEYS[1])  -- 0 when there is no stream (then XPENDING fails: nothing pending)
 local ok, summary = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1])
 if ok then n = n - summary[1] end
 return n
