@@ -211,8 +211,6 @@ class SqliteBroker(Broker):
     def _publish_file(self, name: str) -> QueueFile:
         """The file a publish to ``name`` writes: file 0, or the next of this process's rotation."""
         files = self._files(name)
-        if files.configured == 1:
-            return files.files[0]
         if files.checked < 0:  # the file count is recorded in file 0 before any other file is written
             files.recount(self._conn(files.files[0]), time.time())
         return files.for_publish()
