@@ -158,16 +158,14 @@ class RedisAckAbleBroker(RedisConsumers, RedisListLayout):
             got[index - 1].token = (ikey, f"{base + index}:{rest}")
         return got
 
-    def _adopt(self, before: Piggyback | None, queue: str, max_n: int, held: set[Any]) -> list[Delivery]:
+    def _adopt(self, before: Piggyback | None, queue: str, held: set[Any]) -> list[Delivery]:
         ikey = self._inflight[queue]
         stored = self._conn().execute_command("HGETALL", ikey, before=before)  # a map in RESP3, pairs in RESP2
         pairs = stored.items() if isinstance(stored, dict) else zip(stored[::2], stored[1::2], strict=True)
         items = sorted((int(field.split(b":")[0]), field.decode(), body) for field, body in pairs
                        if field[:1].isdigit() and (ikey, field.decode()) not in held)
-        if len(items) > max_n:
-            self._suspect.add(queue)  # the rest next time
         result = []
-        for _, field, body in items[:max_n]:
+        for _, field, body in items:
             _, _, rest = field.partition(":")
             level, _, seen = rest.partition(":")
             attempts, crashes = parse_counts(seen or "1")

@@ -217,7 +217,7 @@ class RedisBrpopLpushBroker(RedisConsumers, RedisListLayout):
             result.append(Delivery(queue, body, (unack, next(tokens), body), attempts + 1, 0, crashes))
         return result
 
-    def _adopt(self, before: Piggyback | None, queue: str, max_n: int, held: set[Any]) -> list[Delivery]:
+    def _adopt(self, before: Piggyback | None, queue: str, held: set[Any]) -> list[Delivery]:
         unack = self._unack[queue]
         conn = self._conn()
         stored = conn.execute_command("LRANGE", unack, 0, -1, before=before)
@@ -228,9 +228,6 @@ class RedisBrpopLpushBroker(RedisConsumers, RedisListLayout):
                 known[body] -= 1
             else:
                 extra.append(body)
-        if len(extra) > max_n:
-            self._suspect.add(queue)  # the rest next time
-            del extra[max_n:]
         return self._deliveries(conn, queue, self._queue_keys(queue), unack, extra, True) if extra else []
 
     # -- settling ----------------------------------------------------------------------------------

@@ -120,9 +120,8 @@ class RedisConsumers(RedisBroker):
         """Take up to ``max_n`` messages, ``before`` sent ahead of the first command."""
         raise NotImplementedError
 
-    def _adopt(self, before: Piggyback | None, queue: str, max_n: int, held: set[Any]) -> list[Delivery]:
-        """Up to ``max_n`` messages in this consumer's in-flight record whose token is not in ``held``,
-        oldest first; the next fetch hands out the rest (mark the queue suspect again)."""
+    def _adopt(self, before: Piggyback | None, queue: str, held: set[Any]) -> list[Delivery]:
+        """The messages in this consumer's in-flight record whose token is not in ``held``, oldest first."""
         raise NotImplementedError
 
     def _ack_commands(self, deliveries: Sequence[Delivery]) -> list[tuple[Any, ...]]:
@@ -160,8 +159,11 @@ class RedisConsumers(RedisBroker):
                 self._suspect.discard(queue)
                 with self._held_lock:
                     held = set(self._held.get(queue, ()))
-                adopted = self._adopt(before, queue, max_n, held)
+                adopted = self._adopt(before, queue, held)
                 before = None
+                if len(adopted) > max_n:
+                    self._suspect.add(queue)  # the rest next time
+                    del adopted[max_n:]
                 if adopted:
                     logger.warning("queue %r: handing out %d message(s) whose fetch reply was lost", queue,
                                    len(adopted))

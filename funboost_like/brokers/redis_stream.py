@@ -176,14 +176,12 @@ class RedisStreamBroker(RedisConsumers):
                 got.extend(self._deliveries(queue, _entries(read)))
         return got, due_ms
 
-    def _adopt(self, before: Piggyback | None, queue: str, max_n: int, held: set[Any]) -> list[Delivery]:
+    def _adopt(self, before: Piggyback | None, queue: str, held: set[Any]) -> list[Delivery]:
         """This consumer's own pending entries (``XREADGROUP ... 0``) that this process does not hold."""
         read = self._conn().execute_command("XREADGROUP", "GROUP", GROUP, self._cid, "STREAMS", queue, "0",
                                             before=before)
         entries = [entry for entry in _entries(read) if entry[1] is not None and entry[0] not in held] if read else []
-        if len(entries) > max_n:
-            self._suspect.add(queue)  # the rest next time
-        return self._deliveries(queue, entries[:max_n])
+        return self._deliveries(queue, entries)
 
     def _deliveries(self, queue: str, entries: list[Any]) -> list[Delivery]:
         plain = [Delivery(queue, fields[1], entry_id) for entry_id, fields in entries
