@@ -182,7 +182,7 @@ def resolve_kind(kind: BrokerKind) -> BrokerEnum:
     """Accept a BrokerEnum, its number or its name; raise a helpful error otherwise."""
     if isinstance(kind, BrokerEnum):
         return kind
-    if isinstance(kind, bool):
+    if isinstance(kind, bool) or not isinstance(kind, int | str):
         raise BrokerNotAvailable(f"broker_kind must be a BrokerEnum, int or name, not {kind!r}")
     if isinstance(kind, str) and kind.strip().isdigit():  # a number given as text (--broker 6)
         kind = int(kind)
@@ -192,14 +192,12 @@ def resolve_kind(kind: BrokerKind) -> BrokerEnum:
         except ValueError:
             known = ", ".join(f"{k.name}={k.value}" for k in BROKERS)
             raise BrokerNotAvailable(f"there is no broker kind number {kind}; known kinds: {known}") from None
-    if isinstance(kind, str):
-        upper = {name.upper(): member for name, member in BrokerEnum.__members__.items()}
-        if kind.upper() in upper:
-            return upper[kind.upper()]
-        guess = difflib.get_close_matches(kind.upper(), list(upper), n=1)
-        hint = f"; did you mean {guess[0]!r}?" if guess else ""
-        raise BrokerNotAvailable(f"unknown broker kind {kind!r}{hint}")
-    raise BrokerNotAvailable(f"broker_kind must be a BrokerEnum, int or name, not {type(kind).__name__}")
+    upper = {name.upper(): member for name, member in BrokerEnum.__members__.items()}
+    if kind.upper() in upper:
+        return upper[kind.upper()]
+    guess = difflib.get_close_matches(kind.upper(), list(upper), n=1)
+    hint = f"; did you mean {guess[0]!r}?" if guess else ""
+    raise BrokerNotAvailable(f"unknown broker kind {kind!r}{hint}")
 
 
 def broker_class(kind: BrokerKind) -> type[Broker]:
