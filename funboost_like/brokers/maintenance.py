@@ -16,15 +16,12 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import Protocol
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from funboost_like.brokers.base import Broker as Maintained
 
 logger = logging.getLogger("funboost_like.broker")
-
-
-class Maintained(Protocol):
-    def maintain(self) -> None: ...
-    def maintenance_interval(self) -> float: ...
-    def _where(self) -> str: ...
 
 
 class _Rounds:
