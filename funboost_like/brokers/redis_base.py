@@ -237,10 +237,6 @@ class RedisBroker(Broker):
         """Note when the first delayed message of ``queue`` is due (``due_ms`` from now; -1: none)."""
         self._next_due[queue] = time.monotonic() + due_ms / 1000 if due_ms >= 0 else float("inf")
 
-    def _expect_due(self, queue: str, delay: float) -> None:
-        """This process delayed a message of ``queue`` by ``delay`` seconds."""
-        self._next_due[queue] = min(self._next_due.get(queue, float("inf")), time.monotonic() + delay)
-
     def _wait_for(self, queue: str, timeout: float, command: Callable[[AbstractConnection], bytes],
                   look: float = 1.0) -> None:
         """The blocking wait of an idle fetch, cut short when a delayed message is due and after ``look``
@@ -311,8 +307,8 @@ class RedisBroker(Broker):
         else:
             keys, kind = [self._ready_key(queue, priority) for queue in queues], self._ready_type
         PUT_MANY(self._conn(), keys, [repr(max(delay, 0.0)), kind, *bodies])
-        for queue in queues if delay > 0 else ():
-            self._expect_due(queue, delay)
+        for queue in queues if delay > 0 else ():  # an idle fetch of these queues wakes when it is due
+            self._next_due[queue] = min(self._next_due.get(queue, float("inf")), time.monotonic() + delay)
 
     # -- dead letters ------------------------------------------------------------------------------
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
