@@ -135,13 +135,10 @@ class RedisAckAbleBroker(RedisConsumers, RedisListLayout):
     _scripts = _SCRIPTS
     _give_back_script = _GIVE_BACK
 
-    def __init__(self, *, heartbeat_interval: float | None = None, dead_after: float | None = None) -> None:
-        self._seq = itertools.count(1)
-        super().__init__(heartbeat_interval=heartbeat_interval, dead_after=dead_after)
-
     def _after_fork(self) -> None:
         super()._after_fork()
         self._inflight: dict[str, str] = {}  # queue -> this consumer's in-flight hash
+        self._seq = itertools.count(1)  # fetches of this consumer (a forked child is a new one)
 
     def _open(self, queue: str) -> None:
         self._inflight[queue] = f"{self._queue_keys(queue).prefix}inflight:{self._cid}"
