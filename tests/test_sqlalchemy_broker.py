@@ -295,3 +295,50 @@ def test_a_message_over_max_allowed_packet_is_refused_as_too_large_not_as_an_out
     finally:
         broker.drop_tables(queue_name)
         broker.close()
+
+
+EVENTLET_SCRIPT = """
+import eventlet; eventlet.monkey_patch()
+import time
+from funboost_like import BrokerEnum, ConcurrentModeEnum, patch_frame_config, task_deco
+
+patch_frame_config(SQLALCHEMY_URL={url!r})
+done, ticks = [], []
+
+@task_deco({queue!r}, broker_kind=BrokerEnum.SQLACHEMY, concurrent_mode=ConcurrentModeEnum.EVENTLET,
+           concurrent_num=20)
+def f(x):
+    time.sleep(0.02)
+    done.append(x)
+
+f.publish_many([{{"x": i}} for i in range(60)])
+f.consume()
+started = time.monotonic()
+while len(done) < 60 and time.monotonic() - started < 20:
+    time.sleep(0.1)
+    ticks.append(1)
+print("DONE", len(done), len(set(done)), len(ticks), round(time.monotonic() - started, 2), flush=True)
+f.stop()
+f.consumer.join(10)
+SqlAlchemy = __import__("funboost_like.brokers.sqlalchemy_broker", fromlist=["x"]).SqlAlchemyBroker
+SqlAlchemy().drop_tables({queue!r})
+"""
+
+
+def test_eventlet_on_postgresql_never_blocks_the_other_green_threads(isolated_settings: Path, tmp_path: Path,
+                                                                      queue_name: str) -> None:
+    """psycopg waited in C under eventlet (it yields only for gevent), blocking every green thread: a
+    LISTEN wait froze the process, calls stalled until their leases ran out and ran twice, and SIGTERM
+    went unheard. Now it waits in the patched select()."""
+    pytest.importorskip("eventlet")
+    require_server("PostgreSQL", "127.0.0.1", 5432)
+    script = tmp_path / "eventlet_pg.py"
+    script.write_text(textwrap.dedent(EVENTLET_SCRIPT.format(url=POSTGRESQL, queue=queue_name)))
+    env = {k: v for k, v in subprocess_env(isolated_settings).items() if k != "PSYCOPG_WAIT_FUNC"}
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(script)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _, runs, distinct, ticks, seconds = [ln for ln in proc.stdout.splitlines() if ln.startswith("DONE")][0].split()
+    assert (runs, distinct) == ("60", "60")
+    assert float(seconds) < 5.0  # 60 x 20 ms, 20 at a time: well under a second when nothing blocks
+    assert int(ticks) >= 1

@@ -46,6 +46,7 @@ from funboost_like.brokers.leased_table import Claimed, LeasedTable, claimed
 from funboost_like.brokers.routing import Binding, added_bindings
 from funboost_like.contrib.django import conf
 from funboost_like.core.enums import BrokerEnum
+from funboost_like.core.runtime import cooperative_psycopg
 from funboost_like.core.stores import check_namespace
 
 T = TypeVar("T")
@@ -144,6 +145,8 @@ class DjangoOrmBroker(LeasedTable):
                     nothing.delete()
                     connection = connections[alias]
                     self._sqlite = connection.vendor == "sqlite"
+                    if connection.vendor == "postgresql":
+                        cooperative_psycopg()  # under eventlet, psycopg 3 would block every green thread
                     self._skip_locked = bool(connection.features.has_select_for_update_skip_locked)
                     self._alias = alias
                     self._models = models

@@ -19,6 +19,7 @@ from sqlalchemy.dialects import mysql
 from funboost_like.brokers.sql_records import kv_table
 from funboost_like.core.config import redact_url
 from funboost_like.core.errors import ConfigurationError
+from funboost_like.core.runtime import cooperative_psycopg
 
 ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite: an INTEGER PRIMARY KEY is the rowid
 BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")  # MySQL's BLOB stops at 64 KiB
@@ -105,6 +106,8 @@ def make_engine(url: str) -> sa.Engine:
                                  "missing: pip install 'funboost_like[sql]'") from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
+    if engine.dialect.driver == "psycopg":
+        cooperative_psycopg()
     return engine
 
 

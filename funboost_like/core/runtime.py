@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 logger = logging.getLogger("funboost_like.runtime")
 
@@ -98,6 +98,18 @@ def _install_exit_wait() -> None:
 def _eventlet_patched_threads() -> bool:
     patcher = sys.modules.get("eventlet.patcher")  # never imports eventlet
     return patcher is not None and bool(patcher.is_monkey_patched("thread"))
+
+
+def cooperative_psycopg() -> None:
+    """Under eventlet's patch, make psycopg 3 wait in the patched ``select()``, which yields to the other
+    green threads, instead of in its C wait, which blocks them all (the whole process froze on
+    PostgreSQL). psycopg makes that choice by itself only for gevent; ``PSYCOPG_WAIT_FUNC`` still wins."""
+    patcher, waiting = sys.modules.get("eventlet.patcher"), cast(Any, sys.modules.get("psycopg.waiting"))
+    if patcher is None or waiting is None or "PSYCOPG_WAIT_FUNC" in os.environ:
+        return
+    if patcher.is_monkey_patched("select") and waiting.wait is not waiting.wait_select:
+        waiting.wait = waiting.wait_select
+        logger.debug("psycopg waits in select() under eventlet")
 
 
 def threads_are_green() -> bool:
