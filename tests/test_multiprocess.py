@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -457,3 +458,70 @@ def test_one_sigterm_stops_every_supervisor_of_the_process(tmp_path: Path) -> No
             for child in children_of(proc.pid):
                 os.kill(child, signal.SIGKILL)
             proc.kill()
+
+
+ENDING_SCRIPT = """
+{patch}
+import os, sys, threading, time
+from funboost_like import BrokerEnum, ConcurrentModeEnum, task_deco
+
+def note(line, path={record!r}):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, (line + "\\n").encode())
+    os.close(fd)
+
+@task_deco({queue!r}, broker_kind=BrokerEnum.PERSISTQUEUE, concurrent_mode=ConcurrentModeEnum.{mode})
+def record(i):
+    note(f"d {{i}} {{os.getpid()}}")
+
+if __name__ == "__main__":
+    def background():
+        for _ in range(20):
+            note(f"{{os.getpid()}}", {background!r})
+            time.sleep(0.1)
+
+    note(f"supervisor {{os.getpid()}}")
+    threading.Thread(target=background).start()
+    record.multi_process_consume(2)  # the script's last line, as in the seed
+"""
+
+
+@pytest.mark.parametrize("mode, patch, start_method", [
+    ("THREADING", "", "spawn"),
+    ("GEVENT", "from gevent import monkey; monkey.patch_all()", ""),
+    ("EVENTLET", "import eventlet; eventlet.monkey_patch()", ""),
+], ids=["THREADING-spawn", "GEVENT", "EVENTLET"])
+def test_a_script_ending_with_multi_process_consume_keeps_its_children_under_every_mode(
+        isolated_settings: Path, tmp_path: Path, queue_name: str, supervisors: list[subprocess.Popen[bytes]],
+        mode: str, patch: str, start_method: str) -> None:
+    """A child SIGKILLed after the script's last line ran is replaced and consumes. Spawned children used to
+    fail to import the script (the interpreter drops ``__main__.__file__`` when the script ends); under
+    gevent and eventlet, forked children ran the parent's green threads (the supervisor's own and the
+    script's), and under eventlet the script's end did not wait for the supervisor. Green threads now
+    spawn by default, and only the parent runs the script's code."""
+    if patch:
+        pytest.importorskip(mode.lower())
+    record = Record(tmp_path / "record.txt")
+    script = tmp_path / "ending.py"
+    background = tmp_path / "background.txt"
+    script.write_text(textwrap.dedent(ENDING_SCRIPT.format(patch=patch, record=str(record.path), queue=queue_name,
+                                                            mode=mode, background=str(background))))
+    extra = {"FUNBOOST_LIKE_GRACEFUL_STOP_SECONDS": str(GRACE),
+             "FUNBOOST_LIKE_MULTI_PROCESS_START_METHOD": start_method}
+    log = tmp_path / "supervisor.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-W", "ignore", str(script)], stdout=out, stderr=subprocess.STDOUT,
+                                env=subprocess_env(isolated_settings, **extra), cwd=tmp_path)
+    supervisors.append(proc)
+    wait_until(lambda: len(consumer_children(proc.pid)) == 2, 30, "two children", log)
+    first = consumer_children(proc.pid)
+    os.kill(first[0], signal.SIGKILL)
+    wait_until(lambda: len(set(consumer_children(proc.pid)) - set(first)) == 1, 15, "the killed child's replacement",
+               log)
+    publish(queue_name, 20)
+    wait_until(lambda: len(record.refresh().done) == 20, 30, "20 calls", log)
+    time.sleep(1.0)  # a replacement that ran the parent's exit (eventlet and fork) would be gone by now
+    assert len(consumer_children(proc.pid)) == 2 and proc.poll() is None, tail(log)
+    stop_and_check_nothing_left(proc, signal.SIGTERM, log)
+    assert set(map(int, background.read_text().split())) == {record.refresh().supervisor}  # in the parent only
+    assert "Traceback" not in tail(log), tail(log)

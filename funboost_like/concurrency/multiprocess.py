@@ -27,7 +27,9 @@ function, see ``Booster.__reduce__``), so the child imports the user's module an
 booster: decorate a function at the top level of a module and keep the start code under
 ``if __name__ == "__main__":``. ``fork`` copies the parent and also works for boosters defined
 elsewhere. The start method comes from the ``start_method`` argument, else the
-``MULTI_PROCESS_START_METHOD`` setting, else the platform default.
+``MULTI_PROCESS_START_METHOD`` setting, else ``spawn`` when gevent or eventlet patched threading
+(threads are greenlets then, and a fork copies all of them: the child would go on running the
+parent's code beside its consumer), else the platform default.
 
 Graceful stop relies on POSIX signals; on Windows children are terminated.
 """
@@ -52,6 +54,7 @@ from typing import Any
 from funboost_like.core import sqlite_fork
 from funboost_like.core.config import settings
 from funboost_like.core.log import ensure_console_handler
+from funboost_like.core.runtime import install_exit_wait, threads_are_green
 
 logger = logging.getLogger("funboost_like.multiprocess")
 
@@ -70,6 +73,16 @@ class _Slot:
     started_at: float = 0.0
     fast_exits: int = 0  # exits in a row, each within fast_exit_seconds of its start
     restart_at: float | None = None  # monotonic time of a pending (re)start
+
+
+def _watch_under_gevent(pid: int | None) -> None:
+    """Under gevent's patch of ``os``, have gevent watch a spawned child, as it does its own spawns: once
+    it watches any child it reaps them all, and the exit of one it does not watch is never seen (waitpid
+    fails; the supervisor spun, never restarting it). Call before anything yields to the hub."""
+    monkey, gevent_os = sys.modules.get("gevent.monkey"), sys.modules.get("gevent.os")
+    watch = getattr(gevent_os, "_watch_child", None)
+    if pid is not None and watch is not None and monkey is not None and monkey.is_module_patched("os"):
+        watch(pid)
 
 
 def _describe_exit(code: int | None) -> str:
@@ -97,6 +110,8 @@ class ProcessSupervisor:
         if isinstance(process_num, bool) or not isinstance(process_num, int) or process_num < 1:
             raise ValueError(f"process_num must be a positive int, not {process_num!r}")
         method = start_method or str(settings.get("MULTI_PROCESS_START_METHOD") or "") or None
+        if method is None and threads_are_green():
+            method = "spawn"  # a fork would copy every green thread into the child (see the module docstring)
         if method is not None and method not in multiprocessing.get_all_start_methods():
             raise ValueError(f"start method {method!r} is not available here; choose one of "
                              f"{', '.join(multiprocessing.get_all_start_methods())}")
@@ -119,6 +134,9 @@ class ProcessSupervisor:
         self._thread: threading.Thread | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._lock = threading.Lock()
+        # spawn and forkserver children import the script again by its path, which the interpreter takes
+        # from __main__ once the script's last line ran (a replacement child started after it must find it)
+        self._main_file = getattr(sys.modules.get("__main__"), "__file__", None)
 
     def __repr__(self) -> str:
         return f"<ProcessSupervisor {self.name!r} {len(self.pids)}/{self.process_num} children ({self.start_method})>"
@@ -175,6 +193,7 @@ class ProcessSupervisor:
         if self.start_method == "fork":
             sqlite_fork.arm()  # from now on, no child is forked while a thread here is inside SQLite
         ensure_console_handler()
+        install_exit_wait()  # under eventlet: the script's end waits for the supervisor, as for a real thread
         self._install_signal_handlers()
         try:
             for slot in self._slots:
@@ -188,9 +207,14 @@ class ProcessSupervisor:
                          self.start_method, self.pids)
 
     def _launch(self, slot: _Slot) -> None:
+        main = sys.modules.get("__main__")
+        if self._main_file and main is not None and getattr(main, "__file__", None) is None:
+            main.__file__ = self._main_file
         process = self._ctx.Process(target=_child_main, args=(self._target, self._args, os.getpid()),  # type: ignore[attr-defined]
                                     name=f"{self.name}-{slot.index}", daemon=False)
         process.start()
+        if self.start_method == "spawn":
+            _watch_under_gevent(process.pid)
         with self._lock:
             slot.process, slot.started_at, slot.restart_at = process, time.monotonic(), None
 

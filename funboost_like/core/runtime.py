@@ -47,7 +47,7 @@ def register(consumer: Stoppable) -> None:
     with _lock:
         _consumers.append(consumer)
     _install_signal_handlers()
-    _install_exit_wait()
+    install_exit_wait()
 
 
 def unregister(consumer: Stoppable) -> None:
@@ -86,8 +86,9 @@ def _install_signal_handlers() -> None:
     _installed_in_pid = os.getpid()
 
 
-def _install_exit_wait() -> None:
-    """Under eventlet's patched threading, make the interpreter's exit wait for non-daemon threads."""
+def install_exit_wait() -> None:
+    """Under eventlet's patched threading, make the interpreter's exit wait for non-daemon threads (a
+    consumer's fetcher, a process supervisor's thread)."""
     global _exit_wait_in_pid
     if _exit_wait_in_pid == os.getpid() or not _eventlet_patched_threads():
         return
