@@ -342,3 +342,32 @@ def test_eventlet_on_postgresql_never_blocks_the_other_green_threads(isolated_se
     assert (runs, distinct) == ("60", "60")
     assert float(seconds) < 5.0  # 60 x 20 ms, 20 at a time: well under a second when nothing blocks
     assert int(ticks) >= 1
+
+
+@pytest.mark.parametrize("database", ["postgresql", "mariadb"])
+def test_a_connection_the_server_closed_is_replaced_without_failing_the_push(queue_name: str, database: str) -> None:
+    """The server closed the idle connections (a restart, MariaDB's wait_timeout, a proxy) while the
+    database stayed up: the next push raised BrokerConnectionError, one per stale connection, and the
+    message was not stored. It now runs again on a fresh connection."""
+    from .tcp_cut import CuttableLink
+
+    url, server = DATABASES[database]
+    assert server is not None
+    require_server(*server)
+    link = CuttableLink(server[2])
+    patch_frame_config(SQLALCHEMY_URL=url.replace(f":{server[2]}/", f":{link.port}/"))
+    broker = SqlAlchemyBroker()
+    try:
+        broker.publish(queue_name, b'{"x": 0}')  # a kept autocommit connection
+        broker.publish_many(queue_name, [b'{"x": 1}', b'{"x": 2}'])  # a pooled one
+        link.cut()  # both are reset by the "server"; it is back at once
+        link.restore()
+        broker.publish(queue_name, b'{"x": 3}')
+        broker.publish_many(queue_name, [b'{"x": 4}', b'{"x": 5}'])
+        got = broker.fetch(queue_name, 10, timeout=5)
+        assert sorted(d.body for d in got) == [f'{{"x": {i}}}'.encode() for i in range(6)]
+        broker.ack(got)
+    finally:
+        broker.drop_tables(queue_name)
+        broker.close()
+        link.close()

@@ -137,7 +137,9 @@ class SqlAlchemyBroker(LeasedTable):
         return q
 
     def _tx(self, work: Callable[[sa.Connection], T], single: bool = False) -> T:
-        """``work(connection)`` in one transaction, run again (up to 3 times) after a deadlock.
+        """``work(connection)`` in one transaction, run again (up to 3 times) after a deadlock, or on a
+        fresh connection when the server had closed the one taken (a restart, an idle timeout such as
+        MariaDB's ``wait_timeout``, a proxy): the pool drops it, and every kept connection is let go.
         ``single``: ``work`` runs one statement, in autocommit mode on a kept connection (one round trip,
         and no pool checkout: about half the cost of a one-by-one push)."""
         engine = self.engine()
@@ -147,11 +149,21 @@ class SqlAlchemyBroker(LeasedTable):
                     return self._autocommit(work)
                 with engine.begin() as conn:
                     return work(conn)
-            except sa.exc.OperationalError as exc:
-                if attempt == 2 or not _transient(exc):
+            except sa.exc.DBAPIError as exc:
+                if attempt == 2 or not (exc.connection_invalidated or _transient(exc)):
                     raise
+                if exc.connection_invalidated:
+                    self._let_kept_go()
                 time.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    def _let_kept_go(self) -> None:
+        """Close the kept connections (older than a disconnect the pool saw: likely closed too)."""
+        while True:
+            try:
+                self._kept.pop().close()
+            except IndexError:
+                return
 
     def _autocommit(self, work: Callable[[sa.Connection], T]) -> T:
         """``work`` on an autocommit connection of :attr:`_kept` (at most ``KEPT_CONNECTIONS`` wait there
@@ -375,9 +387,7 @@ class SqlAlchemyBroker(LeasedTable):
         with self._lock:
             engine, self._engine, self._single, self._queues, self._stores = self._engine, None, None, {}, {}
             self._bindings_table = None
-            kept, self._kept = self._kept, deque()
-        for conn in kept:
-            conn.close()
+        self._let_kept_go()
         self._listener.close()  # this thread's; the others' are closed with their threads
         self._listener = Listener()
         if engine is not None:
