@@ -594,3 +594,22 @@ def test_a_refused_connection_fails_at_once_and_says_why(kind) -> None:  # type:
         assert detail and "Timeout" not in detail, str(caught.value)
     finally:
         broker.close()
+
+
+def test_a_server_that_accepts_and_never_answers_is_a_connection_error() -> None:
+    """pika's connector gave up with its own AMQPConnectorStackTimeout, which escaped push as is (code
+    catching BrokerConnectionError crashed); it is a BrokerConnectionError like every other kind's."""
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the backlog), never says a word
+    try:
+        port = silent.getsockname()[1]
+        patch_frame_config(RABBITMQ_URL=f"amqp://guest:guest@127.0.0.1:{port}/%2F?stack_timeout=1")
+        broker = broker_class(registry.BrokerEnum.RABBITMQ_PIKA)()
+        try:
+            with pytest.raises(BrokerConnectionError):
+                broker.publish(unique("silent"), b"{}")
+        finally:
+            broker.close()
+    finally:
+        silent.close()

@@ -20,6 +20,7 @@ from typing import Any
 import pika
 import pika.exceptions as pe
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from funboost_like.brokers.amqp import AmqpBroker, Deliver
 from funboost_like.core.enums import BrokerEnum
@@ -29,18 +30,23 @@ _PRECONDITION_FAILED = 406
 _NOT_FOUND = 404
 
 
-def _parameters(url: str, heartbeat: int | None) -> pika.URLParameters:
+def _connect(url: str, heartbeat: int | None) -> pika.BlockingConnection:
+    """A connection; pika's own failures of a connection reset as it opens are connection errors here
+    (its connector's timeouts, and a ValueError when the socket is gone before its transport starts)."""
     parameters = pika.URLParameters(url)
     if heartbeat is not None:
         parameters.heartbeat = heartbeat
-    return parameters
+    try:
+        return pika.BlockingConnection(parameters)
+    except (AMQPConnectorException, ValueError) as exc:
+        raise pe.AMQPConnectionError(f"{type(exc).__name__}: {exc}") from exc
 
 
 class _Session:
     """One thread's publishing connection, confirms on; see :class:`~funboost_like.brokers.amqp.Session`."""
 
     def __init__(self, url: str) -> None:
-        self.connection = pika.BlockingConnection(_parameters(url, 0))
+        self.connection = _connect(url, 0)
         self._properties: dict[tuple[int, Any], pika.BasicProperties] = {}
         self._open_channel()
 
@@ -204,7 +210,7 @@ class _Consumer:
     """The consuming connection, driven by the broker's I/O thread only."""
 
     def __init__(self, url: str) -> None:
-        self.connection = pika.BlockingConnection(_parameters(url, None))
+        self.connection = _connect(url, None)
         self._consuming: dict[Any, tuple[str, Callable[..., None], str | None]] = {}  # channel: (queue, callback, tag)
 
     def subscribe(self, queue: str, prefetch: int, deliver: Deliver) -> Any:
