@@ -396,3 +396,31 @@ def test_a_slot_taken_by_another_connection_is_given_up_without_a_reconnection_w
     finally:
         taker.disconnect()
         taker.loop_stop()
+
+
+def test_a_failing_count_record_is_logged_once_per_outage(caplog: pytest.LogCaptureFixture) -> None:
+    """A publisher writes its message counts 0.1 s after a publish; while the server was unreachable every
+    try printed a warning with a traceback (about eight per drop). Now one line per outage."""
+    from funboost_like.brokers.mqtt_client import Control, parse_url
+    from funboost_like.brokers.mqtt_counts import Counts
+
+    from .tcp_cut import CuttableLink
+
+    require_server("Mosquitto", HOST, PORT)
+    link = CuttableLink(PORT, HOST)
+    control = Control(parse_url(f"mqtt://127.0.0.1:{link.port}"))
+    try:
+        counts = Counts(control)
+        counts.published("fl_counts_outage", 1)
+        link.cut()
+        assert until(lambda: not control.client.is_connected(), 5)
+        with caplog.at_level(logging.WARNING, logger="funboost_like"):
+            for _ in range(3):
+                counts.published("fl_counts_outage", 1)
+                counts.write()
+        failures = [r for r in caplog.records if "writing the message counts" in r.getMessage()]
+        assert len(failures) == 1 and failures[0].exc_info is None
+    finally:
+        link.close()
+        control.client.disconnect()
+        control.client.loop_stop()

@@ -41,6 +41,7 @@ class Counts:
         self._unwritten: set[str] = set()
         self._at_exit = False  # write() registered to run at interpreter exit
         self._timer: threading.Timer | None = None
+        self._failing = False  # the last write failed (logged once)
 
     def record(self, queue: str, sent: int = 0, taken: int = 0) -> tuple[str, bytes, bool, Any]:
         """Count messages that joined (``sent``) or left (``taken``) the waiting ones of ``queue``; return the
@@ -71,10 +72,15 @@ class Counts:
         try:
             if queues:
                 self._control.publish([self.record(queue) for queue in queues])
-        except Exception:  # noqa: BLE001 - written with the next operation on those queues
-            logger.warning("writing the message counts of %s failed", sorted(queues), exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - written with the next operation on those queues
+            if not self._failing:  # once per outage: every publish meanwhile tries again
+                logger.warning("writing the message counts of %s failed (%s); trying again with the next "
+                               "publish", sorted(queues), exc)
+            self._failing = True
             with self._lock:
                 self._unwritten |= queues
+        else:
+            self._failing = False
 
     def total(self, queue: str) -> int:
         """Published minus taken, summed over every process's record (this one's fresh), at least 0."""
