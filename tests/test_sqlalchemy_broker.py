@@ -371,3 +371,31 @@ def test_a_connection_the_server_closed_is_replaced_without_failing_the_push(que
         broker.drop_tables(queue_name)
         broker.close()
         link.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("database", ["postgresql", "mariadb"])
+def test_a_server_that_accepts_and_never_answers_fails_the_push_in_bounded_time(
+        queue_name: str, database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """psycopg and pymysql wait without end for a server that accepts and says nothing (frozen, or a black
+    hole on the way): a push hung for minutes. The broker bounds the connection (10 s by default; 1 s here)
+    unless the URL sets the driver's own timeouts."""
+    import socket
+
+    from funboost_like.brokers import sqlalchemy_tables
+
+    monkeypatch.setattr(sqlalchemy_tables, "CONNECT_TIMEOUT", 1)
+    monkeypatch.setattr(sqlalchemy_tables, "READ_TIMEOUT", 1)
+    silent = socket.create_server(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+    url = DATABASES[database][0]
+    patch_frame_config(SQLALCHEMY_URL=url.replace(f":{DATABASES[database][1][2]}/", f":{port}/"))  # type: ignore[index]
+    broker = SqlAlchemyBroker()
+    try:
+        started = time.monotonic()
+        with pytest.raises(BrokerConnectionError):
+            broker.publish(queue_name, b"{}")
+        assert time.monotonic() - started < 20  # libpq waits 2 s at least, per address and try
+    finally:
+        broker.close()
+        silent.close()

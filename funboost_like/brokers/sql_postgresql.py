@@ -17,6 +17,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from funboost_like.brokers import sqlalchemy_tables as tables
+
 logger = logging.getLogger("funboost_like.sqlalchemy")
 
 LISTEN_SLICE = 0.25  # an idle consumer looks at least this often (delays coming due, leases running out)
@@ -73,7 +75,8 @@ class Listener(threading.local):
                 import psycopg
 
                 url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-                self.connection, self.channels = psycopg.connect(url, autocommit=True), set()
+                bound: Any = engine.url.query.get("connect_timeout", tables.CONNECT_TIMEOUT)  # the URL's wins
+                self.connection, self.channels = psycopg.connect(url, autocommit=True, connect_timeout=bound), set()
             if channel not in self.channels:
                 self.connection.execute(f'LISTEN "{channel}"')
                 self.channels.add(channel)

@@ -89,12 +89,30 @@ class QueueTables:
                      sa.insert(d))
 
 
+# A server that accepts and then says nothing (frozen, or a black hole on the way) must not hold a push
+# forever: the drivers' own defaults wait without end. Given in the URL, a driver's own value wins.
+CONNECT_TIMEOUT = 10  # seconds to open a connection (psycopg: all of it; pymysql: the TCP connection)
+READ_TIMEOUT = 60  # pymysql: any one read, its handshake's included (longer than InnoDB's 50 s lock wait)
+
+
+def _timeouts(parsed: sa.URL) -> dict[str, int]:
+    """The drivers' connect arguments that bound a silent server's wait, unless the URL sets them."""
+    if parsed.get_driver_name() == "psycopg":
+        wanted = {"connect_timeout": CONNECT_TIMEOUT}
+    elif parsed.get_driver_name() == "pymysql":
+        wanted = {"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT, "write_timeout": READ_TIMEOUT}
+    else:
+        return {}
+    return {name: value for name, value in wanted.items() if name not in parsed.query}
+
+
 def make_engine(url: str) -> sa.Engine:
     try:
         parsed = sa.make_url(url)
         # hide_parameters: bodies never reach an error message or a log; no reset on return: every use
         # of a connection ends with its own commit or rollback (pymysql would send one more ROLLBACK)
-        options: dict[str, Any] = {"hide_parameters": True, "pool_reset_on_return": None}
+        options: dict[str, Any] = {"hide_parameters": True, "pool_reset_on_return": None,
+                                   "connect_args": _timeouts(parsed)}
         if parsed.get_backend_name() in ("mysql", "mariadb"):
             options["isolation_level"] = "READ COMMITTED"  # no gap locks: publishers never wait on a take
         if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
