@@ -105,3 +105,53 @@ def test_children_of_multi_process_consume_consume_and_stop_with_the_flag(isolat
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "STOPPED True" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     assert sorted(int(x) for x in log.read_text().split()) == list(range(40))
+
+
+SIGNALLED = """
+{patch}
+import sys, time
+from funboost_like import BrokerEnum, ConcurrentModeEnum, task_deco
+
+@task_deco(sys.argv[1], broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, concurrent_mode=ConcurrentModeEnum.{mode},
+           schedule_tasks_on_main_thread={held}, log_level=30)
+def job(x):
+    time.sleep(0.05)
+
+job.push(1)
+print("READY", flush=True)
+try:
+    job.consume()
+    while True:  # only without the flag: the script goes on in its own loop
+        time.sleep(0.1)
+except KeyboardInterrupt:
+    print("INTERRUPTED", flush=True)
+print("AFTER", flush=True)
+"""
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["held", "own-loop"])
+@pytest.mark.parametrize("mode, patch", [("THREADING", ""), ("GEVENT", "from gevent import monkey; monkey.patch_all()"),
+                                         ("EVENTLET", "import eventlet; eventlet.monkey_patch()")],
+                         ids=["THREADING", "GEVENT", "EVENTLET"])
+def test_sigint_raises_keyboard_interrupt_in_the_main_thread_in_every_mode(
+        isolated_settings: Path, tmp_path: Path, queue_name: str, mode: str, patch: str, held: bool) -> None:
+    """After the graceful stop, SIGINT raises KeyboardInterrupt where the script is, once, and nothing else:
+    under gevent it was raised in the stopping greenlet first (a "failed with KeyboardInterrupt" traceback),
+    and a consume() held on the main thread returned normally, so the code after it ran."""
+    import signal
+
+    if patch:
+        pytest.importorskip(mode.lower())
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNALLED.format(patch=patch, mode=mode, held=held))
+    proc = subprocess.Popen([sys.executable, "-W", "ignore", str(script), queue_name], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(isolated_settings))
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
+        time.sleep(1.0)  # consuming (the flag's consume() is on its way into its wait)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert out.split() == ["INTERRUPTED", "AFTER"], out + err
+    assert "Traceback" not in err and "failed with KeyboardInterrupt" not in err, err

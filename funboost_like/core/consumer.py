@@ -188,8 +188,10 @@ class Consumer:
                 raise ConfigurationError(f"queue {self.queue_name!r}: schedule_tasks_on_main_thread blocks the "
                                          "calling thread, which here runs an event loop; start it from a plain thread")
         self._start()
-        while wait and not self.join(1.0):
-            pass
+        if wait:
+            with runtime.hold():  # after a signal's stop, its course (KeyboardInterrupt, termination) runs here
+                while not self.join(1.0):
+                    pass
 
     def _start(self) -> None:
         while True:

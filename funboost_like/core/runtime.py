@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import _thread
 import atexit
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any, Protocol, cast
 
@@ -41,6 +43,8 @@ _RUNNING, _STOPPING, _STOPPED = range(3)
 _state = _RUNNING
 _exit_wait_in_pid = -1
 _main_ended = False  # the main greenlet reached interpreter exit and waits for the green threads
+_holders = 0  # threads blocked in consume() (schedule_tasks_on_main_thread): each takes a signal's course
+_signal_stop: tuple[int, threading.Event] | None = None  # (signal, set once its graceful stop is over)
 
 
 def register(consumer: Stoppable) -> None:
@@ -142,7 +146,7 @@ def _join_green_threads() -> None:
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     """Runs in the main thread."""
-    global _state
+    global _state, _signal_stop
     if _state == _STOPPED:  # consumers are done: now behave as the signal did before us
         _run_previous(signum, frame)
         return
@@ -150,6 +154,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
         logger.warning("second signal %s: exiting at once", signal.Signals(signum).name)
         os._exit(128 + signum)
     _state = _STOPPING
+    _signal_stop = (signum, threading.Event())
     logger.info("signal %s: stopping consumers gracefully", signal.Signals(signum).name)
     # A bare thread, like a daemon one: Thread.start() waits until the thread runs, which a green hub
     # (eventlet, gevent), where this handler may run, must never do.
@@ -160,8 +165,49 @@ def _graceful_stop(signum: int) -> None:
     global _state
     stop_all()
     _state = _STOPPED
-    if threading.main_thread().is_alive() and not _main_ended:  # the script still runs: let the signal reach it
-        signal.raise_signal(signum)
+    assert _signal_stop is not None
+    held = _holders  # read before the event lets them go
+    _signal_stop[1].set()
+    if held or _main_ended or not threading.main_thread().is_alive():
+        return  # a thread held in consume() takes the signal's course (hold()); or the script is over
+    hub = _gevent_hub()
+    if hub is not None and _previous.get(signum, signal.SIG_DFL) is signal.default_int_handler:
+        # in the main greenlet (the hub's parent): raised in this one, gevent would print it as a failure
+        hub.loop.run_callback(hub.parent.throw, KeyboardInterrupt)
+    else:
+        signal.raise_signal(signum)  # the script still runs: let the signal reach it
+
+
+def _gevent_hub() -> Any:
+    """Under gevent's patch of threading, this thread's hub; else None."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("threading"):
+        return None
+    import gevent
+
+    return gevent.get_hub()
+
+
+@contextlib.contextmanager
+def hold() -> Iterator[None]:
+    """Around a thread's wait in ``consume()`` until its consumer stops: when a signal stopped it, the
+    signal then takes its course in this thread (SIGINT raises KeyboardInterrupt out of ``consume()``,
+    SIGTERM ends the process), never the code after ``consume()``."""
+    global _holders
+    before, signum = _signal_stop, None
+    with _lock:
+        _holders += 1
+    try:
+        yield
+        stopped = _signal_stop
+        if stopped is not None and stopped is not before:  # a signal stopped the consumer
+            stopped[1].wait()
+            signum = stopped[0]
+    finally:
+        with _lock:
+            _holders -= 1
+    if signum is not None:
+        _run_previous(signum, None)
 
 
 def _run_previous(signum: int, frame: FrameType | None) -> None:
