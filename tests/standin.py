@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -24,12 +24,14 @@ def listening(port: int, host: str = HOST) -> bool:
         return False
 
 
-def relay(source: socket.socket, target: socket.socket) -> None:
+def relay(source: socket.socket, target: socket.socket, passing: Callable[[], bool] | None = None) -> None:
     """Copy what ``source`` sends to ``target`` until either end closes, then shut both down (one direction
-    of a TCP relay: run one per direction, each on its own thread)."""
+    of a TCP relay: run one per direction, each on its own thread). ``passing``: while it says False, what
+    arrives is dropped (a silent link)."""
     try:
         while data := source.recv(65536):
-            target.sendall(data)
+            if passing is None or passing():
+                target.sendall(data)
     except OSError:
         pass
     finally:

@@ -1,7 +1,8 @@
-"""A TCP relay to a real server whose link the test can cut and restore (an outage, the server alive).
+"""A TCP relay to a real server whose link the test can cut and restore (an outage, the server alive), or
+freeze (a frozen server, a black hole on the way: nothing more arrives, no reset ever comes).
 
-Cut, it accepts and resets; for a server that refuses connections, point the client at a free port and
-start the relay there later (``listen_port``)."""
+Cut, it accepts and resets; frozen, it accepts and never answers; for a server that refuses
+connections, point the client at a free port and start the relay there later (``listen_port``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class CuttableLink:
         self.listener = socket.create_server(("127.0.0.1", listen_port))
         self.port = self.listener.getsockname()[1]
         self.up = True
+        self.frozen = False
         self.lock = threading.Lock()
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -33,6 +35,10 @@ class CuttableLink:
             if not self.up:
                 client.close()
                 continue
+            if self.frozen:
+                with self.lock:
+                    self.pairs.append((client, client))  # held open, never answered
+                continue
             try:
                 server = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -41,7 +47,11 @@ class CuttableLink:
             with self.lock:
                 self.pairs.append((client, server))
             for a, b in ((client, server), (server, client)):
-                threading.Thread(target=relay, args=(a, b), daemon=True).start()
+                threading.Thread(target=relay, args=(a, b, lambda: not self.frozen), daemon=True).start()
+
+    def freeze(self) -> None:
+        """From now on nothing passes either way, and nothing is closed: the server went silent."""
+        self.frozen = True
 
     def cut(self) -> None:
         self.up = False

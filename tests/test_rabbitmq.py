@@ -613,3 +613,34 @@ def test_a_server_that_accepts_and_never_answers_is_a_connection_error() -> None
             broker.close()
     finally:
         silent.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kind_name, open_timeout", [("RABBITMQ_PIKA", "stack_timeout=2"),
+                                                     ("RABBITMQ_AMQPSTORM", "timeout=2")])
+def test_a_publisher_whose_server_goes_silent_fails_instead_of_waiting_forever(
+        kind_name: str, open_timeout: str, monkeypatch: pytest.MonkeyPatch, plain) -> None:  # type: ignore[no-untyped-def]
+    """A frozen server or a black hole on the way sends no reset: a push waited for its confirm forever
+    (publishers run without heartbeats). Now a connection silent for ANSWER_TIMEOUT (30 s; 1 s here) is
+    dropped and the push fails with BrokerConnectionError (after one try on a new connection)."""
+    from funboost_like.brokers import amqp
+
+    from .tcp_cut import CuttableLink
+
+    require_server("RabbitMQ", "127.0.0.1", 5672)
+    monkeypatch.setattr(amqp, "ANSWER_TIMEOUT", 1.0)
+    link = CuttableLink(5672)
+    patch_frame_config(RABBITMQ_URL=f"amqp://guest:guest@127.0.0.1:{link.port}/%2F?{open_timeout}")
+    broker = broker_class(getattr(registry.BrokerEnum, kind_name))()
+    queue = unique("silent")
+    try:
+        broker.publish(queue, b'{"x": 1}')
+        link.freeze()
+        started = time.monotonic()
+        with pytest.raises(BrokerConnectionError):
+            broker.publish(queue, b'{"x": 2}')
+        assert time.monotonic() - started < 30
+    finally:
+        link.close()
+        broker.close()
+        plain.queue_delete(queue)

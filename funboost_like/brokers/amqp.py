@@ -71,6 +71,9 @@ ATTEMPTS, CRASHES = "fl-attempts", "fl-crashes"
 DELAY_LEVELS = 32
 DELIVER_EXCHANGE = "fl.delay.deliver"
 DEAD_SCAN = 10_000  # dead letters read to list the newest
+# A publisher's connection that brings no answer this long (a frozen server, a black hole on the way: no
+# reset ever comes) is dropped as broken, so a publish fails instead of waiting forever.
+ANSWER_TIMEOUT = 30.0
 MAX_DELAY_MS = 2**DELAY_LEVELS - 1
 
 

@@ -23,6 +23,7 @@ import amqpstorm
 from amqpstorm.exception import AMQPChannelError, AMQPConnectionError, AMQPError, AMQPMessageError
 from amqpstorm.rpc import Rpc
 
+from funboost_like.brokers import amqp
 from funboost_like.brokers.amqp import AmqpBroker, Deliver
 from funboost_like.brokers.amqp_frames import content_header, publish_chunks
 from funboost_like.brokers.amqp_reader import DeliveryReader
@@ -48,8 +49,10 @@ class _Rpc(Rpc):
               self._timeout)
 
 
-def _wait(arrived: Signal, done: Callable[[], bool], adapter: Any, timeout: float | None = None) -> None:
-    """Block until ``done()``; raise the channel's or connection's error if it breaks first."""
+def _wait(arrived: Signal, done: Callable[[], bool], adapter: Any, timeout: float | None = None,
+          silent: type[AMQPError] = AMQPChannelError) -> None:
+    """Block until ``done()``; raise the channel's or connection's error if it breaks first, ``silent``
+    after ``timeout`` seconds without it."""
     waited = 0.0
     while not done():
         arrived.wait_until(done, _POLL)
@@ -58,7 +61,7 @@ def _wait(arrived: Signal, done: Callable[[], bool], adapter: Any, timeout: floa
         adapter.check_for_errors()  # outside the lock: closing a broken connection waits on the reader
         waited += _POLL
         if timeout is not None and waited > timeout:
-            raise AMQPChannelError(f"no answer from RabbitMQ within {timeout:.0f} s")
+            raise silent(f"no answer from RabbitMQ within {timeout:.0f} s")
 
 
 class _Channel(amqpstorm.Channel):
@@ -133,6 +136,12 @@ def _connect(url: str) -> amqpstorm.UriConnection:
         return sock
 
     io._create_socket = create_without_delay  # type: ignore[method-assign]
+    wait_for_state = connection._wait_for_connection_state  # its open() waits 30 s, whatever the URL says
+
+    def bounded_wait(state: int, rpc_timeout: float = amqp.ANSWER_TIMEOUT) -> None:
+        wait_for_state(state, min(rpc_timeout, amqp.ANSWER_TIMEOUT))
+
+    connection._wait_for_connection_state = bounded_wait  # type: ignore[method-assign, assignment]
     connection.open()
     errors, lost = connection.exceptions, io._exceptions
     if lost is not errors:
@@ -244,7 +253,8 @@ class _Session:
         self.connection.heartbeat.register_write()
         channel.published += len(bodies)
         target = channel.published
-        _wait(self.arrived, lambda: channel.confirmed >= target, channel)
+        # silent that long: a connection error, so the broker drops this connection
+        _wait(self.arrived, lambda: channel.confirmed >= target, channel, amqp.ANSWER_TIMEOUT, AMQPConnectionError)
 
     def message_count(self, queue: str) -> int:
         return int(self._call(lambda ch: ch.queue.declare(queue, passive=True))["message_count"])

@@ -14,6 +14,7 @@ waits for each message alone) to the channel and connection it wraps, hence pika
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ import pika.exceptions as pe
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
+from funboost_like.brokers import amqp
 from funboost_like.brokers.amqp import AmqpBroker, Deliver
 from funboost_like.core.enums import BrokerEnum
 
@@ -70,8 +72,17 @@ class _Session:
         self._returned += 1
 
     def _wait(self, done: Callable[[], bool]) -> None:
-        channel = self.channel
-        self.connection._flush_output(lambda: done() or channel.is_closed)
+        channel, deadline = self.channel, time.monotonic() + amqp.ANSWER_TIMEOUT
+        timer = self.connection.call_later(amqp.ANSWER_TIMEOUT, _nothing)  # wakes the wait at the deadline
+        try:
+            self.connection._flush_output(lambda: done() or channel.is_closed or time.monotonic() >= deadline)
+        finally:
+            self.connection.remove_timeout(timer)
+        if not (done() or channel.is_closed):  # silent: drop the connection (a close would wait for an answer)
+            error = pe.AMQPConnectionError(f"no answer from RabbitMQ within {amqp.ANSWER_TIMEOUT:.0f} s")
+            self.connection._impl._terminate_stream(error)
+            self.connection._flush_output(lambda: self.connection.is_closed)
+            raise error
         if channel.is_closed:
             reason = channel._closing_reason
             self._open_channel()
