@@ -253,8 +253,14 @@ class _Session:
         self.connection.heartbeat.register_write()
         channel.published += len(bodies)
         target = channel.published
-        # silent that long: a connection error, so the broker drops this connection
-        _wait(self.arrived, lambda: channel.confirmed >= target, channel, amqp.ANSWER_TIMEOUT, AMQPConnectionError)
+        while True:  # nothing confirmed for ANSWER_TIMEOUT: a connection error, so the broker drops it
+            before = channel.confirmed
+            try:
+                return _wait(self.arrived, lambda: channel.confirmed >= target, channel, amqp.ANSWER_TIMEOUT,
+                             AMQPConnectionError)
+            except AMQPConnectionError:
+                if channel.confirmed == before:
+                    raise
 
     def message_count(self, queue: str) -> int:
         return int(self._call(lambda ch: ch.queue.declare(queue, passive=True))["message_count"])

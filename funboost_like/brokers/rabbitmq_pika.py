@@ -72,10 +72,17 @@ class _Session:
         self._returned += 1
 
     def _wait(self, done: Callable[[], bool]) -> None:
-        channel, deadline = self.channel, time.monotonic() + amqp.ANSWER_TIMEOUT
-        timer = self.connection.call_later(amqp.ANSWER_TIMEOUT, _nothing)  # wakes the wait at the deadline
+        channel, last = self.channel, [self._confirmed, time.monotonic()]  # the last confirm seen, and when
+
+        def silent() -> bool:  # nothing confirmed for ANSWER_TIMEOUT (a long publish_many keeps confirming)
+            now = time.monotonic()
+            if self._confirmed != last[0]:
+                last[:] = [self._confirmed, now]
+            return now - last[1] >= amqp.ANSWER_TIMEOUT
+
+        timer = self.connection.call_later(amqp.ANSWER_TIMEOUT, _nothing)  # wakes the wait (then every 5 s)
         try:
-            self.connection._flush_output(lambda: done() or channel.is_closed or time.monotonic() >= deadline)
+            self.connection._flush_output(lambda: done() or channel.is_closed or silent())
         finally:
             self.connection.remove_timeout(timer)
         if not (done() or channel.is_closed):  # silent: drop the connection (a close would wait for an answer)
