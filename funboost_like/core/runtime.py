@@ -43,7 +43,7 @@ _RUNNING, _STOPPING, _STOPPED = range(3)
 _state = _RUNNING
 _exit_wait_in_pid = -1
 _main_ended = False  # the main greenlet reached interpreter exit and waits for the green threads
-_holders = 0  # threads blocked in consume() (schedule_tasks_on_main_thread): each takes a signal's course
+_holders = 0  # the main thread blocked in consume() (schedule_tasks_on_main_thread): it takes a signal's course
 _signal_stop: tuple[int, threading.Event] | None = None  # (signal, set once its graceful stop is over)
 
 
@@ -117,10 +117,14 @@ def cooperative_psycopg() -> None:
         logger.debug("psycopg waits in select() under eventlet")
 
 
+def _gevent_patched_threads() -> bool:
+    monkey = sys.modules.get("gevent.monkey")  # never imports gevent
+    return monkey is not None and bool(monkey.is_module_patched("threading"))
+
+
 def threads_are_green() -> bool:
     """Whether gevent or eventlet patched threading here (a new thread is a greenlet of this OS thread)."""
-    monkey = sys.modules.get("gevent.monkey")  # never imports gevent
-    return _eventlet_patched_threads() or (monkey is not None and bool(monkey.is_module_patched("threading")))
+    return _eventlet_patched_threads() or _gevent_patched_threads()
 
 
 def _join_green_threads() -> None:
@@ -180,8 +184,7 @@ def _graceful_stop(signum: int) -> None:
 
 def _gevent_hub() -> Any:
     """Under gevent's patch of threading, this thread's hub; else None."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is None or not monkey.is_module_patched("threading"):
+    if not _gevent_patched_threads():
         return None
     import gevent
 
@@ -194,6 +197,9 @@ def hold() -> Iterator[None]:
     signal then takes its course in this thread (SIGINT raises KeyboardInterrupt out of ``consume()``,
     SIGTERM ends the process), never the code after ``consume()``."""
     global _holders
+    if threading.current_thread() is not threading.main_thread():  # a signal's course belongs to the main one
+        yield
+        return
     before, signum = _signal_stop, None
     with _lock:
         _holders += 1
