@@ -280,3 +280,37 @@ def test_a_hand_over_refused_by_a_rebalance_counts_no_death_and_resumes_where_th
     assert q.crash_until == {}
     assert group.tracker.taken(0, range(12)) == [10, 11] and group.tracker.taken(1, range(10)) == [7, 8, 9]
     assert group.tracker.due() == {0: 10, 1: 7}  # sent by the next settle
+
+
+@pytest.mark.parametrize("kind, server", [(BrokerEnum.KAFKA, TANSU), (BrokerEnum.CONFLUENT_KAFKA, MOCK)],
+                         ids=["KAFKA-tansu", "CONFLUENT_KAFKA-mock"])
+def test_a_graceful_stop_commits_the_calls_that_finished_during_it(
+        kind: BrokerEnum, server: tuple[str, str, int], queue_name: str) -> None:
+    """Seen with SIGINT and a restart: acks are bookkeeping that the next fetch commits, and a stopped
+    consumer fetches no more, so the calls that finished while the stop waited for them were never
+    committed, and their delivered marks stayed up. The restart (after the session timeout: the member
+    never left the group) ran them again as deaths, one by one. Now the end of the stop commits them,
+    lowers the marks and leaves the group."""
+    use(server, KAFKA_PARTITIONS=2)
+    started, total = threading.Semaphore(0), 8
+
+    @task_deco(queue_name, broker_kind=kind, concurrent_num=total)
+    def slow(i: int) -> None:
+        started.release()
+        time.sleep(0.5)
+
+    for i in range(total):
+        slow.push(i)
+    slow.consume()
+    for _ in range(total):
+        assert started.acquire(timeout=30)
+    slow.stop()  # every call still runs: they all finish during the stop
+    assert slow.consumer.join(30)
+    client = get_broker(kind)._client
+    partitions = sorted(client.partitions(queue_name))
+    ends = {p: high for p, (_, high) in client.watermarks(queue_name, partitions).items()}
+    assert sum(ends.values()) == total
+    group = f"funboost_like.{queue_name}"
+    assert client.group_offsets(group, queue_name, partitions) == ends  # nothing to run again
+    marks = client.group_offsets(f"{group}.delivered", queue_name, partitions)
+    assert all(marks[p] <= ends[p] for p in partitions), marks  # no death counted

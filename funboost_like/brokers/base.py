@@ -192,6 +192,10 @@ class Broker(Routing, OptionalOperations):
     def _stop_fetching(self, queue: str) -> None:
         """Optional: this process stops fetching from ``queue``; give back what was prefetched for it."""
 
+    def _stopped_consuming(self, queue: str) -> None:
+        """Optional: a consumer's graceful stop on ``queue`` is over (its finished calls all settled): send
+        what settling left for a later fetch and let go of the queue's subscription."""
+
     def _close(self) -> None:
         """Release connections; the broker reconnects lazily when used again."""
 
@@ -441,6 +445,12 @@ class Broker(Routing, OptionalOperations):
         """This process stops fetching from ``queue`` (a consumer's graceful stop): a broker that prefetched
         messages for it hands them back without counting a delivery."""
         self._guard(f"handing back what was prefetched from queue {queue!r}", self._stop_fetching, queue)
+
+    def stopped_consuming(self, queue: str) -> None:
+        """The end of a consumer's graceful stop: every call it finished is settled and it fetches no more
+        from ``queue``. A broker that settles with its next fetch (Kafka commits offsets there) sends
+        those settlements now and gives up its subscription."""
+        self._guard(f"ending the subscription to queue {queue!r}", self._stopped_consuming, queue)
 
     def close(self) -> None:
         """Send deferred settlements if possible, stop maintenance and release connections. The broker

@@ -9,7 +9,8 @@ A record is taken from the log, handed to a call, and counts as done only when i
 the group's committed offset of a partition is the lowest record not done yet
 (:class:`~funboost_like.brokers.offset_tracker.OffsetTracker`), committed before a fetch (at most
 every 100 ms while calls run, at once when none does), on a revoke (the partition is then
-forgotten: later acks of its records are ignored, the new owner runs them) and on close. A killed
+forgotten: later acks of its records are ignored, the new owner runs them), at the end of a
+consumer's graceful stop (which also leaves the groups) and on close. A killed
 consumer's partitions go to the group's other members after ``KAFKA_SESSION_TIMEOUT_SECONDS``,
 which read again from the committed offsets.
 
@@ -346,22 +347,48 @@ class KafkaBroker(Broker):
                     buffer.clear()  # not handed out: uncommitted, read again by the next owner
             self._housekeeping(q)
 
+    def _stopped_consuming(self, queue: str) -> None:
+        """A graceful stop is over: commit what finished during it, lower the delivered marks and leave the
+        groups (:meth:`_let_go`). Acks are bookkeeping that the next fetch commits, and a stopped consumer
+        fetches no more: without this the calls that finished during the stop ran again after a restart,
+        as deaths (one by one, counted towards ``max_crash_redeliveries``), once the group gave up waiting
+        for the member that never left."""
+        q = self._queues.get(queue)
+        if q is not None and q.main is not None:
+            self._let_go(q)
+
+    def _let_go(self, q: QueueState) -> None:
+        """Stop the delay mover, hand the partitions over (commit, lower the marks) and leave both groups;
+        a later consume of ``q`` in this process joins again."""
+        q.stop.set()
+        if q.mover is not None:
+            q.mover.join(WAIT_SLICE + 10)
+        for group, delay in ((q.main, False), (q.delay, True)):
+            if group is None or group.consumer is None:
+                continue
+            owned = group.tracker.owned()
+            try:
+                hand_over(self._client, q, group, owned, delay=delay)
+            except Exception as exc:  # noqa: BLE001 - the next owner reads from the last commit
+                logger.warning("%s: committing %s on close failed (%s); its finished calls may run again",
+                               self._where(), q.queue, exc)
+            finally:
+                group.consumer.close()
+            if not delay:
+                with q.lock:  # acks of records still out (calls past the grace) are ignored from now on
+                    for partition in owned:
+                        q.generation[partition] = q.generation.get(partition, 0) + 1
+        with q.lock:
+            q.main = q.delay = q.mover = None
+            q.running.clear()
+            q.crash_until.clear()
+            q.heap = []
+            q.stop = threading.Event()
+
     def _close(self) -> None:
         queues, self._queues = list(self._queues.values()), {}
         for q in queues:
-            q.stop.set()
-            if q.mover is not None:
-                q.mover.join(WAIT_SLICE + 10)
-            for group, delay in ((q.main, False), (q.delay, True)):
-                if group is None or group.consumer is None:
-                    continue
-                try:
-                    hand_over(self._client, q, group, group.tracker.owned(), delay=delay)
-                except Exception as exc:  # noqa: BLE001 - the next owner reads from the last commit
-                    logger.warning("%s: committing %s on close failed (%s); its finished calls may run again",
-                                   self._where(), q.queue, exc)
-                finally:
-                    group.consumer.close()
+            self._let_go(q)
         client, self._client_obj = self._client_obj, None
         if client is not None:
             client.close()

@@ -622,6 +622,11 @@ class Consumer:
         if stuck:
             self.logger.warning("calls still running on queue %r after %.0fs; leaving them", self.queue_name, grace)
         self._flush_completed(broker)
+        try:  # Kafka: the offsets of the calls that finished during the stop are committed only now
+            broker.stopped_consuming(self.queue_name)
+        except Exception:
+            self.logger.exception("ending the subscription to queue %r failed; the broker may deliver finished "
+                                  "messages again", self.queue_name)
         for middleware in self.middlewares:
             try:
                 middleware.close()
