@@ -50,16 +50,16 @@ class _Rpc(Rpc):
 
 
 def _wait(arrived: Signal, done: Callable[[], bool], adapter: Any, timeout: float | None = None,
-          silent: type[AMQPError] = AMQPChannelError) -> None:
+          silent: type[AMQPError] = AMQPChannelError, progress: Callable[[], int] = lambda: 0) -> None:
     """Block until ``done()``; raise the channel's or connection's error if it breaks first, ``silent``
-    after ``timeout`` seconds without it."""
-    waited = 0.0
+    after ``timeout`` seconds in which ``progress()`` did not change."""
+    waited, seen = 0.0, progress()
     while not done():
         arrived.wait_until(done, _POLL)
         if done():
             return
         adapter.check_for_errors()  # outside the lock: closing a broken connection waits on the reader
-        waited += _POLL
+        waited, seen = (waited + _POLL, seen) if progress() == seen else (0.0, progress())
         if timeout is not None and waited > timeout:
             raise silent(f"no answer from RabbitMQ within {timeout:.0f} s")
 
@@ -253,14 +253,9 @@ class _Session:
         self.connection.heartbeat.register_write()
         channel.published += len(bodies)
         target = channel.published
-        while True:  # nothing confirmed for ANSWER_TIMEOUT: a connection error, so the broker drops it
-            before = channel.confirmed
-            try:
-                return _wait(self.arrived, lambda: channel.confirmed >= target, channel, amqp.ANSWER_TIMEOUT,
-                             AMQPConnectionError)
-            except AMQPConnectionError:
-                if channel.confirmed == before:
-                    raise
+        # nothing confirmed for ANSWER_TIMEOUT: a connection error, so the broker drops this connection
+        _wait(self.arrived, lambda: channel.confirmed >= target, channel, amqp.ANSWER_TIMEOUT, AMQPConnectionError,
+              lambda: channel.confirmed)
 
     def message_count(self, queue: str) -> int:
         return int(self._call(lambda ch: ch.queue.declare(queue, passive=True))["message_count"])
