@@ -188,6 +188,46 @@ def test_consumers_reconnect_after_a_redis_restart(client: redis.Redis, tmp_path
     assert "fetching from queue" in caplog.text  # the loop saw the outage, backed off and went on
 
 
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
+@pytest.mark.timeout(60)
+def test_an_outage_is_logged_once_and_the_consumer_is_back_soon_after_the_server(tmp_path: Path, queue: str,
+                                                                                  caplog) -> None:
+    """While Redis was down, every failed fetch logged an ERROR with two chained tracebacks, and the retries
+    backed off to 30 s apart: after an 8 s outage the consumer came back 7 s after the server. Now: one line
+    when the outage starts, one when it ends, and retries at most 5 s apart."""
+    server = PrivateRedis(tmp_path)
+    server.start()
+    patch_frame_config(REDIS_URL=server.url)
+    ran: list[int] = []
+
+    def record(i: int) -> None:
+        ran.append(i)
+
+    booster = task_deco(queue, broker_kind=BrokerEnum.REDIS_ACK_ABLE)(record)
+    caplog.set_level(logging.DEBUG, logger=f"funboost_like.{queue}")
+    try:
+        booster.push(1)
+        booster.consume()
+        wait_for(lambda: ran == [1], 10, "the first call")
+        server.kill()
+        time.sleep(8)
+        server.start()
+        back = time.monotonic()
+        wait_for(lambda: _push_ok(booster, 2), 10, "publishing after the restart")
+        wait_for(lambda: ran == [1, 2], 10, "the call after the restart")
+        assert time.monotonic() - back < 6.5
+    finally:
+        booster.stop()
+        booster.consumer.join(10)
+        server.stop()
+    fetching = [r for r in caplog.records if r.getMessage().startswith(f"fetching from queue {queue!r}")]
+    failed = [r for r in fetching if r.levelno >= logging.ERROR]
+    assert len(failed) == 1 and not failed[0].exc_info, [r.getMessage() for r in failed]
+    assert "unreachable" in failed[0].getMessage() and "trying again in" in failed[0].getMessage()
+    assert sum(r.levelno == logging.DEBUG for r in fetching) >= 3  # the tries in between
+    assert any(r.levelno == logging.INFO and "works again" in r.getMessage() for r in fetching)
+
+
 def _push_ok(booster, value: int) -> bool:
     try:
         booster.push(value)

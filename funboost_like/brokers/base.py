@@ -267,9 +267,7 @@ class Broker(Routing, OptionalOperations):
             if self._maintained and self.maintenance_interval() > 0:
                 _maintenance.add(self)
         if got:
-            held = self._held.get(queue)
-            if held is None:
-                held = self._held.setdefault(queue, set())
+            held = self._held.get(queue) or self._held.setdefault(queue, set())
             with self._held_lock:
                 held.update([d.token for d in got])
         return got
@@ -426,20 +424,22 @@ class Broker(Routing, OptionalOperations):
         """One maintenance round (the maintenance thread's job; tests call it directly): renew what
         this process holds, and what it settled during an outage until that settlement is sent again
         (else its lease ran out meanwhile and another consumer ran a finished call again, as a death),
-        then recover the messages of dead consumers of the queues it fetches."""
+        then recover the messages of dead consumers of the queues it fetches. Raises the first failure
+        (client errors translated), after every queue had its turn."""
         with self._held_lock:
             held = [Delivery(queue, b"", token) for queue, tokens in self._held.items() for token in tokens]
         held += [delivery for _, deliveries in list(self._deferred) for delivery in deliveries]
-        self._renew(held)
+        self._guard("renewing the leases of what this process holds", self._renew, held)
+        failure: Exception | None = None  # raised once every queue had its turn
         for queue in list(self._fetched):
             try:
-                recovered = self._recover(queue)
-            except Exception:
-                logger.warning("%s: recovering dead consumers' messages of queue %r failed", self._where(), queue,
-                               exc_info=True)
-                continue
+                recovered = self._guard(f"recovering dead consumers' messages of queue {queue!r}", self._recover, queue)
+            except Exception as exc:
+                failure, recovered = failure or exc, 0
             if recovered:
                 logger.info("recovered %d message(s) of dead consumers of queue %r", recovered, queue)
+        if failure is not None:
+            raise failure
 
     def stop_fetching(self, queue: str) -> None:
         """This process stops fetching from ``queue`` (a consumer's graceful stop): a broker that prefetched

@@ -18,6 +18,8 @@ import threading
 import weakref
 from typing import TYPE_CHECKING
 
+from funboost_like.core.outage import Outage
+
 if TYPE_CHECKING:
     from funboost_like.brokers.base import Broker as Maintained
 
@@ -73,16 +75,21 @@ class Maintenance:
 def _run(ref: weakref.ref[Maintained], rounds: _Rounds) -> None:
     """Rounds until stopped; no strong reference to the broker is kept between them, so a forgotten
     broker is collected and its thread ends."""
+    outage: Outage | None = None
     while True:
         rounds.poke.clear()  # before the round: a poke from now on ends the wait below
         broker = ref()
         if broker is None or rounds.stopped:
             return
+        interval = broker.maintenance_interval()
         try:
             broker.maintain()
-        except Exception:
-            logger.warning("maintenance of %s failed; retrying", broker._where(), exc_info=True)
-        interval = broker.maintenance_interval()
+        except Exception as exc:
+            outage = outage or Outage(logger, "maintenance (leases, heartbeats, sweeps)", traceback=True)
+            outage.failed(exc, interval)
+        else:
+            if outage is not None:
+                outage.ended()
         del broker
         rounds.poke.wait(interval)
 

@@ -10,6 +10,7 @@ outcome with the broker (ack in batches, requeue, dead letter): workers never to
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import threading
 import time
@@ -52,6 +53,7 @@ from funboost_like.core.errors import (
 from funboost_like.core.inline import HAND_OVER_AFTER_SECONDS, InlineRunner
 from funboost_like.core.log import ensure_console_handler, get_logger
 from funboost_like.core.message import DecodedMessage, FunctionSignature, decode
+from funboost_like.core.outage import Outage, retry_delay
 from funboost_like.core.params import ConsumerParams
 from funboost_like.core.publisher import Publisher
 from funboost_like.core.ratelimit import RateLimiter
@@ -160,6 +162,8 @@ class Consumer:
         self._after: list[Callable[[Call], None]] = [m.after_call for m in overriding(self.middlewares, "after_call")]
         self._qps_target = float(params.qps)  # set_qps(); the fetcher applies it on its tick
         self.qps_in_effect = float(params.qps)
+        self._fetch_outage = Outage(self.logger, f"fetching from queue {self.queue_name!r}", logging.ERROR,
+                                     traceback=True)
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -352,7 +356,6 @@ class Consumer:
         interval = float(settings.get("STATS_LOG_INTERVAL_SECONDS"))
         next_stats = time.monotonic() + interval
         next_tick = time.monotonic() + _TICK
-        failures_in_a_row = 0
         acks: list[Delivery] = []  # finished messages whose ack goes out with the next fetch
         suspects_alone = self.params.max_crash_redeliveries is not None
         try:
@@ -378,10 +381,7 @@ class Consumer:
                 size = _fetch_size(broker, free, batch, capacity, inline)
                 deliveries = self._fetch(broker, to_ack, size, timeout)
                 if deliveries is None:
-                    failures_in_a_row += 1
-                    stop.wait(min(30.0, 0.5 * 2 ** min(failures_in_a_row, 6)))
                     continue
-                failures_in_a_row = 0
                 if suspects_alone and any(d.crashes for d in deliveries):
                     started, finished = self._run_suspect(broker, pool, deliveries, started, finished)
                     continue
@@ -423,17 +423,21 @@ class Consumer:
         """Bind the queue to its exchange (``broker_exclusive_config``) before the first fetch, trying
         again with a backoff while the broker refuses (or until stopped)."""
         routing = self.publisher_of_same_queue.routing
-        failures = 0
-        while routing is not None and not self._bound and not self._stop.is_set():
+        if routing is None or self._bound:
+            return
+        outage = Outage(self.logger, f"binding queue {self.queue_name!r} to exchange {routing.exchange!r}",
+                        logging.ERROR, traceback=True)
+        while not self._stop.is_set():
             try:
                 broker.bind(self.queue_name, routing.exchange, routing.exchange_type, routing.bind_keys)
-                self._bound = True
-                return
-            except Exception:
-                self.logger.exception("binding queue %r to exchange %r failed; retrying", self.queue_name,
-                                      routing.exchange)
-            failures += 1
-            self._stop.wait(min(30.0, 0.5 * 2 ** min(failures, 6)))
+            except Exception as exc:
+                delay = retry_delay(outage.failures + 1)
+                outage.failed(exc, delay)
+                self._stop.wait(delay)
+                continue
+            self._bound = True
+            outage.ended()
+            return
 
     def _run_suspect(self, broker: Broker, pool: Pool, deliveries: list[Delivery], started: int,
                      finished: int) -> tuple[int, int]:
@@ -488,14 +492,20 @@ class Consumer:
 
     def _fetch(self, broker: Broker, acks: list[Delivery], n: int, timeout: float) -> list[Delivery] | None:
         """Fetch up to ``n`` messages, sending ``acks`` first (in one round trip where the broker can);
-        None when the fetch failed (logged; the acks were handled by the broker either way)."""
+        None when the fetch failed: logged once per outage, and waited out with a backoff (the acks were
+        handled by the broker either way)."""
+        outage = self._fetch_outage
         try:
-            if acks:
-                return broker.ack_and_fetch(acks, self.queue_name, n, timeout)
-            return broker.fetch(self.queue_name, n, timeout)
-        except Exception:
-            self.logger.exception("fetching from queue %r failed; retrying", self.queue_name)
+            got = broker.ack_and_fetch(acks, self.queue_name, n, timeout) if acks else \
+                broker.fetch(self.queue_name, n, timeout)
+        except Exception as exc:
+            delay = retry_delay(outage.failures + 1)
+            outage.failed(exc, delay)
+            self._stop.wait(delay)
             return None
+        if outage.since is not None:
+            outage.ended()
+        return got
 
     def _first_look(self) -> None:
         """The gates' first look, before the pace is set: it may change it (a control record read at start)."""

@@ -4,17 +4,23 @@ and emptied in a forked child, which runs none of its parent's consumers."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import ClassVar, Generic, TypeVar
+
+from funboost_like.core.outage import Outage
 
 M = TypeVar("M")
 
 
 class MemberThread(Generic[M]):
-    """Subclasses set ``thread_name`` and write :meth:`_run`, which calls :meth:`_members_or_end` each round
-    and returns when it gives an empty list."""
+    """Subclasses set ``thread_name``, ``logger`` and ``service`` and write :meth:`_run`, which calls
+    :meth:`_members_or_end` each round, reports each round's failure (or None) to ``self._outage``, and
+    returns when :meth:`_members_or_end` gives an empty list."""
 
     thread_name: ClassVar[str]
+    logger: ClassVar[logging.Logger]
+    service: ClassVar[str]  # what failing rounds are logged as ("the operations registry")
 
     def __init__(self) -> None:
         self.reset_in_child()
@@ -26,7 +32,7 @@ class MemberThread(Generic[M]):
         self._io = threading.Lock()  # a member's record is written or removed at a time
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._failing = False
+        self._outage = Outage(self.logger, self.service)
 
     def add(self, member: M) -> None:
         with self._lock:

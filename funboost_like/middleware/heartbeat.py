@@ -166,6 +166,8 @@ class Beater(MemberThread[HeartbeatMiddleware]):
     """The process's heartbeat thread (started with the first consumer, ends with the last)."""
 
     thread_name = "funboost_like-heartbeat"
+    logger = logger
+    service = "sending consumer heartbeats to Redis"
 
     def remove(self, member: HeartbeatMiddleware) -> None:
         self._discard(member)
@@ -190,14 +192,10 @@ class Beater(MemberThread[HeartbeatMiddleware]):
                 with self._io:
                     self._beat(active, seconds)
             except Exception as exc:  # noqa: BLE001 - retried at the next beat
-                if not self._failing:
-                    logger.warning("sending consumer heartbeats to Redis at %s failed (%s); retrying every %gs",
-                                   describe_url(), exc, seconds)
-                self._failing = True
+                self._outage.what = f"sending consumer heartbeats to Redis at {describe_url()}"
+                self._outage.failed(exc, seconds)
             else:
-                if self._failing:
-                    logger.info("consumer heartbeats reach Redis again")
-                self._failing = False
+                self._outage.report(None)
             self._wake.wait(seconds)
             self._wake.clear()
 

@@ -145,6 +145,8 @@ class Agent(MemberThread[OpsMiddleware]):
     """The process's registration thread (started with the first consumer, ends with the last)."""
 
     thread_name = "funboost_like-ops"
+    logger = logger
+    service = "the operations registry"
 
     def remove(self, member: OpsMiddleware) -> None:
         self._discard(member)
@@ -173,12 +175,9 @@ class Agent(MemberThread[OpsMiddleware]):
             if changed or time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + interval
                 self._beat(members, interval, failures)
-            if failures and not self._failing:
-                logger.warning("the operations registry failed (%s); retrying", failures[0])
-            elif self._failing and not failures:
-                logger.info("the operations registry is reachable again")
-            self._failing = bool(failures)
-            self._wake.wait(min(CONTROL_POLL_SECONDS, interval))
+            pause = min(CONTROL_POLL_SECONDS, interval)
+            self._outage.report(failures[0] if failures else None, pause)
+            self._wake.wait(pause)
             self._wake.clear()
 
     def _apply_controls(self, members: list[OpsMiddleware], failures: list[Exception]) -> bool:
