@@ -10,6 +10,7 @@ import pytest
 from funboost_like import BrokerEnum, PriorityConsumingControlConfig, task_deco
 from funboost_like.brokers.memory import MemoryBroker
 from funboost_like.brokers.registry import get_broker
+from funboost_like.concurrency.timeouts import watchdog
 from funboost_like.core.errors import FunctionTimeoutError
 
 MEMORY = BrokerEnum.LOCAL_PYTHON_QUEUE
@@ -104,3 +105,25 @@ def test_fast_calls_are_not_affected_and_timeout_can_be_set_per_message(queue_na
         memory().join(queue_name, timeout=10)
     memory().join(queue_name, timeout=10, fail_fast=False)
     assert sorted(done)[:2000] == list(range(2000))
+
+
+def test_a_message_asking_for_a_timeout_beyond_any_wait_does_not_end_the_watchdog(queue_name: str) -> None:
+    """``function_timeout`` in a message's ``extra`` is anyone's to write: a deadline further than a
+    thread can wait (1e300 s) must not end the watchdog thread with an OverflowError."""
+
+    @task_deco(queue_name, broker_kind=MEMORY, function_timeout=0.3, max_retry_times=0, is_print_detail_exception=False)
+    def f(x: int) -> None:
+        if x == 1:
+            while True:  # pure Python: stopped by the watchdog at its deadline
+                sum(range(50))
+
+    memory().publish(queue_name, b'{"x": 0, "extra": {"function_timeout": 1e300}}')
+    f.consume()
+    memory().join(queue_name, timeout=5)
+    time.sleep(0.2)  # the watchdog has looked at the far deadline by now
+    thread = watchdog._thread
+    assert thread is not None and thread.is_alive()
+    f.push(1)
+    with pytest.raises(FunctionTimeoutError):
+        memory().join(queue_name, timeout=5)
+    assert watchdog._thread is thread  # the same thread stopped the call: it was never restarted

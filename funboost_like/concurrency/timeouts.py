@@ -26,6 +26,7 @@ from funboost_like.core.errors import FunctionTimeoutError
 logger = logging.getLogger("funboost_like.timeouts")
 
 _RUNNING, _INTERRUPTED, _ABANDONED, _DONE = range(4)
+MAX_WAIT = 3600.0  # the watchdog's longest single wait (well below threading.TIMEOUT_MAX)
 
 _set_async_exc: Any
 try:
@@ -121,7 +122,10 @@ class Watchdog:
         while True:
             with self._cond:
                 while not self._heap or self._heap[0][0] > time.monotonic():
-                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                    # a deadline further than a thread can wait (a message's function_timeout=1e300) is
+                    # waited for in steps: threading's wait raises OverflowError beyond TIMEOUT_MAX
+                    self._cond.wait(None if not self._heap else min(self._heap[0][0] - time.monotonic(),
+                                                                     MAX_WAIT))
                 _, _, run, is_abandon_check = heapq.heappop(self._heap)
             try:
                 if not is_abandon_check:
