@@ -237,6 +237,30 @@ def test_redact_url_masks_the_password_only() -> None:
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
+def test_redact_url_masks_a_password_with_unescaped_url_characters() -> None:
+    """A password holding a bare ``/``, ``?`` or ``#`` ends the URL's authority early for urlsplit (and for
+    the clients, which refuse the URL with an error that shows it): none of it may be shown."""
+    for url in ("redis://user:s3/cret@host:6379/0", "redis://:s3#cret@host/0", "amqp://u:s3?cret@host/%2F",
+                "nats://s3/cret@host:4222"):
+        assert "cret" not in redact_url(url), url
+        assert redact_url(url).endswith("@" + url.rsplit("@", 1)[1])  # the server is still named
+    for url in ("mysql+pymysql://root@h/test?passwd=s3cret", "postgresql://h/db?sslpassword=s3cret",
+                "redis://h/0?token=s3cret", "https://h/?client_secret=s3cret"):
+        assert "s3cret" not in redact_url(url), url
+    assert redact_url("sqlite:////data/a@b.db") == "sqlite:////data/a@b.db"  # no authority: nothing hidden
+
+
+def test_a_redis_url_with_an_unescaped_password_fails_without_showing_it(queue_name: str) -> None:
+    from funboost_like import BrokerEnum, task_deco
+    from funboost_like.core.errors import FunboostLikeError
+
+    patch_frame_config(REDIS_URL="redis://user:s3/cret@127.0.0.1:6379/15", OPS_REGISTRY=False)
+    f = task_deco(queue_name, broker_kind=BrokerEnum.REDIS)(lambda x: x)
+    with pytest.raises(FunboostLikeError) as info:
+        f.push(1)
+    assert "cret" not in str(info.value)
+
+
 def test_redact_url_keeps_a_url_without_secrets_as_given() -> None:
     """show-config printed sqlite:////tmp/x.db as sqlite://tmp/x.db (a host named tmp) and sqlite:///q.db
     as sqlite:/q.db: rebuilding the URL dropped its empty authority."""

@@ -281,15 +281,25 @@ def _parse_env(name: str, raw: str, default: Any) -> Any:
     return raw
 
 
-_SECRET_PARAMETERS = frozenset({"password", "pass", "pwd", "auth"})  # query parameters redact_url masks
+# query parameters redact_url masks: these names, and every name holding one of the words
+_SECRET_PARAMETERS = frozenset({"pwd", "auth"})
+_SECRET_WORDS = ("pass", "secret", "token")
+
+
+def _secret_parameter(name: str) -> bool:
+    name = name.lower()
+    return name in _SECRET_PARAMETERS or any(word in name for word in _SECRET_WORDS)
 
 
 def redact_url(url: str) -> str:
     """``redis://user:secret@host/0?password=x`` -> ``redis://user:***@host/0?password=***``.
 
-    Passwords never reach a log, whether in the user-info part or in a ``password`` (``pass``, ``pwd``,
-    or httpsqs's ``auth``) query parameter;
-    nor does a NATS token (``nats://token@host``). A comma-separated list of URLs is redacted URL by URL.
+    Passwords never reach a log, whether in the user-info part or in a query parameter whose name
+    holds ``pass``, ``secret`` or ``token`` (``password``, ``passwd``, ``sslpassword``, ...), or is
+    ``pwd`` or httpsqs's ``auth``; nor does a NATS token (``nats://token@host``). A password with a
+    bare ``/``, ``?`` or ``#`` (not percent-encoded) ends the authority early for urlsplit, and for
+    the clients, which refuse the URL: then all before the last ``@`` is masked. A comma-separated
+    list of URLs is redacted URL by URL.
     """
     if "," in url and url.count("://") > 1:
         return ",".join(redact_url(one.strip()) for one in url.split(","))
@@ -297,6 +307,9 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "***"
+    scheme, _, rest = url.partition("://")
+    if parts.netloc and parts.password is None and "@" in rest[len(parts.netloc):]:
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
     redacted = parts
     if parts.scheme in ("nats", "tls") and parts.username and parts.password is None:
         redacted = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1])
@@ -304,9 +317,9 @@ def redact_url(url: str) -> str:
         netloc = parts.netloc.rsplit("@", 1)[1]
         redacted = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
     pairs = parse_qsl(parts.query, keep_blank_values=True)
-    if any(k.lower() in _SECRET_PARAMETERS for k, _ in pairs):
+    if any(_secret_parameter(k) for k, _ in pairs):
         redacted = redacted._replace(query=urlencode(
-            [(k, "***" if k.lower() in _SECRET_PARAMETERS else v) for k, v in pairs], safe="*"))
+            [(k, "***" if _secret_parameter(k) else v) for k, v in pairs], safe="*"))
     if redacted is parts:
         return url  # nothing secret: as given (urlunsplit would drop the "//" of sqlite:////abs/path.db)
     if not redacted.netloc:  # sqlite:///x.db?password=... keeps its empty authority
