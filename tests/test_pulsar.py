@@ -201,6 +201,16 @@ def test_the_url_is_redacted_in_settings_and_errors() -> None:
     assert "s3cret" not in PulsarBroker()._where()
 
 
+def test_a_url_the_client_refuses_fails_without_showing_its_password(queue_name: str) -> None:
+    """pulsar-client refuses a URL with user info with ``ValueError: invalid hostname: user:s3cret@...``."""
+    patch_frame_config(PULSAR_URL="pulsar://user:s3cret@127.0.0.1:6650")
+    f = task_deco(queue_name, broker_kind=BrokerEnum.PULSAR)(lambda x: x)
+    with pytest.raises(ConfigurationError, match="PULSAR_URL") as info:
+        f.push(1)
+    assert "s3cret" not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # the client's message is not shown
+
+
 def test_a_forked_child_gets_its_own_client(queue: str) -> None:
     broker = get_broker(BrokerEnum.PULSAR)
     broker.publish(queue, b'{"from":"parent"}')  # the parent's client is connected before the fork

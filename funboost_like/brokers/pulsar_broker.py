@@ -132,8 +132,13 @@ class PulsarBroker(Broker):
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = pulsar.Client(str(settings.get("PULSAR_URL")), operation_timeout_seconds=10,
-                                                 connection_timeout_ms=5000, logger=_client_logger())
+                    url = str(settings.get("PULSAR_URL"))
+                    try:
+                        self._client = pulsar.Client(url, operation_timeout_seconds=10, connection_timeout_ms=5000,
+                                                     logger=_client_logger())
+                    except ValueError:  # its message shows the URL whole (user info included): not chained
+                        raise ConfigurationError(f"PULSAR_URL {redact_url(url)!r} is refused by pulsar-client: "
+                                                 "use pulsar://host:port or pulsar+ssl://host:port") from None
         return self._client
 
     def _queue(self, queue: str) -> QueueTopics:
