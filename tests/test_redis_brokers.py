@@ -31,7 +31,7 @@ from funboost_like.brokers.redis_brpoplpush import RedisBrpopLpushBroker
 from funboost_like.brokers.redis_common import describe_url
 from funboost_like.brokers.redis_list import RedisListBroker
 from funboost_like.brokers.redis_stream import GROUP, RedisStreamBroker
-from funboost_like.core.errors import BrokerConnectionError, DoubleAckError
+from funboost_like.core.errors import BrokerConnectionError, ConfigurationError, DoubleAckError
 from tests.conftest import REPO, in_forked_child
 from tests.private_redis import PrivateRedis
 
@@ -673,3 +673,14 @@ def test_stream_publish_many_onto_a_key_of_another_type_raises(client: redis.Red
     client.delete(queue)
     broker.publish_many(queue, [b"{}"] * 1200)  # the connection stayed in step
     assert broker.count(queue) == 1200
+
+
+@pytest.mark.parametrize("kind", [*KINDS, BrokerEnum.REDIS_ACK_ABLE])
+def test_a_queue_name_of_the_frameworks_own_keys_is_refused_at_decoration(client: redis.Redis, queue: str,
+                                                                          kind: BrokerEnum) -> None:
+    """A queue's own key is its name, so a queue named ``fl:{q}:p1`` (``fl:{q}:dead``, ...) was queue
+    ``q``'s priority-1 list (dead letters, ...): two queues silently sharing storage."""
+    for name in (f"fl:{{{queue}}}:p1", f"fl:{{{queue}}}:dead", "fl:scheduler:jobs"):
+        with pytest.raises(ConfigurationError, match="'fl:'"):
+            task_deco(name, broker_kind=kind)(lambda x: x)
+    task_deco(f"{queue}fl:", broker_kind=kind)(lambda x: x)  # only the prefix is the framework's

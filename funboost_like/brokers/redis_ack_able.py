@@ -53,6 +53,7 @@ from funboost_like.brokers.redis_base import (
     LUA_COUNTS,
     LUA_NOW,
     RedisListLayout,
+    check_queue_name,
     parse_counts,
 )
 from funboost_like.brokers.redis_common import LuaScript, Piggyback
@@ -131,7 +132,7 @@ class RedisAckAbleBroker(RedisConsumers, RedisListLayout):
     kind = BrokerEnum.REDIS_ACK_ABLE
     capabilities = Capabilities(redelivery="sweep", delay="native", max_priority=LIST_MAX_PRIORITY, dead_letters=True,
                                 key_value=True, routing="emulated", persistent=True, cross_process=True,
-                                cross_host=True)
+                                cross_host=True, queue_names=check_queue_name)
     _scripts = _SCRIPTS
     _give_back_script = _GIVE_BACK
 

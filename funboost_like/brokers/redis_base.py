@@ -163,6 +163,15 @@ return redis.call('HGET', KEYS[1], 'type')
 """)
 
 
+def check_queue_name(queue: str) -> None:
+    """Refuse a queue name starting with ``fl:``: a queue's own key is its name, and the framework's keys
+    (``fl:{<queue>}:dead``, ``fl:{<queue>}:p1``, ``fl:exchange:...``) start so; a queue named like one
+    of them would share that key with the queue it belongs to."""
+    if queue.startswith("fl:"):
+        raise ConfigurationError(f"Redis queue names must not start with 'fl:' (the prefix of the framework's own "
+                                 f"keys, such as fl:{{<queue>}}:dead), not {queue!r}")
+
+
 def _exchange_key(exchange: str) -> str:
     return f"fl:exchange:{{{exchange}}}"
 

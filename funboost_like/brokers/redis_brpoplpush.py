@@ -64,6 +64,7 @@ from funboost_like.brokers.redis_base import (
     LUA_NOW,
     ListKeys,
     RedisListLayout,
+    check_queue_name,
     counts,
     parse_counts,
 )
@@ -148,7 +149,8 @@ class RedisBrpopLpushBroker(RedisConsumers, RedisListLayout):
 
     kind = BrokerEnum.RedisBrpopLpush
     capabilities = Capabilities(redelivery="sweep", delay="native", dead_letters=True, key_value=True,
-                                routing="emulated", persistent=True, cross_process=True, cross_host=True)
+                                routing="emulated", persistent=True, cross_process=True, cross_host=True,
+                                queue_names=check_queue_name)
     _scripts = _SCRIPTS
     _give_back_script = _GIVE_BACK
     _keys_class = _Keys

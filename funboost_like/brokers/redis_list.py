@@ -55,6 +55,7 @@ from funboost_like.brokers.redis_base import (
     LUA_NOW,
     PUT_MANY,
     RedisListLayout,
+    check_queue_name,
     counts,
     delayed_member,
 )
@@ -131,7 +132,7 @@ class RedisListBroker(RedisListLayout):
     kind = BrokerEnum.REDIS
     capabilities = Capabilities(redelivery="none", delay="native", max_priority=LIST_MAX_PRIORITY, dead_letters=True,
                                 key_value=True, routing="emulated", persistent=True, cross_process=True,
-                                cross_host=True)
+                                cross_host=True, queue_names=check_queue_name)
 
     def __init__(self) -> None:
         self._tokens = itertools.count(1)

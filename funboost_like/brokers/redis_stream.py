@@ -59,7 +59,7 @@ from redis.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
 from funboost_like.brokers.base import Capabilities, DeadLetter, Delivery
-from funboost_like.brokers.redis_base import BLOCK_SECONDS
+from funboost_like.brokers.redis_base import BLOCK_SECONDS, check_queue_name
 from funboost_like.brokers.redis_common import (
     DirectConnections,
     Piggyback,
@@ -103,7 +103,7 @@ class RedisStreamBroker(RedisConsumers):
     kind = BrokerEnum.REDIS_STREAM
     capabilities = Capabilities(redelivery="sweep", delay="native", dead_letters=True, key_value=True,
                                 routing="emulated", persistent=True, cross_process=True, cross_host=True,
-                                release_front=False)
+                                release_front=False, queue_names=check_queue_name)
     _scripts = SCRIPTS
     _give_back_script = SETTLE
     _ready_type = "stream"
