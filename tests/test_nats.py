@@ -389,3 +389,14 @@ def test_a_queue_name_nats_cannot_use_is_refused_at_decoration() -> None:
         with pytest.raises(ConfigurationError, match="NATS queue names"):
             task_deco(bad, broker_kind=BrokerEnum.NATS)(lambda: None)
     task_deco("orders.eu-1_x", broker_kind=BrokerEnum.NATS)(lambda: None)  # a valid subject is fine
+
+
+def test_a_queue_named_like_another_queues_dead_letter_stream_is_refused_at_decoration() -> None:
+    """Queue ``q_dlq``'s stream ``fl_q_dlq`` is the dead-letter stream of queue ``q``: whichever was made
+    first was used by the other "as it is", and its publishes were refused (503) forever."""
+    from funboost_like.core.errors import ConfigurationError
+
+    for bad in ("orders_dlq", "a_b_69f6642c_dlq"):  # the second: the dead letters of queue "a.b"
+        with pytest.raises(ConfigurationError, match="dead-letter stream"):
+            task_deco(bad, broker_kind=BrokerEnum.NATS)(lambda: None)
+    task_deco("orders_dlq.eu", broker_kind=BrokerEnum.NATS)(lambda: None)  # stream fl_orders_dlq_eu_<hash>

@@ -34,6 +34,14 @@ def stream_name(queue: str) -> str:
     return f"fl_{safe}" if safe == queue else f"fl_{safe}_{hashlib.sha1(queue.encode()).hexdigest()[:8]}"
 
 
+def check_queue_name(queue: str) -> None:
+    """A valid subject (:func:`stream_name`) whose stream is no other queue's dead-letter stream: queue
+    ``q_dlq`` would have the stream ``fl_q_dlq`` of queue ``q``'s dead letters."""
+    if stream_name(queue).endswith("_dlq"):
+        raise ConfigurationError(f"NATS queue names must not end with '_dlq': the stream of {queue!r} would be the "
+                                 f"dead-letter stream of queue {queue[:-4]!r}")
+
+
 NO_SUCH_SEQUENCE = 10043  # JetStream's error code for a message sequence a stream does not hold
 
 
