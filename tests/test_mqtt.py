@@ -221,6 +221,14 @@ def test_what_mqtt_cannot_do_is_refused_early(brokers: list[MqttBroker], queue_n
         plain.publish({"x": 1}, PriorityConsumingControlConfig(priority=3))
 
 
+def test_a_queue_name_that_cannot_be_in_a_client_id_is_refused_at_decoration(queue_name: str) -> None:
+    """A consuming slot's client id holds the queue's name; MQTT forbids NUL in it, and the server closed
+    the connection: the push failed as "unreachable" and a consumer retried for ever."""
+    for bad in (f"{queue_name}\x00x", "q" * 70_000):
+        with pytest.raises(ConfigurationError, match="MQTT queue names"):
+            task_deco(bad, broker_kind=BrokerEnum.MQTT)(lambda x: x)
+
+
 def test_a_lone_push_polls_for_its_puback_and_a_batch_or_a_shared_moment_does_not(
         brokers: list[MqttBroker], queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """One-by-one pushes poll the socket for their PUBACK (a blocking read alone cost 40% of the rate on

@@ -64,6 +64,7 @@ from funboost_like.brokers.mqtt_sessions import (
     Sessions,
     Slot,
     anchor_seconds,
+    check_queue_name,
     copies,
     queue_topic,
     shared_filter,
@@ -87,7 +88,7 @@ class MqttBroker(Broker):
     kind = BrokerEnum.MQTT
     capabilities = Capabilities(redelivery="native", delay="emulated", max_priority=0, dead_letters=True,
                                 key_value=True, routing="none", persistent=True, cross_process=True,
-                                cross_host=True, release_front=False)
+                                cross_host=True, release_front=False, queue_names=check_queue_name)
     connection_errors = (MqttUnreachable, OSError, TimeoutError)
     errors = (MqttRefused,)
 

@@ -44,6 +44,7 @@ from funboost_like.brokers.mqtt_client import (
 from funboost_like.brokers.mqtt_records import record_item
 from funboost_like.brokers.push_buffer import PushBuffer
 from funboost_like.core.config import settings
+from funboost_like.core.errors import ConfigurationError
 
 logger = logging.getLogger("funboost_like.mqtt")
 
@@ -72,6 +73,16 @@ def anchor_seconds() -> float:
 def parked_seconds(session_expiry: float) -> int:
     """The lifetime of a ``parked`` record (whole seconds, as MQTT counts them)."""
     return max(1, int(session_expiry - parked_margin(session_expiry)))
+
+
+MAX_NAME_BYTES = 20_000  # escaped (up to 3 bytes a byte) into topics and client ids of at most 65,535 bytes
+
+
+def check_queue_name(queue: str) -> None:
+    """A name that fits a client id (``funboost_like:<queue>:<slot>``, where MQTT forbids NUL) and topics."""
+    if "\0" in queue or len(queue.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise ConfigurationError(f"MQTT queue names must hold no NUL and take at most {MAX_NAME_BYTES} UTF-8 bytes "
+                                 f"(the name is in the consumers' client ids and in topics), not {queue[:80]!r}")
 
 
 def queue_topic(queue: str) -> str:
