@@ -18,9 +18,11 @@ been stored, a get whose answer was lost has taken its message (at-most-once).
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import socket
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -105,6 +107,7 @@ class HttpsqsClient:
         self.head = f" HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n".encode()
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
+        _clients.add(self)
 
     def request_bytes(self, queue: str, opt: str, extra: str = "", body: bytes | None = None) -> bytes:
         """The bytes of one request (a put carries ``body``, escaped for the server's URL-decoding)."""
@@ -162,3 +165,16 @@ class HttpsqsClient:
         """In a forked child: drop the parent's connections without closing them."""
         self._idle = []
         self._lock = threading.Lock()
+
+
+# Every client of this process; their idle connections are closed at exit, while the interpreter is
+# whole. Left to the teardown of modules, a connection's socket file may be freed after the socket
+# module's globals are gone: Python 3.13 then prints "Exception ignored ... 'NoneType' object has no
+# attribute 'RawIOBase'" for each connection when a publishing script ends.
+_clients: weakref.WeakSet[HttpsqsClient] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_clients() -> None:
+    for client in list(_clients):
+        client.close()
