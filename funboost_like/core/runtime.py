@@ -97,7 +97,31 @@ def install_exit_wait() -> None:
     if _exit_wait_in_pid == os.getpid() or not _eventlet_patched_threads():
         return
     _exit_wait_in_pid = os.getpid()
+    _mend_eventlet_join()
     atexit.register(_join_green_threads)
+
+
+def _mend_eventlet_join() -> None:
+    """On Python 3.13+, make eventlet's green ``Thread.join(timeout)`` return when the timeout passes, as a
+    real one does, instead of raising ``eventlet.Timeout`` (its ``_ThreadHandle.join`` waits in
+    ``with_timeout`` without a ``timeout_value``): a consumer's ``join(1.0)`` loop failed there."""
+    if sys.version_info < (3, 13):  # before 3.13, Thread.join waits on a (green) lock, which times out well
+        return
+    handle = getattr(sys.modules.get("eventlet.green.thread"), "_ThreadHandle", None)
+    if handle is None or getattr(handle.join, "_funboost_like_mended", False):
+        return
+    from eventlet.timeout import with_timeout
+
+    join = handle.join
+
+    def mended(self: Any, timeout: float | None = None) -> None:
+        if timeout is None:
+            join(self)
+        else:
+            with_timeout(timeout, join, self, timeout_value=None)
+
+    mended._funboost_like_mended = True
+    handle.join = mended
 
 
 def _eventlet_patched_threads() -> bool:
