@@ -8,6 +8,7 @@ does around a primitive, whatever the broker.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import threading
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from funboost_like import BrokerEnum, ConcurrentModeEnum
 from funboost_like.brokers.base import Delivery
 from funboost_like.brokers.memory import MemoryBroker
 from funboost_like.core.errors import BrokerConnectionError, BrokerError, DoubleAckError
@@ -254,3 +256,13 @@ def test_a_dead_letter_envelope_keeps_the_very_bytes_of_its_body(body: bytes) ->
     letter = DeadLetter("q", body, "reason", 1.5, 2)
     back = DeadLetter.from_envelope("q", letter.envelope())
     assert (back.body, back.reason, back.failed_at, back.attempts) == (body, "reason", 1.5, 2)
+
+
+def test_a_kind_and_a_mode_read_as_their_numbers_on_every_python() -> None:
+    """str() and a log line's %s give the seed's number, as on 3.11 (3.10's IntEnum gave "BrokerEnum.REDIS"):
+    a kind passed as text to another process is read back with int()."""
+    logged = logging.makeLogRecord({"msg": "%s %s", "args": (BrokerEnum.SQLITE, ConcurrentModeEnum.ASYNC)})
+    assert [str(BrokerEnum.REDIS), logged.getMessage(), f"{BrokerEnum.KAFKA}"] == ["2", "6 4", "8"]
+    assert str(ConcurrentModeEnum.GEVENT) == "2"
+    assert BrokerEnum(int(str(BrokerEnum.NATS))) is BrokerEnum.NATS
+    assert repr(BrokerEnum.MEMORY) == "<BrokerEnum.LOCAL_PYTHON_QUEUE: 3>"

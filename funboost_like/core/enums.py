@@ -5,7 +5,12 @@ from __future__ import annotations
 from enum import IntEnum
 
 
+# ``str()`` of a member is its number on every Python, as since 3.11 (format() always gave it): on 3.10
+# it was "BrokerEnum.REDIS", in ``%s`` log lines and in a kind passed as text to another process, which
+# ``int()`` then refused.
 class BrokerEnum(IntEnum):
+    __str__ = int.__repr__
+
     RABBITMQ_AMQPSTORM = 0
     RABBITMQ_RABBITPY = 1
     REDIS = 2
@@ -33,6 +38,8 @@ class BrokerEnum(IntEnum):
 
 
 class ConcurrentModeEnum(IntEnum):
+    __str__ = int.__repr__
+
     THREADING = 1
     GEVENT = 2
     EVENTLET = 3
