@@ -10,13 +10,15 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 
 import pytest
 
-from funboost_like import BrokerEnum, ConcurrentModeEnum
+from funboost_like import BrokerEnum, BrokerNotAvailable, ConcurrentModeEnum
+from funboost_like.brokers import registry
 from funboost_like.brokers.base import Delivery
 from funboost_like.brokers.memory import MemoryBroker
 from funboost_like.core.errors import BrokerConnectionError, BrokerError, DoubleAckError
@@ -266,3 +268,16 @@ def test_a_kind_and_a_mode_read_as_their_numbers_on_every_python() -> None:
     assert str(ConcurrentModeEnum.GEVENT) == "2"
     assert BrokerEnum(int(str(BrokerEnum.NATS))) is BrokerEnum.NATS
     assert repr(BrokerEnum.MEMORY) == "<BrokerEnum.LOCAL_PYTHON_QUEUE: 3>"
+
+
+def test_a_kind_whose_client_needs_a_newer_python_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """amqpstorm 3 and rabbitpy 3 need Python 3.11: on 3.10 the rabbitmq extra brings neither, and choosing
+    their kinds names the Python needed instead of a pip install that cannot work there."""
+    kind = BrokerEnum.RABBITMQ_RABBITPY
+    monkeypatch.setitem(sys.modules, "funboost_like.brokers.rabbitmq_rabbitpy", None)  # its import fails
+    monkeypatch.setitem(registry.NEEDS_PYTHON, kind, (sys.version_info[0], sys.version_info[1] + 1))
+    with pytest.raises(BrokerNotAvailable, match=r"needs Python 3\.\d+ or later .*this is Python 3\.\d+"):
+        registry.broker_class(kind)
+    monkeypatch.setitem(registry.NEEDS_PYTHON, kind, (3, 10))
+    with pytest.raises(BrokerNotAvailable, match=r"pip install 'funboost_like\[rabbitmq\]'"):
+        registry.broker_class(kind)

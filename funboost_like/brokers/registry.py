@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -49,6 +50,11 @@ BROKERS: dict[BrokerEnum, tuple[str, str] | None] = {
     BrokerEnum.DJANGO_ORM: ("funboost_like.brokers.django_orm:DjangoOrmBroker", "django"),
 }
 
+# kind -> the oldest Python its client library installs on, when newer than funboost_like's own 3.10.
+NEEDS_PYTHON: dict[BrokerEnum, tuple[int, int]] = {
+    BrokerEnum.RABBITMQ_AMQPSTORM: (3, 11),  # amqpstorm 3
+    BrokerEnum.RABBITMQ_RABBITPY: (3, 11),  # rabbitpy 3
+}
 
 
 @dataclass(frozen=True)
@@ -215,6 +221,12 @@ def broker_class(kind: BrokerKind) -> type[Broker]:
         found = getattr(importlib.import_module(module_name), class_name)
         cls: type[Broker] = found if isinstance(found, type) else found()  # a function picks it by the settings
     except ImportError as exc:
+        needs = NEEDS_PYTHON.get(member)
+        if needs is not None and sys.version_info[:2] < needs:
+            raise BrokerNotAvailable(
+                f"broker kind {member.name} needs Python {needs[0]}.{needs[1]} or later (its client library does; "
+                f"this is Python {sys.version_info[0]}.{sys.version_info[1]}): choose another kind here"
+            ) from exc
         install = f"pip install 'funboost_like[{extra}]'" if extra else "reinstall funboost_like"
         raise BrokerNotAvailable(
             f"broker kind {member.name} needs a client library that is not installed ({exc}); run: {install}"
