@@ -435,3 +435,17 @@ print((after - before) * 1024 / 40000)
                          text=True, timeout=120, check=True).stdout
     bytes_per_message = float(out.strip().splitlines()[-1])
     assert bytes_per_message < 1200, f"{bytes_per_message:.0f} bytes of RSS per queued message"
+
+
+@pytest.mark.parametrize(("kind", "bound"), [(MEMORY, 0.35), (BrokerEnum.PERSISTQUEUE, 0.6)],
+                         ids=["LOCAL_PYTHON_QUEUE", "PERSISTQUEUE"])
+def test_an_idle_consumer_of_a_local_queue_stops_at_once(queue_name: str, kind: BrokerEnum, bound: float) -> None:
+    """stop() waited for the idle fetch's 1 s timeout (0.95 s here), which was most of the run time of the
+    tests that stop consumers; the local brokers' empty fetch costs next to nothing, so theirs is short."""
+    booster = task_deco(queue_name, broker_kind=kind)(lambda x: None)
+    booster.consume()
+    time.sleep(0.05)  # the fetcher is in its first idle wait
+    began = time.monotonic()
+    booster.stop()
+    assert booster.consumer.join(5)
+    assert time.monotonic() - began < bound

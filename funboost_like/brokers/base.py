@@ -108,6 +108,10 @@ class Broker(Routing, OptionalOperations):
     # (its inline runner), when that is more than its free capacity: for brokers whose every fetch is
     # a transaction that costs about the same for 50 rows as for 200. 0: the free capacity only.
     inline_batch: ClassVar[int] = 0
+    # How long a consumer's idle fetch waits before its loop looks again at its stop flag and its pace: a
+    # stop waits for it. Shorter where an empty fetch costs next to nothing (an in-process or local file
+    # queue); a server's broker keeps 1 s, which bounds the queries an idle consumer sends.
+    idle_fetch_seconds: ClassVar[float] = 1.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -65,6 +65,7 @@ class MemoryBroker(Broker):
     kind = BrokerEnum.LOCAL_PYTHON_QUEUE
     capabilities = Capabilities(redelivery="native", delay="native", max_priority=2**31, dead_letters=True,
                                 key_value=True, routing="emulated")
+    idle_fetch_seconds = 0.1  # an empty take is a lock and a look: a stop waits 0.1 s at most
 
     def __init__(self) -> None:
         super().__init__()

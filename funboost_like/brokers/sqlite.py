@@ -161,6 +161,7 @@ class SqliteBroker(Broker):
     capabilities = Capabilities(redelivery="lease", delay="native", max_priority=2**31, dead_letters=True,
                                 key_value=True, routing="emulated", persistent=True, cross_process=True)
     errors = (sqlite3.Error, OSError)
+    idle_fetch_seconds = 0.25  # an empty claim is a local statement of some 20 µs: a stop waits 0.25 s at most
 
     def __init__(self) -> None:
         if sqlite3.sqlite_version_info < (3, 35, 0):

@@ -66,7 +66,6 @@ Outcome = tuple[int, Delivery, str, "BaseException | None", float]
 # The fetcher's pace: (qps, rate limiter, batch size, inline runner).
 _Pace = tuple[float, "RateLimiter | DistributedRateLimiter | None", int, "InlineRunner | None"]
 
-_IDLE_FETCH_TIMEOUT = 1.0
 _BUSY_FETCH_TIMEOUT = 0.02  # while calls run, come back soon to flush their acks
 _WINDOW = 60  # seconds of history behind the rate and the time-left estimate
 _TICK = 0.25  # seconds between two looks of the fetcher at its periodic work (stats line, a new qps)
@@ -376,7 +375,7 @@ class Consumer:
                     continue
                 if self._gates and self._paused(started != finished, acks):
                     continue
-                timeout = _BUSY_FETCH_TIMEOUT if started != finished else _IDLE_FETCH_TIMEOUT
+                timeout = _BUSY_FETCH_TIMEOUT if started != finished else broker.idle_fetch_seconds
                 to_ack, acks = acks, []
                 size = _fetch_size(broker, free, batch, capacity, inline)
                 deliveries = self._fetch(broker, to_ack, size, timeout)
