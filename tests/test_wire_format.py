@@ -104,7 +104,7 @@ def test_an_argument_that_would_arrive_changed_is_refused_at_push(two_args, valu
 @pytest.mark.parametrize(("option", "value"), [("max_retry_times", "2"), ("max_retry_times", None),
                                                ("max_retry_times", -1), ("function_timeout", "abc"),
                                                ("msg_expire_senconds", "abc"), ("misfire_grace_time", "x"),
-                                               ("is_using_rpc_mode", "yes")])
+                                               ("is_using_rpc_mode", "yes"), ("run_at", "x")])
 def test_a_hand_written_option_of_the_wrong_type_is_dead_lettered(queue_name: str, option: str,
                                                                   value: object) -> None:
     """A "max_retry_times": "2" made every failure raise TypeError inside the consumer, which handed the

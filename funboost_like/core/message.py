@@ -157,6 +157,7 @@ _OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "msg_expire_senconds": (_number(0), "a number >= 0 or None"),
     "misfire_grace_time": (_number(1), "a number >= 1 or None"),
     "countdown": (_number(0), "a number >= 0 or None"),
+    "run_at": (_number(0), "a UNIX time (a number) or None"),  # misfire_grace_time is measured from it
     "is_print_detail_exception": (_flag, "True, False or None"),
     "is_using_rpc_mode": (_flag, "True, False or None"),
 }

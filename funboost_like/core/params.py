@@ -299,7 +299,7 @@ class PriorityConsumingControlConfig:
         if self.countdown is not None and self.eta is not None:
             raise ConfigurationError("countdown and eta cannot both be set")
         for name in sorted(OPTION_NAMES):  # checked again by the consumer (a hand-written message)
-            value = getattr(self, name)
+            value = getattr(self, name, None)  # run_at is not one of these options: the publish sets it
             problem = option_problem(name, value) if value is not None else ""
             if problem:
                 raise ConfigurationError(problem)
