@@ -216,3 +216,33 @@ def test_end_to_end_with_rpc_results(mongo: None, queue_name: str) -> None:
         broker = get_broker(BrokerEnum.MONGOMQ)
         assert isinstance(broker, MongoBroker)
         broker.drop_collections(queue_name)
+
+
+def test_single_pushes_take_their_ids_from_a_block_and_a_forked_child_reserves_its_own(
+        broker: MongoBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each push was two writes (the counter's $inc, then the insert): half the one-by-one rate of one
+    insert. Now a block of ids serves the pushes of the next 0.1 s. A forked child must not hand out its
+    parent's block (a duplicate id would fail the insert)."""
+    from funboost_like.brokers import mongo as mongo_module
+    from funboost_like.brokers.mongo import ID_BLOCK, SEQUENCES
+
+    from .conftest import in_forked_child
+
+    monkeypatch.setattr(mongo_module, "ID_BLOCK_SECONDS", 60.0)  # the block outlives a slow fork
+
+    counter = broker.database()[SEQUENCES]
+    name = f"fl.q.{collection_base(queue_name)}"
+    broker.publish(queue_name, b'{"x": 0}')
+    broker.publish(queue_name, b'{"x": 1}')
+    assert counter.find_one({"_id": name})["n"] == ID_BLOCK  # one $inc for both
+
+    def push_in_child() -> str:
+        broker.publish(queue_name, b'{"x": 2}')
+        return "ok"
+
+    assert in_forked_child(push_in_child) == "ok"
+    broker.publish(queue_name, b'{"x": 3}')
+    assert counter.find_one({"_id": name})["n"] == 2 * ID_BLOCK  # the child's block
+    got = broker.fetch(queue_name, 10, 1.0)
+    assert [d.body for d in got] == [b'{"x": 0}', b'{"x": 1}', b'{"x": 3}', b'{"x": 2}']  # ids: 1, 2, 3; 33
+    broker.ack(got)
