@@ -59,6 +59,18 @@ when nothing listens there the child starts the fixture server (``tests/httpsqs_
 httpsqs here) in the background, which exits after a minute idle. At-most-once: "acked" means the call
 ran. ``FUNBOOST_LIKE_HTTPSQS_PIPELINE=1`` measures it without pipelining. No target of its own.
 
+The ``kafka`` (KAFKA, kafka-python) and ``confluent_kafka`` (CONFLUENT_KAFKA) cases use
+``FUNBOOST_LIKE_BENCH_KAFKA_SERVERS`` (default ``127.0.0.1:9092``, Tansu as the tests start it),
+``KAFKA_PARTITIONS=4`` and ``KAFKA_SESSION_TIMEOUT_SECONDS=3`` (Tansu's first join of a group takes half
+of it), on topics named for the run; their consume clock runs from the first call (the group join, from
+``f.consume()`` to the first call, is reported apart as ``join``) until N calls ran and the group's
+committed offsets reached the end of every partition (``rate_calls_only`` stops at the N-th call). Each
+path's topics are deleted afterwards. The ``pulsar`` case (PULSAR) uses ``FUNBOOST_LIKE_BENCH_PULSAR_URL``
+(default ``pulsar://127.0.0.1:6650``), topics named for the run, purged afterwards (see
+``benchmarks/pulsar_throughput.py`` for a server of its own). The ``kombu_redis`` case is KOMBU on kombu's
+Redis transport: ``KOMBU_URL`` is ``FUNBOOST_LIKE_BENCH_REDIS_URL`` with ``global_keyprefix=fl_bench_kombu:``,
+whose keys are deleted after each path (the ``kombu`` case is KOMBU on ``RABBITMQ_URL``).
+
 The parent prints the median and the best rate of the repetitions against the targets. This is a
 measurement, not a test: the exit code is always 0.
 """
@@ -153,6 +165,20 @@ BROKERS["nsq"] = "NSQ"
 BENCH_NSQD_TCP_PORT = int(os.environ.get("FUNBOOST_LIKE_BENCH_NSQD_TCP_PORT", "14150"))
 DEFAULT_N["nsq"] = {"publish one-by-one": 5_000, "publish bulk": 100_000, "consume (acked)": 50_000}
 TARGETS["nsq"] = dict.fromkeys(PATHS, 0)
+# Kafka on FUNBOOST_LIKE_BENCH_KAFKA_SERVERS (Tansu by default), PULSAR on FUNBOOST_LIKE_BENCH_PULSAR_URL, KOMBU on
+# the benchmark's Redis database: figures only (the Kafka targets of DESIGN.md are for bulk and consume).
+KAFKA_CASES = {"kafka": "KAFKA", "confluent_kafka": "CONFLUENT_KAFKA"}
+BROKERS.update(KAFKA_CASES)
+BROKERS["pulsar"] = "PULSAR"
+BROKERS["kombu_redis"] = "KOMBU"
+BENCH_KAFKA_SERVERS = os.environ.get("FUNBOOST_LIKE_BENCH_KAFKA_SERVERS", "127.0.0.1:9092")
+BENCH_PULSAR_URL = os.environ.get("FUNBOOST_LIKE_BENCH_PULSAR_URL", "pulsar://127.0.0.1:6650")
+KOMBU_REDIS_PREFIX = "fl_bench_kombu:"
+for _case in (*KAFKA_CASES, "pulsar", "kombu_redis"):
+    DEFAULT_N[_case] = {"publish one-by-one": 5_000, "publish bulk": 50_000, "consume (acked)": 50_000}
+    TARGETS[_case] = dict.fromkeys(PATHS, 0)
+for _case in KAFKA_CASES:
+    TARGETS[_case] = {"publish one-by-one": 0, "publish bulk": 50_000, "consume (acked)": 30_000}
 BULK_CHUNK = 10_000
 CONSUME_TIMEOUT_SECONDS = 120.0
 CHILD_TIMEOUT_SECONDS = 600.0
@@ -206,6 +232,7 @@ def _measure_consume(fn, n: int, counter_box: dict) -> dict:
     in_flight = getattr(broker, "in_flight", None)
     gc.collect()
 
+    kafka_marks = _kafka_marks(fn) if "first" in counter_box else None
     t0 = time.perf_counter()
     fn.consume()
     pool = getattr(fn.consumer, "_pool", None)  # informative only: how many worker threads the pool grew to
@@ -218,6 +245,20 @@ def _measure_consume(fn, n: int, counter_box: dict) -> dict:
     if finished and in_flight is not None:
         while in_flight(fn.queue_name) and time.perf_counter() - t0 < CONSUME_TIMEOUT_SECONDS:
             time.sleep(0.0005)
+    kafka: dict = {}
+    if kafka_marks is not None:  # Kafka: acked means committed; the clock runs from the first call
+        ends, committed_now = kafka_marks
+        committed: dict[int, int] = {}
+        while finished and time.perf_counter() - t0 < CONSUME_TIMEOUT_SECONDS:
+            committed = committed_now()
+            if committed == ends:
+                break
+            time.sleep(0.002)
+        first = counter_box["first"] or t0
+        kafka = {"join": first - t0, "rate_calls_only": n / (t_ran - first), "commit_wait": time.perf_counter() - t_ran,
+                 "committed_all": committed == ends}
+        finished = finished and committed == ends
+        t0 = first
     elapsed = time.perf_counter() - t0
 
     fn.stop()
@@ -226,7 +267,7 @@ def _measure_consume(fn, n: int, counter_box: dict) -> dict:
     left = fn.get_message_count()
     result = {
         "n": n, "elapsed": elapsed, "rate": (n if finished else calls) / elapsed,
-        "ran_all_after": t_ran - t0, "queued_before": queued, "pool_threads_max": max_threads,
+        "ran_all_after": t_ran - t0, "queued_before": queued, "pool_threads_max": max_threads, **kafka,
         "check": f"{calls} calls, {left} left in queue", "ok_check": finished and calls == n and left == 0,
     }
     if not finished:
@@ -234,7 +275,16 @@ def _measure_consume(fn, n: int, counter_box: dict) -> dict:
     return result
 
 
-def child_main(broker: str, ns: dict[str, int], tmpdir: str) -> None:
+def _kafka_marks(fn):
+    """Kafka: the ends of the queue's partitions now (all published) and a reader of the group's committed offsets."""
+    from funboost_like.brokers.kafka_client import log_ends
+
+    client = fn.broker._client
+    ends = {p: high for p, (_, high) in log_ends(client, fn.queue_name).items() if high > 0}
+    return ends, lambda: client.group_offsets(f"funboost_like.{fn.queue_name}", fn.queue_name, list(ends))
+
+
+def child_main(broker: str, ns: dict[str, int], tmpdir: str) -> None:  # noqa: C901 - one step per setting
     import logging
 
     import funboost_like
@@ -253,12 +303,28 @@ def child_main(broker: str, ns: dict[str, int], tmpdir: str) -> None:
     _use_nsqd_fixture(broker)
     if broker in SQL_URLS:
         patch_frame_config(SQLALCHEMY_URL=SQL_URLS[broker])
+    if broker in KAFKA_CASES:
+        patch_frame_config(KAFKA_BOOTSTRAP_SERVERS=BENCH_KAFKA_SERVERS, KAFKA_PARTITIONS=4,
+                           KAFKA_SESSION_TIMEOUT_SECONDS=3.0)
+    patch_frame_config(PULSAR_URL=BENCH_PULSAR_URL)  # read by the pulsar case only
+    if broker == "kombu_redis":
+        sep = "&" if "?" in BENCH_REDIS_URL else "?"
+        patch_frame_config(KOMBU_URL=f"{BENCH_REDIS_URL}{sep}global_keyprefix={KOMBU_REDIS_PREFIX}")
     _use_django_database(broker)
     kind = BrokerEnum[BROKERS[broker]]
     counter_box: dict = {}
 
     def make(queue: str, counting: bool):
-        if counting:
+        if counting and broker in KAFKA_CASES:  # the clock starts at the first call (the group join apart)
+            counter_box["first"] = None
+
+            def f(x, y):
+                if counter_box["first"] is None:
+                    counter_box["first"] = time.perf_counter()
+                if next(counter_box["counter"]) == counter_box["target"]:
+                    counter_box["done"].set()
+                return x + y
+        elif counting:
             def f(x, y):
                 if next(counter_box["counter"]) == counter_box["target"]:
                     counter_box["done"].set()
@@ -274,7 +340,7 @@ def child_main(broker: str, ns: dict[str, int], tmpdir: str) -> None:
         ("publish bulk", "bench_publish_bulk", False, _measure_publish_bulk),
         ("consume (acked)", "bench_consume", True, None),
     ):
-        fn = make(f"{queue}_{broker}", counting)
+        fn = make(f"{queue}_{broker}" + (f"_{os.getpid()}" if broker in (*KAFKA_CASES, "pulsar") else ""), counting)
         _delete_redis_keys(broker, fn.queue_name)
         _delete_rabbitmq_queue(broker, fn.queue_name)
         _delete_nats_streams(broker, fn)
@@ -296,6 +362,8 @@ def child_main(broker: str, ns: dict[str, int], tmpdir: str) -> None:
                 if broker in SQL_URLS:
                     fn.broker.drop_tables(fn.queue_name)
                 _stop_zeromq_hub(broker, fn)
+                _delete_kafka_topics(broker, fn)
+                _delete_kombu_redis_keys(broker)
             except Exception:
                 pass
 
@@ -380,6 +448,31 @@ def _drop_mongo_collections(broker: str, fn) -> None:
     """Drop the benchmark queue's collections on MongoDB (made again at first use)."""
     if broker == "mongo":
         fn.broker.drop_collections(fn.queue_name)
+
+
+def _delete_kafka_topics(broker: str, fn) -> None:
+    """Delete the Kafka topics of the benchmark queue (the queue's and those named after it: delays, dead letters)."""
+    if broker not in KAFKA_CASES:
+        return
+    fn.stop()
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": BENCH_KAFKA_SERVERS})
+    name = fn.queue_name
+    topics = [t for t in admin.list_topics(timeout=10).topics if t == name or t.startswith(f"{name}.")]
+    for future in admin.delete_topics(topics, operation_timeout=10).values() if topics else ():
+        future.result()
+
+
+def _delete_kombu_redis_keys(broker: str) -> None:
+    """The kombu_redis case: every key under its prefix (queues, bindings, unacked index) on the benchmark database."""
+    if broker == "kombu_redis":
+        import redis
+
+        client = redis.Redis.from_url(BENCH_REDIS_URL)
+        keys = list(client.scan_iter(match=f"{KOMBU_REDIS_PREFIX}*", count=1000))
+        if keys:
+            client.delete(*keys)
 
 
 def _stop_zeromq_hub(broker: str, fn) -> None:

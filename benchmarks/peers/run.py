@@ -2,7 +2,8 @@
 
 Usage (from the repository root, with the project's Python)::
 
-    python benchmarks/peers/run.py [--venv /tmp/peers] [--set all|redis|rabbitmq|zeromq]
+    python benchmarks/peers/run.py [--venv /tmp/peers] [--set all|redis|rabbitmq|zeromq|mqtt|sql|kafka|nats|mongo|
+                                   pulsar|kombu]
                                    [--redis-url redis://127.0.0.1:6379/13]
                                    [--rabbitmq-url amqp://guest:guest@127.0.0.1:5672/%2F]
                                    [--repeat 3] [--only ours,funboost,celery] [--json]
@@ -24,6 +25,19 @@ Sets of workloads, all by default (``--set all``), in this order in every repeti
   ``sqlalchemy_mariadb``: the ``test`` database of each local server) and funboost ``SQLACHEMY`` on the same
   two databases (its drivers in the scratch venv: ``psycopg2-binary``, ``pymysql``, plus ``sqlalchemy`` and
   ``sqlalchemy_utils``); funboost's queue table is dropped after each of its runs.
+* ``kafka``: our KAFKA and CONFLUENT_KAFKA (``throughput.py``'s ``kafka`` and ``confluent_kafka``) and funboost
+  ``KAFKA`` and ``KAFKA_CONFLUENT`` on Tansu at ``KAFKA_SERVERS`` (127.0.0.1:19092; started for the run with
+  ``tests/kafka_server.py``'s command when nothing listens there, stopped at the end). The consume column runs
+  from the first call (the group join is printed apart, with the rate until the N-th call and the commit wait).
+* ``nats``: our NATS (JetStream) and funboost ``NATS_JETSTREAM`` and ``NATS_CORE`` on the NATS server at ``NATS_URL``.
+* ``mongo``: our MONGOMQ and funboost ``MONGOMQ`` on SecantusDB at ``MONGO_URL`` (port 27217; started for the run
+  like the tests start it when nothing listens there, its files in a temporary folder).
+* ``pulsar``: our PULSAR and funboost ``PULSAR`` on pulsar-lite at ``PULSAR_URL`` (port 16650; started likewise).
+* ``kombu``: our KOMBU and funboost ``KOMBU`` on kombu's Redis transport, on ``--redis-url``.
+
+After every peer process of those sets, the topics (Kafka), streams (NATS) and collections (funboost's database
+``funboost_mongomq``) whose name contains ``peerbench`` are deleted; funboost's KOMBU keys carry the prefix
+``peerbench_fbkombu:`` and go with the other ``peerbench`` keys. Our side deletes its own.
 
 funboost and Celery are never imported here and are not dependencies of the project: they live in a
 scratch virtualenv (``--venv``, see ``benchmarks/peers/README.md``) whose Python runs the two small
@@ -74,7 +88,7 @@ THROUGHPUT = REPO_ROOT / "benchmarks" / "throughput.py"
 FUNBOOST_HOME = HERE / "funboost_home"
 CHILD_TIMEOUT_SECONDS = 300.0
 
-SETS = ("redis", "rabbitmq", "zeromq", "mqtt", "sql")
+SETS = ("redis", "rabbitmq", "zeromq", "mqtt", "sql", "kafka", "nats", "mongo", "pulsar", "kombu")
 # Our brokers per set: throughput.py name -> BrokerEnum member name (to check the registry).
 OURS_SETS = {
     "redis": {"memory": "LOCAL_PYTHON_QUEUE", "sqlite": "PERSISTQUEUE", "redis_list": "REDIS",
@@ -85,6 +99,11 @@ OURS_SETS = {
     "zeromq": {"zeromq": "ZEROMQ"},
     "mqtt": {"mqtt": "MQTT"},
     "sql": {"sqlalchemy_postgresql": "SQLACHEMY", "sqlalchemy_mariadb": "SQLACHEMY"},
+    "kafka": {"kafka": "KAFKA", "confluent_kafka": "CONFLUENT_KAFKA"},
+    "nats": {"nats": "NATS"},
+    "mongo": {"mongo": "MONGOMQ"},
+    "pulsar": {"pulsar": "PULSAR"},
+    "kombu": {"kombu_redis": "KOMBU"},
 }
 OURS_BROKERS = [b for kinds in OURS_SETS.values() for b in kinds]
 OURS_LABEL = {"memory": "memory (LOCAL_PYTHON_QUEUE)", "sqlite": "SQLite (PERSISTQUEUE)",
@@ -97,11 +116,25 @@ OURS_LABEL = {"memory": "memory (LOCAL_PYTHON_QUEUE)", "sqlite": "SQLite (PERSIS
               "zeromq": "ZeroMQ ZEROMQ (hub process, confirmed publish)",
               "mqtt": "MQTT (QoS 1, persistent sessions, acked)",
               "sqlalchemy_postgresql": "SQLACHEMY on PostgreSQL (psycopg 3)",
-              "sqlalchemy_mariadb": "SQLACHEMY on MariaDB (PyMySQL)"}
+              "sqlalchemy_mariadb": "SQLACHEMY on MariaDB (PyMySQL)",
+              "kafka": "Kafka KAFKA (kafka-python; push waits for the server; committed after the call; 4 partitions)",
+              "confluent_kafka": "Kafka CONFLUENT_KAFKA (confluent-kafka; push waits for the server; committed "
+                                 "after the call; 4 partitions)",
+              "nats": "NATS JetStream NATS (file storage, PubAck per push, acked after the call)",
+              "mongo": "MONGOMQ on SecantusDB (leased, acked after the call)",
+              "pulsar": "Pulsar PULSAR (send waits for the receipt, acked after the call)",
+              "kombu_redis": "kombu KOMBU on Redis (kombu's redis transport, acked after the call)"}
 # The sql set's databases, for funboost's SQLACHEMY (its own drivers: psycopg2, PyMySQL) and the cleanup.
 SQL_PEER_URLS = {"pg": "postgresql+psycopg2://postgres@127.0.0.1:5432/test",
                  "mariadb": "mysql+pymysql://root@127.0.0.1:3306/test"}
 OURS_PATHS = {"publish": "publish one-by-one", "bulk": "publish bulk", "consume": "consume (acked)"}
+# The private stand-ins of the kafka, mongo and pulsar sets (started by run.py when nothing listens there).
+KAFKA_SERVERS = "127.0.0.1:19092"
+MONGO_URL = "mongodb://127.0.0.1:27217/?retryWrites=false"
+PULSAR_URL = "pulsar://127.0.0.1:16650"
+NATS_URL = "nats://127.0.0.1:4222"
+# Where the peers' KOMBU keeps its Redis keys (all deleted with the other peerbench keys).
+KOMBU_PEER_OPTIONS = {"transport_options": {"global_keyprefix": "peerbench_fbkombu:"}}
 
 
 class Peer:
@@ -172,6 +205,21 @@ def _peers(redis_url: str, rabbitmq_url: str) -> list[Peer]:
              f"SQLACHEMY on {'PostgreSQL (psycopg2)' if name == 'pg' else 'MariaDB (PyMySQL)'}",
              key=f"SQLACHEMY_{name.upper()}", set_="sql", env={"PEERBENCH_SQLA_URL": url})
           for name, url in SQL_PEER_URLS.items()),
+        # funboost's Kafka kinds: a topic per run (funboost_bench.py adds the pid), num_partitions 10 (its default)
+        fb("KAFKA", 20_000, "kafka", "Kafka KAFKA (kafka-python; send not awaited, flushed; auto-commit: at most once; "
+           "10 partitions)", set_="kafka"),
+        fb("KAFKA_CONFLUENT", 20_000, "confluent_kafka", "Kafka KAFKA_CONFLUENT (confluent-kafka; produce not awaited, "
+           "flushed; committed every 2 s after the call; 10 partitions)", set_="kafka"),
+        fb("NATS_JETSTREAM", 10_000, "nats", "NATS JetStream NATS_JETSTREAM (file storage, PubAck per push, acked "
+           "after the call)", set_="nats"),
+        # funboost's NATS_CORE: core NATS, no storage and no acks; its consumer starts first (funboost_bench.py)
+        fb("NATS_CORE", 20_000, "nats", "NATS core NATS_CORE (no storage, no acks: at most once)", set_="nats"),
+        fb("MONGOMQ", 500, "mongo", "MONGOMQ on SecantusDB (mongomq: lock per message, acked after the call)",
+           set_="mongo"),
+        fb("PULSAR", 10_000, "pulsar", "Pulsar PULSAR (send waits for the receipt, Shared subscription, acked after "
+           "the call)", set_="pulsar"),
+        fb("KOMBU", 5_000, "kombu_redis", "kombu KOMBU on Redis (kombu's redis transport, prefetch 500, acked after "
+           "the call)", exclusive=KOMBU_PEER_OPTIONS, set_="kombu"),
     ]
 
 
@@ -268,6 +316,107 @@ def _rabbitmq_cleanup(url: str, names: set[str] | tuple[str, ...]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# the kafka, nats, mongo and pulsar sets: stand-ins and clean-up (the project's clients)
+# ---------------------------------------------------------------------------------------------
+
+def _start_standins(sets: list[str], tmp: Path) -> list:
+    """Start Tansu, SecantusDB and pulsar-lite on their private ports for the sets that need them, where nothing
+    listens yet (tests/kafka_server.py, tests/mongo_server.py, tests/pulsar_server.py); return those started."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from standin import listening
+
+    started = []
+    wanted = []
+    if "kafka" in sets:
+        import kafka_server
+
+        host, _, port = KAFKA_SERVERS.partition(",")[0].rpartition(":")
+
+        def tansu(port: int = int(port)):
+            server = kafka_server.StandIn("tansu", port)
+            server.start(tmp / "tansu.log")
+            return server
+
+        wanted.append((int(port), tansu))
+    if "mongo" in sets:
+        import mongo_server
+
+        port = urlparse(MONGO_URL).port or 27017
+
+        def secantus(port: int = port):
+            server = mongo_server.SecantusServer(tmp / "secantusdb", port)
+            (tmp / "secantusdb").mkdir()
+            server.start()
+            return server
+
+        wanted.append((port, secantus))
+    if "pulsar" in sets:
+        import pulsar_server
+
+        port = urlparse(PULSAR_URL).port or 6650
+
+        def pulsar_lite(port: int = port):
+            server = pulsar_server.PulsarLiteServer(tmp / "pulsar-lite", port)
+            server.start()
+            return server
+
+        wanted.append((port, pulsar_lite))
+    for port, start in wanted:
+        if not listening(port):
+            started.append(start())
+    return started
+
+
+def _kafka_cleanup() -> int:
+    """Delete every topic whose name contains ``peerbench`` (confluent-kafka's AdminClient)."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": KAFKA_SERVERS})
+    topics = [t for t in admin.list_topics(timeout=10).topics if "peerbench" in t]
+    for future in admin.delete_topics(topics, operation_timeout=10).values() if topics else ():
+        future.result()
+    return len(topics)
+
+
+def _nats_cleanup() -> int:
+    """Delete every JetStream stream whose name contains ``peerbench`` (nats-py)."""
+    import asyncio
+
+    import nats
+
+    async def run() -> int:
+        nc = await nats.connect(NATS_URL)
+        try:
+            js = nc.jetstream()
+            names = [info.config.name for info in await js.streams_info() if "peerbench" in (info.config.name or "")]
+            for name in names:
+                await js.delete_stream(name)
+            return len(names)
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+def _mongo_cleanup() -> int:
+    """Drop the collections of funboost's MONGOMQ database whose name contains ``peerbench``."""
+    import pymongo
+
+    client = pymongo.MongoClient(MONGO_URL, serverSelectionTimeoutMS=5000)
+    try:
+        db = client["funboost_mongomq"]
+        names = [n for n in db.list_collection_names() if "peerbench" in n]
+        for name in names:
+            db.drop_collection(name)
+        return len(names)
+    finally:
+        client.close()
+
+
+SET_CLEANUP = {"kafka": _kafka_cleanup, "nats": _nats_cleanup, "mongo": _mongo_cleanup}
+
+
+# ---------------------------------------------------------------------------------------------
 # running the workloads
 # ---------------------------------------------------------------------------------------------
 
@@ -303,6 +452,8 @@ def run_peer(peer: Peer, python: str, redis_url: str, rabbitmq_url: str) -> dict
             "PEERBENCH_RABBITMQ_PASS": unquote(r.password or "guest"),
             "PEERBENCH_RABBITMQ_HOST": r.hostname or "127.0.0.1", "PEERBENCH_RABBITMQ_PORT": str(r.port or 5672),
             "PEERBENCH_RABBITMQ_VHOST": (unquote(r.path[1:]) if r.path else "/") or "/",
+            "PEERBENCH_KAFKA_SERVERS": KAFKA_SERVERS, "PEERBENCH_NATS_URL": NATS_URL, "PEERBENCH_MONGO_URL": MONGO_URL,
+            "PEERBENCH_PULSAR_URL": PULSAR_URL, "PEERBENCH_KOMBU_URL": redis_url,
             **peer.env,
         })
         try:
@@ -325,7 +476,11 @@ def _drop_sql_table(url: str, table: str) -> None:
 
 
 def run_ours(brokers: list[str], redis_url: str, rabbitmq_url: str) -> dict:
-    env = dict(os.environ, FUNBOOST_LIKE_BENCH_REDIS_URL=redis_url, FUNBOOST_LIKE_RABBITMQ_URL=rabbitmq_url)
+    u = urlparse(MONGO_URL)
+    env = dict(os.environ, FUNBOOST_LIKE_BENCH_REDIS_URL=redis_url, FUNBOOST_LIKE_RABBITMQ_URL=rabbitmq_url,
+               FUNBOOST_LIKE_BENCH_KAFKA_SERVERS=KAFKA_SERVERS, FUNBOOST_LIKE_BENCH_NATS_URL=NATS_URL,
+               FUNBOOST_LIKE_BENCH_PULSAR_URL=PULSAR_URL,
+               FUNBOOST_LIKE_BENCH_MONGO_URL=f"{u.scheme}://{u.netloc}/funboost_like_bench?{u.query}")
     cmd = [sys.executable, str(THROUGHPUT), "--brokers", ",".join(brokers), "--repeat", "1", "--json"]
     return _run(cmd, env, str(REPO_ROOT), "{")
 
@@ -352,7 +507,8 @@ def _unbuilt(brokers: dict[str, str]) -> dict[str, str]:
 def _venv_versions(python: str) -> dict:
     code = ("import json, platform, importlib.metadata as m\n"
             "v = {}\n"
-            "for d in ('funboost', 'celery', 'kombu', 'amqp', 'AMQPStorm', 'redis', 'persist-queue', 'nb_log'):\n"
+            "for d in ('funboost', 'celery', 'kombu', 'amqp', 'AMQPStorm', 'redis', 'persist-queue', 'nb_log',\n"
+            "          'kafka-python', 'confluent-kafka', 'nats-py', 'pymongo', 'pulsar-client'):\n"
             "    try:\n        v[d] = m.version(d)\n    except Exception:\n        v[d] = None\n"
             "v['python'] = platform.python_version()\n"
             "print(json.dumps(v))\n")
@@ -375,7 +531,9 @@ def _fmt(rate: float | None) -> str:
 
 
 def _ratio(ours: float | None, peer: float | None) -> str:
-    return "-" if not ours or not peer else f"{ours / peer:.1f}x"
+    if not ours or not peer:
+        return "-"
+    return f"{ours / peer:.2f}x" if ours / peer < 0.1 else f"{ours / peer:.1f}x"
 
 
 def _collect_rates(runs: list[dict], problems: list[str], label: str) -> dict[str, list[float]]:
@@ -482,6 +640,34 @@ def print_best(rows: list[dict]) -> None:
         print("\n".join(lines))
 
 
+def print_kafka_extras(sets: list[str], ours_runs: dict[str, list[dict]], peer_runs: dict[str, list[dict]],
+                       peers: list[Peer]) -> None:
+    """Kafka: the consume column runs from the first call; the group join, the rate until the N-th call and the
+    wait for the commits after it (medians) are printed here."""
+    if "kafka" not in sets:
+        return
+    lines = []
+
+    def line(name: str, results: list[dict]) -> None:
+        got = {k: _median([r[k] for r in results if isinstance(r.get(k), (int, float))])
+               for k in ("join", "rate_calls_only", "commit_wait")}
+        if any(v is not None for v in got.values()):
+            lines.append(f"  {name}: join {got['join'] or 0:.1f} s, calls only {_fmt(got['rate_calls_only'])}/s, "
+                         f"commit wait {got['commit_wait'] or 0:.2f} s")
+
+    for broker in OURS_SETS["kafka"]:
+        line(f"funboost_like {broker}", [run.get("runs", {}).get(broker, [{}])[0].get("results", {})
+                                         .get("consume (acked)", {}) for run in ours_runs.get("kafka", [])])
+    for peer in (p for p in peers if p.set == "kafka"):
+        line(f"funboost {peer.key}", [run.get("results", {}).get("consume", {}) for run in peer_runs.get(peer.key, [])])
+    if lines:
+        print()
+        print("Kafka consume (medians): the column above runs from the first call until N calls ran and (where "
+              "committed) the group's offsets reached the ends; the group join before it, the rate until the N-th "
+              "call and the wait for the commits after it:")
+        print("\n".join(lines))
+
+
 def _loadavg() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -495,6 +681,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", default="all", choices=("all", *SETS),
                         help="redis: memory, SQLite and Redis (the original set); rabbitmq: RabbitMQ only; "
                              "zeromq: ZeroMQ (no server); mqtt: Mosquitto; sql: PostgreSQL and MariaDB; "
+                             f"kafka: Tansu ({KAFKA_SERVERS}); nats: NATS JetStream ({NATS_URL}); mongo: SecantusDB "
+                             f"({MONGO_URL}); pulsar: pulsar-lite ({PULSAR_URL}); kombu: kombu on Redis; "
                              "all: every set")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/13", help="one Redis database for everything")
     parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:18830",
@@ -545,6 +733,17 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
     import mqtt_server  # benchmarks/mqtt_server.py
 
     mosquitto = mqtt_server.ensure(args.mqtt_url) if "mqtt" in sets else None
+    standin_dir = Path(tempfile.mkdtemp(prefix="peerbench_standins_"))
+    try:
+        standins = _start_standins(sets, standin_dir)
+    except Exception:
+        mqtt_server.stop(mosquitto)
+        shutil.rmtree(standin_dir, ignore_errors=True)
+        raise
+    for set_ in sets:
+        if set_ in SET_CLEANUP:
+            SET_CLEANUP[set_]()  # leftovers of an interrupted run (only names containing "peerbench")
+    deleted_other = 0
 
     started = time.monotonic()
     load_start = _loadavg()
@@ -571,9 +770,20 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
                         deleted += _cleanup(client, keys_before)
                     if peer.rabbitmq_names:
                         deleted_rabbitmq += _rabbitmq_cleanup(args.rabbitmq_url, set(peer.rabbitmq_names))
+                    if peer.set in SET_CLEANUP:
+                        deleted_other += SET_CLEANUP[peer.set]()
                     print(f"{time.monotonic() - t:.1f}s" + (f" ERROR {data['error']}" if "error" in data else ""),
                           file=sys.stderr, flush=True)
     finally:
+        for set_ in sets:
+            if set_ in SET_CLEANUP:
+                try:
+                    deleted_other += SET_CLEANUP[set_]()
+                except Exception as exc:  # reported; the stand-ins below go anyway
+                    print(f"clean-up of the {set_} set failed: {exc}", file=sys.stderr)
+        for server in standins:
+            server.stop()
+        shutil.rmtree(standin_dir, ignore_errors=True)
         mqtt_server.stop(mosquitto)
         if client is not None:
             deleted += _cleanup(client, keys_before)
@@ -591,6 +801,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
         "platform": platform.platform(), "repeat": repeat, "loadavg_start": load_start, "loadavg_end": _loadavg(),
         "total_seconds": round(time.monotonic() - started, 1), "peer_keys_deleted": deleted,
         "peer_rabbitmq_queues_and_exchanges_deleted": deleted_rabbitmq,
+        "peer_topics_streams_collections_deleted": deleted_other,
+        "standins_started": [f"{type(server).__name__} on {server.port}" for server in standins],
     }
     servers = []
     if "redis" in sets:
@@ -600,6 +812,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
                        f"{urlparse(args.rabbitmq_url).port or 5672}")
     if "mqtt" in sets:
         servers.append(f"Mosquitto at {args.mqtt_url}" + (" (started for this run)" if mosquitto else ""))
+    started_ports = {server.port for server in standins}
+    for set_, name, where in (("kafka", "Tansu", KAFKA_SERVERS), ("nats", "NATS JetStream", NATS_URL),
+                              ("mongo", "SecantusDB", MONGO_URL), ("pulsar", "pulsar-lite", PULSAR_URL)):
+        if set_ in sets:
+            port = int(where.partition(",")[0].rsplit(":", 1)[-1].split("/")[0])
+            servers.append(f"{name} at {where}" + (" (started for this run)" if port in started_ports else ""))
+    if "kombu" in sets and "redis" not in sets:
+        servers.append(f"Redis {info['redis_server']} at {args.redis_url}")
     print(f"peers benchmark  date {info['date']}  CPUs {info['cpu_count']}  {'  '.join(servers)}  "
           f"repeat {repeat} (medians)  total {info['total_seconds']}s")
     print(f"Python {info['python_ours']} (ours)  venv {args.venv}: "
@@ -613,8 +833,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
     print("ours / peer: our median divided by the peer's, per column (publish one-by-one / bulk / consume), against "
           "the funboost_like row named after 'vs': the same broker path on Redis (Celery acks_late=False against "
           "REDIS, True against REDIS_ACK_ABLE); on RabbitMQ the same client library (funboost RABBITMQ_AMQPSTORM "
-          "against our rabbitmq_amqpstorm, Celery against our kombu; rabbitmq_pika where that kind is not built).")
+          "against our rabbitmq_amqpstorm, Celery against our kombu; rabbitmq_pika where that kind is not built); "
+          "on Kafka funboost KAFKA against our kafka (kafka-python), KAFKA_CONFLUENT against our confluent_kafka; "
+          "elsewhere against our kind of the same name.")
     print_best(rows)
+    print_kafka_extras(sets, ours_runs, peer_runs, peers)
     if problems:
         print()
         print("problems:")

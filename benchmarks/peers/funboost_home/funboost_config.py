@@ -7,7 +7,9 @@ its template into ``sys.path[1]``; ``benchmarks/peers/run.py`` puts this folder 
 folder from ``PEERBENCH_TMP``, RabbitMQ (``RABBITMQ_AMQPSTORM``) from ``PEERBENCH_RABBITMQ_USER``,
 ``PEERBENCH_RABBITMQ_PASS``, ``PEERBENCH_RABBITMQ_HOST``, ``PEERBENCH_RABBITMQ_PORT`` and
 ``PEERBENCH_RABBITMQ_VHOST`` (default guest:guest at 127.0.0.1:5672, vhost ``/``), the SQLACHEMY database from
-``PEERBENCH_SQLA_URL``. funboost's AmqpStorm
+``PEERBENCH_SQLA_URL``; the kafka, nats, mongo, pulsar and kombu sets' servers from ``PEERBENCH_KAFKA_SERVERS``
+(``host:port[,host:port]``), ``PEERBENCH_NATS_URL``, ``PEERBENCH_MONGO_URL``, ``PEERBENCH_PULSAR_URL`` and
+``PEERBENCH_KOMBU_URL`` (``benchmarks/peers/run.py`` sets them). funboost's AmqpStorm
 publisher builds its own URI from the five ``RABBITMQ_*`` values (``amqp://user:pass@host:port/vhost``,
 so vhost ``/`` gives the path ``//``, which AmqpStorm reads as ``/``); ``RABBITMQ_URL`` is set the same
 way for the other funboost RabbitMQ kinds. The start-up prompts and the thread-pool messages are
@@ -40,6 +42,13 @@ class BrokerConnConfig(DataClassBase):
                     f"{RABBITMQ_VIRTUAL_HOST}")
     # SQLACHEMY: the database of the sql set (benchmarks/peers/run.py --set sql), PostgreSQL by default
     SQLACHEMY_ENGINE_URL = os.environ.get("PEERBENCH_SQLA_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+    # KAFKA (kafka-python) and KAFKA_CONFLUENT (confluent-kafka): the kafka set's stand-in (Tansu)
+    KAFKA_BOOTSTRAP_SERVERS = os.environ.get("PEERBENCH_KAFKA_SERVERS", "127.0.0.1:19092").split(",")
+    NATS_URL = os.environ.get("PEERBENCH_NATS_URL", "nats://127.0.0.1:4222")
+    # MONGOMQ: SecantusDB of the mongo set; no retryable writes (each one slows SecantusDB's later writes)
+    MONGO_CONNECT_URL = os.environ.get("PEERBENCH_MONGO_URL", "mongodb://127.0.0.1:27217/?retryWrites=false")
+    PULSAR_URL = os.environ.get("PEERBENCH_PULSAR_URL", "pulsar://127.0.0.1:16650")
+    KOMBU_URL = os.environ.get("PEERBENCH_KOMBU_URL", REDIS_URL)
 
 
 class FunboostCommonConfig(DataClassBase):
