@@ -457,7 +457,7 @@ def _delete_kafka_topics(broker: str, fn) -> None:
     fn.stop()
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": BENCH_KAFKA_SERVERS})
+    admin = AdminClient({"bootstrap.servers": BENCH_KAFKA_SERVERS, "log_level": 3})  # no info lines on stderr
     name = fn.queue_name
     topics = [t for t in admin.list_topics(timeout=10).topics if t == name or t.startswith(f"{name}.")]
     for future in admin.delete_topics(topics, operation_timeout=10).values() if topics else ():

@@ -371,7 +371,7 @@ def _kafka_cleanup() -> int:
     """Delete every topic whose name contains ``peerbench`` (confluent-kafka's AdminClient)."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": KAFKA_SERVERS})
+    admin = AdminClient({"bootstrap.servers": KAFKA_SERVERS, "log_level": 3})  # errors only
     topics = [t for t in admin.list_topics(timeout=10).topics if "peerbench" in t]
     for future in admin.delete_topics(topics, operation_timeout=10).values() if topics else ():
         future.result()
