@@ -49,6 +49,7 @@ import os
 import threading
 import time
 import weakref
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from itertools import groupby
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -131,7 +132,7 @@ class Broker(Routing, OptionalOperations):
         _live.add(self)
 
     def _process_state(self) -> None:
-        self._held: dict[str, set[Any]] = {}  # queue -> tokens this process holds
+        self._held: dict[str, set[Any]] = defaultdict(set)  # queue -> tokens this process holds
         self._held_lock = threading.Lock()
         # settlements to send again after an outage, with their deliveries (renewed meanwhile)
         self._deferred: list[tuple[Callable[[list[Delivery]], object], list[Delivery]]] = []
@@ -271,9 +272,8 @@ class Broker(Routing, OptionalOperations):
             if self._maintained and self.maintenance_interval() > 0:
                 _maintenance.add(self)
         if got:
-            held = self._held.get(queue) or self._held.setdefault(queue, set())
-            with self._held_lock:
-                held.update([d.token for d in got])
+            with self._held_lock:  # a new queue's entry too: maintain() and held() read the dict under it
+                self._held[queue].update([d.token for d in got])
         return got
 
     def _take_or_wait(self, queue: str, max_n: int, timeout: float, acks: Sequence[Delivery] | None) -> list[Delivery]:
