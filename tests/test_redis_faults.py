@@ -316,6 +316,31 @@ def test_acks_sent_with_a_fetch_that_meets_a_dead_server_are_sent_again(
         broker.close()
 
 
+@pytest.mark.timeout(30)
+def test_stream_consumer_fetches_again_after_redis_restarted_empty_during_a_fetch(
+        tmp_path: Path, servers: list[PrivateRedis]) -> None:
+    # A fetch that failed on the dead server leaves the queue suspect (its reply may have been lost), so
+    # the next fetch first reads this consumer's pending entries: with the group gone (the server came
+    # back without its data) that read met NOGROUP, the queue stayed suspect and every fetch failed for good.
+    server = private_redis(servers, tmp_path / "redis", persistent=False)
+    patch_frame_config(REDIS_URL=server.url)
+    queue = "restarted_empty_stream"
+    broker = make_broker(BrokerEnum.REDIS_STREAM)
+    try:
+        broker.publish(queue, b"a")
+        broker.ack(fetch_all(broker, queue, 1))
+        server.kill()
+        with pytest.raises(BrokerConnectionError):
+            broker.fetch(queue, 1, 0.1)
+        server.start()
+        broker.publish(queue, b"b")
+        got = fetch_all(broker, queue, 1)
+        assert [d.body for d in got] == [b"b"]
+        broker.ack(got)
+    finally:
+        broker.close()
+
+
 def test_a_pipeline_after_a_restart_never_meets_a_connection_the_server_closed(
         tmp_path: Path, servers: list[PrivateRedis]) -> None:
     from funboost_like.brokers.redis_common import DirectConnections

@@ -178,8 +178,14 @@ class RedisStreamBroker(RedisConsumers):
 
     def _adopt(self, before: Piggyback | None, queue: str, held: set[Any]) -> list[Delivery]:
         """This consumer's own pending entries (``XREADGROUP ... 0``) that this process does not hold."""
-        read = self._conn().execute_command("XREADGROUP", "GROUP", GROUP, self._cid, "STREAMS", queue, "0",
-                                            before=before)
+        try:
+            read = self._conn().execute_command("XREADGROUP", "GROUP", GROUP, self._cid, "STREAMS", queue, "0",
+                                                before=before)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOGROUP"):
+                raise
+            self._open(queue)  # the server restarted empty: nothing is pending, the group is made again
+            return []
         entries = [entry for entry in _entries(read) if entry[1] is not None and entry[0] not in held] if read else []
         return self._deliveries(queue, entries)
 
