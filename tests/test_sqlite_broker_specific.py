@@ -8,6 +8,7 @@ files (``SQLITE_FILES_PER_QUEUE``, the seed's ``MIDDLEWARE_NUM``).
 from __future__ import annotations
 
 import collections
+import gc
 import os
 import signal
 import sqlite3
@@ -155,6 +156,37 @@ def test_publish_wakes_a_waiting_fetch_at_once(broker: SqliteBroker) -> None:
     broker.publish(Q, b"now")
     t.join(5)
     assert result and result[0] - published < 0.2
+
+
+def inotify_instances() -> int:
+    """How many inotify instances this process has open."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own descriptor, closed meanwhile
+            pass
+    return links.count("anon_inode:inotify")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify watches are Linux's")
+def test_a_thread_that_waited_and_ended_leaves_no_inotify_instance_open(broker: SqliteBroker) -> None:
+    """An idle fetch waits on an inotify watch of its thread. The watch outlived the thread: a consumer
+    started and stopped 200 times in one process (a new fetcher thread each time) left 200 descriptors
+    open, and past the user's inotify limit (128 by default) every new watch failed: fetches polled."""
+    broker.publish(Q, b"x")
+    broker.ack(fetch_n(broker, Q, 1))  # the files exist
+
+    def consume_idle() -> None:
+        assert broker.fetch(Q, 1, 0.05) == []
+
+    before = inotify_instances()
+    for _ in range(20):
+        t = threading.Thread(target=consume_idle)
+        t.start()
+        t.join()
+    gc.collect()
+    assert inotify_instances() == before
 
 
 def test_nack_requeue_with_delay_counts_an_attempt(broker: SqliteBroker) -> None:

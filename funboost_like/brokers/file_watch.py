@@ -97,3 +97,9 @@ class FileWatch:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def __del__(self) -> None:
+        # The thread that owned the watch ended and its thread-local state went: without this, every
+        # consumer that started and stopped left an inotify instance open (a descriptor, and one of the
+        # user's 128 inotify instances by default).
+        self.close()
