@@ -189,6 +189,30 @@ def test_a_thread_that_waited_and_ended_leaves_no_inotify_instance_open(broker: 
     assert inotify_instances() == before
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's descriptors in /proc")
+def test_a_thread_keeps_a_bounded_number_of_files_open(broker: SqliteBroker, folder: Path) -> None:
+    """Each thread keeps a connection per queue file it used (three descriptors with the WAL). A publisher
+    pushing to ever more queues, or the maintenance thread renewing leases in them, kept every one open:
+    a process that had used 200 queues had 1,300 descriptors open, past select()'s limit and the usual
+    ulimit of 1,024."""
+    from funboost_like.brokers import sqlite
+
+    def open_in_folder() -> int:
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # the listing's own descriptor, closed meanwhile
+                pass
+        return sum(link.startswith(str(folder)) for link in links)
+
+    queues = [f"many_{i}" for i in range(sqlite._CONNECTIONS_PER_THREAD + 20)]
+    for queue in queues:
+        broker.publish(queue, b"x")
+    assert open_in_folder() <= 3 * sqlite._CONNECTIONS_PER_THREAD
+    assert [broker.count(queue) for queue in queues] == [1] * len(queues)  # the closed ones open again
+
+
 def test_nack_requeue_with_delay_counts_an_attempt(broker: SqliteBroker) -> None:
     broker.publish(Q, b"x")
     [d] = fetch_n(broker, Q, 1)

@@ -134,9 +134,22 @@ _PROMOTE_BATCH = 5000  # rows moved per transaction, so the write lock is held b
 _DUE_RECHECK = 0.05  # seconds between reads of the earliest due time (other processes' delayed rows)
 _FILES_RECHECK = 1.0  # seconds between reads of the file count recorded in file 0 (other processes' files)
 _EXCHANGES_FILE = "@exchanges.sqlite3"  # the binding table's file: "@" never starts a queue's or a store's file
+# Connections one thread keeps open (three descriptors each, with the WAL): a long-lived thread that
+# publishes to, or renews leases in, ever more queues closes its oldest one beyond this.
+_CONNECTIONS_PER_THREAD = 64
 
 
 _ABANDONED: list[Any] = []  # thread-local state inherited from a parent process
+
+
+def _close_oldest(conns: dict[str, sqlite3.Connection]) -> None:
+    """Close the connection this thread opened first, unless it is in a transaction (a routed publish
+    holds one per target queue until all commit)."""
+    for path, conn in conns.items():
+        if not conn.in_transaction:
+            del conns[path]
+            conn.close()
+            return
 
 
 def _order(row: tuple[int, bytes, int, int, int]) -> tuple[int, int]:
@@ -223,6 +236,8 @@ class SqliteBroker(Broker):
             conns = self._local.conns = {}
         conn = conns.get(q.path)
         if conn is None:
+            if len(conns) >= _CONNECTIONS_PER_THREAD:
+                _close_oldest(conns)
             conn = conns[q.path] = tables.connect(q.path, schema)
         return conn
 
