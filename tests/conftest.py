@@ -251,6 +251,17 @@ def children() -> Iterator[list[subprocess.Popen[bytes]]]:
             child.wait(10)
 
 
+def open_sockets() -> int:
+    """How many sockets this process has open."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own descriptor, closed meanwhile
+            pass
+    return sum(link.startswith("socket:") for link in links)
+
+
 def until(check: Callable[[], object], timeout: float = 2.0) -> bool:
     """Poll ``check`` every 10 ms until it returns something true (True) or ``timeout`` seconds pass (False)."""
     deadline = time.monotonic() + timeout

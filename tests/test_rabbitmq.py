@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -24,7 +25,7 @@ from funboost_like.brokers.amqp import AmqpBroker
 from funboost_like.brokers.registry import broker_class
 from funboost_like.core.errors import BrokerConnectionError
 
-from .conftest import require_server
+from .conftest import open_sockets, require_server
 from .private_rabbitmq import PrivateRabbitMQ, available
 
 pika = pytest.importorskip("pika")
@@ -593,6 +594,31 @@ def test_a_refused_connection_fails_at_once_and_says_why(kind) -> None:  # type:
         detail = str(caught.value).partition("is unreachable while publishing to queue")[2].partition(": ")[2]
         assert detail and "Timeout" not in detail, str(caught.value)
     finally:
+        broker.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's sockets in /proc")
+def test_the_connections_of_threads_that_ended_are_closed(kind) -> None:  # type: ignore[no-untyped-def]
+    """Each thread publishes on a connection of its own. A consumer's pool workers come and go (idle ones
+    end after THREAD_KEEP_ALIVE_SECONDS) and each that published, or stored an RPC result, left its
+    connection open until the process ended: one more connection to RabbitMQ per worker ever started."""
+    if not amqp_kind(kind):
+        pytest.skip("kombu keeps its own connections")
+    queue = unique("threads")
+    broker = broker_class(kind)()
+    try:
+        at_start = open_sockets()
+        broker.publish(queue, b"{}")  # this thread's connection
+        before = open_sockets()
+        per_connection = before - at_start  # its socket, and the client's own socket pairs
+        for _ in range(10):
+            worker = threading.Thread(target=broker.publish, args=(queue, b"{}"))
+            worker.start()
+            worker.join()
+        assert open_sockets() <= before + per_connection  # the last thread's, closed when another one connects
+        assert broker.count(queue) == 11
+    finally:
+        broker.purge(queue)
         broker.close()
 
 

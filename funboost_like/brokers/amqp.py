@@ -133,6 +133,15 @@ def url_setting(name: str = "RABBITMQ_URL") -> str:
     return str(settings.get(name) or settings.get("RABBITMQ_URL"))
 
 
+def _close_quietly(sessions: Sequence[Session]) -> None:
+    """Close ``sessions`` (broken, or of ended threads), whatever their connections' state."""
+    for session in sessions:
+        try:
+            session.close()
+        except Exception:  # noqa: BLE001 - closing anyway
+            pass
+
+
 class AmqpBroker(PushConsuming, Broker):
     """RabbitMQ semantics on a client's :class:`Session` and :class:`Consumer` (see the module docstring)."""
 
@@ -149,7 +158,7 @@ class AmqpBroker(PushConsuming, Broker):
 
     def _after_fork(self) -> None:
         self._local = threading.local()
-        self._sessions: list[Session] = []
+        self._sessions: list[tuple[threading.Thread, Session]] = []  # every thread's, for closing
         self._declared: set[tuple[str, ...]] = set()
         self._priorities: dict[str, int] = {}  # queue -> its x-max-priority (configure_queue)
         self._records: dict[tuple[str, str], AmqpRecords] = {}
@@ -171,8 +180,11 @@ class AmqpBroker(PushConsuming, Broker):
         session: Session | None = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = self._open_session(self._url())
-            with self._lock:
-                self._sessions.append(session)
+            with self._lock:  # the sessions of ended threads (pool workers come and go) are closed now
+                ended = [old for thread, old in self._sessions if not thread.is_alive()]
+                self._sessions = [(thread, old) for thread, old in self._sessions if thread.is_alive()]
+                self._sessions.append((threading.current_thread(), session))
+            _close_quietly(ended)
         return session
 
     def _with_session(self, action: Callable[[Session], Any]) -> Any:
@@ -190,12 +202,8 @@ class AmqpBroker(PushConsuming, Broker):
         self._declared.clear()  # a restarted server may have lost what was declared
         if session is not None:
             with self._lock:
-                if session in self._sessions:
-                    self._sessions.remove(session)
-            try:
-                session.close()
-            except Exception:  # noqa: BLE001 - it is broken already
-                pass
+                self._sessions = [(thread, kept) for thread, kept in self._sessions if kept is not session]
+            _close_quietly([session])  # it is broken already
 
     def configure_queue(self, queue: str, options: Mapping[str, object]) -> None:
         """``broker_exclusive_config={"x-max-priority": n}``: the queue is declared with priorities 0..n.
@@ -425,10 +433,6 @@ class AmqpBroker(PushConsuming, Broker):
         self._stop_pushing()
         with self._lock:
             sessions, self._sessions = self._sessions, []
-        for session in sessions:
-            try:
-                session.close()
-            except Exception:  # noqa: BLE001 - closing anyway
-                pass
+        _close_quietly([session for _, session in sessions])
         self._local = threading.local()
         self._declared.clear()
