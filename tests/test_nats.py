@@ -33,7 +33,7 @@ from funboost_like.core import runtime
 from funboost_like.core.config import patch_frame_config, settings
 from funboost_like.core.errors import BrokerConnectionError
 
-from .conftest import in_forked_child, require_server
+from .conftest import in_forked_child, open_sockets, require_server
 from .standin import port_for_another_process
 
 URL = os.environ.get("FUNBOOST_LIKE_NATS_URL", "nats://127.0.0.1:4222")
@@ -327,6 +327,24 @@ def test_a_lone_push_polls_for_its_puback_and_a_batch_or_a_shared_moment_does_no
     fn.push(31)
     assert len(spins) == 11
     assert fn.get_message_count() == 32
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's sockets in /proc")
+def test_the_publishing_connections_of_threads_that_ended_are_closed(queues: list[str]) -> None:
+    """Each thread publishes on a connection of its own. A consumer's pool workers come and go (idle ones
+    end after THREAD_KEEP_ALIVE_SECONDS) and each that published left its connection open until the process
+    ended; one that broke (a restarted server) stayed listed."""
+    broker = broker_of()
+    broker.publish(queues[0], b"{}")  # this thread's connection
+    before = open_sockets()
+    for _ in range(10):
+        worker = threading.Thread(target=broker.publish, args=(queues[0], b"{}"))
+        worker.start()
+        worker.join()
+    assert open_sockets() <= before + 1  # the last thread's, closed when another one connects
+    assert broker.count(queues[0]) == 11
+    wires = broker._wires
+    assert wires is not None and len(wires._all) == 2
 
 
 def test_a_late_status_of_an_earlier_pull_does_not_end_the_current_one(queues: list[str]) -> None:
