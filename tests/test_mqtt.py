@@ -27,7 +27,7 @@ from funboost_like.brokers.mqtt_client import topic_part
 from funboost_like.core.config import patch_frame_config, settings
 from funboost_like.core.errors import BrokerConnectionError, ConfigurationError
 
-from .conftest import require_server, until
+from .conftest import open_sockets, require_server, until
 
 URL = os.environ.get("FUNBOOST_LIKE_MQTT_URL", "mqtt://127.0.0.1:1883")
 HOST, PORT = urlsplit(URL).hostname or "127.0.0.1", urlsplit(URL).port or 1883
@@ -256,6 +256,24 @@ def test_a_lone_push_polls_for_its_puback_and_a_batch_or_a_shared_moment_does_no
     broker.publish(queue_name, b'{"x": 31}')
     assert len(spins) == 11
     assert sorted(json.loads(body)["x"] for body in take(broker, queue_name, 32)) == list(range(32))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's sockets in /proc")
+def test_the_publishing_connections_of_threads_that_ended_are_closed(brokers: list[MqttBroker],
+                                                                     queue_name: str) -> None:
+    """Each thread publishes on a connection of its own. A consumer's pool workers come and go (idle ones
+    end after THREAD_KEEP_ALIVE_SECONDS) and each that published left its connection open until the process
+    ended; one that broke (a restarted server) stayed listed."""
+    broker = MqttBroker()
+    brokers.append(broker)
+    broker.publish(queue_name, b"{}")  # this thread's connection
+    before = open_sockets()
+    for _ in range(10):
+        worker = threading.Thread(target=broker.publish, args=(queue_name, b"{}"))
+        worker.start()
+        worker.join()
+    assert open_sockets() <= before + 1  # the last thread's, closed when another one connects
+    assert broker.count(queue_name) == 11
 
 
 def test_a_script_that_pushes_and_ends_leaves_the_count_right(brokers: list[MqttBroker], queue_name: str) -> None:
