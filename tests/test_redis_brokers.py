@@ -27,12 +27,13 @@ import redis
 
 from funboost_like import BrokerEnum, patch_frame_config, task_deco
 from funboost_like.brokers.base import Broker, _maintenance
+from funboost_like.brokers.redis_ack_able import RedisAckAbleBroker
 from funboost_like.brokers.redis_brpoplpush import RedisBrpopLpushBroker
 from funboost_like.brokers.redis_common import describe_url
 from funboost_like.brokers.redis_list import RedisListBroker
 from funboost_like.brokers.redis_stream import GROUP, RedisStreamBroker
 from funboost_like.core.errors import BrokerConnectionError, ConfigurationError, DoubleAckError
-from tests.conftest import REPO, in_forked_child
+from tests.conftest import REPO, in_forked_child, open_sockets
 from tests.private_redis import PrivateRedis
 
 REDIS_URL = os.environ.get("FUNBOOST_LIKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -684,3 +685,40 @@ def test_a_queue_name_of_the_frameworks_own_keys_is_refused_at_decoration(client
         with pytest.raises(ConfigurationError, match="'fl:'"):
             task_deco(name, broker_kind=kind)(lambda x: x)
     task_deco(f"{queue}fl:", broker_kind=kind)(lambda x: x)  # only the prefix is the framework's
+
+
+WAITING_KINDS = [BrokerEnum.REDIS, BrokerEnum.REDIS_ACK_ABLE, BrokerEnum.RedisBrpopLpush, BrokerEnum.REDIS_STREAM]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's sockets in /proc")
+@pytest.mark.parametrize("kind", WAITING_KINDS, ids=[k.name for k in WAITING_KINDS])
+def test_a_stopped_consumer_leaves_no_wait_connection_and_no_heartbeat_behind(
+        client: redis.Redis, brokers: list[Broker], kind: BrokerEnum) -> None:
+    """A process consuming queue after queue (consumers started and stopped) kept open, for every queue it
+    had ever consumed, the connection its idle fetches waited on, and its maintenance went on beating in
+    the queue's registry, one more script per queue every heartbeat."""
+    broker: Broker = (RedisListBroker() if kind == BrokerEnum.REDIS else
+                      {BrokerEnum.REDIS_ACK_ABLE: RedisAckAbleBroker, BrokerEnum.RedisBrpopLpush: RedisBrpopLpushBroker,
+                       BrokerEnum.REDIS_STREAM: RedisStreamBroker}[kind](heartbeat_interval=5.0, dead_after=15.0))
+    brokers.append(broker)
+    queues = [f"test_rb_{uuid.uuid4().hex[:12]}" for _ in range(5)]
+    try:
+        broker.publish(queues[0], b"{}")
+        broker.ack(fetch_all(broker, queues[0], 1))  # the shared connections are open
+        before = open_sockets()
+        for queue in queues:
+            assert broker.fetch(queue, 1, 0.05) == []  # an idle fetch waits on a connection of its own
+            broker.maintain()  # a heartbeat
+            broker.stop_fetching(queue)
+            broker.stopped_consuming(queue)
+        assert open_sockets() <= before
+        broker.maintain()
+        if kind != BrokerEnum.REDIS:
+            consumer = getattr(broker, "consumer_id")  # noqa: B009 - not part of the base contract
+            assert [client.zscore(f"fl:{{{queue}}}:consumers", consumer) for queue in queues] == [None] * 5
+        broker.publish(queues[0], b"{}")  # consuming again
+        got = fetch_all(broker, queues[0], 1)
+        assert len(got) == 1
+        broker.ack(got)
+    finally:
+        client.delete(*queues, *[key for queue in queues for key in client.scan_iter(match=f"fl:{{{queue}}}:*")])

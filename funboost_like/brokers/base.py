@@ -453,7 +453,11 @@ class Broker(Routing, OptionalOperations):
     def stopped_consuming(self, queue: str) -> None:
         """The end of a consumer's graceful stop: every call it finished is settled and it fetches no more
         from ``queue``. A broker that settles with its next fetch (Kafka commits offsets there) sends
-        those settlements now and gives up its subscription."""
+        those settlements now and gives up its subscription. Unless a call left running still holds a
+        message of the queue, maintenance no longer recovers its dead consumers' messages from this
+        process (its next fetch starts that again)."""
+        if not self._held.get(queue):
+            self._fetched.discard(queue)
         self._guard(f"ending the subscription to queue {queue!r}", self._stopped_consuming, queue)
 
     def close(self) -> None:

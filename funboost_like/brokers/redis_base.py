@@ -343,6 +343,11 @@ class RedisBroker(Broker):
         return bool(self._guard(f"removing a dead letter of queue {queue!r}", self._conn().execute_command, "LREM",
                                 key_prefix(queue) + "dead", 1, letter.ref))
 
+    def _stopped_consuming(self, queue: str) -> None:
+        """Close the connection the idle fetches of ``queue`` waited on: a process consuming queue after
+        queue kept one open per queue it had ever consumed."""
+        self._blocking.close_queue(queue)
+
     def _close(self) -> None:
         """Forget the connections (shared per process) and close the blocking waits' own."""
         self._redis = None

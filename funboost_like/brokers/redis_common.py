@@ -364,6 +364,10 @@ class BlockingWaits:
             idle.append(slot)
         return True
 
+    def close_queue(self, queue: str) -> None:
+        """Close the idle connections of ``queue``'s waits (a wait under way keeps its own)."""
+        _disconnect([slot[0] for slot in self._idle.pop(queue, [])])
+
     def close(self) -> None:
         idle, self._idle = self._idle, {}
         _disconnect([slot[0] for slots in idle.values() for slot in slots])

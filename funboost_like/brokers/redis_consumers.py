@@ -241,6 +241,13 @@ class RedisConsumers(RedisBroker):
         return int(self._guard(f"counting in-flight messages of queue {queue!r}", self._registry_call,
                              self._scripts[2], queue, ""))
 
+    def _stopped_consuming(self, queue: str) -> None:
+        """Retire from the registry of ``queue`` if this consumer holds nothing there, so the maintenance
+        thread stops beating on a queue no longer consumed here (a later fetch registers again)."""
+        super()._stopped_consuming(queue)
+        if queue in self._registered and self._registry_call(self._scripts[1], queue, self._cid):
+            self._registered.discard(queue)
+
     def _close(self) -> None:
         """Retire from the queues where this consumer holds nothing; what it still holds is recovered by
         another consumer's sweep ``dead_after`` seconds later."""
