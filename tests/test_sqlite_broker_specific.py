@@ -213,6 +213,38 @@ def test_a_thread_keeps_a_bounded_number_of_files_open(broker: SqliteBroker, fol
     assert [broker.count(queue) for queue in queues] == [1] * len(queues)  # the closed ones open again
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify watches are Linux's")
+def test_an_idle_fetch_waits_in_a_process_with_over_a_thousand_descriptors_open(broker: SqliteBroker) -> None:
+    """The idle wait watched its inotify descriptor with select(), which takes none from 1,024 on: in a
+    process with that many files or sockets open every idle fetch raised ValueError."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1100:
+        pytest.skip("needs a limit of 1,100 open descriptors")
+    broker.publish(Q, b"x")
+    broker.ack(fetch_n(broker, Q, 1))  # the files exist
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1030)]
+    try:
+        result: list[object] = []
+
+        def consume() -> None:  # a new thread: its watch gets a descriptor above 1,024
+            try:
+                assert broker.fetch(Q, 1, 0.1) == []
+                broker.publish(Q, b"y")
+                result.append(broker.fetch(Q, 1, 1.0))
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                result.append(exc)
+
+        t = threading.Thread(target=consume)
+        t.start()
+        t.join(10)
+        assert len(result) == 1 and isinstance(result[0], list) and [d.body for d in result[0]] == [b"y"], result
+        broker.ack(result[0])
+    finally:
+        for fd in filler:
+            os.close(fd)
+
+
 def test_nack_requeue_with_delay_counts_an_attempt(broker: SqliteBroker) -> None:
     broker.publish(Q, b"x")
     [d] = fetch_n(broker, Q, 1)

@@ -36,6 +36,7 @@ _IN_CLOEXEC = 0o2000000
 _POLL_FIRST, _POLL_MAX = 0.002, 0.05
 _LONGEST_WATCHED_WAIT = 0.5  # a watched wait still looks again this often (a missed watch costs no more)
 _AFTER_EVENT_FIRST, _AFTER_EVENT_LAST = 0.001, 0.064  # the short waits after an event (see above)
+_FD_SETSIZE = 1024  # select() takes no descriptor from this number on
 
 _libc = None
 if sys.platform.startswith("linux"):
@@ -45,6 +46,16 @@ if sys.platform.startswith("linux"):
         _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
     except (OSError, AttributeError):
         _libc = None
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` becomes readable within ``timeout`` seconds: select(), or poll() for a descriptor
+    select() cannot take (a process with over a thousand files or sockets open)."""
+    if fd < _FD_SETSIZE:
+        return bool(select.select([fd], [], [], timeout)[0])
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 class FileWatch:
@@ -65,6 +76,9 @@ class FileWatch:
         fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
             return
+        if fd >= _FD_SETSIZE and not hasattr(select, "poll"):  # eventlet's patch removes poll: select() only
+            os.close(fd)
+            return
         if all(_libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) >= 0 for path in self.paths):
             self._fd = fd
         else:
@@ -84,7 +98,7 @@ class FileWatch:
             return
         short = self._after_event
         longest = short if short else _LONGEST_WATCHED_WAIT
-        if select.select([self._fd], [], [], min(timeout, longest))[0]:
+        if _readable(self._fd, min(timeout, longest)):
             try:  # one read: events left over only end the next wait early (a loop until BlockingIOError
                 os.read(self._fd, 65536)  # would hang under eventlet, whose os.read waits instead)
             except BlockingIOError:
