@@ -244,8 +244,7 @@ class Broker(Routing, OptionalOperations):
             return self.fetch(queue, max_n, timeout)
         live = self._unhold(deliveries)
         if len(live) != len(deliveries):
-            logger.warning("%d of %d message(s) were settled before this ack", len(deliveries) - len(live),
-                           len(deliveries))
+            logger.warning("%d of %d message(s) were settled already", len(deliveries) - len(live), len(deliveries))
         if live and (live[0].queue != queue or live[-1].queue != queue):  # acks of other queues: apart
             self._ack_logged(functools.partial(self._send_settlement, self._ack), live)
             live = []
@@ -257,8 +256,7 @@ class Broker(Routing, OptionalOperations):
         try:
             send(deliveries)
         except Exception:
-            logger.warning("acknowledging %d message(s) failed; the broker will deliver them again",
-                           len(deliveries), exc_info=True)
+            logger.warning("acking %d message(s) failed; they will come back", len(deliveries), exc_info=True)
 
     def _take(self, queue: str, max_n: int, acks: Sequence[Delivery] | None) -> list[Delivery]:
         try:

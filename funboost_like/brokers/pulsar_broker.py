@@ -369,10 +369,8 @@ class PulsarBroker(Broker):
         return sorted(delayed, key=lambda item: item[0])[:limit]
 
     def purge_dead_letters(self, queue: str) -> int:
-        try:
-            return self._drain_away(self._queue(queue).dlq, DLQ_SUBSCRIPTION)
-        except self._client_errors as exc:
-            raise self._translated(exc, f"purging dead letters of queue {queue!r}") from exc
+        return self._guard(f"purging dead letters of queue {queue!r}",
+                           lambda: self._drain_away(self._queue(queue).dlq, DLQ_SUBSCRIPTION))
 
     # -- stopping ------------------------------------------------------------------------------------
     def _stop_fetching(self, queue: str) -> None:
