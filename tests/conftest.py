@@ -251,15 +251,20 @@ def children() -> Iterator[list[subprocess.Popen[bytes]]]:
             child.wait(10)
 
 
-def open_sockets() -> int:
-    """How many sockets this process has open."""
+def open_descriptors() -> list[str]:
+    """What each descriptor this process has open points at (``socket:[...]``, a path, ...), from /proc."""
     links = []
     for fd in os.listdir("/proc/self/fd"):
         try:
             links.append(os.readlink(f"/proc/self/fd/{fd}"))
         except OSError:  # the listing's own descriptor, closed meanwhile
             pass
-    return sum(link.startswith("socket:") for link in links)
+    return links
+
+
+def open_sockets() -> int:
+    """How many sockets this process has open."""
+    return sum(link.startswith("socket:") for link in open_descriptors())
 
 
 def until(check: Callable[[], object], timeout: float = 2.0) -> bool:

@@ -31,6 +31,8 @@ from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import BrokerError, ConfigurationError, DoubleAckError
 from funboost_like.core.sqlite_files import queue_file_name
 
+from .conftest import open_descriptors
+
 PACKAGE_ROOT = Path(funboost_like.__file__).resolve().parent.parent
 Q = "jobs"
 
@@ -160,13 +162,7 @@ def test_publish_wakes_a_waiting_fetch_at_once(broker: SqliteBroker) -> None:
 
 def inotify_instances() -> int:
     """How many inotify instances this process has open."""
-    links = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            links.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:  # the listing's own descriptor, closed meanwhile
-            pass
-    return links.count("anon_inode:inotify")
+    return open_descriptors().count("anon_inode:inotify")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify watches are Linux's")
@@ -198,13 +194,7 @@ def test_a_thread_keeps_a_bounded_number_of_files_open(broker: SqliteBroker, fol
     from funboost_like.brokers import sqlite
 
     def open_in_folder() -> int:
-        links = []
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                links.append(os.readlink(f"/proc/self/fd/{fd}"))
-            except OSError:  # the listing's own descriptor, closed meanwhile
-                pass
-        return sum(link.startswith(str(folder)) for link in links)
+        return sum(link.startswith(str(folder)) for link in open_descriptors())
 
     queues = [f"many_{i}" for i in range(sqlite._CONNECTIONS_PER_THREAD + 20)]
     for queue in queues:
