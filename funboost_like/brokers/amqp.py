@@ -48,6 +48,7 @@ Guarantees and layout (docs/rabbitmq.md says the same for users):
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +56,7 @@ from typing import Any, ClassVar, Protocol
 
 from funboost_like.brokers.amqp_records import AmqpRecords
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
+from funboost_like.brokers.per_thread import PerThread
 from funboost_like.brokers.push_buffer import Consumer as Consumer  # re-exported for the clients
 from funboost_like.brokers.push_buffer import Deliver as Deliver
 from funboost_like.brokers.push_buffer import PushConsuming, Subscription
@@ -133,15 +135,6 @@ def url_setting(name: str = "RABBITMQ_URL") -> str:
     return str(settings.get(name) or settings.get("RABBITMQ_URL"))
 
 
-def _close_quietly(sessions: Sequence[Session]) -> None:
-    """Close ``sessions`` (broken, or of ended threads), whatever their connections' state."""
-    for session in sessions:
-        try:
-            session.close()
-        except Exception:  # noqa: BLE001 - closing anyway
-            pass
-
-
 class AmqpBroker(PushConsuming, Broker):
     """RabbitMQ semantics on a client's :class:`Session` and :class:`Consumer` (see the module docstring)."""
 
@@ -158,7 +151,7 @@ class AmqpBroker(PushConsuming, Broker):
 
     def _after_fork(self) -> None:
         self._local = threading.local()
-        self._sessions: list[tuple[threading.Thread, Session]] = []  # every thread's, for closing
+        self._sessions: PerThread[Session] = PerThread(operator.methodcaller("close"))  # every thread's
         self._declared: set[tuple[str, ...]] = set()
         self._priorities: dict[str, int] = {}  # queue -> its x-max-priority (configure_queue)
         self._records: dict[tuple[str, str], AmqpRecords] = {}
@@ -180,11 +173,7 @@ class AmqpBroker(PushConsuming, Broker):
         session: Session | None = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = self._open_session(self._url())
-            with self._lock:  # the sessions of ended threads (pool workers come and go) are closed now
-                ended = [old for thread, old in self._sessions if not thread.is_alive()]
-                self._sessions = [(thread, old) for thread, old in self._sessions if thread.is_alive()]
-                self._sessions.append((threading.current_thread(), session))
-            _close_quietly(ended)
+            self._sessions.add(session)
         return session
 
     def _with_session(self, action: Callable[[Session], Any]) -> Any:
@@ -201,9 +190,8 @@ class AmqpBroker(PushConsuming, Broker):
         self._local.session = None
         self._declared.clear()  # a restarted server may have lost what was declared
         if session is not None:
-            with self._lock:
-                self._sessions = [(thread, kept) for thread, kept in self._sessions if kept is not session]
-            _close_quietly([session])  # it is broken already
+            self._sessions.forget(session)
+            self._sessions.close_all([session])  # it is broken already
 
     def configure_queue(self, queue: str, options: Mapping[str, object]) -> None:
         """``broker_exclusive_config={"x-max-priority": n}``: the queue is declared with priorities 0..n.
@@ -431,8 +419,6 @@ class AmqpBroker(PushConsuming, Broker):
             except Exception:  # noqa: BLE001 - closing anyway; the server delivers them again
                 logger.warning("handing back the prefetched messages of queue %r failed", queue, exc_info=True)
         self._stop_pushing()
-        with self._lock:
-            sessions, self._sessions = self._sessions, []
-        _close_quietly([session for _, session in sessions])
+        self._sessions.close_all(self._sessions.take_all())
         self._local = threading.local()
         self._declared.clear()

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Sequence
 
 from funboost_like.brokers.mqtt_client import TIMEOUT, MqttRefused, MqttUnreachable, Server
+from funboost_like.brokers.per_thread import PerThread
 from funboost_like.brokers.socket_spin import Sharing, reply_poller, spin
 
 _CONNECT, _CONNACK, _PUBACK, _DISCONNECT = 0x10, 0x20, 0x40, 0xE0
@@ -160,8 +161,7 @@ class WirePublishers:
     def __init__(self, server: Server) -> None:
         self.server = server
         self._local = threading.local()
-        self._all: list[tuple[threading.Thread, _Connection]] = []  # every thread's, for closing
-        self._lock = threading.Lock()
+        self._all: PerThread[_Connection] = PerThread(_Connection.close)  # every thread's, for closing
         self._busy: set[_Connection] = set()  # publishing now (set.add and discard hold the GIL)
         self.sharing = Sharing()  # whether a publish is alone: no other thread publishes
 
@@ -174,12 +174,7 @@ class WirePublishers:
             try:
                 if connection is None:
                     connection = self._local.connection = _Connection(self.server)
-                    with self._lock:  # the connections of ended threads (pool workers come and go) are closed now
-                        ended = [old for thread, old in self._all if not thread.is_alive()]
-                        self._all = [(thread, old) for thread, old in self._all if thread.is_alive()]
-                        self._all.append((threading.current_thread(), connection))
-                    for old in ended:
-                        old.close()
+                    self._all.add(connection)
                 self._busy.add(connection)
                 try:
                     connection.publish(topic, bodies, self.sharing.alone(len(self._busy)))
@@ -189,15 +184,11 @@ class WirePublishers:
             except (OSError, ConnectionError) as exc:
                 self._local.connection = None
                 if connection is not None:
-                    with self._lock:
-                        self._all = [(thread, kept) for thread, kept in self._all if kept is not connection]
+                    self._all.forget(connection)
                     connection.sock.close()
                 if attempt == 2:
                     raise MqttUnreachable(f"publishing to {self.server.shown} failed: {exc}") from exc
         return True
 
     def close(self) -> None:
-        with self._lock:
-            connections, self._all = self._all, []
-        for _, connection in connections:
-            connection.close()
+        self._all.close_all(self._all.take_all())

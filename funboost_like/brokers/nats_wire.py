@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from funboost_like.brokers.per_thread import PerThread
 from funboost_like.brokers.socket_spin import Sharing, reply_poller, spin
 from funboost_like.core.config import redact_url
 
@@ -195,24 +196,9 @@ class WirePublishers:
         self.url, self.timeout = url, timeout
         self.unsupported: str | None = None  # why publishing must go through nats-py instead
         self._local = threading.local()
-        self._all: list[tuple[threading.Thread, WirePublisher]] = []  # every thread's, for closing
-        self._lock = threading.Lock()
+        self._all: PerThread[WirePublisher] = PerThread(WirePublisher.close)  # every thread's, for closing
         self._busy: set[WirePublisher] = set()  # publishing now (set.add and discard hold the GIL)
         self.sharing = Sharing()  # whether a publish is alone: no other thread publishes
-
-    def _keep(self, wire: WirePublisher) -> None:
-        """List this thread's new ``wire``; close those of ended threads (a consumer's pool workers come and go)."""
-        with self._lock:
-            ended = [old for thread, old in self._all if not thread.is_alive()]
-            self._all = [(thread, old) for thread, old in self._all if thread.is_alive()]
-            self._all.append((threading.current_thread(), wire))
-        for old in ended:
-            old.close()
-
-    def _forget(self, wire: WirePublisher) -> None:
-        with self._lock:
-            self._all = [(thread, kept) for thread, kept in self._all if kept is not wire]
-        wire.close()
 
     def publish(self, items: Sequence[tuple[str, bytes, HeadersT]], window: int) -> bool:
         """Publish ``items`` ``window`` at a time; False (nothing sent) when this server needs nats-py."""
@@ -227,7 +213,7 @@ class WirePublishers:
                     logger.info("publishing through nats-py: %s", exc)
                     self.unsupported = str(exc)
                     return False
-                self._keep(wire)
+                self._all.add(wire)
             busy = self._busy
             busy.add(wire)
             try:
@@ -237,7 +223,8 @@ class WirePublishers:
                 return True
             except OSError:
                 self._local.wire = None
-                self._forget(wire)
+                self._all.forget(wire)
+                wire.close()
                 if not retry:
                     raise
             finally:
@@ -245,9 +232,5 @@ class WirePublishers:
         return True
 
     def close(self) -> None:
-        with self._lock:
-            wires, self._all = self._all, []
-        for _, wire in wires:
-            if wire.pid == os.getpid():
-                wire.close()
+        self._all.close_all([wire for wire in self._all.take_all() if wire.pid == os.getpid()])
         self._local = threading.local()
