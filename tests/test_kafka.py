@@ -187,6 +187,26 @@ def test_topics_are_made_with_the_partition_count_and_the_password_stays_out_of_
     broker.close()
 
 
+def test_kafka_pythons_own_records_stay_out_of_the_log_unless_its_logger_is_set_to_debug(
+        queue_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """kafka-python logged each connection at INFO and each failed attempt at ERROR (a consumer during an
+    outage: about ten lines a second); the consumer reports an outage itself, once."""
+    use(TANSU)
+    broker = get_broker(BrokerEnum.KAFKA)
+    try:
+        with caplog.at_level(logging.INFO):
+            broker.publish(queue_name, b'{"x": 1}')
+            assert broker.count(queue_name) == 1
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("kafka")] == []
+        logging.getLogger("kafka").setLevel(logging.DEBUG)  # the user asks for them: all shown again
+        with caplog.at_level(logging.DEBUG):
+            broker.purge(queue_name)
+        assert [r for r in caplog.records if r.name.startswith("kafka.")]
+    finally:
+        logging.getLogger("kafka").setLevel(logging.NOTSET)
+        broker.close()
+
+
 @pytest.mark.parametrize("server", [TANSU, MOCK], ids=["tansu", "mock"])
 def test_publish_many_builds_record_batches_that_split_at_the_size_limit_and_keep_order(
         queue_name: str, server: tuple[str, str, int], monkeypatch: pytest.MonkeyPatch) -> None:

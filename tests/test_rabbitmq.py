@@ -579,21 +579,40 @@ def test_a_queue_name_rabbitmq_refuses_is_refused_at_decoration() -> None:
         task_deco("q" * 251, broker_kind=kind)(lambda: None)
 
 
-def test_a_refused_connection_fails_at_once_and_says_why(kind) -> None:  # type: ignore[no-untyped-def]
+def test_a_refused_connection_fails_at_once_and_says_why(kind, caplog) -> None:  # type: ignore[no-untyped-def]
     """rabbitpy waited out its whole open timeout (6 s) for a refused connection, then blamed a timeout;
-    pika's error read as nothing after the colon."""
+    pika's error read as nothing after the colon, and pika logged nine ERROR records and a traceback
+    of each attempt (a consumer retrying through an outage filled its log with them)."""
     from .standin import free_port
 
     patch_frame_config(RABBITMQ_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F")
     broker = broker_class(kind)()
     try:
         started = time.monotonic()
-        with pytest.raises(BrokerConnectionError) as caught:
+        with caplog.at_level(logging.INFO), pytest.raises(BrokerConnectionError) as caught:
             broker.publish(unique("refused"), b"{}")
         assert time.monotonic() - started < 2.0
         detail = str(caught.value).partition("is unreachable while publishing to queue")[2].partition(": ")[2]
         assert detail and "Timeout" not in detail, str(caught.value)
+        assert [r.getMessage() for r in caplog.records if not r.name.startswith("funboost_like")] == []
     finally:
+        broker.close()
+
+
+def test_pikas_records_show_again_when_its_logger_is_set_to_debug(caplog) -> None:  # type: ignore[no-untyped-def]
+    """The client's records are dropped (the broker reports what they say); a user debugging the client sets
+    its logger to DEBUG and sees them all."""
+    from .standin import free_port
+
+    patch_frame_config(RABBITMQ_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F")
+    broker = broker_class(registry.BrokerEnum.RABBITMQ_PIKA)()
+    logging.getLogger("pika").setLevel(logging.DEBUG)
+    try:
+        with caplog.at_level(logging.DEBUG), pytest.raises(BrokerConnectionError):
+            broker.publish(unique("refused"), b"{}")
+        assert any(r.name.startswith("pika.") and r.levelno == logging.ERROR for r in caplog.records)
+    finally:
+        logging.getLogger("pika").setLevel(logging.NOTSET)
         broker.close()
 
 

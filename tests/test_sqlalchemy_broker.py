@@ -181,6 +181,7 @@ def test_password_never_reaches_a_log_or_an_error(caplog: pytest.LogCaptureFixtu
             broker.publish("jobs", b"{}")
         logging.getLogger("funboost_like").exception("logged with the error: %s", failed.value)
     assert "127.0.0.1" in str(failed.value) and secret not in str(failed.value)
+    assert "\n" not in str(failed.value)  # one log line (psycopg's and SQLAlchemy's texts hold newlines)
     assert secret not in caplog.text
     patch_frame_config(SQLALCHEMY_URL=f"nosuchdb+driver://user:{secret}@host/db")
     with pytest.raises(ConfigurationError) as bad:

@@ -490,7 +490,7 @@ class Broker(Routing, OptionalOperations):
 
     def _translated(self, exc: BaseException, action: str) -> BrokerError:
         """The framework's error for a client error raised while ``action`` (raise it ``from exc``)."""
-        detail = str(exc) or repr(exc)  # some clients' errors say nothing as text (pika's)
+        detail = " ".join((str(exc) or repr(exc)).split())  # one line; pika's errors say nothing as text
         if isinstance(exc, self.connection_errors):
             return BrokerConnectionError(f"{self._where()} is unreachable while {action}: {detail}")
         return BrokerError(f"{self._where()} failed {action}: {detail}")

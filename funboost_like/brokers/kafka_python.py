@@ -26,6 +26,7 @@ from kafka.protocol.producer import ProduceRequest
 from kafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.structs import OffsetAndMetadata
 
+from funboost_like.brokers import client_logs
 from funboost_like.brokers.kafka_base import KafkaBroker
 from funboost_like.brokers.kafka_client import GroupConsumer, KafkaClient, Listener, Produce, Record, collect, wanted
 from funboost_like.core.config import settings
@@ -39,6 +40,7 @@ BATCH_FROM = 8  # this many records for one partition go out as record batches w
 
 def base_config() -> dict[str, Any]:
     """kafka-python settings shared by every client: servers, security, protocol version."""
+    client_logs.quiet("kafka")
     config: dict[str, Any] = {"bootstrap_servers": str(settings.get("KAFKA_BOOTSTRAP_SERVERS")).split(","),
                               "security_protocol": str(settings.get("KAFKA_SECURITY_PROTOCOL"))}
     if settings.get("KAFKA_SASL_USERNAME"):

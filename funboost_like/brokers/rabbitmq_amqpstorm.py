@@ -23,7 +23,7 @@ import amqpstorm
 from amqpstorm.exception import AMQPChannelError, AMQPConnectionError, AMQPError, AMQPMessageError
 from amqpstorm.rpc import Rpc
 
-from funboost_like.brokers import amqp
+from funboost_like.brokers import amqp, client_logs
 from funboost_like.brokers.amqp import AmqpBroker, Deliver
 from funboost_like.brokers.amqp_frames import content_header, publish_chunks
 from funboost_like.brokers.amqp_reader import DeliveryReader
@@ -126,6 +126,7 @@ def _connect(url: str) -> amqpstorm.UriConnection:
     the handshake alone waits 40 ms for a delayed ACK, and so can an ack), and its socket errors reach
     ``check_for_errors`` (``open()`` gives the connection a new error list after its reader took the old
     one, so a lost socket would surface only once heartbeats time out, 60 s later)."""
+    client_logs.quiet("amqpstorm")
     connection = amqpstorm.UriConnection(url, lazy=True)
     io = connection._io
     create_socket = io._create_socket

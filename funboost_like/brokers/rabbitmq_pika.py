@@ -23,7 +23,7 @@ import pika.exceptions as pe
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
-from funboost_like.brokers import amqp
+from funboost_like.brokers import amqp, client_logs
 from funboost_like.brokers.amqp import AmqpBroker, Deliver
 from funboost_like.core.enums import BrokerEnum
 
@@ -38,6 +38,7 @@ def _connect(url: str, heartbeat: int | None) -> pika.BlockingConnection:
     parameters = pika.URLParameters(url)
     if heartbeat is not None:
         parameters.heartbeat = heartbeat
+    client_logs.quiet("pika")
     try:
         return pika.BlockingConnection(parameters)
     except (AMQPConnectorException, ValueError) as exc:
