@@ -525,3 +525,85 @@ def test_a_script_ending_with_multi_process_consume_keeps_its_children_under_eve
     stop_and_check_nothing_left(proc, signal.SIGTERM, log)
     assert set(map(int, background.read_text().split())) == {record.refresh().supervisor}  # in the parent only
     assert "Traceback" not in tail(log), tail(log)
+
+
+SLOW_TO_STOP = """
+import os, signal, sys, time
+from funboost_like.concurrency.multiprocess import ProcessSupervisor
+
+def slow_to_stop():
+    def stop(*_):
+        time.sleep(1.5)
+        print('child stopped gracefully', flush=True)
+        os._exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    while True:
+        time.sleep(0.05)
+
+if __name__ == '__main__':
+    supervisor = ProcessSupervisor(slow_to_stop, (), 2, start_method='fork')
+    print('ready', flush=True)
+    supervisor.run()
+    print('supervisor done', flush=True)
+"""
+
+
+@pytest.mark.parametrize("gap, graceful", [(0.1, True), (1.0, False)], ids=["repeat", "second"])
+def test_a_signal_repeated_at_once_is_the_same_one_and_a_later_second_one_kills(
+        tmp_path: Path, gap: float, graceful: bool) -> None:
+    """``timeout -s INT`` signals its command and the command's process group: the supervisor got the signal
+    twice, took the repeat for a second Ctrl-C and SIGKILLed children that were stopping gracefully."""
+    script = tmp_path / "slow_to_stop.py"
+    script.write_text(SLOW_TO_STOP)
+    proc = subprocess.Popen([sys.executable, str(script)], env=subprocess_env(tmp_path), stdout=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 15
+        while len(children_of(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the children's own handlers are in place
+        proc.send_signal(signal.SIGINT)
+        time.sleep(gap)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=15)
+        assert out.count("child stopped gracefully") == (2 if graceful else 0), out
+        assert "supervisor done" in out
+    finally:
+        if proc.poll() is None:
+            for child in children_of(proc.pid):
+                os.kill(child, signal.SIGKILL)
+            proc.kill()
+
+
+REPEATED_SIGNAL_CONSUMER = """
+import time
+from funboost_like import BrokerEnum, task_deco
+
+@task_deco("repeated_signal", broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, concurrent_num=1)
+def slow(x):
+    print('started', flush=True)
+    time.sleep(1.5)
+    print('finished', flush=True)
+
+slow.push(1)
+slow.consume()
+"""
+
+
+def test_a_consumer_takes_a_signal_repeated_at_once_as_one(tmp_path: Path) -> None:
+    """A process that got its SIGINT twice in a row exited at once (``os._exit``), cutting off its running call."""
+    script = tmp_path / "consumer.py"
+    script.write_text(REPEATED_SIGNAL_CONSUMER)
+    proc = subprocess.Popen([sys.executable, str(script)], env=subprocess_env(tmp_path), stdout=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=15)
+        assert "finished" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()

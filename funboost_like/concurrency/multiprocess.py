@@ -16,7 +16,8 @@ Supervision:
 * SIGINT or SIGTERM to the supervisor stops the children gracefully: each gets SIGTERM, stops
   fetching, hands unstarted messages back and lets running calls finish; the supervisor waits up to
   ``GRACEFUL_STOP_SECONDS`` plus :data:`STOP_MARGIN_SECONDS`, then SIGKILLs what is left and reaps
-  every child. A second signal SIGKILLs the children at once. Nothing is left behind.
+  every child. A second signal SIGKILLs the children at once (not a repeat within half a second of
+  the first: that is the same signal sent twice). Nothing is left behind.
 * Children ignore SIGINT: Ctrl-C in a terminal reaches the whole process group, and the supervisor
   alone decides how children stop. A child whose supervisor disappears (SIGKILL to the supervisor)
   notices within a second and stops gracefully on its own.
@@ -54,7 +55,7 @@ from typing import Any
 from funboost_like.core import sqlite_fork
 from funboost_like.core.config import settings
 from funboost_like.core.log import ensure_console_handler
-from funboost_like.core.runtime import install_exit_wait, threads_are_green
+from funboost_like.core.runtime import install_exit_wait, is_second_signal, threads_are_green
 
 logger = logging.getLogger("funboost_like.multiprocess")
 
@@ -133,6 +134,7 @@ class ProcessSupervisor:
         self._started = False
         self._thread: threading.Thread | None = None
         self._previous_handlers: dict[int, Any] = {}
+        self._first_signal_at = 0.0
         self._lock = threading.Lock()
         # spawn and forkserver children import the script again by its path, which the interpreter takes
         # from __main__ once the script's last line ran (a replacement child started after it must find it)
@@ -347,9 +349,11 @@ class ProcessSupervisor:
             _run_handler(previous, signum, frame)
             return
         if self._stop_requested.is_set():
-            self.logger.warning("second signal %s: killing the children of %s now", name, self.name)
-            self.kill()
+            if is_second_signal(self._first_signal_at, signum):
+                self.logger.warning("second signal %s: killing the children of %s now", name, self.name)
+                self.kill()
         else:
+            self._first_signal_at = time.monotonic()
             self.logger.info("signal %s: stopping the children of %s gracefully", name, self.name)
             self.stop()
         if isinstance(getattr(previous, "__self__", None), ProcessSupervisor):

@@ -4,7 +4,9 @@ Signal handlers are installed when the first consumer starts in the main thread,
 On the first SIGINT or SIGTERM every consumer stops fetching, hands unstarted messages back, and
 lets running calls finish within ``GRACEFUL_STOP_SECONDS``; then the signal's previous behaviour
 runs (KeyboardInterrupt for SIGINT, termination for SIGTERM) if the main thread is still busy.
-A second signal exits at once.
+A second signal exits at once; a repeat that comes within :data:`REPEAT_SECONDS` of the first is that
+same signal sent twice (``timeout`` signals both its command and the command's process group, and
+the two do not merge while the process runs), and only logged.
 
 A consumer's fetcher is a non-daemon thread, so the process keeps consuming after the main thread
 ends (the seed's scripts end with ``f.consume()``). Under eventlet's monkey patch threads are
@@ -22,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any, Protocol, cast
@@ -45,6 +48,8 @@ _exit_wait_in_pid = -1
 _main_ended = False  # the main greenlet reached interpreter exit and waits for the green threads
 _holders = 0  # the main thread blocked in consume() (schedule_tasks_on_main_thread): it takes a signal's course
 _signal_stop: tuple[int, threading.Event] | None = None  # (signal, set once its graceful stop is over)
+REPEAT_SECONDS = 0.5
+_first_signal_at = 0.0
 
 
 def register(consumer: Stoppable) -> None:
@@ -174,19 +179,31 @@ def _join_green_threads() -> None:
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     """Runs in the main thread."""
-    global _state, _signal_stop
+    global _state, _signal_stop, _first_signal_at
     if _state == _STOPPED:  # consumers are done: now behave as the signal did before us
         _run_previous(signum, frame)
         return
     if _state == _STOPPING:
+        if not is_second_signal(_first_signal_at, signum):
+            return
         logger.warning("second signal %s: exiting at once", signal.Signals(signum).name)
         os._exit(128 + signum)
-    _state = _STOPPING
+    _state, _first_signal_at = _STOPPING, time.monotonic()
     _signal_stop = (signum, threading.Event())
     logger.info("signal %s: stopping consumers gracefully", signal.Signals(signum).name)
     # A bare thread, like a daemon one: Thread.start() waits until the thread runs, which a green hub
     # (eventlet, gevent), where this handler may run, must never do.
     _thread.start_new_thread(_graceful_stop, (signum,))
+
+
+def is_second_signal(first_at: float, signum: int) -> bool:
+    """Whether a signal that came while a graceful stop runs asks to stop at once: not when it came within
+    :data:`REPEAT_SECONDS` of the first (the same signal sent twice); that one is only logged."""
+    if time.monotonic() - first_at >= REPEAT_SECONDS:
+        return True
+    logger.info("signal %s again within %.1f s of the first: taken as the same one (send it again to stop at once)",
+                signal.Signals(signum).name, REPEAT_SECONDS)
+    return False
 
 
 def _graceful_stop(signum: int) -> None:
