@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from funboost_like import BrokerEnum, patch_frame_config, task_deco
+from funboost_like.brokers.registry import get_broker
 from funboost_like.core.errors import BrokerConnectionError
 from funboost_like.ops import registry
 from funboost_like.ops.service import OpsService
@@ -328,5 +329,37 @@ def test_a_command_on_a_queue_is_not_held_up_by_a_broker_that_does_not_answer(qu
         assert service.kind_of(queue_name) == BrokerEnum.PERSISTQUEUE
         assert time.monotonic() - started < 3.0
         assert service.status(queue_name)["depth"] == 1
+    finally:
+        silent.close()
+
+
+def test_a_listing_asks_a_broker_that_does_not_answer_once_not_once_a_queue(queue_name: str) -> None:
+    """Listing the queues counted each queue of a broker that was down in turn, each waiting out the client's
+    timeout: with a Pulsar server gone, ``funboost_like queues`` took 10 s per Pulsar queue (2.5 minutes
+    on a host that had used 16 of them), and the dashboard's page as long."""
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does), never answers
+    try:
+        patch_frame_config(HTTPSQS_URL=f"http://127.0.0.1:{silent.getsockname()[1]}/", HTTPSQS_TIMEOUT_SECONDS=1.0)
+        registry.note_kind(int(BrokerEnum.HTTPSQS))
+        store = registry.ops_store(get_broker(BrokerEnum.HTTPSQS))
+        for n in range(4):
+            registry.index_queue(store, f"{queue_name}_{n}", int(BrokerEnum.HTTPSQS))
+
+        @task_deco(queue_name, broker_kind=BrokerEnum.PERSISTQUEUE)
+        def f(x: int) -> None:
+            return None
+
+        f.push(1)
+        service = OpsService()
+        started = time.monotonic()
+        rows = {(row["queue"], row["broker"]): row for row in service.queues()}
+        took = time.monotonic() - started
+        assert rows[(queue_name, "PERSISTQUEUE")]["depth"] == 1
+        assert [rows[(f"{queue_name}_{n}", "HTTPSQS")]["depth"] for n in range(4)] == [None] * 4
+        assert all("unreachable" in rows[(f"{queue_name}_{n}", "HTTPSQS")]["error"] for n in range(4))
+        assert [e for e in service.errors if e.startswith("HTTPSQS: depths not read")], service.errors
+        assert took < 3.0, f"{took:.1f} s"  # one timeout of 1 s, not four
     finally:
         silent.close()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from funboost_like.brokers.registry import BrokerKind, get_broker, resolve_kind
 from funboost_like.core.enums import BrokerEnum
-from funboost_like.core.errors import FunboostLikeError
+from funboost_like.core.errors import BrokerConnectionError, FunboostLikeError
 from funboost_like.core.message import due_time
 from funboost_like.ops import registry
 from funboost_like.ops.records import CallRecords
@@ -152,8 +152,9 @@ class OpsService(CallRecords):
         return list(names)
 
     def queues(self) -> list[dict[str, Any]]:
-        """Every known queue with its depth, consumers, rates and control state."""
-        rows: dict[tuple[str, int], dict[str, Any]] = {}
+        """Every known queue with its depth, consumers, rates and control state. The queues of each broker
+        kind are counted on a thread of their own, so a broker that is down does not hold up the others."""
+        found: dict[tuple[str, int], tuple[KeyValueStore, dict[str, Any], list[dict[str, Any]], dict[str, Any]]] = {}
 
         def read(_: BrokerEnum, store: KeyValueStore) -> None:
             records = registry.queues(store)
@@ -161,16 +162,32 @@ class OpsService(CallRecords):
             controls = registry.read_controls(store, [str(record.get("queue")) for record in records])
             for record in records:
                 key = (str(record.get("queue")), int(record.get("kind", -1)))
-                if key not in rows and key[1] in set(BrokerEnum):
-                    rows[key] = self._summary(store, key[0], BrokerEnum(key[1]), record, workers,
-                                              controls.get(key[0], {}))
+                if key not in found and key[1] in set(BrokerEnum):
+                    found[key] = (store, record, workers, controls.get(key[0], {}))
 
         self._each_store(read)
+        rows: dict[tuple[str, int], dict[str, Any]] = {}
+        down: dict[BrokerEnum, str] = {}  # kind -> why its broker could not be reached: not asked again
+
+        def count(kind: BrokerEnum) -> None:
+            for key, (store, record, workers, control) in found.items():
+                if key[1] == kind:
+                    rows[key] = self._summary(store, key[0], kind, record, workers, control, down)
+
+        counters = [threading.Thread(target=count, args=(BrokerEnum(kind),), daemon=True,
+                                     name="funboost_like-ops-count") for kind in {key[1] for key in found}]
+        for counter in counters:
+            counter.start()
+        for counter in counters:
+            counter.join()
+        self.errors.extend(f"{kind.name}: depths not read: {why}" for kind, why in down.items())
         return sorted(rows.values(), key=lambda row: (row["queue"], row["broker"]))
 
     def _summary(self, store: KeyValueStore, queue: str, kind: BrokerEnum, record: dict[str, Any] | None = None,
                  all_workers: list[dict[str, Any]] | None = None,
-                 control: dict[str, Any] | None = None) -> dict[str, Any]:
+                 control: dict[str, Any] | None = None, down: dict[BrokerEnum, str] | None = None) -> dict[str, Any]:
+        """One queue's row. ``down``: kinds found unreachable during this listing, whose queues are not
+        counted (each count would wait out the client's timeout: 10 s a queue on Pulsar)."""
         if all_workers is None:
             all_workers = registry.workers(store, queue)
         if control is None:
@@ -178,11 +195,17 @@ class OpsService(CallRecords):
         workers = [w for w in all_workers if w.get("queue") == queue and int(w.get("kind", -1)) == kind]
         live = [w for w in workers if not w["stale"]]
         broker = self.broker(kind)
+        depth: int | None = None
+        error = (down or {}).get(kind)
         try:
-            depth: int | None = broker.count(queue)
-            error = None
+            if error is None:
+                depth = broker.count(queue)
+        except BrokerConnectionError as exc:
+            error = str(exc)
+            if down is not None:
+                down[kind] = error
         except FunboostLikeError as exc:
-            depth, error = None, str(exc)
+            error = str(exc)
         oldest = self._oldest_waiting(broker, queue) if depth else None
         done = sum(float(w.get("done_per_second", 0.0)) for w in live)
         row = {
