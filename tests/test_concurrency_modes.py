@@ -96,6 +96,37 @@ def test_async_on_a_loop_the_user_runs(queue_name: str) -> None:
     loop.call_soon_threadsafe(loop.stop)
 
 
+def test_a_stopped_async_consumer_closes_the_loop_it_made_and_only_that_one(queue_name: str) -> None:
+    """Each consume() and stop() of an ASYNC consumer left the event loop it had made open (its epoll
+    descriptor and self-pipe until the garbage collector found it, with "ResourceWarning: unclosed event
+    loop"). A loop of the user's (``specify_async_loop``) that the framework ran is stopped, never closed."""
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def record(x: int) -> None:
+        loops.append(asyncio.get_running_loop())
+
+    f = task_deco(queue_name, broker_kind=MEMORY, concurrent_mode=ConcurrentModeEnum.ASYNC)(record)
+    for i in range(2):
+        f.push(i)
+        f.consume()
+        memory().join(queue_name, timeout=5)
+        f.stop()
+        assert f.consumer.join(5)
+    assert len(loops) == 2 and loops[0] is not loops[1]
+    assert all(loop.is_closed() for loop in loops)
+
+    users = asyncio.new_event_loop()
+    g = task_deco(f"{queue_name}_user_loop", broker_kind=MEMORY, concurrent_mode=ConcurrentModeEnum.ASYNC,
+                  specify_async_loop=users)(record)
+    g.push(2)
+    g.consume()
+    memory().join(g.queue_name, timeout=5)
+    g.stop()
+    assert g.consumer.join(5)
+    assert loops[-1] is users and not users.is_running() and not users.is_closed()
+    users.close()
+
+
 def test_mode_must_fit_the_function(queue_name: str) -> None:
     async def coroutine_function(x: int) -> None:
         pass

@@ -5,7 +5,7 @@ call). The fetcher stays a plain thread, so broker I/O never blocks the loop; it
 through a deque and one thread-safe wake-up per batch. ``concurrent_num`` caps the calls in flight
 (the fetcher never has more outstanding). A user-supplied loop (``specify_async_loop``) is used as
 given: if it is already running (in the user's thread), calls are scheduled onto it; if not, the
-framework runs it in its own thread.
+framework runs it in its own thread (and stops it at shutdown; only a loop the pool made is closed).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class AsyncLoopPool(Pool):
         self._closed = False
         self._scheduled = False
         self._thread: threading.Thread | None = None
+        self._own_loop = loop is None  # closed at shutdown; a loop of the user's is only stopped
         if loop is None:
             loop = asyncio.new_event_loop()
         self.loop = loop
@@ -85,4 +86,6 @@ class AsyncLoopPool(Pool):
         if self._thread is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(5)
+            if self._own_loop and not self._thread.is_alive():
+                self.loop.close()
         return done
