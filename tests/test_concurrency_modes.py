@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from funboost_like import BrokerEnum, ConcurrentModeEnum, ConfigurationError, task_deco
+from funboost_like import BrokerEnum, ConcurrentModeEnum, ConfigurationError, ThreadPool, task_deco
 from funboost_like.brokers.memory import MemoryBroker
 from funboost_like.brokers.registry import get_broker
 from funboost_like.core.errors import FunctionTimeoutError
@@ -125,6 +125,32 @@ def test_a_stopped_async_consumer_closes_the_loop_it_made_and_only_that_one(queu
     assert g.consumer.join(5)
     assert loops[-1] is users and not users.is_running() and not users.is_closed()
     users.close()
+
+
+def test_single_thread_runs_one_call_at_a_time_and_takes_one_message_at_a_time(queue_name: str) -> None:
+    """funboost's SINGLE_THREAD (alias SOLO): one call at a time, in order, and no message taken from the
+    broker while the one before it runs. ConcurrentModeEnum had no such member: funboost code with it
+    raised AttributeError."""
+    running: list[int] = []
+    taken: list[int] = []
+    order: list[int] = []
+
+    @task_deco(queue_name, broker_kind=MEMORY, concurrent_mode=ConcurrentModeEnum.SINGLE_THREAD, concurrent_num=50)
+    def f(x: int) -> None:
+        running.append(x)
+        taken.append(memory().in_flight(queue_name))
+        time.sleep(0.002)
+        order.append(len(running))
+        running.remove(x)
+
+    f.publish_many([{"x": i} for i in range(30)])
+    f.consume()
+    memory().join(queue_name, timeout=10)
+    assert order == [1] * 30 and taken == [1] * 30
+    assert ConcurrentModeEnum.SOLO is ConcurrentModeEnum.SINGLE_THREAD == 5
+    with pytest.raises(ConfigurationError, match="SINGLE_THREAD"):
+        task_deco(f"{queue_name}_pool", broker_kind=MEMORY, concurrent_mode=ConcurrentModeEnum.SINGLE_THREAD,
+                  specify_concurrent_pool=ThreadPool(4))(print)
 
 
 def test_mode_must_fit_the_function(queue_name: str) -> None:

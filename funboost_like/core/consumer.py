@@ -68,6 +68,7 @@ _Pace = tuple[float, "RateLimiter | DistributedRateLimiter | None", int, "Inline
 
 _BUSY_FETCH_TIMEOUT = 0.02  # while calls run, come back soon to flush their acks
 _WINDOW = 60  # seconds of history behind the rate and the time-left estimate
+_THREAD_MODES = (ConcurrentModeEnum.THREADING, ConcurrentModeEnum.SINGLE_THREAD)  # calls run on threads
 _TICK = 0.25  # seconds between two looks of the fetcher at its periodic work (stats line, a new qps)
 _ABANDON_GRACE = 0.2  # seconds a timed-out call gets to unwind before its thread is abandoned
 
@@ -259,11 +260,11 @@ class Consumer:
         )
 
     def _make_inline_runner(self, pool: Pool) -> InlineRunner | None:
-        """Fast calls may run on the fetcher thread (see core/inline.py): THREADING mode only, without a
+        """Fast calls may run on the fetcher thread (see core/inline.py): THREADING (or SINGLE_THREAD) only, without a
         rate limit (which paces each start), a decorator-level timeout (which needs a worker thread) or a
         shared pool (whose size caps every call of the consumers sharing it)."""
         params = self.params
-        if (params.concurrent_mode != ConcurrentModeEnum.THREADING or params.qps or params.function_timeout
+        if (params.concurrent_mode not in _THREAD_MODES or params.qps or params.function_timeout
                 or params.specify_concurrent_pool is not None):
             return None
         return InlineRunner(self._process, self.signature, pool, self.logger, f"funboost_like-{self.queue_name}",

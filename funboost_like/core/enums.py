@@ -44,3 +44,5 @@ class ConcurrentModeEnum(IntEnum):
     GEVENT = 2
     EVENTLET = 3
     ASYNC = 4
+    SINGLE_THREAD = 5  # funboost's: one call at a time, one message taken at a time (concurrent_num 1)
+    SOLO = SINGLE_THREAD

@@ -222,6 +222,10 @@ def check_concurrency(params: ConsumerParams) -> None:
         raise ConfigurationError(
             f"concurrent_mode must be one of {list(ConcurrentModeEnum)}, got {params.concurrent_mode!r}"
         ) from None
+    if params.concurrent_mode == ConcurrentModeEnum.SINGLE_THREAD:  # funboost's: one call at a time
+        if params.specify_concurrent_pool is not None:
+            raise ConfigurationError("specify_concurrent_pool is not used with concurrent_mode=SINGLE_THREAD")
+        params.concurrent_num = 1
     if params.specify_concurrent_pool is not None:  # the seed: the pool's size, not concurrent_num, counts
         params.concurrent_num = check_shared_pool(params.specify_concurrent_pool, params.concurrent_mode)
     concurrent_num = params.concurrent_num
