@@ -5,9 +5,10 @@ The user monkey-patches at the top of the start script, as the seed says
 the framework checks that the patch is there and refuses to start without it, because an unpatched
 ``time.sleep`` or socket call would block every greenlet at once.
 
-Greenlets are cheap, so a call starts at once in a new greenlet (the fetcher already bounds how many
-are in flight to ``concurrent_num``), and there is nothing to grow; calls wait in the pool only when
-several consumers share it (``specify_concurrent_pool``), whose size then caps them all.
+A call starts as soon as the greenlet before it yields (the fetcher already bounds how many are in
+flight to ``concurrent_num``); calls that never yield run one after another in one greenlet. Calls wait
+for a free greenlet only when several consumers share the pool (``specify_concurrent_pool``), whose
+size then caps them all.
 A ``function_timeout`` raises the library's own timeout in the greenlet, which stops it at its next
 cooperative switch (blocking I/O and sleep, with the patch).
 """
@@ -55,11 +56,13 @@ def check_eventlet_patched() -> None:
 
 
 class _GreenPool(Pool):
-    """At most ``max_workers`` greenlets at once; a call submitted while all are busy waits in order.
+    """At most ``max_workers`` greenlets at once, each running submitted calls one after another.
 
-    A consumer never has more calls outstanding than its pool's size, so calls wait here only when
-    several consumers share one pool (``specify_concurrent_pool``). Greenlets of one hub never run at
-    the same time, so the counts need no lock. A greenlet that finishes a call takes the next waiting one.
+    A greenlet is started only when no other one is about to start: the one that starts takes the oldest
+    waiting call and, if calls still wait, starts the next greenlet before running its own. So calls that
+    wait on I/O start one after another as each yields, up to ``max_workers`` running at once, while calls
+    that never yield all run in the first greenlet, without a greenlet made per call. Greenlets of one hub
+    never run at the same time, so the counts need no lock.
     """
 
     def __init__(self, max_workers: int) -> None:
@@ -68,6 +71,7 @@ class _GreenPool(Pool):
         self.max_workers = max_workers
         self._waiting: deque[tuple[Callable[[Any], None], Any]] = deque()
         self._running = 0
+        self._starting = False  # a greenlet was spawned and has not taken its first call yet
         self._closed = False
 
     @property
@@ -77,26 +81,31 @@ class _GreenPool(Pool):
     def submit(self, fn: Callable[[Any], None], arg: Any) -> None:
         if self._closed:
             raise RuntimeError("pool is shut down")
-        if self._running >= self.max_workers:
-            self._waiting.append((fn, arg))
-            return
-        self._running += 1
-        self._spawn(self._work, fn, arg)
+        self._waiting.append((fn, arg))
+        if not self._starting and self._running < self.max_workers:
+            self._start_one()
 
-    def _work(self, fn: Callable[[Any], None], arg: Any) -> None:
+    def _start_one(self) -> None:
+        self._starting = True
+        self._running += 1
+        self._spawn(self._work)
+
+    def _work(self) -> None:
+        self._starting = False
+        waiting = self._waiting
         try:
-            while True:
+            while waiting:
+                fn, arg = waiting.popleft()
+                if waiting and not self._starting and self._running < self.max_workers:
+                    self._start_one()  # the next call starts as soon as this one yields
                 try:
                     fn(arg)
                 except BaseException:  # the submitted callable handles its own errors
                     logger.exception("unhandled error in a greenlet of the pool")
-                if not self._waiting:
-                    return
-                fn, arg = self._waiting.popleft()
         finally:
             self._running -= 1
 
-    def _spawn(self, work: Callable[..., None], fn: Callable[[Any], None], arg: Any) -> None:
+    def _spawn(self, work: Callable[[], None]) -> None:
         raise NotImplementedError
 
     def drain(self) -> list[Any]:
@@ -112,8 +121,8 @@ class GeventPool(_GreenPool):
         super().__init__(max_workers)
         self._group = Group()
 
-    def _spawn(self, work: Callable[..., None], fn: Callable[[Any], None], arg: Any) -> None:
-        self._group.spawn(work, fn, arg)
+    def _spawn(self, work: Callable[[], None]) -> None:
+        self._group.spawn(work)
 
     def shutdown(self, timeout: float | None = None) -> bool:
         self._closed = True
@@ -127,8 +136,8 @@ class EventletPool(_GreenPool):
         super().__init__(max_workers)
         self._pool = eventlet.GreenPool(max_workers)
 
-    def _spawn(self, work: Callable[..., None], fn: Callable[[Any], None], arg: Any) -> None:
-        self._pool.spawn_n(work, fn, arg)
+    def _spawn(self, work: Callable[[], None]) -> None:
+        self._pool.spawn_n(work)
 
     def shutdown(self, timeout: float | None = None) -> bool:
         import eventlet
