@@ -3,7 +3,7 @@
 Usage (from the repository root, with the project's Python)::
 
     python benchmarks/peers/run.py [--venv /tmp/peers] [--set all|redis|rabbitmq|zeromq|mqtt|sql|kafka|nats|mongo|
-                                   pulsar|kombu]
+                                   pulsar|kombu|modes] [--modes-scale 1.0]
                                    [--redis-url redis://127.0.0.1:6379/13]
                                    [--rabbitmq-url amqp://guest:guest@127.0.0.1:5672/%2F]
                                    [--repeat 3] [--only ours,funboost,celery] [--json]
@@ -34,6 +34,8 @@ Sets of workloads, all by default (``--set all``), in this order in every repeti
   like the tests start it when nothing listens there, its files in a temporary folder).
 * ``pulsar``: our PULSAR and funboost ``PULSAR`` on pulsar-lite at ``PULSAR_URL`` (port 16650; started likewise).
 * ``kombu``: our KOMBU and funboost ``KOMBU`` on kombu's Redis transport, on ``--redis-url``.
+* ``modes`` (not part of ``all``): the concurrency modes on memory, SQLite and REDIS_ACK_ABLE, ours and funboost
+  alternating, a trivial function and one that waits 10 ms (``modes_set.py``, ``modes_workload.py``).
 
 After every peer process of those sets, the topics (Kafka), streams (NATS) and collections (funboost's database
 ``funboost_mongomq``) whose name contains ``peerbench`` are deleted; funboost's KOMBU keys carry the prefix
@@ -437,25 +439,30 @@ def _run(cmd: list[str], env: dict[str, str], cwd: str, marker: str) -> dict:
     return {"error": f"exited with {proc.returncode}: {(proc.stderr or out).strip()[-1500:]}"}
 
 
-def run_peer(peer: Peer, python: str, redis_url: str, rabbitmq_url: str) -> dict:
+def peer_env(tmp: str, redis_url: str, rabbitmq_url: str) -> dict[str, str]:
+    """The environment of a peer process working in ``tmp``: funboost's settings and the servers."""
     u = urlparse(redis_url)
     r = urlparse(rabbitmq_url)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env.update({
+        "PYTHONPATH": str(FUNBOOST_HOME),  # funboost_config.py / nb_log_config.py; nothing written to the repo
+        "PEERBENCH_TMP": tmp, "LOG_PATH": os.path.join(tmp, "logs"), "PYTHONDONTWRITEBYTECODE": "1",
+        "PEERBENCH_REDIS_HOST": u.hostname or "127.0.0.1", "PEERBENCH_REDIS_PORT": str(u.port or 6379),
+        "PEERBENCH_REDIS_DB": (u.path or "/0").lstrip("/") or "0",
+        # funboost_config.py: RABBITMQ_USER, _PASS, _HOST, _PORT, _VIRTUAL_HOST
+        "PEERBENCH_RABBITMQ_USER": unquote(r.username or "guest"),
+        "PEERBENCH_RABBITMQ_PASS": unquote(r.password or "guest"),
+        "PEERBENCH_RABBITMQ_HOST": r.hostname or "127.0.0.1", "PEERBENCH_RABBITMQ_PORT": str(r.port or 5672),
+        "PEERBENCH_RABBITMQ_VHOST": (unquote(r.path[1:]) if r.path else "/") or "/",
+        "PEERBENCH_KAFKA_SERVERS": KAFKA_SERVERS, "PEERBENCH_NATS_URL": NATS_URL, "PEERBENCH_MONGO_URL": MONGO_URL,
+        "PEERBENCH_PULSAR_URL": PULSAR_URL, "PEERBENCH_KOMBU_URL": redis_url,
+    })
+    return env
+
+
+def run_peer(peer: Peer, python: str, redis_url: str, rabbitmq_url: str) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"peerbench_{peer.key.lower()}_") as tmp:
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-        env.update({
-            "PYTHONPATH": str(FUNBOOST_HOME),  # funboost_config.py / nb_log_config.py; nothing written to the repo
-            "PEERBENCH_TMP": tmp, "LOG_PATH": os.path.join(tmp, "logs"), "PYTHONDONTWRITEBYTECODE": "1",
-            "PEERBENCH_REDIS_HOST": u.hostname or "127.0.0.1", "PEERBENCH_REDIS_PORT": str(u.port or 6379),
-            "PEERBENCH_REDIS_DB": (u.path or "/0").lstrip("/") or "0",
-            # funboost_config.py: RABBITMQ_USER, _PASS, _HOST, _PORT, _VIRTUAL_HOST
-            "PEERBENCH_RABBITMQ_USER": unquote(r.username or "guest"),
-            "PEERBENCH_RABBITMQ_PASS": unquote(r.password or "guest"),
-            "PEERBENCH_RABBITMQ_HOST": r.hostname or "127.0.0.1", "PEERBENCH_RABBITMQ_PORT": str(r.port or 5672),
-            "PEERBENCH_RABBITMQ_VHOST": (unquote(r.path[1:]) if r.path else "/") or "/",
-            "PEERBENCH_KAFKA_SERVERS": KAFKA_SERVERS, "PEERBENCH_NATS_URL": NATS_URL, "PEERBENCH_MONGO_URL": MONGO_URL,
-            "PEERBENCH_PULSAR_URL": PULSAR_URL, "PEERBENCH_KOMBU_URL": redis_url,
-            **peer.env,
-        })
+        env = {**peer_env(tmp, redis_url, rabbitmq_url), **peer.env}
         try:
             return _run([python, str(HERE / peer.script), *peer.args], env, tmp, "PEER-RESULT ")
         finally:
@@ -508,7 +515,8 @@ def _venv_versions(python: str) -> dict:
     code = ("import json, platform, importlib.metadata as m\n"
             "v = {}\n"
             "for d in ('funboost', 'celery', 'kombu', 'amqp', 'AMQPStorm', 'redis', 'persist-queue', 'nb_log',\n"
-            "          'kafka-python', 'confluent-kafka', 'nats-py', 'pymongo', 'pulsar-client'):\n"
+            "          'kafka-python', 'confluent-kafka', 'nats-py', 'pymongo', 'pulsar-client',\n"
+            "          'gevent', 'eventlet'):\n"
             "    try:\n        v[d] = m.version(d)\n    except Exception:\n        v[d] = None\n"
             "v['python'] = platform.python_version()\n"
             "print(json.dumps(v))\n")
@@ -675,15 +683,33 @@ def _loadavg() -> str:
         return "?"
 
 
+def run_modes(args: argparse.Namespace, python: str, only: set[str]) -> None:
+    """The modes set (modes_set.py): concurrency modes, ours and funboost alternating, on one Redis database."""
+    import modes_set  # benchmarks/peers/modes_set.py (this folder is sys.path[0])
+
+    client = _redis(args.redis_url)
+    keys_before = _peer_keys(client)
+    _cleanup(client, keys_before)  # leftovers of an interrupted run (only names containing "peerbench")
+    keys_before = _peer_keys(client)
+    try:
+        modes_set.main(python, args.redis_url, args.repeat, args.modes_scale, only,
+                       lambda tmp: peer_env(tmp, args.redis_url, args.rabbitmq_url),
+                       lambda: _cleanup(client, keys_before), _venv_versions(python) if "funboost" in only else {})
+    finally:
+        _cleanup(client, keys_before)
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--venv", default="/tmp/peers", help="scratch virtualenv with funboost and celery[redis]")
-    parser.add_argument("--set", default="all", choices=("all", *SETS),
+    parser.add_argument("--set", default="all", choices=("all", *SETS, "modes"),
                         help="redis: memory, SQLite and Redis (the original set); rabbitmq: RabbitMQ only; "
                              "zeromq: ZeroMQ (no server); mqtt: Mosquitto; sql: PostgreSQL and MariaDB; "
                              f"kafka: Tansu ({KAFKA_SERVERS}); nats: NATS JetStream ({NATS_URL}); mongo: SecantusDB "
                              f"({MONGO_URL}); pulsar: pulsar-lite ({PULSAR_URL}); kombu: kombu on Redis; "
-                             "all: every set")
+                             "all: every set but modes; modes: concurrency modes on memory, SQLite and "
+                             "REDIS_ACK_ABLE, ours and funboost (modes_set.py)")
+    parser.add_argument("--modes-scale", type=float, default=1.0, help="modes set: N of every run times this")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/13", help="one Redis database for everything")
     parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:18830",
                         help="one Mosquitto for the mqtt set (started for the run when nothing listens there)")
@@ -703,6 +729,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
     if not Path(python).exists() and only - {"ours"}:
         print(f"no Python at {python}: build the scratch virtualenv first (benchmarks/peers/README.md)",
               file=sys.stderr)
+        return 0
+    if args.set == "modes":
+        run_modes(args, python, only)
         return 0
     peers = [p for p in _peers(args.redis_url, args.rabbitmq_url) if p.framework.lower() in only and p.set in sets]
     skipped = _unbuilt({b: k for set_ in sets for b, k in OURS_SETS[set_].items()}) if "ours" in only else {}
