@@ -7,6 +7,7 @@ spec and source describe it, the others the broker's counting, renewing and dela
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import threading
@@ -23,7 +24,7 @@ from funboost_like.brokers.registry import get_broker
 from funboost_like.core.config import patch_frame_config
 from funboost_like.core.errors import ConfigurationError
 
-from .conftest import require_server
+from .conftest import open_sockets, require_server
 from .nsqd_server import HOST, TCP_PORT, _nsqd_server  # noqa: F401 - starts the fixture when these tests run alone
 
 ADDRESS = (HOST, TCP_PORT)
@@ -151,3 +152,24 @@ def test_unsupported_parameters_are_refused_at_decoration(queue_name: str) -> No
     with pytest.raises(ConfigurationError):
         task_deco(queue_name, broker_kind=BrokerEnum.NSQ, is_using_rpc_mode=True)(lambda: None)
     assert json.loads(wrap(b"{}", 2, 1, 0.0).split(b"\n", 1)[1]) == {}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's sockets in /proc")
+def test_the_publishing_connections_of_threads_that_ended_are_closed(queue_name: str) -> None:
+    """Each thread publishes on a connection of its own. A consumer's pool workers come and go (idle ones
+    end after THREAD_KEEP_ALIVE_SECONDS) and each that published left its connection open until the process
+    ended."""
+    require_server("nsqd fixture", HOST, TCP_PORT)
+    broker = NsqBroker()
+    try:
+        broker.publish(queue_name, b"{}")  # this thread's connection
+        before = open_sockets()
+        for _ in range(10):
+            worker = threading.Thread(target=broker.publish, args=(queue_name, b"{}"))
+            worker.start()
+            worker.join()
+        assert open_sockets() <= before + 1  # the last thread's, closed when another one connects
+        assert broker.count(queue_name) == 11
+    finally:
+        broker.purge(queue_name)
+        broker.close()

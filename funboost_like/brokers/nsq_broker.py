@@ -31,9 +31,10 @@ what it had buffered, uncounted). A death between a copy and its ``FIN`` runs th
 A delay longer than nsqd's ``--max-req-timeout`` (one hour) is ``DPUB``-ed again when it arrives early.
 
 Publishing: one connection per publishing thread, to the nsqds in turn (the next one when one is
-unreachable); ``publish_many`` is one ``MPUB`` per MiB. ``count`` and ``purge`` use nsqd's HTTP API
-(``NSQD_HTTP_ADDRESSES``): depth plus deferred messages of channel ``fl`` plus what the topic keeps;
-``purge`` empties the channel, which in nsqd drops its in-flight messages too (their ``FIN`` fails).
+unreachable), closed once its thread ended and another one connects; ``publish_many`` is one ``MPUB``
+per MiB. ``count`` and ``purge`` use nsqd's HTTP API (``NSQD_HTTP_ADDRESSES``): depth plus deferred
+messages of channel ``fl`` plus what the topic keeps; ``purge`` empties the channel, which in nsqd drops
+its in-flight messages too (their ``FIN`` fails).
 
 Limits: no priorities, no key-value records, no routing; a released message joins the back of the
 queue; copies (nacks, releases) carry the prefix above, which other NSQ consumers would see.
@@ -51,6 +52,7 @@ from typing import Any
 from funboost_like.brokers import nsq_wire
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.nsq_wire import MAX_DEFER_MS, Message, NsqError, Publisher, Subscription, http
+from funboost_like.brokers.per_thread import PerThread
 from funboost_like.brokers.push_buffer import PushBuffer
 from funboost_like.core.config import settings
 from funboost_like.core.enums import BrokerEnum
@@ -127,7 +129,7 @@ class NsqBroker(Broker):
         self._closing: list[Subscription] = []
         self._channels: set[str] = set()
         self._local = threading.local()
-        self._publishers: list[Publisher] = []
+        self._publishers: PerThread[Publisher] = PerThread(Publisher.close)  # every thread's, for closing
         self._turn = itertools.count()
 
     # -- settings ------------------------------------------------------------------------------------
@@ -174,15 +176,16 @@ class NsqBroker(Broker):
             if publisher is None or publisher.closed:
                 address = addresses[next(self._turn) % len(addresses)]
                 publisher = self._local.publisher = Publisher(address, TIMEOUT)
-                with self._lock:
-                    self._publishers.append(publisher)
+                self._publishers.add(publisher)
             try:
                 publisher.publish(topic, bodies, defer_ms)
                 return
             except NsqError:
+                self._publishers.forget(publisher)
                 publisher.close()  # nsqd closes the connection after a fatal error
                 raise
             except OSError:
+                self._publishers.forget(publisher)
                 publisher.close()
                 if attempt == len(addresses):
                     raise
@@ -361,9 +364,9 @@ class NsqBroker(Broker):
                 logger.warning("handing back the buffered messages of queue %r failed", queue, exc_info=True)
         with self._lock:
             subs, self._closing = self._closing, []
-            publishers, self._publishers = self._publishers, []
-        for connection in [*subs, *publishers]:
-            connection.close()
+        for sub in subs:
+            sub.close()
+        self._publishers.close_all(self._publishers.take_all())
         self._local = threading.local()
 
     # -- counting, purging, dead letters -------------------------------------------------------------
