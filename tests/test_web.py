@@ -337,3 +337,52 @@ def test_task_search_pages_by_keyset_and_filters(server: DashboardServer, queue_
     assert sorted(found) == [3, *range(30, 40)] and True in partial
     assert client.get("/tasks/no-such-task")[0] == 404
     assert client.get(f"/queues/{queue_name}-unknown")[0] == 404
+
+
+@pytest.mark.parametrize("length", ["-1", "abc", "1e3"])
+def test_a_bad_content_length_is_refused_at_once(server: DashboardServer, length: str) -> None:
+    """A negative Content-Length read the body until the client closed: each such request held a server
+    thread for the 30 s request timeout (a non-number ended the connection with no answer)."""
+    import socket
+
+    port = server.server_address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"POST /login HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {length}\r\n"
+                     "Content-Type: application/x-www-form-urlencoded\r\n\r\nsecret=x".encode())
+        answer = sock.recv(4096)  # the old server answered nothing within the timeout
+    assert answer.startswith(b"HTTP/1.0 400 "), answer
+
+
+def test_failed_logins_from_ever_more_addresses_are_remembered_within_a_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every address that failed a login was remembered for good (an empty list once its failures were
+    old): logins sent from ever more addresses grew the dashboard's memory without end."""
+    from funboost_like.web import app
+
+    monkeypatch.setattr(app, "LOGIN_ADDRESSES_KEPT", 50, raising=False)
+    dashboard = app.Dashboard(Credentials.make(), port=8000)
+
+    def login(client: str) -> int:
+        request = app.Request("POST", "/login", {}, {"host": "127.0.0.1:8000"}, {"secret": "wrong"}, client)
+        return dashboard.handle(request).status
+
+    for i in range(500):
+        assert login(f"10.0.{i // 256}.{i % 256}") == 403
+    assert len(dashboard._failures) <= 50
+    for _ in range(app.LOGIN_FAILURES_ALLOWED):  # a recent address is still limited
+        assert login("10.9.0.1") == 403
+    assert login("10.9.0.1") == 429
+    assert login("10.9.0.2") == 403
+
+
+def test_an_address_is_forgotten_once_its_last_failed_login_is_out_of_the_window() -> None:
+    from funboost_like.web.login_failures import LoginFailures
+
+    failures = LoginFailures(allowed=2, window=10.0, max_addresses=100)
+    failures.failed("a", 0.0)
+    failures.failed("a", 1.0)
+    failures.failed("b", 2.0)
+    assert failures.refused("a", 5.0) and not failures.refused("b", 5.0)
+    assert not failures.refused("a", 10.5) and len(failures) == 2  # one of a's two is recent
+    assert not failures.refused("a", 11.5) and len(failures) == 1  # b's is recent
+    assert len(failures) == 1 and not failures.refused("b", 12.0) and len(failures) == 0

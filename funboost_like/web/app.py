@@ -28,9 +28,11 @@ from funboost_like.core.errors import BrokerError, FunboostLikeError
 from funboost_like.ops.service import OpsService
 from funboost_like.web import data, pages
 from funboost_like.web.auth import COOKIE, SESSION_SECONDS, Credentials, is_loopback
+from funboost_like.web.login_failures import LoginFailures
 
 LOGIN_FAILURES_ALLOWED = 10  # per client address and LOGIN_WINDOW seconds
 LOGIN_WINDOW = 300.0
+LOGIN_ADDRESSES_KEPT = 10_000  # client addresses whose failed logins are remembered (the newest failures)
 STATIC = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -77,7 +79,7 @@ class Dashboard:
         self.read_only = read_only
         self.host, self.port = host, port
         self.make_service = service
-        self._failures: dict[str, list[float]] = {}
+        self._failures = LoginFailures(LOGIN_FAILURES_ALLOWED, LOGIN_WINDOW, LOGIN_ADDRESSES_KEPT)
         self._revoked: set[str] = set()
         self._lock = threading.Lock()
 
@@ -172,15 +174,11 @@ class Dashboard:
             return Response(200, pages.login_page(None, configured_user).encode())
         _check_origin(request)
         now = time.monotonic()
-        with self._lock:
-            recent = [t for t in self._failures.get(request.client, []) if now - t < LOGIN_WINDOW]
-            self._failures[request.client] = recent
-            if len(recent) >= LOGIN_FAILURES_ALLOWED:
-                raise HttpError(429, "too many failed logins from this address; wait a few minutes")
+        if self._failures.refused(request.client, now):
+            raise HttpError(429, "too many failed logins from this address; wait a few minutes")
         user = self.credentials.check_login(request.form.get("user", ""), request.form.get("secret", ""))
         if user is None:
-            with self._lock:
-                self._failures.setdefault(request.client, []).append(now)
+            self._failures.failed(request.client, now)
             return Response(403, pages.login_page("wrong token or password", configured_user).encode())
         response = _redirect("/")
         response.headers.append(("Set-Cookie", f"{COOKIE}={self.credentials.new_session(user)}; Max-Age="

@@ -2,8 +2,8 @@
 
 :func:`make_server` checks the binding rule (:func:`~funboost_like.web.auth.check_binding`) before it
 opens the socket, so a dashboard on a non-loopback address without configured credentials never
-listens. Request bodies over ``MAX_BODY`` bytes are refused; a request has ``REQUEST_TIMEOUT``
-seconds to arrive.
+listens. Request bodies over ``MAX_BODY`` bytes are refused, and so, at once, is a ``Content-Length``
+that is not a decimal count (400); a request has ``REQUEST_TIMEOUT`` seconds to arrive.
 """
 
 from __future__ import annotations
@@ -55,7 +55,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str, *, head: bool = False) -> None:
         url = urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
+        length = _content_length(self.headers.get("Content-Length"))
+        if length is None:  # a negative length read until the client closed, holding the thread
+            self.close_connection = True
+            self._send(Response(400, b"bad Content-Length", "text/plain"))
+            return
         if length > MAX_BODY:
             self._send(Response(413, b"request body too large", "text/plain"))
             return
@@ -79,6 +83,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         pass  # no access log on stderr (a token in a query would land there)
+
+
+def _content_length(header: str | None) -> int | None:
+    """The body's length the header gives (0 without one), or None when it is not a decimal count."""
+    if header is None:
+        return 0
+    header = header.strip()
+    return int(header) if header.isdigit() and header.isascii() else None
 
 
 def make_server(host: str = "127.0.0.1", port: int = 0, *, credentials: Credentials | None = None,
