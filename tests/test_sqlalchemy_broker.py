@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,7 @@ from funboost_like.brokers.registry import get_broker
 from funboost_like.core.config import patch_frame_config, settings
 from funboost_like.core.errors import BrokerConnectionError, ConfigurationError, MessageTooLargeError
 
-from .conftest import require_server, subprocess_env
+from .conftest import require_server, subprocess_env, until
 
 sa = pytest.importorskip("sqlalchemy")
 
@@ -400,3 +401,93 @@ def test_a_server_that_accepts_and_never_answers_fails_the_push_in_bounded_time(
     finally:
         broker.close()
         silent.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("database", ["postgresql", "mariadb"])
+def test_a_consumer_whose_link_goes_silent_mid_fetch_reconnects_once_it_is_back(
+        queue_name: str, database: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The path to the database went silent during a fetch (a proxy that stops forwarding: no reset, the
+    packets it still acknowledges never arrive): psycopg waited in recv forever, so the consumer never
+    fetched again, even once the path was back. Now a wait for the server ends after READ_TIMEOUT
+    seconds of silence (60 s by default; 1 s here), the outage is logged once and the consumer goes on."""
+    from funboost_like.brokers import sqlalchemy_tables
+
+    from .tcp_cut import CuttableLink
+
+    url, server = DATABASES[database]
+    assert server is not None
+    require_server(*server)
+    monkeypatch.setattr(sqlalchemy_tables, "CONNECT_TIMEOUT", 1)
+    monkeypatch.setattr(sqlalchemy_tables, "READ_TIMEOUT", 1)
+    caplog.set_level(logging.INFO, logger="funboost_like")
+    link = CuttableLink(server[2])
+    patch_frame_config(SQLALCHEMY_URL=url.replace(f":{server[2]}/", f":{link.port}/"), SQLALCHEMY_LEASE_SECONDS=3)
+    consumer_broker = get_broker(BrokerEnum.SQLACHEMY)
+    consumer_broker.count(queue_name)  # its engine is made now, on the link's URL
+    patch_frame_config(SQLALCHEMY_URL=url)
+    direct = SqlAlchemyBroker()
+    done: dict[int, threading.Event] = {1: threading.Event(), 2: threading.Event()}
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.SQLACHEMY, concurrent_num=1)
+    def f(x: int) -> None:
+        done[x].set()
+
+    try:
+        f.consume()
+        direct.publish(queue_name, b'{"x": 1}')
+        assert done[1].wait(10)
+        rows = sa.text(f"SELECT COUNT(*) FROM {table_name(queue_name)}")
+
+        def stored() -> int:
+            with direct.engine().connect() as conn:
+                return int(conn.execute(rows).scalar_one())
+
+        assert until(lambda: stored() == 0, timeout=10)  # its ack went through
+        link.silence()  # the idle consumer's next fetch meets silence
+        direct.publish(queue_name, b'{"x": 2}')
+        assert until(lambda: "failed" in caplog.text, timeout=30), "the consumer never noticed"
+        link.restore()
+        assert done[2].wait(30), "the consumer never fetched again"
+        assert until(lambda: "works again" in caplog.text, timeout=10)
+        outages = [r for r in caplog.records if r.levelno >= logging.WARNING and "failed" in r.getMessage()]
+        assert len(outages) == 1, [r.getMessage() for r in outages]
+        assert until(lambda: stored() == 0, timeout=10)  # nothing lost, nothing left
+    finally:
+        f.stop()
+        link.close()
+        direct.drop_tables(queue_name)
+        direct.close()
+
+
+def test_the_urls_own_timeouts_and_keepalives_win(queue_name: str) -> None:
+    """The broker's bounds on a silent server are defaults: what the URL's query sets is what the driver
+    gets (``read_timeout`` on psycopg is the broker's, not passed to libpq, which would refuse it)."""
+    from funboost_like.brokers import sql_psycopg
+    from funboost_like.brokers.sqlalchemy_tables import READ_TIMEOUT, driver_timeouts
+
+    given = sa.make_url(f"{POSTGRESQL}?keepalives_idle=20&read_timeout=7")
+    assert driver_timeouts(given) == {"connect_timeout": 10, **{k: v for k, v in sql_psycopg.libpq_options().items()
+                                                                if k != "keepalives_idle"}}
+    assert driver_timeouts(sa.make_url(f"{MARIADB}?read_timeout=5")) == {"connect_timeout": 10, "write_timeout": 60}
+    assert driver_timeouts(sa.make_url(POSTGRESQL))["read_timeout"] == READ_TIMEOUT
+    require_server("PostgreSQL", "127.0.0.1", 5432)
+    patch_frame_config(SQLALCHEMY_URL=given.render_as_string(hide_password=False))
+    broker = SqlAlchemyBroker()
+    try:
+        def conninfo(raw: Any) -> dict[str, bytes | None]:
+            return {option.keyword.decode(): option.val for option in raw.pgconn.info}
+
+        with broker.engine().connect() as conn:
+            raw: Any = conn.connection.dbapi_connection
+            assert raw.read_timeout == 7 and conninfo(raw)["keepalives_idle"] == b"20"
+            assert conninfo(raw)["keepalives"] == b"1"
+        broker.count(queue_name)
+        broker.publish(queue_name, b"{}")
+        broker._wait(queue_name, 0.3)  # the LISTEN connection, too
+        listening = broker._listener.connection
+        assert listening.read_timeout == 7 and conninfo(listening)["keepalives_idle"] == b"20"
+        assert [d.body for d in broker.fetch(queue_name, 1, 5)] == [b"{}"]
+    finally:
+        broker.drop_tables(queue_name)
+        broker.close()

@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from funboost_like.brokers import sql_psycopg
 from funboost_like.brokers import sqlalchemy_tables as tables
 
 logger = logging.getLogger("funboost_like.sqlalchemy")
@@ -72,11 +73,12 @@ class Listener(threading.local):
         error it waits the slice and the next fetch reports the error."""
         try:
             if self.connection is None or self.connection.closed:
-                import psycopg
-
-                url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-                bound: Any = engine.url.query.get("connect_timeout", tables.CONNECT_TIMEOUT)  # the URL's wins
-                self.connection, self.channels = psycopg.connect(url, autocommit=True, connect_timeout=bound), set()
+                params: dict[str, Any] = tables.driver_timeouts(engine.url)  # the URL's own stay in the URL
+                params["read_timeout"] = engine.url.query.get("read_timeout", params.get("read_timeout", 0))
+                url = engine.url.difference_update_query(["read_timeout"]).set(drivername="postgresql")
+                self.connection = sql_psycopg.connect(url.render_as_string(hide_password=False), autocommit=True,
+                                                      **params)
+                self.channels = set()
             if channel not in self.channels:
                 self.connection.execute(f'LISTEN "{channel}"')
                 self.channels.add(channel)

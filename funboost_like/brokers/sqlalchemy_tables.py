@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
+from funboost_like.brokers import sql_psycopg
 from funboost_like.brokers.sql_records import kv_table
 from funboost_like.core.config import redact_url
 from funboost_like.core.errors import ConfigurationError
@@ -90,15 +91,16 @@ class QueueTables:
 
 
 # A server that accepts and then says nothing (frozen, or a black hole on the way) must not hold a push
-# forever: the drivers' own defaults wait without end. Given in the URL, a driver's own value wins.
+# or a fetch forever: the drivers' own defaults wait without end. Given in the URL, a driver's own value
+# wins (psycopg: libpq's keepalives too, see sql_psycopg).
 CONNECT_TIMEOUT = 10  # seconds to open a connection (psycopg: all of it; pymysql: the TCP connection)
-READ_TIMEOUT = 60  # pymysql: any one read, its handshake's included (longer than InnoDB's 50 s lock wait)
+READ_TIMEOUT = 60  # any one read, its handshake's included (longer than InnoDB's 50 s lock wait)
 
 
-def _timeouts(parsed: sa.URL) -> dict[str, int]:
+def driver_timeouts(parsed: sa.URL) -> dict[str, Any]:
     """The drivers' connect arguments that bound a silent server's wait, unless the URL sets them."""
     if parsed.get_driver_name() == "psycopg":
-        wanted = {"connect_timeout": CONNECT_TIMEOUT}
+        wanted = {"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT, **sql_psycopg.libpq_options()}
     elif parsed.get_driver_name() == "pymysql":
         wanted = {"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT, "write_timeout": READ_TIMEOUT}
     else:
@@ -112,7 +114,7 @@ def make_engine(url: str) -> sa.Engine:
         # hide_parameters: bodies never reach an error message or a log; no reset on return: every use
         # of a connection ends with its own commit or rollback (pymysql would send one more ROLLBACK)
         options: dict[str, Any] = {"hide_parameters": True, "pool_reset_on_return": None,
-                                   "connect_args": _timeouts(parsed)}
+                                   "connect_args": driver_timeouts(parsed)}
         if parsed.get_backend_name() in ("mysql", "mariadb"):
             options["isolation_level"] = "READ COMMITTED"  # no gap locks: publishers never wait on a take
         if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
@@ -126,7 +128,13 @@ def make_engine(url: str) -> sa.Engine:
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     if engine.dialect.driver == "psycopg":
         cooperative_psycopg()
+        sa.event.listen(engine, "do_connect", _psycopg_connect)
     return engine
+
+
+def _psycopg_connect(_dialect: Any, _record: Any, args: Any, params: dict[str, Any]) -> Any:
+    """A connection whose waits for the server end after ``read_timeout`` seconds of silence."""
+    return sql_psycopg.connect(*args, **params)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
