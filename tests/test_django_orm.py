@@ -29,7 +29,7 @@ from funboost_like import BrokerEnum, patch_frame_config, task_deco  # noqa: E40
 from funboost_like.brokers.registry import get_broker  # noqa: E402
 from funboost_like.contrib.django import conf, mq_consumer, mq_consumer_process, mq_consumer_thread, mq_producer  # noqa: E402
 
-from .conftest import in_forked_child, require_server  # noqa: E402
+from .conftest import in_forked_child, require_server, until  # noqa: E402
 
 SERVERS = {"default": None, "postgresql": ("PostgreSQL", "127.0.0.1", 5432), "mariadb": ("MariaDB", "127.0.0.1", 3306)}
 _migrated: set[str] = set()
@@ -297,3 +297,97 @@ def test_admin_pages_and_actions(admin_client: Any, topics: Callable[[str], str]
                                {"action": "delete_selected", "_selected_action": pks, "post": "yes"})
     assert answer.status_code == 302
     assert broker.count(topic) == 0
+
+
+@pytest.fixture
+def silent_alias(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Any]]:
+    """The alias "silent_link": the test project's MariaDB behind a CuttableLink (the tables made by "mariadb")."""
+    from .tcp_cut import CuttableLink
+
+    require_server("MariaDB", "127.0.0.1", 3306)
+    use("mariadb")
+    link = CuttableLink(3306)
+    connections.settings["silent_link"] = {**connections.settings["mariadb"], "PORT": str(link.port),
+                                           "OPTIONS": {"charset": "utf8mb4"}}
+    try:
+        yield "silent_link", link
+    finally:
+        link.close()
+        connections["silent_link"].close()
+        del connections.settings["silent_link"]
+
+
+@pytest.mark.timeout(90)
+def test_a_consumer_whose_link_goes_silent_mid_fetch_reconnects_once_it_is_back(
+        silent_alias: tuple[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The path to the database went silent during a fetch (a proxy that stops forwarding: no reset): the
+    driver waited in recv forever, and the consumer never fetched again, even once the path was back. The
+    broker now gives the alias's OPTIONS read and write timeouts it does not set (60 s; 1 s here)."""
+    import logging
+
+    from funboost_like.brokers import django_orm
+
+    alias, link = silent_alias
+    monkeypatch.setattr(django_orm, "READ_TIMEOUT", 1, raising=False)
+    monkeypatch.setattr(django_orm, "CONNECT_TIMEOUT", 1, raising=False)
+    caplog.set_level(logging.INFO, logger="funboost_like")
+    topic = f"test_{uuid.uuid4().hex[:10]}_silent"
+    patch_frame_config(DJANGO_DATABASE_ALIAS=alias)
+    get_broker(BrokerEnum.DJANGO_ORM).count(topic)  # the consumers' broker: on the link
+    patch_frame_config(DJANGO_DATABASE_ALIAS="mariadb")
+    direct = django_orm.DjangoOrmBroker()
+    done = {1: threading.Event(), 2: threading.Event()}
+
+    @task_deco(topic, broker_kind=BrokerEnum.DJANGO_ORM, concurrent_num=1)
+    def f(x: int) -> None:
+        done[x].set()
+
+    from funboost_like.contrib.django import models
+
+    def stored() -> int:
+        return int(models.QueuedMessage.objects.using("mariadb").filter(queue=topic).count())
+
+    try:
+        f.consume()
+        direct.publish(topic, b'{"x": 1}')
+        assert done[1].wait(10)
+        assert until(lambda: stored() == 0, timeout=10)  # its ack went through
+        link.silence()  # the idle consumer's next fetch meets silence
+        direct.publish(topic, b'{"x": 2}')
+        assert until(lambda: "failed" in caplog.text, timeout=30), "the consumer never noticed"
+        link.restore()
+        assert done[2].wait(30), "the consumer never fetched again"
+        assert until(lambda: "works again" in caplog.text, timeout=10)
+        outages = [r for r in caplog.records if r.levelno >= logging.WARNING and "failed" in r.getMessage()]
+        assert len(outages) == 1, [r.getMessage() for r in outages]
+        assert until(lambda: stored() == 0, timeout=10)  # nothing lost, nothing left
+    finally:
+        f.stop()
+        f.consumer.join(15)
+        models.QueuedMessage.objects.using("mariadb").filter(queue=topic).delete()
+        direct.close()
+
+
+def test_the_alias_gets_bounds_on_a_silent_server_its_options_do_not_set() -> None:
+    """Keepalives on PostgreSQL (libpq), read and write timeouts on MariaDB; what OPTIONS sets wins."""
+    from funboost_like.brokers.django_orm import _bound_waits
+
+    require_server("PostgreSQL", "127.0.0.1", 5432)
+    use("postgresql")
+    settings_dict = connections.settings["postgresql"]
+    before = settings_dict.get("OPTIONS")
+    settings_dict["OPTIONS"] = {"keepalives_idle": 20}
+    try:
+        connection = connections["postgresql"]
+        connection.close()
+        _bound_waits(connection)
+        with connection.cursor():
+            info = {option.keyword.decode(): option.val for option in connection.connection.pgconn.info}
+        assert (info["keepalives"], info["keepalives_idle"], info["keepalives_count"]) == (b"1", b"20", b"3")
+        assert info["connect_timeout"] == b"10"
+    finally:
+        connections["postgresql"].close()
+        settings_dict["OPTIONS"] = before if before is not None else {}
+    mariadb = {"OPTIONS": {"read_timeout": 120}}
+    _bound_waits(type("C", (), {"vendor": "mysql", "settings_dict": mariadb})())
+    assert mariadb["OPTIONS"] == {"connect_timeout": 10, "read_timeout": 120, "write_timeout": 60}

@@ -20,6 +20,9 @@ lease end unique in the process, then reads back the rows so marked, in the same
 A publish is one plain ``INSERT`` on the ORM's connection (without the ``RETURNING`` of ``save``),
 ``publish_many`` an ``executemany`` in one transaction.
 
+Connections: on first use, the alias's ``OPTIONS`` get the bounds on a silent server they do not set
+(:func:`_bound_waits`: libpq's keepalives, MySQL's read and write timeouts; see docs/django.md).
+
 Threads and processes: Django keeps one connection per thread; each operation first closes this
 thread's connection if it failed or outlived ``CONN_MAX_AGE`` (what ``close_old_connections`` does at
 a request's edges), and runs again after a deadlock or a lock timeout. A call from a thread running an
@@ -44,6 +47,7 @@ from funboost_like.brokers.base import Capabilities, DeadLetter
 from funboost_like.brokers.django_records import DjangoKeyValueStore
 from funboost_like.brokers.leased_table import Claimed, LeasedTable, claimed
 from funboost_like.brokers.routing import Binding, added_bindings
+from funboost_like.brokers.sql_psycopg import KEEPALIVES, TCP_USER_TIMEOUT_MS
 from funboost_like.contrib.django import conf
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.runtime import cooperative_psycopg
@@ -54,6 +58,9 @@ _BATCH = 1000  # rows per executemany of a bulk publish
 _TRANSIENT_STATES = {"40001", "40P01"}  # PostgreSQL: serialization failure, deadlock
 _TRANSIENT_CODES = {1205, 1213, "database is locked"}  # MySQL: lock wait timeout, deadlock; SQLite
 _COLUMNS = ("id", "body", "attempts", "priority", "crashes")
+# A server that says nothing must not hold a push or a fetch forever (see _bound_waits; OPTIONS win)
+CONNECT_TIMEOUT = 10  # seconds to open a connection
+READ_TIMEOUT = 60  # MySQL and MariaDB: any one read or write (longer than InnoDB's 50 s lock wait)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -71,6 +78,23 @@ def _in_event_loop() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _bound_waits(connection: Any) -> None:
+    """Give the alias's ``OPTIONS`` the bounds on a silent server that it does not set itself (the drivers
+    wait without end): libpq's keepalives on PostgreSQL, read and write timeouts on MySQL and MariaDB."""
+    if connection.vendor == "postgresql":
+        database = connection.Database  # psycopg or psycopg2
+        pq = getattr(database, "pq", None)
+        libpq = pq.version() if pq is not None else database.extensions.libpq_version()
+        wanted: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT, **KEEPALIVES}
+        if libpq >= 120000:
+            wanted["tcp_user_timeout"] = TCP_USER_TIMEOUT_MS
+    elif connection.vendor == "mysql":
+        wanted = {"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT, "write_timeout": READ_TIMEOUT}
+    else:
+        return
+    connection.settings_dict["OPTIONS"] = {**wanted, **connection.settings_dict.get("OPTIONS", {})}
 
 
 def _refresh(connection: Any) -> None:
@@ -133,6 +157,7 @@ class DjangoOrmBroker(LeasedTable):
                 if self._models is None:
                     conf.ensure_django()
                     alias = conf.database_alias()
+                    _bound_waits(connections[alias])
                     conf.ensure_tables(alias)
                     from funboost_like.contrib.django import models
 
