@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def rows(queue: str) -> int:
     path = get_broker(BrokerEnum.PERSISTQUEUE).path(queue)  # type: ignore[attr-defined]
     if not path.exists():
         return 0
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,7 @@ def test_expire_seconds_zero_keeps_the_filter_forever(queue_name: str, isolated_
     key = filter_key(inspect.signature(forever.consuming_function), {"x": 1})
     for booster, expected in ((forever, None), (brief, pytest.approx(time.time() + 60, abs=10))):
         path = isolated_settings / f"{booster.queue_name}@{FILTER_NAMESPACE}.sqlite3"
-        with sqlite3.connect(path) as conn:
+        with closing(sqlite3.connect(path)) as conn, conn:
             assert conn.execute("SELECT expires_at FROM kv WHERE key = ?", (key,)).fetchall() == [(expected,)]
 
 

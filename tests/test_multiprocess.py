@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -136,7 +137,7 @@ def rows(queue: str) -> int:
     path = get_broker(BrokerEnum.PERSISTQUEUE).path(queue)  # type: ignore[attr-defined]
     if not path.exists():
         return 0
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
 
 

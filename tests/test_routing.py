@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -360,7 +361,7 @@ def test_sqlite_delayed_routed_messages_wait_in_the_delayed_table(sqlite_broker:
         sqlite_broker.bind(queue, "later", "direct", "k")
     sqlite_broker.publish_routed("later", "k", [b"x"], not_before=time.time() + 0.3)
     for queue in ("q1", "q2"):
-        with sqlite3.connect(sqlite_broker.path(queue)) as conn:
+        with closing(sqlite3.connect(sqlite_broker.path(queue))) as conn, conn:
             assert conn.execute("SELECT count(*) FROM delayed").fetchone()[0] == 1
         assert sqlite_broker.fetch(queue, 1, 0) == []
     [got] = sqlite_broker.fetch("q2", 1, 2.0)

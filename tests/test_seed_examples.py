@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -195,7 +196,7 @@ def check_graceful_exit(script: Script, sig: int = signal.SIGTERM) -> float:
 def sqlite_rows(broker: Broker, queue: str) -> int:
     """Every row of the queue file, including leased ones (count() leaves those out)."""
     path = broker.path(queue)  # type: ignore[attr-defined]
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
 
 

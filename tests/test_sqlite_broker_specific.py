@@ -18,6 +18,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,7 @@ def child_env(folder: Path, lease: float = 30.0) -> dict[str, str]:
 
 
 def rows_in(path: Path) -> int:
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
 
 
@@ -395,6 +396,8 @@ def test_sigkilled_consumer_message_comes_back_after_the_lease(broker: SqliteBro
     finally:
         child.kill()
         child.wait(5)
+        if child.stdout is not None:
+            child.stdout.close()
 
 
 CONSUMER = textwrap.dedent(
@@ -443,6 +446,9 @@ def test_four_processes_consume_each_message_exactly_once(broker: SqliteBroker, 
         for child in children:
             child.kill()
             child.wait(5)
+            for stream in (child.stdout, child.stderr):
+                if stream is not None:
+                    stream.close()
     assert [child.returncode for child in children] == [0] * workers, [err for _, err in outputs]
     per_child = [out.split() for out, _ in outputs]
     counts = collections.Counter(body for seen in per_child for body in seen)
@@ -617,7 +623,7 @@ def test_a_lease_that_ran_out_counts_a_crash_and_settled_returns_do_not(folder: 
 def test_files_of_earlier_versions_get_the_crashes_column(folder: Path) -> None:
     path = folder / queue_file_name(Q)
     folder.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(path) as conn:  # the schema before crash counting
+    with closing(sqlite3.connect(path)) as conn, conn:  # the schema before crash counting
         conn.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, priority INTEGER NOT NULL "
                      "DEFAULT 0, visible_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, owner TEXT, "
                      "body BLOB NOT NULL)")
@@ -642,7 +648,7 @@ def files_of(folder: Path, queue: str = Q) -> dict[str, int]:
     """Rows in ``messages`` and ``delayed`` of every file of ``queue``, by file name."""
     counts = {}
     for path in sorted(folder.glob(f"{queue}*.sqlite3")):
-        with sqlite3.connect(path) as conn:
+        with closing(sqlite3.connect(path)) as conn, conn:
             counts[path.name] = sum(int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
                                     for table in ("messages", "delayed"))
     return counts

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -198,7 +199,7 @@ def test_sqlite_job_store_survives_a_scheduler_restart(schedulers: list[FsdfBack
     first.shutdown()
 
     # What is stored is JSON text: a reference and the call's arguments, never a booster.
-    with sqlite3.connect(scheduler_dir / "jobs.sqlite3") as conn:
+    with closing(sqlite3.connect(scheduler_dir / "jobs.sqlite3")) as conn, conn:
         stored = conn.execute("SELECT id, job_state FROM apscheduler_jobs").fetchall()
         column_types = {name: kind for _, name, kind, *_ in conn.execute("PRAGMA table_info(apscheduler_jobs)")}
     assert column_types["job_state"] == "TEXT"
@@ -253,7 +254,7 @@ def test_two_scheduler_processes_on_one_store_publish_each_fire_time_once(
     assert codes == [0, 0], output
     assert "Traceback" not in output, output
 
-    with sqlite3.connect(scheduler_dir / "fire_locks.sqlite3") as conn:
+    with closing(sqlite3.connect(scheduler_dir / "fire_locks.sqlite3")) as conn, conn:
         claims = conn.execute("SELECT fire_time, owner FROM fire_locks WHERE job_id = ? ORDER BY fire_time",
                               (f"shared@{queue}",)).fetchall()
 
@@ -571,7 +572,7 @@ def test_a_stored_job_that_does_not_decode_is_logged_and_skipped(
     first.shutdown()
     marker = tmp_path / "marker"
     path = scheduler_dir / "jobs.sqlite3"
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         good_state = json.loads(conn.execute("SELECT job_state FROM apscheduler_jobs").fetchone()[0])
         rows = tampered_rows(good_state, marker)
         conn.executemany("INSERT INTO apscheduler_jobs (id, next_run_time, job_state) VALUES (?, ?, ?)",
@@ -588,7 +589,8 @@ def test_a_stored_job_that_does_not_decode_is_logged_and_skipped(
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     for job_id in rows:
         assert sum(f"job {job_id!r} in " in message for message in errors) == 1, errors  # logged once
-    with sqlite3.connect(path) as conn:  # parked: the scheduler does not wake up for them again and again
+    # parked: the scheduler does not wake up for them again and again
+    with closing(sqlite3.connect(path)) as conn, conn:
         parked = dict(conn.execute("SELECT id, next_run_time FROM apscheduler_jobs WHERE id != ?", (GOOD_JOB_ID,)))
     assert parked == dict.fromkeys(rows)
 
@@ -597,7 +599,8 @@ def test_a_stored_job_that_does_not_decode_is_logged_and_skipped(
                                   replace_existing=True)
     assert second.get_job("garbage") is not None
     second.remove_job("binary")
-    assert "binary" not in {job_id for job_id, in sqlite3.connect(path).execute("SELECT id FROM apscheduler_jobs")}
+    with closing(sqlite3.connect(path)) as conn:
+        assert "binary" not in {job_id for job_id, in conn.execute("SELECT id FROM apscheduler_jobs")}
 
 
 def test_bad_job_store_values_are_refused_without_passwords() -> None:
