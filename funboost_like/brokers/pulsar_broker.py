@@ -8,10 +8,13 @@ Layout, per queue ``q`` (topic names ``persistent://<PULSAR_NAMESPACE>/...``, ma
 
 * topic ``q``, Shared subscription ``fl``, shared by every consumer process: the ready messages.
   Another program publishes a JSON body to ``q`` and it runs. Each consuming process receives
-  through a zero-queue consumer (:class:`~funboost_like.brokers.pulsar_feed.Feed`): it holds only
-  what it asked for. A message is acked after its call. When a consumer process dies (or its
+  through a consumer whose receiver queue holds up to its capacity (the first fetch's size), and
+  acks a message after its call (:mod:`.pulsar_intake`). When a consumer process dies (or its
   connection does), the server dispatches the messages it held to the other consumers at once; a
   process that hangs keeps its messages until the server's keep-alive drops its connection.
+* topic ``q-fl-suspect``, subscription ``fl-suspect``: messages whose holder went while they were
+  held, each received alone through a zero-queue consumer
+  (:class:`~funboost_like.brokers.pulsar_feed.Feed`) and run alone.
 * topic ``q-fl-delayed``, subscription ``fl-delay``: delayed messages, property ``fl-due`` (UNIX
   seconds). pulsar-lite ignores ``deliver_after``, so delays are emulated: every consuming process
   runs a :class:`~funboost_like.brokers.pulsar_feed.Mover` that holds delayed messages until due and
@@ -19,13 +22,15 @@ Layout, per queue ``q`` (topic names ``persistent://<PULSAR_NAMESPACE>/...``, ma
 * topic ``q-DLQ``, subscription ``fl-dlq``: dead letters as JSON envelopes ``{"body", "reason",
   "failed_at", "attempts"}``.
 
-Counting (DESIGN §3.3): no negative ack is ever sent on ``q``, because Pulsar's ``redelivery_count``
-counts nacks and consumer deaths alike and the poison-message rule must see deaths only. A nack, a
-release or a retry publishes a copy with the properties ``fl-attempts`` (deliveries before it) and
+Counting (DESIGN §3.3): no negative ack is ever sent, because Pulsar's ``redelivery_count`` counts
+nacks and consumer deaths alike and the poison-message rule must see deaths only. A nack, a release
+or a retry publishes a copy with the properties ``fl-attempts`` (deliveries before it) and
 ``fl-crashes``, then acks the original; so a message the server delivers again (``redelivery_count``
-> 0) was held by a process that died, and its crashes are ``fl-crashes + redelivery_count``.
-Copies join the back of the queue. Acks are sent by the client in groups (every 100 ms): a
-process killed just after a call may see that call run again.
+> 0) was held by a process that went. On ``q`` that counts one crash (the message may only have
+waited in that process's receiver queue) and sends the message to the suspect topic, where each
+redelivery counts one (its holder ran it alone): :mod:`.pulsar_intake`. Copies join the back of
+their topic. Acks are sent by the client in groups (every 100 ms): a process killed just after a
+call may see that call run again.
 
 ``count`` and ``purge``: Pulsar's client protocol reports no backlog (pulsar-lite has no admin API,
 and its metrics lag 5 s), so ``purge`` receives every message the subscription can dispatch and
@@ -39,6 +44,7 @@ Capabilities: native redelivery, emulated delay, no priority, dead letters, no k
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -48,22 +54,13 @@ from typing import Any
 import pulsar
 
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
-from funboost_like.brokers.pulsar_feed import (
-    ATTEMPTS,
-    CRASHES,
-    DUE,
-    Feed,
-    Mover,
-    Received,
-    ack_all,
-    counts_of,
-    drain,
-    token_of,
-)
+from funboost_like.brokers.pulsar_feed import ATTEMPTS, CRASHES, DUE, Feed, Mover, Received, ack_all, counts_of, drain
+from funboost_like.brokers.pulsar_intake import MAX_PREFETCH, Intake
 from funboost_like.brokers.pulsar_topics import (
     DELAY_SUBSCRIPTION,
     DLQ_SUBSCRIPTION,
     READY_SUBSCRIPTION,
+    SUSPECT_SUBSCRIPTION,
     QueueTopics,
     check_queue_name,
 )
@@ -73,17 +70,13 @@ from funboost_like.core.errors import ConfigurationError
 
 logger = logging.getLogger("funboost_like.pulsar")
 
-RECEIVERS = 1  # zero-queue consumers per queue and process (several receive at once, out of order)
-SETTLE = 0.01  # seconds a fetch waits for a message a receive that just began brings (see Feed.pause)
-ACK_GROUPING = 0.15  # the client sends acks in groups, every 100 ms (a process killed sooner loses them)
+HAND_BACK_DELAY = 1.0  # seconds what a stopping consumer hands back waits in the delayed topic
 _ABANDONED: list[Any] = []  # clients inherited from a parent process: kept referenced, never closed here
 
-Copy = tuple[Any, pulsar.Message, int, int]  # (consumer that holds the original, original, attempts before, crashes)
 
-
-def _counted(message: pulsar.Message) -> dict[str, str]:
+def _counted(message: pulsar.Message, every_redelivery: bool) -> dict[str, str]:
     """The properties of a copy of ``message`` that keeps its counts."""
-    attempts, crashes = counts_of(message)
+    attempts, crashes = counts_of(message, every_redelivery)
     return {ATTEMPTS: str(attempts), CRASHES: str(crashes)}
 
 
@@ -148,7 +141,7 @@ class PulsarBroker(Broker):
                 q = self._queues.get(queue)
                 if q is None:
                     q = QueueTopics(queue, str(settings.get("PULSAR_NAMESPACE")))
-                    for topic, subscription in ((q.ready, READY_SUBSCRIPTION), (q.delayed, DELAY_SUBSCRIPTION)):
+                    for topic, subscription in self._kept(q):
                         self._subscription(topic, subscription)  # kept by the server from now on
                     self._queues[queue] = q
         return q
@@ -199,80 +192,80 @@ class PulsarBroker(Broker):
         else:
             self._send(q.ready, [(body, None) for body in bodies])
 
+    @staticmethod
+    def _kept(q: QueueTopics) -> tuple[tuple[str, str], ...]:
+        """The topics and subscriptions that keep a queue's waiting messages, delayed ones first."""
+        return (q.delayed, DELAY_SUBSCRIPTION), (q.ready, READY_SUBSCRIPTION), (q.suspects, SUSPECT_SUBSCRIPTION)
+
     # -- consuming -----------------------------------------------------------------------------------
-    def _feed(self, queue: str) -> Feed:
+    def _intake(self, queue: str, prefetch: int) -> Intake:
         q = self._queue(queue)
-        if q.feed is None:
+        if q.intake is None:
             with self._lock:
-                if q.feed is None:
-                    consumers = [self.client.subscribe(
-                        q.ready, READY_SUBSCRIPTION, consumer_type=pulsar.ConsumerType.Shared, receiver_queue_size=0,
-                        initial_position=pulsar.InitialPosition.Earliest) for _ in range(RECEIVERS)]
-                    q.feed = Feed(consumers, lambda received: self._hand_back(queue, [received]))
-                    delayed = self.client.subscribe(
-                        q.delayed, DELAY_SUBSCRIPTION, consumer_type=pulsar.ConsumerType.Shared,
-                        initial_position=pulsar.InitialPosition.Earliest)
-                    q.mover = Mover(delayed, lambda message, props: self._send(q.ready, [(message.data(), props)]))
-        return q.feed
+                if q.intake is None:
+                    prefetch = min(max(prefetch, 1), MAX_PREFETCH)
+                    shared, earliest = pulsar.ConsumerType.Shared, pulsar.InitialPosition.Earliest
+                    ready = self.client.subscribe(q.ready, READY_SUBSCRIPTION, consumer_type=shared,
+                                                  receiver_queue_size=prefetch, initial_position=earliest)
+                    suspects = Feed(self.client.subscribe(q.suspects, SUSPECT_SUBSCRIPTION, consumer_type=shared,
+                                                          receiver_queue_size=0, initial_position=earliest),
+                                    lambda received: self._hand_back(queue, [received]))
+                    q.intake = Intake(queue, ready, suspects, prefetch, functools.partial(self._hand_back, queue))
+                    delayed = self.client.subscribe(q.delayed, DELAY_SUBSCRIPTION, consumer_type=shared,
+                                                    initial_position=earliest)
+                    q.mover = Mover(delayed, lambda message, props: self._send(  # suspects stay off the ready topic
+                        q.suspects if int(props.get(CRASHES, 0)) else q.ready, [(message.data(), props)]))
+        return q.intake
 
     def _get(self, queue: str, max_n: int) -> list[Delivery]:
-        feed = self._feed(queue)
-        got = []
-        for _, message in feed.take(max_n):
-            attempts, crashes = counts_of(message)
-            got.append(Delivery(queue, message.data(), token_of(message), attempts + 1, 0, crashes))
-        if not got:
-            # one receive at a time (a zero-queue receive is one round trip anyway): no receive is left
-            # pending when the fetcher hands a message out, so none arrives unread while calls start
-            feed.ask(min(max_n, RECEIVERS))
-        elif any(d.crashes for d in got):  # it runs alone: nothing else is held here meanwhile
-            left = feed.refuse(SETTLE)
-            if left:
-                self._hand_back(queue, left)
-            time.sleep(ACK_GROUPING)  # the acks of what was handed back reach the server before it runs
-        else:
-            feed.pause(SETTLE)
-        return got
+        return self._intake(queue, max_n).take(max_n)
 
     def _wait(self, queue: str, timeout: float) -> None:
-        self._feed(queue).wait(timeout)
+        self._intake(queue, 1).wait(timeout)
 
     def _hand_back(self, queue: str, received: Sequence[Received]) -> None:
         """Put copies of messages this process received but will not run back, counts unchanged."""
         try:
-            self._copy(queue, [(consumer, m, *counts_of(m)) for consumer, m in received], 0.0)
+            self._copy(queue, received, 0.0)
         except Exception:  # noqa: BLE001 - the server delivers them again when this consumer goes
             logger.warning("handing back %d message(s) of queue %r failed", len(received), queue, exc_info=True)
 
     # -- settling ------------------------------------------------------------------------------------
     def _originals(self, deliveries: Sequence[Delivery]) -> list[Received]:
         """The held messages of these deliveries, each with its consumer (forgotten here: being settled)."""
-        held = self._feed(deliveries[0].queue).held
-        return [r for r in (held.pop(d.token, None) for d in deliveries) if r is not None]
+        q = self._queues.get(deliveries[0].queue)
+        return [] if q is None or q.intake is None else q.intake.settle(deliveries)
 
     def _ack(self, deliveries: Sequence[Delivery]) -> None:
-        for consumer, message in self._originals(deliveries):
+        for consumer, message, _, _ in self._originals(deliveries):
             consumer.acknowledge(message)
+        self._acked(deliveries[0].queue)
 
-    def _copy(self, queue: str, copies: Sequence[Copy], delay: float) -> None:
-        """Publish each copy with its counts (delayed: to the delayed topic), then ack the originals."""
+    def _acked(self, queue: str) -> None:
+        q = self._queues.get(queue)
+        if q is not None and q.intake is not None:
+            q.intake.acked()
+
+    def _copy(self, queue: str, copies: Sequence[Received], delay: float) -> None:
+        """Publish each copy with its counts, then ack the originals: a delayed one to the delayed
+        topic, one that counts crashes to the suspect topic, the others to the ready topic."""
         q = self._queue(queue)
-        items: list[tuple[bytes, dict[str, str] | None]] = []
+        to: dict[str, list[tuple[bytes, dict[str, str] | None]]] = {}
         for _, message, attempts, crashes in copies:
             properties = {ATTEMPTS: str(attempts), CRASHES: str(crashes)}
             if delay > 0:
                 properties[DUE] = repr(time.time() + delay)
-            items.append((message.data(), properties))
-        self._send(q.delayed if delay > 0 else q.ready, items)
+            topic = q.delayed if delay > 0 else q.suspects if crashes else q.ready
+            to.setdefault(topic, []).append((message.data(), properties))
+        for topic, items in to.items():
+            self._send(topic, items)
         for consumer, message, _, _ in copies:
             consumer.acknowledge(message)
+        self._acked(queue)
 
     def _requeue(self, deliveries: Sequence[Delivery], *, delay: float, front: bool, count_attempt: bool) -> None:
-        by_token = {d.token: d for d in deliveries}
-        copies = []
-        for consumer, message in self._originals(deliveries):
-            d = by_token[token_of(message)]
-            copies.append((consumer, message, d.attempts if count_attempt else d.attempts - 1, d.crashes))
+        originals = self._originals(deliveries)
+        copies = [r._replace(attempts=r.attempts + 1) for r in originals] if count_attempt else originals
         if copies:
             self._copy(deliveries[0].queue, copies, delay)
 
@@ -286,39 +279,35 @@ class PulsarBroker(Broker):
 
     # -- counting, purging, dead letters -------------------------------------------------------------
     def _size(self, queue: str) -> int:
-        """Receive what both subscriptions can dispatch now and put it back through the delayed topic,
+        """Receive what the subscriptions can dispatch now and put it back through the delayed topic,
         due at once (a copy put back on the ready topic could reach the draining consumer, whose
         closing would count a redelivery against it)."""
         q = self._queue(queue)
         total = 0
-        for topic, subscription in ((q.delayed, DELAY_SUBSCRIPTION), (q.ready, READY_SUBSCRIPTION)):  # in this order:
-            consumer, messages = drain(self.client, topic, subscription)  # the second puts back into the first
+        for topic, subscription in self._kept(q):  # delayed first: the others put back into it
+            consumer, messages = drain(self.client, topic, subscription)
             try:
-                if messages and topic == q.ready:
+                if messages and topic != q.delayed:
                     now = repr(time.time())
-                    self._send(q.delayed, [(m.data(), {**_counted(m), DUE: now}) for m in messages])
+                    every = topic == q.suspects
+                    self._send(q.delayed, [(m.data(), {**_counted(m, every), DUE: now}) for m in messages])
                 elif messages:  # delayed ones keep their properties (their counts do not change there)
                     self._send(q.delayed, [(m.data(), dict(m.properties())) for m in messages])
                 ack_all(consumer, messages)
             finally:
                 consumer.close()
             total += len(messages)
-        feed, mover = q.feed, q.mover
-        return total + (feed.buffered() if feed else 0) + (mover.held() if mover else 0)
+        intake, mover = q.intake, q.mover
+        return total + (intake.buffered() if intake else 0) + (mover.held() if mover else 0)
 
     def _purge(self, queue: str) -> int:
         q = self._queue(queue)
-        total = 0
-        if q.feed is not None:
-            left = q.feed.refuse()
-            for consumer, message in left:
-                consumer.acknowledge(message)
-            total += len(left)
+        total = q.intake.purge() if q.intake is not None else 0
         if q.mover is not None:
             taken = q.mover.take_all()
             ack_all(q.mover.consumer, taken)
             total += len(taken)
-        for topic, subscription in ((q.ready, READY_SUBSCRIPTION), (q.delayed, DELAY_SUBSCRIPTION)):
+        for topic, subscription in self._kept(q):
             total += self._drain_away(topic, subscription)
         return total
 
@@ -374,19 +363,25 @@ class PulsarBroker(Broker):
 
     # -- stopping ------------------------------------------------------------------------------------
     def _stop_fetching(self, queue: str) -> None:
-        """Stop receiving and moving delayed messages; hand back what was received and not taken."""
+        """Stop receiving and hand back what was received and not taken; once nothing is held either,
+        close the queue's consumers and its mover."""
         q = self._queues.get(queue)
-        if q is None or q.feed is None:
+        if q is None or q.intake is None:
             return
-        feed, mover = q.feed, q.mover
-        left = feed.refuse()
-        if left:
-            self._hand_back(queue, left)
-        if not feed.held:
-            q.feed, q.mover = None, None
-            feed.close()
+        intake, mover = q.intake, q.mover
+        left = intake.stop()
+        if left:  # through the delayed topic: a copy this process's ready consumer received would count a crash
+            try:  # when that consumer closes; by the time the copies are due, it has (unless calls still run)
+                self._copy(queue, left, HAND_BACK_DELAY)
+            except Exception:  # noqa: BLE001 - the server delivers them again when this consumer goes
+                logger.warning("handing back %d message(s) of queue %r failed", len(left), queue, exc_info=True)
+        if not intake.held:
+            q.intake, q.mover = None, None
+            intake.close()
             if mover is not None:
                 mover.close()
+
+    _stopped_consuming = _stop_fetching  # the graceful stop is over: what was held then is settled now
 
     def _close(self) -> None:
         for queue in list(self._queues):
@@ -396,7 +391,7 @@ class PulsarBroker(Broker):
                 logger.warning("handing back the received messages of queue %r failed", queue, exc_info=True)
         client = self._client
         for q in self._queues.values():
-            for part in (q.feed, q.mover):
+            for part in (q.intake, q.mover):
                 if part is not None:
                     part.close()
         try:

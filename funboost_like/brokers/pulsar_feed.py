@@ -1,13 +1,12 @@
-"""The consuming side of the Pulsar broker: a feed per queue, the delay mover, and draining.
+"""The consuming side of the Pulsar broker: the suspects' feed, the delay mover, and draining.
 
-* :class:`Feed`: a zero-queue consumer (``receiver_queue_size=0``) on the queue's Shared
-  subscription and one receiver thread. The client then holds no prefetched message the
-  application did not ask for: the thread calls ``receive()`` (one permit, one message) only while
-  the fetcher waits for work (:meth:`Feed.ask`), so what a process holds is what it runs. That
-  matters because Pulsar counts a message's redelivery after its holder died (``redelivery_count``)
-  whether or not the message had started, and the poison-message rule reads that count. A message
-  that arrives while the feed refuses (a call runs alone, the fetcher stopped) is handed to
-  ``on_refused`` (the broker puts a copy back, counts unchanged).
+* :class:`Feed`: a zero-queue consumer (``receiver_queue_size=0``) on a queue's suspect topic
+  (:mod:`.pulsar_intake`) and one receiver thread. The client then holds no message the application
+  did not ask for: the thread calls ``receive()`` (one permit, one message) only while the fetcher
+  asks (:meth:`Feed.ask`), so what a process holds there is the suspect it runs alone, and a
+  redelivery on that topic is a death while running it. A message that arrives while the feed
+  refuses (the fetcher stopped) is handed to ``on_refused`` (the broker puts a copy back, counts
+  unchanged).
 * :class:`Mover`: holds the queue's delayed messages (topic ``<queue>-fl-delayed``, subscription
   ``fl-delay``) unacknowledged in memory, ordered by their due time (property ``fl-due``), and
   publishes each one to the ready topic when due, then acks it. A mover that dies leaves its held
@@ -24,6 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import pulsar
 
@@ -32,141 +32,118 @@ logger = logging.getLogger("funboost_like.pulsar")
 ATTEMPTS, CRASHES, DUE = "fl-attempts", "fl-crashes", "fl-due"
 
 
-def token_of(message: pulsar.Message) -> tuple[int, int]:
-    """A message's (ledger, entry): its id within the topic (batching is off)."""
-    mid = message.message_id()
-    return mid.ledger_id(), mid.entry_id()
-
-
-def counts_of(message: pulsar.Message) -> tuple[int, int]:
+def counts_of(message: pulsar.Message, every_redelivery: bool) -> tuple[int, int]:
     """(deliveries before this one, crashes): the counts carried in the properties of a copy, plus the
-    redeliveries the server made after holders died (``redelivery_count``; no nack is ever sent on a
-    ready topic, so each one is a death)."""
+    redeliveries the server made after holders died or closed (``redelivery_count``; no nack is ever
+    sent, so each one is a holder that went). ``every_redelivery`` counts each of them (a zero-queue
+    consumer's topic, where a holder held only what it ran); else they count one at most (a
+    prefetching consumer's topic, where a holder may have held the message without running it)."""
     properties = message.properties()
     again = message.redelivery_count()
+    if again > 1 and not every_redelivery:
+        again = 1
     return int(properties.get(ATTEMPTS, 0)) + again, int(properties.get(CRASHES, 0)) + again
 
 
-Received = tuple[pulsar.Consumer, pulsar.Message]  # a message and the consumer that must settle it
+class Received(NamedTuple):
+    """A received message, the consumer that must settle it, and its counts (:func:`counts_of`)."""
+
+    consumer: pulsar.Consumer
+    message: pulsar.Message
+    attempts: int  # deliveries before this one
+    crashes: int
 
 
 class Feed:
-    """The messages of one queue this process asked for; see the module docstring. Each of its
-    zero-queue consumers has a receiver thread, so up to that many receives run at once."""
+    """The messages of one zero-queue consumer this process asked for; see the module docstring."""
 
-    def __init__(self, consumers: Sequence[pulsar.Consumer], on_refused: Callable[[Received], None]) -> None:
-        self.consumers = list(consumers)
+    def __init__(self, consumer: pulsar.Consumer, on_refused: Callable[[Received], None]) -> None:
+        self.consumer = consumer
         self._on_refused = on_refused
         self._buffer: deque[Received] = deque()
         self._cond = threading.Condition()
         self._want = 0
         self._refusing = False
-        self._receiving = 0  # receive() calls pending (a permit out for each)
+        self._receiving = False  # a receive() call is pending (a permit is out)
         self._receive_began = 0.0
         self._closed = False
-        self.held: dict[tuple[int, int], Received] = {}  # handed to the fetcher, not settled yet
-        self._threads = [threading.Thread(target=self._receive_loop, args=(consumer,), daemon=True,
-                                          name="funboost_like-pulsar-feed") for consumer in self.consumers]
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(target=self._receive_loop, daemon=True, name="funboost_like-pulsar-feed")
+        self._thread.start()
 
     def take(self, max_n: int) -> list[Received]:
         """Up to ``max_n`` received messages, without waiting."""
         with self._cond:
-            got = [self._buffer.popleft() for _ in range(min(max_n, len(self._buffer)))]
-        for received in got:
-            self.held[token_of(received[1])] = received
-        return got
+            return [self._buffer.popleft() for _ in range(min(max_n, len(self._buffer)))]
 
     def ask(self, n: int) -> None:
-        """Receive up to ``n`` messages (the fetcher found none and waits)."""
+        """Have ``n`` messages received, counting those received and not taken yet."""
         with self._cond:
-            self._want, self._refusing = max(0, n), False
-            self._cond.notify_all()
-
-    def pause(self, settle: float) -> None:
-        """Receive no more (the fetcher took messages and runs them). A receive that began less than
-        ``settle`` seconds ago is likely answered at once: wait for its message (kept for the next
-        fetch), so no message is unread in this process's socket while its calls start (see
-        :meth:`refuse`)."""
-        self._stop_asking(settle, refusing=False)
+            want = max(0, n - len(self._buffer))
+            if want != self._want or self._refusing:
+                self._want, self._refusing = want, False
+                self._cond.notify_all()
 
     def refuse(self, settle: float = 0.0) -> list[Received]:
         """Stop receiving; return the received messages nobody took (the caller hands them back).
         A message already on its way is handed to ``on_refused`` when it arrives: wait up to
-        ``settle`` seconds for it while the pending receive began less than that long ago, so a call
-        that kills its process right after does not find an unread message in its socket
-        (pulsar-lite never forgets a consumer whose connection ends by a reset: see docs/pulsar.md)."""
-        return self._stop_asking(settle, refusing=True)
-
-    def _stop_asking(self, settle: float, refusing: bool) -> list[Received]:
+        ``settle`` seconds for it while the pending receive began less than that long ago."""
         with self._cond:
-            self._want, self._refusing = 0, refusing
-            left: list[Received] = []
-            if refusing:
-                left, self._buffer = list(self._buffer), deque()
+            self._want, self._refusing = 0, True
+            left, self._buffer = list(self._buffer), deque()
             deadline = self._receive_began + settle
             while self._receiving and not self._closed and time.monotonic() < deadline:
                 self._cond.wait(deadline - time.monotonic())
         return left
 
-    def wait(self, timeout: float) -> None:
-        """Return when a message was received, or after ``timeout`` seconds."""
-        with self._cond:
-            if not self._buffer and not self._closed:
-                self._cond.wait(timeout)
-
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def _receive_loop(self, consumer: pulsar.Consumer) -> None:
+    def _receive_loop(self) -> None:
         cond = self._cond
         while True:
             with cond:
-                while self._want <= self._receiving and not self._closed:  # enough receives pending
+                while self._want <= 0 and not self._closed:
                     cond.wait()
                 if self._closed:
                     return
-                self._receiving += 1
+                self._receiving = True
                 self._receive_began = time.monotonic()
             try:
-                message = consumer.receive()  # one permit: one message
+                message = self.consumer.receive()  # one permit: one message
             except pulsar.AlreadyClosed:
                 return
             except Exception as exc:  # noqa: BLE001 - the client reconnects by itself; try again
-                self._done_receiving()
+                with cond:
+                    self._receiving = False
+                    cond.notify_all()
                 if self._closed:
                     return
                 logger.warning("receiving from Pulsar failed (%s); retrying", exc)
                 time.sleep(0.5)
                 continue
+            received = Received(self.consumer, message, *counts_of(message, every_redelivery=True))
             with cond:
                 refused = self._refusing or self._closed
                 if not refused:
-                    self._buffer.append((consumer, message))
+                    self._buffer.append(received)
                     self._want -= 1
-                    self._receiving -= 1
+                    self._receiving = False
                     cond.notify_all()
             if refused:
-                self._on_refused((consumer, message))
-                self._done_receiving()
-
-    def _done_receiving(self) -> None:
-        with self._cond:
-            self._receiving -= 1
-            self._cond.notify_all()
+                self._on_refused(received)  # before the receive counts as over: refuse(settle) waits for it
+                with cond:
+                    self._receiving = False
+                    cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        for consumer in self.consumers:
-            try:
-                consumer.close()
-            except pulsar.PulsarException:
-                logger.debug("closing a Pulsar consumer failed", exc_info=True)
-        for thread in self._threads:
-            thread.join(5)
+        try:
+            self.consumer.close()
+        except pulsar.PulsarException:
+            logger.debug("closing a Pulsar consumer failed", exc_info=True)
+        self._thread.join(5)
 
 
 class Mover:

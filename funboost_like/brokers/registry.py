@@ -153,7 +153,7 @@ FIXTURES: dict[BrokerEnum, Fixture | tuple[Fixture, ...]] = {
     # pulsar-lite, the stand-in (tests/pulsar_server.py); a dead consumer's messages come back when its connection drops
     BrokerEnum.PULSAR: Fixture(("Pulsar", "127.0.0.1", 6650), stand_in_flaw=(
         "pulsar-lite 0.2.0 never releases the messages of a consumer killed with an unread frame in its socket "
-        "(docs/pulsar.md); the poison test's three kills hit it about one run in eight")),
+        "(docs/pulsar.md); the poison test's three kills hit it about one run in three")),
     # no httpsqs can be had here: the fixture server (tests/httpsqs_server.py, httpsqs 1.7's protocol), with a password
     BrokerEnum.HTTPSQS: Fixture(("HTTPSQS fixture", "127.0.0.1", 1218),
                                 {"HTTPSQS_URL": "http://127.0.0.1:1218/?auth=fixture-secret"}),
