@@ -152,6 +152,33 @@ def test_a_fetch_takes_what_the_receiver_queue_holds(queue: str) -> None:
     broker.ack(got)
 
 
+def test_due_delayed_messages_move_in_batches(queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``count`` puts what waits back through the delayed topic, due at once (docs/pulsar.md): the mover
+    moved it back one send (one round trip) at a time, so a consumer started after a ``count`` of a
+    backlog ran at the mover's pace, about 1k calls/s (benchmarks/throughput.py counts before it
+    consumes). It now moves what its receiver queue holds in batches, in order."""
+    broker = PulsarBroker()
+    sends: list[int] = []
+    send = broker._send
+
+    def counted(topic: str, items: list[tuple[bytes, dict[str, str] | None]]) -> None:
+        if topic.endswith(f"/{queue}"):
+            sends.append(len(items))
+        send(topic, items)
+
+    try:
+        bodies = [f'{{"n":{i}}}'.encode() for i in range(300)]
+        broker.publish_many(queue, bodies)
+        assert broker.count(queue) == 300
+        monkeypatch.setattr(broker, "_send", counted)
+        got = fetch(broker, queue, 300)
+        assert [d.body for d in got] == bodies
+        assert sum(sends) == 300 and len(sends) <= 30, sends
+        broker.ack(got)
+    finally:
+        broker.close()
+
+
 def test_a_message_left_in_departed_holders_receiver_queues_counts_one_crash(queue: str) -> None:
     """Two plain consumers receive the message and close without settling it: the server counts two
     redeliveries. A holder of the ready topic may have held a message without running it (waiting in its

@@ -181,6 +181,14 @@ class PulsarBroker(Broker):
         if failures:
             raise pulsar.PulsarException(f"{len(failures)} of {len(items)} messages were refused: {failures[0]}")
 
+    def _send_to(self, items: Sequence[tuple[str, bytes, dict[str, str]]]) -> None:
+        """Publish (topic, body, properties) items, in order per topic; return once the server stored them all."""
+        by_topic: dict[str, list[tuple[bytes, dict[str, str] | None]]] = {}
+        for topic, body, properties in items:
+            by_topic.setdefault(topic, []).append((body, properties))
+        for topic, grouped in by_topic.items():
+            self._send(topic, grouped)
+
     # -- publishing ----------------------------------------------------------------------------------
     def _put(self, queue: str, bodies: Sequence[bytes], *, priority: int, not_before: float | None) -> None:
         if priority:
@@ -213,9 +221,12 @@ class PulsarBroker(Broker):
                     q.intake = Intake(queue, ready, suspects, prefetch, functools.partial(self._hand_back, queue))
                     delayed = self.client.subscribe(q.delayed, DELAY_SUBSCRIPTION, consumer_type=shared,
                                                     initial_position=earliest)
-                    q.mover = Mover(delayed, lambda message, props: self._send(  # suspects stay off the ready topic
-                        q.suspects if int(props.get(CRASHES, 0)) else q.ready, [(message.data(), props)]))
+                    q.mover = Mover(delayed, functools.partial(self._move, q))
         return q.intake
+
+    def _move(self, q: QueueTopics, due: Sequence[tuple[pulsar.Message, dict[str, str]]]) -> None:
+        """The mover's due messages to the ready topic, in order; those that count crashes to the suspect topic."""
+        self._send_to([(q.suspects if int(props.get(CRASHES, 0)) else q.ready, m.data(), props) for m, props in due])
 
     def _get(self, queue: str, max_n: int) -> list[Delivery]:
         return self._intake(queue, max_n).take(max_n)
@@ -250,15 +261,13 @@ class PulsarBroker(Broker):
         """Publish each copy with its counts, then ack the originals: a delayed one to the delayed
         topic, one that counts crashes to the suspect topic, the others to the ready topic."""
         q = self._queue(queue)
-        to: dict[str, list[tuple[bytes, dict[str, str] | None]]] = {}
+        items = []
         for _, message, attempts, crashes in copies:
             properties = {ATTEMPTS: str(attempts), CRASHES: str(crashes)}
             if delay > 0:
                 properties[DUE] = repr(time.time() + delay)
-            topic = q.delayed if delay > 0 else q.suspects if crashes else q.ready
-            to.setdefault(topic, []).append((message.data(), properties))
-        for topic, items in to.items():
-            self._send(topic, items)
+            items.append((q.delayed if delay > 0 else q.suspects if crashes else q.ready, message.data(), properties))
+        self._send_to(items)
         for consumer, message, _, _ in copies:
             consumer.acknowledge(message)
         self._acked(queue)

@@ -30,6 +30,7 @@ import pulsar
 logger = logging.getLogger("funboost_like.pulsar")
 
 ATTEMPTS, CRASHES, DUE = "fl-attempts", "fl-crashes", "fl-due"
+MOVE_BATCH = 1000  # delayed messages a mover receives, or moves, at once
 
 
 def counts_of(message: pulsar.Message, every_redelivery: bool) -> tuple[int, int]:
@@ -149,9 +150,10 @@ class Feed:
 class Mover:
     """Moves due delayed messages of one queue to its ready topic; see the module docstring."""
 
-    def __init__(self, consumer: pulsar.Consumer, move: Callable[[pulsar.Message, dict[str, str]], None]) -> None:
+    def __init__(self, consumer: pulsar.Consumer,
+                 move: Callable[[Sequence[tuple[pulsar.Message, dict[str, str]]]], None]) -> None:
         self.consumer = consumer
-        self._move = move  # publishes the body with these properties to the ready topic
+        self._move = move  # publishes each body with its properties, in order; returns once all are stored
         self._due: list[tuple[float, int, pulsar.Message]] = []
         self._order = itertools.count()
         self._lock = threading.Lock()
@@ -180,9 +182,15 @@ class Mover:
                 first = self._due[0][0] if self._due else None
             wait = 0.2 if first is None else min(0.2, max(0.0, first - time.time()))
             try:
-                message = self.consumer.receive(max(1, int(wait * 1000)))
+                got = [self.consumer.receive(max(1, int(wait * 1000)))]
+                try:  # and what else the receiver queue holds, so a backlog moves in batches
+                    while len(got) < MOVE_BATCH:
+                        got.append(self.consumer.receive(0))
+                except pulsar.Timeout:
+                    pass
                 with self._lock:
-                    heapq.heappush(self._due, (float(message.properties().get(DUE, 0)), next(self._order), message))
+                    for message in got:
+                        heapq.heappush(self._due, (float(message.properties().get(DUE, 0)), next(self._order), message))
             except pulsar.Timeout:
                 pass
             except pulsar.AlreadyClosed:
@@ -196,17 +204,20 @@ class Mover:
         now = time.time()
         while True:
             with self._lock:
-                if not self._due or self._due[0][0] > now:
-                    return
-                due, order, message = heapq.heappop(self._due)
-            properties = {k: v for k, v in message.properties().items() if k != DUE}
+                due = self._due
+                batch = [heapq.heappop(due) for _ in range(MOVE_BATCH) if due and due[0][0] <= now]
+            if not batch:
+                return
             try:
-                self._move(message, properties)
-                self.consumer.acknowledge(message)
+                self._move([(message, {k: v for k, v in message.properties().items() if k != DUE})
+                            for _, _, message in batch])
+                for _, _, message in batch:
+                    self.consumer.acknowledge(message)
             except Exception as exc:  # noqa: BLE001 - kept, moved again later
-                logger.warning("moving a due delayed message failed (%s); retrying", exc)
+                logger.warning("moving %d due delayed message(s) failed (%s); retrying", len(batch), exc)
                 with self._lock:
-                    heapq.heappush(self._due, (now + 1.0, order, message))
+                    for _, order, message in batch:
+                        heapq.heappush(self._due, (now + 1.0, order, message))
                 return
 
     def close(self) -> None:
