@@ -43,7 +43,7 @@ from funboost_like.brokers.pulsar_feed import Feed, Received, counts_of
 logger = logging.getLogger("funboost_like.pulsar")
 
 MAX_PREFETCH = 50  # the ready consumer's receiver queue, at most (it bounds what a graceful stop counts)
-WAIT_SLICE = 0.05  # seconds an idle fetch waits on the ready topic before it looks at the suspects again
+WAIT_SLICE = 1.0  # seconds an idle fetch waits on the ready topic before it looks at the suspects again
 ACK_GROUPING = 0.15  # the client sends acks in groups, every 100 ms (a process killed sooner loses them)
 _tokens = itertools.count(1)  # delivery tokens, unique in the process (a queue may get a new intake)
 
