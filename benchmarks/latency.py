@@ -33,7 +33,9 @@ two share the GIL). Its idle CPU is that of the process after the publisher thre
 
 SQLACHEMY (only when named) uses ``FUNBOOST_LIKE_BENCH_POSTGRESQL_URL`` (default
 ``postgresql+psycopg://postgres@127.0.0.1:5432/test``), whose LISTEN/NOTIFY wakes an idle consumer; its
-tables are dropped afterwards. PERSISTQUEUE uses a temporary ``SQLITE_QUEUES_PATH`` (deleted
+tables are dropped afterwards. PULSAR (only when named) uses ``FUNBOOST_LIKE_BENCH_PULSAR_URL`` (default
+``pulsar://127.0.0.1:6650``: start a pulsar-lite there first, ``tests/pulsar_server.py``); ``clear()``
+empties its topics afterwards. PERSISTQUEUE uses a temporary ``SQLITE_QUEUES_PATH`` (deleted
 afterwards). The Redis kinds use
 ``FUNBOOST_LIKE_BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/14``); a Redis kind is skipped,
 with a message, when that Redis does not answer a PING. Every process runs with
@@ -67,7 +69,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(1 + len([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), str(REPO_ROOT))
 
 BROKERS = ("LOCAL_PYTHON_QUEUE", "PERSISTQUEUE", "REDIS", "REDIS_ACK_ABLE", "RedisBrpopLpush", "REDIS_STREAM")
-OTHER_BROKERS = ("SQLACHEMY",)  # measured when named (PostgreSQL: LISTEN/NOTIFY wakes the consumer)
+OTHER_BROKERS = ("SQLACHEMY", "PULSAR")  # measured when named (PostgreSQL: LISTEN/NOTIFY wakes the consumer)
+BENCH_PULSAR_URL = os.environ.get("FUNBOOST_LIKE_BENCH_PULSAR_URL", "pulsar://127.0.0.1:6650")
 BENCH_POSTGRESQL_URL = os.environ.get("FUNBOOST_LIKE_BENCH_POSTGRESQL_URL",
                                       "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_BROKERS = {"REDIS", "REDIS_ACK_ABLE", "RedisBrpopLpush", "REDIS_STREAM"}
@@ -96,6 +99,8 @@ def _setup(cfg: dict[str, Any]):
         patch_frame_config(REDIS_URL=BENCH_REDIS_URL)
     if cfg["broker"] == "SQLACHEMY":
         patch_frame_config(SQLALCHEMY_URL=BENCH_POSTGRESQL_URL)
+    if cfg["broker"] == "PULSAR":
+        patch_frame_config(PULSAR_URL=BENCH_PULSAR_URL)
     results = cfg["results"]
 
     def f(seq, published_at):

@@ -4,7 +4,7 @@ pulsar-lite is started for the run, with its files in a temporary folder, and st
 
 Usage::
 
-    python benchmarks/pulsar_throughput.py [--n N] [--repeat R]
+    python benchmarks/pulsar_throughput.py [--n N] [--repeat R] [--paths publish,bulk,consume]
 
 Same paths and rules as ``benchmarks/throughput.py``, in one process, with ``def f(x, y): return x + y``,
 ``concurrent_num=50`` and log level WARNING, a new queue per path and repetition:
@@ -15,7 +15,9 @@ Same paths and rules as ``benchmarks/throughput.py``, in one process, with ``def
   ran N times and this process holds no unacknowledged message. Then the run is checked: exactly N
   calls, nothing left in the queue (``count``, which on Pulsar receives what is left; see docs/pulsar.md).
 
-The median and best rate of the repetitions are printed. A measurement, not a test: exit code 0.
+The median and best rate of the repetitions are printed. The package measured is this checkout's,
+unless ``PYTHONPATH`` names another one (``benchmarks/pair_pulsar_consume.sh`` compares two). A
+measurement, not a test: exit code 0.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# After the PYTHONPATH entries, so PYTHONPATH=/another/checkout measures that checkout's package.
+sys.path.insert(1 + len([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+                str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("FUNBOOST_LIKE_NO_USER_CONFIG", "1")
 
 from funboost_like import BrokerEnum, task_deco  # noqa: E402
@@ -97,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--paths", default="publish,bulk,consume", help="comma-separated: publish, bulk, consume")
     args = parser.parse_args(argv)
     parts = urlsplit(URL)
     server = None
@@ -105,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
     patch_frame_config(PULSAR_URL=URL)
     try:
-        for path in ("publish one-by-one", "publish bulk", "consume (acked)"):
+        names = {"publish": "publish one-by-one", "bulk": "publish bulk", "consume": "consume (acked)"}
+        for path in (names[name] for name in args.paths.split(",")):
             rates = [one_run(path, args.n) for _ in range(args.repeat)]
             print(f"pulsar  {path:<20} n={args.n:<7} median {statistics.median(rates):>9,.0f}/s   "
                   f"best {max(rates):>9,.0f}/s", flush=True)
