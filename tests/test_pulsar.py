@@ -137,7 +137,7 @@ def test_a_message_whose_holders_died_three_times_is_dead_lettered_without_runni
 def test_a_fetch_takes_what_the_receiver_queue_holds(queue: str) -> None:
     """The ready topic is read through a receiver queue (the first fetch's size): a fetch takes every
     message that arrived, in order. The zero-queue consumer before it took one message per fetch, a
-    round trip to the server each (1.4k calls/s against funboost's 8k/s)."""
+    round trip to the server each (2.2k calls/s against 14k/s now)."""
     broker = get_broker(BrokerEnum.PULSAR)
     bodies = [f'{{"n":{i}}}'.encode() for i in range(50)]
     broker.publish_many(queue, bodies)

@@ -23,8 +23,8 @@ run. Copies of messages that count crashes go straight to the suspect topic (the
 Stopping: what the receiver queue holds is taken and handed back, uncounted; taking it makes the
 client grant the server new permits, and what the server sends for them before the consumer closes
 comes back with one more redelivery. So a consumer stopped gracefully while the queue has a backlog
-leaves up to ``prefetch`` messages counted one crash (each then runs alone once): measured 48-50 of
-a 50-message prefetch (docs/pulsar.md). Without a backlog nothing is counted.
+leaves up to ``prefetch`` messages counted one crash (each then runs alone once): measured 46-50 of
+a 50-message prefetch (benchmarks/pulsar_stop_counts.py). Without a backlog nothing is counted.
 """
 
 from __future__ import annotations
