@@ -275,6 +275,36 @@ def test_a_program_that_used_pulsar_exits_cleanly(queue: str, tmp_path: Path) ->
         assert done.returncode == 0, f"run {run}: exit code {done.returncode}: {done.stderr.decode()[-500:]}"
 
 
+_PUSH_TO_A_CLOSED_PORT = """
+import logging, os, sys, threading, time
+from funboost_like import BrokerEnum, task_deco
+if sys.argv[1] == "asked":
+    logging.getLogger("funboost_like.pulsar.client").setLevel(logging.ERROR)
+
+@task_deco("closed_port", broker_kind=BrokerEnum.PULSAR)
+def f(x):
+    pass
+
+threading.Thread(target=f.push, args=(1,), daemon=True).start()
+time.sleep(1.5)
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("asked", [False, True], ids=["default", "asked"])
+def test_the_clients_own_lines_stay_off_standard_output_unless_asked_for(tmp_path: Path, asked: bool) -> None:
+    """The C++ client wrote an ERROR line to standard output for each failed connection attempt (ten a
+    second at first, in a program's or ``funboost_like queues --json``'s output); the broker reports it."""
+    from .standin import free_port
+
+    env = subprocess_env(tmp_path, FUNBOOST_LIKE_PULSAR_URL=f"pulsar://127.0.0.1:{free_port()}")
+    done = subprocess.run([sys.executable, "-c", _PUSH_TO_A_CLOSED_PORT, "asked" if asked else "default"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert ("Failed to establish connection" in done.stdout) is asked, done.stdout[-500:]
+
+
 def fetch(broker: Broker, queue: str, n: int) -> list[Delivery]:
     got: list[Delivery] = []
     deadline = time.monotonic() + 10

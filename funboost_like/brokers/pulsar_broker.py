@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -80,12 +81,16 @@ def _counted(message: pulsar.Message, every_redelivery: bool) -> dict[str, str]:
     return {ATTEMPTS: str(attempts), CRASHES: str(crashes)}
 
 
-def _client_logger() -> pulsar.ConsoleLogger:
-    """The C++ client's own console logger, at the level set on the ``funboost_like.pulsar.client`` logger
-    (WARNING unless set). Not a Python logger: the client's threads then log into Python as the process
-    exits, which aborts it about one exit in three (``terminate called without an active exception``,
-    pulsar-client-python#256; tests/test_pulsar.py)."""
-    level = logging.getLogger("funboost_like.pulsar.client").level or logging.WARNING
+def _client_logger() -> pulsar.ConsoleLogger | pulsar.FileLogger:
+    """The C++ client's own logger: none (its lines go to ``os.devnull``) unless a level is set on the
+    ``funboost_like.pulsar.client`` logger, then the client's console logger at that level. Its console
+    is standard output, where it wrote an ERROR line per failed connection attempt (for ``funboost_like
+    queues --json`` too); the broker reports an outage itself. Not a Python logger: the client's threads
+    then log into Python as the process exits, which aborts it about one exit in three (``terminate called
+    without an active exception``, pulsar-client-python#256; tests/test_pulsar.py)."""
+    level = logging.getLogger("funboost_like.pulsar.client").level
+    if not level:
+        return pulsar.FileLogger(pulsar.LoggerLevel.Error, os.devnull)
     for at_least, name in ((logging.ERROR, "Error"), (logging.WARNING, "Warn"), (logging.INFO, "Info")):
         if level >= at_least:
             return pulsar.ConsoleLogger(getattr(pulsar.LoggerLevel, name))
