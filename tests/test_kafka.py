@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import socket
 import subprocess
 import sys
 import threading
@@ -228,6 +229,46 @@ def test_publish_many_builds_record_batches_that_split_at_the_size_limit_and_kee
     read = client.read(queue_name, {requests[0]: 0}, {requests[0]: 1_000}, 20.0)
     assert [json.loads(r.value)["n"] for r in read] == list(range(1_000))
     assert [r.offset for r in read] == list(range(1_000))
+    broker.purge(queue_name)
+    broker.close()
+
+
+@pytest.mark.parametrize("server", [TANSU, MOCK], ids=["tansu", "mock"])
+def test_a_kafka_python_push_goes_out_on_the_callers_connection_and_falls_back_to_the_producer(
+        queue_name: str, server: tuple[str, str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A push (one record for one partition) is written to the leader on the calling thread and waited
+    for there (kafka_link), not handed to the producer's I/O thread; when the link is taken by another
+    thread or its connection broke, the record goes through the producer instead; nothing is lost."""
+    use(server, KAFKA_PARTITIONS=1)
+    broker = get_broker(BrokerEnum.KAFKA)
+    client = broker._client
+    sent: list[bytes] = []
+    send = client.producer.send
+    monkeypatch.setattr(client.producer, "send", lambda topic, value, **kw: (sent.append(value),
+                                                                              send(topic, value, **kw))[-1])
+    bodies = [json.dumps({"n": n}).encode() for n in range(8)]
+    for body in bodies[:4]:
+        broker.publish(queue_name, body)
+    assert sent == [] and broker.count(queue_name) == 4  # stored when push returned, without the producer
+    link = client.link
+    with link._lock:  # another thread on the link: the producer takes the push
+        broker.publish(queue_name, bodies[4])
+    assert sent == [bodies[4]]
+    for sock, _ in link._sockets.values():
+        sock.shutdown(socket.SHUT_RDWR)  # a connection that broke: the push goes through the producer
+    broker.publish(queue_name, bodies[5])
+    assert sent == [bodies[4], bodies[5]]
+    for body in bodies[6:]:  # and the next push connects again
+        broker.publish(queue_name, body)
+    assert sent == [bodies[4], bodies[5]]
+    assert [r.value for r in client.read(queue_name, {0: 0}, {0: 8}, 20.0)] == bodies
+    threads = [threading.Thread(target=lambda t=t: [broker.publish(queue_name, b'{"t": %d}' % t) for _ in range(25)])
+               for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert broker.count(queue_name) == 108
     broker.purge(queue_name)
     broker.close()
 
