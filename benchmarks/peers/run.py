@@ -37,6 +37,11 @@ Sets of workloads, all by default (``--set all``), in this order in every repeti
 * ``modes`` (not part of ``all``): the concurrency modes on memory, SQLite and REDIS_ACK_ABLE, ours and funboost
   alternating, a trivial function and one that waits 10 ms (``modes_set.py``, ``modes_workload.py``).
 
+The kafka and redis sets also run ``benchmarks/bare_push.py`` in every repetition, after ours: bare client loops
+that wait for each message (kafka-python ``send().get()``, confluent-kafka ``produce()`` + ``flush()``, one
+ProduceRequest per message on a plain socket; redis-py ``LPUSH`` and ``XADD``), whose medians are printed under the
+table as the ceiling of a one-by-one push on those servers.
+
 After every peer process of those sets, the topics (Kafka), streams (NATS) and collections (funboost's database
 ``funboost_mongomq``) whose name contains ``peerbench`` are deleted; funboost's KOMBU keys carry the prefix
 ``peerbench_fbkombu:`` and go with the other ``peerbench`` keys. Our side deletes its own.
@@ -87,6 +92,7 @@ from urllib.parse import quote, unquote, urlparse
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
 THROUGHPUT = REPO_ROOT / "benchmarks" / "throughput.py"
+BARE_PUSH = REPO_ROOT / "benchmarks" / "bare_push.py"  # bare client loops: the ceiling of a one-by-one push
 FUNBOOST_HOME = HERE / "funboost_home"
 CHILD_TIMEOUT_SECONDS = 300.0
 
@@ -492,6 +498,28 @@ def run_ours(brokers: list[str], redis_url: str, rabbitmq_url: str) -> dict:
     return _run(cmd, env, str(REPO_ROOT), "{")
 
 
+def run_bare(set_: str, redis_url: str) -> dict:
+    """The bare client loops of ``benchmarks/bare_push.py`` for the kafka and redis sets (others: nothing)."""
+    where = {"kafka": ["--kafka", KAFKA_SERVERS], "redis": ["--redis", redis_url]}.get(set_)
+    if where is None:
+        return {}
+    return _run([sys.executable, str(BARE_PUSH), *where, "--json"], dict(os.environ), str(REPO_ROOT), "BARE-RESULT ")
+
+
+def print_bare(bare_runs: dict[str, list[dict]]) -> None:
+    """Under the table: the medians of the bare client loops, one acknowledged message at a time."""
+    lines = []
+    for set_, runs in bare_runs.items():
+        labels = dict.fromkeys(label for run in runs for label in run if label != "error")
+        lines += [f"  {set_}: {label} {_fmt(_median([r[label] for r in runs if label in r]))}/s" for label in labels]
+        lines += [f"  {set_}: error {run['error']}" for run in runs if "error" in run]
+    if lines:
+        print()
+        print("Bare client loops that wait for each message, no framework (benchmarks/bare_push.py, in each "
+              "repetition after ours; medians): the ceiling of a one-by-one push on these servers:")
+        print("\n".join(lines))
+
+
 def _unbuilt(brokers: dict[str, str]) -> dict[str, str]:
     """Our broker kinds that cannot run yet: registry entry None, or its module / class does not import."""
     from funboost_like.brokers.registry import BROKERS
@@ -778,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
     load_start = _loadavg()
     ours_runs: dict[str, list[dict]] = {set_: [] for set_ in sets if ours_brokers[set_] and "ours" in only}
     peer_runs: dict[str, list[dict]] = {p.key: [] for p in peers}
+    bare_runs: dict[str, list[dict]] = {set_: [] for set_ in sets if set_ in ("kafka", "redis")}
     deleted = 0
     repeat = max(1, args.repeat)
     try:
@@ -788,6 +817,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
                     print(f"[{rep + 1}/{repeat}] funboost_like (throughput.py, {', '.join(ours_brokers[set_])}) ...",
                           end=" ", file=sys.stderr, flush=True)
                     ours_runs[set_].append(run_ours(ours_brokers[set_], args.redis_url, args.rabbitmq_url))
+                    print(f"{time.monotonic() - t:.1f}s", file=sys.stderr, flush=True)
+                if set_ in bare_runs:
+                    print(f"[{rep + 1}/{repeat}] bare client loops ...", end=" ", file=sys.stderr, flush=True)
+                    t = time.monotonic()
+                    bare_runs[set_].append(run_bare(set_, args.redis_url))
                     print(f"{time.monotonic() - t:.1f}s", file=sys.stderr, flush=True)
                 for peer in (p for p in peers if p.set == set_):
                     t = time.monotonic()
@@ -867,6 +901,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
           "elsewhere against our kind of the same name.")
     print_best(rows)
     print_kafka_extras(sets, ours_runs, peer_runs, peers)
+    print_bare(bare_runs)
     if problems:
         print()
         print("problems:")
@@ -875,7 +910,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
     if args.json:
         print()
         print(json.dumps({"info": info, "rows": rows, "problems": problems, "ours_runs": ours_runs,
-                          "peer_runs": peer_runs}, indent=2))
+                          "peer_runs": peer_runs, "bare_runs": bare_runs}, indent=2))
     return 0
 
 
