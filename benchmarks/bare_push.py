@@ -15,11 +15,12 @@ the benchmarks), deleted at the end:
 
 * ``kafka-python send().get()``: ``KafkaProducer(acks="all")``, ``send(topic, body, partition=p).get()``;
 * ``confluent-kafka produce()+flush()``: ``Producer({"acks": "all"})``, ``produce(...)`` then ``flush()``;
-* ``wire, blocking read`` and ``wire, polling 1 ms first``: one ProduceRequest (acks=all, a record
-  batch of one record built with kafka-python's ``DefaultRecordBatchBuilder``) per message, written to
-  a plain socket and its response read on the same thread, with a blocking read, or polling the socket
-  for up to 1 ms first: the protocol's own ceiling on this machine, with no client thread in between
-  (what our ``KAFKA`` push does, ``funboost_like/brokers/kafka_link.py``).
+* ``wire, blocking read`` and ``wire, polling 1 ms first``: one ProduceRequest (acks=all, version 7, a
+  record batch of one record built with kafka-python's ``DefaultRecordBatchBuilder``) per message,
+  packed and its answer read by ``funboost_like/brokers/kafka_link.py``'s two functions, written to a
+  plain socket and answered on the same thread, with a blocking read, or polling the socket for up to
+  1 ms first: the protocol's own ceiling in Python on this machine, no client thread in between (what
+  our ``KAFKA`` push does, the framework's message building and bookkeeping apart).
 
 Redis, on keys ``peerbench_bare_<pid>_*``, deleted at the end: ``redis-py LPUSH`` (``Redis.lpush(key, body)``,
 what funboost's ``REDIS_BRPOP_LPUSH`` and ``REDIS_ACK_ABLE`` publishers call) and ``redis-py XADD``
@@ -38,6 +39,11 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 BODY = (b'{"x":1,"y":1,"extra":{"task_id":"5f1c0e7a9b2d4c3e8a6f1b0d2c4e6a8b","publish_time":1796675532.123,'
         b'"publish_time_format":"2026-12-07 20:32:12"}}')
@@ -84,15 +90,15 @@ def kafka_loops(servers: str, n: int) -> dict[str, float]:
 
 
 def wire_loop(servers: str, topic: str, spin: float) -> Callable[[int], None]:
-    """One ProduceRequest per message on a plain socket to the (single) server of ``servers``."""
-    from kafka.protocol.parser import KafkaProtocol
-    from kafka.protocol.producer import ProduceRequest
+    """One ProduceRequest per message on a plain socket to the (single) server of ``servers``, packed by
+    ``kafka_link.produce_frame`` and read by ``kafka_link.answer_code`` (nothing else of the framework)."""
     from kafka.record.default_records import DefaultRecordBatchBuilder
+
+    from funboost_like.brokers.kafka_link import answer_code, produce_frame
 
     host, _, port = servers.split(",")[0].rpartition(":")
     sock = socket.create_connection((host, int(port)), 30)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    protocol, data = KafkaProtocol(client_id="bare_push"), ProduceRequest.TopicProduceData
     poller = select.poll()
     poller.register(sock, select.POLLIN)
 
@@ -100,20 +106,16 @@ def wire_loop(servers: str, topic: str, spin: float) -> Callable[[int], None]:
         batch = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False, producer_id=-1,
                                           producer_epoch=-1, base_sequence=-1, batch_size=0)
         batch.append(0, int(time.time() * 1000), None, BODY, [])
-        protocol.send_request(ProduceRequest[7](transactional_id=None, acks=-1, timeout_ms=30_000, topic_data=[
-            data(name=topic, partition_data=[data.PartitionProduceData(index=i % PARTITIONS,
-                                                                       records=bytes(batch.build()))])]))
-        sock.sendall(protocol.send_bytes())
+        sock.sendall(produce_frame(7, i + 1, topic.encode(), i % PARTITIONS, bytes(batch.build()), 30_000))
         deadline = time.perf_counter() + spin
         while spin and not poller.poll(0) and time.perf_counter() < deadline:
             pass
-        while True:
-            responses = protocol.receive_bytes(sock.recv(65536))
-            if responses:
-                break
-        codes = [p.error_code for t in responses[0][1].responses for p in t.partition_responses]
-        if codes != [0]:
-            raise RuntimeError(f"ProduceResponse error codes {codes}")
+        data = sock.recv(65536)
+        while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
+            data += sock.recv(65536)
+        code = answer_code(data[4:], i + 1)
+        if code:
+            raise RuntimeError(f"ProduceResponse error code {code}")
 
     return one
 

@@ -434,7 +434,7 @@ def _run(cmd: list[str], env: dict[str, str], cwd: str, marker: str) -> dict:
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {CHILD_TIMEOUT_SECONDS:.0f}s"}
     out = proc.stdout
-    if marker.startswith("PEER-RESULT"):
+    if marker != "{":  # a line "PEER-RESULT {...}" or "BARE-RESULT {...}"
         for line in out.splitlines():
             if line.startswith(marker):
                 return json.loads(line[len(marker):])

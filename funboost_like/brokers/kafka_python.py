@@ -29,7 +29,7 @@ from kafka.structs import OffsetAndMetadata
 from funboost_like.brokers import client_logs
 from funboost_like.brokers.kafka_base import KafkaBroker
 from funboost_like.brokers.kafka_client import GroupConsumer, KafkaClient, Listener, Produce, Record, collect, wanted
-from funboost_like.brokers.kafka_link import ProduceLink
+from funboost_like.brokers.kafka_link import VERSIONS, ProduceLink
 from funboost_like.core.config import settings
 from funboost_like.core.enums import BrokerEnum
 
@@ -126,9 +126,9 @@ class KafkaPythonClient(KafkaClient):
         self.batches = self.producer.config["api_version"] >= (0, 11)  # record batches need Produce v3
         config = base_config()
         plain = config["security_protocol"] == "PLAINTEXT" and "sasl_mechanism" not in config
-        self.link = ProduceLink(self.producer._metadata, self.admin._manager.broker_version_data.api_version(
-            ProduceRequest, min_version=3, max_version=9), TIMEOUT_MS, self.producer.config["max_request_size"]
-        ) if self.batches and plain else None
+        version = self.admin._manager.broker_version_data.api_version(ProduceRequest, *VERSIONS) if self.batches else 0
+        self.link = ProduceLink(self.producer._metadata, version, TIMEOUT_MS,
+                                self.producer.config["max_request_size"]) if version and plain else None
 
     def produce(self, topic: str, items: Sequence[Produce]) -> None:
         """Many records for one partition (a ``publish_many`` chunk) go out as record batches built here,
