@@ -88,6 +88,7 @@ def polls(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         real(connection, budget)
 
     monkeypatch.setattr(redis_common, "_spin_until_readable", spy)
+    monkeypatch.setattr(direct_connections(), "poll_choice", socket_spin.PollChoice())  # its polling trial first
     time.sleep(2 * socket_spin.SHARED_QUIET_SECONDS)  # no sharing seen recently by an earlier test
     return seen
 
@@ -127,6 +128,44 @@ def test_push_blocks_while_another_thread_uses_the_connections(client: redis.Red
     assert len(polls) == 1
     assert fn.get_message_count() == 12
     fn.clear()
+
+
+def test_the_poll_choice_keeps_the_way_whose_trial_was_faster_and_tries_both_again_later() -> None:
+    choice = socket_spin.PollChoice()
+    trial, keep = socket_spin.PollChoice.TRIAL, socket_spin.PollChoice.KEEP
+    for polled_takes, blocked_takes, keeps_polling in ((1e-4, 2e-4, True), (3e-4, 1e-4, False)):
+        ways = []
+        for _ in range(2 * trial + keep):
+            ways.append(choice.polls())
+            choice.took(polled_takes if ways[-1] else blocked_takes)
+        assert ways == [True] * trial + [False] * trial + [keeps_polling] * keep
+    ways = []
+    for n in range(2 * trial):  # one slow wait does not decide a trial: the median does
+        ways.append(choice.polls())
+        choice.took(0.05 if n == 0 else 1e-4 if ways[-1] else 2e-4)
+    assert choice.polls()
+
+
+def test_a_push_stops_polling_for_its_reply_while_polling_is_the_slower_way(
+        client: redis.Redis, queue: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """On a busy machine polling for the reply holds a CPU the server needs: a push measures both ways
+    in turns and keeps the faster (here polling is made slow: each poll costs 2 ms)."""
+    polled: list[float] = []
+
+    def slow_poll(connection: object, budget: float) -> None:
+        polled.append(budget)
+        time.sleep(0.002)
+
+    monkeypatch.setattr(redis_common, "_spin_until_readable", slow_poll)
+    connections = direct_connections()
+    monkeypatch.setattr(connections, "poll_choice", socket_spin.PollChoice())
+    time.sleep(2 * socket_spin.SHARED_QUIET_SECONDS)
+    trial = socket_spin.PollChoice.TRIAL
+    for i in range(2 * trial + 200):
+        connections.execute_command("LPUSH", queue, b"%d" % i, spin=True)
+    assert len(polled) == trial  # the polling trial, then blocking kept
+    assert client.llen(queue) == 2 * trial + 200
+    client.delete(queue)
 
 
 def test_sharing_seen_by_a_push_keeps_the_next_pushes_blocking_for_a_while(client: redis.Redis) -> None:  # noqa: F811

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterable
+from time import perf_counter
 from typing import Any
 
 import redis
@@ -30,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from funboost_like.brokers.socket_spin import Sharing, spin_until_readable
+from funboost_like.brokers.socket_spin import PollChoice, Sharing, spin_until_readable
 
 try:  # redis-py's hiredis parser, for reading many replies at C speed (see _read_replies_from_hiredis)
     from redis._parsers import hiredis as _redis_hiredis
@@ -79,6 +80,7 @@ class DirectConnections:
         self._idle: list[AbstractConnection] = []
         self._busy: set[AbstractConnection] = set()  # taken by a thread right now (set.add is atomic)
         self.sharing = Sharing()  # whether a spin-eligible call is alone on these connections
+        self.poll_choice = PollChoice()  # whether polling for its reply pays off now (measured in turns)
 
     def _new(self) -> AbstractConnection:
         connection: AbstractConnection = self._connection_class(**self._connection_kwargs)
@@ -91,7 +93,8 @@ class DirectConnections:
         polling the socket for a short while (:func:`_spin_until_readable`) before blocking, unless
         these connections were shared with another thread in the last ``socket_spin.SHARED_QUIET_SECONDS``
         (threads that publish together, or a consumer's fetch waiting on the server): a polling
-        thread would keep the GIL from them.
+        thread would keep the GIL from them. Whether polling pays off at all right now is measured in
+        turns (:class:`~funboost_like.brokers.socket_spin.PollChoice`): on a busy machine it does not.
         """
         idle = self._idle
         try:
@@ -104,10 +107,16 @@ class DirectConnections:
         packet = pack_command(*args)
         try:
             try:
+                started = perf_counter()
                 _send_with(connection, before, packet)
                 if spin and self.sharing.alone(len(busy)):
-                    _spin_until_readable(connection, SPIN_SECONDS)
-                reply = connection.read_response()
+                    choice = self.poll_choice
+                    if choice.polls():
+                        _spin_until_readable(connection, SPIN_SECONDS)
+                    reply = connection.read_response()
+                    choice.took(perf_counter() - started)
+                else:
+                    reply = connection.read_response()
             except (RedisConnectionError, RedisTimeoutError):
                 connection.disconnect()
                 _send_with(connection, before, packet)  # ``before`` sent again too (acks are idempotent)

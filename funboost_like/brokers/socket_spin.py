@@ -47,6 +47,47 @@ class Sharing:
         return now - self._shared_at > SHARED_QUIET_SECONDS
 
 
+class PollChoice:
+    """Whether polling for a reply pays off right now: measured in turns, not assumed.
+
+    Polling spares a waiting thread the wake-up of a halted CPU when the machine has an idle one (2x
+    for a Redis push on the quiet VM), and costs when it has none: the polling CPU is one the server or
+    other processes need (0.6-0.85x at a load average of 5). So the waits of one user alternate
+    between a trial of ``TRIAL`` waits polling, a trial of ``TRIAL`` waits blocking, and ``KEEP`` waits
+    the way whose trial had the lower median (send to reply). Used by one thread at a time (the one
+    :class:`Sharing` found alone); the benchmark ``push_wait.py`` compares it with either way alone.
+    """
+
+    __slots__ = ("_phase", "_count", "_trials", "_poll")
+    TRIAL, KEEP = 32, 1024
+
+    def __init__(self) -> None:
+        self._phase = 0  # 0: trial polling, 1: trial blocking, 2: keeping the faster way
+        self._count = 0
+        self._trials: tuple[list[float], list[float]] = ([], [])
+        self._poll = True
+
+    def polls(self) -> bool:
+        """Whether the next wait polls first."""
+        return self._phase == 0 if self._phase < 2 else self._poll
+
+    def took(self, seconds: float) -> None:
+        """Record the wait that :meth:`polls` was asked about: ``seconds`` from the send to the reply."""
+        self._count += 1
+        if self._phase == 2:
+            if self._count >= self.KEEP:
+                self._count, self._phase = 0, 0
+            return
+        trial = self._trials[self._phase]
+        trial.append(seconds)
+        if self._count >= self.TRIAL:
+            self._count, self._phase = 0, self._phase + 1
+            if self._phase == 2:
+                polled, blocked = (sorted(t)[len(t) // 2] for t in self._trials)
+                self._poll = polled <= blocked
+                self._trials = ([], [])
+
+
 def reply_poller(sock: object) -> Ready | None:
     """A zero-timeout readiness check of ``sock``, or None where polling it is not right (see above)."""
     if not isinstance(sock, socket.socket) or type(sock).__module__ != "socket" or not hasattr(select, "poll"):
