@@ -9,10 +9,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -265,6 +267,18 @@ def open_descriptors() -> list[str]:
 def open_sockets() -> int:
     """How many sockets this process has open."""
     return sum(link.startswith("socket:") for link in open_descriptors())
+
+
+def sockets_after_ended_publishers(broker: Any, queue: str, threads: int = 10) -> tuple[int, int]:
+    """Publishes once from this thread, then once from each of ``threads`` threads that end one after
+    another: this process's open sockets (before those threads, after them)."""
+    broker.publish(queue, b"{}")  # this thread's connection
+    before = open_sockets()
+    for _ in range(threads):
+        worker = threading.Thread(target=broker.publish, args=(queue, b"{}"))
+        worker.start()
+        worker.join()
+    return before, open_sockets()
 
 
 def until(check: Callable[[], object], timeout: float = 2.0) -> bool:

@@ -8,8 +8,12 @@ connections, point the client at a free port and start the relay there later (``
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
+from collections.abc import Callable
+
+import pytest
 
 from .standin import relay
 
@@ -98,3 +102,21 @@ class CuttableLink:
     def close(self) -> None:
         self.cut()
         self.listener.close()
+
+
+def ride_out_a_silence(link: CuttableLink, publish: Callable[[], object], ran_it: threading.Event,
+                       stored: Callable[[], int], caplog: pytest.LogCaptureFixture) -> None:
+    """A running consumer (idle, its acks through) behind ``link``: the link goes silent, ``publish`` sends a
+    message, the consumer must notice (one outage line), fetch again once the link is back, run the message
+    (``ran_it``) and leave nothing stored."""
+    from .conftest import until
+
+    link.silence()  # the idle consumer's next fetch meets silence
+    publish()
+    assert until(lambda: "failed" in caplog.text, timeout=30), "the consumer never noticed"
+    link.restore()
+    assert ran_it.wait(30), "the consumer never fetched again"
+    assert until(lambda: "works again" in caplog.text, timeout=10)
+    outages = [r for r in caplog.records if r.levelno >= logging.WARNING and "failed" in r.getMessage()]
+    assert len(outages) == 1, [r.getMessage() for r in outages]
+    assert until(lambda: stored() == 0, timeout=10)  # nothing lost, nothing left

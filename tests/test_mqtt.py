@@ -27,7 +27,7 @@ from funboost_like.brokers.mqtt_client import topic_part
 from funboost_like.core.config import patch_frame_config, settings
 from funboost_like.core.errors import BrokerConnectionError, ConfigurationError
 
-from .conftest import open_sockets, require_server, until
+from .conftest import require_server, sockets_after_ended_publishers, until
 
 URL = os.environ.get("FUNBOOST_LIKE_MQTT_URL", "mqtt://127.0.0.1:1883")
 HOST, PORT = urlsplit(URL).hostname or "127.0.0.1", urlsplit(URL).port or 1883
@@ -266,13 +266,8 @@ def test_the_publishing_connections_of_threads_that_ended_are_closed(brokers: li
     ended; one that broke (a restarted server) stayed listed."""
     broker = MqttBroker()
     brokers.append(broker)
-    broker.publish(queue_name, b"{}")  # this thread's connection
-    before = open_sockets()
-    for _ in range(10):
-        worker = threading.Thread(target=broker.publish, args=(queue_name, b"{}"))
-        worker.start()
-        worker.join()
-    assert open_sockets() <= before + 1  # the last thread's, closed when another one connects
+    before, after = sockets_after_ended_publishers(broker, queue_name)
+    assert after <= before + 1  # the last thread's, closed when another one connects
     assert broker.count(queue_name) == 11
 
 

@@ -424,12 +424,32 @@ def test_a_child_whose_supervisor_died_before_it_started_stops_too(tmp_path: Pat
     assert out.strip() == "stopped" and time.monotonic() - started < 10
 
 
+def kill_tree(proc: subprocess.Popen[str]) -> None:
+    """What a failed test leaves running: the script and its children."""
+    if proc.poll() is None:
+        for child in children_of(proc.pid):
+            os.kill(child, signal.SIGKILL)
+        proc.kill()
+
+
+def start_script_with_children(tmp_path: Path, name: str, source: str, children: int) -> subprocess.Popen[str]:
+    """Runs ``source`` as a script that prints 'ready' and then has ``children`` child processes."""
+    script = tmp_path / name
+    script.write_text(source)
+    proc = subprocess.Popen([sys.executable, str(script)], env=subprocess_env(tmp_path), stdout=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    deadline = time.monotonic() + 15
+    while len(children_of(proc.pid)) < children and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return proc
+
+
 def test_one_sigterm_stops_every_supervisor_of_the_process(tmp_path: Path) -> None:
     """A script that starts two supervisors (one in the background, one in the main thread, as a pipeline
     of two steps does) stopped only the last one's children on SIGTERM; the first one's kept running and
     the script never ended."""
-    script = tmp_path / "two_supervisors.py"
-    script.write_text(
+    proc = start_script_with_children(tmp_path, "two_supervisors.py", (
         "import time\n"
         "from funboost_like.concurrency.multiprocess import ProcessSupervisor\n"
         "def forever():\n"
@@ -440,14 +460,8 @@ def test_one_sigterm_stops_every_supervisor_of_the_process(tmp_path: Path) -> No
         "    second = ProcessSupervisor(forever, (), 1, start_method='fork', name='second')\n"
         "    print('ready', flush=True)\n"
         "    second.run()\n"
-        "    print('first stopped:', first.join(10), flush=True)\n")
-    proc = subprocess.Popen([sys.executable, str(script)], env=subprocess_env(tmp_path), stdout=subprocess.PIPE,
-                            text=True, cwd=tmp_path)
+        "    print('first stopped:', first.join(10), flush=True)\n"), 3)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        deadline = time.monotonic() + 15
-        while len(children_of(proc.pid)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
         descendants = children_of(proc.pid)
         assert len(descendants) == 3
         proc.send_signal(signal.SIGTERM)
@@ -455,10 +469,7 @@ def test_one_sigterm_stops_every_supervisor_of_the_process(tmp_path: Path) -> No
         assert proc.returncode == 0 and "first stopped: True" in out
         assert not any(alive(pid) for pid in descendants)
     finally:
-        if proc.poll() is None:
-            for child in children_of(proc.pid):
-                os.kill(child, signal.SIGKILL)
-            proc.kill()
+        kill_tree(proc)
 
 
 ENDING_SCRIPT = """
@@ -554,15 +565,8 @@ def test_a_signal_repeated_at_once_is_the_same_one_and_a_later_second_one_kills(
         tmp_path: Path, gap: float, graceful: bool) -> None:
     """``timeout -s INT`` signals its command and the command's process group: the supervisor got the signal
     twice, took the repeat for a second Ctrl-C and SIGKILLed children that were stopping gracefully."""
-    script = tmp_path / "slow_to_stop.py"
-    script.write_text(SLOW_TO_STOP)
-    proc = subprocess.Popen([sys.executable, str(script)], env=subprocess_env(tmp_path), stdout=subprocess.PIPE,
-                            text=True, cwd=tmp_path)
+    proc = start_script_with_children(tmp_path, "slow_to_stop.py", SLOW_TO_STOP, 2)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        deadline = time.monotonic() + 15
-        while len(children_of(proc.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
         time.sleep(0.3)  # the children's own handlers are in place
         proc.send_signal(signal.SIGINT)
         time.sleep(gap)
@@ -571,10 +575,7 @@ def test_a_signal_repeated_at_once_is_the_same_one_and_a_later_second_one_kills(
         assert out.count("child stopped gracefully") == (2 if graceful else 0), out
         assert "supervisor done" in out
     finally:
-        if proc.poll() is None:
-            for child in children_of(proc.pid):
-                os.kill(child, signal.SIGKILL)
-            proc.kill()
+        kill_tree(proc)
 
 
 REPEATED_SIGNAL_CONSUMER = """

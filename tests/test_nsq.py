@@ -24,7 +24,7 @@ from funboost_like.brokers.registry import get_broker
 from funboost_like.core.config import patch_frame_config
 from funboost_like.core.errors import ConfigurationError
 
-from .conftest import open_sockets, require_server
+from .conftest import require_server, sockets_after_ended_publishers
 from .nsqd_server import HOST, TCP_PORT, _nsqd_server  # noqa: F401 - starts the fixture when these tests run alone
 
 ADDRESS = (HOST, TCP_PORT)
@@ -162,13 +162,8 @@ def test_the_publishing_connections_of_threads_that_ended_are_closed(queue_name:
     require_server("nsqd fixture", HOST, TCP_PORT)
     broker = NsqBroker()
     try:
-        broker.publish(queue_name, b"{}")  # this thread's connection
-        before = open_sockets()
-        for _ in range(10):
-            worker = threading.Thread(target=broker.publish, args=(queue_name, b"{}"))
-            worker.start()
-            worker.join()
-        assert open_sockets() <= before + 1  # the last thread's, closed when another one connects
+        before, after = sockets_after_ended_publishers(broker, queue_name)
+        assert after <= before + 1  # the last thread's, closed when another one connects
         assert broker.count(queue_name) == 11
     finally:
         broker.purge(queue_name)

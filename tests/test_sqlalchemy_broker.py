@@ -413,7 +413,7 @@ def test_a_consumer_whose_link_goes_silent_mid_fetch_reconnects_once_it_is_back(
     seconds of silence (60 s by default; 1 s here), the outage is logged once and the consumer goes on."""
     from funboost_like.brokers import sqlalchemy_tables
 
-    from .tcp_cut import CuttableLink
+    from .tcp_cut import CuttableLink, ride_out_a_silence
 
     url, server = DATABASES[database]
     assert server is not None
@@ -444,15 +444,7 @@ def test_a_consumer_whose_link_goes_silent_mid_fetch_reconnects_once_it_is_back(
                 return int(conn.execute(rows).scalar_one())
 
         assert until(lambda: stored() == 0, timeout=10)  # its ack went through
-        link.silence()  # the idle consumer's next fetch meets silence
-        direct.publish(queue_name, b'{"x": 2}')
-        assert until(lambda: "failed" in caplog.text, timeout=30), "the consumer never noticed"
-        link.restore()
-        assert done[2].wait(30), "the consumer never fetched again"
-        assert until(lambda: "works again" in caplog.text, timeout=10)
-        outages = [r for r in caplog.records if r.levelno >= logging.WARNING and "failed" in r.getMessage()]
-        assert len(outages) == 1, [r.getMessage() for r in outages]
-        assert until(lambda: stored() == 0, timeout=10)  # nothing lost, nothing left
+        ride_out_a_silence(link, lambda: direct.publish(queue_name, b'{"x": 2}'), done[2], stored, caplog)
     finally:
         f.stop()
         link.close()
