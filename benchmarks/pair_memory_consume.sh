@@ -8,11 +8,5 @@ a_root=$1 b_root=$2 n=${3:-5}
 python=${PYTHON:-"$(dirname "$0")/../.venv/bin/python"}
 script="$a_root/benchmarks/throughput.py"
 rate() { PYTHONPATH=$1 "$python" "$script" --brokers memory --repeat 1 2>&1 | awk '/consume \(acked\)/ {gsub(",", "", $5); print $5}'; }
-a=() b=()
-for _ in $(seq "$n"); do a+=("$(rate "$a_root")"); b+=("$(rate "$b_root")"); done
-"$python" - "${a[*]}" "${b[*]}" <<'PY'
-import statistics, sys
-a, b = ([int(x) for x in arg.split()] for arg in sys.argv[1:3])
-ma, mb = statistics.median(a), statistics.median(b)
-print(f"A median {ma:,.0f}/s {a}\nB median {mb:,.0f}/s {b}\nB against A: {100 * (mb - ma) / ma:+.1f}%")
-PY
+source "$(dirname "$0")/pairs.sh"
+run_pairs "$a_root" "$b_root" "$n"

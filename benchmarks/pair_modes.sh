@@ -25,16 +25,9 @@ result = json.loads(sys.stdin.read().split("PEER-RESULT ", 1)[1])["results"]["co
 print(round(result["rate"]) if result.get("ok_check") else 0)'
     rm -rf "$tmp"
 }
-a=() b=()
-for _ in $(seq "$n"); do a+=("$(rate "$a_root")"); b+=("$(rate "$b_root")"); done
+source "$(dirname "$0")/pairs.sh"
+run_pairs "$a_root" "$b_root" "$n" "$broker $mode $work (0: a run that failed its check)"
 if [[ $broker == redis_ack_able ]]; then
     "$python" -c "import redis, sys; c = redis.Redis.from_url(sys.argv[1]); q = sys.argv[2]
 c.delete(q, *c.scan_iter(match='fl:{' + q + '}:*'))" "$redis_url" "$queue"
 fi
-"$python" - "${a[*]}" "${b[*]}" "$broker $mode $work" <<'PY'
-import os, statistics, sys
-a, b = ([int(x) for x in arg.split()] for arg in sys.argv[1:3])
-ma, mb = statistics.median(a), statistics.median(b)
-print(f"{sys.argv[3]}: A median {ma:,.0f}/s {a}; B median {mb:,.0f}/s {b}; B against A: {100 * (mb - ma) / ma:+.1f}%"
-      f" (0: a run that failed its check); load {os.getloadavg()[0]:.2f}")
-PY

@@ -12,11 +12,5 @@ rate() {
     PYTHONPATH=$1 "$python" "$script" --paths consume --n "$messages" --repeat 1 2>&1 |
         awk '/consume \(acked\)/ {gsub(",", "", $6); sub("/s", "", $6); print $6}'
 }
-a=() b=()
-for _ in $(seq "$n"); do a+=("$(rate "$a_root")"); b+=("$(rate "$b_root")"); done
-"$python" - "${a[*]}" "${b[*]}" <<'PY'
-import statistics, sys
-a, b = ([int(x) for x in arg.split()] for arg in sys.argv[1:3])
-ma, mb = statistics.median(a), statistics.median(b)
-print(f"A median {ma:,.0f}/s {a}\nB median {mb:,.0f}/s {b}\nB against A: {100 * (mb - ma) / ma:+.1f}%")
-PY
+source "$(dirname "$0")/pairs.sh"
+run_pairs "$a_root" "$b_root" "$n"

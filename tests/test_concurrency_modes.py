@@ -207,15 +207,20 @@ f.stop()
 """
 
 
+def run_script(script: Path, source: str, settings_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Runs ``source`` as a script (warnings off) and checks that it ended well."""
+    script.write_text(textwrap.dedent(source))
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(script)], env=subprocess_env(settings_dir),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
 @pytest.mark.parametrize("mode, patch", GREEN_MODES)
 def test_green_modes_run_blocking_calls_concurrently(isolated_settings: Path, tmp_path: Path, mode: str,
                                                      patch: str) -> None:
     pytest.importorskip(mode.lower())
-    script = tmp_path / "green.py"
-    script.write_text(textwrap.dedent(GREEN_SCRIPT.format(patch=patch, mode=mode)))
-    proc = subprocess.run([sys.executable, "-W", "ignore", str(script)], env=subprocess_env(isolated_settings),
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_script(tmp_path / "green.py", GREEN_SCRIPT.format(patch=patch, mode=mode), isolated_settings)
     assert "TIMEOUT_STOPPED" in proc.stdout, proc.stdout + proc.stderr
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("DONE")][0]
     _, count, stuck_finished, seconds = line.split()
@@ -263,11 +268,7 @@ def test_green_modes_run_calls_that_never_yield_without_a_greenlet_each(isolated
     (memory broker: 32k/s against 128k/s). Calls that never yield now run one after another in one
     greenlet, while calls that wait still all run at once."""
     pytest.importorskip(mode.lower())
-    script = tmp_path / "green_pool.py"
-    script.write_text(textwrap.dedent(GREEN_POOL_SCRIPT.format(patch=patch, mode=mode)))
-    proc = subprocess.run([sys.executable, "-W", "ignore", str(script)], env=subprocess_env(isolated_settings),
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_script(tmp_path / "green_pool.py", GREEN_POOL_SCRIPT.format(patch=patch, mode=mode), isolated_settings)
     lines = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line[:4] in ("FAST", "SLOW")}
     calls, most = lines["FAST"]
     assert calls == "500" and int(most) <= 2  # a greenlet per call made 50 of them for each batch
