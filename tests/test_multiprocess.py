@@ -24,6 +24,7 @@ import pytest
 
 from funboost_like import BrokerEnum, ConfigurationError, run_consumer_with_multi_process, task_deco
 from funboost_like.brokers.registry import get_broker
+from funboost_like.concurrency.forker import FORKER_NAME
 from funboost_like.concurrency.multiprocess import ProcessSupervisor
 from funboost_like.core.reference import BoosterReferenceError, booster_reference, resolve_booster
 from tests.conftest import REPO, subprocess_env
@@ -100,16 +101,32 @@ def children_of(pid: int) -> list[int]:
     return sorted(found)
 
 
+def descendants_of(pid: int) -> list[int]:
+    """Live children of ``pid``, their children, and so on."""
+    found = children_of(pid)
+    return found + [grandchild for child in found for grandchild in descendants_of(child)]
+
+
+def is_forker(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == FORKER_NAME
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def consumer_children(pid: int) -> list[int]:
+    """The consumer processes a supervisor in process ``pid`` runs: its children, or with fork its forker's."""
     result = []
     for child in children_of(pid):
         try:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         except FileNotFoundError:
             continue
-        if b"resource_tracker" not in cmdline:
+        if is_forker(child):
+            result += children_of(child)
+        elif b"resource_tracker" not in cmdline:
             result.append(child)
-    return result
+    return sorted(result)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, logs: Path) -> None:
@@ -148,7 +165,7 @@ def supervisors() -> Iterator[list[subprocess.Popen[bytes]]]:
     yield started
     for proc in started:
         if proc.poll() is None:
-            for child in children_of(proc.pid):
+            for child in descendants_of(proc.pid):
                 os.kill(child, signal.SIGKILL)
             proc.kill()
             proc.wait(5)
@@ -169,7 +186,7 @@ def start_supervisor(queue: str, record: Path, queues: Path, tmp_path: Path, sta
 
 def stop_and_check_nothing_left(proc: subprocess.Popen[bytes], sig: int, log: Path) -> float:
     """Signal the supervisor; it must exit 0 and leave no descendant alive. Return how long it took."""
-    descendants = children_of(proc.pid)
+    descendants = descendants_of(proc.pid)
     proc.send_signal(sig)
     sent = time.monotonic()
     try:
@@ -427,7 +444,7 @@ def test_a_child_whose_supervisor_died_before_it_started_stops_too(tmp_path: Pat
 def kill_tree(proc: subprocess.Popen[str]) -> None:
     """What a failed test leaves running: the script and its children."""
     if proc.poll() is None:
-        for child in children_of(proc.pid):
+        for child in descendants_of(proc.pid):
             os.kill(child, signal.SIGKILL)
         proc.kill()
 
@@ -440,7 +457,7 @@ def start_script_with_children(tmp_path: Path, name: str, source: str, children:
                             text=True, cwd=tmp_path)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     deadline = time.monotonic() + 15
-    while len(children_of(proc.pid)) < children and time.monotonic() < deadline:
+    while len(consumer_children(proc.pid)) < children and time.monotonic() < deadline:
         time.sleep(0.05)
     return proc
 
@@ -462,14 +479,62 @@ def test_one_sigterm_stops_every_supervisor_of_the_process(tmp_path: Path) -> No
         "    second.run()\n"
         "    print('first stopped:', first.join(10), flush=True)\n"), 3)
     try:
-        descendants = children_of(proc.pid)
-        assert len(descendants) == 3
+        descendants = descendants_of(proc.pid)
+        assert len(consumer_children(proc.pid)) == 3
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=15)
         assert proc.returncode == 0 and "first stopped: True" in out
         assert not any(alive(pid) for pid in descendants)
     finally:
         kill_tree(proc)
+
+
+FORKS_SCRIPT = """
+import os, sys, threading
+from funboost_like import BrokerEnum, task_deco
+
+def note_fork(path=sys.argv[2]):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, f"{os.getpid()} {threading.active_count()}\\n".encode())
+    os.close(fd)
+
+os.register_at_fork(before=note_fork)
+
+@task_deco(sys.argv[1], broker_kind=BrokerEnum.PERSISTQUEUE)
+def work(x):
+    return x
+
+if __name__ == "__main__":
+    supervisor = work.multi_process_consume(2, start_method="fork")
+    print("ready", flush=True)
+    while not supervisor.join(0.2):  # the script's main thread goes on beside the supervising thread
+        pass
+"""
+
+
+@pytest.mark.timeout(60)
+def test_no_child_is_forked_from_a_multi_threaded_process(
+        isolated_settings: Path, tmp_path: Path, queue_name: str, supervisors: list[subprocess.Popen[bytes]]) -> None:
+    """``multi_process_consume`` replaced a dead child by forking from its supervising thread, beside the
+    script's main thread: a lock another thread held at that moment stays held forever in the child, and
+    Python 3.12+ warns "This process is multi-threaded, use of fork() may lead to deadlocks". Every child,
+    first ones and replacements, is now forked by a single-threaded forker process."""
+    script, forks, log = tmp_path / "forks.py", tmp_path / "forks.txt", tmp_path / "supervisor.log"
+    script.write_text(FORKS_SCRIPT)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-W", "always::DeprecationWarning", str(script), queue_name,
+                                 str(forks)], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                env=subprocess_env(isolated_settings, FUNBOOST_LIKE_GRACEFUL_STOP_SECONDS=str(GRACE)))
+    supervisors.append(proc)
+    wait_until(lambda: len(consumer_children(proc.pid)) == 2, 20, "two children", log)
+    first = consumer_children(proc.pid)
+    os.kill(first[0], signal.SIGKILL)
+    wait_until(lambda: len(set(consumer_children(proc.pid)) - set(first)) == 1, 15, "the killed child's replacement",
+               log)
+    stop_and_check_nothing_left(proc, signal.SIGTERM, log)
+    threads_at_fork = [int(line.split()[1]) for line in forks.read_text().splitlines()]
+    assert len(threads_at_fork) >= 3 and set(threads_at_fork) == {1}, forks.read_text()
+    assert "multi-threaded" not in tail(log), tail(log)
 
 
 ENDING_SCRIPT = """

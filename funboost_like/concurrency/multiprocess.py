@@ -32,6 +32,12 @@ elsewhere. The start method comes from the ``start_method`` argument, else the
 (threads are greenlets then, and a fork copies all of them: the child would go on running the
 parent's code beside its consumer), else the platform default.
 
+With ``fork`` (and real threads) no child is forked by the supervisor's process: at start it forks one
+single-threaded process, the forker (funboost_like/concurrency/forker.py), which forks every child,
+first ones and replacements, on request. A replacement is thus never forked from a multi-threaded
+process (the supervising thread beside the script's), and is the same copy of the start state as the
+first children. The children are the forker's; the supervisor still signals, reaps and replaces them.
+
 Graceful stop relies on POSIX signals; on Windows children are terminated.
 """
 
@@ -52,6 +58,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
+from funboost_like.concurrency.forker import ForkedChild, Forker
 from funboost_like.core import sqlite_fork
 from funboost_like.core.config import settings
 from funboost_like.core.log import ensure_console_handler
@@ -70,7 +77,7 @@ class _Slot:
     """One of the ``process_num`` places the supervisor keeps filled."""
 
     index: int
-    process: BaseProcess | None = None
+    process: BaseProcess | ForkedChild | None = None
     started_at: float = 0.0
     fast_exits: int = 0  # exits in a row, each within fast_exit_seconds of its start
     restart_at: float | None = None  # monotonic time of a pending (re)start
@@ -136,6 +143,7 @@ class ProcessSupervisor:
         self._previous_handlers: dict[int, Any] = {}
         self._first_signal_at = 0.0
         self._lock = threading.Lock()
+        self._forker: Forker | None = None  # with fork (and real threads): the process that forks the children
         # spawn and forkserver children import the script again by its path, which the interpreter takes
         # from __main__ once the script's last line ran (a replacement child started after it must find it)
         self._main_file = getattr(sys.modules.get("__main__"), "__file__", None)
@@ -198,10 +206,13 @@ class ProcessSupervisor:
         install_exit_wait()  # under eventlet: the script's end waits for the supervisor, as for a real thread
         self._install_signal_handlers()
         try:
+            if self.start_method == "fork" and not threads_are_green():  # green threads: one OS thread anyway
+                self._forker = Forker(self._ctx, _child_main, (self._target, self._args), self.name)
             for slot in self._slots:
                 self._launch(slot)
         except BaseException:
             self._stop_children()
+            self._close_forker()
             self._done.set()
             self._restore_signal_handlers()
             raise
@@ -212,11 +223,17 @@ class ProcessSupervisor:
         main = sys.modules.get("__main__")
         if self._main_file and main is not None and getattr(main, "__file__", None) is None:
             main.__file__ = self._main_file
-        process = self._ctx.Process(target=_child_main, args=(self._target, self._args, os.getpid()),  # type: ignore[attr-defined]
-                                    name=f"{self.name}-{slot.index}", daemon=False)
-        process.start()
-        if self.start_method == "spawn":
-            _watch_under_gevent(process.pid)
+        process: BaseProcess | ForkedChild
+        if self._forker is not None:
+            process = self._forker.start_child(slot.index)
+        else:
+            started: BaseProcess = self._ctx.Process(  # type: ignore[attr-defined]
+                target=_child_main, args=(self._target, self._args, os.getpid()), name=f"{self.name}-{slot.index}",
+                daemon=False)
+            started.start()
+            if self.start_method == "spawn":
+                _watch_under_gevent(started.pid)
+            process = started
         with self._lock:
             slot.process, slot.started_at, slot.restart_at = process, time.monotonic(), None
 
@@ -230,10 +247,15 @@ class ProcessSupervisor:
             raise
         finally:
             self._stop_children()
+            self._close_forker()
             self._done.set()
 
     def _reap_and_restart(self) -> None:
         now = time.monotonic()
+        if self._forker is not None:
+            self._forker.poll()
+            if not self._forker.alive:
+                self._replace_forker(now)
         for slot in self._slots:
             process = slot.process
             if process is not None and process.exitcode is not None:
@@ -253,7 +275,24 @@ class ProcessSupervisor:
                 pid = slot.process.pid if slot.process is not None else None
                 self.logger.info("restarted child %d of %s: pid %s", slot.index, self.name, pid)
 
-    def _on_exit(self, slot: _Slot, process: BaseProcess, now: float) -> None:
+    def _replace_forker(self, now: float) -> None:
+        """The forker died (someone SIGKILLed it): its children stop on their own, new ones replace them."""
+        assert self._forker is not None
+        self.logger.error("the forker of %s (pid %s) is gone; its children stop on their own. Forking a new forker "
+                          "from this process, which runs %d thread(s)", self.name, self._forker.process.pid,
+                          threading.active_count())
+        with self._lock:
+            for slot in self._slots:
+                if slot.process is not None:
+                    slot.process, slot.restart_at = None, now
+        self._close_forker()
+        self._forker = Forker(self._ctx, _child_main, (self._target, self._args), self.name)
+
+    def _close_forker(self) -> None:
+        if self._forker is not None:
+            self._forker.close()
+
+    def _on_exit(self, slot: _Slot, process: BaseProcess | ForkedChild, now: float) -> None:
         lived = now - slot.started_at
         slot.fast_exits = slot.fast_exits + 1 if lived < self.fast_exit_seconds else 0
         delay = self._backoff(slot)
@@ -277,12 +316,14 @@ class ProcessSupervisor:
             if slot.restart_at is not None:
                 timeout = min(timeout, max(0.0, slot.restart_at - now))
         sentinels = [p.sentinel for p in self._alive()]
+        if self._forker is not None and self._forker.alive:
+            sentinels += [self._forker.fileno(), self._forker.process.sentinel]
         if sentinels:
-            multiprocessing.connection.wait(sentinels, timeout)
+            multiprocessing.connection.wait(list(dict.fromkeys(sentinels)), timeout)  # forked children share one
         else:
             self._stop_requested.wait(timeout)
 
-    def _alive(self) -> list[BaseProcess]:
+    def _alive(self) -> list[BaseProcess | ForkedChild]:
         with self._lock:
             return [s.process for s in self._slots if s.process is not None and s.process.exitcode is None]
 
@@ -384,8 +425,8 @@ def _child_main(target: Callable[..., Any], args: tuple[Any, ...], supervisor_pi
 def _watch_supervisor(supervisor_pid: int | None = None) -> None:
     """Stop this child (SIGTERM to itself) when its supervisor disappears.
 
-    ``supervisor_pid`` comes from the supervisor itself: a supervisor killed before this child ran its
-    first line is noticed too (the child's parent is then already someone else).
+    ``supervisor_pid`` (the supervisor's, or its forker's) comes from that parent itself: a parent killed
+    before this child ran its first line is noticed too (the child's parent is then already someone else).
     """
     if sys.platform == "win32":
         parent = multiprocessing.parent_process()
@@ -408,5 +449,5 @@ def _watch_supervisor(supervisor_pid: int | None = None) -> None:
 
 
 def _supervisor_gone(pid: int | None) -> None:
-    logger.warning("the supervisor (pid %s) of process %d is gone; stopping", pid, os.getpid())
+    logger.warning("the supervising process (pid %s) of process %d is gone; stopping", pid, os.getpid())
     os.kill(os.getpid(), signal.SIGTERM)
