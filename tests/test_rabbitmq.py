@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -25,7 +27,7 @@ from funboost_like.brokers.amqp import AmqpBroker
 from funboost_like.brokers.registry import broker_class
 from funboost_like.core.errors import BrokerConnectionError
 
-from .conftest import open_sockets, require_server
+from .conftest import open_sockets, require_server, subprocess_env
 from .private_rabbitmq import PrivateRabbitMQ, available
 
 pika = pytest.importorskip("pika")
@@ -640,6 +642,59 @@ def test_the_connections_of_threads_that_ended_are_closed(kind) -> None:  # type
     finally:
         broker.purge(queue)
         broker.close()
+
+
+EVENTLET_CLOSE = """
+import eventlet; eventlet.monkey_patch()
+import os, sys, threading, time
+from funboost_like import BrokerEnum, ConcurrentModeEnum, patch_frame_config, task_deco
+from funboost_like.brokers.registry import get_broker
+
+patch_frame_config(RABBITMQ_URL=sys.argv[2])
+done = threading.Event()
+
+@task_deco(sys.argv[1], broker_kind=BrokerEnum.RABBITMQ_AMQPSTORM, concurrent_mode=ConcurrentModeEnum.EVENTLET,
+           log_level=30)
+def job(x):
+    if x == 3:
+        done.set()
+
+fds = len(os.listdir("/proc/self/fd"))
+publishers = [threading.Thread(target=job.push, args=(x,)) for x in range(4)]  # a connection each
+for thread in publishers:
+    thread.start()
+for thread in publishers:
+    thread.join()
+job.consume()
+assert done.wait(20)
+began = time.monotonic()
+job.stop()
+assert job.consumer.join(10)
+stopped = time.monotonic()
+get_broker(BrokerEnum.RABBITMQ_AMQPSTORM).purge(sys.argv[1])
+get_broker(BrokerEnum.RABBITMQ_AMQPSTORM).close()
+print(f"stop {stopped - began:.3f} close {time.monotonic() - stopped:.3f} fds {len(os.listdir('/proc/self/fd')) - fds}",
+      flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's descriptors in /proc")
+def test_amqpstorm_connections_close_at_once_under_eventlet(isolated_settings: Path, tmp_path: Path) -> None:
+    """amqpstorm's reader waits for its socket in a one-second select, which eventlet does not wake when
+    the socket is closed: each connection took a second to close (a consumer and four publishing green
+    threads: 5 s). The reader now also waits on a pipe that the close writes to."""
+    pytest.importorskip("eventlet")
+    pytest.importorskip("amqpstorm")
+    require_server("RabbitMQ", "127.0.0.1", 5672)
+    script = tmp_path / "eventlet_close.py"
+    script.write_text(EVENTLET_CLOSE)
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(script), unique("eventlet_close"), SHARED_URL],
+                          env=subprocess_env(isolated_settings), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _, stop, _, close, _, fds = proc.stdout.split()
+    assert float(close) < 0.5, proc.stdout  # five connections
+    assert int(fds) <= 0, proc.stdout  # the wake-up pipes are closed with their connections
 
 
 def test_a_server_that_accepts_and_never_answers_is_a_connection_error() -> None:

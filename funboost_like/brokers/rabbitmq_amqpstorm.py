@@ -23,7 +23,7 @@ import amqpstorm
 from amqpstorm.exception import AMQPChannelError, AMQPConnectionError, AMQPError, AMQPMessageError
 from amqpstorm.rpc import Rpc
 
-from funboost_like.brokers import amqp, client_logs
+from funboost_like.brokers import amqp, amqpstorm_wake, client_logs
 from funboost_like.brokers.amqp import AmqpBroker, Deliver
 from funboost_like.brokers.amqp_frames import content_header, publish_chunks
 from funboost_like.brokers.amqp_reader import DeliveryReader
@@ -129,6 +129,7 @@ def _connect(url: str) -> amqpstorm.UriConnection:
     client_logs.quiet("amqpstorm")
     connection = amqpstorm.UriConnection(url, lazy=True)
     io = connection._io
+    amqpstorm_wake.install(io)  # under eventlet, each close waited a second for the reader (see there)
     create_socket = io._create_socket
 
     def create_without_delay(socket_family: int) -> socket.socket:
