@@ -27,7 +27,7 @@ from funboost_like.core.errors import (
 )
 from funboost_like.core.params import FunctionResultStatusPersistanceConfig, PriorityConsumingControlConfig
 from funboost_like.core.results import AsyncResult
-from funboost_like.discovery import Tasks, autodiscover, discover_and_mount_ts
+from funboost_like.discovery import Tasks, autodiscover, discover_and_mount_ts, task_function
 from funboost_like.middleware.heartbeat import active_consumers
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ __all__ = [
     "patch_frame_config",
     "run_consumer_with_multi_process",
     "task_deco",
+    "task_function",
 ]
 
 # Loaded on first use: importing funboost_like must not import APScheduler.

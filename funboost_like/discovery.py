@@ -1,4 +1,4 @@
-"""Task discovery (seed 002's ``discover_and_mount_ts``): import a package's modules, find their functions.
+"""Seed 002's names: task discovery (``discover_and_mount_ts``) and its decorator ``task_function``.
 
 ``autodiscover("app.engine")`` imports the package and every module and subpackage under it, so
 each ``@task_deco`` in them runs, and returns the decorated functions found at the top level of
@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from funboost_like.core.booster import Booster
+from funboost_like.core.booster import Booster, ConsumerOptions, task_deco
 from funboost_like.core.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Tasks(dict[str, Booster[Any, Any]]):
@@ -51,3 +58,24 @@ def _raise(name: str) -> None:
 
 
 discover_and_mount_ts = autodiscover  # seed 002's name
+
+
+@overload
+def task_function(function: Callable[P, R], /) -> Booster[P, R]: ...
+
+
+@overload
+def task_function(function: None = None, /, *, queue_name: str | None = None,
+                  **params: Unpack[ConsumerOptions]) -> Callable[[Callable[P, R]], Booster[P, R]]: ...
+
+
+def task_function(function: Callable[..., Any] | None = None, /, *, queue_name: str | None = None,
+                  **params: Any) -> Any:
+    """Seed 002's decorator: ``task_deco`` on a queue named after the function (seed 002 calls a task
+    by its function's name), with ``task_deco``'s parameters (``use_cache=True``, ``concurrent_num=5``,
+    ...). ``@task_function``, ``@task_function()`` and ``@task_function(queue_name="q", ...)``."""
+
+    def decorate(target: Callable[..., Any]) -> Booster[Any, Any]:
+        return task_deco(queue_name or target.__name__, **params)(target)
+
+    return decorate if function is None else decorate(function)
