@@ -424,6 +424,42 @@ def test_a_child_that_ignores_sigterm_is_killed_after_the_stop_timeout() -> None
     assert not any(alive(pid) for pid in pids)
 
 
+def _forever() -> None:
+    while True:
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(30)
+def test_a_killed_forker_is_replaced_and_its_children_stop(caplog: pytest.LogCaptureFixture) -> None:
+    """With fork the children are a forker's (see funboost_like/concurrency/forker.py). If the forker itself
+    is SIGKILLed its children stop on their own and the supervisor starts a new forker and new children."""
+    supervisor = ProcessSupervisor(_forever, (), 2, start_method="fork", stop_timeout=2.0).start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(supervisor.pids) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        first = supervisor.pids
+        forker = supervisor._forker
+        assert len(first) == 2 and forker is not None and forker.process.pid is not None
+        assert all(_stat(pid) is not None and int(_stat(pid)[1]) == forker.process.pid for pid in first)  # type: ignore[index]
+        os.kill(forker.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (len(supervisor.pids) < 2 or set(supervisor.pids) & set(first)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(supervisor.pids) == 2 and not set(supervisor.pids) & set(first), supervisor.pids
+        assert supervisor._forker is not forker
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in first) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in first)  # they saw their parent go and stopped
+    finally:
+        pids = supervisor.pids
+        supervisor.stop()
+        assert supervisor.join(10)
+    assert not any(alive(pid) for pid in pids)
+    assert "the forker of funboost_like-child" in caplog.text
+
+
 def test_a_child_whose_supervisor_died_before_it_started_stops_too(tmp_path: Path) -> None:
     # The supervisor passes its pid, so a child whose parent is already someone else when it starts
     # (the supervisor was killed right after forking it) still notices.

@@ -72,9 +72,9 @@ class ForkedChild:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.exitcode is None and self._forker.alive:
             remaining = None if deadline is None else deadline - time.monotonic()
+            self._forker.poll(_CHECK_SECONDS if remaining is None else max(0.0, min(remaining, _CHECK_SECONDS)))
             if remaining is not None and remaining <= 0:
                 return
-            self._forker.poll(_CHECK_SECONDS if remaining is None else min(remaining, _CHECK_SECONDS))
 
     def close(self) -> None:
         """Nothing to release: the forker reaped the child."""
@@ -170,35 +170,39 @@ def _forker_main(conn: Connection, child_target: Callable[..., Any], args: tuple
     for end in list(_supervisor_ends):  # copies of supervisors' ends: keep none open here, EOF must reach them
         end.close()
     gc.freeze()  # the copy of the parent stays shared with it: no collection touches its pages
-    ctx = multiprocessing.get_context("fork")
     supervisor_pid = os.getppid()
     children: dict[int, BaseProcess] = {}
-    while os.getppid() == supervisor_pid:
-        multiprocessing.connection.wait([conn, *(p.sentinel for p in children.values())], _CHECK_SECONDS)
-        for pid, process in list(children.items()):
-            if process.exitcode is not None:
-                conn.send(("exited", pid, process.exitcode))
-                process.close()
-                del children[pid]
-        try:
+    try:
+        while os.getppid() == supervisor_pid:
+            multiprocessing.connection.wait([conn, *(p.sentinel for p in children.values())], _CHECK_SECONDS)
+            for pid, process in list(children.items()):
+                if process.exitcode is not None:
+                    conn.send(("exited", pid, process.exitcode))
+                    process.close()
+                    del children[pid]
             while conn.poll():
-                request = conn.recv()
-                if request[0] == "start":
-                    process = ctx.Process(target=_run_child, args=(conn, child_target, args, os.getpid()),  # type: ignore[attr-defined]
-                                          name=f"{name}-{request[1]}", daemon=False)
-                    try:
-                        process.start()
-                    except Exception as error:  # noqa: BLE001 - reported to the supervisor, which retries
-                        conn.send(("failed", f"{type(error).__name__}: {error}"))
-                        continue
-                    assert process.pid is not None
-                    children[process.pid] = process
-                    conn.send(("started", process.pid))
-                elif request[0] == "signal" and request[1] in children and children[request[1]].exitcode is None:
-                    os.kill(request[1], request[2])
-        except (EOFError, OSError):
-            break
+                _serve(conn.recv(), conn, children, child_target, args, name)
+    except (EOFError, OSError):  # the supervisor closed its end, or is gone
+        pass
     os._exit(0)  # no atexit of the parent's copy; the children see their parent gone and stop
+
+
+def _serve(request: tuple[Any, ...], conn: Connection, children: dict[int, BaseProcess],
+           child_target: Callable[..., Any], args: tuple[Any, ...], name: str) -> None:
+    """One request of the supervisor (see the module docstring)."""
+    if request[0] == "start":
+        process = multiprocessing.get_context("fork").Process(  # type: ignore[attr-defined]
+            target=_run_child, args=(conn, child_target, args, os.getpid()), name=f"{name}-{request[1]}", daemon=False)
+        try:
+            process.start()
+        except Exception as error:  # noqa: BLE001 - reported to the supervisor, which retries later
+            conn.send(("failed", f"{type(error).__name__}: {error}"))
+            return
+        assert process.pid is not None
+        children[process.pid] = process
+        conn.send(("started", process.pid))
+    elif request[0] == "signal" and request[1] in children and children[request[1]].exitcode is None:
+        os.kill(request[1], request[2])  # not reaped yet: the pid is still this child's
 
 
 def _run_child(conn: Connection, target: Callable[..., Any], args: tuple[Any, ...], forker_pid: int) -> None:
