@@ -114,8 +114,9 @@ class Forker:
             child = ForkedChild(self, reply[1], f"{self._name}-{index}")
             self._children[reply[1]] = child
             return child
-        raise RuntimeError(f"the forker (pid {self.process.pid}) did not start child {index}"
-                           f"{'' if self.alive else ': it is gone'}")
+        reason = "it did not answer in time" if self.alive else "it is gone"
+        self.alive = False  # one that does not answer is replaced, with what it may have started
+        raise RuntimeError(f"the forker (pid {self.process.pid}) did not start child {index}: {reason}")
 
     def signal(self, child: ForkedChild, signum: int) -> None:
         if child.exitcode is None and child.pid is not None:
