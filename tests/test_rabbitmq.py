@@ -689,8 +689,14 @@ def test_amqpstorm_connections_close_at_once_under_eventlet(isolated_settings: P
     require_server("RabbitMQ", "127.0.0.1", 5672)
     script = tmp_path / "eventlet_close.py"
     script.write_text(EVENTLET_CLOSE)
-    proc = subprocess.run([sys.executable, "-W", "ignore", str(script), unique("eventlet_close"), SHARED_URL],
-                          env=subprocess_env(isolated_settings), capture_output=True, text=True, timeout=60)
+    queue = unique("eventlet_close")
+    try:
+        proc = subprocess.run([sys.executable, "-W", "ignore", str(script), queue, SHARED_URL],
+                              env=subprocess_env(isolated_settings), capture_output=True, text=True, timeout=60)
+    finally:
+        connection = pika.BlockingConnection(pika.URLParameters(SHARED_URL))
+        connection.channel().queue_delete(queue)
+        connection.close()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     _, stop, _, close, _, fds = proc.stdout.split()
     assert float(close) < 0.5, proc.stdout  # five connections
