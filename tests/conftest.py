@@ -42,8 +42,9 @@ KEEP_LEFTOVERS = bool(os.environ.get("FUNBOOST_LIKE_TEST_KEEP_LEFTOVERS")
 REPO = Path(__file__).resolve().parent.parent
 
 # What the tests leave on the shared RabbitMQ server: queues and exchanges named <word>_<hex> (and their
-# records, fl.kv.<queue>...), deleted when the session ends so runs do not pile them up.
-_RABBITMQ_LEFTOVER = re.compile(r"^(fl\.kv\.)?[a-z_]+_[0-9a-f]{8,}(_[a-z]+)?([.:].*)?$")
+# records, fl.kv.<queue>..., and the quorum queues fl.routed.<exchange> of delayed routed publishes), deleted
+# when the session ends so runs do not pile them up.
+_RABBITMQ_LEFTOVER = re.compile(r"^(fl\.kv\.|fl\.routed\.)?[a-z_]+_[0-9a-f]{8,}(_[a-z]+)?([.:].*)?$")
 
 
 def _rabbitmq_names(what: str) -> list[str]:

@@ -38,11 +38,14 @@ class PrivateRabbitMQ:
         self.process: subprocess.Popen[bytes] | None = None
         (folder / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
         (folder / "enabled_plugins").write_text("[].\n")
+        # Due routed messages no binding matches are retried by the server every 0.5 s (default 3 min).
+        (folder / "advanced.config").write_text("[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 500}]}].\n")
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(HOME=str(self.folder), RABBITMQ_NODENAME=self.node, RABBITMQ_NODE_PORT=str(self.port),
                    RABBITMQ_DIST_PORT=str(self.dist_port), RABBITMQ_CONFIG_FILE=str(self.folder / "rabbitmq"),
+                   RABBITMQ_ADVANCED_CONFIG_FILE=str(self.folder / "advanced.config"),
                    RABBITMQ_MNESIA_BASE=str(self.folder / "mnesia"), RABBITMQ_LOG_BASE=str(self.folder / "log"),
                    RABBITMQ_ENABLED_PLUGINS_FILE=str(self.folder / "enabled_plugins"),
                    RABBITMQ_PID_FILE=str(self.folder / "pid"))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from funboost_like import patch_frame_config, task_deco
+from funboost_like import PriorityConsumingControlConfig, patch_frame_config, task_deco
 from funboost_like.brokers import registry
 from funboost_like.brokers.amqp import AmqpBroker
 from funboost_like.brokers.registry import broker_class
@@ -274,6 +274,41 @@ def test_a_killed_node_keeps_confirmed_messages(kind, node) -> None:  # type: ig
         broker.ack(got)
     finally:
         broker.close()
+
+
+@pytest.mark.xdist_group("rabbitmq_node")  # one private node, in one worker
+def test_a_delayed_routed_message_no_binding_matches_when_due_is_kept(kind, node) -> None:  # type: ignore[no-untyped-def]
+    """Routed when due (it waits in the delay levels first): matching no binding then, it is kept and
+    reaches a queue bound later (the node retries every 0.5 s, tests/private_rabbitmq.py), never dropped."""
+    patch_frame_config(RABBITMQ_URL=node.url)
+    registry.close_all()
+    exchange = unique("later")
+    got = threading.Event()
+
+    def config(key: str) -> dict[str, str]:
+        return {"exchange_name": exchange, "exchange_type": "direct", "routing_key_for_bind": key}
+
+    @task_deco(unique("first"), broker_kind=kind, log_level=logging.WARNING, broker_exclusive_config=config("a"))
+    def first(n: int) -> None: ...
+
+    @task_deco(unique("late"), broker_kind=kind, log_level=logging.WARNING, broker_exclusive_config=config("b"))
+    def late(n: int) -> None:
+        got.set()
+
+    connection = pika.BlockingConnection(pika.URLParameters(node.url))
+    plain = connection.channel()
+
+    def in_delay_levels() -> int:
+        return sum(plain.queue_declare(f"fl.delay.q{k}", passive=True).method.message_count for k in range(8))
+
+    try:
+        first.publish({"n": 1}, PriorityConsumingControlConfig(routing_key="b", countdown=0.2))  # no "b" yet
+        wait_for(lambda: in_delay_levels() == 0, 10, "the message to be due")
+        late.consume()  # binds "b" now
+        assert got.wait(15), "the message due while no binding matched was dropped"
+    finally:
+        late.stop()
+        connection.close()
 
 
 def test_a_channel_closed_by_the_server_is_opened_again(kind, caplog) -> None:  # type: ignore[no-untyped-def]

@@ -30,8 +30,11 @@ Guarantees and layout (docs/rabbitmq.md says the same for users):
   ``fl.delay.x<k>``. A delayed message carries one header per bit of its delay (``fl-delay-<k>``)
   and enters at the level of its highest bit; each level either holds it 2**k ms (bit set) or
   passes it down, and the last level dead-letters it to ``fl.delay.deliver``, a headers exchange
-  bound to each target queue by ``fl-queue`` (or to a routing exchange by ``fl-exchange``, which
-  then routes it by its routing key). Every message of one level waits the same time, so the
+  bound to each target queue by ``fl-queue``. A routed message's target is ``fl.routed.<exchange>``,
+  a quorum queue that dead-letters it at once (``x-message-ttl`` 0) into the routing exchange with
+  its routing key, *at least once*: one that no binding matches stays there and the server tries
+  again (every 3 minutes by default; RabbitMQ logs a warning naming that queue), so nothing due is
+  dropped however the bindings changed meanwhile. Every message of one level waits the same time, so the
   server expires them in order: a delay is exact to a few ms per set bit, never early, for any
   value up to 2**32 - 1 ms (49.7 days), with 32 queues in all.
 * Dead letters: a JSON envelope ``{"body", "reason", "failed_at", "attempts"}`` in the durable
@@ -47,6 +50,7 @@ Guarantees and layout (docs/rabbitmq.md says the same for users):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import operator
 import threading
@@ -77,6 +81,7 @@ DEAD_SCAN = 10_000  # dead letters read to list the newest
 # reset ever comes) is dropped as broken, so a publish fails instead of waiting forever.
 ANSWER_TIMEOUT = 30.0
 MAX_DELAY_MS = 2**DELAY_LEVELS - 1
+ROUTED_PREFIX = "fl.routed."  # + exchange: where a delayed routed message is routed from when due
 
 
 class Session(Protocol):
@@ -232,7 +237,7 @@ class AmqpBroker(PushConsuming, Broker):
     def _through_delay(self, delay_ms: int, target: tuple[str, str], headers: dict[str, Any] | None
                        ) -> tuple[str, dict[str, Any]]:
         """The exchange and headers that hold a message ``delay_ms`` in the delay levels, then deliver it to
-        ``target`` (("fl-queue", queue) or ("fl-exchange", exchange))."""
+        ``target`` (("fl-queue", queue))."""
         if delay_ms > MAX_DELAY_MS:
             raise ConfigurationError(f"RabbitMQ delays at most {MAX_DELAY_MS / 86_400_000:.1f} days, not "
                                      f"{delay_ms / 86_400_000:.1f}")
@@ -240,10 +245,7 @@ class AmqpBroker(PushConsuming, Broker):
         kind, name = target
         if (kind, name) not in self._declared:
             arguments = {"x-match": "all", kind: name}
-            if kind == "fl-queue":
-                self._with_session(lambda s: s.bind_queue(name, DELIVER_EXCHANGE, "", arguments))
-            else:
-                self._with_session(lambda s: s.bind_exchange(name, DELIVER_EXCHANGE, "", arguments))
+            self._with_session(lambda s: s.bind_queue(name, DELIVER_EXCHANGE, "", arguments))
             self._declared.add((kind, name))
         top = delay_ms.bit_length() - 1
         marked = dict(headers or {})
@@ -285,8 +287,24 @@ class AmqpBroker(PushConsuming, Broker):
 
     def _put_routed(self, exchange: str, routing_key: str, bodies: Sequence[bytes], *, priority: int,
                     not_before: float | None) -> int:
-        routed = self._send(exchange, routing_key, bodies, priority, None, not_before, target=("fl-exchange", exchange))
+        target = ("fl-queue", self._routed_queue(exchange)) if not_before is not None else ("", "")
+        routed = self._send(exchange, routing_key, bodies, priority, None, not_before, target=target)
         return -1 if routed else 0
+
+    def _routed_queue(self, exchange: str) -> str:
+        """The quorum queue that routes the delayed messages of ``exchange`` when they are due: it hands them
+        to the exchange at once (TTL 0) and keeps those no binding matches, retried by the server
+        (``at-least-once`` dead-lettering); a dead-lettered message keeps its routing key."""
+        queue = ROUTED_PREFIX + exchange
+        if len(queue.encode()) > 255:  # RabbitMQ's bound of a name
+            queue = ROUTED_PREFIX + hashlib.sha256(exchange.encode()).hexdigest()
+        if ("q", queue) not in self._declared:
+            arguments = {"x-queue-type": "quorum", "x-message-ttl": 0, "x-overflow": "reject-publish",
+                         "x-dead-letter-exchange": exchange, "x-dead-letter-strategy": "at-least-once"}
+            if not self._with_session(lambda s: s.declare_queue(queue, arguments)):
+                logger.warning("queue %r exists with other properties on %s; using it as it is", queue, self._where())
+            self._declared.add(("q", queue))
+        return queue
 
     # -- consuming ---------------------------------------------------------------------------------
     def _get(self, queue: str, max_n: int) -> list[Delivery]:
