@@ -570,6 +570,27 @@ def test_priorities_are_a_queues_option_as_in_funboost(kind, plain) -> None:  # 
         plain.queue_delete(plain_queue)
 
 
+def test_a_routed_priority_a_queue_does_not_keep_is_named_once(kind, plain, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A routed publish cannot know which queues it reaches: the consumer of a queue without
+    x-max-priority says once that it receives priorities it ignores, and how to keep them."""
+    queue, exchange = unique("routedprio"), unique("exchange")
+    broker = broker_class(kind)()
+    try:
+        broker.bind(queue, exchange, "fanout", [""])
+        broker.publish_routed(exchange, "", [b'{"n":1}', b'{"n":2}'], priority=3)
+        with caplog.at_level(logging.WARNING, logger="funboost_like.rabbitmq"):
+            got = broker.fetch(queue, 2, 5.0)
+            got += broker.fetch(queue, 2, 5.0) if len(got) < 2 else []
+        assert sorted(d.body for d in got) == [b'{"n":1}', b'{"n":2}']
+        broker.ack(got)
+        warned = [r.getMessage() for r in caplog.records if "priority 3" in r.getMessage()]
+        assert len(warned) == 1 and repr(queue) in warned[0] and "x-max-priority" in warned[0], caplog.text
+    finally:
+        broker.close()
+        plain.queue_delete(queue)
+        plain.exchange_delete(exchange)
+
+
 def test_a_message_held_when_the_connection_dropped_is_no_crash_when_it_comes_back(kind) -> None:  # type: ignore[no-untyped-def]
     """A live process whose connection dropped three times while a call held its message dead-lettered that
     healthy message as poison: each redelivery was counted as a death. The push adapter now notes what a

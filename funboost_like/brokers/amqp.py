@@ -159,6 +159,7 @@ class AmqpBroker(PushConsuming, Broker):
         self._sessions: PerThread[Session] = PerThread(operator.methodcaller("close"))  # every thread's
         self._declared: set[tuple[str, ...]] = set()
         self._priorities: dict[str, int] = {}  # queue -> its x-max-priority (configure_queue)
+        self._unprioritised: set[str] = set()  # queues warned about priorities they do not keep
         self._records: dict[tuple[str, str], AmqpRecords] = {}
         self._lock = threading.Lock()
         self._push_state()
@@ -213,6 +214,7 @@ class AmqpBroker(PushConsuming, Broker):
             if not self._with_session(lambda s: s.declare_queue(queue, arguments)):
                 logger.warning("queue %r exists with other properties on %s (x-max-priority, durability, ...); "
                                "using it as it is", queue, self._where())
+                self._unprioritised.add(queue)  # its priorities are unknown here: nothing to say about them
             self._declared.add(("q", queue))
 
     # -- publishing --------------------------------------------------------------------------------
@@ -311,6 +313,8 @@ class AmqpBroker(PushConsuming, Broker):
         got: list[Delivery] = []
         crashed: list[Delivery] = []
         for epoch, tag, body, headers, priority, redelivered in self._take_pushed(queue, max_n):
+            if priority and priority > self._priorities.get(queue, 0) and queue not in self._unprioritised:
+                self._warn_unprioritised(queue, priority)
             delivery = Delivery(queue, body, (epoch, queue, tag), int(headers.get(ATTEMPTS, 0)) + 1, priority,
                                 int(headers.get(CRASHES, 0)))
             (crashed if redelivered and not self._given_back.take(queue, body) else got).append(delivery)
@@ -320,6 +324,17 @@ class AmqpBroker(PushConsuming, Broker):
             self._flush_acks()  # the neighbours' acks just queued: written before a suspect can kill us
             self._hold_only_suspects(queue)
         return got
+
+    def _warn_unprioritised(self, queue: str, priority: int) -> None:
+        """Once per queue and process: messages come with a priority the queue does not keep (routed ones:
+        their publisher cannot tell which queues a routing key reaches, so it could not refuse them)."""
+        self._unprioritised.add(queue)
+        levels = self._priorities.get(queue)
+        logger.warning("queue %r takes %s on %s but receives messages of priority %d (published through an "
+                       "exchange): RabbitMQ takes a priority above a queue's as its highest (no priorities: "
+                       "arrival order). Give its task broker_exclusive_config={'x-max-priority': n} and delete "
+                       "the queue so it is declared again (docs/rabbitmq.md)", queue,
+                       "no priorities" if levels is None else f"priorities 0..{levels}", self._where(), priority)
 
     def _hold_only_suspects(self, queue: str) -> None:
         """The consumer runs a message whose consumer died alone (DESIGN §3.3), so nothing else may wait
