@@ -7,6 +7,7 @@ then ``extra`` with ``task_id``, ``publish_time`` and ``publish_time_format``.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import time
@@ -128,3 +129,26 @@ def test_a_hand_written_option_of_the_wrong_type_is_dead_lettered(queue_name: st
     finally:
         g.consumer.stop()
         g.clear()
+
+
+def test_a_message_without_task_id_has_a_name_in_the_log(queue_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A hand-written body (no ``extra``) was logged as "task None": now ``body:`` and a hash of its body,
+    the same at each delivery, so its failures can be told apart and followed."""
+    @task_deco(queue_name, broker_kind=MEMORY, max_retry_times=1)
+    def g(x: int) -> None:
+        raise ValueError("boom")
+
+    g.broker.publish(queue_name, codec.dumps({"x": 1}))
+    g.broker.publish(queue_name, codec.dumps({"x": 2}))
+    with caplog.at_level("WARNING", logger=f"funboost_like.{queue_name}"):
+        g.consume()
+        try:
+            g.broker.join(queue_name, 10, fail_fast=False)
+        finally:
+            g.consumer.stop()
+            g.clear()
+    lines = [record.getMessage() for record in caplog.records if "boom" in record.getMessage()]
+    assert len(lines) == 4 and not any("task None" in line for line in lines), lines
+    names = [line.split()[1] for line in lines]
+    assert all(name.startswith("body:") for name in names)
+    assert sorted(collections.Counter(names).values()) == [2, 2]  # one name per message, the same on its retry

@@ -24,6 +24,7 @@ The table of the features that implement these hooks is :mod:`funboost_like.midd
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
@@ -89,6 +90,15 @@ class Call:
     @property
     def task_id(self) -> str | None:
         return self.message.task_id
+
+    @property
+    def log_id(self) -> str:
+        """The message's name in log lines: its task id, or for a message without one (written by hand or
+        by another program) ``body:`` and a hash of its body, the same at each delivery of it."""
+        task_id = self.message.task_id
+        if task_id is not None:
+            return task_id
+        return "body:" + hashlib.blake2b(bytes(self.delivery.body), digest_size=6).hexdigest()
 
     @property
     def kwargs(self) -> dict[str, Any]:

@@ -700,10 +700,10 @@ class Consumer:
             try:
                 reason = middleware.before_call(call)
             except Exception:
-                self.logger.exception("middleware %s failed before task %s", type(middleware).__name__, call.task_id)
+                self.logger.exception("middleware %s failed before task %s", type(middleware).__name__, call.log_id)
                 continue
             if reason:
-                self.logger.info("skipping task %s: %s", call.task_id, reason)
+                self.logger.info("skipping task %s: %s", call.log_id, reason)
                 call.outcome, call.skip_reason = SKIPPED, reason
                 self._hook(self._after, call)
                 return SKIPPED, delivery, reason, None, 0.0
@@ -790,7 +790,7 @@ class Consumer:
     def _after_exception(self, call: Call, exc: Exception, started: float) -> Outcome | None:
         """Classify a failed run: None to run again at once, or the message's outcome."""
         if isinstance(exc, ExceptionForRequeue):
-            self.logger.info("task %s asked to be requeued", call.task_id)
+            self.logger.info("task %s asked to be requeued", call.log_id)
             call.outcome, call.duration = REQUEUED, call.duration + time.perf_counter() - started
             return REQUEUED, call.delivery, "", None, 0.0
         retries = call.message.extra.get("max_retry_times", self.params.max_retry_times)
@@ -798,7 +798,7 @@ class Consumer:
             runs = call.runs
             if runs <= retries:
                 delay = backoff_delay(self.params, runs)
-                self.logger.warning("task %s of queue %r failed (run %d): %r; retrying in %.2fs", call.task_id,
+                self.logger.warning("task %s of queue %r failed (run %d): %r; retrying in %.2fs", call.log_id,
                                     self.queue_name, runs, exc, delay)
                 call.outcome, call.duration = REQUEUED, call.duration + time.perf_counter() - started
                 return REQUEUED, call.delivery, "", None, delay
@@ -842,7 +842,7 @@ class Consumer:
     def _abandoned(self, call: Call, run: TimedRun) -> None:
         """Watchdog thread: a timed-out call is stuck in C code. Free its worker and carry on elsewhere."""
         self.logger.warning("task %s of queue %r still running %.1fs after its function_timeout=%ss; "
-                            "abandoning the stuck thread", call.task_id, self.queue_name, run.grace, run.timeout)
+                            "abandoning the stuck thread", call.log_id, self.queue_name, run.grace, run.timeout)
         if self._pool is not None:
             self._pool.forget(run.thread_id)
             try:
@@ -878,7 +878,7 @@ class Consumer:
     def _hook_failed(self, hook: Callable[[Call], None], call: Call) -> None:
         owner = type(getattr(hook, "__self__", hook)).__name__
         self.logger.exception("middleware %s failed in %s for task %s", owner, getattr(hook, "__name__", hook),
-                              call.task_id)
+                              call.log_id)
 
     def _detailed(self, call: Call) -> bool:
         """Whether failures of this call show their traceback (the message's own setting, else the decorator's)."""
@@ -888,10 +888,10 @@ class Consumer:
         detail = self._detailed(call) and not isinstance(exc, ExceptionForRetry)
         if final:
             self.logger.error("task %s of queue %r failed for good after %d run(s): %r; dead-lettered",
-                              call.task_id, self.queue_name, runs, exc, exc_info=exc if detail else None)
+                              call.log_id, self.queue_name, runs, exc, exc_info=exc if detail else None)
         else:
             self.logger.warning("task %s of queue %r failed (attempt %d): %r; retrying",
-                                call.task_id, self.queue_name, call.attempts, exc, exc_info=exc if detail else None)
+                                call.log_id, self.queue_name, call.attempts, exc, exc_info=exc if detail else None)
 
     def _failure_reason(self, call: Call, exc: BaseException, attempt: int) -> str:
         reason = f"failed {attempt} time(s); last error: {type(exc).__name__}: {exc}"

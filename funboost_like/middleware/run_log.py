@@ -32,7 +32,7 @@ class RunLog(Middleware):
         if call.outcome == SUCCEEDED:
             arguments = ", ".join([f"{name}={_short.repr(value)}" for name, value in call.message.kwargs.items()])
             runs = call.runs
-            self.logger.debug("task %s: %s(%s) succeeded in %.4fs (run %d), result %s", call.task_id,
+            self.logger.debug("task %s: %s(%s) succeeded in %.4fs (run %d), result %s", call.log_id,
                               self.function_name, arguments, call.duration, runs, _short.repr(call.result))
 
 
