@@ -327,6 +327,25 @@ def test_purge_and_count(broker: Broker, queue_name: str) -> None:
     assert broker.fetch(queue_name, 5, 0.05) == []
 
 
+def test_count_and_purge_take_in_delayed_messages_and_leave_held_ones(broker: Broker, queue_name: str) -> None:
+    """DESIGN §3 (Broker.count, Broker.purge): a queue's waiting messages are the ready and the delayed
+    ones; a message held by a consumer is neither counted nor purged (its ack still settles it). Where a
+    broker cannot, its capabilities say so (docs/operations.md has the table)."""
+    caps = broker.capabilities
+    if caps.delay == "none":
+        pytest.skip("no delay capability")
+    broker.publish_many(queue_name, [b'{"n":1}', b'{"n":2}'])
+    [held] = fetch_all(broker, queue_name, 1)
+    broker.publish(queue_name, b'{"n":3}', not_before=time.time() + 60)
+    assert broker.count(queue_name) in ((2,) if caps.counts_delayed else (1, 2))  # one ready, one delayed
+    purged = broker.purge(queue_name)
+    assert purged in {1 + delayed + held for delayed in ((1,) if caps.purges_delayed else (0, 1))
+                      for held in ((0,) if caps.purge_spares_held else (0, 1))}
+    assert broker.count(queue_name) in ((0,) if caps.purges_delayed or not caps.counts_delayed else (0, 1))
+    broker.ack([held])
+    assert broker.fetch(queue_name, 5, 0.05) == []
+
+
 def test_double_ack_raises(broker: Broker, queue_name: str) -> None:
     broker.publish(queue_name, b"{}")
     [d] = fetch_all(broker, queue_name, 1)

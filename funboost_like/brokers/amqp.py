@@ -147,7 +147,8 @@ class AmqpBroker(PushConsuming, Broker):
                                 key_value=True, routing="native", persistent=True, cross_process=True,
                                 cross_host=True, queue_options=frozenset({PRIORITY_OPTION}),
                                 check_queue_options=check_queue_options, priority_option=PRIORITY_OPTION,
-                                queue_names=check_queue_name, release_front=False)
+                                queue_names=check_queue_name, release_front=False,
+                                counts_delayed=False, purges_delayed=False)  # delays share fl.delay.q<k>
     url_setting: ClassVar[str] = "RABBITMQ_URL"
 
     def __init__(self) -> None:

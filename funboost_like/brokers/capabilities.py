@@ -36,6 +36,11 @@ class Capabilities:
     ConfigurationError). ``priority_option``: the ``queue_options`` key that gives a queue its
     priorities (up to the value), when priority is per queue and off by default (RabbitMQ's
     ``x-max-priority``); empty when every queue of the broker has them.
+    ``counts_delayed``, ``purges_delayed``, ``purge_spares_held``: ``count`` and ``purge`` take in a
+    queue's waiting messages, ready and delayed, never those held by consumers (DESIGN §3); False
+    where a broker cannot: ``count`` may leave delayed messages out, ``purge`` may leave them (due
+    later), ``purge`` deletes held messages too (their acks then do nothing). docs/operations.md has
+    the table.
     """
 
     redelivery: Redelivery = "none"
@@ -54,6 +59,9 @@ class Capabilities:
     queue_options: frozenset[str] = frozenset()  # broker_exclusive_config keys read by configure_queue
     check_queue_options: Callable[[dict[str, object]], object] | None = None
     priority_option: str = ""
+    counts_delayed: bool = True
+    purges_delayed: bool = True
+    purge_spares_held: bool = True
 
     def own_options(self, config: Mapping[str, object] | None) -> dict[str, object]:
         """The keys of a ``broker_exclusive_config`` that the broker reads itself (``queue_options``)."""

@@ -100,7 +100,8 @@ class HttpsqsBroker(Broker):
     kind = BrokerEnum.HTTPSQS
     capabilities = Capabilities(redelivery="none", delay="emulated", max_priority=0, dead_letters=True,
                                 key_value=False, routing="none", persistent=True, cross_process=True,
-                                cross_host=True, fifo=True, queue_names=check_queue_name, release_front=False)
+                                cross_host=True, fifo=True, queue_names=check_queue_name, release_front=False,
+                                counts_delayed=False, purges_delayed=False)  # delays kept by processes
     connection_errors: ClassVar[tuple[type[BaseException], ...]] = (OSError, http.client.HTTPException)
     errors: ClassVar[tuple[type[BaseException], ...]] = (HttpsqsRefused, ValueError)
 

@@ -79,7 +79,7 @@ class KafkaBroker(Broker):
     capabilities = Capabilities(redelivery="native", delay="emulated", max_priority=0, dead_letters=True,
                                 key_value=False, routing="none", persistent=True, cross_process=True,
                                 cross_host=True, fifo=False,
-                                queue_options=frozenset({"ordered"}))
+                                queue_options=frozenset({"ordered"}), purges_delayed=False)
     inline_batch = POLL_RECORDS  # each fetch writes the delivered mark synchronously (see kafka_groups)
     _cannot_create: set[str] = set()  # bootstrap servers that refused to create topics
 

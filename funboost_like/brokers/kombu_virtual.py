@@ -42,7 +42,6 @@ Per transport (docs/guarantees.md says the same):
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import heapq
 import itertools
@@ -52,6 +51,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import kombu
@@ -103,7 +103,8 @@ class KombuVirtualBroker(Broker):
     are not thread-safe); see the module docstring."""
 
     kind = BrokerEnum.KOMBU
-    capabilities = Capabilities(redelivery="none", delay="emulated", cross_process=True, release_front=False)
+    capabilities = Capabilities(redelivery="none", delay="emulated", cross_process=True, release_front=False,
+                                counts_delayed=False, purges_delayed=False)  # delays held by their consumers
     connection_errors = (TransportUnreachable,)
     errors = (TransportFailed,)
     default_options: ClassVar[dict[str, Any]] = {}
@@ -301,7 +302,7 @@ class KombuVirtualBroker(Broker):
 
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         with self._channel() as channel:
-            return [dataclasses.replace(DeadLetter.from_envelope(queue, channel.Message(payload, channel=channel).body),
+            return [replace(DeadLetter.from_envelope(queue, channel.Message(payload, channel=channel).body),
                                         ref=ref)
                     for ref, payload in (self._peek(channel, f"{queue}.dlq", limit) if limit > 0 else [])]
 
@@ -341,8 +342,7 @@ class KombuMemoryBroker(KombuVirtualBroker):
 class KombuSqlBroker(KombuVirtualBroker):
     """``sqla+<SQLAlchemy URL>``: kombu's tables ``kombu_queue`` and ``kombu_message``."""
 
-    capabilities = Capabilities(redelivery="none", delay="emulated", dead_letters=True, persistent=True,
-                                cross_process=True, cross_host=True, release_front=False)
+    capabilities = replace(KombuVirtualBroker.capabilities, dead_letters=True, persistent=True, cross_host=True)
 
     def _peek(self, channel: Any, queue: str, limit: int) -> list[tuple[Any, dict[str, Any]]]:
         table = channel.message_cls
@@ -368,7 +368,7 @@ class KombuSqlBroker(KombuVirtualBroker):
 class KombuSqliteBroker(KombuSqlBroker):
     """``sqla+sqlite:///<file>``: as :class:`KombuSqlBroker`, on one host."""
 
-    capabilities = dataclasses.replace(KombuSqlBroker.capabilities, cross_host=False)
+    capabilities = replace(KombuSqlBroker.capabilities, cross_host=False)
 
 
 class KombuRedisBroker(KombuVirtualBroker):
@@ -376,7 +376,7 @@ class KombuRedisBroker(KombuVirtualBroker):
 
     capabilities = Capabilities(redelivery="lease", delay="emulated", max_priority=9, dead_letters=True,
                                 key_value=True, persistent=True, cross_process=True, cross_host=True,
-                                release_front=False)
+                                release_front=False, counts_delayed=False, purges_delayed=False)
     # kombu's restore mutex outlives a consumer killed while restoring: 300 s by default would stop every
     # restore that long. Restores are safe without it (each is a WATCH transaction), so it only saves work.
     default_options: ClassVar[dict[str, Any]] = {"visibility_timeout": 20, "unacked_mutex_expire": 1}

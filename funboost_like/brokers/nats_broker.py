@@ -93,7 +93,8 @@ class NatsBroker(Broker):
     kind = BrokerEnum.NATS
     capabilities = Capabilities(redelivery="lease", delay="native", max_priority=0, dead_letters=True,
                                 key_value=True, routing="none", persistent=True, cross_process=True,
-                                cross_host=True, queue_names=nq.check_queue_name, release_front=False)
+                                cross_host=True, queue_names=nq.check_queue_name, release_front=False,
+                                purge_spares_held=False)  # a stream purge takes the unacked too
     connection_errors = (nats.errors.ConnectionClosedError, nats.errors.NoServersError, nats.errors.TimeoutError,
                          nats.errors.StaleConnectionError, nats.errors.ConnectionReconnectingError,
                          nats.errors.OutboundBufferLimitError, TimeoutError, OSError)

@@ -113,9 +113,8 @@ class NsqBroker(Broker):
     """At-least-once NSQ broker; see the module docstring for the layout and counting."""
 
     kind = BrokerEnum.NSQ
-    capabilities = Capabilities(redelivery="lease", delay="native", max_priority=0, dead_letters=True,
-                                key_value=False, routing="none", persistent=False, cross_process=True,
-                                cross_host=True, fifo=False, queue_names=check_queue_name)
+    capabilities = Capabilities(redelivery="lease", delay="native", dead_letters=True, cross_process=True,
+                                cross_host=True, fifo=False, queue_names=check_queue_name, purge_spares_held=False)
     connection_errors = (OSError,)
     errors = (NsqError,)
 

@@ -103,7 +103,8 @@ class PulsarBroker(Broker):
     kind = BrokerEnum.PULSAR
     capabilities = Capabilities(redelivery="native", delay="emulated", max_priority=0, dead_letters=True,
                                 key_value=False, routing="none", persistent=True, cross_process=True,
-                                cross_host=True, queue_names=check_queue_name, release_front=False)
+                                cross_host=True, queue_names=check_queue_name, release_front=False,
+                                counts_delayed=False)  # not those in a mover's receiver queue
     connection_errors = (pulsar.ConnectError, pulsar.Timeout, pulsar.NotConnected, pulsar.AlreadyClosed,
                          pulsar.ServiceUnitNotReady, pulsar.LookupError)
     errors = (pulsar.PulsarException,)
