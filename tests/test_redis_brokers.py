@@ -687,6 +687,29 @@ def test_a_queue_name_of_the_frameworks_own_keys_is_refused_at_decoration(client
     task_deco(f"{queue}fl:", broker_kind=kind)(lambda x: x)  # only the prefix is the framework's
 
 
+@pytest.mark.parametrize("kind", [BrokerEnum.REDIS_ACK_ABLE, BrokerEnum.RedisBrpopLpush, BrokerEnum.REDIS_STREAM],
+                         ids=["REDIS_ACK_ABLE", "RedisBrpopLpush", "REDIS_STREAM"])
+def test_a_consumers_graceful_stop_removes_its_registry_entry(client: redis.Redis, queue: str,
+                                                              kind: BrokerEnum) -> None:
+    """Through the consumer (not the broker alone): its stop settles what it ran, then retires from the
+    queue's registry at once, not a sweep ``dead_after`` seconds later."""
+    done = threading.Event()
+
+    @task_deco(queue, broker_kind=kind, log_level=logging.WARNING, concurrent_num=4)
+    def work(i: int) -> None:
+        if i == 19:
+            done.set()
+
+    work.publish_many([{"i": i} for i in range(20)])
+    work.consume()
+    assert done.wait(10)
+    registry = f"fl:{{{queue}}}:{'unack-consumers' if kind == BrokerEnum.RedisBrpopLpush else 'consumers'}"
+    assert client.zcard(registry) == 1  # this consumer, beating
+    work.consumer.stop()
+    assert work.consumer.join(10)
+    assert client.zcard(registry) == 0 and work.broker.count(queue) == 0
+
+
 WAITING_KINDS = [BrokerEnum.REDIS, BrokerEnum.REDIS_ACK_ABLE, BrokerEnum.RedisBrpopLpush, BrokerEnum.REDIS_STREAM]
 
 
