@@ -258,6 +258,25 @@ def test_a_lone_push_polls_for_its_puback_and_a_batch_or_a_shared_moment_does_no
     assert sorted(json.loads(body)["x"] for body in take(broker, queue_name, 32)) == list(range(32))
 
 
+def test_a_lone_push_stops_polling_for_its_puback_while_polling_is_the_slower_way(
+        brokers: list[MqttBroker], queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pushes measure polling and blocking in turns and keep the faster (socket_spin.PollChoice, as the
+    Redis kinds do; here each poll costs 2 ms)."""
+    from funboost_like.brokers import mqtt_wire, socket_spin
+
+    polled: list[float] = []
+    monkeypatch.setattr(mqtt_wire, "spin", lambda ready, budget: (polled.append(budget), time.sleep(0.002)))
+    broker = MqttBroker()
+    brokers.append(broker)
+    time.sleep(2 * socket_spin.SHARED_QUIET_SECONDS)
+    trial = socket_spin.PollChoice.TRIAL
+    for i in range(2 * trial + 100):
+        broker.publish(queue_name, json.dumps({"x": i}).encode())
+    assert len(polled) == trial  # the polling trial, then blocking kept
+    assert sorted(json.loads(body)["x"] for body in take(broker, queue_name, 2 * trial + 100)) == list(
+        range(2 * trial + 100))
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's sockets in /proc")
 def test_the_publishing_connections_of_threads_that_ended_are_closed(brokers: list[MqttBroker],
                                                                      queue_name: str) -> None:

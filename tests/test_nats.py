@@ -329,6 +329,26 @@ def test_a_lone_push_polls_for_its_puback_and_a_batch_or_a_shared_moment_does_no
     assert fn.get_message_count() == 32
 
 
+def test_a_lone_push_stops_polling_for_its_puback_while_polling_is_the_slower_way(
+        queues: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a busy machine polling for the PubAck holds a CPU the server needs: pushes measure both ways in
+    turns and keep the faster (socket_spin.PollChoice, as the Redis kinds do; here each poll costs 2 ms)."""
+    from funboost_like.brokers import nats_wire, socket_spin
+
+    polled: list[float] = []
+    monkeypatch.setattr(nats_wire, "spin", lambda ready, budget: (polled.append(budget), time.sleep(0.002)))
+    broker = NatsBroker()  # publishers of its own, not yet measured
+    try:
+        time.sleep(2 * socket_spin.SHARED_QUIET_SECONDS)
+        trial = socket_spin.PollChoice.TRIAL
+        for i in range(2 * trial + 100):
+            broker.publish(queues[0], json.dumps({"x": i}).encode())
+        assert len(polled) == trial  # the polling trial, then blocking kept
+        assert broker.count(queues[0]) == 2 * trial + 100
+    finally:
+        broker.close()
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's sockets in /proc")
 def test_the_publishing_connections_of_threads_that_ended_are_closed(queues: list[str]) -> None:
     """Each thread publishes on a connection of its own. A consumer's pool workers come and go (idle ones

@@ -134,6 +134,28 @@ def test_a_lone_push_polls_for_the_hubs_reply_and_a_batch_or_a_shared_moment_doe
         broker.close()
 
 
+def test_a_lone_push_stops_polling_for_the_hubs_reply_while_polling_is_the_slower_way(
+        port_queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polling for the reply of a hub (a process whose reply also needs the ZeroMQ I/O threads of both
+    sides) took 0.3-0.6x of blocking's rate here: pushes measure both ways in turns and keep the faster
+    (socket_spin.PollChoice, as the Redis kinds do; here each poll costs 2 ms)."""
+    from funboost_like.brokers import socket_spin, zeromq_broker
+
+    polled: list[float] = []
+    monkeypatch.setattr(zeromq_broker, "spin", lambda ready, budget: (polled.append(budget), time.sleep(0.002)))
+    broker = ZeroMqBroker()
+    try:
+        broker.ping(port_queue)  # the hub started
+        time.sleep(2 * socket_spin.SHARED_QUIET_SECONDS)
+        trial = socket_spin.PollChoice.TRIAL
+        for i in range(2 * trial + 100):
+            broker.publish(port_queue, json.dumps({"x": i}).encode())
+        assert len(polled) == trial  # the polling trial, then blocking kept
+        assert broker.count(port_queue) == 2 * trial + 100
+    finally:
+        broker.close()
+
+
 def records(path: Path) -> tuple[collections.Counter[int], dict[int, set[int]], set[int]]:
     """(starts per call, calls started per pid, calls done)."""
     started: collections.Counter[int] = collections.Counter()

@@ -10,8 +10,8 @@ raises :class:`~funboost_like.brokers.mqtt_client.MqttRefused`; a broken connect
 and the unacknowledged messages sent once more (at least once), else it raises
 :class:`~funboost_like.brokers.mqtt_client.MqttUnreachable`. TLS servers (``mqtts://``) are left to paho
 (:meth:`WirePublishers.publish` returns False). A lone message's PUBACK is polled for a moment before the
-blocking read (:mod:`.socket_spin`), unless another thread of the process published through this
-broker in the last ``socket_spin.SHARED_QUIET_SECONDS``.
+blocking read (:mod:`.socket_spin`) while that measures faster (``PollChoice``), unless another thread
+of the process published through this broker in the last ``socket_spin.SHARED_QUIET_SECONDS``.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from collections.abc import Sequence
 
 from funboost_like.brokers.mqtt_client import TIMEOUT, MqttRefused, MqttUnreachable, Server
 from funboost_like.brokers.per_thread import PerThread
-from funboost_like.brokers.socket_spin import Sharing, reply_poller, spin
+from funboost_like.brokers.socket_spin import PollChoice, Sharing, reply_poller, spin
 
 _CONNECT, _CONNACK, _PUBACK, _DISCONNECT = 0x10, 0x20, 0x40, 0xE0
 _PUBLISH_QOS1 = 0x32
@@ -120,11 +121,16 @@ class _Connection:
                 raise ConnectionError("the server closed the connection")
             buffer += chunk
 
-    def publish(self, topic: str, bodies: Sequence[bytes], alone: bool = False) -> None:
-        """PUBLISH each body at QoS 1 and read every PUBACK (at most ``window`` in flight); ``alone``: no
-        other thread publishes now, so a lone message's PUBACK may be polled for."""
+    def publish(self, topic: str, bodies: Sequence[bytes], choice: PollChoice | None = None) -> None:
+        """PUBLISH each body at QoS 1 and read every PUBACK (at most ``window`` in flight); ``choice``:
+        given when no other thread publishes now; it says whether a lone message's PUBACK is polled for,
+        and is told how long that PUBACK took."""
         head = _string(topic.encode())
         window, sent, acked = self.window, 0, 0
+        ready = self._ready if len(bodies) == 1 else None
+        if ready is None:
+            choice = None
+        started = time.perf_counter()
         while acked < len(bodies):
             packets = []
             while sent < len(bodies) and sent - acked < window:
@@ -133,8 +139,8 @@ class _Connection:
                 sent += 1
             if packets:
                 self.sock.sendall(b"".join(packets))
-            if alone and len(bodies) == 1 and self._ready is not None and self.pos == len(self.buffer):
-                spin(self._ready, SPIN_SECONDS)
+            if choice is not None and ready is not None and self.pos == len(self.buffer) and choice.polls():
+                spin(ready, SPIN_SECONDS)
             while True:  # every acknowledgement already here, at least one
                 kind, body = self._read_packet()
                 if kind == _PUBACK:
@@ -146,6 +152,8 @@ class _Connection:
                                           "the server disconnected")
                 if acked == sent or len(self.buffer) - self.pos < 4:
                     break
+        if choice is not None:
+            choice.took(time.perf_counter() - started)
 
     def close(self) -> None:
         try:
@@ -164,6 +172,7 @@ class WirePublishers:
         self._all: PerThread[_Connection] = PerThread(_Connection.close)  # every thread's, for closing
         self._busy: set[_Connection] = set()  # publishing now (set.add and discard hold the GIL)
         self.sharing = Sharing()  # whether a publish is alone: no other thread publishes
+        self.poll_choice = PollChoice()  # whether a lone publish polls for its PUBACK (measured in turns)
 
     def publish(self, topic: str, bodies: Sequence[bytes]) -> bool:
         """Publish ``bodies`` to ``topic`` at QoS 1; False when this server is left to paho (TLS)."""
@@ -177,7 +186,8 @@ class WirePublishers:
                     self._all.add(connection)
                 self._busy.add(connection)
                 try:
-                    connection.publish(topic, bodies, self.sharing.alone(len(self._busy)))
+                    alone = self.sharing.alone(len(self._busy))
+                    connection.publish(topic, bodies, self.poll_choice if alone else None)
                 finally:
                     self._busy.discard(connection)
                 return True

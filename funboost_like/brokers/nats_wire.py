@@ -7,8 +7,9 @@ Publishing one message through nats-py costs a hop to the bridge's event loop an
 switches there (about 0.3 ms on a loaded two-core machine, on top of the server's 0.07 ms); this
 publisher writes ``PUB``/``HPUB`` on the calling thread and reads the server's PubAcks back on the same
 socket, so ``push`` costs one round trip. A batch is written at once and its acks are read together.
-A lone message's PubAck is polled for a moment before the blocking read (:mod:`.socket_spin`), unless
-another thread of the process published through this broker in the last ``socket_spin.SHARED_QUIET_SECONDS``.
+A lone message's PubAck is polled for a moment before the blocking read (:mod:`.socket_spin`) while that
+measures faster (``PollChoice``), unless another thread of the process published through this broker in
+the last ``socket_spin.SHARED_QUIET_SECONDS``.
 
 It speaks only what it needs: ``CONNECT`` (user and password, or a token, from the URL), ``SUB`` of
 its reply inbox, ``PUB``/``HPUB``, ``PING``/``PONG``; it refuses (:class:`Unsupported`) a server that
@@ -24,12 +25,13 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from funboost_like.brokers.per_thread import PerThread
-from funboost_like.brokers.socket_spin import Sharing, reply_poller, spin
+from funboost_like.brokers.socket_spin import PollChoice, Sharing, reply_poller, spin
 from funboost_like.core.config import redact_url
 
 logger = logging.getLogger("funboost_like.nats")
@@ -148,9 +150,10 @@ class WirePublisher(WireConnection):
 
     name = "funboost_like-publisher"
 
-    def publish(self, items: Sequence[tuple[str, bytes, HeadersT]], alone: bool = False) -> None:
-        """Publish (subject, body, headers) in order; return once the server stored every one (``alone``:
-        no other thread publishes now, so a lone message's PubAck may be polled for)."""
+    def publish(self, items: Sequence[tuple[str, bytes, HeadersT]], choice: PollChoice | None = None) -> None:
+        """Publish (subject, body, headers) in order; return once the server stored every one (``choice``:
+        given when no other thread publishes now; it says whether a lone message's PubAck is polled for,
+        and is told how long that PubAck took)."""
         reply = f"{self.inbox}.1".encode()
         out = bytearray()
         for subject, body, headers in items:
@@ -160,14 +163,20 @@ class WirePublisher(WireConnection):
                 head = _headers(headers)
                 out += b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subject.encode(), reply, len(head), len(head) + len(body),
                                                         head, body)
+        started = time.perf_counter()
         self._sock.sendall(out)
-        if alone and len(items) == 1 and self._ready is not None and not self._buf:
-            spin(self._ready, SPIN_SECONDS)
+        if choice is not None and len(items) == 1 and self._ready is not None and not self._buf:
+            if choice.polls():
+                spin(self._ready, SPIN_SECONDS)
+        else:
+            choice = None
         refused = None
         for _ in range(len(items)):
             answer = self._answer()
             if (not answer or b'"error"' in answer) and refused is None:
                 refused = answer
+        if choice is not None:
+            choice.took(time.perf_counter() - started)
         if refused is not None:
             raise PublishRefused(f"publish refused: {refused.decode('utf-8', 'replace') or 'no stream'}")
 
@@ -199,6 +208,7 @@ class WirePublishers:
         self._all: PerThread[WirePublisher] = PerThread(WirePublisher.close)  # every thread's, for closing
         self._busy: set[WirePublisher] = set()  # publishing now (set.add and discard hold the GIL)
         self.sharing = Sharing()  # whether a publish is alone: no other thread publishes
+        self.poll_choice = PollChoice()  # whether a lone publish polls for its PubAck (measured in turns)
 
     def publish(self, items: Sequence[tuple[str, bytes, HeadersT]], window: int) -> bool:
         """Publish ``items`` ``window`` at a time; False (nothing sent) when this server needs nats-py."""
@@ -217,9 +227,9 @@ class WirePublishers:
             busy = self._busy
             busy.add(wire)
             try:
-                alone = self.sharing.alone(len(busy))
+                choice = self.poll_choice if self.sharing.alone(len(busy)) else None
                 for start in range(0, len(items), window):
-                    wire.publish(items[start:start + window], alone)
+                    wire.publish(items[start:start + window], choice)
                 return True
             except OSError:
                 self._local.wire = None

@@ -51,7 +51,7 @@ import zmq
 
 from funboost_like.brokers import zeromq_hub as wire
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
-from funboost_like.brokers.socket_spin import Sharing, spin
+from funboost_like.brokers.socket_spin import PollChoice, Sharing, spin
 from funboost_like.core.config import settings
 from funboost_like.core.enums import BrokerEnum
 from funboost_like.core.errors import ConfigurationError
@@ -127,12 +127,13 @@ class _Link:
         self.free: list[zmq.Socket[Any]] = []
         self.busy: set[zmq.Socket[Any]] = set()  # in a request now (set.add and discard hold the GIL)
         self.sharing = Sharing()
+        self.poll_choice = PollChoice()  # whether a lone request polls for its reply (measured in turns)
         self.checked = False  # the hub was seen listening (or started) by this process
 
     def exchange(self, frames: list[bytes], timeout: float, lone: bool = False) -> list[bytes]:
         """Send one request and return its reply's frames; HubUnreachable after ``timeout`` seconds.
         ``lone``: a quick request (one message published) whose reply is polled for a moment first, when
-        no other thread of the process talks to this hub (:mod:`.socket_spin`)."""
+        no other thread of the process talks to this hub and polling measures faster (:mod:`.socket_spin`)."""
         try:
             sock = self.free.pop()
         except IndexError:
@@ -142,8 +143,10 @@ class _Link:
         busy = self.busy
         busy.add(sock)
         try:
+            started = time.perf_counter()
             sock.send_multipart(frames, copy=len(frames) < 8)
-            if lone and self.sharing.alone(len(busy)):
+            choice = self.poll_choice if lone and self.sharing.alone(len(busy)) else None
+            if choice is not None and choice.polls():
                 spin(functools.partial(sock.poll, flags=zmq.POLLIN), SPIN_SECONDS)
             deadline, check = time.monotonic() + timeout, LIVENESS_FIRST
             while not sock.poll(int(max(0.0, min(check, deadline - time.monotonic())) * 1000), zmq.POLLIN):
@@ -151,6 +154,8 @@ class _Link:
                     raise HubUnreachable(f"no answer from the hub at {self.endpoint} within {timeout:.1f} s")
                 check = min(check * 2, LIVENESS_MAX)
             reply = sock.recv_multipart()
+            if choice is not None:
+                choice.took(time.perf_counter() - started)
         except BaseException:
             sock.close(linger=0)  # a late answer must never reach the next request
             raise
