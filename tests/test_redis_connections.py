@@ -146,6 +146,15 @@ def test_the_poll_choice_keeps_the_way_whose_trial_was_faster_and_tries_both_aga
     assert choice.polls()
 
 
+def test_the_poll_choice_keeps_blocking_when_polling_is_not_clearly_faster() -> None:
+    """Polling holds a CPU (the server's, other processes', ZeroMQ's I/O threads') beyond the wait it
+    measures: a trial that finds it 5% faster is a tie, and a tie goes to blocking."""
+    choice = socket_spin.PollChoice()
+    for _ in range(2 * socket_spin.PollChoice.TRIAL):
+        choice.took(0.95e-4 if choice.polls() else 1e-4)
+    assert not choice.polls()
+
+
 def test_a_push_stops_polling_for_its_reply_while_polling_is_the_slower_way(
         client: redis.Redis, queue: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     """On a busy machine polling for the reply holds a CPU the server needs: a push measures both ways

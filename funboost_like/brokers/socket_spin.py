@@ -54,12 +54,16 @@ class PollChoice:
     for a Redis push on the quiet VM), and costs when it has none: the polling CPU is one the server or
     other processes need (0.6-0.85x at a load average of 5). So the waits of one user alternate
     between a trial of ``TRIAL`` waits polling, a trial of ``TRIAL`` waits blocking, and ``KEEP`` waits
-    the way whose trial had the lower median (send to reply). Used by one thread at a time (the one
-    :class:`Sharing` found alone); the benchmark ``push_wait.py`` compares it with either way alone.
+    the way whose trial had the lower median (send to reply). Polling is kept only when its median is
+    at most ``POLL_GAIN`` times blocking's: the CPU it holds costs outside the measured wait too (the
+    server's, other processes', and ZeroMQ's I/O threads'), so a tie, which under load is most trials,
+    goes to blocking. Used by one thread at a time (the one :class:`Sharing` found alone); the
+    benchmark ``push_wait.py`` compares it with either way alone.
     """
 
     __slots__ = ("_phase", "_count", "_trials", "_poll")
     TRIAL, KEEP = 32, 1024
+    POLL_GAIN = 0.9
 
     def __init__(self) -> None:
         self._phase = 0  # 0: trial polling, 1: trial blocking, 2: keeping the faster way
@@ -84,7 +88,7 @@ class PollChoice:
             self._count, self._phase = 0, self._phase + 1
             if self._phase == 2:
                 polled, blocked = (sorted(t)[len(t) // 2] for t in self._trials)
-                self._poll = polled <= blocked
+                self._poll = polled <= blocked * self.POLL_GAIN
                 self._trials = ([], [])
 
 
