@@ -61,6 +61,7 @@ effective settings (passwords are masked).
 # KAFKA_SASL_USERNAME = ""  # with SASL_*
 # KAFKA_SASL_PASSWORD = ""  # never logged
 # KAFKA_API_VERSION = ""  # kafka-python only: "" asks the server; "2.0" where its answer cannot be read
+# KAFKA_BOOTSTRAP_TIMEOUT_SECONDS = 10.0  # kafka-python only: a new client's wait for its first contact
 
 # ----- Apache Pulsar (PULSAR; docs/pulsar.md): tested on pulsar-lite only -----
 

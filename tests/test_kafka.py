@@ -23,8 +23,10 @@ from funboost_like.brokers.kafka_confluent import ConfluentKafkaBroker
 from funboost_like.brokers.offset_tracker import OffsetTracker
 from funboost_like.brokers.registry import get_broker
 from funboost_like.core.config import patch_frame_config, settings
+from funboost_like.core.errors import BrokerConnectionError
 
 from .conftest import require_server, subprocess_env
+from .standin import free_port
 
 TANSU, MOCK = ("Tansu", "127.0.0.1", 9092), ("librdkafka mock cluster", "127.0.0.1", 9192)
 WORKER = Path(__file__).with_name("contract_worker.py")
@@ -186,6 +188,25 @@ def test_topics_are_made_with_the_partition_count_and_the_password_stays_out_of_
     assert "s3cret-pw" not in caplog.text and "s3cret-pw" not in broker._where()
     broker.purge(queue_name)
     broker.close()
+
+
+def test_a_kafka_python_client_reports_a_cluster_it_cannot_reach_after_the_bootstrap_timeout(queue_name: str) -> None:
+    """kafka-python's first contact waited its default 30 s before a push (or a consumer) heard of a cluster
+    that is down; it is KAFKA_BOOTSTRAP_TIMEOUT_SECONDS now, 10 s by default as CONFLUENT_KAFKA's, and a
+    clear BrokerConnectionError."""
+    from funboost_like.brokers import kafka_python
+
+    assert kafka_python.base_config()["bootstrap_timeout_ms"] == 10_000
+    patch_frame_config(KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}", KAFKA_BOOTSTRAP_TIMEOUT_SECONDS=1.0)
+    broker = get_broker(BrokerEnum.KAFKA)
+    try:
+        for attempt in (lambda: broker.publish(queue_name, b'{"x": 1}'), lambda: broker.count(queue_name)):
+            started = time.monotonic()
+            with pytest.raises(BrokerConnectionError, match="unreachable.*Unable to bootstrap"):
+                attempt()
+            assert 0.9 < time.monotonic() - started < 5
+    finally:
+        broker.close()
 
 
 def test_kafka_pythons_own_records_stay_out_of_the_log_unless_its_logger_is_set_to_debug(

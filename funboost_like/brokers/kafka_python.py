@@ -4,7 +4,10 @@ Guarantee: at-least-once, unlike the seed's kind 8 (see :mod:`~funboost_like.bro
 and docs/kafka.md). Settings: ``KAFKA_BOOTSTRAP_SERVERS``, ``KAFKA_SECURITY_PROTOCOL``,
 ``KAFKA_SASL_MECHANISM``, ``KAFKA_SASL_USERNAME``, ``KAFKA_SASL_PASSWORD`` (never logged),
 ``KAFKA_SESSION_TIMEOUT_SECONDS``, ``KAFKA_API_VERSION`` (empty: asked from the server; "2.0" for a
-server whose version answer kafka-python cannot read, such as librdkafka's mock cluster).
+server whose version answer kafka-python cannot read, such as librdkafka's mock cluster),
+``KAFKA_BOOTSTRAP_TIMEOUT_SECONDS`` (how long a new client waits for its first contact with the cluster:
+kafka-python's ``bootstrap_timeout_ms``, 30 s by its default, which a push to a cluster that is down waited
+out; a client that has made contact reconnects by itself, without that bound).
 
 kafka-python's consumer is not thread-safe, and moves a group join on only while it polls: the base
 uses a queue's group member from the queue's fetching thread only (acks are bookkeeping; commits go
@@ -42,8 +45,10 @@ BATCH_FROM = 8  # this many records for one partition go out as record batches w
 def base_config() -> dict[str, Any]:
     """kafka-python settings shared by every client: servers, security, protocol version."""
     client_logs.quiet("kafka")
+    bootstrap = float(settings.get("KAFKA_BOOTSTRAP_TIMEOUT_SECONDS"))  # a new client's wait for the first contact
     config: dict[str, Any] = {"bootstrap_servers": str(settings.get("KAFKA_BOOTSTRAP_SERVERS")).split(","),
-                              "security_protocol": str(settings.get("KAFKA_SECURITY_PROTOCOL"))}
+                              "security_protocol": str(settings.get("KAFKA_SECURITY_PROTOCOL")),
+                              "bootstrap_timeout_ms": int(bootstrap * 1000)}
     if settings.get("KAFKA_SASL_USERNAME"):
         config.update({"sasl_mechanism": settings.get("KAFKA_SASL_MECHANISM"),
                        "sasl_plain_username": settings.get("KAFKA_SASL_USERNAME"),

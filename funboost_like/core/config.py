@@ -73,6 +73,7 @@ DEFAULTS: dict[str, Any] = {
     "KAFKA_SASL_USERNAME": "",
     "KAFKA_SASL_PASSWORD": "",  # never logged
     "KAFKA_API_VERSION": "",  # kafka-python only: "" asks the server; "2.0" where its answer cannot be read
+    "KAFKA_BOOTSTRAP_TIMEOUT_SECONDS": 10.0,  # kafka-python only: a new client's wait for its first contact
     # MQTT (MQTT; docs/mqtt.md): Mosquitto or any MQTT 5 server with shared subscriptions.
     "MQTT_URL": "mqtt://127.0.0.1:1883",  # mqtt://user:password@host:port, or mqtts:// for TLS
     "MQTT_SESSION_EXPIRY_SECONDS": 604800.0,  # the server keeps a consumer slot's session (its messages) this long
@@ -249,8 +250,8 @@ def _checked(name: str, value: Any, source: str) -> Any:
 _POSITIVE = frozenset({"SQLITE_LEASE_SECONDS", "SQLALCHEMY_LEASE_SECONDS", "MONGO_LEASE_SECONDS",
                        "DJANGO_LEASE_SECONDS", "SQLITE_FILES_PER_QUEUE", "REDIS_HEARTBEAT_SECONDS",
                        "REDIS_DEAD_AFTER_SECONDS",
-                       "NATS_ACK_WAIT_SECONDS", "NSQ_MSG_TIMEOUT_SECONDS", "KAFKA_PARTITIONS", "MQTT_RECEIVE_MAXIMUM",
-                       "HTTPSQS_PIPELINE"})
+                       "NATS_ACK_WAIT_SECONDS", "NSQ_MSG_TIMEOUT_SECONDS", "KAFKA_PARTITIONS",
+                       "KAFKA_BOOTSTRAP_TIMEOUT_SECONDS", "MQTT_RECEIVE_MAXIMUM", "HTTPSQS_PIPELINE"})
 
 
 def _in_range(name: str, value: Any, source: str) -> Any:
