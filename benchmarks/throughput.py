@@ -173,7 +173,10 @@ BROKERS["pulsar"] = "PULSAR"
 BROKERS["kombu_redis"] = "KOMBU"
 BENCH_KAFKA_SERVERS = os.environ.get("FUNBOOST_LIKE_BENCH_KAFKA_SERVERS", "127.0.0.1:9092")
 BENCH_PULSAR_URL = os.environ.get("FUNBOOST_LIKE_BENCH_PULSAR_URL", "pulsar://127.0.0.1:6650")
-KOMBU_REDIS_PREFIX = "fl_bench_kombu:"
+# FUNBOOST_LIKE_BENCH_RUN_ID (peers/run.py sets it): in every queue name and the kombu key prefix, so that runs
+# side by side on one server keep apart.
+RUN_ID = os.environ.get("FUNBOOST_LIKE_BENCH_RUN_ID", "")
+KOMBU_REDIS_PREFIX = f"fl_bench_kombu{'_' + RUN_ID if RUN_ID else ''}:"
 for _case in (*KAFKA_CASES, "pulsar", "kombu_redis"):
     DEFAULT_N[_case] = {"publish one-by-one": 5_000, "publish bulk": 50_000, "consume (acked)": 50_000}
     TARGETS[_case] = dict.fromkeys(PATHS, 0)
@@ -340,7 +343,8 @@ def child_main(broker: str, ns: dict[str, int], tmpdir: str) -> None:  # noqa: C
         ("publish bulk", "bench_publish_bulk", False, _measure_publish_bulk),
         ("consume (acked)", "bench_consume", True, None),
     ):
-        fn = make(f"{queue}_{broker}" + (f"_{os.getpid()}" if broker in (*KAFKA_CASES, "pulsar") else ""), counting)
+        fn = make(f"{queue}_{broker}" + (f"_{RUN_ID}" if RUN_ID else "")
+                  + (f"_{os.getpid()}" if broker in (*KAFKA_CASES, "pulsar") else ""), counting)
         _delete_redis_keys(broker, fn.queue_name)
         _delete_rabbitmq_queue(broker, fn.queue_name)
         _delete_nats_streams(broker, fn)

@@ -6,10 +6,12 @@ Started by ``benchmarks/peers/run.py``::
     python celery_bench.py --broker-url amqp://guest:guest@127.0.0.1:5672// --n 5000 --acks-late 0|1
 
 One process, no result backend (``result_backend`` unset, ``task_ignore_result=True``), JSON
-serializer, the task ``f(x, y): return x + y``, queues named ``peerbench_q_acks_late_{0,1}`` (plus
-``_bulk`` and ``_warm``). The broker is Redis or RabbitMQ, chosen by the URL's scheme:
+serializer, the task ``f(x, y): return x + y``, queues named ``<tag>_q_acks_late_{0,1}`` (plus
+``_bulk`` and ``_warm``), where the tag is ``$PEERBENCH_RUN_TAG`` (``run.py`` sets ``peerbench_<run id>``, so
+that runs side by side keep apart; ``peerbench`` when unset). The broker is Redis or RabbitMQ, chosen by the
+URL's scheme:
 
-* Redis: every Redis key under the prefix ``peerbench_celery:`` (kombu's ``global_keyprefix``
+* Redis: every Redis key under the prefix ``<tag>_celery:`` (kombu's ``global_keyprefix``
   transport option). Queue lengths are ``LLEN``, unacknowledged messages (``acks_late``) the length of
   kombu's ``unacked`` hash.
 * RabbitMQ (``amqp://``, kombu's py-amqp transport; Celery's defaults: persistent messages, durable
@@ -52,7 +54,8 @@ import threading
 import time
 
 TIMEOUT_SECONDS = 120.0
-PREFIX = "peerbench_celery:"
+TAG = os.environ.get("PEERBENCH_RUN_TAG", "peerbench")  # run.py: peerbench_<run id>, in every name
+PREFIX = f"{TAG}_celery:"
 
 
 class RedisSide:
@@ -133,7 +136,7 @@ def main() -> None:  # noqa: C901 - one linear script
     from celery import Celery, group
 
     side = AmqpSide(args.broker_url) if args.broker_url.startswith(("amqp", "pyamqp")) else RedisSide(args.broker_url)
-    queue = f"peerbench_q_acks_late_{int(acks_late)}"
+    queue = f"{TAG}_q_acks_late_{int(acks_late)}"
     bulk_queue = f"{queue}_bulk"
     warm_queue = f"{queue}_warm"
     app = Celery("peerbench", broker=args.broker_url)

@@ -410,7 +410,7 @@ def main() -> None:  # noqa: C901 - a linear driver
         logging.getLogger("kafka").setLevel(logging.ERROR)  # kafka-python's connection chatter
     if args.broker == "MQTT":
         _use_mqtt_server()
-    queue = args.queue or f"peerbench_funboost_{args.broker.lower()}"
+    queue = args.queue or f"{os.environ.get('PEERBENCH_RUN_TAG', 'peerbench')}_funboost_{args.broker.lower()}"
     exclusive = json.loads(args.exclusive)
     if args.broker in ("KAFKA", "KAFKA_CONFLUENT", "PULSAR"):  # a topic (and group) of this run: none can be emptied
         queue = f"{queue}_{os.getpid()}"

@@ -61,7 +61,7 @@ def _run_one(framework: str, broker: str, work: str, mode: str, n: int, python: 
              peer_env: Callable[[str], dict[str, str]]) -> dict:
     import json
 
-    queue = f"peerbench_modes_{framework}_{broker}_{work}_{mode}"
+    queue = f"{os.environ.get('PEERBENCH_RUN_TAG', 'peerbench')}_modes_{framework}_{broker}_{work}_{mode}"
     with tempfile.TemporaryDirectory(prefix="peerbench_modes_") as tmp:
         if framework == "ours":
             env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), FUNBOOST_LIKE_NO_USER_CONFIG="1")

@@ -6,7 +6,8 @@ Usage (from the repository root, with the project's Python)::
                                    pulsar|kombu|modes] [--modes-scale 1.0]
                                    [--redis-url redis://127.0.0.1:6379/13]
                                    [--rabbitmq-url amqp://guest:guest@127.0.0.1:5672/%2F]
-                                   [--repeat 3] [--only ours,funboost,celery] [--json]
+                                   [--repeat 3] [--only ours,funboost,celery] [--json] [--clean-leftovers]
+                                   [--mqtt-url URL] [--kafka-servers HOST:PORT] [--mongo-url URL] [--pulsar-url URL]
 
 Sets of workloads, all by default (``--set all``), in this order in every repetition:
 
@@ -19,20 +20,21 @@ Sets of workloads, all by default (``--set all``), in this order in every repeti
   process; its publisher needs a running consumer, so ``funboost_bench.py`` starts the consumer first).
 * ``mqtt``: our MQTT (QoS 1, persistent sessions, acks after the call) and funboost ``MQTT`` (QoS 0, a clean
   session: messages published while no consumer is subscribed are lost, so its consumer starts first) on one
-  Mosquitto, ``--mqtt-url`` (default ``mqtt://127.0.0.1:18830``; started for the run when nothing listens
-  there and stopped at the end: ``benchmarks/mqtt_server.py``, ``max_queued_messages 0``).
+  Mosquitto, started for the run on a free port and stopped at the end (``benchmarks/mqtt_server.py``,
+  ``max_queued_messages 0``), or the one at ``--mqtt-url`` (started there when nothing listens).
 * ``sql``: our SQLACHEMY on PostgreSQL and MariaDB (``throughput.py``'s ``sqlalchemy_postgresql`` and
   ``sqlalchemy_mariadb``: the ``test`` database of each local server) and funboost ``SQLACHEMY`` on the same
   two databases (its drivers in the scratch venv: ``psycopg2-binary``, ``pymysql``, plus ``sqlalchemy`` and
   ``sqlalchemy_utils``); funboost's queue table is dropped after each of its runs.
 * ``kafka``: our KAFKA and CONFLUENT_KAFKA (``throughput.py``'s ``kafka`` and ``confluent_kafka``) and funboost
-  ``KAFKA`` and ``KAFKA_CONFLUENT`` on Tansu at ``KAFKA_SERVERS`` (127.0.0.1:19092; started for the run with
-  ``tests/kafka_server.py``'s command when nothing listens there, stopped at the end). The consume column runs
-  from the first call (the group join is printed apart, with the rate until the N-th call and the commit wait).
+  ``KAFKA`` and ``KAFKA_CONFLUENT`` on Tansu (started for the run on a free port with ``tests/kafka_server.py``'s
+  command and stopped at the end, or the one at ``--kafka-servers``, started there when nothing listens). The
+  consume column runs from the first call (the group join is printed apart, with the rate until the N-th call and
+  the commit wait).
 * ``nats``: our NATS (JetStream) and funboost ``NATS_JETSTREAM`` and ``NATS_CORE`` on the NATS server at ``NATS_URL``.
-* ``mongo``: our MONGOMQ and funboost ``MONGOMQ`` on SecantusDB at ``MONGO_URL`` (port 27217; started for the run
-  like the tests start it when nothing listens there, its files in a temporary folder).
-* ``pulsar``: our PULSAR and funboost ``PULSAR`` on pulsar-lite at ``PULSAR_URL`` (port 16650; started likewise).
+* ``mongo``: our MONGOMQ and funboost ``MONGOMQ`` on SecantusDB (started for the run on a free port like the
+  tests start it, its files in a temporary folder; or ``--mongo-url``).
+* ``pulsar``: our PULSAR and funboost ``PULSAR`` on pulsar-lite (likewise; or ``--pulsar-url``).
 * ``kombu``: our KOMBU and funboost ``KOMBU`` on kombu's Redis transport, on ``--redis-url``.
 * ``modes`` (not part of ``all``): the concurrency modes on memory, SQLite and REDIS_ACK_ABLE, ours and funboost
   alternating, a trivial function and one that waits 10 ms (``modes_set.py``, ``modes_workload.py``).
@@ -42,9 +44,14 @@ that wait for each message (kafka-python ``send().get()``, confluent-kafka ``pro
 ProduceRequest per message on a plain socket; redis-py ``LPUSH`` and ``XADD``), whose medians are printed under the
 table as the ceiling of a one-by-one push on those servers.
 
-After every peer process of those sets, the topics (Kafka), streams (NATS) and collections (funboost's database
-``funboost_mongomq``) whose name contains ``peerbench`` are deleted; funboost's KOMBU keys carry the prefix
-``peerbench_fbkombu:`` and go with the other ``peerbench`` keys. Our side deletes its own.
+Every name a run gives starts with its tag, ``peerbench_<run id>`` (six hex digits, printed in the report), and a
+run deletes only names with its own tag, so runs of different sets (or of the same set) can go side by side on one
+Redis database, RabbitMQ vhost and NATS server: each picks free ports for what it starts (the stand-ins, Mosquitto,
+both ZeroMQ hubs). After every peer process of those sets, the topics (Kafka), streams (NATS) and collections
+(funboost's database ``funboost_mongomq``) whose name contains the tag are deleted; funboost's KOMBU keys carry
+the prefix ``<tag>_fbkombu:`` and go with the run's other keys. Our side (``throughput.py``, given the run id as
+``FUNBOOST_LIKE_BENCH_RUN_ID``) deletes its own. ``--clean-leftovers`` first deletes every name containing
+``peerbench`` on the chosen sets' servers (what interrupted runs left), so use it only when no other run is going.
 
 funboost and Celery are never imported here and are not dependencies of the project: they live in a
 scratch virtualenv (``--venv``, see ``benchmarks/peers/README.md``) whose Python runs the two small
@@ -60,14 +67,15 @@ where the broker acks and its pending state can be read, until nothing is left u
 Bulk publishing where the framework has it (ours: ``publish_many``; Celery: ``group().apply_async()``;
 funboost has none). Details of each peer measurement are in the docstrings of the two scripts.
 
-Every Redis key the peers create is deleted afterwards: keys whose name contains ``peerbench`` (all
-peer queues, Celery runs with the key prefix ``peerbench_celery:``) and funboost's global bookkeeping
-keys (``funboost_*``) that did not exist before the run. ``throughput.py`` deletes its own keys and
-queues. On RabbitMQ every peer queue, and every exchange Celery declares for one, is named
-``peerbench_*``; after each peer process those names are deleted with pika (queue and exchange of the
-same name, only if they exist). At the start and at the end of the run, when the RabbitMQ host is this
-machine and ``rabbitmqctl`` works, any other queue or exchange of the vhost whose name contains
-``peerbench`` is deleted too. Nothing is purged or deleted that does not have ``peerbench`` in its name.
+Every Redis key the peers create is deleted after each peer process: keys whose name contains the run's tag (all
+peer queues, Celery runs with the key prefix ``<tag>_celery:``). funboost's global bookkeeping keys
+(``funboost_*``, shared by every funboost process on the database) that did not exist before the run are deleted
+at its end, unless keys of another run (``*peerbench*``) are there then: the last run out deletes them.
+``throughput.py`` deletes its own keys and queues. On RabbitMQ every peer queue, and every exchange Celery
+declares for one, is named ``<tag>_*``; after each peer process those names are deleted with pika (queue and
+exchange of the same name, only if they exist). At the end of the run, when the RabbitMQ host is this machine and
+``rabbitmqctl`` works, any other queue or exchange of the vhost whose name contains the tag is deleted too.
+Nothing is purged or deleted that does not have ``peerbench`` in its name.
 
 A measurement, not a test: the exit code is always 0.
 """
@@ -80,6 +88,7 @@ import importlib
 import json
 import os
 import platform
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -136,13 +145,23 @@ OURS_LABEL = {"memory": "memory (LOCAL_PYTHON_QUEUE)", "sqlite": "SQLite (PERSIS
 SQL_PEER_URLS = {"pg": "postgresql+psycopg2://postgres@127.0.0.1:5432/test",
                  "mariadb": "mysql+pymysql://root@127.0.0.1:3306/test"}
 OURS_PATHS = {"publish": "publish one-by-one", "bulk": "publish bulk", "consume": "consume (acked)"}
-# The private stand-ins of the kafka, mongo and pulsar sets (started by run.py when nothing listens there).
-KAFKA_SERVERS = "127.0.0.1:19092"
-MONGO_URL = "mongodb://127.0.0.1:27217/?retryWrites=false"
-PULSAR_URL = "pulsar://127.0.0.1:16650"
+# Every name a run gives (queues, keys, topics, streams, collections, Celery's and funboost KOMBU's key prefixes)
+# starts with RUN_TAG, ``peerbench_<run id>`` (main() sets it, and PEERBENCH_RUN_TAG for the children), and each
+# run deletes only names with its own tag: runs side by side on one Redis database or server keep apart.
+RUN_TAG = "peerbench"
+# The private stand-ins of the kafka, mongo and pulsar sets, started by run.py on a free port each unless an
+# address is given (--kafka-servers, --mongo-url, --pulsar-url: started there when nothing listens); main() sets
+# them. The zeromq set's hubs (ours, funboost's) and the mqtt set's Mosquitto get free ports likewise.
+KAFKA_SERVERS = ""
+MONGO_URL = ""
+PULSAR_URL = ""
 NATS_URL = "nats://127.0.0.1:4222"
-# Where the peers' KOMBU keeps its Redis keys (all deleted with the other peerbench keys).
-KOMBU_PEER_OPTIONS = {"transport_options": {"global_keyprefix": "peerbench_fbkombu:"}}
+ZEROMQ_PORTS = {"ours": 0, "funboost": 0}
+
+
+def _kombu_peer_options() -> dict:
+    """Where the peers' KOMBU keeps its Redis keys (deleted with the run's other keys)."""
+    return {"transport_options": {"global_keyprefix": f"{RUN_TAG}_fbkombu:"}}
 
 
 class Peer:
@@ -169,7 +188,7 @@ def _peers(redis_url: str, rabbitmq_url: str) -> list[Peer]:
     def fb(broker: str, n: int, match: str | tuple[str, ...], label: str, key: str | None = None,
            exclusive: dict | None = None, paths: tuple[str, ...] = ("publish", "consume"),
            set_: str = "redis", env: dict[str, str] | None = None) -> Peer:
-        queue = f"peerbench_funboost_{(key or broker).lower()}"
+        queue = f"{RUN_TAG}_funboost_{(key or broker).lower()}"
         args = ["--broker", broker, "--n", str(n), "--paths", ",".join(paths), "--queue", queue]
         if exclusive:
             args += ["--exclusive", json.dumps(exclusive)]
@@ -180,7 +199,7 @@ def _peers(redis_url: str, rabbitmq_url: str) -> list[Peer]:
     def cel(acks_late: int, paths: tuple[str, ...], match: tuple[str, ...], set_: str = "redis") -> Peer:
         url, where = (redis_url, "Redis") if set_ == "redis" else (_celery_amqp_url(rabbitmq_url), "RabbitMQ")
         args = ["--broker-url", url, "--n", "5000", "--acks-late", str(acks_late), "--paths", ",".join(paths)]
-        queue = f"peerbench_q_acks_late_{acks_late}"
+        queue = f"{RUN_TAG}_q_acks_late_{acks_late}"
         names = (queue, f"{queue}_bulk", f"{queue}_warm") if set_ == "rabbitmq" else ()
         key = f"celery_acks_late_{acks_late}" + ("" if set_ == "redis" else "_amqp")
         return Peer(key, "Celery", f"{where}, acks_late={bool(acks_late)}", "celery_bench.py", args, 5000,
@@ -205,7 +224,7 @@ def _peers(redis_url: str, rabbitmq_url: str) -> list[Peer]:
         cel(1, ("publish", "consume"), rabbit_like_celery, "rabbitmq"),
         # funboost's ZeroMQ publisher waits for a running consumer (funboost_bench.py: consumer first)
         fb("ZEROMQ", 20_000, "zeromq", "ZeroMQ ZEROMQ (REQ/REP through its broker process)",
-           exclusive={"port": 29613}, set_="zeromq"),
+           exclusive={"port": ZEROMQ_PORTS["funboost"]}, set_="zeromq"),
         # funboost's MQTT is QoS 0 on a clean session: its consumer starts first (funboost_bench.py)
         fb("MQTT", 20_000, "mqtt", "MQTT (QoS 0, shared subscription, no acks)", set_="mqtt"),
         # funboost's SQLACHEMY: one row per message, a status column; its table is dropped afterwards
@@ -227,7 +246,7 @@ def _peers(redis_url: str, rabbitmq_url: str) -> list[Peer]:
         fb("PULSAR", 10_000, "pulsar", "Pulsar PULSAR (send waits for the receipt, Shared subscription, acked after "
            "the call)", set_="pulsar"),
         fb("KOMBU", 5_000, "kombu_redis", "kombu KOMBU on Redis (kombu's redis transport, prefetch 500, acked after "
-           "the call)", exclusive=KOMBU_PEER_OPTIONS, set_="kombu"),
+           "the call)", exclusive=_kombu_peer_options(), set_="kombu"),
     ]
 
 
@@ -242,17 +261,32 @@ def _redis(url: str):
 
 
 def _peer_keys(client) -> set[bytes]:
-    keys = set(client.scan_iter(match="*peerbench*", count=1000))
-    keys.update(client.scan_iter(match="funboost_*", count=1000))
-    return keys
+    """funboost's global bookkeeping keys (``funboost_*``, not ours: ``funboost_like*``), to tell those a run
+    created from earlier ones."""
+    return {k for k in client.scan_iter(match="funboost_*", count=1000) if not k.startswith(b"funboost_like")}
 
 
-def _cleanup(client, keys_before: set[bytes]) -> int:
-    """Delete the peers' keys: every ``*peerbench*`` key and ``funboost_*`` keys created since the start."""
-    doomed = [k for k in _peer_keys(client) if b"peerbench" in k or k not in keys_before]
-    for i in range(0, len(doomed), 500):
-        client.delete(*doomed[i:i + 500])
-    return len(doomed)
+def _delete(client, keys: list[bytes]) -> int:
+    for i in range(0, len(keys), 500):
+        client.delete(*keys[i:i + 500])
+    return len(keys)
+
+
+def _cleanup(client, keys_before: set[bytes] | None = None) -> int:
+    """Delete this run's keys (every key naming ``RUN_TAG``). With ``keys_before`` (the end of the run), also
+    funboost's global keys created since the start, unless keys of another run (``*peerbench*``) are there:
+    those keys are shared by every funboost process on the database, and the last run out deletes them."""
+    doomed = list(client.scan_iter(match=f"*{RUN_TAG}*", count=1000))
+    if keys_before is not None:
+        others = any(RUN_TAG.encode() not in k for k in client.scan_iter(match="*peerbench*", count=1000))
+        if not others:
+            doomed += [k for k in _peer_keys(client) if k not in keys_before and b"peerbench" not in k]
+    return _delete(client, doomed)
+
+
+def _clean_leftovers(client) -> int:
+    """``--clean-leftovers``: every key naming ``peerbench``, whatever run left it (no other run may be going)."""
+    return _delete(client, list(client.scan_iter(match="*peerbench*", count=1000)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,8 +305,8 @@ def _rabbitmq_server(url: str) -> str:
         connection.close()
 
 
-def _rabbitmq_listed(url: str) -> set[str]:
-    """Queue and exchange names containing ``peerbench`` on the vhost, via rabbitmqctl (local server only)."""
+def _rabbitmq_listed(url: str, match: str) -> set[str]:
+    """Queue and exchange names containing ``match`` on the vhost, via rabbitmqctl (local server only)."""
     u = urlparse(url)
     if u.hostname not in ("127.0.0.1", "localhost", "::1") or not shutil.which("rabbitmqctl"):
         return set()
@@ -284,7 +318,7 @@ def _rabbitmq_listed(url: str) -> set[str]:
                                   text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             continue
-        names.update(line.strip() for line in proc.stdout.splitlines() if "peerbench" in line)
+        names.update(line.strip() for line in proc.stdout.splitlines() if match in line)
     names.discard("name")
     return names
 
@@ -375,19 +409,19 @@ def _start_standins(sets: list[str], tmp: Path) -> list:
     return started
 
 
-def _kafka_cleanup() -> int:
-    """Delete every topic whose name contains ``peerbench`` (confluent-kafka's AdminClient)."""
+def _kafka_cleanup(match: str) -> int:
+    """Delete every topic whose name contains ``match`` (confluent-kafka's AdminClient)."""
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": KAFKA_SERVERS, "log_level": 3})  # errors only
-    topics = [t for t in admin.list_topics(timeout=10).topics if "peerbench" in t]
+    topics = [t for t in admin.list_topics(timeout=10).topics if match in t]
     for future in admin.delete_topics(topics, operation_timeout=10).values() if topics else ():
         future.result()
     return len(topics)
 
 
-def _nats_cleanup() -> int:
-    """Delete every JetStream stream whose name contains ``peerbench`` (nats-py)."""
+def _nats_cleanup(match: str) -> int:
+    """Delete every JetStream stream whose name contains ``match`` (nats-py)."""
     import asyncio
 
     import nats
@@ -396,7 +430,7 @@ def _nats_cleanup() -> int:
         nc = await nats.connect(NATS_URL)
         try:
             js = nc.jetstream()
-            names = [info.config.name for info in await js.streams_info() if "peerbench" in (info.config.name or "")]
+            names = [info.config.name for info in await js.streams_info() if match in (info.config.name or "")]
             for name in names:
                 await js.delete_stream(name)
             return len(names)
@@ -406,14 +440,14 @@ def _nats_cleanup() -> int:
     return asyncio.run(run())
 
 
-def _mongo_cleanup() -> int:
-    """Drop the collections of funboost's MONGOMQ database whose name contains ``peerbench``."""
+def _mongo_cleanup(match: str) -> int:
+    """Drop the collections of funboost's MONGOMQ database whose name contains ``match``."""
     import pymongo
 
     client = pymongo.MongoClient(MONGO_URL, serverSelectionTimeoutMS=5000)
     try:
         db = client["funboost_mongomq"]
-        names = [n for n in db.list_collection_names() if "peerbench" in n]
+        names = [n for n in db.list_collection_names() if match in n]
         for name in names:
             db.drop_collection(name)
         return len(names)
@@ -492,7 +526,8 @@ def run_ours(brokers: list[str], redis_url: str, rabbitmq_url: str) -> dict:
     u = urlparse(MONGO_URL)
     env = dict(os.environ, FUNBOOST_LIKE_BENCH_REDIS_URL=redis_url, FUNBOOST_LIKE_RABBITMQ_URL=rabbitmq_url,
                FUNBOOST_LIKE_BENCH_KAFKA_SERVERS=KAFKA_SERVERS, FUNBOOST_LIKE_BENCH_NATS_URL=NATS_URL,
-               FUNBOOST_LIKE_BENCH_PULSAR_URL=PULSAR_URL,
+               FUNBOOST_LIKE_BENCH_PULSAR_URL=PULSAR_URL, FUNBOOST_LIKE_BENCH_ZEROMQ_PORT=str(ZEROMQ_PORTS["ours"]),
+               FUNBOOST_LIKE_BENCH_RUN_ID=RUN_TAG.rpartition("_")[2],
                FUNBOOST_LIKE_BENCH_MONGO_URL=f"{u.scheme}://{u.netloc}/funboost_like_bench?{u.query}")
     cmd = [sys.executable, str(THROUGHPUT), "--brokers", ",".join(brokers), "--repeat", "1", "--json"]
     return _run(cmd, env, str(REPO_ROOT), "{")
@@ -716,13 +751,13 @@ def run_modes(args: argparse.Namespace, python: str, only: set[str]) -> None:
     import modes_set  # benchmarks/peers/modes_set.py (this folder is sys.path[0])
 
     client = _redis(args.redis_url)
-    keys_before = _peer_keys(client)
-    _cleanup(client, keys_before)  # leftovers of an interrupted run (only names containing "peerbench")
+    if args.clean_leftovers:
+        _clean_leftovers(client)
     keys_before = _peer_keys(client)
     try:
         modes_set.main(python, args.redis_url, args.repeat, args.modes_scale, only,
                        lambda tmp: peer_env(tmp, args.redis_url, args.rabbitmq_url),
-                       lambda: _cleanup(client, keys_before), _venv_versions(python) if "funboost" in only else {})
+                       lambda: _cleanup(client), _venv_versions(python) if "funboost" in only else {})
     finally:
         _cleanup(client, keys_before)
 
@@ -733,14 +768,24 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", default="all", choices=("all", *SETS, "modes"),
                         help="redis: memory, SQLite and Redis (the original set); rabbitmq: RabbitMQ only; "
                              "zeromq: ZeroMQ (no server); mqtt: Mosquitto; sql: PostgreSQL and MariaDB; "
-                             f"kafka: Tansu ({KAFKA_SERVERS}); nats: NATS JetStream ({NATS_URL}); mongo: SecantusDB "
-                             f"({MONGO_URL}); pulsar: pulsar-lite ({PULSAR_URL}); kombu: kombu on Redis; "
+                             f"kafka: Tansu; nats: NATS JetStream ({NATS_URL}); mongo: SecantusDB; pulsar: "
+                             "pulsar-lite (each stand-in started on a free port); kombu: kombu on Redis; "
                              "all: every set but modes; modes: concurrency modes on memory, SQLite and "
                              "REDIS_ACK_ABLE, ours and funboost (modes_set.py)")
     parser.add_argument("--modes-scale", type=float, default=1.0, help="modes set: N of every run times this")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/13", help="one Redis database for everything")
-    parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:18830",
-                        help="one Mosquitto for the mqtt set (started for the run when nothing listens there)")
+    parser.add_argument("--mqtt-url", default=None,
+                        help="one Mosquitto for the mqtt set (default: started for the run on a free port; a URL "
+                             "given is used, and started there when nothing listens)")
+    for name, example in (("kafka-servers", "127.0.0.1:19092"), ("mongo-url", "mongodb://127.0.0.1:27217/"),
+                          ("pulsar-url", "pulsar://127.0.0.1:16650")):
+        parser.add_argument(f"--{name}", default=None,
+                            help=f"the stand-in to use (e.g. {example}; started there when nothing listens); "
+                                 "default: one started for the run on a free port")
+    parser.add_argument("--clean-leftovers", action="store_true",
+                        help="first delete every name containing 'peerbench' that the chosen sets' servers hold "
+                             "(keys, queues, topics, streams, collections left by interrupted runs); only when no "
+                             "other run is going")
     parser.add_argument("--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672/%2F",
                         help="one RabbitMQ vhost for everything (pika URL form; vhost / is %%2F)")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions; medians are reported")
@@ -749,8 +794,25 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _choose_addresses(args: argparse.Namespace) -> None:
+    """This run's tag and its servers' addresses (module globals, read by the helpers above): a free port for
+    each stand-in, Mosquitto and ZeroMQ hub that no address was given for, so runs side by side do not meet."""
+    global RUN_TAG, KAFKA_SERVERS, MONGO_URL, PULSAR_URL
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from standin import port_for_another_process as free_port
+
+    RUN_TAG = f"peerbench_{secrets.token_hex(3)}"
+    os.environ["PEERBENCH_RUN_TAG"] = RUN_TAG  # the peer scripts' names (peer_env copies os.environ)
+    KAFKA_SERVERS = args.kafka_servers or f"127.0.0.1:{free_port()}"
+    MONGO_URL = args.mongo_url or f"mongodb://127.0.0.1:{free_port()}/?retryWrites=false"
+    PULSAR_URL = args.pulsar_url or f"pulsar://127.0.0.1:{free_port()}"
+    args.mqtt_url = args.mqtt_url or f"mqtt://127.0.0.1:{free_port()}"
+    ZEROMQ_PORTS.update(ours=free_port(), funboost=free_port())
+
+
 def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
     args = _parse_args(argv)
+    _choose_addresses(args)
     python = str(Path(args.venv) / "bin" / "python")
     only = {s.strip().lower() for s in args.only.split(",") if s.strip()}
     sets = list(SETS) if args.set == "all" else [args.set]
@@ -774,16 +836,16 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
             raise
         client = None
     if client is not None:
-        keys_before = _peer_keys(client)
-        _cleanup(client, keys_before)  # leftovers of an interrupted run (only names containing "peerbench")
+        if args.clean_leftovers:
+            _clean_leftovers(client)
         keys_before = _peer_keys(client)
     rabbit_names = {n for p in peers for n in p.rabbitmq_names}
     rabbitmq_server = None
     deleted_rabbitmq = 0
     if "rabbitmq" in sets:
         rabbitmq_server = _rabbitmq_server(args.rabbitmq_url)
-        # leftovers of an interrupted run (only names containing "peerbench")
-        _rabbitmq_cleanup(args.rabbitmq_url, rabbit_names | _rabbitmq_listed(args.rabbitmq_url))
+        if args.clean_leftovers:  # every name containing "peerbench", whatever run left it
+            _rabbitmq_cleanup(args.rabbitmq_url, _rabbitmq_listed(args.rabbitmq_url, "peerbench"))
     versions = _venv_versions(python) if peers else {}
     os.environ.update(PEERBENCH_MQTT_URL=args.mqtt_url, FUNBOOST_LIKE_BENCH_MQTT_URL=args.mqtt_url)  # both children
     sys.path.insert(0, str(HERE.parent))
@@ -798,8 +860,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
         shutil.rmtree(standin_dir, ignore_errors=True)
         raise
     for set_ in sets:
-        if set_ in SET_CLEANUP:
-            SET_CLEANUP[set_]()  # leftovers of an interrupted run (only names containing "peerbench")
+        if set_ in SET_CLEANUP and args.clean_leftovers:
+            SET_CLEANUP[set_]("peerbench")  # every name containing "peerbench", whatever run left it
     deleted_other = 0
 
     started = time.monotonic()
@@ -830,18 +892,18 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
                     data = run_peer(peer, python, args.redis_url, args.rabbitmq_url)
                     peer_runs[peer.key].append(data)
                     if client is not None:
-                        deleted += _cleanup(client, keys_before)
+                        deleted += _cleanup(client)
                     if peer.rabbitmq_names:
                         deleted_rabbitmq += _rabbitmq_cleanup(args.rabbitmq_url, set(peer.rabbitmq_names))
                     if peer.set in SET_CLEANUP:
-                        deleted_other += SET_CLEANUP[peer.set]()
+                        deleted_other += SET_CLEANUP[peer.set](RUN_TAG)
                     print(f"{time.monotonic() - t:.1f}s" + (f" ERROR {data['error']}" if "error" in data else ""),
                           file=sys.stderr, flush=True)
     finally:
         for set_ in sets:
             if set_ in SET_CLEANUP:
                 try:
-                    deleted_other += SET_CLEANUP[set_]()
+                    deleted_other += SET_CLEANUP[set_](RUN_TAG)
                 except Exception as exc:  # reported; the stand-ins below go anyway
                     print(f"clean-up of the {set_} set failed: {exc}", file=sys.stderr)
         for server in standins:
@@ -852,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
             deleted += _cleanup(client, keys_before)
         if "rabbitmq" in sets:
             deleted_rabbitmq += _rabbitmq_cleanup(args.rabbitmq_url,
-                                                  rabbit_names | _rabbitmq_listed(args.rabbitmq_url))
+                                                  rabbit_names | _rabbitmq_listed(args.rabbitmq_url, RUN_TAG))
 
     rows, problems = build_table(sets, ours_brokers, peers, ours_runs, peer_runs)
     info = {
@@ -862,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
         "rabbitmq_url": args.rabbitmq_url, "rabbitmq_server": rabbitmq_server, "ours_skipped": skipped,
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(), "repeat": repeat, "loadavg_start": load_start, "loadavg_end": _loadavg(),
-        "total_seconds": round(time.monotonic() - started, 1), "peer_keys_deleted": deleted,
+        "total_seconds": round(time.monotonic() - started, 1), "peer_keys_deleted": deleted, "run_tag": RUN_TAG,
         "peer_rabbitmq_queues_and_exchanges_deleted": deleted_rabbitmq,
         "peer_topics_streams_collections_deleted": deleted_other,
         "standins_started": [f"{type(server).__name__} on {server.port}" for server in standins],
@@ -884,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
     if "kombu" in sets and "redis" not in sets:
         servers.append(f"Redis {info['redis_server']} at {args.redis_url}")
     print(f"peers benchmark  date {info['date']}  CPUs {info['cpu_count']}  {'  '.join(servers)}  "
-          f"repeat {repeat} (medians)  total {info['total_seconds']}s")
+          f"repeat {repeat} (medians)  total {info['total_seconds']}s  names {RUN_TAG}_*")
     print(f"Python {info['python_ours']} (ours)  venv {args.venv}: "
           + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"load average at start {load_start}, at end {info['loadavg_end']}")
