@@ -937,6 +937,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
                        f"{urlparse(args.rabbitmq_url).port or 5672}")
     if "mqtt" in sets:
         servers.append(f"Mosquitto at {args.mqtt_url}" + (" (started for this run)" if mosquitto else ""))
+    if "zeromq" in sets:
+        servers.append(f"ZeroMQ hubs on ports {ZEROMQ_PORTS['ours']} (ours) and {ZEROMQ_PORTS['funboost']} (funboost)")
     started_ports = {server.port for server in standins}
     for set_, name, where in (("kafka", "Tansu", KAFKA_SERVERS), ("nats", "NATS JetStream", NATS_URL),
                               ("mongo", "SecantusDB", MONGO_URL), ("pulsar", "pulsar-lite", PULSAR_URL)):
