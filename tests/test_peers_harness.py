@@ -47,11 +47,9 @@ def test_two_runs_have_their_own_names_and_ports_and_delete_only_their_own_keys(
     for key in (own, other, shared, ours):
         client.set(key, 1)
     try:
-        assert a._cleanup(client) == 1  # after a peer process: its own keys only
+        assert a._cleanup(client, before) == 1  # its own keys: run b still holds keys, so funboost's shared stay
         assert client.exists(other, shared, ours) == 3
-        a._cleanup(client, before)  # its end: run b still holds keys, so funboost's shared keys stay
-        assert client.exists(other, shared, ours) == 3
-        b._cleanup(client, before)  # the last run out deletes funboost's shared keys (never ours)
+        b._cleanup(client, before)  # alone now: funboost's shared keys go too (ours never)
         assert client.exists(other, shared) == 0 and client.exists(ours) == 1
     finally:
         client.delete(own, other, shared, ours)

@@ -68,9 +68,9 @@ Bulk publishing where the framework has it (ours: ``publish_many``; Celery: ``gr
 funboost has none). Details of each peer measurement are in the docstrings of the two scripts.
 
 Every Redis key the peers create is deleted after each peer process: keys whose name contains the run's tag (all
-peer queues, Celery runs with the key prefix ``<tag>_celery:``). funboost's global bookkeeping keys
-(``funboost_*``, shared by every funboost process on the database) that did not exist before the run are deleted
-at its end, unless keys of another run (``*peerbench*``) are there then: the last run out deletes them.
+peer queues, Celery runs with the key prefix ``<tag>_celery:``), and funboost's global bookkeeping keys
+(``funboost_*``, shared by every funboost process on the database) that did not exist before the run, unless keys
+of another run (``*peerbench*``) are there then (the last run out deletes them).
 ``throughput.py`` deletes its own keys and queues. On RabbitMQ every peer queue, and every exchange Celery
 declares for one, is named ``<tag>_*``; after each peer process those names are deleted with pika (queue and
 exchange of the same name, only if they exist). At the end of the run, when the RabbitMQ host is this machine and
@@ -272,15 +272,14 @@ def _delete(client, keys: list[bytes]) -> int:
     return len(keys)
 
 
-def _cleanup(client, keys_before: set[bytes] | None = None) -> int:
-    """Delete this run's keys (every key naming ``RUN_TAG``). With ``keys_before`` (the end of the run), also
-    funboost's global keys created since the start, unless keys of another run (``*peerbench*``) are there:
-    those keys are shared by every funboost process on the database, and the last run out deletes them."""
+def _cleanup(client, keys_before: set[bytes]) -> int:
+    """Delete this run's keys (every key naming ``RUN_TAG``), and funboost's global keys created since the
+    start (not in ``keys_before``) unless keys of another run (``*peerbench*``) are there: those keys are
+    shared by every funboost process on the database, so while another run goes they stay (the last run
+    out deletes them)."""
     doomed = list(client.scan_iter(match=f"*{RUN_TAG}*", count=1000))
-    if keys_before is not None:
-        others = any(RUN_TAG.encode() not in k for k in client.scan_iter(match="*peerbench*", count=1000))
-        if not others:
-            doomed += [k for k in _peer_keys(client) if k not in keys_before and b"peerbench" not in k]
+    if not any(RUN_TAG.encode() not in k for k in client.scan_iter(match="*peerbench*", count=1000)):
+        doomed += [k for k in _peer_keys(client) if k not in keys_before and b"peerbench" not in k]
     return _delete(client, doomed)
 
 
@@ -757,7 +756,7 @@ def run_modes(args: argparse.Namespace, python: str, only: set[str]) -> None:
     try:
         modes_set.main(python, args.redis_url, args.repeat, args.modes_scale, only,
                        lambda tmp: peer_env(tmp, args.redis_url, args.rabbitmq_url),
-                       lambda: _cleanup(client), _venv_versions(python) if "funboost" in only else {})
+                       lambda: _cleanup(client, keys_before), _venv_versions(python) if "funboost" in only else {})
     finally:
         _cleanup(client, keys_before)
 
@@ -892,7 +891,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear driver
                     data = run_peer(peer, python, args.redis_url, args.rabbitmq_url)
                     peer_runs[peer.key].append(data)
                     if client is not None:
-                        deleted += _cleanup(client)
+                        deleted += _cleanup(client, keys_before)
                     if peer.rabbitmq_names:
                         deleted_rabbitmq += _rabbitmq_cleanup(args.rabbitmq_url, set(peer.rabbitmq_names))
                     if peer.set in SET_CLEANUP:
