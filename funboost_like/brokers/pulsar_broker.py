@@ -8,8 +8,8 @@ Layout, per queue ``q`` (topic names ``persistent://<PULSAR_NAMESPACE>/...``, ma
 
 * topic ``q``, Shared subscription ``fl``, shared by every consumer process: the ready messages.
   Another program publishes a JSON body to ``q`` and it runs. Each consuming process receives
-  through a consumer whose receiver queue holds up to its capacity (the first fetch's size), and
-  acks a message after its call (:mod:`.pulsar_intake`). When a consumer process dies (or its
+  through a consumer whose receiver queue holds two batches of its capacity (the first fetch's
+  size, at most 50), and acks a message after its call (:mod:`.pulsar_intake`). When a consumer process dies (or its
   connection does), the server dispatches the messages it held to the other consumers at once; a
   process that hangs keeps its messages until the server's keep-alive drops its connection.
 * topic ``q-fl-suspect``, subscription ``fl-suspect``: messages whose holder went while they were
@@ -219,8 +219,8 @@ class PulsarBroker(Broker):
                 if q.intake is None:
                     prefetch = min(max(prefetch, 1), MAX_PREFETCH)
                     shared, earliest = pulsar.ConsumerType.Shared, pulsar.InitialPosition.Earliest
-                    ready = self.client.subscribe(q.ready, READY_SUBSCRIPTION, consumer_type=shared,
-                                                  receiver_queue_size=prefetch, initial_position=earliest)
+                    ready = functools.partial(self.client.subscribe, q.ready, READY_SUBSCRIPTION, consumer_type=shared,
+                                              receiver_queue_size=2 * prefetch, initial_position=earliest)
                     suspects = Feed(self.client.subscribe(q.suspects, SUSPECT_SUBSCRIPTION, consumer_type=shared,
                                                           receiver_queue_size=0, initial_position=earliest),
                                     lambda received: self._hand_back(queue, [received]))

@@ -1,10 +1,14 @@
 """What one process consumes of one Pulsar queue: ready messages prefetched, suspects one at a time.
 
-* The ready topic ``q`` (subscription ``fl``) is read through a consumer with a receiver queue of
-  ``prefetch`` messages (the queue's first fetch size, at most :data:`MAX_PREFETCH`): the client
-  grants the server permits in groups and keeps what arrives, so a message costs no round trip of
-  its own. The fetcher takes from that queue without waiting (``receive(0)``) and waits on it when
-  it is empty.
+* The ready topic ``q`` (subscription ``fl``) is read through a consumer whose receiver queue holds
+  two batches of ``prefetch`` messages (the queue's first fetch size, at most :data:`MAX_PREFETCH`):
+  the client grants the server permits in groups and keeps what arrives, so a message costs no
+  round trip of its own. The consumer has a message listener, kept paused: pulsar-client grants no
+  permit while a listener is paused, and that is what lets a stop end the flow (below). The fetcher
+  takes a batch with ``batch_receive`` (which works while paused, and waits at most
+  :data:`RECEIVE_WAIT_MS` for a full batch), then resumes and pauses the listener at once, which
+  sends the permits the batch earned; a message the listener catches in that instant is buffered.
+  An idle fetch waits with the listener running, which buffers what arrives.
 * A message the server delivers again on ``q`` (``redelivery_count`` > 0) was held by a process that
   died (or closed) with it: while running it, or while it only waited in that process's receiver
   queue; nobody can tell which. So such a redelivery counts one crash, however many holders the
@@ -20,17 +24,24 @@ The poison-message rule then sees at most one crash per trip through ``q`` for a
 ran (a nack, a retry or a release sends a copy on a new trip), and every death during a suspect's own
 run. Copies of messages that count crashes go straight to the suspect topic (the mover's too).
 
-Stopping: what the receiver queue holds is taken and handed back, uncounted; taking it makes the
-client grant the server new permits, and what the server sends for them before the consumer closes
-comes back with one more redelivery. So a consumer stopped gracefully while the queue has a backlog
-leaves up to ``prefetch`` messages counted one crash (each then runs alone once): measured 46-50 of
-a 50-message prefetch (benchmarks/pulsar_stop_counts.py). Without a backlog nothing is counted.
+Stopping: every message the server sent this consumer and nobody ran must be acked before the
+consumer closes, or the server delivers it again counted (``redelivery_count`` + 1) like a death.
+With the listener paused the client grants no permit, so :meth:`Intake.stop` receives what the
+server sent for the permits already granted until nothing arrived for :data:`STOP_QUIET` seconds,
+and the broker hands it all back (copies, counts unchanged) and acks it; it does so again at the
+end of the stop, for what the server sent while the last calls ran. With a backlog the server fills
+the granted permits at once, so the quiet means it had nothing more to send. Only a message the
+server sends between that and the close (published in that instant, while permits are out) comes
+back counted one crash. Before, taking the receiver queue made the client grant new permits, and a
+graceful stop with a backlog left up to ``prefetch`` messages counted (46-50 of 50,
+benchmarks/pulsar_stop_counts.py), each then run alone as a suspect.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -42,8 +53,10 @@ from funboost_like.brokers.pulsar_feed import Feed, Received, counts_of
 
 logger = logging.getLogger("funboost_like.pulsar")
 
-MAX_PREFETCH = 50  # the ready consumer's receiver queue, at most (it bounds what a graceful stop counts)
+MAX_PREFETCH = 50  # the ready consumer's batch, at most (its receiver queue holds two)
 WAIT_SLICE = 1.0  # seconds an idle fetch waits on the ready topic before it looks at the suspects again
+STOP_QUIET = 0.1  # seconds without a message that end the receiving of a stopping consumer's receiver queue
+RECEIVE_WAIT_MS = 1  # a batch_receive of the ready consumer waits at most this long for a full batch
 ACK_GROUPING = 0.15  # the client sends acks in groups, every 100 ms (a process killed sooner loses them)
 _tokens = itertools.count(1)  # delivery tokens, unique in the process (a queue may get a new intake)
 
@@ -51,17 +64,31 @@ _tokens = itertools.count(1)  # delivery tokens, unique in the process (a queue 
 class Intake:
     """One queue's consumers in this process; see the module docstring."""
 
-    def __init__(self, queue: str, ready: pulsar.Consumer, suspects: Feed, prefetch: int,
+    def __init__(self, queue: str, subscribe: Callable[..., pulsar.Consumer], suspects: Feed, prefetch: int,
                  hand_back: Callable[[Sequence[Received]], None]) -> None:
+        """``subscribe(**options)`` makes the ready consumer with these options added (its listener and
+        batch-receive policy)."""
         self.queue = queue
-        self.ready = ready
         self.suspects = suspects
         self.prefetch = prefetch
         self._hand_back = hand_back  # copies (counts kept) go back, the originals are acked
-        self._waited: deque[pulsar.Message] = deque()  # received by wait(), not taken yet
+        self._buffer: deque[pulsar.Message] = deque()  # received, not taken yet
+        self._cond = threading.Condition()  # guards the buffer; notified by the listener
+        self._control = threading.Lock()  # one thread at a time receives, pauses or resumes
+        self._stopping = False
         self.held: dict[int, Received] = {}  # handed to the fetcher, not settled yet
         self._suspect = 0  # the token of the suspect handed out and not settled yet (0: none)
         self._acked_at = 0.0  # monotonic time of the last acks this process sent
+        policy = pulsar.ConsumerBatchReceivePolicy(prefetch, -1, RECEIVE_WAIT_MS)
+        self.ready = subscribe(message_listener=self._arrived, batch_receive_policy=policy)
+        self.ready.pause_message_listener()
+
+    def _arrived(self, _: pulsar.Consumer, message: pulsar.Message) -> None:
+        """The listener (on the client's listener thread, while :meth:`wait` waits, or in the instant
+        :meth:`_pull` resumes it): buffer the message."""
+        with self._cond:
+            self._buffer.append(message)
+            self._cond.notify()
 
     def take(self, max_n: int) -> list[Delivery]:
         """Up to ``max_n`` messages, without waiting: a suspect alone, or ready messages."""
@@ -90,34 +117,44 @@ class Intake:
         return Delivery(self.queue, received.message.data(), token, received.attempts + 1, 0, received.crashes)
 
     def _pull(self, max_n: int) -> list[pulsar.Message]:
-        """Up to ``max_n`` messages of the ready consumer's receiver queue, without waiting."""
-        got: list[pulsar.Message] = []
-        waited = self._waited
-        while waited and len(got) < max_n:
-            got.append(waited.popleft())
-        receive = self.ready.receive
-        try:
-            while len(got) < max_n:
-                got.append(receive(0))
-        except pulsar.Timeout:
-            pass
-        return got
+        """Up to ``max_n`` messages, without waiting for the server: the buffer, then what the receiver
+        queue holds (``batch_receive`` waits at most :data:`RECEIVE_WAIT_MS` for a full batch); then
+        the listener is resumed and paused again, which sends the permits the receiving earned."""
+        with self._control:
+            if len(self._buffer) < max_n and not self._stopping:
+                received = self.ready.batch_receive()
+                if received:
+                    self.ready.resume_message_listener()
+                    self.ready.pause_message_listener()
+                    with self._cond:
+                        self._buffer.extend(received)
+        with self._cond:
+            buffer = self._buffer
+            return [buffer.popleft() for _ in range(min(max_n, len(buffer)))]
 
     def wait(self, timeout: float) -> None:
-        """Return when a message arrived (kept for the next :meth:`take`), or after ``timeout`` seconds."""
+        """Return when a message arrived (kept for the next :meth:`take`), or after ``timeout`` seconds:
+        the listener runs meanwhile."""
         deadline = time.monotonic() + timeout
-        while not self._waited and not self.suspects.buffered():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            try:
-                self._waited.append(self.ready.receive(max(1, int(min(left, WAIT_SLICE) * 1000))))
-            except pulsar.Timeout:
-                pass
+        with self._control:
+            listening = not self._stopping
+            if listening:
+                self.ready.resume_message_listener()
+        try:
+            with self._cond:
+                while not self._buffer and not self.suspects.buffered():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    self._cond.wait(min(left, WAIT_SLICE))
+        finally:
+            if listening:
+                with self._control:
+                    self.ready.pause_message_listener()
 
     def buffered(self) -> int:
         """Messages received and not taken (the receiver queue aside: the client does not say)."""
-        return len(self._waited) + self.suspects.buffered()
+        return len(self._buffer) + self.suspects.buffered()
 
     def settle(self, deliveries: Sequence[Delivery]) -> list[Received]:
         """The held messages of these deliveries (forgotten here: being settled); the caller acks them,
@@ -138,14 +175,31 @@ class Intake:
             time.sleep(ACK_GROUPING)
 
     def stop(self) -> list[Received]:
-        """Receive no more; return what was received and not taken, the ready consumer's receiver queue
-        included (the caller hands them back). With a backlog, taking from the receiver queue makes the
-        client grant new permits: what arrives for them before the consumer closes, the server delivers
-        again with one more redelivery."""
+        """Receive no more; return every message the server sent and nobody took (the caller hands them
+        back and acks them): what the receiver queue holds and receives, the listener (and so the
+        permits) paused, until nothing came for :data:`STOP_QUIET` seconds, and the buffer. Called
+        again at the end of the stop, it returns what the server sent in between."""
         left = self.suspects.refuse()
-        messages = self._pull(self.prefetch)
-        left += [Received(self.ready, m, *counts_of(m, every_redelivery=False)) for m in messages]
-        return left
+        with self._control:
+            self._stopping = True
+            self.ready.pause_message_listener()
+            received = self._receive_all()
+        with self._cond:
+            messages = list(self._buffer) + received
+            self._buffer.clear()
+        return left + [Received(self.ready, m, *counts_of(m, every_redelivery=False)) for m in messages]
+
+    def _receive_all(self) -> list[pulsar.Message]:
+        """What the ready consumer's receiver queue holds and receives until :data:`STOP_QUIET` seconds
+        pass without a message."""
+        got: list[pulsar.Message] = []
+        quiet_until = time.monotonic() + STOP_QUIET
+        while time.monotonic() < quiet_until:
+            batch = self.ready.batch_receive()
+            if batch:
+                got += batch
+                quiet_until = time.monotonic() + STOP_QUIET
+        return got
 
     def purge(self) -> int:
         """Ack every message received and not taken, until the ready consumer's receiver queue is empty."""
