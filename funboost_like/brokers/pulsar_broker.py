@@ -33,10 +33,11 @@ their topic. Acks are sent by the client in groups (every 100 ms): a process kil
 call may see that call run again.
 
 ``count`` and ``purge``: Pulsar's client protocol reports no backlog (pulsar-lite has no admin API,
-and its metrics lag 5 s), so ``purge`` receives every message the subscription can dispatch and
-acks it, and ``count`` receives them and puts copies back (counts unchanged), which costs a
-round trip per message and moves them behind messages published meanwhile; messages held by
-consuming processes are not counted (delayed ones held by this process's mover are).
+and its metrics lag 5 s), so ``purge`` receives every message the subscription can dispatch (up to
+a marker it publishes, :func:`~funboost_like.brokers.pulsar_feed.drain`) and acks it, and
+``count`` receives them and puts copies back (counts unchanged), which costs a round trip per
+message and moves them behind messages published meanwhile; messages held by consuming processes
+are not counted (delayed ones held by this process's mover are).
 
 Capabilities: native redelivery, emulated delay, no priority, dead letters, no key-value records
 (so no RPC results or task filtering on this kind), no routing.
@@ -300,7 +301,7 @@ class PulsarBroker(Broker):
         q = self._queue(queue)
         total = 0
         for topic, subscription in self._kept(q):  # delayed first: the others put back into it
-            consumer, messages = drain(self.client, topic, subscription)
+            consumer, messages = drain(self.client, topic, subscription, self._producer)
             try:
                 if messages and topic != q.delayed:
                     now = repr(time.time())
@@ -327,7 +328,7 @@ class PulsarBroker(Broker):
         return total
 
     def _drain_away(self, topic: str, subscription: str) -> int:
-        consumer, messages = drain(self.client, topic, subscription)
+        consumer, messages = drain(self.client, topic, subscription, self._producer)
         try:
             ack_all(consumer, messages)
         finally:
@@ -337,7 +338,7 @@ class PulsarBroker(Broker):
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         """The newest dead letters of ``queue`` (received and left unacknowledged: they stay)."""
         try:
-            consumer, messages = drain(self.client, self._queue(queue).dlq, DLQ_SUBSCRIPTION)
+            consumer, messages = drain(self.client, self._queue(queue).dlq, DLQ_SUBSCRIPTION, self._producer)
             consumer.close()
         except self._client_errors as exc:
             raise self._translated(exc, f"listing dead letters of queue {queue!r}") from exc
@@ -347,7 +348,7 @@ class PulsarBroker(Broker):
     def remove_dead_letter(self, queue: str, letter: DeadLetter) -> bool:
         """Ack the first dead letter equal to ``letter``; the others are left unacknowledged (they stay)."""
         try:
-            consumer, messages = drain(self.client, self._queue(queue).dlq, DLQ_SUBSCRIPTION)
+            consumer, messages = drain(self.client, self._queue(queue).dlq, DLQ_SUBSCRIPTION, self._producer)
             try:
                 found = next((m for m in messages if DeadLetter.from_envelope(queue, m.data()) == letter), None)
                 if found is not None:
@@ -363,7 +364,7 @@ class PulsarBroker(Broker):
         dispatch now (received and left unacknowledged) and those this process's mover holds."""
         q = self._queue(queue)
         try:
-            consumer, messages = drain(self.client, q.delayed, DELAY_SUBSCRIPTION)
+            consumer, messages = drain(self.client, q.delayed, DELAY_SUBSCRIPTION, self._producer)
             consumer.close()
         except self._client_errors as exc:
             raise self._translated(exc, f"listing delayed messages of queue {queue!r}") from exc

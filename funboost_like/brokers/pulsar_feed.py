@@ -11,7 +11,12 @@
   ``fl-delay``) unacknowledged in memory, ordered by their due time (property ``fl-due``), and
   publishes each one to the ready topic when due, then acks it. A mover that dies leaves its held
   messages to the server, which delivers them to another process's mover.
-* :func:`drain`: take every message a subscription can dispatch now (count, purge, dead letters).
+* :func:`drain`: take every message a subscription can dispatch now (count, purge, dead letters):
+  it publishes a *marker* (a body starting with :data:`MARK`, never valid JSON) and receives until
+  the marker comes back, so everything published before it was dispatched. The server may dispatch
+  the marker to another consumer of the subscription: this process's consumers (:class:`Feed`,
+  :class:`Mover`, the ready intake) ack markers and note them (:func:`noted`), and a drain whose
+  marker a consumer of another process took ends after :data:`MARK_WAIT` seconds without a message.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import itertools
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -31,6 +37,27 @@ logger = logging.getLogger("funboost_like.pulsar")
 
 ATTEMPTS, CRASHES, DUE = "fl-attempts", "fl-crashes", "fl-due"
 MOVE_BATCH = 1000  # delayed messages a mover receives, or moves, at once
+MARK = b"\x00fl-mark "  # the start of a drain's marker body (then its id)
+MARK_WAIT = 5.0  # seconds without a message that end a drain whose marker went to another process
+_marks: dict[bytes, float] = {}  # markers this process's consumers took: body -> monotonic time
+_marks_lock = threading.Lock()
+# topic -> a function that takes the markers out of what a consumer of this process holds unread there
+# (the ready intake, whose receiver queue waits for the fetcher: a count may run on the fetcher's thread)
+pollers: dict[str, Callable[[], None]] = {}
+
+
+def noted(consumer: pulsar.Consumer, message: pulsar.Message, body: bytes) -> bool:
+    """Whether ``message`` (of ``body``) is a drain's marker; if so, ack it and note it for the drain
+    (see :func:`drain`)."""
+    if not body.startswith(MARK):
+        return False
+    consumer.acknowledge(message)
+    with _marks_lock:
+        now = time.monotonic()
+        for old in [mark for mark, when in _marks.items() if when < now - 60]:
+            del _marks[old]
+        _marks[body] = now
+    return True
 
 
 def counts_of(message: pulsar.Message, every_redelivery: bool) -> tuple[int, int]:
@@ -122,6 +149,11 @@ class Feed:
                 logger.warning("receiving from Pulsar failed (%s); retrying", exc)
                 time.sleep(0.5)
                 continue
+            if noted(self.consumer, message, message.data()):
+                with cond:
+                    self._receiving = False
+                    cond.notify_all()
+                continue
             received = Received(self.consumer, message, *counts_of(message, every_redelivery=True))
             with cond:
                 refused = self._refusing or self._closed
@@ -188,6 +220,7 @@ class Mover:
                         got.append(self.consumer.receive(0))
                 except pulsar.Timeout:
                     pass
+                got = [message for message in got if not noted(self.consumer, message, message.data())]
                 with self._lock:
                     for message in got:
                         heapq.heappush(self._due, (float(message.properties().get(DUE, 0)), next(self._order), message))
@@ -229,22 +262,41 @@ class Mover:
         self._thread.join(5)
 
 
-def drain(client: pulsar.Client, topic: str, subscription: str) -> tuple[pulsar.Consumer, list[pulsar.Message]]:
+def drain(client: pulsar.Client, topic: str, subscription: str,
+          producer: Callable[[str], pulsar.Producer]) -> tuple[pulsar.Consumer, list[pulsar.Message]]:
     """Every message ``subscription`` of ``topic`` can dispatch now, received by a new consumer, which
     is returned open: the caller acks what it keeps away and hands the rest back before closing it.
 
-    "Now" is when no message came for five round trips to the server (at least 50 ms).
+    "Now" is a marker published (with ``producer(topic)``) once the consumer exists: the drain ends
+    when the marker comes back, or when another consumer of this process took it (everything before
+    it was dispatched then), or after :data:`MARK_WAIT` seconds without a message (a consumer of
+    another process took it). It never ends on a pause of the server, however long, before that.
     """
-    started = time.monotonic()
     consumer = client.subscribe(topic, subscription, consumer_type=pulsar.ConsumerType.Shared,
                                 initial_position=pulsar.InitialPosition.Earliest, receiver_queue_size=1000)
-    idle = max(0.05, 5 * (time.monotonic() - started))  # subscribing took about one round trip
+    mark = MARK + uuid.uuid4().hex.encode()
+    producer(topic).send(mark)
     got: list[pulsar.Message] = []
+    quiet_until = time.monotonic() + MARK_WAIT
     while True:
         try:
-            got.append(consumer.receive(int(idle * 1000)))
+            message = consumer.receive(100)
         except pulsar.Timeout:
+            poll = pollers.get(topic)
+            if poll is not None:
+                poll()
+            with _marks_lock:
+                taken = _marks.pop(mark, None) is not None
+            if taken or time.monotonic() >= quiet_until:
+                return consumer, got
+            continue
+        quiet_until = time.monotonic() + MARK_WAIT
+        body = message.data()
+        if body == mark:
+            consumer.acknowledge(message)
             return consumer, got
+        if not noted(consumer, message, body):  # another drain's marker is acked and noted
+            got.append(message)
 
 
 def ack_all(consumer: pulsar.Consumer, messages: Sequence[pulsar.Message]) -> None:

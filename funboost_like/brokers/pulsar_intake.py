@@ -49,7 +49,7 @@ from collections.abc import Callable, Sequence
 import pulsar
 
 from funboost_like.brokers.base import Delivery
-from funboost_like.brokers.pulsar_feed import Feed, Received, counts_of
+from funboost_like.brokers.pulsar_feed import Feed, Received, counts_of, noted, pollers
 
 logger = logging.getLogger("funboost_like.pulsar")
 
@@ -82,6 +82,19 @@ class Intake:
         policy = pulsar.ConsumerBatchReceivePolicy(prefetch, -1, RECEIVE_WAIT_MS)
         self.ready = subscribe(message_listener=self._arrived, batch_receive_policy=policy)
         self.ready.pause_message_listener()
+        pollers[self.ready.topic()] = self._take_marks
+
+    def _take_marks(self) -> None:
+        """Ack and note the drains' markers among what the receiver queue holds (:func:`.drain`); the
+        rest is buffered for the fetcher."""
+        with self._control:
+            if self._stopping:
+                return
+            received = self.ready.batch_receive()
+        with self._cond:
+            buffered = list(self._buffer) + received
+            self._buffer.clear()
+            self._buffer.extend(m for m in buffered if not noted(self.ready, m, m.data()))
 
     def _arrived(self, _: pulsar.Consumer, message: pulsar.Message) -> None:
         """The listener (on the client's listener thread, while :meth:`wait` waits, or in the instant
@@ -95,26 +108,29 @@ class Intake:
         suspects = self.suspects.take(1)
         if suspects:
             time.sleep(max(0.0, self._acked_at + ACK_GROUPING - time.monotonic()))  # see acked()
-            delivery = self._hold(suspects[0])
+            delivery = self._hold(suspects[0], suspects[0].message.data())
             self._suspect = delivery.token
             return [delivery]
         got: list[Delivery] = []
         diverted: list[Received] = []
         for message in self._pull(max_n):
+            body = message.data()
+            if noted(self.ready, message, body):  # a drain's marker (count, purge)
+                continue
             received = Received(self.ready, message, *counts_of(message, every_redelivery=False))
             if received.crashes:
                 diverted.append(received)
             else:
-                got.append(self._hold(received))
+                got.append(self._hold(received, body))
         if diverted:
             self._hand_back(diverted)
         self.suspects.ask(1)
         return got
 
-    def _hold(self, received: Received) -> Delivery:
+    def _hold(self, received: Received, body: bytes) -> Delivery:
         token = next(_tokens)
         self.held[token] = received
-        return Delivery(self.queue, received.message.data(), token, received.attempts + 1, 0, received.crashes)
+        return Delivery(self.queue, body, token, received.attempts + 1, 0, received.crashes)
 
     def _pull(self, max_n: int) -> list[pulsar.Message]:
         """Up to ``max_n`` messages, without waiting for the server: the buffer, then what the receiver
@@ -187,7 +203,8 @@ class Intake:
         with self._cond:
             messages = list(self._buffer) + received
             self._buffer.clear()
-        return left + [Received(self.ready, m, *counts_of(m, every_redelivery=False)) for m in messages]
+        return left + [Received(self.ready, m, *counts_of(m, every_redelivery=False)) for m in messages
+                       if not noted(self.ready, m, m.data())]
 
     def _receive_all(self) -> list[pulsar.Message]:
         """What the ready consumer's receiver queue holds and receives until :data:`STOP_QUIET` seconds
@@ -214,6 +231,8 @@ class Intake:
         return total
 
     def close(self) -> None:
+        if pollers.get(self.ready.topic()) == self._take_marks:
+            del pollers[self.ready.topic()]
         self.suspects.close()
         try:
             self.ready.close()  # what its receiver queue held goes back to the server
