@@ -311,6 +311,17 @@ def test_count_waits_out_a_pause_of_the_server(tmp_path: Path, monkeypatch: pyte
         server.stop()
 
 
+def test_count_and_purge_read_past_the_servers_unacked_limit(queue: str) -> None:
+    """The server sends a consumer at most 50,000 unacked messages (Pulsar's maxUnackedMessagesPerConsumer
+    default; pulsar-lite the same): ``count`` and ``purge`` now ack what they received every 10,000
+    messages (count after putting copies back). Before, both stopped at 50,000."""
+    broker = get_broker(BrokerEnum.PULSAR)
+    for _ in range(6):
+        broker.publish_many(queue, [b"{}"] * 10_000)
+    assert broker.count(queue) == 60_000
+    assert broker.purge(queue) == 60_000
+
+
 def test_a_drains_marker_is_never_run_and_is_noted_where_it_lands(queue: str) -> None:
     """``count`` and ``purge`` publish a marker and receive until it comes back. The server may give it
     to this process's ready consumer instead: the fetcher acks it without running it, and the drain,

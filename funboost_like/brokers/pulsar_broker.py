@@ -50,7 +50,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pulsar
@@ -297,24 +297,21 @@ class PulsarBroker(Broker):
     def _size(self, queue: str) -> int:
         """Receive what the subscriptions can dispatch now and put it back through the delayed topic,
         due at once (a copy put back on the ready topic could reach the draining consumer, whose
-        closing would count a redelivery against it)."""
+        closing would count a redelivery against it), a batch at a time."""
         q = self._queue(queue)
         total = 0
         for topic, subscription in self._kept(q):  # delayed first: the others put back into it
-            consumer, messages = drain(self.client, topic, subscription, self._producer)
-            try:
-                if messages and topic != q.delayed:
-                    now = repr(time.time())
-                    every = topic == q.suspects
-                    self._send(q.delayed, [(m.data(), {**_counted(m, every), DUE: now}) for m in messages])
-                elif messages:  # delayed ones keep their properties (their counts do not change there)
-                    self._send(q.delayed, [(m.data(), dict(m.properties())) for m in messages])
-                ack_all(consumer, messages)
-            finally:
-                consumer.close()
-            total += len(messages)
+            total += self._drain_away(topic, subscription, functools.partial(self._put_back, q, topic))
         intake, mover = q.intake, q.mover
         return total + (intake.buffered() if intake else 0) + (mover.held() if mover else 0)
+
+    def _put_back(self, q: QueueTopics, topic: str, consumer: pulsar.Consumer, messages: list[pulsar.Message]) -> None:
+        if messages and topic != q.delayed:
+            now, every = repr(time.time()), topic == q.suspects
+            self._send(q.delayed, [(m.data(), {**_counted(m, every), DUE: now}) for m in messages])
+        elif messages:  # delayed ones keep their properties (their counts do not change there)
+            self._send(q.delayed, [(m.data(), dict(m.properties())) for m in messages])
+        ack_all(consumer, messages)
 
     def _purge(self, queue: str) -> int:
         q = self._queue(queue)
@@ -327,18 +324,20 @@ class PulsarBroker(Broker):
             total += self._drain_away(topic, subscription)
         return total
 
-    def _drain_away(self, topic: str, subscription: str) -> int:
-        consumer, messages = drain(self.client, topic, subscription, self._producer)
+    def _drain_away(self, topic: str, subscription: str,
+                    settle: Callable[[pulsar.Consumer, list[pulsar.Message]], None] = ack_all) -> int:
+        """Receive what ``subscription`` can dispatch now and ``settle`` it (ack it, by default) a batch at a time."""
+        consumer, messages, settled = drain(self.client, topic, subscription, self._producer, settle)
         try:
-            ack_all(consumer, messages)
+            settle(consumer, messages)
         finally:
             consumer.close()
-        return len(messages)
+        return settled + len(messages)
 
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         """The newest dead letters of ``queue`` (received and left unacknowledged: they stay)."""
         try:
-            consumer, messages = drain(self.client, self._queue(queue).dlq, DLQ_SUBSCRIPTION, self._producer)
+            consumer, messages, _ = drain(self.client, self._queue(queue).dlq, DLQ_SUBSCRIPTION, self._producer)
             consumer.close()
         except self._client_errors as exc:
             raise self._translated(exc, f"listing dead letters of queue {queue!r}") from exc
@@ -348,7 +347,7 @@ class PulsarBroker(Broker):
     def remove_dead_letter(self, queue: str, letter: DeadLetter) -> bool:
         """Ack the first dead letter equal to ``letter``; the others are left unacknowledged (they stay)."""
         try:
-            consumer, messages = drain(self.client, self._queue(queue).dlq, DLQ_SUBSCRIPTION, self._producer)
+            consumer, messages, _ = drain(self.client, self._queue(queue).dlq, DLQ_SUBSCRIPTION, self._producer)
             try:
                 found = next((m for m in messages if DeadLetter.from_envelope(queue, m.data()) == letter), None)
                 if found is not None:
@@ -364,7 +363,7 @@ class PulsarBroker(Broker):
         dispatch now (received and left unacknowledged) and those this process's mover holds."""
         q = self._queue(queue)
         try:
-            consumer, messages = drain(self.client, q.delayed, DELAY_SUBSCRIPTION, self._producer)
+            consumer, messages, _ = drain(self.client, q.delayed, DELAY_SUBSCRIPTION, self._producer)
             consumer.close()
         except self._client_errors as exc:
             raise self._translated(exc, f"listing delayed messages of queue {queue!r}") from exc

@@ -39,6 +39,7 @@ ATTEMPTS, CRASHES, DUE = "fl-attempts", "fl-crashes", "fl-due"
 MOVE_BATCH = 1000  # delayed messages a mover receives, or moves, at once
 MARK = b"\x00fl-mark "  # the start of a drain's marker body (then its id)
 MARK_WAIT = 5.0  # seconds without a message that end a drain whose marker went to another process
+DRAIN_BATCH = 10_000  # messages a settling drain (count, purge) acks at once
 _marks: dict[bytes, float] = {}  # markers this process's consumers took: body -> monotonic time
 _marks_lock = threading.Lock()
 # topic -> a function that takes the markers out of what a consumer of this process holds unread there
@@ -262,10 +263,16 @@ class Mover:
         self._thread.join(5)
 
 
-def drain(client: pulsar.Client, topic: str, subscription: str,
-          producer: Callable[[str], pulsar.Producer]) -> tuple[pulsar.Consumer, list[pulsar.Message]]:
+Settle = Callable[[pulsar.Consumer, list[pulsar.Message]], None]
+
+
+def drain(client: pulsar.Client, topic: str, subscription: str, producer: Callable[[str], pulsar.Producer],
+          settle: Settle | None = None) -> tuple[pulsar.Consumer, list[pulsar.Message], int]:
     """Every message ``subscription`` of ``topic`` can dispatch now, received by a new consumer, which
-    is returned open: the caller acks what it keeps away and hands the rest back before closing it.
+    is returned open with the messages: the caller acks what it keeps away and hands the rest back
+    before closing it. With ``settle``, every :data:`DRAIN_BATCH` messages received are passed to it
+    (it must ack them: the server sends a consumer at most 50,000 unacked messages) and only the rest
+    are returned, with the number settled.
 
     "Now" is a marker published (with ``producer(topic)``) once the consumer exists: the drain ends
     when the marker comes back, or when another consumer of this process took it (everything before
@@ -277,6 +284,7 @@ def drain(client: pulsar.Client, topic: str, subscription: str,
     mark = MARK + uuid.uuid4().hex.encode()
     producer(topic).send(mark)
     got: list[pulsar.Message] = []
+    settled = 0
     quiet_until = time.monotonic() + MARK_WAIT
     while True:
         try:
@@ -288,17 +296,21 @@ def drain(client: pulsar.Client, topic: str, subscription: str,
             with _marks_lock:
                 taken = _marks.pop(mark, None) is not None
             if taken or time.monotonic() >= quiet_until:
-                return consumer, got
+                return consumer, got, settled
             continue
         quiet_until = time.monotonic() + MARK_WAIT
         body = message.data()
         if body == mark:
             consumer.acknowledge(message)
-            return consumer, got
+            return consumer, got, settled
         if not noted(consumer, message, body):  # another drain's marker is acked and noted
             got.append(message)
+            if settle is not None and len(got) >= DRAIN_BATCH:
+                settle(consumer, got)
+                settled += len(got)
+                got = []
 
 
-def ack_all(consumer: pulsar.Consumer, messages: Sequence[pulsar.Message]) -> None:
+def ack_all(consumer: pulsar.Consumer, messages: list[pulsar.Message]) -> None:
     for message in messages:
         consumer.acknowledge(message)
