@@ -625,6 +625,38 @@ def test_a_message_held_when_the_connection_dropped_is_no_crash_when_it_comes_ba
         link.close()
 
 
+def test_a_graceful_stop_with_prefetched_messages_counts_no_crash(kind, plain) -> None:  # type: ignore[no-untyped-def]
+    """A consumer stopped gracefully while the server had pushed it more than it ran hands those back
+    uncounted: the next consumer gets every message left with no crash counted (RabbitMQ would mark
+    them redelivered had the stop left them unacked, which reads as a death)."""
+    queue = unique("stopped")
+    holder, taker = broker_class(kind)(), broker_class(kind)()
+    try:
+        bodies = [json.dumps({"i": i}).encode() for i in range(60)]
+        holder.publish_many(queue, bodies)
+        ran: list = []
+        while len(ran) < 10:
+            ran += holder.fetch(queue, 10 - len(ran), 2.0)
+        ran += holder.fetch(queue, 10, 0)  # room for 10 more: the server pushes them (not taken yet)
+        wait_for(lambda: plain.queue_declare(queue, passive=True).method.message_count <= 40, 5,
+                 "the server to push the holder more than it runs")
+        holder.ack(ran)
+        holder.stop_fetching(queue)
+        holder.stopped_consuming(queue)
+        holder.close()
+        left: list = []
+        deadline = time.monotonic() + 10
+        while len(left) < 50 and time.monotonic() < deadline:
+            got = taker.fetch(queue, 50, 0.5)
+            taker.ack(got)
+            left += got
+        assert sorted(d.body for d in ran + left) == sorted(bodies)
+        assert [d.body for d in left if d.crashes] == []
+    finally:
+        taker.close()
+        plain.queue_delete(queue)
+
+
 def test_a_queue_name_rabbitmq_refuses_is_refused_at_decoration() -> None:
     """The server refuses 'amq.' names and names over 255 bytes (the queue's '.dlq' too); a consumer of one
     retried its first fetch forever."""
