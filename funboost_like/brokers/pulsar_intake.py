@@ -76,6 +76,7 @@ class Intake:
         self._cond = threading.Condition()  # guards the buffer; notified by the listener
         self._control = threading.Lock()  # one thread at a time receives, pauses or resumes
         self._stopping = False
+        self._woken = False  # wait() just buffered what arrived: the next take does not wait for more
         self.held: dict[int, Received] = {}  # handed to the fetcher, not settled yet
         self._suspect = 0  # the token of the suspect handed out and not settled yet (0: none)
         self._acked_at = 0.0  # monotonic time of the last acks this process sent
@@ -134,10 +135,12 @@ class Intake:
 
     def _pull(self, max_n: int) -> list[pulsar.Message]:
         """Up to ``max_n`` messages, without waiting for the server: the buffer, then what the receiver
-        queue holds (``batch_receive`` waits at most :data:`RECEIVE_WAIT_MS` for a full batch); then
-        the listener is resumed and paused again, which sends the permits the receiving earned."""
+        queue holds (``batch_receive`` waits at most :data:`RECEIVE_WAIT_MS` for a full batch, so not
+        right after :meth:`wait` buffered a message: an idle consumer's latency); then the listener is
+        resumed and paused again, which sends the permits the receiving earned."""
         with self._control:
-            if len(self._buffer) < max_n and not self._stopping:
+            woken, self._woken = self._woken, False
+            if len(self._buffer) < max_n and not self._stopping and not woken:
                 received = self.ready.batch_receive()
                 if received:
                     self.ready.resume_message_listener()
@@ -163,6 +166,7 @@ class Intake:
                     if left <= 0:
                         return
                     self._cond.wait(min(left, WAIT_SLICE))
+                self._woken = True
         finally:
             if listening:
                 with self._control:
