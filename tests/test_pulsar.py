@@ -339,7 +339,7 @@ def test_a_drains_marker_is_never_run_and_is_noted_where_it_lands(queue: str) ->
             producer.send(pulsar_feed.MARK + b"test-%d" % n)
     finally:
         client.close()
-    poll = pulsar_feed.pollers[topic]
+    _, poll = pulsar_feed.pollers[topic]
     deadline = time.monotonic() + 10
     while (pulsar_feed.MARK + b"test-1") not in pulsar_feed._marks and time.monotonic() < deadline:
         poll()

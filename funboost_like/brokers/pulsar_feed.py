@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -42,9 +43,10 @@ MARK_WAIT = 5.0  # seconds without a message that end a drain whose marker went 
 DRAIN_BATCH = 10_000  # messages a settling drain (count, purge) acks at once
 _marks: dict[bytes, float] = {}  # markers this process's consumers took: body -> monotonic time
 _marks_lock = threading.Lock()
-# topic -> a function that takes the markers out of what a consumer of this process holds unread there
-# (the ready intake, whose receiver queue waits for the fetcher: a count may run on the fetcher's thread)
-pollers: dict[str, Callable[[], None]] = {}
+# topic -> (pid, a function that takes the markers out of what a consumer of that process holds unread
+# there): the ready intake, whose receiver queue waits for the fetcher (a count may run on the fetcher's
+# thread). A forked child never calls its parent's (their client threads are not in the child).
+pollers: dict[str, tuple[int, Callable[[], None]]] = {}
 
 
 def noted(consumer: pulsar.Consumer, message: pulsar.Message, body: bytes) -> bool:
@@ -290,8 +292,8 @@ def drain(client: pulsar.Client, topic: str, subscription: str, producer: Callab
         try:
             message = consumer.receive(100)
         except pulsar.Timeout:
-            poll = pollers.get(topic)
-            if poll is not None:
+            pid, poll = pollers.get(topic, (0, None))
+            if poll is not None and pid == os.getpid():
                 poll()
             with _marks_lock:
                 taken = _marks.pop(mark, None) is not None

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -83,7 +84,7 @@ class Intake:
         policy = pulsar.ConsumerBatchReceivePolicy(prefetch, -1, RECEIVE_WAIT_MS)
         self.ready = subscribe(message_listener=self._arrived, batch_receive_policy=policy)
         self.ready.pause_message_listener()
-        pollers[self.ready.topic()] = self._take_marks
+        pollers[self.ready.topic()] = (os.getpid(), self._take_marks)
 
     def _take_marks(self) -> None:
         """Ack and note the drains' markers among what the receiver queue holds (:func:`.drain`); the
@@ -235,7 +236,7 @@ class Intake:
         return total
 
     def close(self) -> None:
-        if pollers.get(self.ready.topic()) == self._take_marks:
+        if pollers.get(self.ready.topic()) == (os.getpid(), self._take_marks):
             del pollers[self.ready.topic()]
         self.suspects.close()
         try:
