@@ -655,6 +655,44 @@ def test_acknowledged_messages_stay_gone_when_their_holder_dies(
         taker.close()
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_settled_messages_stay_settled_when_their_consumer_is_then_killed(
+        broker: Broker, case: tuple[BrokerEnum, Fixture], queue_name: str, tmp_path: Path,
+        children: list[subprocess.Popen[bytes]]) -> None:
+    """A consumer process runs calls that end (acked) and one that fails (dead-lettered), and holds a last
+    call; it is SIGKILLed once those settlements returned and ``settle_delay`` passed (DESIGN §3.3: a
+    message is removed once its call finished). A second consumer runs the held call again and no other:
+    the killed process's settlements were not lost with it (acks that a client sends later, in groups or
+    in the background, and a kill that resets the connection before they leave)."""
+    env = crash_setup(broker, case, tmp_path)
+    record, total = tmp_path / "record", 6
+    acks, held = Path(f"{record}.acks"), total + 1
+    publish_calls(broker, queue_name, [{"i": i} for i in range(total)] + [{"i": total, "fail": True}]
+                  + [{"i": held, "hold": True}])  # last: Kafka commits up to the first unfinished record
+
+    def settled() -> bool:
+        lines = acks.read_text().split("\n") if acks.exists() else []
+        return {int(line.split()[1]) for line in lines if line} == set(range(held)) and records(record)[0][held] > 0
+
+    first = start(queue_name, broker.kind, record, "settle", env, tmp_path, children)
+    second = start(queue_name, broker.kind, record, "standby", env, tmp_path, children)
+    eventually(settled, 30, "the calls to be settled and the last one to start", tmp_path)
+    time.sleep(broker.capabilities.settle_delay)  # the broker's documented bound, not a wait for an event
+    first.kill()
+    first.wait(10)
+    Path(f"{record}.go").touch()  # the held call ends at once from now on
+    Path(f"{record}.start").touch()
+    eventually(lambda: records(record)[1][held] == 1, 30, "the held call to run again", tmp_path)
+    second.send_signal(signal.SIGTERM)
+    second.wait(30)
+    started, done = records(record)
+    assert started == collections.Counter({**dict.fromkeys(range(held), 1), held: 2})
+    assert done == collections.Counter(dict.fromkeys([*range(total), held], 1))
+    if broker.capabilities.dead_letters:
+        assert [json.loads(letter.body)["i"] for letter in broker.list_dead_letters(queue_name)] == [total]
+    assert broker.count(queue_name) == 0
+
+
 def records(path: Path) -> tuple[collections.Counter[int], collections.Counter[int]]:
     started: collections.Counter[int] = collections.Counter()
     done: collections.Counter[int] = collections.Counter()

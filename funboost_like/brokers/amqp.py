@@ -61,9 +61,9 @@ from typing import Any, ClassVar, Protocol
 from funboost_like.brokers.amqp_records import AmqpRecords
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.per_thread import PerThread
+from funboost_like.brokers.push_buffer import ACK_WRITE_SECONDS, PushConsuming, Subscription
 from funboost_like.brokers.push_buffer import Consumer as Consumer  # re-exported for the clients
 from funboost_like.brokers.push_buffer import Deliver as Deliver
-from funboost_like.brokers.push_buffer import PushConsuming, Subscription
 from funboost_like.brokers.routing import Binding
 from funboost_like.core.config import redact_url, settings
 from funboost_like.core.errors import ConfigurationError
@@ -148,7 +148,8 @@ class AmqpBroker(PushConsuming, Broker):
                                 cross_host=True, queue_options=frozenset({PRIORITY_OPTION}),
                                 check_queue_options=check_queue_options, priority_option=PRIORITY_OPTION,
                                 queue_names=check_queue_name, release_front=False,
-                                counts_delayed=False, purges_delayed=False)  # delays share fl.delay.q<k>
+                                counts_delayed=False, purges_delayed=False,  # delays share fl.delay.q<k>
+                                settle_delay=ACK_WRITE_SECONDS)
     url_setting: ClassVar[str] = "RABBITMQ_URL"
 
     def __init__(self) -> None:

@@ -41,6 +41,11 @@ class Capabilities:
     where a broker cannot: ``count`` may leave delayed messages out, ``purge`` may leave them (due
     later), ``purge`` deletes held messages too (their acks then do nothing). docs/operations.md has
     the table.
+    ``settle_delay``: seconds after ``ack``, ``nack`` or ``dead_letter`` returned within which the
+    settlement survives the death of the process (SIGKILL) that keeps consuming; 0 where it does once
+    the call returned. A client that sends settlements in groups or with a later fetch says here how
+    long that takes at most (docs/guarantees.md): a call that ended less than that before a kill may
+    run again.
     """
 
     redelivery: Redelivery = "none"
@@ -62,6 +67,7 @@ class Capabilities:
     counts_delayed: bool = True
     purges_delayed: bool = True
     purge_spares_held: bool = True
+    settle_delay: float = 0.0
 
     def own_options(self, config: Mapping[str, object] | None) -> dict[str, object]:
         """The keys of a ``broker_exclusive_config`` that the broker reads itself (``queue_options``)."""

@@ -62,7 +62,7 @@ from funboost_like.brokers import kafka_dead_letters as dead_letters
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.kafka_client import KafkaClient, Record, log_span
 from funboost_like.brokers.kafka_delays import start_mover
-from funboost_like.brokers.kafka_groups import WAIT_SLICE, commit, hand_over, poll, settle, subscribe
+from funboost_like.brokers.kafka_groups import COMMIT_EVERY, WAIT_SLICE, commit, hand_over, poll, settle, subscribe
 from funboost_like.brokers.kafka_queue import ATTEMPTS, CRASHES, DUE, QueueState, counts
 from funboost_like.core.config import settings
 from funboost_like.core.errors import ConfigurationError
@@ -79,7 +79,8 @@ class KafkaBroker(Broker):
     capabilities = Capabilities(redelivery="native", delay="emulated", max_priority=0, dead_letters=True,
                                 key_value=False, routing="none", persistent=True, cross_process=True,
                                 cross_host=True, fifo=False,
-                                queue_options=frozenset({"ordered"}), purges_delayed=False)
+                                queue_options=frozenset({"ordered"}), purges_delayed=False,
+                                settle_delay=COMMIT_EVERY + 2 * BUSY_WAIT_SLICE)  # commits go with fetches
     inline_batch = POLL_RECORDS  # each fetch writes the delivered mark synchronously (see kafka_groups)
     _cannot_create: set[str] = set()  # bootstrap servers that refused to create topics
 

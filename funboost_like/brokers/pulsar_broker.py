@@ -57,7 +57,7 @@ import pulsar
 
 from funboost_like.brokers.base import Broker, Capabilities, DeadLetter, Delivery
 from funboost_like.brokers.pulsar_feed import ATTEMPTS, CRASHES, DUE, Feed, Mover, Received, ack_all, counts_of, drain
-from funboost_like.brokers.pulsar_intake import MAX_PREFETCH, Intake
+from funboost_like.brokers.pulsar_intake import ACK_GROUPING, MAX_PREFETCH, Intake
 from funboost_like.brokers.pulsar_topics import (
     DELAY_SUBSCRIPTION,
     DLQ_SUBSCRIPTION,
@@ -105,7 +105,8 @@ class PulsarBroker(Broker):
     capabilities = Capabilities(redelivery="native", delay="emulated", max_priority=0, dead_letters=True,
                                 key_value=False, routing="none", persistent=True, cross_process=True,
                                 cross_host=True, queue_names=check_queue_name, release_front=False,
-                                counts_delayed=False)  # not those in a mover's receiver queue
+                                counts_delayed=False,  # not those in a mover's receiver queue
+                                settle_delay=ACK_GROUPING)  # the client sends acks in groups
     connection_errors = (pulsar.ConnectError, pulsar.Timeout, pulsar.NotConnected, pulsar.AlreadyClosed,
                          pulsar.ServiceUnitNotReady, pulsar.LookupError)
     errors = (pulsar.PulsarException,)

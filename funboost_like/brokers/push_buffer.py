@@ -144,6 +144,9 @@ class Consumer(Protocol):
 
 
 _epochs = itertools.count()
+# Acks are written by the I/O thread at its next round, woken at once: a process killed within this long
+# after an ack returned may see its message delivered again (capabilities.settle_delay).
+ACK_WRITE_SECONDS = 0.05
 
 
 class Subscription:
