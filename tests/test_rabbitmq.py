@@ -839,3 +839,26 @@ def test_a_publisher_whose_server_goes_silent_fails_instead_of_waiting_forever(
         link.close()
         broker.close()
         plain.queue_delete(queue)
+
+
+@pytest.mark.parametrize("mode", [1, 4], ids=["THREADING", "ASYNC"])
+def test_an_idle_consumer_stops_at_once(kind, mode: int) -> None:  # type: ignore[no-untyped-def]
+    """stop() waited for the idle fetch's 1 s timeout (0.55 s on average, in every concurrency mode): the
+    wait on the push buffer was not woken; stop() now interrupts it (Broker.interrupt_fetch)."""
+    queue = unique("idle_stop")
+
+    async def afn(x: int) -> None:
+        return None
+
+    booster = task_deco(queue, broker_kind=kind, concurrent_mode=mode)(afn if mode == 4 else (lambda x: None))
+    broker = registry.get_broker(kind)
+    try:
+        booster.consume()
+        wait_for(lambda: queue in broker._subs, 10, "the consumer to subscribe")  # type: ignore[attr-defined]
+        time.sleep(0.1)  # into its idle wait (a stop before it is prompt anyway)
+        began = time.monotonic()
+        booster.stop()
+        assert booster.consumer.join(5)
+        assert time.monotonic() - began < 0.25
+    finally:
+        booster.clear()

@@ -25,7 +25,7 @@ A broker implements the primitives (see ``docs/writing-a-broker.md``):
 
 ``_put`` (required), ``_get`` (required, never blocks), ``_ack`` (required), ``_requeue``,
 ``_purge`` and ``_size`` (required), and optionally ``_wait``, ``_renew`` and ``_recover`` (with
-``maintenance_interval``), ``_dead_letter``, ``_heads``, ``_ack_and_get``, ``_stop_fetching``,
+``maintenance_interval``), ``_dead_letter``, ``_heads``, ``_ack_and_get``, ``_interrupt``, ``_stop_fetching``,
 ``_after_fork`` and ``_close``; where the broker has them, it also overrides the public
 ``list_dead_letters``, ``purge_dead_letters``, ``remove_dead_letter``, ``list_delayed``,
 ``configure_queue`` and ``key_value_store``. A settling primitive (``_ack``, ``_requeue``,
@@ -279,11 +279,11 @@ class Broker(Routing, OptionalOperations):
         got = self._take(queue, max_n, acks)
         if got or timeout <= 0:
             return got
-        deadline = time.monotonic() + timeout
+        deadline, mark = time.monotonic() + timeout, self._interrupt_mark(queue)
         pause = POLL_FIRST
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or self._interrupt_mark(queue) != mark:  # interrupt_fetch(): a consumer stops
                 return []
             if self._waits:
                 try:

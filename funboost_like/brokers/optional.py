@@ -7,6 +7,7 @@ the feature overrides it. :class:`~funboost_like.brokers.base.Broker` inherits t
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from funboost_like.brokers.dead_letters import DeadLetter
@@ -16,7 +17,28 @@ if TYPE_CHECKING:
 
 
 class OptionalOperations:
-    """Dead letters, delayed messages, a queue's head, per-queue options and key-value records."""
+    """Dead letters, delayed messages, a queue's head, per-queue options, key-value records, and the
+    waking of a queue's waiting fetches (:meth:`interrupt_fetch`)."""
+
+    _interrupts: Mapping[str, int] = MappingProxyType({})  # queue -> interrupt_fetch() calls (copied on write)
+
+    def interrupt_fetch(self, queue: str) -> None:
+        """Make the fetches of ``queue`` that wait in this process return soon, with what they took
+        (a consumer stops: its idle fetch need not wait out its timeout). A broker whose native wait
+        can be woken from another thread does it in :meth:`_interrupt`; a polled wait ends at its next
+        poll (at most 50 ms); a wait on the server at its end. A fetch that begins after this call
+        waits as usual."""
+        interrupts = dict(self._interrupts)
+        interrupts[queue] = interrupts.get(queue, 0) + 1
+        self._interrupts = interrupts
+        self._interrupt(queue)
+
+    def _interrupt(self, queue: str) -> None:
+        """Optional: wake the native waits (``_wait``) of ``queue`` in this process, from any thread; never
+        raises (the wait then ends by its timeout)."""
+
+    def _interrupt_mark(self, queue: str) -> int:
+        return self._interrupts.get(queue, 0)
 
     def list_dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         """The most recent dead letters of ``queue``, newest first."""

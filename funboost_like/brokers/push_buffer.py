@@ -257,6 +257,11 @@ class PushConsuming:
         if sub is not None:
             sub.buffer.wait(timeout)
 
+    def _interrupt(self, queue: str) -> None:
+        sub = self._subs.get(queue)
+        if sub is not None:
+            sub.buffer.wake()
+
     def _wake(self) -> None:
         consumer = self._consumer
         if consumer is not None and not self._wake_pending:
