@@ -8,7 +8,9 @@
   ``X = ...`` in a ``distributed_frame_config.py`` block) is in the settings registry, and every keyword of
   ``task_deco``/``boost``/``get_consumer``/``task_function`` in an example is an accepted parameter;
 - every ``funboost_like <command>`` / ``python -m funboost_like <command>`` line names a real command and
-  real options of the CLI's own parser.
+  real options of the CLI's own parser;
+- every file the prose names (``funboost_like/brokers/redis_common.py``, ``brokers/redis_list.py``,
+  ``python -m test_frame.test_rpc.test_consume``) exists, and every link reaches a page and a heading.
 
 Each check collects every problem with its file and line, so one run lists them all. Nothing here
 starts a broker: the whole file runs in about a second.
@@ -250,19 +252,75 @@ def test_funboost_like_names_exist() -> None:
     report(problems)
 
 
-def test_source_paths_exist() -> None:
-    """`funboost_like/brokers/redis_common.py` and the like, named in prose, are files of the package."""
+# Folders a path in prose may start from: the repository's, and the package's (`brokers/redis_list.py`).
+PATH_ROOTS = {p.name: p.parent for p in [*REPO.iterdir(), *(REPO / "funboost_like").iterdir()]
+              if p.is_dir() and not p.name.startswith(".")}
+
+
+def path_problems(text: str) -> list[str]:
+    """Files named in a span (`funboost_like/brokers/redis_common.py`, `brokers/redis_list.py`,
+    `python -m test_frame.test_rpc.test_consume`) that are not there."""
     problems = []
-    for span in all_spans():
-        for match in re.finditer(r"(?<![\w/.])((?:funboost_like|tests|benchmarks|scripts|test_frame)/[\w/.+-]*\w)",
-                                 span.text):
-            path = match.group(1)
-            if not re.search(r"\.\w+$", path):
-                continue  # a file has an extension; `funboost_like/kv/q` is an MQTT topic
-            if "<" in path or "*" in path or "..." in path:
-                continue
-            if not (REPO / path).exists():
-                problems.append(f"{span.where}: {path}: no such file or folder")
+    for match in re.finditer(r"(?<![\w/.<])((\w+)/[\w/.+-]*\.(?:py|md|sh|txt|json|toml))\b", text):
+        path, root = match.group(1), match.group(2)
+        if root in PATH_ROOTS and not (PATH_ROOTS[root] / path).exists():
+            problems.append(f"{path}: no such file")
+    for match in re.finditer(r"python3? -m ((?:test_frame|benchmarks|tests|scripts)(?:\.\w+)+)", text):
+        module = REPO / match.group(1).replace(".", "/")
+        if not module.with_suffix(".py").exists() and not (module / "__main__.py").exists():
+            problems.append(f"{match.group(1)}: no such module")
+    return problems
+
+
+def test_source_paths_exist() -> None:
+    """The files the prose names are in the repository (a file has an extension: `funboost_like/kv/q` is
+    an MQTT topic, and `mysite/settings.py` is the reader's)."""
+    report([f"{span.where}: {problem}" for span in all_spans() for problem in path_problems(span.text)])
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"[`*]|\[([^]]*)\]\([^)]*\)", lambda m: m.group(1) or "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    found = set()
+    for line in parse_markdown_prose(path):
+        if line.startswith("#"):
+            base = slug(line.lstrip("#"))
+            count = seen.get(base, 0)
+            seen[base] = count + 1
+            found.add(base if count == 0 else f"{base}-{count}")
+    return found
+
+
+def parse_markdown_prose(path: Path) -> list[str]:
+    lines, fenced = [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip().startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            lines.append(line)
+    return lines
+
+
+def test_links_reach_pages_and_headings() -> None:
+    """`[performance](performance.md#kafka-on-the-stand-ins)` and `[below](#settings)` name a page and a heading."""
+    problems = []
+    for path in DOC_FILES:
+        text = "\n".join(parse_markdown_prose(path))
+        for match in re.finditer(r"\]\(([^)\s]+)\)", text):
+            target = match.group(1)
+            if re.match(r"\w+:", target):
+                continue  # http:, mailto:
+            file, _, anchor = target.partition("#")
+            page = (path.parent / file).resolve() if file else path
+            if not page.exists():
+                problems.append(f"{path.relative_to(REPO)}: link {target}: no such file")
+            elif anchor and page.suffix == ".md" and anchor not in anchors(page):
+                problems.append(f"{path.relative_to(REPO)}: link {target}: no such heading")
     report(problems)
 
 
@@ -475,6 +533,12 @@ def test_checks_catch_wrong_names(tmp_path: Path) -> None:
     assert looks_like_setting("REDIS_URLL") and "REDIS_URLL" not in SETTINGS
     assert not looks_like_setting("REDIS_STREAM")
     assert "qpss" not in ACCEPTED_PARAMS and "qps" in ACCEPTED_PARAMS and "countdown" in ACCEPTED_OPTIONS
+    assert path_problems("`brokers/redis_lis.py`, python -m test_frame.test_rpc.nope") == [
+        "brokers/redis_lis.py: no such file", "test_frame.test_rpc.nope: no such module"]
+    assert not path_problems("brokers/redis_list.py, mysite/settings.py, python -m test_frame.test_rpc.test_consume")
+    assert slug("Several files per SQLite queue (`SQLITE_FILES_PER_QUEUE`)") == \
+        "several-files-per-sqlite-queue-sqlite_files_per_queue"
+    assert "settings" in anchors(REPO / "docs" / "kafka.md") and "setting" not in anchors(REPO / "docs" / "kafka.md")
     assert cli_problem("queuez", False) and not cli_problem("queues --json", True)
     assert cli_problem("web --nope", False) and cli_problem("status", True) and not cli_problem("status", False)
     with pytest.raises(SyntaxError):
