@@ -393,6 +393,19 @@ def node_settings(node: ast.AST, config_file: bool) -> list[str]:
     return []
 
 
+def test_enum_members_exist() -> None:
+    """`BrokerEnum.X` and `ConcurrentModeEnum.X`, in blocks and prose (`MY_KIND` is writing-a-broker's example)."""
+    enums = {"BrokerEnum": BrokerEnum, "ConcurrentModeEnum": ConcurrentModeEnum}
+    problems = []
+    for path in DOC_FILES:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for match in re.finditer(r"\b(BrokerEnum|ConcurrentModeEnum)\.(\w+)", line):
+                enum, member = match.groups()
+                if member not in enums[enum].__members__ and not member.startswith("MY_"):
+                    problems.append(f"{path.relative_to(REPO)}:{number}: {enum} has no {member}")
+    report(problems)
+
+
 def test_settings_exist() -> None:
     problems = []
     for where, name in presented_settings():
@@ -517,6 +530,31 @@ def test_cli_lines_name_real_commands_and_options(capsys: pytest.CaptureFixture[
     report(problems)
 
 
+def script_problems(text: str) -> list[str]:
+    """`python benchmarks/latency.py --brokers X` names a script of the repository and options it defines
+    (a `"--brokers"` in it, or in a helper module of its folder)."""
+    problems = []
+    pattern = r"python3? ((?:benchmarks|scripts|test_frame|tests)/[\w/.-]+\.py)((?: +[^\s#`|]+)*)"
+    for match in re.finditer(pattern, text):
+        script = REPO / match.group(1)
+        if not script.exists():
+            problems.append(f"{match.group(1)}: no such script")
+            continue
+        sources = "".join(f.read_text(encoding="utf-8") for f in script.parent.glob("*.py"))
+        for option in re.findall(r"(?<!\S)(--[\w-]+)", match.group(2)):
+            if f'"{option}"' not in sources and f"'{option}'" not in sources:
+                problems.append(f"{match.group(1)} has no option {option}")
+    return problems
+
+
+def test_script_lines_name_real_scripts_and_options() -> None:
+    problems = [f"{span.where}: {problem}" for span in all_spans() for problem in script_problems(span.text)]
+    for block in all_blocks():
+        if block.lang != "python":
+            problems += [f"{block.where}: {problem}" for problem in script_problems(block.text)]
+    report(problems)
+
+
 # ------------------------------------------------------------------------------------ the checks themselves
 
 
@@ -539,6 +577,9 @@ def test_checks_catch_wrong_names(tmp_path: Path) -> None:
     assert slug("Several files per SQLite queue (`SQLITE_FILES_PER_QUEUE`)") == \
         "several-files-per-sqlite-queue-sqlite_files_per_queue"
     assert "settings" in anchors(REPO / "docs" / "kafka.md") and "setting" not in anchors(REPO / "docs" / "kafka.md")
+    assert script_problems("python benchmarks/latency.py --brokers X --nope 1") == [
+        "benchmarks/latency.py has no option --nope"]
+    assert script_problems("python benchmarks/latenc.py") == ["benchmarks/latenc.py: no such script"]
     assert cli_problem("queuez", False) and not cli_problem("queues --json", True)
     assert cli_problem("web --nope", False) and cli_problem("status", True) and not cli_problem("status", False)
     with pytest.raises(SyntaxError):
