@@ -9,6 +9,8 @@
   ``task_deco``/``boost``/``get_consumer``/``task_function`` in an example is an accepted parameter;
 - every ``funboost_like <command>`` / ``python -m funboost_like <command>`` line names a real command and
   real options of the CLI's own parser;
+- what the docs call on a decorated function (``fn.push``, ``fn.consumer.estimate``, ``fn.broker.join``),
+  ``BrokerEnum.X`` and ``ConcurrentModeEnum.X``, and every ``python benchmarks/x.py --option`` exist;
 - every file the prose names (``funboost_like/brokers/redis_common.py``, ``brokers/redis_list.py``,
   ``python -m test_frame.test_rpc.test_consume``) exists, and every link reaches a page and a heading.
 
@@ -22,6 +24,7 @@ import argparse
 import ast
 import dataclasses
 import difflib
+import functools
 import importlib
 import re
 import shlex
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from funboost_like import cli
+from funboost_like import cli, task_deco
 from funboost_like.core import config, params
 from funboost_like.core.enums import BrokerEnum, ConcurrentModeEnum
 
@@ -406,6 +409,49 @@ def test_enum_members_exist() -> None:
     report(problems)
 
 
+def booster_chains() -> Iterator[tuple[str, list[str]]]:
+    """(where, attribute chain) for every use of a decorated function: `add.push`, `fn.consumer.estimate`, in
+    the blocks (names a block decorates with task_deco, boost or task_function) and in prose (`fn.`)."""
+    for block, tree in python_trees():
+        boosters = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    and any(call_name(d) in PARAM_TAKERS if isinstance(d, ast.Call) else
+                            isinstance(d, ast.Name) and d.id in PARAM_TAKERS for d in node.decorator_list)}
+        boosters.add("fn")  # the docs' name for any decorated function
+        for node in ast.walk(tree):
+            chain = dotted_name(node) if isinstance(node, ast.Attribute) else None
+            if chain and chain.split(".")[0] in boosters:
+                yield f"{block.where}+{node.lineno}", chain.split(".")[1:]
+    for span in all_spans():
+        for match in re.finditer(r"(?<![\w.])fn((?:\.\w+)+)", span.text):
+            yield span.where, match.group(1).split(".")[1:]
+
+
+@functools.cache
+def probe_booster() -> object:
+    @task_deco("doc_examples_probe", broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE)
+    def probe(x: int) -> int:
+        return x
+
+    return probe
+
+
+def booster_problem(chain: list[str]) -> str | None:
+    """Why `fn.<chain>` does not exist (its `consumer` and `broker` looked into: the memory broker's), or None."""
+    obj = probe_booster()
+    for depth, attr in enumerate(chain[:2]):
+        if not hasattr(obj, attr):
+            return f"{'.'.join(['fn', *chain[:depth]])} has no {attr!r}"
+        obj = getattr(obj, attr)
+        if attr not in ("consumer", "broker"):
+            break
+    return None
+
+
+def test_booster_attributes_exist() -> None:
+    """What the docs call on a decorated function, its consumer and its broker exists."""
+    report([f"{where}: {problem}" for where, chain in booster_chains() if (problem := booster_problem(chain))])
+
+
 def test_settings_exist() -> None:
     problems = []
     for where, name in presented_settings():
@@ -580,6 +626,8 @@ def test_checks_catch_wrong_names(tmp_path: Path) -> None:
     assert script_problems("python benchmarks/latency.py --brokers X --nope 1") == [
         "benchmarks/latency.py has no option --nope"]
     assert script_problems("python benchmarks/latenc.py") == ["benchmarks/latenc.py: no such script"]
+    assert booster_problem(["consumer", "estimat"]) == "fn.consumer has no 'estimat'"
+    assert booster_problem(["pushh"]) and not booster_problem(["broker", "join"])
     assert cli_problem("queuez", False) and not cli_problem("queues --json", True)
     assert cli_problem("web --nope", False) and cli_problem("status", True) and not cli_problem("status", False)
     with pytest.raises(SyntaxError):
