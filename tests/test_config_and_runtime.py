@@ -75,6 +75,27 @@ def test_a_number_setting_out_of_range_raises_when_given(name: str, value: float
     patch_frame_config(GRACEFUL_STOP_SECONDS=0, ZEROMQ_PORT=0)  # 0 where 0 means something
 
 
+@pytest.mark.parametrize("name", ["KAFKA_SESSION_TIMEOUT_SECONDS", "ZEROMQ_TIMEOUT_SECONDS", "HTTPSQS_TIMEOUT_SECONDS",
+                                  "RPC_RESULT_EXPIRE_SECONDS", "CONSUMER_HEARTBEAT_SECONDS", "OPS_HEARTBEAT_SECONDS"])
+def test_a_setting_that_cannot_be_0_raises_when_given_0(name: str) -> None:
+    """0 was taken, and failed later, again and again: a Kafka consumer retried its fetch forever
+    ("Kafka ... is unreachable": an invalid session timeout), every ZeroMQ or HTTPSQS request timed out
+    at once, every RPC result was dropped with an ERROR (a store's ttl must be > 0) so its publisher
+    timed out; a registry heartbeat of 0 rewrote each worker record 20 times a second
+    (docs/configuration.md: heartbeats must be more than 0)."""
+    with pytest.raises(ConfigurationError, match=f"{name}=0.0 .*must be a finite number, more than 0"):
+        patch_frame_config(**{name: 0})
+    os.environ[f"FUNBOOST_LIKE_{name}"] = "0"
+    try:
+        settings.reset()
+        with pytest.raises(ConfigurationError, match=f"FUNBOOST_LIKE_{name}\\) must be a finite number, more than 0"):
+            settings.get(name)
+    finally:
+        del os.environ[f"FUNBOOST_LIKE_{name}"]
+        settings.reset()
+    patch_frame_config(**{name: 0.5})
+
+
 def test_settings_in_code_or_in_the_config_file_are_checked_when_given(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="did you mean SQLITE_LEASE_SECONDS"):
         patch_frame_config(SQLITE_LEASE_SECOND=3)
