@@ -6,11 +6,13 @@
   block or in a prose code span) names a module or attribute that imports;
 - every setting the docs present (``REDIS_URL``, ``FUNBOOST_LIKE_REDIS_URL``, ``patch_frame_config(X=...)``,
   ``X = ...`` in a ``distributed_frame_config.py`` block) is in the settings registry, and every keyword of
-  ``task_deco``/``boost``/``get_consumer``/``task_function`` in an example is an accepted parameter;
+  ``task_deco``/``boost``/``get_consumer``/``task_function``/``PriorityConsumingControlConfig`` in an
+  example is an accepted parameter;
 - every ``funboost_like <command>`` / ``python -m funboost_like <command>`` line names a real command and
   real options of the CLI's own parser;
 - what the docs call on a decorated function (``fn.push``, ``fn.consumer.estimate``, ``fn.broker.join``),
   ``BrokerEnum.X`` and ``ConcurrentModeEnum.X``, and every ``python benchmarks/x.py --option`` exist;
+- every settings table gives the registry's default, and docs/configuration.md lists every setting;
 - every file the prose names (``funboost_like/brokers/redis_common.py``, ``brokers/redis_list.py``,
   ``python -m test_frame.test_rpc.test_consume``) exists, and every link reaches a page and a heading.
 
@@ -300,12 +302,14 @@ def anchors(path: Path) -> set[str]:
 
 
 def parse_markdown_prose(path: Path) -> list[str]:
+    """The page's lines, those of fenced blocks (and the fences) blanked: line numbers stay right."""
     lines, fenced = [], False
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip().startswith("```"):
             fenced = not fenced
-        elif not fenced:
-            lines.append(line)
+            lines.append("")
+        else:
+            lines.append("" if fenced else line)
     return lines
 
 
@@ -459,6 +463,59 @@ def test_settings_exist() -> None:
             guess = difflib.get_close_matches(name, sorted(SETTINGS), n=1)
             problems.append(f"{where}: {name} is not a setting" + (f" (did you mean {guess[0]}?)" if guess else ""))
     report(problems)
+
+
+def default_problem(name: str, text: str) -> str | None:
+    """Why a settings table's default cell (`15`, `` `15.0` ``, `` `""` (the RabbitMQ URL) ``, `True`, "per-user
+    data folder ...") is not the registry's default of ``name``, or None."""
+    default = config.DEFAULTS[config.ALIASES.get(name, name)]
+    text = re.sub(r"\s*\(.*\)$", "", text.strip())
+    if not text or text.startswith(("per-user data folder", "empty:")) and default == "":
+        return None
+    value = text.replace("`", "")
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    if isinstance(default, bool):
+        same = value == str(default)
+    elif isinstance(default, (int, float)):
+        try:
+            same = float(value.replace(",", "")) == default
+        except ValueError:
+            same = False
+    else:
+        same = value == default
+    return None if same else f"the default of {name} is {default!r}, not {text}"
+
+
+def settings_table_rows() -> Iterator[tuple[str, str, str]]:
+    """(where, setting, default cell) for every row of a table whose first column is `setting` and that
+    has a `default` column; a row naming several settings gives their defaults comma-separated."""
+    for path in DOC_FILES:
+        header: list[str] | None = None
+        for number, line in enumerate(parse_markdown_prose(path), 1):
+            if not line.startswith("|"):
+                header = None
+                continue
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if header is None:
+                header = [cell.lower() for cell in cells]
+                continue
+            if "setting" not in header[0] or "default" not in header or set(cells[0]) <= set("-: "):
+                continue
+            names = [n for n in re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[0]) if n in SETTINGS]
+            cell = cells[header.index("default")]
+            values = [cell] if len(names) == 1 else re.split(r",\s*", cell)
+            for name, value in zip(names, values if len(values) == len(names) else [cell] * len(names), strict=True):
+                yield f"{path.relative_to(REPO)}:{number}", name, value
+
+
+def test_settings_tables_give_the_registry_defaults() -> None:
+    rows = list(settings_table_rows())
+    assert len(rows) > 80, "the settings tables were not found: the parser of this test broke"
+    report([f"{where}: {problem}" for where, name, text in rows if (problem := default_problem(name, text))])
+    listed = {name for where, name, _ in rows if where.startswith("docs/configuration.md")}
+    missing = sorted(set(config.DEFAULTS) - listed)
+    assert not missing, f"settings missing from the table of docs/configuration.md: {missing}"
 
 
 def call_name(node: ast.Call) -> str | None:
@@ -628,6 +685,9 @@ def test_checks_catch_wrong_names(tmp_path: Path) -> None:
     assert script_problems("python benchmarks/latenc.py") == ["benchmarks/latenc.py: no such script"]
     assert booster_problem(["consumer", "estimat"]) == "fn.consumer has no 'estimat'"
     assert booster_problem(["pushh"]) and not booster_problem(["broker", "join"])
+    assert default_problem("SQLITE_LEASE_SECONDS", "`15.0`") is None
+    assert default_problem("SQLITE_LEASE_SECONDS", "20") and default_problem("LOG_COLOR", "False")
+    assert default_problem("KOMBU_URL", '`""` (the RabbitMQ URL)') is None
     assert cli_problem("queuez", False) and not cli_problem("queues --json", True)
     assert cli_problem("web --nope", False) and cli_problem("status", True) and not cli_problem("status", False)
     with pytest.raises(SyntaxError):
