@@ -121,7 +121,7 @@ effective settings (passwords are masked).
 
 # GRACEFUL_STOP_SECONDS = 30.0  # after SIGINT/SIGTERM, how long running calls may take to finish
 # THREAD_KEEP_ALIVE_SECONDS = 10.0  # an idle worker thread exits after this long
-# STATS_LOG_INTERVAL_SECONDS = 60.0  # how often a consumer logs its rate and the estimated time left
+# STATS_LOG_INTERVAL_SECONDS = 60.0  # how often a consumer logs its rate and the estimated time left (0: never)
 
 # ----- Operations: registry and run-time control (docs/operations.md) -----
 

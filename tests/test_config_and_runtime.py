@@ -171,6 +171,24 @@ def test_consumer_logs_rate_and_time_left(queue_name: str, caplog: pytest.LogCap
     assert 35 <= rate <= 60
 
 
+def test_a_stats_interval_of_0_logs_no_rate_line(queue_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """STATS_LOG_INTERVAL_SECONDS=0 logged the rate line, and counted the queue on the broker for it, at
+    every tick of the fetcher (4 times a second); 0 now turns the line off."""
+    patch_frame_config(STATS_LOG_INTERVAL_SECONDS=0)
+    done = threading.Event()
+
+    @task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, qps=20, log_level=logging.INFO)
+    def paced(x: int) -> None:
+        if x == 15:
+            done.set()  # 0.75 s after the first call: three ticks at least
+
+    paced.publish_many([{"x": i} for i in range(16)])
+    with caplog.at_level(logging.INFO, logger=f"funboost_like.{queue_name}"):
+        paced.consume()
+        assert done.wait(10)
+    assert not [r for r in caplog.records if "calls/s over the last minute" in r.getMessage()], caplog.text
+
+
 def test_on_off_parameters_must_be_true_or_false(queue_name: str) -> None:
     def f(x: int) -> None:
         pass

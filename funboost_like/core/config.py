@@ -106,7 +106,7 @@ DEFAULTS: dict[str, Any] = {
     # Consume loop.
     "GRACEFUL_STOP_SECONDS": 30.0,  # how long running calls may finish after SIGINT/SIGTERM
     "THREAD_KEEP_ALIVE_SECONDS": 10.0,  # an idle worker thread exits after this long
-    "STATS_LOG_INTERVAL_SECONDS": 60.0,
+    "STATS_LOG_INTERVAL_SECONDS": 60.0,  # 0: no rate line
     # Operations (docs/operations.md): consumers register and beat; control records pause them, change qps.
     "OPS_REGISTRY": True,  # False: no worker records, no queue index, no run-time control
     "CONSUMER_HEARTBEAT_SECONDS": 5.0,  # is_send_consumer_hearbeat_to_redis: a beat this often; dead after 3 missed

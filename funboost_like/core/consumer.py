@@ -357,7 +357,7 @@ class Consumer:
         stop = self._stop
         handed_over = False
         interval = float(settings.get("STATS_LOG_INTERVAL_SECONDS"))
-        next_stats = time.monotonic() + interval
+        next_stats = time.monotonic() + interval if interval else float("inf")  # 0: no rate line
         next_tick = time.monotonic() + _TICK
         acks: list[Delivery] = []  # finished messages whose ack goes out with the next fetch
         suspects_alone = self.params.max_crash_redeliveries is not None
