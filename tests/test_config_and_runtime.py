@@ -76,13 +76,15 @@ def test_a_number_setting_out_of_range_raises_when_given(name: str, value: float
 
 
 @pytest.mark.parametrize("name", ["KAFKA_SESSION_TIMEOUT_SECONDS", "ZEROMQ_TIMEOUT_SECONDS", "HTTPSQS_TIMEOUT_SECONDS",
-                                  "RPC_RESULT_EXPIRE_SECONDS", "CONSUMER_HEARTBEAT_SECONDS", "OPS_HEARTBEAT_SECONDS"])
+                                  "RPC_RESULT_EXPIRE_SECONDS", "CONSUMER_HEARTBEAT_SECONDS", "OPS_HEARTBEAT_SECONDS",
+                                  "MQTT_SESSION_EXPIRY_SECONDS"])
 def test_a_setting_that_cannot_be_0_raises_when_given_0(name: str) -> None:
     """0 was taken, and failed later, again and again: a Kafka consumer retried its fetch forever
     ("Kafka ... is unreachable": an invalid session timeout), every ZeroMQ or HTTPSQS request timed out
     at once, every RPC result was dropped with an ERROR (a store's ttl must be > 0) so its publisher
     timed out; a registry heartbeat of 0 rewrote each worker record 20 times a second
-    (docs/configuration.md: heartbeats must be more than 0)."""
+    (docs/configuration.md: heartbeats must be more than 0); an MQTT session expiry of 0 let the server
+    drop a queue's session, and the messages in it, whenever no consumer was connected."""
     with pytest.raises(ConfigurationError, match=f"{name}=0.0 .*must be a finite number, more than 0"):
         patch_frame_config(**{name: 0})
     os.environ[f"FUNBOOST_LIKE_{name}"] = "0"
