@@ -191,6 +191,30 @@ def test_a_stats_interval_of_0_logs_no_rate_line(queue_name: str, caplog: pytest
     assert not [r for r in caplog.records if "calls/s over the last minute" in r.getMessage()], caplog.text
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", ["qps", "function_timeout", "msg_schedule_time_intercal", "retry_backoff",
+                                  "retry_backoff_max", "msg_expire_senconds", "task_filtering_expire_seconds"])
+def test_a_number_parameter_must_be_finite(queue_name: str, name: str, value: float) -> None:
+    """NaN and infinity were taken: `qps=inf` killed the fetcher thread at its start (OverflowError) and
+    `qps=nan` never ran a call, both silently; the operations registry then failed to write the consumer's
+    record (JSON has neither) every 0.2 s. The publish-time options refused them already."""
+    extra = {"do_task_filtering": True} if name == "task_filtering_expire_seconds" else {}
+    with pytest.raises(ConfigurationError, match=f"{name} must be a finite number >= 0, got {value!r}"):
+        task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE, **{name: value}, **extra)(lambda x: x)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1])
+def test_set_qps_takes_only_a_finite_rate(queue_name: str, value: float) -> None:
+    """`fn.consumer.set_qps(float("inf"))` was taken, and the fetcher thread died on its next tick."""
+    @task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE)
+    def f(x: int) -> None:
+        pass
+
+    with pytest.raises(ValueError, match="qps must be a finite number >= 0"):
+        f.consumer.set_qps(value)
+    f.consumer.set_qps(0)
+
+
 def test_on_off_parameters_must_be_true_or_false(queue_name: str) -> None:
     def f(x: int) -> None:
         pass

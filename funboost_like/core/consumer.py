@@ -330,8 +330,8 @@ class Consumer:
         The fetcher rebuilds its rate limiter on its next tick (within ``_TICK`` seconds, or after the
         start it is waiting for); :attr:`qps_in_effect` says when it did.
         """
-        if not qps >= 0:
-            raise ValueError(f"qps must be >= 0, got {qps!r}")
+        if not 0 <= qps < float("inf"):
+            raise ValueError(f"qps must be a finite number >= 0, got {qps!r}")
         self._qps_target = float(qps)
 
     def estimate(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import datetime
 import difflib
 import inspect
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -252,10 +253,11 @@ def check_redelivery_limits(params: ConsumerParams, capabilities: Any) -> None:
 
 
 def check_non_negative(params: ConsumerParams, name: str) -> None:
-    """Raise ConfigurationError unless the parameter ``name`` is a number >= 0."""
+    """Raise ConfigurationError unless the parameter ``name`` is a finite number >= 0 (``qps=inf`` would stop
+    the fetcher, ``nan`` every comparison; JSON, the registry's records, has neither)."""
     value = getattr(params, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigurationError(f"{name} must be a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ConfigurationError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_mode_fits_function(params: ConsumerParams) -> None:
