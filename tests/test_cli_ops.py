@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -213,3 +214,57 @@ def test_a_command_on_a_found_queue_does_not_fail_for_an_unreachable_unrelated_b
     out, err = capsys.readouterr()
     assert "purged" in out and err == ""
     assert f.get_message_count() == 0
+
+
+def test_status_of_a_found_queue_does_not_wait_for_an_unreachable_unrelated_broker(
+        queue_name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`status Q` read the consumers of every broker kind this host once used: with one of them down it
+    waited out that client's timeout (33 s with a MongoDB gone), printed its error and exited 1."""
+    a_queue_beside_a_gone_broker(queue_name)
+    assert main(["status", queue_name]) == 0
+    out, err = capsys.readouterr()
+    assert "depth: 1" in out and err == ""
+
+
+def test_a_broker_found_down_is_not_asked_again_by_the_same_service(queue_name: str) -> None:
+    """A Prometheus scrape lists the queues and then the consumers: each listing asked the gone broker again
+    (twice its client's timeout: 66 s with a MongoDB gone), and it counted twice in brokers_unreadable."""
+    from funboost_like.observability.prometheus import _queue_rows
+
+    a_queue_beside_a_gone_broker(queue_name)
+    rows, _, errors = _queue_rows()
+    assert queue_name in [row["queue"] for row in rows]
+    assert len(errors) == 1 and errors[0].startswith("REDIS_ACK_ABLE: "), errors
+
+
+class _MeetingStore:
+    """A registry store whose reads wait for the other one's (a barrier of two): read one after the other,
+    the first read waits in vain."""
+
+    def __init__(self, barrier: threading.Barrier) -> None:
+        self.barrier = barrier
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        self.barrier.wait(timeout=5)
+        return {}
+
+    def exists(self, key: str) -> bool:
+        return False
+
+
+def test_the_registries_of_several_brokers_are_read_side_by_side() -> None:
+    """They were read one after the other, so a listing with two brokers down took both timeouts (docs/
+    operations.md: as long as the slowest broker's client takes to give up once)."""
+    from funboost_like.ops.service import OpsService
+
+    barrier = threading.Barrier(2)
+    stores = {BrokerEnum.REDIS_ACK_ABLE: _MeetingStore(barrier), BrokerEnum.NATS: _MeetingStore(barrier)}
+
+    class Service(OpsService):
+        def store(self, kind: Any) -> Any:
+            return stores[kind]
+
+    service = Service(kinds=list(stores))
+    assert service.workers() == [] and service.errors == []
+    barrier.reset()
+    assert service.queue_names() == [] and service.errors == []

@@ -17,7 +17,7 @@ import queue as queue_module
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from funboost_like.brokers.registry import BrokerKind, get_broker, resolve_kind
 from funboost_like.core.enums import BrokerEnum
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from funboost_like.core.stores import KeyValueStore
 
 
+T = TypeVar("T")
+
 LOOKUP_GRACE = 1.0  # seconds the other stores get to answer once one knows a queue (see OpsService.kind_of)
 
 
@@ -39,6 +41,30 @@ def _ask(answers: queue_module.SimpleQueue[tuple[int, Any]], index: int, store: 
         answers.put((index, registry.known_queue(store, queue)))
     except Exception as exc:  # noqa: BLE001 - a store's error is an answer too (named in the errors)
         answers.put((index, exc))
+
+
+def _read_side_by_side(read: Callable[[BrokerEnum, KeyValueStore], T],
+                       stores: list[tuple[BrokerEnum, KeyValueStore]]) -> list[T | BaseException]:
+    """``read(kind, store)`` for each of ``stores`` at once (one thread each, none for a single store); the
+    answers, or the exceptions raised, in the order of ``stores``."""
+    answers: list[T | BaseException] = [RuntimeError("not read")] * len(stores)
+
+    def one(index: int) -> None:
+        try:
+            answers[index] = read(*stores[index])
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises what is not a broker's
+            answers[index] = exc
+
+    if len(stores) == 1:
+        one(0)
+        return answers
+    threads = [threading.Thread(target=one, args=(index,), daemon=True, name="funboost_like-ops-read")
+               for index in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
 
 
 class UnknownQueue(FunboostLikeError, LookupError):
@@ -53,6 +79,7 @@ class OpsService(CallRecords):
         self._kinds = [resolve_kind(kind) for kind in kinds] if kinds else None
         self.errors: list[str] = []  # brokers a listing could not read (the others were listed)
         self._records: dict[str, dict[str, Any]] = {}  # queue -> its registry record, once looked up
+        self._down: dict[int, FunboostLikeError] = {}  # id of a store that failed -> its error: not asked again
 
     # -- where things are ---------------------------------------------------------------------
     def kinds(self) -> list[BrokerEnum]:
@@ -69,23 +96,39 @@ class OpsService(CallRecords):
     def store(self, kind: BrokerKind) -> KeyValueStore:
         return registry.ops_store(self.broker(kind))
 
-    def _each_store(self, read: Callable[[BrokerEnum, KeyValueStore], None]) -> None:
+    def _each_store(self, read: Callable[[BrokerEnum, KeyValueStore], T]) -> list[T]:
         """``read`` the store of every kind looked at, once per distinct store (kinds of one server may
-        share one); a broker that fails is named in :attr:`errors`, and raised if every one failed."""
+        share one), each store on a thread of its own: a listing waits for the slowest store once, not for
+        every one in turn. The answers come in the kinds' order. A broker that fails is named in
+        :attr:`errors` and not asked again by this service; raised if every one failed."""
         kinds = self.kinds()
-        done: set[int] = set()
+        pending: dict[int, tuple[BrokerEnum, KeyValueStore]] = {}
         failures: list[FunboostLikeError] = []
         for kind in kinds:
             try:
                 store = self.store(kind)
-                if id(store) not in done:
-                    done.add(id(store))
-                    read(kind, store)
             except FunboostLikeError as exc:
                 failures.append(exc)
                 self.errors.append(f"{kind.name}: {exc}")
+                continue
+            if id(store) in self._down:
+                failures.append(self._down[id(store)])
+            else:
+                pending.setdefault(id(store), (kind, store))
+        answers = _read_side_by_side(read, list(pending.values()))
+        results: list[T] = []
+        for (kind, store), answer in zip(pending.values(), answers, strict=True):
+            if isinstance(answer, FunboostLikeError):
+                failures.append(answer)
+                self.errors.append(f"{kind.name}: {answer}")
+                self._down[id(store)] = answer
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                results.append(answer)
         if failures and len(failures) == len(kinds):
             raise failures[0]
+        return results
 
     def kind_of(self, queue: str) -> BrokerEnum:
         """The broker kind of ``queue``: ``broker=`` when given, else the kind its registry record names.
@@ -144,11 +187,8 @@ class OpsService(CallRecords):
     def queue_names(self) -> list[str]:
         """The names of every known queue (without counting anything)."""
         names: dict[str, None] = {}
-
-        def read(_: BrokerEnum, store: KeyValueStore) -> None:
-            names.update((str(record.get("queue")), None) for record in registry.queues(store))
-
-        self._each_store(read)
+        for records in self._each_store(lambda _, store: registry.queues(store)):
+            names.update((str(record.get("queue")), None) for record in records)
         return list(names)
 
     def queues(self) -> list[dict[str, Any]]:
@@ -156,16 +196,17 @@ class OpsService(CallRecords):
         kind are counted on a thread of their own, so a broker that is down does not hold up the others."""
         found: dict[tuple[str, int], tuple[KeyValueStore, dict[str, Any], list[dict[str, Any]], dict[str, Any]]] = {}
 
-        def read(_: BrokerEnum, store: KeyValueStore) -> None:
+        def read(_: BrokerEnum, store: KeyValueStore) -> tuple[KeyValueStore, list[dict[str, Any]],
+                                                             list[dict[str, Any]], dict[str, dict[str, Any]]]:
             records = registry.queues(store)
             workers = registry.workers(store)
-            controls = registry.read_controls(store, [str(record.get("queue")) for record in records])
+            return store, records, workers, registry.read_controls(store, [str(r.get("queue")) for r in records])
+
+        for store, records, workers, controls in self._each_store(read):
             for record in records:
                 key = (str(record.get("queue")), int(record.get("kind", -1)))
                 if key not in found and key[1] in set(BrokerEnum):
                     found[key] = (store, record, workers, controls.get(key[0], {}))
-
-        self._each_store(read)
         rows: dict[tuple[str, int], dict[str, Any]] = {}
         down: dict[BrokerEnum, str] = {}  # kind -> why its broker could not be reached: not asked again
 
@@ -237,12 +278,9 @@ class OpsService(CallRecords):
     def workers(self, queue: str | None = None) -> list[dict[str, Any]]:
         """Every consumer (of ``queue`` only, when given), live and stale, newest beat first."""
         found: dict[str, dict[str, Any]] = {}
-
-        def read(_: BrokerEnum, store: KeyValueStore) -> None:
-            for worker in registry.workers(store, queue):
+        for workers in self._each_store(lambda _, store: registry.workers(store, queue)):
+            for worker in workers:
                 found.setdefault(str(worker.get("id")), worker)
-
-        self._each_store(read)
         return sorted(found.values(), key=lambda w: -float(w.get("beat_at", 0.0)))
 
     def status(self, queue: str) -> dict[str, Any]:
@@ -258,7 +296,10 @@ class OpsService(CallRecords):
         rate = summary["done_per_second"] + summary["failed_per_second"]  # a failure for good leaves the queue too
         depth = summary["depth"]
         summary["seconds_left"] = round(depth / rate, 1) if rate > 0 and depth else (0.0 if depth == 0 else None)
-        summary["workers"] = self.workers(queue)
+        # The queue's consumers are in its own broker's registry: a broker this host once used that is
+        # down now (30 s to fail, for MongoDB) must not hold up the answer, nor turn it into an error.
+        workers = [w for w in registry.workers(store, queue) if int(w.get("kind", -1)) == kind]
+        summary["workers"] = sorted(workers, key=lambda w: -float(w.get("beat_at", 0.0)))
         return summary
 
     # -- control ------------------------------------------------------------------------------
