@@ -104,6 +104,17 @@ def test_a_hub_that_stopped_is_started_again_and_unreachable_hosts_fail_clearly(
         other.close()
 
 
+def test_an_unreachable_hub_is_named_in_a_sentence() -> None:
+    """The error read "the ZeroMQ hubs at 192.0.2.1 is unreachable while ..."."""
+    patch_frame_config(ZEROMQ_HOST="192.0.2.1", ZEROMQ_TIMEOUT_SECONDS=0.5)  # TEST-NET-1: nothing there
+    broker = ZeroMqBroker()
+    try:
+        with pytest.raises(BrokerConnectionError, match=r"^ZeroMQ at 192\.0\.2\.1 is unreachable while publishing"):
+            broker.publish(str(free_port()), b"{}")
+    finally:
+        broker.close()
+
+
 def test_a_lone_push_polls_for_the_hubs_reply_and_a_batch_or_a_shared_moment_does_not(
         port_queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """One-by-one pushes poll the DEALER socket for the hub's reply for a moment (as the Redis, NATS and

@@ -199,7 +199,7 @@ class ZeroMqBroker(Broker):
         return str(settings.get("ZEROMQ_HOST"))
 
     def _where(self) -> str:
-        return f"the ZeroMQ hubs at {self._host()}"
+        return f"ZeroMQ at {self._host()}"
 
     def _timeout(self) -> float:
         return float(settings.get("ZEROMQ_TIMEOUT_SECONDS"))
