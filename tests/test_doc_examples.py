@@ -2,6 +2,7 @@
 
 - every ```python block compiles (a block marked ``<!-- fragment -->`` on the line before it is
   exempt: keep such marks rare);
+- every block imports the funboost_like names it uses (``task_deco``, ``BrokerEnum``, ...);
 - every ``from funboost_like... import X``, ``import funboost_like.x`` and ``funboost_like.x.y`` (in a
   block or in a prose code span) names a module or attribute that imports;
 - every setting the docs present (``REDIS_URL``, ``FUNBOOST_LIKE_REDIS_URL``, ``patch_frame_config(X=...)``,
@@ -255,6 +256,30 @@ def test_funboost_like_names_exist() -> None:
         if seen[dotted]:
             problems.append(f"{where}: {dotted}: {seen[dotted]}")
     report(problems)
+
+
+PUBLIC_NAMES = set(importlib.import_module("funboost_like").__all__) | {
+    "fsdf_background_scheduler", "timing_publish_deco", "FsdfBackgroundScheduler"}
+
+
+def unimported_public_names(tree: ast.Module) -> list[str]:
+    """funboost_like's public names a block uses without binding them (an import, a def, an assignment)."""
+    bound: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    return sorted((used & PUBLIC_NAMES) - bound)
+
+
+def test_blocks_import_the_names_they_use() -> None:
+    """A block that decorates with `task_deco` imports it (pipelines.md and time-windows.md did not)."""
+    report([f"{block.where}: uses {', '.join(names)} without importing it"
+            for block, tree in python_trees() if (names := unimported_public_names(tree))])
 
 
 # Folders a path in prose may start from: the repository's, and the package's (`brokers/redis_list.py`).
@@ -688,6 +713,9 @@ def test_checks_catch_wrong_names(tmp_path: Path) -> None:
     assert default_problem("SQLITE_LEASE_SECONDS", "`15.0`") is None
     assert default_problem("SQLITE_LEASE_SECONDS", "20") and default_problem("LOG_COLOR", "False")
     assert default_problem("KOMBU_URL", '`""` (the RabbitMQ URL)') is None
+    assert unimported_public_names(ast.parse("@task_deco('q')\ndef f(): pass")) == ["task_deco"]
+    imported = "from funboost_like import task_deco\n@task_deco('q')\ndef f(): pass"
+    assert unimported_public_names(ast.parse(imported)) == []
     assert cli_problem("queuez", False) and not cli_problem("queues --json", True)
     assert cli_problem("web --nope", False) and cli_problem("status", True) and not cli_problem("status", False)
     with pytest.raises(SyntaxError):
