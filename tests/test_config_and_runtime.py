@@ -77,7 +77,8 @@ def test_a_number_setting_out_of_range_raises_when_given(name: str, value: float
 
 @pytest.mark.parametrize("name", ["KAFKA_SESSION_TIMEOUT_SECONDS", "ZEROMQ_TIMEOUT_SECONDS", "HTTPSQS_TIMEOUT_SECONDS",
                                   "RPC_RESULT_EXPIRE_SECONDS", "CONSUMER_HEARTBEAT_SECONDS", "OPS_HEARTBEAT_SECONDS",
-                                  "MQTT_SESSION_EXPIRY_SECONDS"])
+                                  "MQTT_SESSION_EXPIRY_SECONDS"],
+                         ids=lambda name: name.replace("HTTPSQS", "HTTP-SQS"))  # not the id that starts its fixture
 def test_a_setting_that_cannot_be_0_raises_when_given_0(name: str) -> None:
     """0 was taken, and failed later, again and again: a Kafka consumer retried its fetch forever
     ("Kafka ... is unreachable": an invalid session timeout), every ZeroMQ or HTTPSQS request timed out
