@@ -55,6 +55,21 @@ def test_bad_settings_raise() -> None:
         settings.reset()
 
 
+def assert_refused_both_ways(name: str, value: float, given: str, from_environment: str) -> None:
+    """``value`` for setting ``name`` raises through patch_frame_config (message matching ``name=`` +
+    ``given``) and through its environment variable (``FUNBOOST_LIKE_<name>) `` + ``from_environment``)."""
+    with pytest.raises(ConfigurationError, match=f"{name}={given}"):
+        patch_frame_config(**{name: value})
+    os.environ[f"FUNBOOST_LIKE_{name}"] = str(value)
+    try:
+        settings.reset()
+        with pytest.raises(ConfigurationError, match=f"FUNBOOST_LIKE_{name}\\) {from_environment}"):
+            settings.get(name)
+    finally:
+        del os.environ[f"FUNBOOST_LIKE_{name}"]
+        settings.reset()
+
+
 @pytest.mark.parametrize(("name", "value"), [
     ("SQLITE_LEASE_SECONDS", 0), ("SQLITE_LEASE_SECONDS", -1), ("SQLITE_LEASE_SECONDS", float("nan")),
     ("THREAD_KEEP_ALIVE_SECONDS", -1), ("GRACEFUL_STOP_SECONDS", float("inf")), ("KAFKA_PARTITIONS", 0),
@@ -62,16 +77,7 @@ def test_bad_settings_raise() -> None:
 def test_a_number_setting_out_of_range_raises_when_given(name: str, value: float) -> None:
     """A lease of 0 was taken: the consumer then logged its error every second and never consumed; a
     negative keep-alive crashed worker threads."""
-    with pytest.raises(ConfigurationError, match=f"{name}=.*must be a finite number"):
-        patch_frame_config(**{name: value})
-    os.environ[f"FUNBOOST_LIKE_{name}"] = str(value)
-    try:
-        settings.reset()
-        with pytest.raises(ConfigurationError, match=f"FUNBOOST_LIKE_{name}\\) must be a finite number"):
-            settings.get(name)
-    finally:
-        del os.environ[f"FUNBOOST_LIKE_{name}"]
-        settings.reset()
+    assert_refused_both_ways(name, value, ".*must be a finite number", "must be a finite number")
     patch_frame_config(GRACEFUL_STOP_SECONDS=0, ZEROMQ_PORT=0)  # 0 where 0 means something
 
 
@@ -86,16 +92,8 @@ def test_a_setting_that_cannot_be_0_raises_when_given_0(name: str) -> None:
     timed out; a registry heartbeat of 0 rewrote each worker record 20 times a second
     (docs/configuration.md: heartbeats must be more than 0); an MQTT session expiry of 0 let the server
     drop a queue's session, and the messages in it, whenever no consumer was connected."""
-    with pytest.raises(ConfigurationError, match=f"{name}=0.0 .*must be a finite number, more than 0"):
-        patch_frame_config(**{name: 0})
-    os.environ[f"FUNBOOST_LIKE_{name}"] = "0"
-    try:
-        settings.reset()
-        with pytest.raises(ConfigurationError, match=f"FUNBOOST_LIKE_{name}\\) must be a finite number, more than 0"):
-            settings.get(name)
-    finally:
-        del os.environ[f"FUNBOOST_LIKE_{name}"]
-        settings.reset()
+    assert_refused_both_ways(name, 0, "0.0 .*must be a finite number, more than 0",
+                             "must be a finite number, more than 0")
     patch_frame_config(**{name: 0.5})
 
 

@@ -137,6 +137,15 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, logs: P
         time.sleep(0.02)
 
 
+def kill_one_and_see_it_replaced(proc: subprocess.Popen[bytes], log: Path, start_timeout: float) -> None:
+    """Wait for the supervisor ``proc``'s two consumer children, SIGKILL one, wait for its replacement."""
+    wait_until(lambda: len(consumer_children(proc.pid)) == 2, start_timeout, "two children", log)
+    first = consumer_children(proc.pid)
+    os.kill(first[0], signal.SIGKILL)
+    wait_until(lambda: len(set(consumer_children(proc.pid)) - set(first)) == 1, 15, "the killed child's replacement",
+               log)
+
+
 def tail(path: Path) -> str:
     return path.read_text("utf-8", "replace")[-4000:] if path.exists() else ""
 
@@ -562,11 +571,7 @@ def test_no_child_is_forked_from_a_multi_threaded_process(
                                  str(forks)], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
                                 env=subprocess_env(isolated_settings, FUNBOOST_LIKE_GRACEFUL_STOP_SECONDS=str(GRACE)))
     supervisors.append(proc)
-    wait_until(lambda: len(consumer_children(proc.pid)) == 2, 20, "two children", log)
-    first = consumer_children(proc.pid)
-    os.kill(first[0], signal.SIGKILL)
-    wait_until(lambda: len(set(consumer_children(proc.pid)) - set(first)) == 1, 15, "the killed child's replacement",
-               log)
+    kill_one_and_see_it_replaced(proc, log, 20)
     stop_and_check_nothing_left(proc, signal.SIGTERM, log)
     threads_at_fork = [int(line.split()[1]) for line in forks.read_text().splitlines()]
     assert len(threads_at_fork) >= 3 and set(threads_at_fork) == {1}, forks.read_text()
@@ -626,11 +631,7 @@ def test_a_script_ending_with_multi_process_consume_keeps_its_children_under_eve
         proc = subprocess.Popen([sys.executable, "-W", "ignore", str(script)], stdout=out, stderr=subprocess.STDOUT,
                                 env=subprocess_env(isolated_settings, **extra), cwd=tmp_path)
     supervisors.append(proc)
-    wait_until(lambda: len(consumer_children(proc.pid)) == 2, 30, "two children", log)
-    first = consumer_children(proc.pid)
-    os.kill(first[0], signal.SIGKILL)
-    wait_until(lambda: len(set(consumer_children(proc.pid)) - set(first)) == 1, 15, "the killed child's replacement",
-               log)
+    kill_one_and_see_it_replaced(proc, log, 30)
     publish(queue_name, 20)
     wait_until(lambda: len(record.refresh().done) == 20, 30, "20 calls", log)
     time.sleep(1.0)  # a replacement that ran the parent's exit (eventlet and fork) would be gone by now
