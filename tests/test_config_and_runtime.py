@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from funboost_like import BrokerEnum, ConfigurationError, patch_frame_config, task_deco
+from funboost_like import (
+    BrokerEnum,
+    ConfigurationError,
+    FunctionResultStatusPersistanceConfig,
+    patch_frame_config,
+    task_deco,
+)
 from funboost_like.brokers.memory import MemoryBroker
 from funboost_like.brokers.registry import get_broker
 from funboost_like.core.config import settings
@@ -243,7 +249,6 @@ def test_logging_parameters_are_checked_at_decoration(queue_name: str) -> None:
 
 
 def test_the_status_config_may_be_a_dict_or_none(queue_name: str) -> None:
-    from funboost_like import FunctionResultStatusPersistanceConfig
 
     def f(x: int) -> None:
         pass
@@ -265,6 +270,17 @@ def test_the_status_config_may_be_a_dict_or_none(queue_name: str) -> None:
     with pytest.raises(ConfigurationError, match="expire_seconds must be a number >= 0"):
         task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE,
                   function_result_status_persistance_conf=FunctionResultStatusPersistanceConfig(True, False, -1))(f)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "infinity"])
+def test_the_status_expiry_must_be_finite(queue_name: str, value: float) -> None:
+    """NaN and infinity were taken as ``expire_seconds`` (the check was ``expire < 0``)."""
+    message = rf"expire_seconds must be a number >= 0 \(finite\), got {value!r}"
+    with pytest.raises(ConfigurationError, match=message):
+        FunctionResultStatusPersistanceConfig(True, True, value)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=message):
+        task_deco(queue_name, broker_kind=BrokerEnum.LOCAL_PYTHON_QUEUE,
+                  function_result_status_persistance_conf={"is_save_status": True, "expire_seconds": value})(print)
 
 
 def test_a_method_decorated_in_its_class_is_refused_with_the_reason(queue_name: str) -> None:

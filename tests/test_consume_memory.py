@@ -449,3 +449,24 @@ def test_an_idle_consumer_of_a_local_queue_stops_at_once(queue_name: str, kind: 
     booster.stop()
     assert booster.consumer.join(5)
     assert time.monotonic() - began < bound
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the fetcher re-raises
+def test_a_fetcher_crash_before_its_loop_is_logged_and_stops_the_consumer(
+        queue_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    from funboost_like.core import runtime
+
+    @task_deco(queue_name, broker_kind=MEMORY, qps=5)
+    def f(x: int) -> None:
+        pass
+
+    def broken(qps: float) -> None:
+        raise RuntimeError("no limiter today")
+
+    f.consumer._make_limiter = broken  # type: ignore[method-assign]  # runs before the fetch loop
+    with caplog.at_level("ERROR"):
+        f.consume()
+        assert f.consumer.join(5)
+    assert not f.consumer.is_running and f.consumer not in runtime.running_consumers()
+    crashed = [r for r in caplog.records if r.levelname == "ERROR" and queue_name in r.getMessage()]
+    assert crashed and crashed[0].exc_info is not None and "no limiter today" in caplog.text

@@ -352,16 +352,16 @@ class Consumer:
         assert pool is not None
         queue = self.queue_name
         capacity = self.params.concurrent_num
-        self._first_look()
-        qps, limiter, batch, inline = self._pacing(capacity)
         stop = self._stop
         handed_over = False
-        interval = float(settings.get("STATS_LOG_INTERVAL_SECONDS"))
-        next_stats = time.monotonic() + interval if interval else float("inf")  # 0: no rate line
-        next_tick = time.monotonic() + _TICK
         acks: list[Delivery] = []  # finished messages whose ack goes out with the next fetch
         suspects_alone = self.params.max_crash_redeliveries is not None
-        try:
+        try:  # everything from here on: a crash is logged and the consumer shut down, even before the loop
+            self._first_look()
+            qps, limiter, batch, inline = self._pacing(capacity)
+            interval = float(settings.get("STATS_LOG_INTERVAL_SECONDS"))
+            next_stats = time.monotonic() + interval if interval else float("inf")  # 0: no rate line
+            next_tick = time.monotonic() + _TICK
             self._bind_queue(broker)
             while not stop.is_set():
                 finished += self._flush_completed(broker, acks)

@@ -39,6 +39,21 @@ class FunctionResultStatusPersistanceConfig:
     is_save_result: bool = False
     expire_seconds: int = 7 * 24 * 3600
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ConfigurationError for a field of the wrong type, or an ``expire_seconds`` that is negative,
+        NaN or infinite (a store's TTL must be a finite number of seconds)."""
+        for name in ("is_save_status", "is_save_result"):
+            if not isinstance(getattr(self, name), (bool, int)):
+                raise ConfigurationError(f"function_result_status_persistance_conf.{name} must be True or False, "
+                                         f"got {getattr(self, name)!r}")
+        expire = self.expire_seconds
+        if isinstance(expire, bool) or not isinstance(expire, (int, float)) or not 0 <= expire < math.inf:
+            raise ConfigurationError("function_result_status_persistance_conf.expire_seconds must be a number >= 0 "
+                                     f"(finite), got {expire!r}")
+
 
 @dataclass
 class ConsumerParams:
@@ -204,14 +219,7 @@ def status_config(conf: Any) -> FunctionResultStatusPersistanceConfig:
     if not isinstance(conf, FunctionResultStatusPersistanceConfig):
         raise ConfigurationError("function_result_status_persistance_conf must be a "
                                  f"FunctionResultStatusPersistanceConfig, a dict of its fields or None, got {conf!r}")
-    for name in ("is_save_status", "is_save_result"):
-        if not isinstance(getattr(conf, name), (bool, int)):
-            raise ConfigurationError(f"function_result_status_persistance_conf.{name} must be True or False, "
-                                     f"got {getattr(conf, name)!r}")
-    expire = conf.expire_seconds
-    if isinstance(expire, bool) or not isinstance(expire, (int, float)) or expire < 0:
-        raise ConfigurationError("function_result_status_persistance_conf.expire_seconds must be a number >= 0, "
-                                 f"got {expire!r}")
+    conf.check()  # again: a field may have been changed since construction
     return conf
 
 
