@@ -89,7 +89,7 @@ def test_a_number_setting_out_of_range_raises_when_given(name: str, value: float
 
 @pytest.mark.parametrize("name", ["KAFKA_SESSION_TIMEOUT_SECONDS", "ZEROMQ_TIMEOUT_SECONDS", "HTTPSQS_TIMEOUT_SECONDS",
                                   "RPC_RESULT_EXPIRE_SECONDS", "CONSUMER_HEARTBEAT_SECONDS", "OPS_HEARTBEAT_SECONDS",
-                                  "MQTT_SESSION_EXPIRY_SECONDS"],
+                                  "MQTT_SESSION_EXPIRY_SECONDS", "METRICS_FLUSH_SECONDS"],
                          ids=lambda name: name.replace("HTTPSQS", "HTTP-SQS"))  # not the id that starts its fixture
 def test_a_setting_that_cannot_be_0_raises_when_given_0(name: str) -> None:
     """0 was taken, and failed later, again and again: a Kafka consumer retried its fetch forever
@@ -100,6 +100,18 @@ def test_a_setting_that_cannot_be_0_raises_when_given_0(name: str) -> None:
     drop a queue's session, and the messages in it, whenever no consumer was connected."""
     assert_refused_both_ways(name, 0, "0.0 .*must be a finite number, more than 0",
                              "must be a finite number, more than 0")
+    drop a queue's session, and the messages in it, whenever no consumer was connected; a metrics flush
+    interval of 0 wrote the snapshot every 0.25 s (`METRICS=False` is the off switch)."""
+    with pytest.raises(ConfigurationError, match=f"{name}=0.0 .*must be a finite number, more than 0"):
+        patch_frame_config(**{name: 0})
+    os.environ[f"FUNBOOST_LIKE_{name}"] = "0"
+    try:
+        settings.reset()
+        with pytest.raises(ConfigurationError, match=f"FUNBOOST_LIKE_{name}\\) must be a finite number, more than 0"):
+            settings.get(name)
+    finally:
+        del os.environ[f"FUNBOOST_LIKE_{name}"]
+        settings.reset()
     patch_frame_config(**{name: 0.5})
 
 

@@ -116,7 +116,7 @@ DEFAULTS: dict[str, Any] = {
     # Prometheus metrics and OpenTelemetry spans (docs/metrics.md).
     "METRICS": False,  # True: publishers and consumers count for Prometheus (per-process snapshots in METRICS_DIR)
     "METRICS_DIR": "",  # "" means <per-user data dir>/metrics; one folder per host, shared by its processes
-    "METRICS_FLUSH_SECONDS": 1.0,  # how often a process writes its snapshot
+    "METRICS_FLUSH_SECONDS": 1.0,  # how often a process writes its snapshot (> 0; METRICS=False is off)
     "METRICS_PORT": 0,  # > 0: a consumer's process serves /metrics on this port (0: none; see `funboost_like metrics`)
     "METRICS_HOST": "127.0.0.1",  # the address that endpoint binds
     "OPENTELEMETRY_TRACING": True,  # spans when opentelemetry-api is installed and an SDK is configured; False: never
@@ -254,7 +254,7 @@ _POSITIVE = frozenset({"SQLITE_LEASE_SECONDS", "SQLALCHEMY_LEASE_SECONDS", "MONG
                        "KAFKA_BOOTSTRAP_TIMEOUT_SECONDS", "KAFKA_SESSION_TIMEOUT_SECONDS", "MQTT_RECEIVE_MAXIMUM",
                        "HTTPSQS_PIPELINE", "HTTPSQS_TIMEOUT_SECONDS", "ZEROMQ_TIMEOUT_SECONDS",
                        "RPC_RESULT_EXPIRE_SECONDS", "CONSUMER_HEARTBEAT_SECONDS", "OPS_HEARTBEAT_SECONDS",
-                       "MQTT_SESSION_EXPIRY_SECONDS"})
+                       "MQTT_SESSION_EXPIRY_SECONDS", "METRICS_FLUSH_SECONDS"})
 
 
 def _in_range(name: str, value: Any, source: str) -> Any:
