@@ -470,3 +470,18 @@ def test_a_fetcher_crash_before_its_loop_is_logged_and_stops_the_consumer(
     assert not f.consumer.is_running and f.consumer not in runtime.running_consumers()
     crashed = [r for r in caplog.records if r.levelname == "ERROR" and queue_name in r.getMessage()]
     assert crashed and crashed[0].exc_info is not None and "no limiter today" in caplog.text
+
+
+def test_the_stats_of_a_consumer_read_as_their_counts(queue_name: str) -> None:
+    @task_deco(queue_name, broker_kind=MEMORY)
+    def f(x: int) -> None:
+        pass
+
+    f.push(1)
+    f.consume()
+    memory().join(queue_name, timeout=5)
+    f.stop()
+    assert f.consumer.join(10)
+    text = repr(f.consumer.stats)  # the rate moves with the clock: the counts are compared
+    assert text.startswith("ConsumerStats({'succeeded': 1, 'failed': 0, 'requeued': 0, 'dead_lettered': 0, "
+                           "'skipped': 0, 'released': 0, 'rate_per_second_last_minute': ")

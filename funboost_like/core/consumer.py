@@ -129,6 +129,9 @@ class ConsumerStats:
         stats["rate_per_second_last_minute"] = round(self.rate(), 3)
         return stats
 
+    def __repr__(self) -> str:  # the counts of the "stopped consuming queue" line
+        return f"{type(self).__name__}({self.as_dict()})"
+
 
 class Consumer:
     def __init__(self, params: ConsumerParams, signature: FunctionSignature | None = None) -> None:
