@@ -720,3 +720,15 @@ def test_checks_catch_wrong_names(tmp_path: Path) -> None:
     assert cli_problem("web --nope", False) and cli_problem("status", True) and not cli_problem("status", False)
     with pytest.raises(SyntaxError):
         compile(blocks[1].text, "bad.md", "exec")
+
+
+def test_the_rpc_page_says_where_every_broker_kind_keeps_results() -> None:
+    """docs/rpc.md's table of where results are kept listed three kinds of the twenty."""
+    from funboost_like.brokers.registry import BROKERS
+
+    text = (REPO / "docs" / "rpc.md").read_text(encoding="utf-8")
+    section = text.split("## Where records are kept", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    missing = [kind.name for kind, spec in BROKERS.items()
+               if spec is not None and not any(f"`{kind.name}`" in row.split("|")[1] for row in rows)]
+    assert not missing, f"docs/rpc.md does not say where these kinds keep results: {missing}"
