@@ -97,21 +97,10 @@ def test_a_setting_that_cannot_be_0_raises_when_given_0(name: str) -> None:
     at once, every RPC result was dropped with an ERROR (a store's ttl must be > 0) so its publisher
     timed out; a registry heartbeat of 0 rewrote each worker record 20 times a second
     (docs/configuration.md: heartbeats must be more than 0); an MQTT session expiry of 0 let the server
-    drop a queue's session, and the messages in it, whenever no consumer was connected."""
-    assert_refused_both_ways(name, 0, "0.0 .*must be a finite number, more than 0",
-                             "must be a finite number, more than 0")
     drop a queue's session, and the messages in it, whenever no consumer was connected; a metrics flush
     interval of 0 wrote the snapshot every 0.25 s (`METRICS=False` is the off switch)."""
-    with pytest.raises(ConfigurationError, match=f"{name}=0.0 .*must be a finite number, more than 0"):
-        patch_frame_config(**{name: 0})
-    os.environ[f"FUNBOOST_LIKE_{name}"] = "0"
-    try:
-        settings.reset()
-        with pytest.raises(ConfigurationError, match=f"FUNBOOST_LIKE_{name}\\) must be a finite number, more than 0"):
-            settings.get(name)
-    finally:
-        del os.environ[f"FUNBOOST_LIKE_{name}"]
-        settings.reset()
+    assert_refused_both_ways(name, 0, "0.0 .*must be a finite number, more than 0",
+                             "must be a finite number, more than 0")
     patch_frame_config(**{name: 0.5})
 
 
