@@ -237,6 +237,24 @@ def test_a_broker_found_down_is_not_asked_again_by_the_same_service(queue_name: 
     assert len(errors) == 1 and errors[0].startswith("REDIS_ACK_ABLE: "), errors
 
 
+def test_a_listing_names_a_broker_that_does_not_answer_instead_of_waiting_for_it(
+        queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a MongoDB this host once used gone, `queues` and `workers` waited out pymongo's 30 s server
+    selection before they printed anything; a listing now waits READ_DEADLINE seconds for a registry."""
+    from funboost_like.ops import service as service_module
+
+    a_queue_beside_a_gone_broker(queue_name)  # a queue on the embedded broker, listed
+    registry.note_kind(int(BrokerEnum.MONGOMQ))
+    patch_frame_config(MONGO_URL="mongodb://127.0.0.1:1/funboost_like_gone?serverSelectionTimeoutMS=30000")
+    monkeypatch.setattr(service_module, "READ_DEADLINE", 1.0, raising=False)
+    service = service_module.OpsService(kinds=[BrokerEnum.PERSISTQUEUE, BrokerEnum.MONGOMQ])
+    started = time.monotonic()
+    names = service.queue_names()
+    assert time.monotonic() - started < 5, "waited for the gone MongoDB"
+    assert queue_name in names
+    assert service.errors == ["MONGOMQ: no answer within 1 s"], service.errors
+
+
 class _MeetingStore:
     """A registry store whose reads wait for the other one's (a barrier of two): read one after the other,
     the first read waits in vain."""

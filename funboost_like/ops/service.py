@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 LOOKUP_GRACE = 1.0  # seconds the other stores get to answer once one knows a queue (see OpsService.kind_of)
+READ_DEADLINE = 10.0  # seconds a listing waits for a broker's registry; one still silent then is named in
+# the errors (a MongoDB that is down takes its client 30 s to give up)
 
 
 def _ask(answers: queue_module.SimpleQueue[tuple[int, Any]], index: int, store: KeyValueStore, queue: str) -> None:
@@ -45,8 +47,9 @@ def _ask(answers: queue_module.SimpleQueue[tuple[int, Any]], index: int, store: 
 
 def _read_side_by_side(read: Callable[[BrokerEnum, KeyValueStore], T],
                        stores: list[tuple[BrokerEnum, KeyValueStore]]) -> list[T | BaseException]:
-    """``read(kind, store)`` for each of ``stores`` at once (one thread each, none for a single store); the
-    answers, or the exceptions raised, in the order of ``stores``."""
+    """``read(kind, store)`` for each of ``stores`` at once (one thread each); the answers, or the exceptions
+    raised, in the order of ``stores``. A store that has not answered within :data:`READ_DEADLINE` seconds
+    gets a :class:`BrokerConnectionError` as its answer (its thread is left to end on its own)."""
     answers: list[T | BaseException] = [RuntimeError("not read")] * len(stores)
 
     def one(index: int) -> None:
@@ -55,16 +58,15 @@ def _read_side_by_side(read: Callable[[BrokerEnum, KeyValueStore], T],
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises what is not a broker's
             answers[index] = exc
 
-    if len(stores) == 1:
-        one(0)
-        return answers
     threads = [threading.Thread(target=one, args=(index,), daemon=True, name="funboost_like-ops-read")
                for index in range(len(stores))]
     for thread in threads:
         thread.start()
+    deadline = time.monotonic() + READ_DEADLINE
     for thread in threads:
-        thread.join()
-    return answers
+        thread.join(max(0.0, deadline - time.monotonic()))
+    silent = BrokerConnectionError(f"no answer within {READ_DEADLINE:g} s")
+    return [silent if thread.is_alive() else answers[index] for index, thread in enumerate(threads)]
 
 
 class UnknownQueue(FunboostLikeError, LookupError):
