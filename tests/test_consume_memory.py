@@ -451,7 +451,7 @@ def test_an_idle_consumer_of_a_local_queue_stops_at_once(queue_name: str, kind: 
     assert time.monotonic() - began < bound
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the fetcher re-raises
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # logged once, not raised again
 def test_a_fetcher_crash_before_its_loop_is_logged_and_stops_the_consumer(
         queue_name: str, caplog: pytest.LogCaptureFixture) -> None:
     from funboost_like.core import runtime

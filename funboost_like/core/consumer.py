@@ -353,7 +353,6 @@ class Consumer:
         broker = self.broker
         pool = self._pool
         assert pool is not None
-        queue = self.queue_name
         capacity = self.params.concurrent_num
         stop = self._stop
         handed_over = False
@@ -399,14 +398,19 @@ class Consumer:
                         return
                     continue
                 started += self._submit(deliveries, limiter, pool, broker)
-        except BaseException:
-            self.logger.exception("the fetcher of queue %r crashed; stopping this consumer", queue)
-            raise
+        except BaseException as exc:
+            self._fetcher_crashed(exc)
         finally:
             if not handed_over:
                 if acks:  # only after an exception between a flush and the fetch
                     self._ack(broker, acks)
                 self._shutdown(broker, pool)
+
+    def _fetcher_crashed(self, exc: BaseException) -> None:
+        """Log a crash of the fetcher, once (the consumer then shuts down); an exit or a greenlet's kill goes on."""
+        self.logger.exception("the fetcher of queue %r crashed; stopping this consumer", self.queue_name)
+        if not isinstance(exc, Exception):
+            raise exc
 
     def _bind_now(self) -> None:
         """Bind the queue to its exchange before ``consume()`` returns, so a routed publish right after it
