@@ -134,7 +134,7 @@ effective settings (passwords are masked).
 
 # METRICS = False  # True: publishers and consumers count for Prometheus (per-process snapshots in METRICS_DIR)
 # METRICS_DIR = ""  # folder of the processes' snapshots, one per host; "" means <per-user data dir>/metrics
-# METRICS_FLUSH_SECONDS = 1.0  # how often a process writes its snapshot
+# METRICS_FLUSH_SECONDS = 1.0  # how often a process writes its snapshot (> 0; METRICS = False is off)
 # METRICS_PORT = 0  # > 0: a consumer's process serves /metrics on this port; 0: none (`funboost_like metrics`)
 # METRICS_HOST = "127.0.0.1"  # the address that endpoint binds
 # OPENTELEMETRY_TRACING = True  # spans when opentelemetry-api is installed and an SDK is configured; False: never
